@@ -19,7 +19,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Union
 
 from session import PROTOCOL_VERSION
 from session.errors import DecodeError
@@ -62,7 +61,7 @@ class InnerType(IntEnum):
 
     PAYLOAD = 1  # a tunnelled datagram
     KEEPALIVE = 2  # seq u32 | echo_ms u64 | sender state u8
-    KEEPALIVE_ACK = 3  # seq u32 | echo_ms u64
+    KEEPALIVE_ACK = 3  # seq u32 | echo_ms u64 | version u64 | state u8 (gateway view)
     CLOSE = 4  # reason u8: authenticated in-band terminate
 
 
@@ -149,9 +148,9 @@ class Notice:
     TYPE = MessageType.NOTICE
 
 
-Message = Union[
-    HandshakeInit, HandshakeResp, Retry, Data, ReattachRequest, ReattachAck, Reject, Notice
-]
+Message = (
+    HandshakeInit | HandshakeResp | Retry | Data | ReattachRequest | ReattachAck | Reject | Notice
+)
 
 _DATA_HEAD = struct.Struct("!IQ")  # epoch, counter
 _REQ = struct.Struct("!Q16sQB32s")
@@ -160,7 +159,7 @@ _ACK_TAIL = struct.Struct("!Q32s")
 _REJECT = struct.Struct("!16sBQQ32s")
 _NOTICE = struct.Struct("!BBQ16sQ32s")
 _KEEPALIVE = struct.Struct("!BIQB")
-_KEEPALIVE_ACK = struct.Struct("!BIQ")
+_KEEPALIVE_ACK = struct.Struct("!BIQQB")
 
 DATA_OVERHEAD = HEADER_LEN + _DATA_HEAD.size + AEAD_TAG_LEN + 1
 REATTACH_REQUEST_LEN = HEADER_LEN + _REQ.size
@@ -304,13 +303,6 @@ def signed_part(raw: bytes) -> bytes:
     return raw[:-MAC_LEN]
 
 
-def with_mac(msg: Message, mac: bytes) -> Message:
-    """A copy of ``msg`` carrying ``mac``."""
-    from dataclasses import replace
-
-    return replace(msg, mac=mac)  # type: ignore[type-var]
-
-
 def data_associated(raw: bytes) -> bytes:
     """The cleartext prefix of a DATA packet that its AEAD tag also covers."""
     return raw[: HEADER_LEN + _DATA_HEAD.size]
@@ -329,8 +321,8 @@ def inner_keepalive(seq: int, echo_ms: int, state: int) -> bytes:
     return _KEEPALIVE.pack(InnerType.KEEPALIVE, seq, echo_ms, state)
 
 
-def inner_keepalive_ack(seq: int, echo_ms: int) -> bytes:
-    return _KEEPALIVE_ACK.pack(InnerType.KEEPALIVE_ACK, seq, echo_ms)
+def inner_keepalive_ack(seq: int, echo_ms: int, version: int, state: int) -> bytes:
+    return _KEEPALIVE_ACK.pack(InnerType.KEEPALIVE_ACK, seq, echo_ms, version, state)
 
 
 def inner_close(reason: int) -> bytes:
@@ -345,6 +337,7 @@ class Inner:
     echo_ms: int = 0
     state: int = 0
     reason: int = 0
+    version: int = 0
 
 
 def decode_inner(plain: bytes) -> Inner:
@@ -362,8 +355,8 @@ def decode_inner(plain: bytes) -> Inner:
         return Inner(kind, seq=seq, echo_ms=echo, state=state)
     if kind is InnerType.KEEPALIVE_ACK:
         _exact(plain, _KEEPALIVE_ACK.size, "KEEPALIVE_ACK")
-        _, seq, echo = _KEEPALIVE_ACK.unpack(plain)
-        return Inner(kind, seq=seq, echo_ms=echo)
+        _, seq, echo, version, state = _KEEPALIVE_ACK.unpack(plain)
+        return Inner(kind, seq=seq, echo_ms=echo, version=version, state=state)
     _exact(plain, 2, "CLOSE")
     return Inner(kind, reason=plain[1])
 

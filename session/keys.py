@@ -1,0 +1,166 @@
+"""Key schedule: from the Noise split keys to every key a session uses.
+
+    Noise split (k1, k2) + handshake hash
+        -> session secret (32 bytes; stored in the cluster only wrapped under the KEK)
+            -> proof_key    client -> gateway: MAC over REATTACH_REQUEST
+            -> control_key  gateway -> client: MAC over REATTACH_ACK / REJECT / NOTICE
+            -> traffic keys per binding (epoch, binding_id, node_id), one per direction
+
+Every derivation is HKDF-SHA256 with its own ``b"jvpn v1 ..."`` label, so no two
+purposes ever share a key. Context fields are length-prefixed or fixed-width,
+so two different bindings can never encode to the same HKDF info.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from session.errors import AuthError
+from session.reasons import DropReason
+
+SESSION_SECRET_LEN = 32
+KEY_LEN = 32
+MAC_LEN = 32
+KEK_LEN = 32
+WRAP_NONCE_LEN = 12
+WRAP_FORMAT_V1 = 0x01  # ChaCha20-Poly1305 under KEK #1; a new KEK or algorithm gets a new byte
+WRAPPED_SECRET_LEN = 1 + WRAP_NONCE_LEN + SESSION_SECRET_LEN + 16
+
+_LABEL_SESSION = b"jvpn v1 session secret"
+_LABEL_PROOF = b"jvpn v1 reattach proof c2g"
+_LABEL_CONTROL = b"jvpn v1 control mac g2c"
+_LABEL_TRAFFIC = b"jvpn v1 traffic"
+_EPOCH = struct.Struct("!Q")
+
+
+def _hkdf(ikm: bytes, info: bytes, length: int = KEY_LEN, salt: bytes | None = None) -> bytes:
+    return HKDF(algorithm=SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def derive_session_secret(k1: bytes, k2: bytes, handshake_hash: bytes) -> bytes:
+    """The session secret from the Noise split keys, bound to the handshake transcript."""
+    if len(k1) != KEY_LEN or len(k2) != KEY_LEN:
+        raise ValueError("Noise split keys must be 32 bytes each")
+    if len(handshake_hash) not in (32, 64):
+        raise ValueError("handshake hash must be 32 or 64 bytes")
+    return _hkdf(k1 + k2, _LABEL_SESSION, SESSION_SECRET_LEN, salt=handshake_hash)
+
+
+class SessionKeys:
+    """The long-lived per-session MAC keys, one per direction."""
+
+    __slots__ = ("proof_key", "control_key")
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) != SESSION_SECRET_LEN:
+            raise ValueError("session secret must be 32 bytes")
+        self.proof_key = _hkdf(secret, _LABEL_PROOF)  # client -> gateway
+        self.control_key = _hkdf(secret, _LABEL_CONTROL)  # gateway -> client
+
+    def __repr__(self) -> str:
+        return "SessionKeys(<redacted>)"
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """32-byte keyed BLAKE2s of ``data``."""
+    if len(key) != KEY_LEN:
+        raise ValueError("MAC key must be 32 bytes")
+    return hashlib.blake2s(data, key=key, digest_size=MAC_LEN).digest()
+
+
+def verify_mac(key: bytes, data: bytes, tag: bytes) -> bool:
+    """Constant-time check of a ``mac`` tag."""
+    return hmac.compare_digest(mac(key, data), tag)
+
+
+def traffic_keys(secret: bytes, epoch: int, binding_id: bytes, node_id: bytes) -> tuple[bytes, bytes]:
+    """(client_to_gateway, gateway_to_client) AEAD keys for one binding."""
+    if len(secret) != SESSION_SECRET_LEN:
+        raise ValueError("session secret must be 32 bytes")
+    if not 0 <= epoch < 2**64:
+        raise ValueError("epoch out of range")
+    if not 0 < len(binding_id) <= 255 or len(node_id) > 255:
+        raise ValueError("binding_id must be 1..255 bytes and node_id at most 255")
+    info = (
+        _LABEL_TRAFFIC
+        + _EPOCH.pack(epoch)
+        + bytes([len(binding_id)]) + binding_id
+        + bytes([len(node_id)]) + node_id
+    )
+    okm = _hkdf(secret, info, 2 * KEY_LEN)
+    return okm[:KEY_LEN], okm[KEY_LEN:]
+
+
+# ---- wrapping the session secret for the store ------------------------------------------
+
+
+def wrap_secret(kek: bytes, secret: bytes, session_id: bytes, nonce: bytes | None = None) -> bytes:
+    """AEAD-wrap the session secret: ``format u8 | nonce 12 | ciphertext+tag``."""
+    if len(kek) != KEK_LEN:
+        raise ValueError("KEK must be 32 bytes")
+    if len(secret) != SESSION_SECRET_LEN:
+        raise ValueError("session secret must be 32 bytes")
+    if nonce is None:
+        nonce = os.urandom(WRAP_NONCE_LEN)  # random: the KEK wraps many secrets, no counter to keep
+    elif len(nonce) != WRAP_NONCE_LEN:
+        raise ValueError("nonce must be 12 bytes")
+    prefix = bytes([WRAP_FORMAT_V1])
+    # The format byte is authenticated too, so it cannot be swapped to steer unwrapping.
+    return prefix + nonce + ChaCha20Poly1305(kek).encrypt(nonce, secret, prefix + session_id)
+
+
+def wrap_format(blob: bytes) -> int:
+    """The format/key-id byte of a wrapped secret (to pick the KEK during rotation)."""
+    if not blob:
+        raise AuthError(DropReason.MALFORMED, "empty wrapped secret")
+    return blob[0]
+
+
+def unwrap_secret(kek: bytes, blob: bytes, session_id: bytes) -> bytes:
+    """Recover a wrapped session secret; AuthError on tampering or a wrong session_id."""
+    if len(kek) != KEK_LEN:
+        raise ValueError("KEK must be 32 bytes")
+    if len(blob) != WRAPPED_SECRET_LEN:
+        raise AuthError(DropReason.MALFORMED, f"wrapped secret of {len(blob)} bytes")
+    if blob[0] != WRAP_FORMAT_V1:
+        raise AuthError(DropReason.MALFORMED, f"unknown wrap format {blob[0]}")
+    nonce = blob[1:1 + WRAP_NONCE_LEN]
+    try:
+        return ChaCha20Poly1305(kek).decrypt(nonce, blob[1 + WRAP_NONCE_LEN:], blob[:1] + session_id)
+    except InvalidTag:
+        raise AuthError(DropReason.BAD_AEAD, "wrapped secret failed authentication") from None
+
+
+def load_kek(value: str | bytes) -> bytes:
+    """A 32-byte KEK from raw bytes, 64 hex characters or base64; ValueError otherwise."""
+    if isinstance(value, bytes) and len(value) == KEK_LEN:
+        return value
+    try:
+        text = value.decode("ascii") if isinstance(value, bytes) else value
+    except UnicodeDecodeError:
+        text = ""
+    text = text.strip()
+    if len(text) == 2 * KEK_LEN:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    for decode in (base64.b64decode, base64.urlsafe_b64decode):
+        try:
+            raw = decode(text.encode("ascii"), validate=True) if decode is base64.b64decode else decode(text)
+        except (binascii.Error, ValueError):
+            continue
+        if len(raw) == KEK_LEN:
+            return raw
+    # never echo the input: it may be a (mistyped) key
+    raise ValueError("KEK must be 32 raw bytes, 64 hex characters, or base64 of 32 bytes")

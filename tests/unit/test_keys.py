@@ -1,0 +1,199 @@
+"""Key schedule, MACs and KEK wrapping."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from session.errors import AuthError
+from session.keys import (
+    SESSION_SECRET_LEN,
+    WRAP_FORMAT_V1,
+    WRAPPED_SECRET_LEN,
+    SessionKeys,
+    derive_session_secret,
+    load_kek,
+    mac,
+    traffic_keys,
+    unwrap_secret,
+    verify_mac,
+    wrap_format,
+    wrap_secret,
+)
+from session.noise import HandshakeState, generate_keypair
+
+K1, K2, HH = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+SECRET = bytes(range(32))
+SID = b"S" * 16
+KEK = b"K" * 32
+
+
+def test_session_secret_from_a_real_handshake() -> None:
+    (cs, _), (gs, gp) = generate_keypair(), generate_keypair()
+    init, resp = HandshakeState.initiator(cs, gp), HandshakeState.responder(gs)
+    resp.read_message(init.write_message())
+    init.read_message(resp.write_message())
+    a = derive_session_secret(*init.split_keys(), init.handshake_hash)
+    b = derive_session_secret(*resp.split_keys(), resp.handshake_hash)
+    assert a == b and len(a) == SESSION_SECRET_LEN
+
+
+def test_session_secret_depends_on_every_input() -> None:
+    base = derive_session_secret(K1, K2, HH)
+    assert base == derive_session_secret(K1, K2, HH)
+    assert base != derive_session_secret(K2, K1, HH)
+    assert base != derive_session_secret(K1, K2, b"\x04" * 32)
+    assert base != derive_session_secret(K1, K2, HH + HH)
+    for bad in [(K1[:31], K2, HH), (K1, K2 + b"x", HH), (K1, K2, b"short")]:
+        with pytest.raises(ValueError):
+            derive_session_secret(*bad)
+
+
+def test_session_keys_differ_per_direction() -> None:
+    keys = SessionKeys(SECRET)
+    assert len(keys.proof_key) == len(keys.control_key) == 32
+    assert keys.proof_key != keys.control_key
+    assert SECRET not in (keys.proof_key, keys.control_key)
+    assert SessionKeys(SECRET).proof_key == keys.proof_key
+    assert SessionKeys(bytes(32)).proof_key != keys.proof_key
+    assert keys.proof_key.hex() not in repr(keys)
+    with pytest.raises(ValueError):
+        SessionKeys(b"short")
+
+
+def test_mac_is_keyed_blake2s() -> None:
+    key = SessionKeys(SECRET).proof_key
+    tag = mac(key, b"data")
+    assert tag == hashlib.blake2s(b"data", key=key, digest_size=32).digest()
+    assert verify_mac(key, b"data", tag)
+    assert not verify_mac(key, b"datA", tag)
+    assert not verify_mac(SessionKeys(SECRET).control_key, b"data", tag)
+    assert not verify_mac(key, b"data", tag[:-1])
+    assert not verify_mac(key, b"data", b"")
+    assert not verify_mac(key, b"data", bytes([tag[0] ^ 1]) + tag[1:])
+    with pytest.raises(ValueError):
+        mac(b"short", b"data")
+
+
+def test_traffic_keys_distinct() -> None:
+    c2g, g2c = traffic_keys(SECRET, 1, b"B" * 16, b"node-a")
+    assert len(c2g) == len(g2c) == 32 and c2g != g2c
+    seen = {c2g, g2c}
+    for args in [
+        (SECRET, 2, b"B" * 16, b"node-a"),
+        (SECRET, 1, b"C" * 16, b"node-a"),
+        (SECRET, 1, b"B" * 16, b"node-b"),
+        (SECRET, 1, b"B" * 16, b""),
+        (bytes(32), 1, b"B" * 16, b"node-a"),
+    ]:
+        pair = traffic_keys(*args)
+        assert not seen & set(pair), args
+        seen |= set(pair)
+    assert traffic_keys(SECRET, 1, b"B" * 16, b"node-a") == (c2g, g2c)
+
+
+def test_traffic_keys_encoding_is_unambiguous() -> None:
+    # the same concatenated bytes split differently must not collide
+    assert traffic_keys(SECRET, 1, b"ab", b"c") != traffic_keys(SECRET, 1, b"a", b"bc")
+    assert traffic_keys(SECRET, 256, b"a", b"") != traffic_keys(SECRET, 1, b"\x00a", b"")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (b"short", 1, b"B", b"n"),
+        (SECRET, -1, b"B", b"n"),
+        (SECRET, 2**64, b"B", b"n"),
+        (SECRET, 1, b"", b"n"),
+        (SECRET, 1, b"B" * 256, b"n"),
+        (SECRET, 1, b"B", b"n" * 256),
+    ],
+)
+def test_traffic_keys_validation(args: tuple[bytes, int, bytes, bytes]) -> None:
+    with pytest.raises(ValueError):
+        traffic_keys(*args)
+
+
+def test_wrap_round_trip() -> None:
+    blob = wrap_secret(KEK, SECRET, SID)
+    assert len(blob) == WRAPPED_SECRET_LEN
+    assert wrap_format(blob) == WRAP_FORMAT_V1
+    assert SECRET not in blob
+    assert unwrap_secret(KEK, blob, SID) == SECRET
+    assert wrap_secret(KEK, SECRET, SID) != blob  # random nonce
+
+
+def test_wrap_with_explicit_nonce_is_deterministic() -> None:
+    nonce = b"N" * 12
+    blob = wrap_secret(KEK, SECRET, SID, nonce=nonce)
+    assert blob == wrap_secret(KEK, SECRET, SID, nonce=nonce)
+    assert blob[1:13] == nonce
+    with pytest.raises(ValueError):
+        wrap_secret(KEK, SECRET, SID, nonce=b"short")
+
+
+def test_unwrap_rejects_every_tampering() -> None:
+    blob = wrap_secret(KEK, SECRET, SID)
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        with pytest.raises(AuthError):
+            unwrap_secret(KEK, bytes(bad), SID)
+    with pytest.raises(AuthError):
+        unwrap_secret(KEK, blob, b"T" * 16)
+    with pytest.raises(AuthError):
+        unwrap_secret(b"L" * 32, blob, SID)
+    for n in (0, 1, len(blob) - 1):
+        with pytest.raises(AuthError):
+            unwrap_secret(KEK, blob[:n], SID)
+    with pytest.raises(AuthError):
+        unwrap_secret(KEK, blob + b"\x00", SID)
+    with pytest.raises(AuthError):
+        wrap_format(b"")
+
+
+def test_wrap_validation() -> None:
+    with pytest.raises(ValueError):
+        wrap_secret(b"short", SECRET, SID)
+    with pytest.raises(ValueError):
+        wrap_secret(KEK, b"short", SID)
+    with pytest.raises(ValueError):
+        unwrap_secret(b"short", bytes(WRAPPED_SECRET_LEN), SID)
+
+
+def test_load_kek_formats() -> None:
+    raw = bytes(range(100, 132))
+    assert load_kek(raw) == raw
+    assert load_kek(raw.hex()) == raw
+    assert load_kek(raw.hex().upper()) == raw
+    assert load_kek(raw.hex().encode()) == raw
+    assert load_kek("  " + raw.hex() + "\n") == raw
+    assert load_kek(base64.b64encode(raw).decode()) == raw
+    assert load_kek(base64.b64encode(raw)) == raw
+    assert load_kek(base64.urlsafe_b64encode(b"\xff" * 32).decode()) == b"\xff" * 32
+    assert load_kek(base64.b64encode(raw).decode() + "\n") == raw
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        "",
+        b"\x00" * 31,
+        b"\x00" * 33,
+        "ab" * 31,
+        "zz" * 32,
+        base64.b64encode(b"x" * 31).decode(),
+        base64.b64encode(b"x" * 33).decode(),
+        "not a key at all!",
+        b"\xff\xfe" * 20,
+    ],
+)
+def test_load_kek_rejects(value: str | bytes) -> None:
+    with pytest.raises(ValueError) as exc:
+        load_kek(value)
+    assert "32" in str(exc.value)
+    if value and isinstance(value, str):
+        assert value not in str(exc.value)  # never echo key material
