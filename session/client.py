@@ -1,0 +1,624 @@
+"""The client's session machine: handshake, data, keepalives, reattach.
+
+Theory of operation. The machine is driven by calls, as aioquic's
+QuicConnection: ``connect``/``reattach``/``send``/``close`` from the agent,
+``receive(data, path, now)`` for every datagram or frame, and
+``handle_timer(now)`` when ``get_timer()`` comes due. It is read out by
+``datagrams_to_send()`` and ``next_event()``. A *path* is an opaque integer the
+agent gives to one transport (a UDP socket or TCP connection); the machine
+never learns addresses.
+
+The session outlives its paths. When no authenticated packet arrives for
+``dead_after`` keepalive intervals, the machine moves to RECOVERING and asks
+the agent for a new path (``TransportLost``); the agent opens one and calls
+``reattach``. The request carries a MAC proof over (session_id, expected
+version, fresh nonce, timestamp, transport kind); retransmissions reuse the
+same bytes so the gateway can answer them idempotently. Only an ACK bound to
+our outstanding nonce and MAC'd under the control key installs the new
+binding, and from then on only the newest epoch's traffic keys are accepted:
+a stale node can no longer reach us. Unauthenticated rejections never end the
+session; only an authenticated TERMINATED/EXPIRED, an authenticated NOTICE or
+an in-band CLOSE do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from session import control, wire
+from session.errors import DecodeError, LocalProtocolError, RemoteProtocolError
+from session.framing import DataChannel
+from session.handshake import ClientHello, Initiator, Refusal, ServerHello
+from session.keys import SessionKeys, traffic_keys
+from session.quality import PathQuality, QualityThresholds
+from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
+from session.states import SessionEvent, SessionState, next_state
+
+PENDING_MAX = 256  # payloads held while recovering, flushed after reattach
+HANDSHAKE_RETRIES = 3
+REATTACH_RETRIES = 3  # retransmissions of the same request bytes on one path
+STALE_RETRIES = 3  # immediate retries after an authenticated STALE_VERSION
+KEEPALIVE_TRACK = 64
+
+
+@dataclass(frozen=True)
+class ClientParams:
+    """Timings and policy for one client session (seconds)."""
+
+    keepalive_interval: float = 0.5
+    dead_after: int = 3
+    handshake_timeout: float = 1.0
+    reattach_timeout: float = 0.5
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    upstream: str = ""
+    thresholds: QualityThresholds = field(default_factory=QualityThresholds)
+
+
+# ---- events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    session_id: bytes
+    version: int
+    epoch: int
+    node_id: bytes
+    path: int
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    reason: RejectReason | None  # None: no answer in time
+    authenticated: bool
+    path: int
+
+
+@dataclass(frozen=True)
+class PayloadReceived:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    old: SessionState
+    new: SessionState
+    version: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TransportLost:
+    """The current path is dead: the agent should open another and call ``reattach``."""
+
+    path: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reattached:
+    old_path: int | None
+    path: int
+    version: int
+    epoch: int
+    node_id: bytes
+    latency: float  # from the loss (or the jump request) to the ACK
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReattachRejected:
+    reason: RejectReason
+    authenticated: bool
+    action: str  # "retry", "backoff", "next_transport", "wait"
+    path: int
+
+
+@dataclass(frozen=True)
+class ReattachTimedOut:
+    """No answer on this path: the agent should try another transport."""
+
+    path: int
+
+
+@dataclass(frozen=True)
+class SessionTerminated:
+    reason: str
+    authenticated: bool
+
+
+@dataclass(frozen=True)
+class SecurityNotice:
+    kind: str
+    detail: str
+
+
+Event = (
+    HandshakeComplete | HandshakeFailed | PayloadReceived | StateChanged | TransportLost
+    | Reattached | ReattachRejected | ReattachTimedOut | SessionTerminated | SecurityNotice
+)
+
+
+# ---- the machine -------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """One outstanding handshake or reattach request."""
+
+    raw: bytes
+    path: int
+    nonce: bytes
+    first_sent: float
+    deadline: float
+    tries: int = 1
+    reason: str = ""
+
+
+class ClientSession:
+    """One client session over any number of successive paths."""
+
+    def __init__(self, static_priv: bytes, gateway_pub: bytes, params: ClientParams,
+                 random: Callable[[int], bytes] = os.urandom) -> None:
+        self.params = params
+        self._static = static_priv
+        self._gateway_pub = gateway_pub
+        self._random = random
+        self.state = SessionState.BIRTH
+        self.version = 0
+        self.session_id = b""
+        self.epoch = 0
+        self.node_id = b""
+        self.path: int | None = None
+        self.kind = wire.TransportKind.UDP
+        self.server_offset_ms = 0.0  # gateway ms minus our ms, learned from authenticated answers
+        self.ttl = 0.0
+        self._keys: SessionKeys | None = None
+        self._secret = b""
+        self._channel: DataChannel | None = None
+        self._initiator: Initiator | None = None
+        self._hs: _Pending | None = None
+        self._req: _Pending | None = None
+        self._recovery_start: float | None = None
+        self._backoff = params.backoff_initial
+        self._retry_at: float | None = None
+        self._retry_path: int | None = None
+        self._req_kind = wire.TransportKind.UDP
+        self._stale_retries = 0
+        self._last_rx = 0.0
+        self._next_keepalive: float | None = None
+        self._ka_seq = 0
+        self._quality = PathQuality(min_grace=max(0.2, params.keepalive_interval))
+        self._out: deque[tuple[int, bytes]] = deque()
+        self._events: deque[Event] = deque()
+        self._pending_payloads: deque[bytes] = deque()
+        self.stats = {
+            "payloads_sent": 0, "payloads_received": 0, "payloads_dropped": 0,
+            "reattaches": 0, "rejects": 0, "dropped_input": 0,
+        }
+        self.drops: dict[DropReason, int] = {}
+        self.reattach_latencies: list[float] = []
+
+    # ---- API: outputs ----------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[int, bytes]]:
+        """(path, message bytes) pairs to transmit, oldest first."""
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must next be called (None: nothing pending)."""
+        times = [t for t in (
+            self._hs.deadline if self._hs else None,
+            self._req.deadline if self._req else None,
+            self._retry_at,
+            self._next_keepalive,
+            self._dead_at(),
+        ) if t is not None]
+        return min(times) if times else None
+
+    @property
+    def attached(self) -> bool:
+        return self.state in (SessionState.ATTACHED, SessionState.VOLATILE, SessionState.DEGRADED)
+
+    @property
+    def quality(self) -> PathQuality:
+        return self._quality
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for status lines and the status command."""
+        q = self._quality
+        return {
+            "session_id": self.session_id.hex(),
+            "state": self.state.name,
+            "version": self.version,
+            "epoch": self.epoch,
+            "node": self.node_id.decode(errors="replace"),
+            "transport": self.kind.name.lower() if self.path is not None else "-",
+            "path": self.path,
+            "rtt_ms": None if q.rtt_ms is None else round(q.rtt_ms, 2),
+            "jitter_ms": round(q.jitter_ms, 2),
+            "loss_pct": round(q.loss_pct, 1),
+            **self.stats,
+        }
+
+    # ---- API: inputs -----------------------------------------------------------------
+
+    def connect(self, now: float, wall_ms: int, path: int, kind: wire.TransportKind) -> None:
+        """Start (or restart) a session with a handshake on ``path``."""
+        if self.state is not SessionState.BIRTH and self.state is not SessionState.TERMINATED:
+            raise LocalProtocolError(f"connect() in state {self.state.name}")
+        self._reset_session()
+        hid = self._random(wire.SESSION_ID_LEN)
+        hello = ClientHello(wall_ms, kind, self.params.upstream)
+        self._initiator = Initiator(self._static, self._gateway_pub, hid, hello)
+        raw = wire.encode(wire.HandshakeInit(hid, self._initiator.message1))
+        self.kind = kind
+        self._hs = _Pending(raw, path, hid, now, now + self.params.handshake_timeout)
+        self._out.append((path, raw))
+
+    def send(self, payload: bytes, now: float) -> bool:
+        """Tunnel one datagram; held (bounded) while recovering. False if dropped."""
+        # During a proactive jump the current path still carries data (make before break).
+        if self.attached and self._channel is not None and self.path is not None:
+            self._out.append((self.path, self._channel.seal(wire.inner_payload(payload))))
+            self.stats["payloads_sent"] += 1
+            return True
+        if self.state in (SessionState.RECOVERING, SessionState.BIRTH):
+            if len(self._pending_payloads) < PENDING_MAX:
+                self._pending_payloads.append(payload)
+                return True
+        self.stats["payloads_dropped"] += 1
+        return False
+
+    def reattach(self, now: float, path: int, kind: wire.TransportKind, reason: str = "jump") -> None:
+        """Ask the cluster to bind the session to ``path`` (a fresh request, new nonce)."""
+        if self._keys is None or self.state in (SessionState.BIRTH, SessionState.TERMINATED):
+            raise LocalProtocolError(f"reattach() in state {self.state.name}")
+        if self._recovery_start is None:
+            self._recovery_start = now
+        self._retry_at = None
+        nonce = self._random(wire.NONCE_LEN)
+        req = wire.ReattachRequest(
+            self.session_id, self.version, nonce, self._server_ms(now), kind,
+        )
+        raw = control.seal(req, self._keys.proof_key)
+        self._req = _Pending(raw, path, nonce, now, now + self.params.reattach_timeout, reason=reason)
+        self._req_kind = kind
+        self._out.append((path, raw))
+
+    def transport_failed(self, now: float, path: int, reason: str) -> None:
+        """The agent saw the path die (socket error, interface gone)."""
+        if path == self.path and self.attached:
+            self._lose_transport(now, reason)
+        elif self._req is not None and self._req.path == path:
+            self._req = None
+            self._events.append(ReattachTimedOut(path))
+        elif self._hs is not None and self._hs.path == path:
+            self._hs = None
+            self._events.append(HandshakeFailed(None, False, path))
+
+    def close(self, now: float, reason: TerminateReason = TerminateReason.CLIENT_CLOSE) -> None:
+        """End the session on purpose: an authenticated in-band CLOSE."""
+        if self._channel is not None and self.path is not None and self.attached:
+            self._out.append((self.path, self._channel.seal(wire.inner_close(int(reason)))))
+        self._terminate(f"closed: {reason.name}", authenticated=True)
+
+    def receive(self, data: bytes, path: int, now: float) -> None:
+        """Handle one datagram or frame from ``path``. Bad input is dropped and counted."""
+        try:
+            msg = wire.decode(data)
+            if isinstance(msg, wire.Data):
+                self._handle_data(msg, data, path, now)
+            elif isinstance(msg, wire.HandshakeResp):
+                self._handle_handshake_resp(msg, path, now)
+            elif isinstance(msg, wire.Retry):
+                self._handle_retry(msg, path, now)
+            elif isinstance(msg, wire.ReattachAck):
+                self._handle_reattach_ack(msg, data, path, now)
+            elif isinstance(msg, wire.Reject):
+                self._handle_reject(msg, data, path, now)
+            elif isinstance(msg, wire.Notice):
+                self._handle_notice(msg, data, path, now)
+            else:
+                raise DecodeError(DropReason.UNEXPECTED, type(msg).__name__)
+        except RemoteProtocolError as exc:
+            self._drop(exc.reason)
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit, probe, detect death and fire backoffs that are due."""
+        if self._hs is not None and now >= self._hs.deadline:
+            self._handshake_timeout(now)
+        if self._req is not None and now >= self._req.deadline:
+            self._reattach_timeout(now)
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+            if self._req is None and self._retry_path is not None and self.state is SessionState.RECOVERING:
+                self.reattach(now, self._retry_path, self._req_kind, reason="retry")
+        dead_at = self._dead_at()
+        if dead_at is not None and now >= dead_at:
+            self._lose_transport(now, f"no answer for {self.params.dead_after} keepalive intervals")
+        if self._next_keepalive is not None and now >= self._next_keepalive:
+            self._send_keepalive(now)
+
+    # ---- handlers ----------------------------------------------------------------------
+
+    def _handle_handshake_resp(self, msg: wire.HandshakeResp, path: int, now: float) -> None:
+        if self._hs is None or self._initiator is None or msg.handshake_id != self._hs.nonce:
+            raise DecodeError(DropReason.UNEXPECTED, "no handshake outstanding")
+        answer, secret = self._initiator.finish(msg.noise)
+        self._hs = None
+        self._initiator = None
+        if isinstance(answer, Refusal):
+            self.server_offset_ms = answer.server_ms - now * 1000
+            self._events.append(HandshakeFailed(answer.reason, True, path))
+            return
+        if answer.session_id != msg.session_id:
+            raise DecodeError(DropReason.MALFORMED, "session_id mismatch")
+        self._install_hello(answer, secret, path, now)
+
+    def _install_hello(self, h: ServerHello, secret: bytes, path: int, now: float) -> None:
+        self.session_id = h.session_id
+        self._secret = secret
+        self._keys = SessionKeys(secret)
+        self.ttl = h.ttl_ms / 1000
+        self.server_offset_ms = h.server_ms - now * 1000
+        self._bind(h.epoch, h.binding_id, h.node_id, path, now)
+        old = self.state
+        self.state = next_state(SessionState.BIRTH, SessionEvent.HANDSHAKE_COMPLETE, "client")
+        self.version = h.version
+        self._events.append(StateChanged(old, self.state, self.version, "handshake"))
+        self._events.append(HandshakeComplete(h.session_id, h.version, h.epoch, h.node_id, path))
+        self._send_keepalive(now)  # validates the path at the gateway
+        self._flush_pending()
+
+    def _handle_retry(self, msg: wire.Retry, path: int, now: float) -> None:
+        if self._hs is None or msg.handshake_id != self._hs.nonce or path != self._hs.path:
+            raise DecodeError(DropReason.UNEXPECTED, "RETRY without handshake")
+        if self._initiator is None:
+            raise DecodeError(DropReason.UNEXPECTED, "RETRY after handshake")
+        # Same handshake message, now carrying the gateway's stateless token.
+        raw = wire.encode(wire.HandshakeInit(self._hs.nonce, self._initiator.message1, msg.token))
+        self._hs.raw = raw
+        self._hs.deadline = now + self.params.handshake_timeout
+        self._out.append((path, raw))
+
+    def _handle_data(self, msg: wire.Data, raw: bytes, path: int, now: float) -> None:
+        if self._channel is None or msg.session_id != self.session_id:
+            raise DecodeError(DropReason.UNKNOWN_SESSION, "no channel")
+        plain = self._channel.open(msg, raw)  # epoch, replay and AEAD checks
+        inner = wire.decode_inner(plain)
+        if path != self.path:
+            # Authenticated, but on a path we are leaving or never bound: ignore it.
+            self._drop(DropReason.UNEXPECTED)
+            return
+        self._last_rx = now
+        if inner.kind is wire.InnerType.PAYLOAD:
+            self.stats["payloads_received"] += 1
+            self._events.append(PayloadReceived(inner.payload))
+        elif inner.kind is wire.InnerType.KEEPALIVE_ACK:
+            self._quality.on_probe_answered(inner.seq, now)
+            if inner.version > self.version:
+                self.version = inner.version
+            self._evaluate_quality(now)
+        elif inner.kind is wire.InnerType.KEEPALIVE:
+            pass  # gateways do not probe us; treat as liveness only
+        elif inner.kind is wire.InnerType.CLOSE:
+            self._terminate(f"gateway closed: {_reason_name(TerminateReason, inner.reason)}", True)
+
+    def _handle_reattach_ack(self, msg: wire.ReattachAck, raw: bytes, path: int, now: float) -> None:
+        req = self._req
+        if req is None or msg.nonce != req.nonce or msg.session_id != self.session_id:
+            raise DecodeError(DropReason.UNEXPECTED, "ACK for no outstanding request")
+        assert self._keys is not None
+        if not control.verify(raw, self._keys.control_key):
+            raise RemoteProtocolError(DropReason.BAD_MAC, "REATTACH_ACK")
+        if msg.epoch <= self.epoch or msg.version <= self.version:
+            raise RemoteProtocolError(DropReason.STALE_EPOCH, "ACK does not advance the binding")
+        old_path = self.path
+        self._req = None
+        self._backoff = self.params.backoff_initial
+        self._stale_retries = 0
+        self.server_offset_ms = msg.server_ms - now * 1000
+        self.kind = self._req_kind
+        self._bind(msg.epoch, msg.binding_id, msg.node_id, req.path, now)
+        old = self.state
+        self.state = next_state(self.state, SessionEvent.REATTACH, "client")
+        self.version = msg.version
+        latency = now - (self._recovery_start if self._recovery_start is not None else req.first_sent)
+        self._recovery_start = None
+        self.stats["reattaches"] += 1
+        self.reattach_latencies.append(latency)
+        self._events.append(StateChanged(old, self.state, self.version, "reattach"))
+        self._events.append(Reattached(old_path, req.path, msg.version, msg.epoch, msg.node_id,
+                                       latency, req.reason))
+        self._send_keepalive(now)  # proves the new path at once
+        self._flush_pending()
+
+    def _handle_reject(self, msg: wire.Reject, raw: bytes, path: int, now: float) -> None:
+        req = self._req
+        if req is None or msg.nonce != req.nonce or msg.session_id != self.session_id:
+            if self._hs is not None and msg.session_id == self._hs.nonce and not msg.authenticated:
+                # An unauthenticated handshake rejection (e.g. OVERLOADED): wait and retry.
+                self._hs.deadline = now + self._backoff_step()
+                return
+            raise DecodeError(DropReason.UNEXPECTED, "REJECT for no outstanding request")
+        assert self._keys is not None
+        authenticated = msg.authenticated and control.verify(raw, self._keys.control_key)
+        if msg.authenticated and not authenticated:
+            self._events.append(SecurityNotice("forged_reject", msg.reason.name))
+            raise RemoteProtocolError(DropReason.BAD_MAC, "REJECT")
+        self.stats["rejects"] += 1
+        self._req = None
+        if authenticated:
+            self.server_offset_ms = msg.server_ms - now * 1000
+        r = msg.reason
+        action = "backoff"
+        if r in (RejectReason.TERMINATED, RejectReason.EXPIRED) and authenticated:
+            self._events.append(ReattachRejected(r, True, "rehandshake", path))
+            self._terminate(f"gateway says {r.name}", authenticated=True)
+            return
+        if r is RejectReason.STALE_VERSION and authenticated and self._stale_retries < STALE_RETRIES:
+            self._stale_retries += 1
+            self.version = msg.version
+            action = "retry"
+        elif r in (RejectReason.REPLAYED_NONCE, RejectReason.CLOCK_SKEW) and self._stale_retries < STALE_RETRIES:
+            self._stale_retries += 1
+            action = "retry"  # fresh nonce / re-synced clock
+        elif r is RejectReason.DUAL_ACTIVE_CONFLICT:
+            if authenticated:
+                self.version = msg.version
+            self._events.append(SecurityNotice("dual_active_conflict", "another claimant holds this session"))
+        elif r is RejectReason.POLICY_DENIED:
+            action = "next_transport"
+        self._events.append(ReattachRejected(r, authenticated, action, path))
+        if action == "retry":
+            self.reattach(now, path, self._req_kind, reason=req.reason)
+        elif action == "next_transport":
+            self._events.append(ReattachTimedOut(path))
+        elif self.state is SessionState.RECOVERING:
+            self._retry_at = now + self._backoff_step()
+            self._retry_path = path
+        # else: a proactive jump was refused; the current path still carries the session
+
+    def _handle_notice(self, msg: wire.Notice, raw: bytes, path: int, now: float) -> None:
+        if msg.session_id != self.session_id or self._keys is None:
+            raise DecodeError(DropReason.UNKNOWN_SESSION, "NOTICE")
+        if not control.verify(raw, self._keys.control_key):
+            self._events.append(SecurityNotice("forged_notice", msg.kind.name))
+            raise RemoteProtocolError(DropReason.BAD_MAC, "NOTICE")
+        if msg.version < self.version:
+            raise RemoteProtocolError(DropReason.STALE_EPOCH, "NOTICE older than our version")
+        if msg.kind is NoticeKind.TERMINATED:
+            self._terminate(f"gateway notice: {_reason_name(TerminateReason, msg.reason)}", True)
+        elif msg.kind is NoticeKind.NOT_BOUND_HERE and path == self.path and self.attached:
+            self._lose_transport(now, "gateway does not hold our binding")
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _bind(self, epoch: int, binding_id: bytes, node_id: bytes, path: int, now: float) -> None:
+        c2g, g2c = traffic_keys(self._secret, epoch, binding_id, node_id)
+        self._channel = DataChannel(c2g, g2c, self.session_id, epoch)
+        self.epoch = epoch
+        self.node_id = node_id
+        self.path = path
+        self._last_rx = now
+        self._quality = PathQuality(min_grace=max(0.2, self.params.keepalive_interval))
+
+    def _send_keepalive(self, now: float) -> None:
+        if self._channel is None or self.path is None or not (self.attached or self.state is SessionState.ATTACHED):
+            self._next_keepalive = None
+            return
+        self._ka_seq = (self._ka_seq + 1) & 0xFFFFFFFF
+        self._quality.on_probe_sent(self._ka_seq, now)
+        inner = wire.inner_keepalive(self._ka_seq, int(now * 1000) & 0xFFFFFFFFFFFFFFFF, int(self.state))
+        self._out.append((self.path, self._channel.seal(inner)))
+        self._next_keepalive = now + self.params.keepalive_interval
+        self._quality.expire(now)
+        self._evaluate_quality(now)
+
+    def _evaluate_quality(self, now: float) -> None:
+        if not self.attached or self._quality.samples < 3:
+            return
+        target = self._quality.classify(self.params.thresholds, self.state)
+        if target is self.state:
+            return
+        event = {
+            SessionState.ATTACHED: SessionEvent.QUALITY_RECOVERED,
+            SessionState.VOLATILE: SessionEvent.QUALITY_VOLATILE,
+            SessionState.DEGRADED: SessionEvent.QUALITY_DEGRADED,
+        }[target]
+        old = self.state
+        self.state = next_state(old, event, "client")
+        # The gateway records the change and returns the new version in its next ACK.
+        self._events.append(StateChanged(old, self.state, self.version, "quality"))
+
+    def _dead_at(self) -> float | None:
+        if not self.attached or self._channel is None:
+            return None
+        return self._last_rx + self.params.dead_after * self.params.keepalive_interval
+
+    def _lose_transport(self, now: float, reason: str) -> None:
+        old = self.state
+        self.state = next_state(old, SessionEvent.TRANSPORT_LOST, "client")
+        self._next_keepalive = None
+        self._recovery_start = now
+        self._events.append(StateChanged(old, self.state, self.version, reason))
+        self._events.append(TransportLost(self.path if self.path is not None else -1, reason))
+
+    def _handshake_timeout(self, now: float) -> None:
+        hs = self._hs
+        assert hs is not None
+        if hs.tries >= HANDSHAKE_RETRIES:
+            self._hs = None
+            self._initiator = None
+            self._events.append(HandshakeFailed(None, False, hs.path))
+            return
+        hs.tries += 1
+        hs.deadline = now + self.params.handshake_timeout * hs.tries
+        self._out.append((hs.path, hs.raw))
+
+    def _reattach_timeout(self, now: float) -> None:
+        req = self._req
+        assert req is not None
+        if req.tries > REATTACH_RETRIES:
+            self._req = None
+            self._events.append(ReattachTimedOut(req.path))
+            return
+        req.tries += 1
+        req.deadline = now + self.params.reattach_timeout
+        self._out.append((req.path, req.raw))  # same bytes: idempotent at the gateway
+
+    def _backoff_step(self) -> float:
+        delay = self._backoff
+        self._backoff = min(self.params.backoff_max, self._backoff * 2)
+        return delay
+
+    def _terminate(self, reason: str, authenticated: bool) -> None:
+        old = self.state
+        if old is not SessionState.TERMINATED:
+            self.state = SessionState.TERMINATED
+            self._events.append(StateChanged(old, self.state, self.version, reason))
+            self._events.append(SessionTerminated(reason, authenticated))
+        self._channel = None
+        self._req = None
+        self._hs = None
+        self._next_keepalive = None
+        self._retry_at = None
+
+    def _flush_pending(self) -> None:
+        while self._pending_payloads and self.attached:
+            self.send(self._pending_payloads.popleft(), 0.0)
+
+    def _server_ms(self, now: float) -> int:
+        return max(0, int(now * 1000 + self.server_offset_ms))
+
+    def _reset_session(self) -> None:
+        self.state = SessionState.BIRTH
+        self.version = 0
+        self.session_id = b""
+        self.epoch = 0
+        self._keys = None
+        self._channel = None
+        self._req = None
+        self._retry_at = None
+        self._recovery_start = None
+        self._backoff = self.params.backoff_initial
+
+    def _drop(self, reason: DropReason) -> None:
+        self.stats["dropped_input"] += 1
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+def _reason_name(enum: type[TerminateReason], value: int) -> str:
+    try:
+        return enum(value).name
+    except ValueError:
+        return str(value)

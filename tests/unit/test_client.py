@@ -1,0 +1,266 @@
+"""The client machine driven in memory: handshake, data, death, reattach, fencing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from session import control, wire
+from session.client import (
+    ClientParams,
+    ClientSession,
+    HandshakeComplete,
+    PayloadReceived,
+    Reattached,
+    ReattachRejected,
+    ReattachTimedOut,
+    SessionTerminated,
+    TransportLost,
+)
+from session.framing import DataChannel
+from session.handshake import Responder, ServerHello
+from session.keys import SessionKeys, traffic_keys
+from session.noise import generate_keypair
+from session.reasons import DropReason, NoticeKind, RejectReason
+from session.states import SessionState
+
+GW_PRIV, GW_PUB = generate_keypair()
+CL_PRIV, CL_PUB = generate_keypair()
+NODE = b"gw-test"
+
+
+class MiniGateway:
+    """Just enough gateway, from the pure pieces, to answer one client."""
+
+    def __init__(self) -> None:
+        self.sid = os.urandom(16)
+        self.secret = b""
+        self.version = 2
+        self.epoch = 1
+        self.bid = os.urandom(16)
+        self.channel: DataChannel | None = None
+
+    def answer_handshake(self, raw: bytes) -> bytes:
+        init = wire.decode(raw)
+        assert isinstance(init, wire.HandshakeInit)
+        r = Responder(GW_PRIV, init.handshake_id, init.noise)
+        assert r.client_static == CL_PUB
+        hello = ServerHello(self.sid, self.version, 1, self.epoch, self.bid, NODE, 1_000_000, 60_000, 500)
+        msg2, self.secret = r.accept(hello)
+        self._channel()
+        return wire.encode(wire.HandshakeResp(self.sid, init.handshake_id, msg2))
+
+    def _channel(self) -> None:
+        c2g, g2c = traffic_keys(self.secret, self.epoch, self.bid, NODE)
+        self.channel = DataChannel(g2c, c2g, self.sid, self.epoch)
+
+    @property
+    def keys(self) -> SessionKeys:
+        return SessionKeys(self.secret)
+
+    def ack(self, req_raw: bytes, forge: bool = False) -> bytes:
+        req = wire.decode(req_raw)
+        assert isinstance(req, wire.ReattachRequest)
+        assert control.verify(req_raw, self.keys.proof_key)
+        assert req.expected_version == self.version
+        self.version += 1
+        self.epoch += 1
+        self.bid = os.urandom(16)
+        self._channel()
+        ack = wire.ReattachAck(self.sid, req.nonce, self.version, self.epoch, self.bid, NODE, 1_000_500)
+        return control.seal(ack, os.urandom(32) if forge else self.keys.control_key)
+
+    def reject(self, req_raw: bytes, reason: RejectReason, authenticated: bool) -> bytes:
+        req = wire.decode(req_raw)
+        assert isinstance(req, wire.ReattachRequest)
+        msg = wire.Reject(self.sid, req.nonce, reason, self.version if authenticated else 0, 1)
+        return control.seal(msg, self.keys.control_key) if authenticated else wire.encode(msg)
+
+    def data(self, payload: bytes) -> bytes:
+        assert self.channel is not None
+        return self.channel.seal(wire.inner_payload(payload))
+
+
+def events(c: ClientSession) -> list[object]:
+    out = []
+    while (e := c.next_event()) is not None:
+        out.append(e)
+    return out
+
+
+def connected() -> tuple[ClientSession, MiniGateway]:
+    c = ClientSession(CL_PRIV, GW_PUB, ClientParams(keepalive_interval=0.5, dead_after=3, upstream="u:1"))
+    gw = MiniGateway()
+    c.connect(0.0, 1_000_000, path=1, kind=wire.TransportKind.UDP)
+    [(path, init)] = c.datagrams_to_send()
+    assert path == 1
+    c.receive(gw.answer_handshake(init), 1, 0.01)
+    assert any(isinstance(e, HandshakeComplete) for e in events(c))
+    assert c.state is SessionState.ATTACHED and c.version == 2 and c.epoch == 1
+    c.datagrams_to_send()  # the path-validating keepalive
+    return c, gw
+
+
+def test_handshake_then_payload_both_ways() -> None:
+    c, gw = connected()
+    assert c.send(b"hello", 0.02)
+    [(_, raw)] = c.datagrams_to_send()
+    msg = wire.decode(raw)
+    assert isinstance(msg, wire.Data)
+    assert gw.channel is not None
+    assert wire.decode_inner(gw.channel.open(msg, raw)).payload == b"hello"
+    c.receive(gw.data(b"world"), 1, 0.03)
+    assert [e.data for e in events(c) if isinstance(e, PayloadReceived)] == [b"world"]
+
+
+def test_silence_moves_to_recovering_after_dead_after_intervals() -> None:
+    c, _ = connected()
+    t = 0.01
+    while c.state is not SessionState.RECOVERING and t < 5:
+        t = c.get_timer() or t + 0.1
+        c.handle_timer(t)
+    assert c.state is SessionState.RECOVERING
+    assert 1.5 <= t <= 1.6  # 3 x 0.5 s of silence
+    assert any(isinstance(e, TransportLost) for e in events(c))
+
+
+def lose(c: ClientSession) -> float:
+    t = 0.01
+    while c.state is not SessionState.RECOVERING:
+        t = c.get_timer() or t + 0.1
+        c.handle_timer(t)
+    c.datagrams_to_send()
+    events(c)
+    return t
+
+
+def test_reattach_installs_new_epoch_and_fences_old_keys() -> None:
+    c, gw = connected()
+    old_packet = gw.data(b"from-old-epoch")
+    t = lose(c)
+    c.reattach(t, path=2, kind=wire.TransportKind.UDP)
+    [(path, req)] = c.datagrams_to_send()
+    assert path == 2
+    c.receive(gw.ack(req), 2, t + 0.01)
+    evs = events(c)
+    r = [e for e in evs if isinstance(e, Reattached)][0]
+    assert (r.version, r.epoch, c.state) == (3, 2, SessionState.ATTACHED)
+    # A packet sealed under the previous binding's keys is no longer accepted.
+    c.receive(old_packet, 2, t + 0.02)
+    assert c.drops.get(DropReason.STALE_EPOCH) == 1
+    c.receive(gw.data(b"new"), 2, t + 0.03)
+    assert [e.data for e in events(c) if isinstance(e, PayloadReceived)] == [b"new"]
+
+
+def test_forged_or_misdirected_ack_is_ignored() -> None:
+    c, gw = connected()
+    t = lose(c)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, req)] = c.datagrams_to_send()
+    c.receive(gw.ack(req, forge=True), 2, t + 0.01)
+    assert c.state is SessionState.RECOVERING and c.drops.get(DropReason.BAD_MAC) == 1
+    other = wire.ReattachAck(gw.sid, os.urandom(16), 9, 9, os.urandom(16), NODE, 1)
+    c.receive(control.seal(other, gw.keys.control_key), 2, t + 0.02)
+    assert c.state is SessionState.RECOVERING and c.drops.get(DropReason.UNEXPECTED) == 1
+
+
+def test_retransmission_reuses_the_same_bytes_then_times_out() -> None:
+    c, gw = connected()
+    t = lose(c)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, first)] = c.datagrams_to_send()
+    sent = [first]
+    for _ in range(10):
+        t = c.get_timer() or t + 0.1
+        c.handle_timer(t)
+        sent += [d for p, d in c.datagrams_to_send() if p == 2]
+        if any(isinstance(e, ReattachTimedOut) for e in events(c)):
+            break
+    reqs = [d for d in sent if wire.peek_header(d)[0] is wire.MessageType.REATTACH_REQUEST]
+    assert len(reqs) == 4 and len(set(reqs)) == 1
+
+
+def test_unauthenticated_terminated_never_ends_the_session() -> None:
+    c, gw = connected()
+    t = lose(c)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, req)] = c.datagrams_to_send()
+    c.receive(gw.reject(req, RejectReason.TERMINATED, authenticated=False), 2, t + 0.01)
+    evs = events(c)
+    assert c.state is SessionState.RECOVERING
+    assert not any(isinstance(e, SessionTerminated) for e in evs)
+    rej = [e for e in evs if isinstance(e, ReattachRejected)][0]
+    assert rej.action == "backoff" and not rej.authenticated
+
+
+def test_authenticated_terminated_ends_the_session() -> None:
+    c, gw = connected()
+    t = lose(c)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, req)] = c.datagrams_to_send()
+    c.receive(gw.reject(req, RejectReason.EXPIRED, authenticated=True), 2, t + 0.01)
+    assert c.state is SessionState.TERMINATED
+    assert any(isinstance(e, SessionTerminated) and e.authenticated for e in events(c))
+
+
+def test_authenticated_stale_version_adopts_version_and_retries() -> None:
+    c, gw = connected()
+    t = lose(c)
+    gw.version = 5  # the gateway recorded transitions we did not hear about
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, req)] = c.datagrams_to_send()
+    c.receive(gw.reject(req, RejectReason.STALE_VERSION, authenticated=True), 2, t + 0.01)
+    [(_, retry)] = c.datagrams_to_send()
+    r = wire.decode(retry)
+    assert isinstance(r, wire.ReattachRequest) and r.expected_version == 5
+    c.receive(gw.ack(retry), 2, t + 0.02)
+    assert c.state is SessionState.ATTACHED and c.version == 6
+
+
+def test_forged_notice_is_dropped_and_authentic_one_terminates() -> None:
+    c, gw = connected()
+    bad = wire.Notice(gw.sid, NoticeKind.TERMINATED, 3, 99, os.urandom(16), 1)
+    c.receive(control.seal(bad, os.urandom(32)), 1, 0.1)
+    assert c.state is SessionState.ATTACHED
+    c.receive(control.seal(bad, gw.keys.control_key), 1, 0.2)
+    assert c.state is SessionState.TERMINATED
+
+
+def test_payloads_are_held_while_recovering_and_flushed_after() -> None:
+    c, gw = connected()
+    t = lose(c)
+    assert c.send(b"held", t)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, req)] = c.datagrams_to_send()
+    c.receive(gw.ack(req), 2, t + 0.01)
+    out = c.datagrams_to_send()
+    assert gw.channel is not None
+    inner = [wire.decode_inner(gw.channel.open(wire.decode(d), d)) for _, d in out]  # type: ignore[arg-type]
+    assert b"held" in [i.payload for i in inner]
+
+
+def test_quality_thresholds_move_to_volatile_and_back() -> None:
+    c, gw = connected()
+    assert gw.channel is not None
+    t = 0.0
+    # Answer keepalives slowly (400 ms RTT > 300 ms volatile threshold).
+    for rtt, expect in ((0.4, SessionState.VOLATILE), (0.01, SessionState.ATTACHED)):
+        for _ in range(40):
+            t += 0.5
+            c.handle_timer(t)
+            for _, raw in c.datagrams_to_send():
+                m = wire.decode(raw)
+                inner = wire.decode_inner(gw.channel.open(m, raw))  # type: ignore[arg-type]
+                if inner.kind is wire.InnerType.KEEPALIVE:
+                    ack = wire.inner_keepalive_ack(inner.seq, inner.echo_ms, c.version, inner.state)
+                    c.receive(gw.channel.seal(ack), 1, t + rtt)
+        assert c.state is expect, (rtt, c.status())
+
+
+def test_reattach_before_handshake_is_local_misuse() -> None:
+    c = ClientSession(CL_PRIV, GW_PUB, ClientParams())
+    from session.errors import LocalProtocolError
+
+    with pytest.raises(LocalProtocolError):
+        c.reattach(0.0, 1, wire.TransportKind.UDP)
