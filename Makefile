@@ -1,0 +1,109 @@
+# Jumping VPN developer entry points. From a fresh clone: `make test`.
+#   make venv   .venv with the project installed editable (+test, dev extras)
+#   make deps   Debian packages the tests and the demo need (redis-server)
+#   make demo   run the local demo         make bench   run the benchmark
+#   make test   lint, then the test suite  make lint    ruff, import contracts, mypy
+#   make clean  caches and build output    make distclean   also the .venv
+# PYTHON=/path/to/python3.x picks the interpreter for a new .venv; ARGS=... is
+# passed to `jvpn demo` / `jvpn bench`; PYTEST_ARGS=... to pytest.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PY_MIN := 3.11
+PY_OK := import sys; sys.exit(sys.version_info < (3, 11))
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install only when pyproject.toml is newer than this stamp.
+STAMP := $(VENV)/.jvpn-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# Debian packages as command:package; `deps` installs what is missing.
+DEB_DEPS := redis-server:redis-server
+
+PYTHON ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help venv deps demo test lint bench clean distclean
+
+help:
+	@sed -n '2,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	@py="$(PYTHON)"; \
+	if [ -z "$$py" ]; then \
+	  for c in python3 python3.13 python3.12 python3.11; do \
+	    if command -v "$$c" >/dev/null 2>&1 && "$$c" -c '$(PY_OK)' 2>/dev/null; then py="$$c"; break; fi; \
+	  done; \
+	fi; \
+	if [ -z "$$py" ] || ! "$$py" -c '$(PY_OK)' 2>/dev/null; then \
+	  found=$$( { $${py:-python3} --version || echo "no python3"; } 2>&1 ); \
+	  echo "error: Python >= $(PY_MIN) is required to create $(VENV) (found: $$found)." >&2; \
+	  echo "       Install python$(PY_MIN) or newer, or run: make PYTHON=/path/to/python3.11 ..." >&2; \
+	  exit 1; \
+	fi; \
+	echo "creating $(VENV) with $$("$$py" --version 2>&1)"; \
+	if ! "$$py" -m venv --clear $(VENV); then \
+	  echo "error: '$$py -m venv' failed; on Debian/Ubuntu install python3-venv" >&2; \
+	  rm -rf $(VENV); exit 1; \
+	fi
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@if ! $(BIN)/python -c '$(PY_OK)' 2>/dev/null; then \
+	  echo "error: $(VENV) runs $$($(BIN)/python --version 2>&1), Python >= $(PY_MIN) is required;" \
+	       "run 'make distclean venv'" >&2; \
+	  exit 1; \
+	fi
+	@echo "installing jumping-vpn and its test/dev tools into $(VENV)"
+	@$(PIP) install -e '.[test,dev]'
+	@touch $@
+
+deps:
+	@missing=""; \
+	for dep in $(DEB_DEPS); do \
+	  cmd=$${dep%%:*}; pkg=$${dep#*:}; \
+	  if ! command -v "$$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$$cmd" ] && [ ! -x "/usr/bin/$$cmd" ]; then \
+	    missing="$$missing $$pkg"; \
+	  fi; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "error: missing Debian packages:$$missing" >&2; \
+	    echo "       install them with: sudo apt-get install -y$$missing" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+demo: deps venv
+	@$(BIN)/jvpn demo $(ARGS)
+
+bench: deps venv
+	@$(BIN)/jvpn bench $(ARGS)
+
+lint: venv
+	@echo "ruff"; $(BIN)/ruff check -q .
+	@echo "import contracts"; \
+	out=$$($(BIN)/lint-imports --no-logo --no-cache 2>&1) || { echo "$$out" >&2; exit 1; }
+	@echo "mypy"; $(BIN)/mypy
+
+# pytest exits 5 when it collects no tests: that is a failure too.
+test: deps venv
+	@$(MAKE) lint
+	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
+clean:
+	@rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .jvpn
+	@find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+
+distclean: clean
+	@rm -rf $(VENV)

@@ -1,0 +1,144 @@
+"""Agent configuration: ``[agent]`` in a TOML file, ``JVPN_AGENT_*`` env, flags.
+
+Precedence is defaults < TOML < env < flags (see ``session.config``). The
+file is ``path``, else ``$JVPN_AGENT_CONFIG``, else none. Lists in env are
+comma-separated: ``JVPN_AGENT_GATEWAYS=10.0.0.1:51820,10.0.0.2:51820``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from session.config import (
+    ADDRESS,
+    KEY32,
+    PEER,
+    ConfigError,
+    decode_key,
+    load_config,
+    parse_toml,
+    select_section,
+    setting,
+)
+
+ENV_PREFIX = "JVPN_AGENT_"
+CONFIG_ENV = "JVPN_AGENT_CONFIG"
+TRANSPORTS = ("udp", "tcp")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Settings of one agent (client)."""
+
+    gateways: list[str] = setting(["127.0.0.1:51820"], kind=PEER, min_items=1, help="UDP")
+    tcp_gateways: list[str] = setting([], kind=PEER, help="[] = same as gateways")
+    gateway_public_key: str = setting("", kind=KEY32, allow_empty=True, help="pinned cluster key")
+    private_key: str = setting("", kind=KEY32, allow_empty=True, secret=True)
+    private_key_file: str = setting("")
+    local_udp: str = setting("127.0.0.1:0", kind=ADDRESS, help="local app-facing UDP socket")
+    upstream: str = setting("", kind=PEER, allow_empty=True, help="where the gateway forwards")
+    transports: list[str] = setting(
+        ["udp", "tcp"],
+        choices=TRANSPORTS,
+        fold_case=True,
+        min_items=1,
+        unique=True,
+        help="order of preference",
+    )
+    keepalive_interval_s: float = setting(0.5, min=0.01, max=3600.0)
+    dead_after_keepalives: int = setting(3, min=1, max=1000)
+    handshake_timeout_s: float = setting(1.0, min=0.01, max=120.0)
+    reattach_timeout_s: float = setting(0.5, min=0.01, max=120.0)
+    backoff_initial_s: float = setting(0.1, min=0.001, max=3600.0)
+    backoff_max_s: float = setting(5.0, min=0.001, max=3600.0)
+    volatile_loss_pct: float = setting(5.0, min=0.0, max=100.0)
+    volatile_rtt_ms: float = setting(300.0, min=0.0, max=600_000.0)
+    volatile_jitter_ms: float = setting(50.0, min=0.0, max=600_000.0)
+    degraded_loss_pct: float = setting(20.0, min=0.0, max=100.0)
+    degraded_rtt_ms: float = setting(1000.0, min=0.0, max=600_000.0)
+    status_interval_s: float = setting(1.0, min=0.0, max=3600.0, help="0 = no status output")
+    log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
+
+    def check_config(self) -> Iterator[tuple[str, str]]:
+        """Cross-field rules: (key, problem) for each violation."""
+        if self.private_key and self.private_key_file:
+            yield "private_key", "set private_key or private_key_file, not both"
+        if self.backoff_initial_s > self.backoff_max_s:
+            yield "backoff_initial_s", "must not exceed backoff_max_s"
+        if self.degraded_loss_pct < self.volatile_loss_pct:
+            yield "degraded_loss_pct", "must be >= volatile_loss_pct"
+        if self.degraded_rtt_ms < self.volatile_rtt_ms:
+            yield "degraded_rtt_ms", "must be >= volatile_rtt_ms"
+
+
+def load_agent_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> AgentConfig:
+    """Load the agent config; raise ConfigError naming the bad key and its source."""
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    doc = read_toml(path) if path else None
+    cfg = load_config(
+        AgentConfig,
+        select_section(doc, "agent", path or ""),
+        env,
+        ENV_PREFIX,
+        overrides or {},
+        section="agent",
+        source=path or "config file",
+        reserved_env=(CONFIG_ENV,),
+    )
+    if not cfg.tcp_gateways:
+        cfg = replace(cfg, tcp_gateways=list(cfg.gateways))
+    return cfg
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read and parse a TOML file; errors name the file (and line for syntax errors)."""
+    try:
+        with open(path, "rb") as fp:
+            data = fp.read()
+    except OSError as exc:
+        raise ConfigError(
+            f"config error: cannot read {path}: {exc.strerror}", source=path
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config error: {path}: not UTF-8 ({exc.reason})", source=path) from None
+    return parse_toml(text, path)
+
+
+def load_private_key(cfg: AgentConfig) -> bytes | None:
+    """The agent's static X25519 private key (inline or from its file), or None."""
+    if cfg.private_key:
+        return decode_key(cfg.private_key)  # validated at load time
+    if not cfg.private_key_file:
+        return None
+    path = cfg.private_key_file
+    try:
+        with open(path, encoding="ascii") as fp:
+            text = fp.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not ASCII"
+        raise ConfigError(
+            f"config error: [agent] private_key_file: cannot read {path}: {why}",
+            key="private_key_file",
+        ) from None
+    try:
+        return decode_key(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"config error: [agent] private_key_file: {path}: {exc}", key="private_key_file"
+        ) from None
+
+
+def gateway_public_key(cfg: AgentConfig) -> bytes | None:
+    """The pinned gateway cluster public key, or None if not configured."""
+    return decode_key(cfg.gateway_public_key) if cfg.gateway_public_key else None

@@ -1,0 +1,174 @@
+"""Gateway configuration: ``[gateway]`` in a TOML file, ``JVPN_GATEWAY_*`` env, flags.
+
+Precedence is defaults < TOML < env < flags (see ``session.config``). The
+file is ``path``, else ``$JVPN_GATEWAY_CONFIG``, else none.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from session.config import (
+    ADDRESS,
+    IDENT,
+    KEY32,
+    PEER,
+    REDIS_URL,
+    URL,
+    ConfigError,
+    decode_key,
+    load_config,
+    parse_address,
+    parse_toml,
+    select_section,
+    setting,
+)
+
+ENV_PREFIX = "JVPN_GATEWAY_"
+CONFIG_ENV = "JVPN_GATEWAY_CONFIG"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """Where structured (ECS) events go; all sinks are fed from one bounded queue."""
+
+    stdout: bool = setting(False, help="JSON lines to stdout")
+    file: str = setting("", help="append JSON lines to this file ('' = off)")
+    redis_stream: bool = setting(True, help="XADD to the cluster audit stream")
+    redis_stream_name: str = setting("jvpn:audit", help="audit stream key")
+    redis_stream_maxlen: int = setting(100_000, min=1, max=100_000_000)
+    siem_syslog: str = setting("", kind=PEER, allow_empty=True, help="RFC 5424 over UDP, host:port")
+    siem_http: str = setting("", kind=URL, allow_empty=True, help="POST NDJSON batches here")
+    http_timeout_s: float = setting(2.0, min=0.05, max=60.0)
+    queue_size: int = setting(10_000, min=1, max=10_000_000, help="events beyond it are dropped")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Settings of one gateway node."""
+
+    node_id: str = setting("", kind=IDENT, allow_empty=True, help="'' = <hostname>-<udp port>")
+    listen_udp: str = setting("127.0.0.1:51820", kind=ADDRESS)
+    listen_tcp: str = setting("127.0.0.1:51820", kind=ADDRESS, allow_empty=True, help="'' = off")
+    admin: str = setting("127.0.0.1:9100", kind=ADDRESS, allow_empty=True, help="'' = off")
+    store_url: str = setting(
+        "", kind=REDIS_URL, allow_empty=True, help="'' = start an embedded redis-server"
+    )
+    private_key: str = setting("", kind=KEY32, allow_empty=True, secret=True)
+    private_key_file: str = setting("")
+    kek: str = setting("", kind=KEY32, allow_empty=True, secret=True, help="cluster KEK")
+    kek_file: str = setting("")
+    keepalive_interval_s: float = setting(1.0, min=0.01, max=3600.0)
+    silence_keepalives: int = setting(
+        3, min=1, max=1000, help="binding lost after N silent intervals"
+    )
+    reattach_window_s: float = setting(30.0, min=1.0, max=3600.0, help="proof timestamp window")
+    dual_active_window_s: float = setting(2.0, min=0.0, max=600.0)
+    store_timeout_s: float = setting(1.0, min=0.01, max=60.0)
+    tombstone_ttl_s: float = setting(3600.0, min=1.0, max=30 * 86400.0)
+    sweep_interval_s: float = setting(1.0, min=0.01, max=3600.0)
+    handshake_retry_threshold: int = setting(
+        1000, min=-1, max=10_000_000, help="handshakes/s needing a RETRY cookie; 0 always, -1 never"
+    )
+    max_sessions: int = setting(100_000, min=1, max=100_000_000)
+    events: EventsConfig = setting(default_factory=EventsConfig)
+    log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
+
+    def check_config(self) -> Iterator[tuple[str, str]]:
+        """Cross-field rules: (key, problem) for each violation."""
+        if self.private_key and self.private_key_file:
+            yield "private_key", "set private_key or private_key_file, not both"
+        if self.kek and self.kek_file:
+            yield "kek", "set kek or kek_file, not both"
+        if self.admin and self.listen_tcp and _same_port(self.admin, self.listen_tcp):
+            yield "admin", f"clashes with listen_tcp {self.listen_tcp}"
+        if self.sweep_interval_s > self.tombstone_ttl_s:
+            yield "sweep_interval_s", "must not exceed tombstone_ttl_s"
+
+
+def load_gateway_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> GatewayConfig:
+    """Load the gateway config; raise ConfigError naming the bad key and its source."""
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    doc = read_toml(path) if path else None
+    cfg = load_config(
+        GatewayConfig,
+        select_section(doc, "gateway", path or ""),
+        env,
+        ENV_PREFIX,
+        overrides or {},
+        section="gateway",
+        source=path or "config file",
+        reserved_env=(CONFIG_ENV,),
+    )
+    if not cfg.node_id:
+        cfg = replace(cfg, node_id=default_node_id(cfg.listen_udp))
+    return cfg
+
+
+def default_node_id(listen_udp: str) -> str:
+    """``<hostname>-<udp port>``: unique per host and listener, stable across restarts."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.") or "node"
+    port = parse_address(listen_udp)[1]
+    return f"{host[:56]}-{port}"
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read and parse a TOML file; errors name the file (and line for syntax errors)."""
+    try:
+        with open(path, "rb") as fp:
+            data = fp.read()
+    except OSError as exc:
+        raise ConfigError(
+            f"config error: cannot read {path}: {exc.strerror}", source=path
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config error: {path}: not UTF-8 ({exc.reason})", source=path) from None
+    return parse_toml(text, path)
+
+
+def read_key(inline: str, path: str, key: str) -> bytes | None:
+    """The 32-byte key given inline or in file ``path`` (hex or base64); None if neither."""
+    if inline:
+        return decode_key(inline)  # validated at load time
+    if not path:
+        return None
+    try:
+        with open(path, encoding="ascii") as fp:
+            text = fp.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not ASCII"
+        raise ConfigError(
+            f"config error: [gateway] {key}: cannot read {path}: {why}", key=key
+        ) from None
+    try:
+        return decode_key(text)
+    except ValueError as exc:
+        raise ConfigError(f"config error: [gateway] {key}: {path}: {exc}", key=key) from None
+
+
+def load_private_key(cfg: GatewayConfig) -> bytes | None:
+    """The gateway's static X25519 private key, or None if not configured."""
+    return read_key(cfg.private_key, cfg.private_key_file, "private_key_file")
+
+
+def load_kek(cfg: GatewayConfig) -> bytes | None:
+    """The cluster key-encryption key, or None if not configured."""
+    return read_key(cfg.kek, cfg.kek_file, "kek_file")
+
+
+def _same_port(a: str, b: str) -> bool:
+    (ha, pa), (hb, pb) = parse_address(a), parse_address(b)
+    return pa == pb != 0 and (ha == hb or "0.0.0.0" in (ha, hb) or "::" in (ha, hb))
