@@ -1,0 +1,366 @@
+"""The agent: one client session, its successive transports, local forwarding.
+
+Theory of operation. ``ClientSession`` (session/client.py) decides; this class
+only performs. After every input (a datagram, a timer, a local payload) it
+*pumps*: sends what the machine queued on the right path, acts on the events
+(open a new transport on TransportLost, move to the next candidate on a timeout
+or POLICY_DENIED, re-handshake after an authenticated TERMINATED) and re-arms
+the single timer. Candidates are tried in order: a fresh UDP socket to the
+same gateway (new source port: survives NAT rebinding and a blocked port), the
+other UDP gateway addresses, then TCP (UDP blocked). Every decision is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.transports import Path, TcpPath, UdpPath
+from session import wire
+from session.client import (
+    ClientParams,
+    ClientSession,
+    HandshakeComplete,
+    HandshakeFailed,
+    PayloadReceived,
+    Reattached,
+    ReattachRejected,
+    ReattachTimedOut,
+    SecurityNotice,
+    SessionTerminated,
+    StateChanged,
+    TransportLost,
+)
+from session.states import SessionState
+
+log = logging.getLogger("jvpn.agent")
+
+
+@dataclass
+class AgentSettings:
+    """Everything an agent needs (built from AgentConfig by the CLI)."""
+
+    private_key: bytes
+    gateway_public_key: bytes
+    gateways: list[tuple[str, int]]
+    tcp_gateways: list[tuple[str, int]]
+    upstream: str
+    local_udp: tuple[str, int] | None = ("127.0.0.1", 0)
+    transports: list[str] = field(default_factory=lambda: ["udp", "tcp"])
+    params: ClientParams = field(default_factory=ClientParams)
+    name: str = "agent"
+
+
+@dataclass
+class JumpRecord:
+    at: float
+    reason: str
+    from_transport: str
+    to_transport: str
+    latency: float
+    version: int
+    epoch: int
+    node: str
+
+
+class Agent:
+    """Runs one ClientSession over asyncio transports."""
+
+    def __init__(self, settings: AgentSettings,
+                 on_payload: Callable[[bytes], None] | None = None) -> None:
+        self.settings = settings
+        self.machine = ClientSession(settings.private_key, settings.gateway_public_key,
+                                     settings.params)
+        self.paths: dict[int, Path] = {}
+        self._next_path = 1
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._local: asyncio.DatagramTransport | None = None
+        self._app_addr: tuple[str, int] | None = None
+        self._on_payload = on_payload
+        self._candidates: list[tuple[str, tuple[str, int]]] = self._candidate_list()
+        self._cursor = 0
+        self._opening = False
+        self.jumps: list[JumpRecord] = []
+        self.log_lines: list[str] = []
+        self.connected = asyncio.Event()
+        self.terminated_sessions = 0
+        self.handshakes = 0
+        self._stopped = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._path_desc: dict[int, str] = {}
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the local port (if any) and start the handshake."""
+        self._loop = asyncio.get_running_loop()
+        if self.settings.local_udp is not None:
+            self._local, _ = await self._loop.create_datagram_endpoint(
+                lambda: _LocalProtocol(self), local_addr=self.settings.local_udp)
+        await self._connect()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self.connected.wait(), timeout)
+
+    async def stop(self, close_session: bool = True) -> None:
+        """Close the session (authenticated CLOSE) and every socket."""
+        self._stopped = True
+        if close_session and self.machine.attached:
+            self.machine.close(self._now())
+            self._pump()
+        if self._timer is not None:
+            self._timer.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        for p in list(self.paths.values()):
+            p.close()
+        self.paths.clear()
+        if self._local is not None:
+            self._local.close()
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        if self._local is None:
+            return None
+        return self._local.get_extra_info("sockname")[:2]
+
+    def status(self) -> dict[str, object]:
+        st = self.machine.status()
+        path = self.paths.get(self.machine.path or -1)
+        st["transport"] = path.describe() if path is not None else "-"
+        st["name"] = self.settings.name
+        st["jumps"] = len(self.jumps)
+        return st
+
+    def status_line(self) -> str:
+        s = self.status()
+        rtt = "-" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f}ms"
+        return (f"{s['name']}: {s['state']} v{s['version']} epoch {s['epoch']} via {s['transport']}"
+                f" node {s['node']} rtt {rtt} loss {s['loss_pct']}% jumps {s['jumps']}")
+
+    # ---- inputs --------------------------------------------------------------------------
+
+    def send(self, payload: bytes) -> bool:
+        """Tunnel one datagram to the upstream."""
+        ok = self.machine.send(payload, self._now())
+        self._pump()
+        return ok
+
+    async def jump(self, kind: str = "udp", reason: str = "jump") -> None:
+        """Move the session to a fresh transport on purpose (new source port or UDP->TCP)."""
+        if not self.machine.attached:
+            return
+        remote = (self.settings.gateways if kind == "udp" else self.settings.tcp_gateways)[0]
+        path = await self._open_path(kind, remote)
+        if path is None:
+            return
+        self.machine.reattach(self._now(), path.path_id, path.kind, reason=reason)
+        self._pump()
+
+    def kill_transport(self) -> None:
+        """Close the current transport silently (the machine must notice by itself)."""
+        path = self.paths.pop(self.machine.path or -1, None)
+        if path is not None:
+            path._on_failed = lambda *_: None  # silent: no socket-error shortcut
+            path.close()
+
+    # ---- machinery -----------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    def _candidate_list(self) -> list[tuple[str, tuple[str, int]]]:
+        out: list[tuple[str, tuple[str, int]]] = []
+        for kind in self.settings.transports:
+            addrs = self.settings.gateways if kind == "udp" else self.settings.tcp_gateways
+            out.extend((kind, a) for a in addrs)
+        return out
+
+    async def _open_path(self, kind: str, remote: tuple[str, int]) -> Path | None:
+        pid = self._next_path
+        self._next_path += 1
+        cls = UdpPath if kind == "udp" else TcpPath
+        path = cls(pid, remote, self._on_receive, self._on_failed)
+        try:
+            await path.open()
+        except (OSError, TimeoutError) as exc:
+            self._log(f"cannot open {kind} path to {remote[0]}:{remote[1]}: {exc}")
+            return None
+        self.paths[pid] = path
+        self._path_desc[pid] = path.describe()
+        return path
+
+    async def _connect(self) -> None:
+        """Handshake on the current candidate (a new session)."""
+        kind, remote = self._candidates[self._cursor % len(self._candidates)]
+        path = await self._open_path(kind, remote)
+        if path is None:
+            self._cursor += 1
+            self._later(self.settings.params.backoff_initial, self._connect)
+            return
+        self.handshakes += 1
+        self.machine.connect(self._now(), int(time.time() * 1000), path.path_id, path.kind)
+        self._pump()
+
+    async def _recover(self, advance: bool) -> None:
+        """Open the next candidate transport and send a reattach on it."""
+        if self._opening or self._stopped or self.machine.state is not SessionState.RECOVERING:
+            return
+        self._opening = True
+        try:
+            if advance:
+                self._cursor += 1
+            for _ in range(len(self._candidates)):
+                kind, remote = self._candidates[self._cursor % len(self._candidates)]
+                path = await self._open_path(kind, remote)
+                if path is not None:
+                    break
+                self._cursor += 1
+            else:
+                self._later(self.settings.params.backoff_initial, lambda: self._recover(False))
+                return
+            if self.machine.state is SessionState.RECOVERING:
+                self.machine.reattach(self._now(), path.path_id, path.kind, reason="recover")
+                self._pump()
+        finally:
+            self._opening = False
+
+    def _later(self, delay: float, fn: Callable[[], object]) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            if not self._stopped:
+                res = fn()
+                if asyncio.iscoroutine(res):
+                    await res
+        self._task(run())
+
+    def _task(self, coro) -> None:  # type: ignore[no-untyped-def]
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _on_receive(self, path_id: int, data: bytes) -> None:
+        self.machine.receive(data, path_id, self._now())
+        self._pump()
+
+    def _on_failed(self, path_id: int, reason: str) -> None:
+        self.paths.pop(path_id, None)
+        if self._stopped:
+            return
+        self.machine.transport_failed(self._now(), path_id, reason)
+        self._pump()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.machine.handle_timer(self._now())
+        self._pump()
+
+    def _pump(self) -> None:
+        m = self.machine
+        for path_id, data in m.datagrams_to_send():
+            path = self.paths.get(path_id)
+            if path is not None:
+                path.send(data)
+        while (ev := m.next_event()) is not None:
+            self._handle_event(ev)
+        if self._stopped:
+            return
+        when = m.get_timer()
+        if self._timer is not None and (when is None or self._timer.when() != when):
+            self._timer.cancel()
+            self._timer = None
+        if when is not None and self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _handle_event(self, ev: object) -> None:
+        m = self.machine
+        if isinstance(ev, PayloadReceived):
+            if self._on_payload is not None:
+                self._on_payload(ev.data)
+            if self._local is not None and self._app_addr is not None:
+                self._local.sendto(ev.data, self._app_addr)
+        elif isinstance(ev, HandshakeComplete):
+            self._close_others(ev.path)
+            self.connected.set()
+            self._log(f"session {ev.session_id.hex()[:12]} up: v{ev.version} epoch {ev.epoch} "
+                      f"node {ev.node_id.decode(errors='replace')} via {self._desc(ev.path)}")
+        elif isinstance(ev, HandshakeFailed):
+            reason = ev.reason.name if ev.reason else "no answer"
+            self._log(f"handshake failed on {self._desc(ev.path)}: {reason}"
+                      f"{' (authenticated)' if ev.authenticated else ''}; trying the next transport")
+            self._drop_path(ev.path)
+            self._cursor += 1
+            self._later(self.settings.params.backoff_initial, self._connect)
+        elif isinstance(ev, StateChanged):
+            self._log(f"state {ev.old.name} -> {ev.new.name} (v{ev.version}): {ev.reason}")
+        elif isinstance(ev, TransportLost):
+            self._log(f"transport lost on {self._desc(ev.path)}: {ev.reason}; reattaching")
+            self._drop_path(ev.path)
+            # First try a fresh socket of the same kind and address, then move on.
+            self._task(self._recover(advance=False))
+        elif isinstance(ev, Reattached):
+            old = self._desc(ev.old_path) if ev.old_path is not None else "-"
+            new = self._desc(ev.path)
+            self.jumps.append(JumpRecord(self._now(), ev.reason, old, new, ev.latency, ev.version,
+                                         ev.epoch, ev.node_id.decode(errors="replace")))
+            self._log(f"reattached ({ev.reason}) {old} => {new} in {ev.latency * 1000:.1f} ms: "
+                      f"v{ev.version} epoch {ev.epoch} node {ev.node_id.decode(errors='replace')}")
+            self._close_others(ev.path)
+        elif isinstance(ev, ReattachRejected):
+            auth = "authenticated" if ev.authenticated else "unauthenticated"
+            self._log(f"reattach rejected: {ev.reason.name} ({auth}); action: {ev.action}")
+            if ev.action == "next_transport":
+                self._drop_path(ev.path)
+        elif isinstance(ev, ReattachTimedOut):
+            self._log(f"no answer to reattach on {self._desc(ev.path)}; next transport")
+            self._drop_path(ev.path)
+            if m.state is SessionState.RECOVERING:
+                self._task(self._recover(advance=True))
+        elif isinstance(ev, SessionTerminated):
+            self.terminated_sessions += 1
+            self.connected.clear()
+            self._log(f"session terminated ({ev.reason}); "
+                      f"{'re-handshaking' if ev.authenticated and not self._stopped else 'stopping'}")
+            if ev.authenticated and not self._stopped:
+                for p in list(self.paths.values()):
+                    p.close()
+                self.paths.clear()
+                self._later(self.settings.params.backoff_initial, self._connect)
+        elif isinstance(ev, SecurityNotice):
+            self._log(f"SECURITY: {ev.kind}: {ev.detail}")
+
+    def _close_others(self, keep: int) -> None:
+        for pid in [p for p in self.paths if p != keep]:
+            self._drop_path(pid)
+
+    def _drop_path(self, pid: int) -> None:
+        p = self.paths.pop(pid, None)
+        if p is not None:
+            p._on_failed = lambda *_: None
+            p.close()
+
+    def _desc(self, pid: int | None) -> str:
+        return self._path_desc.get(pid if pid is not None else -1, f"path {pid}")
+
+    def _log(self, line: str) -> None:
+        self.log_lines.append(line)
+        if len(self.log_lines) > 1000:
+            del self.log_lines[:500]
+        log.info("[%s] %s", self.settings.name, line)
+
+    def local_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._app_addr = addr
+        self.send(data)
+
+
+class _LocalProtocol(asyncio.DatagramProtocol):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) <= wire.MAX_PAYLOAD_SIZE:
+            self.agent.local_received(data, addr)

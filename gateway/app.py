@@ -1,0 +1,131 @@
+"""Build and run one gateway process from a GatewayConfig.
+
+Owns everything around the node: the store client (or an embedded
+redis-server child when no store URL is configured), the static key and the
+key-encryption key, the event bus and its sinks, metrics and the admin HTTP
+server. Keys that are not configured are generated for this process only and
+said so in the log: fine for a single-node demo, wrong for a cluster (every
+node must share the static key and the KEK).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.admin_http import bound_port, make_admin_app, start_admin, stop_admin
+from gateway.config import GatewayConfig, load_kek, load_private_key
+from gateway.events import EventBus, sinks_from_config
+from gateway.metrics import Metrics
+from gateway.node import GatewayNode, NodeSettings
+from session.config import parse_address
+from session.noise import generate_keypair, public_key
+from store.api import SessionStore, StoreConfig
+from store.embedded import EmbeddedRedis
+
+log = logging.getLogger("jvpn.gateway")
+
+
+@dataclass
+class Keys:
+    private: bytes
+    public: bytes
+    kek: bytes
+    generated: bool
+
+
+def resolve_keys(cfg: GatewayConfig) -> Keys:
+    """The configured keys, or fresh ones for this process (logged as such)."""
+    priv = load_private_key(cfg)
+    kek = load_kek(cfg)
+    generated = False
+    if priv is None:
+        priv, _ = generate_keypair()
+        generated = True
+    if kek is None:
+        kek = os.urandom(32)
+        generated = True
+    return Keys(priv, public_key(priv), kek, generated)
+
+
+class GatewayApp:
+    """One gateway process: start() brings everything up, stop() takes it down."""
+
+    def __init__(self, cfg: GatewayConfig, keys: Keys | None = None) -> None:
+        self.cfg = cfg
+        self.keys = keys or resolve_keys(cfg)
+        self.embedded: EmbeddedRedis | None = None
+        self.store: SessionStore | None = None
+        self.node: GatewayNode | None = None
+        self.events: EventBus | None = None
+        self.metrics = Metrics(cfg.node_id)
+        self._admin: web.AppRunner | None = None
+        self.admin_port: int | None = None
+
+    @property
+    def store_url(self) -> str:
+        if self.cfg.store_url:
+            return self.cfg.store_url
+        assert self.embedded is not None
+        return self.embedded.url
+
+    async def start(self) -> GatewayApp:
+        cfg = self.cfg
+        if not cfg.store_url:
+            self.embedded = await EmbeddedRedis().astart()
+            log.info("no store_url configured: started an embedded redis-server at %s (pid %s)",
+                     self.embedded.url, self.embedded.pid)
+        store_cfg = StoreConfig(
+            socket_timeout_s=cfg.store_timeout_s, connect_timeout_s=cfg.store_timeout_s,
+            tombstone_ttl_s=cfg.tombstone_ttl_s,
+            timestamp_window_ms=int(cfg.reattach_window_s * 1000),
+            dual_active_window_ms=int(cfg.dual_active_window_s * 1000),
+        )
+        self.store = SessionStore.from_url(self.store_url, store_cfg)
+        if self.keys.generated:
+            log.warning("no private_key/kek configured: using keys generated for this process "
+                        "only (public key %s)", self.keys.public.hex())
+        ev = cfg.events
+        self.events = EventBus(cfg.node_id, sinks_from_config(ev, self.store.redis),
+                               ev.queue_size, on_drop=self.metrics.event_dropped)
+        await self.events.start()
+        settings = NodeSettings(
+            node_id=cfg.node_id, keepalive_interval=cfg.keepalive_interval_s,
+            silence_keepalives=cfg.silence_keepalives,
+            reattach_window_ms=int(cfg.reattach_window_s * 1000),
+            dual_active_window_ms=int(cfg.dual_active_window_s * 1000),
+            sweep_interval=cfg.sweep_interval_s,
+            handshake_retry_threshold=float(cfg.handshake_retry_threshold),
+            max_sessions=cfg.max_sessions,
+        )
+        self.node = GatewayNode(settings, self.store, self.keys.private, self.keys.kek,
+                                self.events, self.metrics)
+        udp = parse_address(cfg.listen_udp) if cfg.listen_udp else None
+        tcp = parse_address(cfg.listen_tcp) if cfg.listen_tcp else None
+        await self.node.start(udp, tcp)
+        if cfg.admin:
+            host, port = parse_address(cfg.admin)
+            app = make_admin_app(self.metrics, self.node.ready)
+            self._admin = await start_admin(app, host, port)
+            self.admin_port = bound_port(self._admin)
+        log.info("gateway %s up: udp %s tcp %s admin %s public key %s", cfg.node_id,
+                 self.node.udp_address, self.node.tcp_address, self.admin_port,
+                 self.keys.public.hex())
+        return self
+
+    async def stop(self) -> None:
+        if self._admin is not None:
+            await stop_admin(self._admin)
+            self._admin = None
+        if self.node is not None:
+            await self.node.stop()
+        if self.events is not None:
+            await self.events.stop()
+        if self.store is not None:
+            await self.store.close()
+        if self.embedded is not None:
+            await self.embedded.aclose()
+            self.embedded = None

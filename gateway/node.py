@@ -1,0 +1,779 @@
+"""A gateway node: listeners, handshake and reattach pipelines, the data plane.
+
+Theory of operation. The node is stateless with respect to sessions: the store
+holds every session, the node holds only a cache of unwrapped secrets and the
+local binding table (``gateway.bindings``) for the sessions bound to it. DATA
+packets are handled synchronously from the socket callback and never touch
+the store. Control messages (handshake, reattach, CLOSE, reported state
+changes) run as tasks that make exactly one store script call on the hot
+path; concurrent calls are coalesced into pipelines by the store's batcher.
+Every answer to an unvalidated address respects the 3x amplification limit,
+and every failure is explicit: an authenticated REJECT with a reason, or a
+counted drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.bindings import Binding, Peer, SessionSecrets
+from gateway.events import EventBus, fingerprint
+from gateway.metrics import Metrics
+from session import control, wire
+from session.errors import RemoteProtocolError, SessionError
+from session.framing import DataChannel
+from session.handshake import Refusal, Responder, ServerHello
+from session.keys import SessionKeys, traffic_keys, unwrap_secret, wrap_secret
+from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
+from session.states import SessionEvent, SessionState, is_allowed
+from store.api import SessionStore
+from store.errors import StoreUnavailable
+from store.status import StoreStatus
+
+log = logging.getLogger("jvpn.gateway")
+
+KEY_CACHE_SIZE = 200_000
+HANDSHAKE_WINDOW_MS = 120_000
+RETRY_TOKEN_LIFETIME_S = 10
+NOTICE_INTERVAL_S = 0.5  # at most one NOT_BOUND_HERE per session per interval
+MAX_CONTROL_TASKS = 4096
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What the node needs from GatewayConfig, in the units it uses."""
+
+    node_id: str
+    keepalive_interval: float = 1.0
+    silence_keepalives: int = 3
+    reattach_window_ms: int = 30_000
+    dual_active_window_ms: int = 2_000
+    sweep_interval: float = 1.0
+    handshake_retry_threshold: float = -1.0  # handshakes/s before RETRY; 0 always, <0 never
+    max_sessions: int = 1_000_000
+
+    @property
+    def node_bytes(self) -> bytes:
+        return self.node_id.encode()[: wire.MAX_NODE_ID_LEN]
+
+
+class GatewayNode:
+    """One stateless gateway process."""
+
+    def __init__(self, settings: NodeSettings, store: SessionStore, static_priv: bytes,
+                 kek: bytes, events: EventBus, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.store = store
+        self._static = static_priv
+        self._kek = kek
+        self.events = events
+        self.metrics = metrics
+        self.clock = clock
+        self.node = settings.node_bytes
+        self.bindings: dict[bytes, Binding] = {}
+        self._secrets: OrderedDict[bytes, SessionSecrets] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.base_events.Server | None = None
+        self._background: list[asyncio.Task[Any]] = []
+        self._token_key = os.urandom(32)
+        self._hs_times: list[float] = []
+        self._store_offset_ms = 0.0  # store clock minus our monotonic ms
+        self._notice_sent: dict[bytes, float] = {}
+        self.store_ok = False
+        self.store_error = "not checked yet"
+        self.udp_address: tuple[str, int] | None = None
+        self.tcp_address: tuple[str, int] | None = None
+        metrics.sessions_callback = self._sessions_by_state
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, udp: tuple[str, int] | None, tcp: tuple[str, int] | None) -> None:
+        """Open the listeners and the background loops."""
+        loop = asyncio.get_running_loop()
+        await self._check_store()
+        if udp is not None:
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=udp)
+            self.udp_address = self._udp.get_extra_info("sockname")[:2]
+        if tcp is not None:
+            self._tcp = await loop.create_server(lambda: _TcpProtocol(self), tcp[0], tcp[1])
+            self.tcp_address = self._tcp.sockets[0].getsockname()[:2]
+        self._background = [
+            asyncio.create_task(self._maintenance_loop(), name="jvpn-maintenance"),
+            asyncio.create_task(self._sweep_loop(), name="jvpn-sweeper"),
+            asyncio.create_task(self._health_loop(), name="jvpn-health"),
+            asyncio.create_task(self._revocation_loop(), name="jvpn-revocations"),
+        ]
+
+    async def stop(self) -> None:
+        """Close listeners, cancel loops and tasks, drop bindings (no store writes)."""
+        for t in self._background:
+            t.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            await self._tcp.wait_closed()
+        for b in self.bindings.values():
+            b.close()
+        self.bindings.clear()
+
+    async def ready(self) -> tuple[bool, str]:
+        """Readiness for /readyz: the store must answer."""
+        return (self.store_ok, "ok" if self.store_ok else f"store unreachable: {self.store_error}")
+
+    # ---- ingress -------------------------------------------------------------------------
+
+    def on_message(self, data: bytes, peer: Peer) -> None:
+        """Entry point for every datagram and TCP frame. Never raises."""
+        m = self.metrics
+        m.rx_packets += 1
+        m.rx_bytes += len(data)
+        try:
+            msg = wire.decode(data)
+            if isinstance(msg, wire.Data):
+                self._handle_data(msg, data, peer)
+            elif isinstance(msg, wire.ReattachRequest):
+                self._spawn(self._handle_reattach(msg, data, peer), peer)
+            elif isinstance(msg, wire.HandshakeInit):
+                self._spawn(self._handle_handshake(msg, data, peer), peer)
+            else:
+                raise RemoteProtocolError(DropReason.UNEXPECTED, msg.TYPE.name)
+        except RemoteProtocolError as exc:
+            self._drop(exc.reason, peer)
+        except Exception:  # a bug must not kill the listener
+            log.exception("unexpected error handling a message from %s", peer.describe())
+            self._drop(DropReason.MALFORMED, peer)
+
+    def _drop(self, reason: DropReason, peer: Peer) -> None:
+        self.metrics.count_drop(reason, peer.kind)
+
+    def _spawn(self, coro: Awaitable[None], peer: Peer) -> None:
+        if len(self._tasks) >= MAX_CONTROL_TASKS:
+            coro.close()  # type: ignore[attr-defined]
+            self._drop(DropReason.RATE_LIMITED, peer)
+            return
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("control task failed", exc_info=task.exception())
+
+    # ---- data plane ----------------------------------------------------------------------
+
+    def _handle_data(self, msg: wire.Data, raw: bytes, peer: Peer) -> None:
+        b = self.bindings.get(msg.session_id)
+        if b is None or b.epoch != msg.epoch:
+            self._maybe_not_bound(msg.session_id, peer, len(raw))
+            raise RemoteProtocolError(
+                DropReason.UNKNOWN_SESSION if b is None else DropReason.STALE_EPOCH, "DATA")
+        plain = b.channel.open(msg, raw)  # replay window + AEAD; raises on failure
+        inner = wire.decode_inner(plain)
+        now = self.clock()
+        if peer != b.peer:
+            self._roam(b, peer)
+        if not b.validated:
+            b.validated = True
+        b.last_rx = now
+        b.rx_packets += 1
+        if b.lost:
+            b.lost = False
+        kind = inner.kind
+        if kind is wire.InnerType.PAYLOAD:
+            self._to_upstream(b, inner.payload)
+        elif kind is wire.InnerType.KEEPALIVE:
+            ack = wire.inner_keepalive_ack(inner.seq, inner.echo_ms, b.version, int(b.state))
+            self._send(b, b.channel.seal(ack))
+            if inner.state != b.state and not b.transition_pending:
+                self._reported_state(b, inner.state)
+        elif kind is wire.InnerType.CLOSE:
+            self._spawn(self._terminate(b.session_id, TerminateReason.CLIENT_CLOSE, "client close",
+                                        notify=False), peer)
+
+    def _send(self, b: Binding, data: bytes) -> None:
+        if not b.may_send(len(data)):
+            self.metrics.count_drop(DropReason.NOT_VALIDATED, b.peer.kind)
+            return
+        b.peer.send(data)
+        b.tx_packets += 1
+        self.metrics.tx_packets += 1
+        self.metrics.tx_bytes += len(data)
+
+    def _to_upstream(self, b: Binding, payload: bytes) -> None:
+        if b.upstream is None:
+            self._spawn(self._open_upstream(b, payload), b.peer)
+            return
+        b.upstream.sendto(payload)
+
+    async def _open_upstream(self, b: Binding, first: bytes) -> None:
+        if b.upstream is not None:
+            b.upstream.sendto(first)
+            return
+        host, _, port = b.secrets.upstream.rpartition(":")
+        if not host:
+            self.metrics.count_drop(DropReason.POLICY, b.peer.kind)
+            return
+        loop = asyncio.get_running_loop()
+        sid = b.session_id
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UpstreamProtocol(self, sid), remote_addr=(host, int(port)))
+        current = self.bindings.get(sid)
+        if current is not b or b.upstream is not None:
+            transport.close()
+            if current is not None and current.upstream is not None:
+                current.upstream.sendto(first)
+            return
+        b.upstream = transport
+        transport.sendto(first)
+
+    def from_upstream(self, session_id: bytes, data: bytes) -> None:
+        """A reply from the session's upstream target: tunnel it back."""
+        b = self.bindings.get(session_id)
+        if b is None or not b.validated or len(data) > wire.MAX_PAYLOAD_SIZE:
+            self.metrics.count_drop(DropReason.NOT_VALIDATED, wire.TransportKind.UDP)
+            return
+        self._send(b, b.channel.seal(wire.inner_payload(data)))
+
+    def _roam(self, b: Binding, peer: Peer) -> None:
+        old = b.peer
+        b.peer = peer
+        reason = "nat_rebind" if old.kind == peer.kind else "path_change"
+        self.metrics.transport_switch(old.kind.name.lower(), peer.kind.name.lower(), reason)
+        self.events.transport_switch(b.session_id, old.describe(), peer.describe(), reason,
+                                     b.version, b.epoch, source_ip=peer.addr[0])
+
+    def _maybe_not_bound(self, sid: bytes, peer: Peer, size: int) -> None:
+        """Tell a client (authenticated) that this node does not hold its binding."""
+        now = self.clock()
+        last = self._notice_sent.get(sid)
+        if last is not None and now - last < NOTICE_INTERVAL_S:
+            return
+        if len(self._notice_sent) > 100_000:
+            self._notice_sent.clear()
+        self._notice_sent[sid] = now
+        self._spawn(self._send_not_bound(sid, peer, size), peer)
+
+    async def _send_not_bound(self, sid: bytes, peer: Peer, size: int) -> None:
+        try:
+            secrets, rec = await self._secrets_for(sid)
+        except StoreUnavailable:
+            return
+        if secrets is None or rec is None:
+            return
+        terminated = rec.state is SessionState.TERMINATED
+        kind = NoticeKind.TERMINATED if terminated else NoticeKind.NOT_BOUND_HERE
+        reason = int(rec.terminate_reason or 0) if terminated else 0
+        notice = wire.Notice(sid, kind, reason, rec.version, os.urandom(wire.NONCE_LEN),
+                             self._store_ms())
+        raw = control.seal(notice, secrets.keys.control_key)
+        if len(raw) <= 3 * size:
+            peer.send(raw)
+
+    def _reported_state(self, b: Binding, reported: int) -> None:
+        """The client reports a quality state; record the transition in the store."""
+        try:
+            target = SessionState(reported)
+        except ValueError:
+            return
+        event = {
+            SessionState.ATTACHED: SessionEvent.QUALITY_RECOVERED,
+            SessionState.VOLATILE: SessionEvent.QUALITY_VOLATILE,
+            SessionState.DEGRADED: SessionEvent.QUALITY_DEGRADED,
+        }.get(target)
+        if event is None or not is_allowed(b.state, event):
+            return
+        b.transition_pending = True
+        self._spawn(self._transition(b, event, "client_reported"), b.peer)
+
+    async def _transition(self, b: Binding, event: SessionEvent, why: str) -> None:
+        try:
+            t0 = time.perf_counter()
+            res = await self.store.transition(b.session_id, b.version, event)
+            self.metrics.store_latency("transition", time.perf_counter() - t0)
+        except StoreUnavailable:
+            b.transition_pending = False
+            return
+        b.transition_pending = False
+        if self.bindings.get(b.session_id) is not b:
+            return
+        if res.ok and res.state is not None:
+            old = b.state
+            b.state = res.state
+            b.version = res.version
+            self._state_changed(b.session_id, old, res.state, res.version, b.epoch, why,
+                                b.peer.addr[0])
+        elif res.version > b.version and res.state is not None:
+            b.version = res.version
+            b.state = res.state
+
+    def _state_changed(self, sid: bytes, old: SessionState, new: SessionState, version: int,
+                       epoch: int, reason: str, source_ip: str | None = None) -> None:
+        self.metrics.state_change(old.name, new.name)
+        self.events.state_change(sid, old.name, new.name, version, epoch, reason,
+                                 source_ip=source_ip)
+
+    # ---- handshake -----------------------------------------------------------------------
+
+    def _retry_token(self, peer: Peer, bucket: int) -> bytes:
+        msg = f"{peer.describe()}|{bucket}".encode()
+        return hmac.new(self._token_key, msg, hashlib.blake2s).digest()[:24] + bucket.to_bytes(8, "big")
+
+    def _token_valid(self, token: bytes, peer: Peer) -> bool:
+        if len(token) != 32:
+            return False
+        bucket = int.from_bytes(token[24:], "big")
+        now_bucket = int(time.time()) // RETRY_TOKEN_LIFETIME_S
+        if now_bucket - bucket not in (0, 1):
+            return False
+        return hmac.compare_digest(token, self._retry_token(peer, bucket))
+
+    def _needs_retry(self, now: float) -> bool:
+        threshold = self.settings.handshake_retry_threshold
+        if threshold < 0:
+            return False
+        if threshold == 0:
+            return True
+        self._hs_times = [t for t in self._hs_times if now - t < 1.0]
+        self._hs_times.append(now)
+        return len(self._hs_times) > threshold
+
+    async def _handle_handshake(self, msg: wire.HandshakeInit, raw: bytes, peer: Peer) -> None:
+        t0 = time.perf_counter()
+        now = self.clock()
+        if not msg.token and self._needs_retry(now):
+            token = self._retry_token(peer, int(time.time()) // RETRY_TOKEN_LIFETIME_S)
+            out = wire.encode(wire.Retry(msg.handshake_id, token))
+            if len(out) <= 3 * len(raw):
+                peer.send(out)
+            self.metrics.handshake("retry", "")
+            return
+        if msg.token and not self._token_valid(msg.token, peer):
+            self._drop(DropReason.BAD_MAC, peer)
+            return
+        try:
+            responder = Responder(self._static, msg.handshake_id, msg.noise)
+        except SessionError:
+            self.metrics.handshake("dropped", "BAD_HANDSHAKE")
+            self._drop(DropReason.BAD_HANDSHAKE, peer)
+            return
+        client_hex = responder.client_static.hex()
+        hello = responder.hello
+
+        def refuse(reason: RejectReason, detail: str) -> None:
+            out = wire.encode(wire.HandshakeResp(
+                msg.handshake_id, msg.handshake_id,
+                responder.refuse(Refusal(reason, self._store_ms()))))
+            if len(out) <= 3 * len(raw):
+                peer.send(out)
+            self.metrics.handshake("refused", reason.name)
+            self.events.emit("handshake", outcome="failure", reason=reason.name,
+                             source_ip=peer.addr[0], detail=detail,
+                             **{"jvpn.client": fingerprint(responder.client_static)})
+
+        try:
+            policy = await self.store.get_client(client_hex)
+            if policy is None:
+                self.events.security_event("unknown_client", "UNKNOWN_CLIENT",
+                                           source_ip=peer.addr[0],
+                                           client=fingerprint(responder.client_static))
+                self.metrics.security("unknown_client")
+                return refuse(RejectReason.UNKNOWN_CLIENT, "key not in registry")
+            if abs(hello.wall_ms - time.time() * 1000) > HANDSHAKE_WINDOW_MS:
+                return refuse(RejectReason.CLOCK_SKEW, "client clock outside the handshake window")
+            if hello.kind.name.lower() not in policy.transports or hello.kind != peer.kind:
+                return refuse(RejectReason.POLICY_DENIED, f"transport {hello.kind.name} not allowed")
+            if hello.upstream not in policy.upstreams:
+                return refuse(RejectReason.POLICY_DENIED, f"upstream {hello.upstream!r} not allowed")
+            if not await self.store.claim_handshake(hashlib.sha256(msg.noise).digest(),
+                                                    HANDSHAKE_WINDOW_MS * 2):
+                self.events.security_event("handshake_replay", "REPLAYED_NONCE",
+                                           source_ip=peer.addr[0])
+                self.metrics.security("handshake_replay")
+                self._drop(DropReason.REPLAYED, peer)
+                return
+            if len(self.bindings) >= self.settings.max_sessions:
+                return refuse(RejectReason.OVERLOADED, "node at max_sessions")
+            sid = os.urandom(wire.SESSION_ID_LEN)
+            bid = os.urandom(wire.BINDING_ID_LEN)
+            ttl_ms = int(policy.ttl_s * 1000)
+            server_hello = ServerHello(
+                sid, self.store.BIRTH_VERSION, int(SessionState.ATTACHED), 1, bid, self.node,
+                self._store_ms(), ttl_ms, int(self.settings.keepalive_interval * 1000))
+            msg2, secret = responder.accept(server_hello)
+            t1 = time.perf_counter()
+            born = await self.store.birth(
+                session_id=sid, wrapped_secret=wrap_secret(self._kek, secret, sid),
+                client_id=client_hex, node=self.settings.node_id, binding_id=bid,
+                kind=peer.kind, upstream=hello.upstream, policy=policy)
+            self.metrics.store_latency("birth", time.perf_counter() - t1)
+            if not born.ok:
+                return refuse(RejectReason.STORE_UNAVAILABLE, f"birth: {born.status.name}")
+        except StoreUnavailable as exc:
+            self.metrics.handshake("refused", "STORE_UNAVAILABLE")
+            out = wire.encode(wire.Reject(msg.handshake_id, bytes(wire.NONCE_LEN),
+                                          RejectReason.STORE_UNAVAILABLE, 0, 0))
+            if len(out) <= 3 * len(raw):
+                peer.send(out)
+            log.warning("handshake refused, store unavailable: %s", exc)
+            return
+        secrets = SessionSecrets(secret, SessionKeys(secret), hello.upstream, client_hex, ttl_ms)
+        self._cache(sid, secrets)
+        b = self._bind(sid, 1, bid, peer, secrets, born.version, SessionState.ATTACHED)
+        b.rx_unvalidated = len(raw)
+        self._send_control(b, wire.encode(wire.HandshakeResp(sid, msg.handshake_id, msg2)))
+        self.metrics.handshake("ok", "")
+        self._state_changed(sid, SessionState.BIRTH, SessionState.ATTACHED, born.version, 1,
+                            "handshake", peer.addr[0])
+        self.events.emit("handshake", outcome="success", session_id=sid,
+                         source_ip=peer.addr[0], duration_ms=(time.perf_counter() - t0) * 1000)
+
+    def _send_control(self, b: Binding, data: bytes) -> None:
+        if b.may_send(len(data)):
+            b.peer.send(data)
+        else:
+            self.metrics.count_drop(DropReason.NOT_VALIDATED, b.peer.kind)
+
+    def _bind(self, sid: bytes, epoch: int, bid: bytes, peer: Peer, secrets: SessionSecrets,
+              version: int, state: SessionState) -> Binding:
+        c2g, g2c = traffic_keys(secrets.secret, epoch, bid, self.node)
+        old = self.bindings.pop(sid, None)
+        if old is not None:
+            old.close()
+        b = Binding(sid, epoch, bid, DataChannel(g2c, c2g, sid, epoch), peer, secrets, version,
+                    state, last_rx=self.clock(), last_refresh=self.clock())
+        self.bindings[sid] = b
+        return b
+
+    # ---- reattach ------------------------------------------------------------------------
+
+    async def _secrets_for(self, sid: bytes) -> tuple[SessionSecrets | None, Any]:
+        """Cached secrets, else load the record and unwrap (one store read)."""
+        cached = self._secrets.get(sid)
+        if cached is not None:
+            self._secrets.move_to_end(sid)
+            return cached, None
+        t0 = time.perf_counter()
+        rec = await self.store.get(sid)
+        self.metrics.store_latency("get", time.perf_counter() - t0)
+        if rec is None or not rec.wrapped_secret:
+            return None, rec
+        try:
+            secret = unwrap_secret(self._kek, rec.wrapped_secret, sid)
+        except SessionError:
+            self.events.security_event("unwrap_failed", "BAD_KEK", session_id=sid)
+            self.metrics.security("unwrap_failed")
+            return None, rec
+        secrets = SessionSecrets(secret, SessionKeys(secret), rec.upstream, rec.client_id,
+                                 rec.ttl_ms)
+        self._cache(sid, secrets)
+        return secrets, rec
+
+    def _cache(self, sid: bytes, secrets: SessionSecrets) -> None:
+        self._secrets[sid] = secrets
+        self._secrets.move_to_end(sid)
+        while len(self._secrets) > KEY_CACHE_SIZE:
+            self._secrets.popitem(last=False)
+
+    async def _handle_reattach(self, req: wire.ReattachRequest, raw: bytes, peer: Peer) -> None:
+        t0 = time.perf_counter()
+        sid = req.session_id
+        budget = 3 * len(raw)
+
+        def answer(msg: wire.Message, key: bytes | None) -> None:
+            out = control.seal(msg, key) if key is not None else wire.encode(msg)
+            if len(out) <= budget:
+                peer.send(out)
+
+        def reject(reason: RejectReason, key: bytes | None, version: int = 0) -> None:
+            answer(wire.Reject(sid, req.nonce, reason, version if key else 0, self._store_ms()), key)
+            self.metrics.reattach("rejected", reason.name, time.perf_counter() - t0)
+            self.events.emit("reattach", outcome="failure", reason=reason.name, session_id=sid,
+                             source_ip=peer.addr[0], nonce=fingerprint(req.nonce),
+                             transport=peer.describe())
+
+        try:
+            secrets, _ = await self._secrets_for(sid)
+        except StoreUnavailable:
+            return reject(RejectReason.STORE_UNAVAILABLE, None)
+        if secrets is None:
+            return reject(RejectReason.UNKNOWN_SESSION, None)
+        keys = secrets.keys
+        if not control.verify(raw, keys.proof_key):
+            self.metrics.security("bad_proof")
+            self.events.security_event("bad_proof", "BAD_PROOF", session_id=sid,
+                                       source_ip=peer.addr[0], proof=fingerprint(raw[-wire.MAC_LEN:]))
+            return reject(RejectReason.BAD_PROOF, None)
+        if req.kind != peer.kind:
+            return reject(RejectReason.POLICY_DENIED, keys.control_key)
+        if abs(req.timestamp_ms - self._store_ms()) > self.settings.reattach_window_ms:
+            return reject(RejectReason.CLOCK_SKEW, keys.control_key)
+        bid = os.urandom(wire.BINDING_ID_LEN)
+        try:
+            t1 = time.perf_counter()
+            res = await self.store.reattach(
+                session_id=sid, expected_version=req.expected_version, nonce=req.nonce,
+                timestamp_ms=req.timestamp_ms, kind=req.kind, node=self.settings.node_id,
+                binding_id=bid, addr_tag=peer.describe(),
+                window_ms=self.settings.reattach_window_ms,
+                dual_active_window_ms=self.settings.dual_active_window_ms)
+            self.metrics.store_latency("reattach", time.perf_counter() - t1)
+        except StoreUnavailable:
+            return reject(RejectReason.STORE_UNAVAILABLE, keys.control_key)
+        if res.server_ms:
+            self._store_offset_ms = res.server_ms - self.clock() * 1000
+        if not res.ok:
+            reason = res.reason or RejectReason.STORE_UNAVAILABLE
+            if res.expired_now:
+                self._state_changed(sid, res.prev_state or SessionState.ATTACHED,
+                                    SessionState.TERMINATED, res.version, res.epoch, "EXPIRED")
+                self._drop_binding(sid)
+            if reason in (RejectReason.REPLAYED_NONCE, RejectReason.DUAL_ACTIVE_CONFLICT):
+                self.metrics.security(reason.name.lower())
+                self.events.security_event(reason.name.lower(), reason.name, session_id=sid,
+                                           source_ip=peer.addr[0], nonce=fingerprint(req.nonce),
+                                           transport=peer.describe())
+            return reject(reason, keys.control_key, res.version)
+        node_id = res.node.encode()[: wire.MAX_NODE_ID_LEN]
+        ack = wire.ReattachAck(sid, req.nonce, res.version, res.epoch, res.binding_id, node_id,
+                               self._store_ms())
+        if res.retry:
+            # Idempotent retransmission: same answer, nothing changes twice.
+            answer(ack, keys.control_key)
+            self.metrics.reattach("retry", "", time.perf_counter() - t0)
+            return
+        old = self.bindings.get(sid)
+        old_desc = old.peer.describe() if old is not None else f"node:{res.prev_node or '-'}"
+        old_kind = (old.peer.kind.name.lower() if old is not None
+                    else res.prev_kind.name.lower() if res.prev_kind is not None else "none")
+        if res.node == self.settings.node_id:
+            b = self._bind(sid, res.epoch, res.binding_id, peer, secrets, res.version,
+                           SessionState.ATTACHED)
+            b.rx_unvalidated = len(raw)
+            b.tx_unvalidated = 0
+        if res.prev_node and res.prev_node != self.settings.node_id:
+            self._spawn(self._publish_move(sid, res.epoch), peer)
+        answer(ack, keys.control_key)
+        latency = time.perf_counter() - t0
+        self.metrics.reattach("ok", "", latency)
+        self.metrics.transport_switch(old_kind, peer.kind.name.lower(), "reattach")
+        self.events.transport_switch(sid, old_desc, peer.describe(), "reattach", res.version,
+                                     res.epoch, source_ip=peer.addr[0],
+                                     previous_node=res.prev_node or None)
+        self._state_changed(sid, res.prev_state or SessionState.ATTACHED, SessionState.ATTACHED,
+                            res.version, res.epoch, "reattach", peer.addr[0])
+
+    async def _publish_move(self, sid: bytes, epoch: int) -> None:
+        try:
+            await self.store.publish_binding_change(sid, self.settings.node_id, epoch)
+        except StoreUnavailable:
+            pass  # the old owner is fenced by its refresh (NOT_OWNER) or its lease anyway
+
+    def _drop_binding(self, sid: bytes) -> None:
+        b = self.bindings.pop(sid, None)
+        if b is not None:
+            b.close()
+
+    async def _terminate(self, sid: bytes, reason: TerminateReason, why: str,
+                         notify: bool = True) -> None:
+        b = self.bindings.get(sid)
+        try:
+            res = await self.store.terminate(sid, reason)
+        except StoreUnavailable:
+            return
+        if b is not None and notify and b.validated:
+            self._send(b, b.channel.seal(wire.inner_close(int(reason))))
+        self._drop_binding(sid)
+        if res.ok and not res.already and res.prev_state is not None:
+            self._state_changed(sid, res.prev_state, SessionState.TERMINATED, res.version,
+                                res.epoch, why)
+
+    async def terminate_session(self, sid: bytes, reason: TerminateReason = TerminateReason.ADMIN) -> None:
+        """Administrative terminate: tombstone, authenticated CLOSE to the client."""
+        await self._terminate(sid, reason, reason.name.lower())
+
+    # ---- background loops ----------------------------------------------------------------
+
+    def _store_ms(self) -> int:
+        return int(self.clock() * 1000 + self._store_offset_ms)
+
+    async def _check_store(self) -> None:
+        try:
+            t0 = self.clock()
+            server_ms = await self.store.server_time_ms()
+            t1 = self.clock()
+            self._store_offset_ms = server_ms - (t0 + t1) / 2 * 1000
+            if not self.store_ok:
+                log.info("store reachable")
+            self.store_ok = True
+            self.store_error = ""
+        except StoreUnavailable as exc:
+            if self.store_ok:
+                log.warning("store unreachable: %s", exc)
+            self.store_ok = False
+            self.store_error = str(exc) or type(exc).__name__
+        self.metrics.set_store_up(self.store_ok)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self._check_store()
+
+    async def _maintenance_loop(self) -> None:
+        """Silence detection and TTL/ownership refresh for local bindings."""
+        interval = self.settings.keepalive_interval
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = self.clock()
+            silence = interval * self.settings.silence_keepalives
+            refreshes = []
+            for b in list(self.bindings.values()):
+                if not b.lost and now - b.last_rx > silence and b.state is not SessionState.RECOVERING:
+                    b.lost = True
+                    if not b.transition_pending and is_allowed(b.state, SessionEvent.TRANSPORT_LOST):
+                        b.transition_pending = True
+                        self._spawn(self._transition(b, SessionEvent.TRANSPORT_LOST,
+                                                     "gateway: binding silent"), b.peer)
+                refresh_every = max(interval, b.secrets.ttl_ms / 1000 / 4)
+                if not b.lost and now - b.last_refresh >= refresh_every:
+                    b.last_refresh = now
+                    refreshes.append(b)
+            if refreshes:
+                await asyncio.gather(*(self._refresh(b) for b in refreshes))
+
+    async def _refresh(self, b: Binding) -> None:
+        try:
+            res = await self.store.refresh(b.session_id, b.epoch, self.settings.node_id)
+        except StoreUnavailable:
+            return
+        if self.bindings.get(b.session_id) is not b:
+            return
+        if res.status is StoreStatus.OK:
+            b.version = max(b.version, res.version)
+            return
+        # NOT_OWNER, TERMINATED or EXPIRED: this node must stop forwarding (fencing).
+        self._drop_binding(b.session_id)
+        self.events.emit("binding_revoked", outcome="success", session_id=b.session_id,
+                         reason=res.status.name, epoch=b.epoch, new_node=res.node or None)
+        if res.status is StoreStatus.EXPIRED and res.expired_now:
+            self._state_changed(b.session_id, b.state, SessionState.TERMINATED, res.version,
+                                b.epoch, "EXPIRED")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                expired = await self.store.sweep(500)
+            except StoreUnavailable:
+                continue
+            for item in expired:
+                self._drop_binding(item.session_id)
+                self._state_changed(item.session_id, item.prev_state, SessionState.TERMINATED,
+                                    item.version, item.epoch, "EXPIRED")
+
+    async def _revocation_loop(self) -> None:
+        """Drop bindings another node took over (pub/sub); refresh fences us otherwise."""
+        while True:
+            try:
+                async for sid, node, epoch in self.store.binding_changes():
+                    b = self.bindings.get(sid)
+                    if b is not None and node != self.settings.node_id and epoch > b.epoch:
+                        self._drop_binding(sid)
+                        self.events.emit("binding_revoked", outcome="success", session_id=sid,
+                                         reason="moved", epoch=b.epoch, new_node=node)
+            except StoreUnavailable:
+                await asyncio.sleep(1.0)
+
+    def _sessions_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {s.name: 0 for s in SessionState}
+        for b in self.bindings.values():
+            counts["RECOVERING" if b.lost else b.state.name] += 1
+        return counts
+
+
+# ---- asyncio adapters ------------------------------------------------------------------------
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, node: GatewayNode) -> None:
+        self.node = node
+        self.transport: asyncio.DatagramTransport | None = None
+        self._peers: dict[tuple[str, int], Peer] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        peer = self._peers.get(addr)
+        if peer is None:
+            if len(self._peers) > 100_000:
+                self._peers.clear()
+            tr = self.transport
+            assert tr is not None
+            a = (addr[0], addr[1])
+            peer = Peer(wire.TransportKind.UDP, a, lambda d: tr.sendto(d, a))
+            self._peers[addr] = peer
+        self.node.on_message(data, peer)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp error: %s", exc)
+
+
+class _TcpProtocol(asyncio.Protocol):
+    def __init__(self, node: GatewayNode) -> None:
+        self.node = node
+        self.decoder = wire.FrameDecoder()
+        self.peer: Peer | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        addr = transport.get_extra_info("peername")
+        tr = self.transport
+        assert tr is not None
+        self.peer = Peer(wire.TransportKind.TCP, (addr[0], addr[1]),
+                         lambda d: tr.write(wire.frame(d)))
+
+    def data_received(self, data: bytes) -> None:
+        assert self.peer is not None and self.transport is not None
+        try:
+            frames = self.decoder.feed(data)
+        except RemoteProtocolError as exc:
+            # A bad length cannot be resynchronised: count it and close this stream only.
+            self.node.metrics.count_drop(exc.reason, wire.TransportKind.TCP)
+            self.transport.close()
+            return
+        for f in frames:
+            self.node.on_message(f, self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None:
+            self.peer.closed = True
+
+
+class _UpstreamProtocol(asyncio.DatagramProtocol):
+    def __init__(self, node: GatewayNode, session_id: bytes) -> None:
+        self.node = node
+        self.session_id = session_id
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.node.from_upstream(self.session_id, data)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("upstream error: %s", exc)

@@ -1,0 +1,47 @@
+"""End to end through real sockets and a real redis-server: flow, kill, reattach, resume."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from tests.support.harness import echo_upstream, start_gateway, wait_for
+
+
+async def test_datagrams_flow_then_survive_a_killed_transport(redis_url: str) -> None:
+    gw = await start_gateway(redis_url)
+    echo, upstream = await echo_upstream()
+    priv, _ = await gw.add_client(upstream)
+    got: list[bytes] = []
+    agent = gw.agent(priv, upstream, on_payload=got.append)
+    try:
+        await agent.start()
+        await agent.wait_connected(5)
+        v0, e0 = agent.machine.version, agent.machine.epoch
+        for i in range(20):
+            agent.send(f"before-{i}".encode())
+        await wait_for(lambda: len(got) >= 20, 5, "echoes before the kill")
+
+        agent.kill_transport()  # silent death: the agent must notice by keepalive silence
+        await wait_for(lambda: len(agent.jumps) >= 1, 5, "a reattach")
+        for i in range(20):
+            agent.send(f"after-{i}".encode())
+        await wait_for(lambda: sum(g.startswith(b"after-") for g in got) >= 20, 5, "echoes after")
+
+        m = agent.machine
+        assert m.version > v0 and m.epoch > e0
+        assert gw.actions("transport_switch"), "TRANSPORT_SWITCH event"
+        assert any(d["jvpn.to_state"] == "ATTACHED" for d in gw.actions("state_change"))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{gw.app.admin_port}/metrics") as r:
+                text = await r.text()
+        assert 'jvpn_transport_switch_total{' in text
+        switch = [ln for ln in text.splitlines() if ln.startswith("jvpn_transport_switch_total{")]
+        assert sum(float(ln.rsplit(" ", 1)[1]) for ln in switch) >= 1
+        assert any(ln.startswith("jvpn_state_change_total{") for ln in text.splitlines())
+    finally:
+        await agent.stop()
+        echo.close()
+        await gw.app.stop()
+        await asyncio.sleep(0)
