@@ -61,6 +61,7 @@ class JumpRecord:
     from_transport: str
     to_transport: str
     latency: float
+    outage: float
     version: int
     epoch: int
     node: str
@@ -305,9 +306,10 @@ class Agent:
         elif isinstance(ev, Reattached):
             old = self._desc(ev.old_path) if ev.old_path is not None else "-"
             new = self._desc(ev.path)
-            self.jumps.append(JumpRecord(self._now(), ev.reason, old, new, ev.latency, ev.version,
-                                         ev.epoch, ev.node_id.decode(errors="replace")))
-            self._log(f"reattached ({ev.reason}) {old} => {new} in {ev.latency * 1000:.1f} ms: "
+            self.jumps.append(JumpRecord(self._now(), ev.reason, old, new, ev.latency, ev.outage,
+                                         ev.version, ev.epoch, ev.node_id.decode(errors="replace")))
+            outage = f", outage {ev.outage * 1000:.0f} ms" if ev.outage else ""
+            self._log(f"reattached ({ev.reason}) {old} => {new} in {ev.latency * 1000:.1f} ms{outage}: "
                       f"v{ev.version} epoch {ev.epoch} node {ev.node_id.decode(errors='replace')}")
             self._close_others(ev.path)
         elif isinstance(ev, ReattachRejected):

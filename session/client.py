@@ -107,6 +107,7 @@ class Reattached:
     node_id: bytes
     latency: float  # from the loss (or the jump request) to the ACK
     reason: str
+    outage: float = 0.0  # from the last packet heard on the lost path to the ACK (0 for a jump)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ class ClientSession:
         self._hs: _Pending | None = None
         self._req: _Pending | None = None
         self._recovery_start: float | None = None
+        self._outage_start: float | None = None
         self._backoff = params.backoff_initial
         self._retry_at: float | None = None
         self._retry_path: int | None = None
@@ -433,12 +435,14 @@ class ClientSession:
         self.state = next_state(self.state, SessionEvent.REATTACH, "client")
         self.version = msg.version
         latency = now - (self._recovery_start if self._recovery_start is not None else req.first_sent)
+        outage = now - self._outage_start if self._outage_start is not None else 0.0
         self._recovery_start = None
+        self._outage_start = None
         self.stats["reattaches"] += 1
         self.reattach_latencies.append(latency)
         self._events.append(StateChanged(old, self.state, self.version, "reattach"))
         self._events.append(Reattached(old_path, req.path, msg.version, msg.epoch, msg.node_id,
-                                       latency, req.reason))
+                                       latency, req.reason, outage))
         self._send_keepalive(now)  # proves the new path at once
         self._flush_pending()
 
@@ -550,6 +554,7 @@ class ClientSession:
         self.state = next_state(old, SessionEvent.TRANSPORT_LOST, "client")
         self._next_keepalive = None
         self._recovery_start = now
+        self._outage_start = self._last_rx
         self._events.append(StateChanged(old, self.state, self.version, reason))
         self._events.append(TransportLost(self.path if self.path is not None else -1, reason))
 

@@ -1,0 +1,270 @@
+"""``jvpn``: administration (keys, client registry, sessions), demo and bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from session.config import decode_key
+from session.noise import generate_keypair, public_key
+from session.reasons import TerminateReason
+
+DEFAULT_STORE = "redis://127.0.0.1:6379/0"
+
+
+def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from store.api import SessionStore, StoreConfig
+
+    return SessionStore.from_url(args.store_url, StoreConfig(socket_timeout_s=args.timeout,
+                                                             connect_timeout_s=args.timeout))
+
+
+def _write_secret(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fp:
+        fp.write(text + "\n")
+
+
+def _read_key_arg(value: str) -> bytes:
+    """A key given inline (hex/base64) or as a file path."""
+    if os.path.exists(value):
+        with open(value, encoding="ascii") as fp:
+            value = fp.read()
+    return decode_key(value.strip())
+
+
+# ---- keys ----------------------------------------------------------------------------------
+
+
+def cmd_keys_gen(args: argparse.Namespace) -> int:
+    priv, pub = generate_keypair()
+    if args.out:
+        _write_secret(args.out, priv.hex())
+        print(f"private key written to {args.out} (mode 600)", file=sys.stderr)
+    else:
+        print(f"private {priv.hex()}")
+    print(f"public  {pub.hex()}" if not args.out else pub.hex())
+    return 0
+
+
+def cmd_keys_pub(args: argparse.Namespace) -> int:
+    print(public_key(_read_key_arg(args.private)).hex())
+    return 0
+
+
+def cmd_kek_gen(args: argparse.Namespace) -> int:
+    kek = os.urandom(32).hex()
+    if args.out:
+        _write_secret(args.out, kek)
+        print(f"key-encryption key written to {args.out} (mode 600)", file=sys.stderr)
+    else:
+        print(kek)
+    return 0
+
+
+# ---- clients -------------------------------------------------------------------------------
+
+
+def _policy_dict(p: Any) -> dict[str, Any]:
+    return {"public_key": p.public_key.hex(), "name": p.name, "ttl_s": p.ttl_s,
+            "reattach_rate": p.reattach_rate, "transports": list(p.transports),
+            "upstreams": list(p.upstreams), "created_ms": p.created_ms}
+
+
+async def cmd_clients_add(args: argparse.Namespace) -> int:
+    from store.policy import ClientPolicy
+
+    pub = _read_key_arg(args.public_key)
+    policy = ClientPolicy(pub, name=args.name or "", ttl_s=args.ttl, reattach_rate=args.rate,
+                          transports=tuple(args.transports.split(",")),
+                          upstreams=tuple(args.upstream))
+    store = _store(args)
+    try:
+        saved = await store.add_client(policy)
+    finally:
+        await store.close()
+    print(json.dumps(_policy_dict(saved)))
+    return 0
+
+
+async def cmd_clients_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        clients = await store.list_clients()
+    finally:
+        await store.close()
+    for p in clients:
+        print(json.dumps(_policy_dict(p)))
+    return 0
+
+
+async def cmd_clients_remove(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        ok = await store.remove_client(_read_key_arg(args.public_key))
+    finally:
+        await store.close()
+    print("removed" if ok else "not registered")
+    return 0 if ok else 1
+
+
+# ---- sessions ------------------------------------------------------------------------------
+
+
+def _record_dict(r: Any) -> dict[str, Any]:
+    return {
+        "session_id": r.session_id.hex(), "state": r.state.name, "version": r.version,
+        "epoch": r.epoch, "node": r.node, "transport": r.kind.name.lower() if r.kind else None,
+        "upstream": r.upstream, "client": r.client_id[:16], "ttl_s": r.ttl_ms / 1000,
+        "remaining_s": r.remaining_ms / 1000, "idle_s": r.idle_ms / 1000,
+        "terminate_reason": r.terminate_reason.name if r.terminate_reason else None,
+    }
+
+
+async def cmd_sessions_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        page = await store.list_sessions(limit=args.limit)
+    finally:
+        await store.close()
+    rows = sorted(page.sessions, key=lambda r: r.created_ms)
+    if args.json:
+        for r in rows:
+            print(json.dumps(_record_dict(r)))
+        return 0
+    print(f"{'SESSION':34} {'STATE':11} {'VER':>5} {'EPOCH':>5} {'NODE':16} {'TRANSPORT':9} {'LEFT_S':>8}")
+    for r in rows:
+        d = _record_dict(r)
+        print(f"{d['session_id']:34} {d['state']:11} {d['version']:>5} {d['epoch']:>5} "
+              f"{d['node'][:16]:16} {d['transport'] or '-':9} {d['remaining_s']:>8.1f}")
+    return 0
+
+
+async def cmd_sessions_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        rec = await store.get(bytes.fromhex(args.session_id))
+    finally:
+        await store.close()
+    if rec is None:
+        print(f"no session {args.session_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(_record_dict(rec), indent=2))
+    return 0
+
+
+async def cmd_sessions_terminate(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        res = await store.terminate(bytes.fromhex(args.session_id),
+                                    TerminateReason[args.reason.upper()])
+    finally:
+        await store.close()
+    print(json.dumps({"status": res.status.name, "version": res.version,
+                      "reason": res.terminate_reason.name if res.terminate_reason else None}))
+    return 0 if res.ok else 1
+
+
+# ---- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jvpn", description="Jumping VPN administration, demo and benchmark.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def with_store(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--store-url", default=os.environ.get("JVPN_STORE_URL", DEFAULT_STORE),
+                        help=f"Redis URL (default $JVPN_STORE_URL or {DEFAULT_STORE})")
+        sp.add_argument("--timeout", type=float, default=2.0, help="store timeout in seconds")
+        return sp
+
+    keys = sub.add_parser("keys", help="static X25519 key pairs (gateway cluster, clients)")
+    ks = keys.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    g = ks.add_parser("gen", help="generate a key pair")
+    g.add_argument("--out", help="write the private key to this new file (mode 600)")
+    g.set_defaults(fn=cmd_keys_gen)
+    g = ks.add_parser("pub", help="print the public key of a private key (inline or file)")
+    g.add_argument("private")
+    g.set_defaults(fn=cmd_keys_pub)
+
+    kek = sub.add_parser("kek", help="cluster key-encryption key")
+    kk = kek.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    g = kk.add_parser("gen", help="generate a 32-byte KEK")
+    g.add_argument("--out", help="write it to this new file (mode 600)")
+    g.set_defaults(fn=cmd_kek_gen)
+
+    cl = sub.add_parser("clients", help="the client registry (allowlist with policies)")
+    cs = cl.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    g = with_store(cs.add_parser("add", help="register (or replace) a client public key"))
+    g.add_argument("public_key", help="hex/base64 key or a file holding it")
+    g.add_argument("--upstream", action="append", required=True, help="allowed host:port (repeat)")
+    g.add_argument("--name", help="a label")
+    g.add_argument("--ttl", type=float, default=300.0, help="session TTL when detached, seconds")
+    g.add_argument("--rate", type=int, default=30, help="reattach attempts per minute")
+    g.add_argument("--transports", default="udp,tcp", help="allowed transports")
+    g.set_defaults(afn=cmd_clients_add)
+    g = with_store(cs.add_parser("list", help="list registered clients (JSON lines)"))
+    g.set_defaults(afn=cmd_clients_list)
+    g = with_store(cs.add_parser("remove", help="remove a client key"))
+    g.add_argument("public_key")
+    g.set_defaults(afn=cmd_clients_remove)
+
+    se = sub.add_parser("sessions", help="inspect and terminate sessions")
+    ss = se.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    g = with_store(ss.add_parser("list", help="list sessions (live and tombstones)"))
+    g.add_argument("--limit", type=int, default=100)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(afn=cmd_sessions_list)
+    g = with_store(ss.add_parser("show", help="one session's record"))
+    g.add_argument("session_id", help="hex session id")
+    g.set_defaults(afn=cmd_sessions_show)
+    g = with_store(ss.add_parser("terminate", help="terminate a session (tombstone; the owning "
+                                                   "node closes it with an authenticated CLOSE)"))
+    g.add_argument("session_id")
+    g.add_argument("--reason", default="ADMIN", choices=[r.name.lower() for r in TerminateReason]
+                   + [r.name for r in TerminateReason])
+    g.set_defaults(afn=cmd_sessions_terminate)
+
+    d = sub.add_parser("demo", help="run the self-contained demo (bounded; no services needed)",
+                       add_help=False)
+    d.set_defaults(passthrough="demo")
+    b = sub.add_parser("bench", help="run the benchmarks (figures beside same-run baselines)",
+                       add_help=False)
+    b.set_defaults(passthrough="bench")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("demo", "bench"):
+        if argv[0] == "demo":
+            from jvpn import demo
+
+            return demo.main(argv[1:])
+        from jvpn import bench
+
+        return bench.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    t0 = time.monotonic()
+    try:
+        if hasattr(args, "afn"):
+            return asyncio.run(args.afn(args))
+        return int(args.fn(args))
+    except Exception as exc:  # an operator tool: one clear line, not a traceback
+        from store.errors import StoreError
+
+        if isinstance(exc, (StoreError, ValueError, OSError, KeyError)):
+            print(f"jvpn {args.cmd}: {type(exc).__name__}: {exc} "
+                  f"(after {time.monotonic() - t0:.1f}s)", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
