@@ -668,6 +668,10 @@ class GatewayNode:
             b.version = max(b.version, res.version)
             return
         # NOT_OWNER, TERMINATED or EXPIRED: this node must stop forwarding (fencing).
+        if res.status in (StoreStatus.TERMINATED, StoreStatus.EXPIRED) and b.validated:
+            # Ended elsewhere (admin, sweeper): tell the client, authenticated, in band.
+            why = res.terminate_reason or TerminateReason.ADMIN
+            self._send(b, b.channel.seal(wire.inner_close(int(why))))
         self._drop_binding(b.session_id)
         self.events.emit("binding_revoked", outcome="success", session_id=b.session_id,
                          reason=res.status.name, epoch=b.epoch, new_node=res.node or None)
@@ -688,15 +692,14 @@ class GatewayNode:
                                     item.version, item.epoch, "EXPIRED")
 
     async def _revocation_loop(self) -> None:
-        """Drop bindings another node took over (pub/sub); refresh fences us otherwise."""
+        """React at once when another node took a binding or an admin ended a session."""
         while True:
             try:
                 async for sid, node, epoch in self.store.binding_changes():
                     b = self.bindings.get(sid)
-                    if b is not None and node != self.settings.node_id and epoch > b.epoch:
-                        self._drop_binding(sid)
-                        self.events.emit("binding_revoked", outcome="success", session_id=sid,
-                                         reason="moved", epoch=b.epoch, new_node=node)
+                    if b is not None and (node != self.settings.node_id or epoch != b.epoch):
+                        # A hint only: the store decides (NOT_OWNER, TERMINATED, or still ours).
+                        self._spawn(self._refresh(b), b.peer)
             except StoreUnavailable:
                 await asyncio.sleep(1.0)
 

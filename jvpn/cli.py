@@ -161,8 +161,11 @@ async def cmd_sessions_show(args: argparse.Namespace) -> int:
 async def cmd_sessions_terminate(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
-        res = await store.terminate(bytes.fromhex(args.session_id),
-                                    TerminateReason[args.reason.upper()])
+        sid = bytes.fromhex(args.session_id)
+        res = await store.terminate(sid, TerminateReason[args.reason.upper()])
+        if res.ok and not res.already:
+            # Wake the owning node: it re-reads the record and closes the client (authenticated).
+            await store.publish_binding_change(sid, "-", 0)
     finally:
         await store.close()
     print(json.dumps({"status": res.status.name, "version": res.version,

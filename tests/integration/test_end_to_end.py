@@ -45,3 +45,32 @@ async def test_datagrams_flow_then_survive_a_killed_transport(redis_url: str) ->
         echo.close()
         await gw.app.stop()
         await asyncio.sleep(0)
+
+
+async def test_admin_terminate_closes_the_client_authenticated_and_it_rehandshakes(
+        redis_url: str) -> None:
+    from session.reasons import TerminateReason
+    from session.states import SessionState
+
+    gw = await start_gateway(redis_url)
+    echo, upstream = await echo_upstream()
+    priv, _ = await gw.add_client(upstream)
+    agent = gw.agent(priv, upstream)
+    try:
+        await agent.start()
+        await agent.wait_connected(5)
+        first = agent.machine.session_id
+        res = await gw.store.terminate(first, TerminateReason.ADMIN)
+        assert res.ok
+        await gw.store.publish_binding_change(first, "-", 0)
+        await wait_for(lambda: agent.terminated_sessions == 1, 5, "authenticated close")
+        await wait_for(lambda: agent.machine.state is SessionState.ATTACHED
+                       and agent.machine.session_id != first, 5, "a new session")
+        rec = await gw.store.get(first)
+        assert rec is not None and rec.state is SessionState.TERMINATED
+        assert rec.terminate_reason is TerminateReason.ADMIN
+        assert any("session terminated" in line for line in agent.log_lines)
+    finally:
+        await agent.stop()
+        echo.close()
+        await gw.app.stop()
