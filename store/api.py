@@ -1,0 +1,973 @@
+"""The authoritative session table: an async API over Redis, one Lua script per mutation.
+
+Theory of operation. A session is one hash, ``jvpn:{<sid hex>}`` (short field
+names, see ``store/lua/common.lua``), plus a hash of recent reattach nonces,
+``jvpn:{<sid hex>}:n``; both share the hash tag, so every script touches one
+slot in Redis Cluster. Every mutation is one script (``store/lua/*.lua``)
+which reads "now" from Redis TIME, enforces the transition table of
+``session.states`` (injected into the script), bumps ``state_version`` and
+returns a status code; nothing raises for a refusal. Safety never depends on
+key expiry: deadlines are fields checked by the scripts, and a session past
+its deadline is turned into a tombstone (TERMINATED, reason EXPIRED) by the
+first script that sees it or by ``sweep``; EXPIRE only collects garbage.
+
+Calls go through a ``ScriptBatcher`` that coalesces concurrent callers into
+pipelines. Any store failure raises ``StoreUnavailable`` (fail closed). A
+mutation whose outcome is unknown (timeout or connection lost after the call
+may have been sent) is re-read, never guessed: reattach is re-run with the
+same nonce (the script records its decision under the nonce, so a second run
+returns the first run's decision if it applied, and decides afresh if it did
+not), birth re-reads the record, transition re-reads the version, and the
+idempotent refresh/terminate are simply re-run.
+
+The expiry index ``jvpn:expiry`` (sid hex scored by a deadline lower bound)
+lives in another slot, so it is maintained here, beside the scripts, never in
+them: birth adds the session (``ZADD LT``, in the same pipeline), terminate
+removes it, and ``sweep`` moves an entry to the real deadline when it finds
+the session still live. Reattach and refresh never touch it: deadlines only
+grow, so the birth entry stays a valid lower bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, TypeVar, cast
+
+import msgpack
+from redis import exceptions as rexc
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from session.reasons import RejectReason, TerminateReason
+from session.states import TRANSITIONS, SessionEvent, SessionState
+from session.wire import BINDING_ID_LEN, NONCE_LEN, TransportKind
+from store import keys as K
+from store.batcher import Arg, ScriptBatcher, ScriptCall, translate
+from store.errors import StoreError, StoreNotDurable, StoreProtocolError, StoreUnavailable
+from store.policy import ClientPolicy, decode_policy, encode_policy
+from store.scripts import load_scripts
+from store.status import StoreStatus
+
+__all__ = [
+    "BindingChange",
+    "BirthResult",
+    "ClientPolicy",
+    "ExpireResult",
+    "ExpiredSession",
+    "ReattachResult",
+    "RefreshResult",
+    "SessionPage",
+    "SessionRecord",
+    "SessionStore",
+    "StoreConfig",
+    "StoreError",
+    "StoreNotDurable",
+    "StoreStatus",
+    "StoreUnavailable",
+    "TerminateResult",
+    "TransitionResult",
+]
+
+T = TypeVar("T")
+
+MAX_NODE_LEN = 64
+MAX_ADDR_TAG_LEN = 256
+MAX_VERSION = 2**53  # Lua numbers are doubles: exact below this
+
+_TOMBSTONE_STATUSES = (StoreStatus.TERMINATED, StoreStatus.EXPIRED)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Tunables of a SessionStore (times in the unit their name says)."""
+
+    socket_timeout_s: float = 1.0  # every command; an outage never hangs a caller
+    connect_timeout_s: float = 1.0
+    tombstone_ttl_s: float = 3600.0  # how long a TERMINATED record answers late requests
+    gc_slack_s: float = 86400.0  # live key expiry = ttl + slack (garbage collection only)
+    timestamp_window_ms: int = 30_000  # proof timestamp window (reattach default)
+    dual_active_window_ms: int = 2_000  # reattach default
+    coalesce: bool = True  # batch concurrent script calls into pipelines
+    max_batch: int = 512
+    max_inflight: int = 2  # pipelines in flight at once
+    max_connections: int = 64  # pool size when built from a URL
+    wait_replicas: int = 0  # durable mode: WAIT for this many replicas after mutations
+    wait_timeout_ms: int = 100
+    sweep_lease_ms: int = 30_000  # a claimed sweep candidate comes due again after this
+
+    @property
+    def call_timeout_s(self) -> float:
+        """Upper bound of one store call: get a connection, send, read every reply.
+
+        A mutation whose outcome is unknown is re-read once, so it can take
+        twice this before raising StoreUnavailable.
+        """
+        wait = self.wait_timeout_ms / 1000 if self.wait_replicas > 0 else 0.0
+        return self.connect_timeout_s + self.socket_timeout_s + wait + 0.05
+
+
+# ---- results ---------------------------------------------------------------------------------
+# Results are plain slotted dataclasses, to be treated as read-only values: a
+# frozen dataclass's __init__ costs several microseconds more per object, and
+# reattach and refresh results are built at the rate of the whole cluster.
+
+
+# Enum lookups by dict: Enum.__call__ costs ~0.5 us, several per result.
+_STATUS = {int(s): s for s in StoreStatus}
+_STATES: dict[int, SessionState | None] = {int(s): s for s in SessionState}
+_STATES[-1] = None
+_REJECT: dict[int, RejectReason | None] = {int(r): r for r in RejectReason}
+_REJECT[0] = None
+_TREASON: dict[int, TerminateReason | None] = {int(r): r for r in TerminateReason}
+_TREASON[0] = None
+_KINDS: dict[int, TransportKind | None] = {int(k): k for k in TransportKind}
+_KINDS[0] = None
+
+
+def _status(code: Any) -> StoreStatus:
+    try:
+        return _STATUS[code]
+    except KeyError:
+        raise StoreProtocolError(f"unknown store status {code!r}") from None
+
+
+def _state(code: Any) -> SessionState | None:
+    try:
+        return _STATES[code]
+    except KeyError:
+        raise StoreProtocolError(f"unknown session state {code!r}") from None
+
+
+def _treason(code: Any) -> TerminateReason | None:
+    return _TREASON.get(code) if code in _TREASON else TerminateReason(int(code))
+
+
+def _text(raw: Any) -> str:
+    return raw.decode("utf-8", "replace") if type(raw) is bytes else str(raw)
+
+
+@dataclass(slots=True)
+class BirthResult:
+    status: StoreStatus  # OK | EXISTS | POLICY_DENIED | ILLEGAL_TRANSITION
+    version: int
+    epoch: int
+    state: SessionState | None
+    server_ms: int
+    deadline_ms: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+
+@dataclass(slots=True)
+class ReattachResult:
+    """The reattach CAS decision (see store/lua/reattach.lua for every field)."""
+
+    status: StoreStatus
+    reason: RejectReason | None  # the wire reason of a rejection; None on success
+    version: int
+    epoch: int
+    binding_id: bytes  # the new binding on success (or the recorded one on a retry)
+    node: str
+    prev_node: str  # previous owner to tell (pub/sub); '' on a retry
+    server_ms: int
+    state: SessionState | None  # after the call; None if no record
+    retry: bool  # an idempotent retransmission: the recorded decision, nothing changed
+    expired_now: bool  # this call wrote the EXPIRED tombstone: emit the event
+    binding_current: bool  # the returned binding is the session's current one
+    terminate_reason: TerminateReason | None
+    prev_state: SessionState | None  # before the call
+    prev_kind: TransportKind | None  # transport kind of the previous binding
+    recovered: bool = False  # outcome was unknown and re-read from the store
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+    @classmethod
+    def from_reply(cls, r: Sequence[Any]) -> ReattachResult:
+        reason = _REJECT.get(r[1]) if r[1] in _REJECT else RejectReason(int(r[1]))
+        return cls(
+            _status(r[0]),
+            reason,
+            int(r[2]),
+            int(r[3]),
+            bytes(r[4]),
+            _text(r[5]),
+            _text(r[6]),
+            int(r[7]),
+            _state(r[8]),
+            r[9] == 1,
+            r[10] == 1,
+            r[11] == 1,
+            _treason(r[12]),
+            _state(r[13]),
+            _KINDS.get(r[14]),
+        )
+
+
+@dataclass(slots=True)
+class TransitionResult:
+    status: StoreStatus  # OK | STALE_VERSION | ILLEGAL_TRANSITION | UNKNOWN_SESSION | TERMINATED | EXPIRED
+    event: SessionEvent
+    version: int  # after the call (current on a refusal)
+    state: SessionState | None
+    prev_state: SessionState | None
+    expired_now: bool  # the deadline had passed: this call wrote the EXPIRED tombstone
+    terminate_reason: TerminateReason | None
+    epoch: int
+    server_ms: int
+    recovered: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+    @property
+    def detail(self) -> str:
+        """A human reason naming the event and the state."""
+        state = self.prev_state.name if self.prev_state is not None else "-"
+        if self.status is StoreStatus.ILLEGAL_TRANSITION:
+            return f"ILLEGAL_TRANSITION: no {self.event.name} from state {state}"
+        if self.status is StoreStatus.STALE_VERSION:
+            return f"STALE_VERSION: {self.event.name} refused, current version {self.version}"
+        return f"{self.status.name}: {self.event.name} in state {state}"
+
+
+@dataclass(slots=True)
+class RefreshResult:
+    status: StoreStatus  # OK | NOT_OWNER | UNKNOWN_SESSION | TERMINATED | EXPIRED
+    version: int
+    state: SessionState | None
+    epoch: int  # current epoch (the new owner's on NOT_OWNER)
+    node: str  # current owner
+    deadline_ms: int
+    server_ms: int
+    expired_now: bool
+    terminate_reason: TerminateReason | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+
+@dataclass(slots=True)
+class TerminateResult:
+    status: StoreStatus  # OK (written now) | TERMINATED | EXPIRED (already) | UNKNOWN_SESSION
+    version: int
+    prev_state: SessionState | None
+    terminate_reason: TerminateReason | None
+    epoch: int
+    node: str
+    server_ms: int
+
+    @property
+    def ok(self) -> bool:
+        """The session is a tombstone now (written by this call or before)."""
+        return self.status is StoreStatus.OK or self.status in _TOMBSTONE_STATUSES
+
+    @property
+    def already(self) -> bool:
+        """It was a tombstone before this call (nothing changed)."""
+        return self.status in _TOMBSTONE_STATUSES
+
+
+@dataclass(slots=True)
+class ExpireResult:
+    status: StoreStatus  # EXPIRED | OK (live) | TERMINATED | UNKNOWN_SESSION
+    expired_now: bool
+    version: int
+    deadline_ms: int
+    epoch: int
+    node: str
+    prev_state: SessionState | None
+    server_ms: int
+    client_id: str
+
+
+@dataclass(slots=True)
+class ExpiredSession:
+    """A session the sweeper terminated (the caller emits the event)."""
+
+    session_id: bytes
+    version: int  # the tombstone's
+    epoch: int
+    node: str
+    prev_state: SessionState
+    client_id: str
+    deadline_ms: int
+    server_ms: int
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """One decoded session record (live or tombstone) as read at ``server_ms``."""
+
+    session_id: bytes
+    state: SessionState
+    version: int
+    epoch: int
+    binding_id: bytes
+    node: str
+    kind: TransportKind | None
+    upstream: str
+    client_id: str
+    wrapped_secret: bytes = field(repr=False)
+    ttl_ms: int
+    deadline_ms: int
+    created_ms: int
+    server_ms: int
+    reattach_rate: int
+    transports_mask: int
+    generation: int
+    terminate_reason: TerminateReason | None
+    terminated_ms: int | None
+    lost_version: int | None  # version before a gateway-observed TRANSPORT_LOST
+    last_reattach_ms: int | None
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is SessionState.TERMINATED
+
+    @property
+    def remaining_ms(self) -> int:
+        """Time left before the deadline (0 if past it or terminated)."""
+        return 0 if self.terminated else max(0, self.deadline_ms - self.server_ms)
+
+    @property
+    def last_seen_ms(self) -> int:
+        """When the deadline was last pushed (birth, reattach or refresh)."""
+        return self.deadline_ms - self.ttl_ms
+
+    @property
+    def idle_ms(self) -> int:
+        """Time since the last birth, reattach or refresh."""
+        return max(0, self.server_ms - self.last_seen_ms)
+
+    @classmethod
+    def decode(cls, session_id: bytes, f: Mapping[bytes, bytes], server_ms: int) -> SessionRecord:
+        def i(name: bytes, default: int = 0) -> int:
+            v = f.get(name)
+            return int(v) if v is not None else default
+
+        def opt(name: bytes) -> int | None:
+            v = f.get(name)
+            return int(v) if v is not None else None
+
+        kind = i(b"k")
+        tr = i(b"tr")
+        return cls(
+            session_id=session_id,
+            state=SessionState(i(b"st")),
+            version=i(b"v"),
+            epoch=i(b"ep"),
+            binding_id=f.get(b"bid", b""),
+            node=_text(f.get(b"nd", b"")),
+            kind=TransportKind(kind) if kind else None,
+            upstream=_text(f.get(b"up", b"")),
+            client_id=_text(f.get(b"cid", b"")),
+            wrapped_secret=f.get(b"ws", b""),
+            ttl_ms=i(b"ttl"),
+            deadline_ms=i(b"dl"),
+            created_ms=i(b"cr"),
+            server_ms=server_ms,
+            reattach_rate=i(b"rr"),
+            transports_mask=i(b"tk"),
+            generation=i(b"gen"),
+            terminate_reason=TerminateReason(tr) if tr else None,
+            terminated_ms=opt(b"te"),
+            lost_version=opt(b"lost"),
+            last_reattach_ms=opt(b"lt"),
+        )
+
+
+@dataclass(slots=True)
+class SessionPage:
+    sessions: list[SessionRecord]
+    cursor: int  # pass back to continue; 0 when the scan is complete
+
+
+class BindingChange(NamedTuple):
+    """A binding moved: ``node`` now holds ``session_id`` at ``epoch`` (drop older ones)."""
+
+    session_id: bytes
+    node: str
+    epoch: int
+
+
+# ---- the store -------------------------------------------------------------------------------
+
+
+class SessionStore:
+    """Async API of the session table and the client registry."""
+
+    BIRTH_VERSION = 1  # created at BIRTH v0, HANDSHAKE_COMPLETE applied: ATTACHED v1
+    BIRTH_EPOCH = 1
+
+    def __init__(self, redis: Redis | str, config: StoreConfig | None = None) -> None:
+        self.config = config or StoreConfig()
+        self._owns_client = isinstance(redis, str)
+        self.redis: Redis = self._connect(redis, self.config) if isinstance(redis, str) else redis
+        if self.redis.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("SessionStore needs a client with decode_responses=False")
+        self._scripts = load_scripts()
+        self._batcher = ScriptBatcher(
+            self.redis,
+            max_batch=self.config.max_batch,
+            max_inflight=self.config.max_inflight,
+            wait_replicas=self.config.wait_replicas,
+            wait_timeout_ms=self.config.wait_timeout_ms,
+            batch_timeout_s=self.config.call_timeout_s,
+        )
+        self._tomb_ms = int(self.config.tombstone_ttl_s * 1000)
+        self._slack_ms = int(self.config.gc_slack_s * 1000)
+        self._clock_offset_ms: float | None = None  # server ms minus our monotonic ms
+        self._generation: int | None = None
+        self._init_lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, config: StoreConfig | None = None) -> SessionStore:
+        return cls(url, config)
+
+    @staticmethod
+    def _connect(url: str, config: StoreConfig) -> Redis:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=config.max_connections,
+            timeout=config.connect_timeout_s + config.socket_timeout_s,
+            socket_timeout=config.socket_timeout_s,
+            socket_connect_timeout=config.connect_timeout_s,
+            decode_responses=False,
+        )  # connections built by the pool itself never retry: an outage fails fast
+        return Redis(connection_pool=pool)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        if self._owns_client:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> SessionStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def batcher(self) -> ScriptBatcher:
+        return self._batcher
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    async def _guard(self, aw: Awaitable[T]) -> T:
+        """Await one direct command with the call timeout; map errors to StoreError."""
+        try:
+            async with asyncio.timeout(self.config.call_timeout_s):
+                return await aw
+        except StoreError:
+            raise
+        except TimeoutError as exc:
+            raise StoreUnavailable("store call timed out", maybe_applied=True) from exc
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    async def _script(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        *,
+        extras: Sequence[Sequence[Arg]] = (),
+        mutates: bool = True,
+    ) -> list[Any]:
+        call = ScriptCall(self._scripts[name], keys, args, extras, mutates)
+        run = self._batcher.call if self.config.coalesce else self._batcher.call_direct
+        try:
+            reply = await run(call)  # the batcher bounds every pipeline with a timeout
+        except Exception as exc:
+            raise translate(exc) from exc
+        return _unpack(name, reply)
+
+    def _saw_server_time(self, server_ms: int) -> None:
+        if server_ms > 0:
+            self._clock_offset_ms = server_ms - time.monotonic() * 1000
+
+    def estimated_server_ms(self) -> int | None:
+        """The store clock as last observed, advanced by our monotonic clock."""
+        if self._clock_offset_ms is None:
+            return None
+        return int(time.monotonic() * 1000 + self._clock_offset_ms)
+
+    async def raw_evalsha(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Call one script with a plain EVALSHA, no batching (benchmark baseline)."""
+        script = self._scripts[name]
+        try:
+            reply = await self._guard(self.redis.evalsha(script.sha, len(keys), *keys, *args))
+        except StoreProtocolError as exc:
+            if not isinstance(exc.__cause__, rexc.NoScriptError):
+                raise
+            await self._guard(self.redis.script_load(script.source))
+            reply = await self._guard(self.redis.evalsha(script.sha, len(keys), *keys, *args))
+        return _unpack(name, reply)
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD every script now (optional: NOSCRIPT is handled on first use)."""
+        for script in self._scripts.values():
+            await self._guard(self.redis.script_load(script.source))
+
+    # ---- server ------------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        """True if the store answers (raises StoreUnavailable otherwise)."""
+        return bool(await self._guard(self.redis.ping()))
+
+    async def server_time_ms(self) -> int:
+        """The store's clock (Redis TIME), the one clock every gateway shares."""
+        sec, usec = await self._guard(self.redis.time())
+        ms = int(sec) * 1000 + int(usec) // 1000
+        self._saw_server_time(ms)
+        return ms
+
+    async def generation(self) -> int:
+        """The store generation (created once, random); stamped into every new record."""
+        if self._generation is None:
+            async with self._init_lock:  # single flight: a burst of births asks once
+                if self._generation is None:
+                    fresh = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF or 1
+                    await self._guard(self.redis.set(K.GENERATION, fresh, nx=True))
+                    raw = await self._guard(self.redis.get(K.GENERATION))
+                    self._generation = int(raw) if raw is not None else fresh
+                if self._clock_offset_ms is None:
+                    await self.server_time_ms()
+        return self._generation
+
+    # ---- sessions ----------------------------------------------------------------------------
+
+    async def birth(
+        self,
+        session_id: bytes,
+        *,
+        wrapped_secret: bytes,
+        node: str,
+        binding_id: bytes,
+        kind: TransportKind,
+        upstream: str,
+        policy: ClientPolicy,
+        client_id: str | None = None,
+        ttl_ms: int | None = None,
+    ) -> BirthResult:
+        """Create a session ATTACHED at version 1, epoch 1 (EXISTS if the id is taken)."""
+        _check_node(node)
+        _check_len("binding_id", binding_id, BINDING_ID_LEN)
+        ttl = int(ttl_ms if ttl_ms is not None else policy.ttl_ms)
+        if ttl <= 0:
+            raise ValueError("ttl_ms must be positive")
+        gen = await self.generation()  # also learns the store clock once
+        hint = max(0, (self.estimated_server_ms() or 0) + ttl - 1000)  # a lower bound
+        keys = K.session_keys(session_id)
+        args: list[Arg] = [
+            binding_id, node, int(kind), wrapped_secret, client_id or policy.client_id,
+            upstream, ttl, policy.reattach_rate, policy.transport_mask, gen, self._slack_ms,
+        ]  # fmt: skip
+        extras = [("ZADD", K.EXPIRY_INDEX, "LT", hint, K.session_hex(session_id))]
+        try:
+            r = await self._script("birth", keys, args, extras=extras)
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            # Outcome unknown: re-read. Our binding id at epoch 1 means it applied.
+            rec = await self.get(session_id)
+            if rec is not None and rec.binding_id == binding_id and rec.epoch == self.BIRTH_EPOCH:
+                return BirthResult(StoreStatus.OK, rec.version, rec.epoch, rec.state,
+                                   rec.server_ms, rec.deadline_ms)  # fmt: skip
+            if rec is not None:
+                return BirthResult(StoreStatus.EXISTS, 0, 0, None, rec.server_ms, 0)
+            r = await self._script("birth", keys, args, extras=extras)
+        self._saw_server_time(int(r[4]))
+        return BirthResult(_status(r[0]), int(r[1]), int(r[2]), _state(r[3]), int(r[4]),
+                           int(r[5]))  # fmt: skip
+
+    async def reattach(
+        self,
+        session_id: bytes,
+        *,
+        expected_version: int,
+        nonce: bytes,
+        timestamp_ms: int,
+        kind: TransportKind,
+        node: str,
+        addr_tag: str | bytes,
+        binding_id: bytes | None = None,
+        window_ms: int | None = None,
+        dual_active_window_ms: int | None = None,
+    ) -> ReattachResult:
+        """The reattach CAS of DESIGN.md section 4 step 3 (store/lua/reattach.lua)."""
+        _check_node(node)
+        _check_len("nonce", nonce, NONCE_LEN)
+        bid = binding_id if binding_id is not None else os.urandom(BINDING_ID_LEN)
+        _check_len("binding_id", bid, BINDING_ID_LEN)
+        if not 0 <= expected_version < MAX_VERSION:
+            expected_version = MAX_VERSION  # can never match: STALE_VERSION
+        if len(addr_tag) > MAX_ADDR_TAG_LEN:
+            raise ValueError("addr_tag too long")
+        window = self.config.timestamp_window_ms if window_ms is None else int(window_ms)
+        dual = (self.config.dual_active_window_ms if dual_active_window_ms is None
+                else int(dual_active_window_ms))  # fmt: skip
+        args: list[Arg] = [
+            expected_version, nonce, int(timestamp_ms), int(kind), node, bid, addr_tag,
+            window, dual, self._tomb_ms, self._slack_ms,
+        ]  # fmt: skip
+        keys = K.session_keys(session_id)
+        try:
+            r = await self._script("reattach", keys, args)
+            recovered = False
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            # Outcome unknown: run it again with the same nonce and addr tag. If the
+            # first run applied, its recorded decision comes back (retry=1): ours.
+            r = await self._script("reattach", keys, args)
+            recovered = True
+        res = ReattachResult.from_reply(r)
+        self._saw_server_time(res.server_ms)
+        if recovered and res.retry:
+            res = replace(res, retry=False, recovered=True)
+        return res
+
+    async def transition(
+        self,
+        session_id: bytes,
+        expected_version: int,
+        event: SessionEvent,
+        reason: TerminateReason | None = None,
+    ) -> TransitionResult:
+        """Apply ``event`` if the version is ``expected_version`` and the table allows it."""
+        event = SessionEvent(event)
+        if event in (SessionEvent.REATTACH, SessionEvent.HANDSHAKE_COMPLETE):
+            raise ValueError(f"{event.name} has its own operation (reattach/birth)")
+        args: list[Arg] = [int(expected_version), int(event), int(reason or 0), self._tomb_ms]
+        keys = K.session_keys(session_id)
+        try:
+            r = await self._script("transition", keys, args)
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            return await self._transition_unknown(session_id, expected_version, event, args)
+        return self._transition_result(event, r)
+
+    def _transition_result(self, event: SessionEvent, r: Sequence[Any]) -> TransitionResult:
+        self._saw_server_time(int(r[7]))
+        return TransitionResult(
+            status=_status(r[0]), event=event, version=int(r[1]), state=_state(r[2]),
+            prev_state=_state(r[3]), expired_now=bool(int(r[4])), terminate_reason=_treason(r[5]),
+            epoch=int(r[6]), server_ms=int(r[7]),
+        )  # fmt: skip
+
+    async def _transition_unknown(
+        self, session_id: bytes, expected: int, event: SessionEvent, args: Sequence[Arg]
+    ) -> TransitionResult:
+        """Re-read after an unknown outcome: applied, not applied (run again), or moved on."""
+        rec = await self.get(session_id)
+        if rec is not None and rec.version == expected and not rec.terminated:
+            r = await self._script("transition", K.session_keys(session_id), args)
+            return self._transition_result(event, r)
+        if rec is None:
+            return TransitionResult(StoreStatus.UNKNOWN_SESSION, event, 0, None, None, False,
+                                    None, 0, 0, recovered=True)  # fmt: skip
+        # One mutation happened since: ours if it left the state our event leads to
+        # (exact for TRANSPORT_LOST, which records the version it consumed).
+        status = StoreStatus.STALE_VERSION
+        if rec.version == expected + 1:
+            targets = {row[event] for row in TRANSITIONS.values() if event in row}
+            if event is SessionEvent.TRANSPORT_LOST:
+                if rec.lost_version == expected:
+                    status = StoreStatus.OK
+            elif rec.state in targets:
+                status = StoreStatus.OK
+        return TransitionResult(status, event, rec.version, rec.state, None, False,
+                                rec.terminate_reason, rec.epoch, rec.server_ms, recovered=True)  # fmt: skip
+
+    async def refresh(self, session_id: bytes, epoch: int, node: str) -> RefreshResult:
+        """Keepalive by the binding owner: push the deadline (no version bump) or NOT_OWNER."""
+        args: list[Arg] = [int(epoch), node, self._tomb_ms, self._slack_ms]
+        keys = K.session_keys(session_id)
+        try:
+            r = await self._script("refresh", keys, args)
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            r = await self._script("refresh", keys, args)  # idempotent: run again
+        self._saw_server_time(int(r[6]))
+        return RefreshResult(
+            status=_status(r[0]), version=int(r[1]), state=_state(r[2]), epoch=int(r[3]),
+            node=_text(r[4]), deadline_ms=int(r[5]), server_ms=int(r[6]),
+            expired_now=bool(int(r[7])), terminate_reason=_treason(r[8]),
+        )  # fmt: skip
+
+    async def terminate(
+        self, session_id: bytes, reason: TerminateReason = TerminateReason.ADMIN
+    ) -> TerminateResult:
+        """Write the tombstone with ``reason`` (idempotent: an existing tombstone stays)."""
+        args: list[Arg] = [int(reason), self._tomb_ms]
+        keys = K.session_keys(session_id)
+        extras = [("ZREM", K.EXPIRY_INDEX, K.session_hex(session_id))]
+        try:
+            r = await self._script("terminate", keys, args, extras=extras)
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            r = await self._script("terminate", keys, args, extras=extras)
+        self._saw_server_time(int(r[6]))
+        return TerminateResult(
+            status=_status(r[0]), version=int(r[1]), prev_state=_state(r[2]),
+            terminate_reason=_treason(r[3]), epoch=int(r[4]), node=_text(r[5]), server_ms=int(r[6]),
+        )  # fmt: skip
+
+    async def expire(self, session_id: bytes) -> ExpireResult:
+        """Tombstone the session if it is past its deadline (one sweeper step)."""
+        r = await self._script("expire", K.session_keys(session_id), [self._tomb_ms])
+        self._saw_server_time(int(r[7]))
+        return ExpireResult(
+            status=_status(r[0]), expired_now=bool(int(r[1])), version=int(r[2]),
+            deadline_ms=int(r[3]), epoch=int(r[4]), node=_text(r[5]), prev_state=_state(r[6]),
+            server_ms=int(r[7]), client_id=_text(r[8]),
+        )  # fmt: skip
+
+    async def sweep(self, limit: int = 256) -> list[ExpiredSession]:
+        """Expire due sessions from the expiry index; return those terminated by this call."""
+        now = await self.server_time_ms()
+        due = cast(list[bytes], await self._guard(
+            self.redis.zrangebyscore(K.EXPIRY_INDEX, "-inf", now, 0, limit)
+        ))  # fmt: skip
+        if not due:
+            return []
+        # Claim: push the hints past a lease so concurrent sweepers skip them; if we
+        # die here they come due again. Two sweepers on one entry are harmless.
+        lease = now + self.config.sweep_lease_ms
+        await self._guard(self.redis.zadd(K.EXPIRY_INDEX, dict.fromkeys(due, lease), xx=True))
+        sids: list[tuple[bytes, bytes | None]] = []
+        for member in due:
+            try:
+                sid: bytes | None = bytes.fromhex(_text(member))
+                if sid is not None and len(sid) != K.SESSION_ID_LEN:
+                    sid = None
+            except ValueError:
+                sid = None
+            sids.append((member, sid))
+        results = await asyncio.gather(
+            *(self.expire(sid) for _, sid in sids if sid is not None), return_exceptions=True
+        )
+        out: list[ExpiredSession] = []
+        done: list[bytes] = [m for m, sid in sids if sid is None]
+        later: dict[bytes, int] = {}
+        it = iter(results)
+        for member, sid in sids:
+            if sid is None:
+                continue
+            res = next(it)
+            if isinstance(res, BaseException):
+                continue  # left claimed: it comes due again after the lease
+            if res.status is StoreStatus.OK:
+                later[member] = res.deadline_ms
+                continue
+            done.append(member)
+            if res.expired_now and res.prev_state is not None:
+                out.append(ExpiredSession(sid, res.version, res.epoch, res.node, res.prev_state,
+                                          res.client_id, res.deadline_ms, res.server_ms))  # fmt: skip
+        pipe = self.redis.pipeline(transaction=False)
+        if done:
+            pipe.zrem(K.EXPIRY_INDEX, *done)
+        if later:
+            pipe.zadd(K.EXPIRY_INDEX, later, xx=True)  # type: ignore[arg-type]
+        if done or later:
+            await self._guard(pipe.execute())
+        return out
+
+    async def get(self, session_id: bytes) -> SessionRecord | None:
+        """The decoded record (live or tombstone), or None if there is none."""
+        r = await self._script("read", [K.record_key(session_id)], [], mutates=False)
+        server_ms = int(r[0])
+        self._saw_server_time(server_ms)
+        flat = r[1]
+        if not flat:
+            return None
+        return SessionRecord.decode(session_id, _pairs(flat), server_ms)
+
+    async def list_sessions(self, limit: int = 100, cursor: int = 0) -> SessionPage:
+        """A page of records by SCAN (``cursor`` 0 starts; the returned 0 means done)."""
+        found: list[bytes] = []
+        while True:
+            cursor, batch = await self._guard(
+                self.redis.scan(cursor, match=K.SESSION_MATCH, count=max(limit, 100))
+            )
+            for key in batch:
+                sid = K.session_id_from_key(key)
+                if sid is not None:
+                    found.append(sid)
+            if int(cursor) == 0 or len(found) >= limit:
+                break
+        records = await asyncio.gather(*(self.get(sid) for sid in found))
+        return SessionPage([r for r in records if r is not None], int(cursor))
+
+    async def claim_handshake(self, digest: bytes, ttl_ms: int) -> bool:
+        """Record a handshake message digest once (replay guard); False if seen already."""
+        ok = await self._guard(self.redis.set(K.handshake_key(digest), b"1", nx=True,
+                                              px=max(1, int(ttl_ms))))  # fmt: skip
+        return bool(ok)
+
+    # ---- client registry (the allowlist) -----------------------------------------------------
+
+    async def add_client(self, policy: ClientPolicy) -> ClientPolicy:
+        """Register (or replace) a client key and its policy; returns it with ``created_ms``."""
+        if not policy.created_ms:
+            policy = replace(policy, created_ms=await self.server_time_ms())
+        key = K.client_key(policy.public_key)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.hset(key, mapping=encode_policy(policy))  # type: ignore[arg-type]
+        await self._guard(pipe.execute())
+        return policy
+
+    async def remove_client(self, public_key: bytes | str) -> bool:
+        """Remove a client key from the registry; False if it was not there."""
+        pk = _public_key(public_key)
+        return bool(await self._guard(self.redis.delete(K.client_key(pk))))
+
+    async def get_client(self, public_key: bytes | str) -> ClientPolicy | None:
+        """The policy of a client key (bytes or hex), or None if it is not registered."""
+        pk = _public_key(public_key)
+        raw = cast(dict[bytes, bytes], await self._guard(self.redis.hgetall(K.client_key(pk))))
+        if not raw:
+            return None
+        try:
+            return decode_policy(pk, raw)
+        except (ValueError, KeyError) as exc:
+            raise StoreProtocolError(f"malformed client entry {pk.hex()}: {exc}") from exc
+
+    async def list_clients(self) -> list[ClientPolicy]:
+        """Every registered client, sorted by name then key."""
+        out: list[ClientPolicy] = []
+        async for key in _scan_iter(self, K.CLIENT_MATCH):
+            hexkey = _text(key)[len(K.CLIENT_PREFIX) :]
+            try:
+                policy = await self.get_client(hexkey)
+            except (ValueError, StoreProtocolError):
+                continue
+            if policy is not None:
+                out.append(policy)
+        return sorted(out, key=lambda p: (p.name, p.public_key))
+
+    # ---- pub/sub and audit -------------------------------------------------------------------
+
+    async def publish_binding_change(self, session_id: bytes, new_node: str, epoch: int) -> int:
+        """Tell every node that ``new_node`` holds the session at ``epoch``; returns receivers."""
+        payload = json.dumps({"sid": K.session_hex(session_id), "node": new_node,
+                              "epoch": int(epoch)}, separators=(",", ":"))  # fmt: skip
+        return int(await self._guard(self.redis.publish(K.BINDINGS_CHANNEL, payload)))
+
+    async def binding_changes(self, poll_s: float = 0.5) -> AsyncIterator[BindingChange]:
+        """Binding changes published by any node, as they come (raises StoreUnavailable).
+
+        A subscriber misses what is published while it is disconnected: the
+        refresh (NOT_OWNER) and the lease fence a node anyway.
+        """
+        pubsub = self.redis.pubsub()
+        try:
+            await self._guard(pubsub.subscribe(K.BINDINGS_CHANNEL))
+            while True:
+                try:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
+                except Exception as exc:
+                    raise translate(exc) from exc
+                if msg is None or msg.get("type") != "message":
+                    continue
+                change = _decode_change(msg.get("data"))
+                if change is not None:
+                    yield change
+        finally:
+            try:
+                await asyncio.wait_for(pubsub.aclose(), self.config.socket_timeout_s)
+            except Exception:
+                pass
+
+    async def xadd_event(
+        self, fields: Mapping[str, Any], maxlen: int = 100_000, stream: str = K.AUDIT_STREAM
+    ) -> str:
+        """Append one event to the audit stream (approximate MAXLEN); returns its id."""
+        enc: dict[str, bytes | str] = {}
+        for k, v in fields.items():
+            if isinstance(v, bytes | str):
+                enc[k] = v
+            elif isinstance(v, bool) or v is None or isinstance(v, dict | list | tuple):
+                enc[k] = json.dumps(v)
+            else:
+                enc[k] = str(v)
+        entry = await self._guard(
+            self.redis.xadd(stream, enc, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+        )
+        return _text(entry)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _outcome_unknown(exc: StoreUnavailable) -> bool:
+    """Whether a failed mutation may have applied and should be re-read here."""
+    return exc.maybe_applied and not isinstance(exc, StoreNotDurable)
+
+
+def _unpack(name: str, reply: Any) -> list[Any]:
+    """A script's flat array (msgpack-encoded by reply() in common.lua)."""
+    try:
+        out = msgpack.unpackb(reply, raw=True) if isinstance(reply, bytes) else None
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise StoreProtocolError(f"{name}.lua returned undecodable {reply[:64]!r}") from exc
+    if not isinstance(out, list):
+        raise StoreProtocolError(f"{name}.lua returned {reply!r}")
+    return out
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+def _check_len(name: str, value: bytes, n: int) -> None:
+    if not isinstance(value, bytes) or len(value) != n:
+        raise ValueError(f"{name} must be {n} bytes")
+
+
+def _check_node(node: str) -> None:
+    if not node or len(node.encode()) > MAX_NODE_LEN:
+        raise ValueError(f"node id must be 1..{MAX_NODE_LEN} bytes")
+
+
+def _public_key(pk: bytes | str) -> bytes:
+    raw = bytes.fromhex(pk) if isinstance(pk, str) else pk
+    if len(raw) != 32:
+        raise ValueError("client public key must be 32 bytes (or 64 hex digits)")
+    return raw
+
+
+def _decode_change(data: Any) -> BindingChange | None:
+    try:
+        d = json.loads(data)
+        sid = bytes.fromhex(d["sid"])
+        if len(sid) != K.SESSION_ID_LEN:
+            return None
+        return BindingChange(sid, str(d["node"]), int(d["epoch"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _scan_iter(store: SessionStore, match: str) -> AsyncIterator[bytes]:
+    cursor = 0
+    while True:
+        cursor, batch = await store._guard(store.redis.scan(cursor, match=match, count=500))
+        for key in batch:
+            yield key if isinstance(key, bytes) else key.encode()
+        if int(cursor) == 0:
+            return

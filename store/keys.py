@@ -1,0 +1,67 @@
+"""Key layout. Every key of one session shares the hash tag ``{<sid hex>}``.
+
+- ``jvpn:{<sid>}``        hash: the session record (short field names, see api.py)
+- ``jvpn:{<sid>}:n``      hash: recent reattach nonces -> recorded decision
+- ``jvpn:expiry``         sorted set: sid hex scored by a lower bound of its deadline (a hint)
+- ``jvpn:client:<pk>``    hash: one registered client's policy (the allowlist)
+- ``jvpn:hs:<digest>``    string: a consumed handshake (replay guard), expires
+- ``jvpn:gen``            string: the store generation, stamped into every record
+- ``jvpn:bindings``       pub/sub channel: binding moved to another node
+- ``jvpn:audit``          stream: the cluster-wide audit log
+"""
+
+from __future__ import annotations
+
+PREFIX = "jvpn"
+EXPIRY_INDEX = f"{PREFIX}:expiry"
+GENERATION = f"{PREFIX}:gen"
+BINDINGS_CHANNEL = f"{PREFIX}:bindings"
+AUDIT_STREAM = f"{PREFIX}:audit"
+CLIENT_PREFIX = f"{PREFIX}:client:"
+HANDSHAKE_PREFIX = f"{PREFIX}:hs:"
+SESSION_MATCH = f"{PREFIX}:{{*}}"  # SCAN pattern: records only (nonce keys end in ':n')
+CLIENT_MATCH = f"{CLIENT_PREFIX}*"
+
+SESSION_ID_LEN = 16
+
+
+def session_hex(session_id: bytes) -> str:
+    """The lowercase hex used inside the hash tag; checks the length."""
+    if len(session_id) != SESSION_ID_LEN:
+        raise ValueError(f"session_id must be {SESSION_ID_LEN} bytes, got {len(session_id)}")
+    return session_id.hex()
+
+
+def record_key(session_id: bytes) -> str:
+    return f"{PREFIX}:{{{session_hex(session_id)}}}"
+
+
+def nonce_key(session_id: bytes) -> str:
+    return f"{PREFIX}:{{{session_hex(session_id)}}}:n"
+
+
+def session_keys(session_id: bytes) -> tuple[str, str]:
+    """(record key, nonce key): the KEYS of every per-session script."""
+    tag = f"{PREFIX}:{{{session_hex(session_id)}}}"
+    return tag, tag + ":n"
+
+
+def session_id_from_key(key: bytes | str) -> bytes | None:
+    """The session id of a record key, or None if ``key`` is not one."""
+    text = key.decode() if isinstance(key, bytes) else key
+    head = f"{PREFIX}:{{"
+    if not (text.startswith(head) and text.endswith("}")):
+        return None
+    try:
+        sid = bytes.fromhex(text[len(head) : -1])
+    except ValueError:
+        return None
+    return sid if len(sid) == SESSION_ID_LEN else None
+
+
+def client_key(public_key: bytes) -> str:
+    return CLIENT_PREFIX + public_key.hex()
+
+
+def handshake_key(digest: bytes) -> str:
+    return HANDSHAKE_PREFIX + digest.hex()

@@ -1,0 +1,49 @@
+-- birth.lua: create a session after a completed handshake.
+--
+-- The record is created at BIRTH with state_version 0 (creation is not a
+-- transition, as session.states.StateMachine starts at version 0), then
+-- HANDSHAKE_COMPLETE is applied through the table: ATTACHED, version 1, epoch 1.
+-- Fails with EXISTS if the key exists (live or tombstone).
+--
+-- KEYS[1] - the session record, jvpn:{sid}
+-- KEYS[2] - the session's nonce hash, jvpn:{sid}:n (cleared)
+-- ARGV[1] - binding id (16 raw bytes)
+-- ARGV[2] - node id of the binding owner
+-- ARGV[3] - transport kind (TransportKind)
+-- ARGV[4] - wrapped session secret (opaque bytes)
+-- ARGV[5] - client id (hex of the client's static public key)
+-- ARGV[6] - upstream "host:port"
+-- ARGV[7] - ttl, ms
+-- ARGV[8] - reattach rate limit, per minute
+-- ARGV[9] - allowed transports bitmask (bit 1 << kind)
+-- ARGV[10] - store generation
+-- ARGV[11] - GC slack, ms (key expiry = ttl + slack; safety never relies on it)
+--
+-- Returns (msgpack-encoded, see reply() in common.lua) {status, version, epoch, state, server_ms, deadline_ms}
+--   status OK | EXISTS | POLICY_DENIED (kind not in the mask) | ILLEGAL_TRANSITION
+
+local key, nkey = KEYS[1], KEYS[2]
+local kind = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[7])
+local mask = tonumber(ARGV[9])
+local now = now_ms()
+
+if redis.call('EXISTS', key) == 1 then
+  return reply({ST.EXISTS, 0, 0, -1, now, 0})
+end
+if bit.band(mask, 2 ^ kind) == 0 then
+  return reply({ST.POLICY_DENIED, 0, 0, -1, now, 0})
+end
+local state = next_state(S.BIRTH, EV.HANDSHAKE_COMPLETE)
+if state == nil then
+  return reply({ST.ILLEGAL_TRANSITION, 0, 0, S.BIRTH, now, 0})
+end
+
+local version, epoch, deadline = 1, 1, now + ttl
+redis.call('DEL', nkey)
+redis.call('HSET', key,
+  'st', state, 'v', version, 'ep', epoch, 'bid', ARGV[1], 'nd', ARGV[2], 'k', kind,
+  'ws', ARGV[4], 'cid', ARGV[5], 'up', ARGV[6], 'ttl', ttl, 'dl', deadline,
+  'rr', tonumber(ARGV[8]), 'tk', mask, 'cr', now, 'gen', tonumber(ARGV[10]))
+redis.call('PEXPIRE', key, ttl + tonumber(ARGV[11]))
+return reply({ST.OK, version, epoch, state, now, deadline})

@@ -1,0 +1,58 @@
+-- common.lua: helpers shared by every script.
+--
+-- At registration the store prepends, in this order: the transition table
+-- TRANSITIONS (session.states.lua_transition_table()), the constant tables
+-- S (SessionState), EV (SessionEvent), R (RejectReason), TR (TerminateReason),
+-- ST (StoreStatus), all generated from the Python enums; then this file; then
+-- the operation's script. Nothing here reads a wall clock: "now" is Redis TIME,
+-- one clock for every gateway (Redis 7 replicates script effects, so TIME is
+-- safe before writes).
+--
+-- Record fields (hash jvpn:{sid}): st state, v state_version, ep epoch,
+-- bid binding id (16 raw bytes), nd node id, k transport kind, ws wrapped
+-- session secret, cid client id (hex), up upstream, ttl ms, dl deadline ms,
+-- rr reattach rate per minute, tk allowed transports bitmask (1 << kind),
+-- rl/rn rate window start ms and count, lv/lt version consumed by the last
+-- reattach and when, lost version before a gateway-observed TRANSPORT_LOST,
+-- cr created ms, gen store generation, tr/te terminate reason and time.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function num(x)
+  return tonumber(x) or 0
+end
+
+-- The table's next state, or nil when (state, event) is illegal.
+local function next_state(state, event)
+  local row = TRANSITIONS[state]
+  if row == nil then return nil end
+  return row[event]
+end
+
+-- What a tombstone answers: EXPIRED if it expired, else TERMINATED.
+local function tombstone_status(tr)
+  if tr == TR.EXPIRED then return ST.EXPIRED end
+  return ST.TERMINATED
+end
+
+-- Turn a live record into its tombstone: TERMINATED with ``reason``, version+1,
+-- GC expiry ``tomb_ms``. Keeps ws, cid, ep, nd so a late request can still be
+-- answered with an authenticated TERMINATED. Returns the new version.
+local function write_tombstone(key, nkey, v, reason, now, tomb_ms)
+  local nv = v + 1
+  redis.call('HSET', key, 'st', S.TERMINATED, 'v', nv, 'tr', reason, 'te', now)
+  redis.call('HDEL', key, 'lost', 'lv', 'lt', 'rl', 'rn')
+  redis.call('PEXPIRE', key, tomb_ms)
+  redis.call('DEL', nkey)
+  return nv
+end
+
+-- Every script returns its flat array msgpack-encoded, as ONE bulk reply: the
+-- pure-Python RESP parser costs several microseconds per array element, a
+-- msgpack decode of the whole reply costs about one.
+local function reply(t)
+  return cmsgpack.pack(t)
+end

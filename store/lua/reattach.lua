@@ -1,0 +1,195 @@
+-- reattach.lua: the reattach compare-and-set (DESIGN.md section 4, step 3).
+--
+-- The caller has verified the client's proof (a MAC over session_id, expected
+-- version, nonce, timestamp, kind). This script decides, atomically, in this
+-- order, each check with its own status:
+--   1. no record                          -> UNKNOWN_SESSION
+--   2. tombstone                          -> EXPIRED if its reason is EXPIRED, else TERMINATED
+--   3. deadline passed                    -> tombstone TERMINATED(EXPIRED) written here, EXPIRED,
+--                                            expired_now = 1 (only this call reports it)
+--   4. |timestamp - now| > window         -> CLOCK_SKEW
+--   5. nonce already recorded             -> same addr tag: the recorded decision, unchanged,
+--                                            retry = 1 (an idempotent retransmission);
+--                                            other addr tag: REPLAYED_NONCE
+--   6. nonce cache full (4 * rr + 16)     -> RATE_LIMITED, not recorded (a flood, see below)
+--   7. more than rr attempts in 60 s      -> RATE_LIMITED
+--   8. transport kind not in the mask     -> POLICY_DENIED
+--   9. expected version is not current    -> DUAL_ACTIVE_CONFLICT if it is the version the
+--                                            last successful reattach consumed, less than the
+--                                            dual-active window ago (two claimants raced);
+--                                            else STALE_VERSION
+--  10. table has no REATTACH from here    -> ILLEGAL_TRANSITION (reason POLICY_DENIED)
+--  11. success: epoch+1, new binding id, node, kind, ATTACHED, version+1,
+--      deadline = now + ttl, lv/lt recorded, GC expiry refreshed.
+--
+-- The transport-loss rule: a gateway that observes a silent transport applies
+-- TRANSPORT_LOST (transition.lua), which bumps the version and records the
+-- version before it in `lost`. The client, which cannot know that, still
+-- proves the version before the mark; so while the session is RECOVERING and
+-- `lost` is set, expected == lost is accepted as current.
+--
+-- Every decision from step 7 on is recorded in KEYS[2] under the nonce as
+-- cmsgpack(ts, status, reason, version, epoch, binding id, node, tag), where
+-- ts is the server time of the decision and tag the first 16 hex digits of
+-- sha1(addr tag) (msgpack rather than "a|b|c" because binding ids, node ids and
+-- tags are arbitrary bytes). Entries older than now - 2 * window are pruned on
+-- every call: a request whose nonce was decided at d carries a timestamp
+-- within window of d, so after d + 2 * window it fails step 4 anyway.
+-- Attempts are rate limited, so the hash holds about rr entries; a client that
+-- floods past 4 * rr + 16 live entries is refused without recording, which
+-- only lets it replay its own refused requests while their version is current.
+--
+-- KEYS[1] - the session record, jvpn:{sid}
+-- KEYS[2] - the session's nonce hash, jvpn:{sid}:n
+-- ARGV[1] - expected state_version (from the proof)
+-- ARGV[2] - nonce (16 raw bytes)
+-- ARGV[3] - client timestamp, ms
+-- ARGV[4] - transport kind (TransportKind)
+-- ARGV[5] - new node id (the node that ran the proof)
+-- ARGV[6] - new binding id (16 raw bytes, chosen by the caller)
+-- ARGV[7] - addr tag: opaque id of the request's source address and transport
+-- ARGV[8] - timestamp window, ms
+-- ARGV[9] - dual-active window, ms
+-- ARGV[10] - tombstone TTL, ms
+-- ARGV[11] - GC slack, ms
+--
+-- Returns (msgpack-encoded, see reply() in common.lua) {status, reason, version, epoch, binding_id, node, prev_node, server_ms,
+--          state, retry, expired_now, binding_current, terminate_reason,
+--          prev_state, prev_kind}
+--   reason: RejectReason (0 on success). On success binding_id/node are the new
+--   binding and prev_node/prev_kind the previous owner; on a rejection
+--   version/epoch/node are the current ones and binding_id is empty. A retry
+--   returns the recorded version/epoch/binding/node (prev_node empty: the retry
+--   moved nothing) and binding_current says whether that binding still holds.
+--   state/prev_state: after/before this call (-1: no record).
+
+local key, nkey = KEYS[1], KEYS[2]
+local expected = tonumber(ARGV[1])
+local nonce = ARGV[2]
+local client_ts = tonumber(ARGV[3])
+local kind = tonumber(ARGV[4])
+local new_node, new_bid = ARGV[5], ARGV[6]
+local window = tonumber(ARGV[8])
+local dual_window = tonumber(ARGV[9])
+local tomb_ms = tonumber(ARGV[10])
+local slack_ms = tonumber(ARGV[11])
+local now = now_ms()
+
+local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'bid', 'nd', 'k', 'dl', 'ttl', 'rr', 'tk',
+  'rl', 'rn', 'lv', 'lt', 'lost', 'tr')
+if not f[1] then
+  return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0})
+end
+local st, v, ep = tonumber(f[1]), num(f[2]), num(f[3])
+local bid, nd, k = f[4] or '', f[5] or '', num(f[6])
+
+-- A rejection that reports the current record and changes nothing.
+local function reject(status, reason, state, tr, expired_now)
+  return reply({status, reason, v, ep, '', nd, '', now, state, 0, expired_now, 0, tr, st, k})
+end
+
+-- 2. tombstone
+if st == S.TERMINATED then
+  local tr = num(f[16])
+  local status = tombstone_status(tr)
+  local reason = R.TERMINATED
+  if status == ST.EXPIRED then reason = R.EXPIRED end
+  return reject(status, reason, st, tr, 0)
+end
+
+-- 3. deadline (authoritative; key expiry only collects garbage)
+if now >= num(f[7]) then
+  if next_state(st, EV.EXPIRE) ~= S.TERMINATED then
+    return reject(ST.ILLEGAL_TRANSITION, R.POLICY_DENIED, st, 0, 0)
+  end
+  v = write_tombstone(key, nkey, v, TR.EXPIRED, now, tomb_ms)
+  return reject(ST.EXPIRED, R.EXPIRED, S.TERMINATED, TR.EXPIRED, 1)
+end
+
+-- 4. timestamp window
+if math.abs(client_ts - now) > window then
+  return reject(ST.CLOCK_SKEW, R.CLOCK_SKEW, st, 0, 0)
+end
+
+-- 5. nonce: an idempotent retry, or a replay
+local tag = string.sub(redis.sha1hex(ARGV[7]), 1, 16)
+local seen = redis.call('HGET', nkey, nonce)
+if seen then
+  local _, dstatus, dreason, dv, dep, dbid, dnd, dtag = cmsgpack.unpack(seen)
+  if dtag ~= tag then
+    return reject(ST.REPLAYED_NONCE, R.REPLAYED_NONCE, st, 0, 0)
+  end
+  local current = 0
+  if dstatus == ST.OK and dep == ep and dbid == bid then current = 1 end
+  -- A write, so that durable mode's WAIT after this call covers the recorded decision.
+  redis.call('PEXPIRE', nkey, math.max(redis.call('PTTL', nkey), 1000))
+  return reply({dstatus, dreason, dv, dep, dbid, dnd, '', now, st, 1, 0, current, 0, st, k})
+end
+
+-- 6. prune the nonce cache; refuse a flood without recording it
+local rr = num(f[9])
+local horizon = now - 2 * window
+local entries = redis.call('HGETALL', nkey)
+local live, stale = 0, {}
+for i = 1, #entries, 2 do
+  local ts = cmsgpack.unpack(entries[i + 1])
+  if ts < horizon then stale[#stale + 1] = entries[i] else live = live + 1 end
+end
+if #stale > 0 then redis.call('HDEL', nkey, unpack(stale)) end
+if live >= 4 * rr + 16 then
+  return reject(ST.RATE_LIMITED, R.RATE_LIMITED, st, 0, 0)
+end
+
+local gc_ms = num(f[7]) - now + slack_ms
+
+-- Record this nonce's decision (from here on every decision is recorded).
+local function decide(status, reason, dv, dep, dbid, dnd)
+  redis.call('HSET', nkey, nonce, cmsgpack.pack(now, status, reason, dv, dep, dbid, dnd, tag))
+  redis.call('PEXPIRE', nkey, gc_ms)
+end
+
+local function refuse(status, reason)
+  decide(status, reason, v, ep, '', '')
+  return reject(status, reason, st, 0, 0)
+end
+
+-- 7. rate limit: rr attempts per fixed 60 s window
+local rl, rn = num(f[11]), num(f[12])
+if now - rl >= 60000 then rl, rn = now, 0 end
+if rn >= rr then
+  return refuse(ST.RATE_LIMITED, R.RATE_LIMITED)
+end
+rn = rn + 1
+redis.call('HSET', key, 'rl', rl, 'rn', rn)
+
+-- 8. transport policy
+if bit.band(num(f[10]), 2 ^ kind) == 0 then
+  return refuse(ST.POLICY_DENIED, R.POLICY_DENIED)
+end
+
+-- 9. version CAS (with the transport-loss rule)
+local lost = tonumber(f[15])
+if expected ~= v and not (st == S.RECOVERING and lost ~= nil and expected == lost) then
+  local lv, lt = tonumber(f[13]), num(f[14])
+  if lv ~= nil and expected == lv and now - lt < dual_window then
+    return refuse(ST.DUAL_ACTIVE_CONFLICT, R.DUAL_ACTIVE_CONFLICT)
+  end
+  return refuse(ST.STALE_VERSION, R.STALE_VERSION)
+end
+
+-- 10. the table
+local to = next_state(st, EV.REATTACH)
+if to == nil then
+  return refuse(ST.ILLEGAL_TRANSITION, R.POLICY_DENIED)
+end
+
+-- 11. bind the new transport
+local nv, nep = v + 1, ep + 1
+local ttl = num(f[8])
+redis.call('HSET', key, 'st', to, 'v', nv, 'ep', nep, 'bid', new_bid, 'nd', new_node,
+  'k', kind, 'dl', now + ttl, 'lv', expected, 'lt', now)
+redis.call('HDEL', key, 'lost')
+redis.call('PEXPIRE', key, ttl + slack_ms)
+gc_ms = ttl + slack_ms
+decide(ST.OK, 0, nv, nep, new_bid, new_node)
+return reply({ST.OK, 0, nv, nep, new_bid, new_node, nd, now, to, 0, 0, 1, 0, st, k})
