@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print(keys.public.hex())
         return 0
     if args.check_config:
-        from session.config import config_as_dict
-
         import json
+
+        from session.config import config_as_dict
 
         print(json.dumps(config_as_dict(cfg, redact=True), indent=2))
         return 0

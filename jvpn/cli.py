@@ -250,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             from jvpn import demo
 
             return demo.main(argv[1:])
-        from jvpn import bench
+        import importlib
 
-        return bench.main(argv[1:])
+        bench = importlib.import_module("jvpn.bench")
+        return int(bench.main(argv[1:]))
     args = build_parser().parse_args(argv)
     t0 = time.monotonic()
     try:

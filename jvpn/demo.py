@@ -216,7 +216,7 @@ def _summary(app: GatewayApp, agents: list[DemoAgent]) -> dict[str, object]:
             "transport": m.kind.name.lower(), "session_id": m.session_id.hex(),
             "sessions": a.agent.handshakes,
         })
-    switches = {}
+    switches: dict[str, int] = {}
     exposition = app.metrics.exposition().decode()
     for line in exposition.splitlines():
         if line.startswith("jvpn_transport_switch_total{"):
