@@ -99,7 +99,7 @@ class GatewayApp:
             dual_active_window_ms=int(cfg.dual_active_window_s * 1000),
             sweep_interval=cfg.sweep_interval_s,
             handshake_retry_threshold=float(cfg.handshake_retry_threshold),
-            max_sessions=cfg.max_sessions,
+            max_sessions=cfg.max_sessions, lease_s=cfg.lease_s,
         )
         self.node = GatewayNode(settings, self.store, self.keys.private, self.keys.kek,
                                 self.events, self.metrics)

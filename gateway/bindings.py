@@ -82,6 +82,7 @@ class Binding:
     rx_unvalidated: int = 0
     tx_unvalidated: int = 0
     last_refresh: float = 0.0
+    confirmed_at: float = 0.0  # monotonic time the store last confirmed we own this binding
     transition_pending: bool = False
     upstream: asyncio.DatagramTransport | None = None
     rx_packets: int = 0

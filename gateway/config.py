@@ -77,6 +77,10 @@ class GatewayConfig:
         1000, min=-1, max=10_000_000, help="handshakes/s needing a RETRY cookie; 0 always, -1 never"
     )
     max_sessions: int = setting(100_000, min=1, max=100_000_000)
+    lease_s: float = setting(
+        3.0, min=0.1, max=3600.0,
+        help="stop forwarding when the store has not answered for this long (fail closed)",
+    )
     events: EventsConfig = setting(default_factory=EventsConfig)
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
 

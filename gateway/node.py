@@ -60,6 +60,7 @@ class NodeSettings:
     sweep_interval: float = 1.0
     handshake_retry_threshold: float = -1.0  # handshakes/s before RETRY; 0 always, <0 never
     max_sessions: int = 1_000_000
+    lease_s: float = 3.0  # forward only while the store answered within this (monotonic)
 
     @property
     def node_bytes(self) -> bytes:
@@ -92,6 +93,10 @@ class GatewayNode:
         self._notice_sent: dict[bytes, float] = {}
         self.store_ok = False
         self.store_error = "not checked yet"
+        # The lease (fail closed): forward only while the store answered within lease_s, and
+        # only for bindings the store confirmed after the last lapse.
+        self._store_ok_at = float("-inf")
+        self._trust_since = float("-inf")
         self.udp_address: tuple[str, int] | None = None
         self.tcp_address: tuple[str, int] | None = None
         metrics.sessions_callback = self._sessions_by_state
@@ -178,15 +183,21 @@ class GatewayNode:
 
     # ---- data plane ----------------------------------------------------------------------
 
+    def _leased(self, b: Binding, now: float) -> bool:
+        """Whether this node may still forward for ``b`` (see the lease in __init__)."""
+        return now - self._store_ok_at < self.settings.lease_s and b.confirmed_at >= self._trust_since
+
     def _handle_data(self, msg: wire.Data, raw: bytes, peer: Peer) -> None:
         b = self.bindings.get(msg.session_id)
         if b is None or b.epoch != msg.epoch:
             self._maybe_not_bound(msg.session_id, peer, len(raw))
             raise RemoteProtocolError(
                 DropReason.UNKNOWN_SESSION if b is None else DropReason.STALE_EPOCH, "DATA")
+        now = self.clock()
+        if not self._leased(b, now):
+            raise RemoteProtocolError(DropReason.LEASE_EXPIRED, "DATA")
         plain = b.channel.open(msg, raw)  # replay window + AEAD; raises on failure
         inner = wire.decode_inner(plain)
-        now = self.clock()
         if peer != b.peer:
             self._roam(b, peer)
         if not b.validated:
@@ -248,6 +259,9 @@ class GatewayNode:
         b = self.bindings.get(session_id)
         if b is None or not b.validated or len(data) > wire.MAX_PAYLOAD_SIZE:
             self.metrics.count_drop(DropReason.NOT_VALIDATED, wire.TransportKind.UDP)
+            return
+        if not self._leased(b, self.clock()):
+            self.metrics.count_drop(DropReason.LEASE_EXPIRED, wire.TransportKind.UDP)
             return
         self._send(b, b.channel.seal(wire.inner_payload(data)))
 
@@ -456,8 +470,9 @@ class GatewayNode:
         old = self.bindings.pop(sid, None)
         if old is not None:
             old.close()
+        now = self.clock()
         b = Binding(sid, epoch, bid, DataChannel(g2c, c2g, sid, epoch), peer, secrets, version,
-                    state, last_rx=self.clock(), last_refresh=self.clock())
+                    state, last_rx=now, last_refresh=now, confirmed_at=now)
         self.bindings[sid] = b
         return b
 
@@ -619,6 +634,15 @@ class GatewayNode:
             server_ms = await self.store.server_time_ms()
             t1 = self.clock()
             self._store_offset_ms = server_ms - (t0 + t1) / 2 * 1000
+            if t0 - self._store_ok_at >= self.settings.lease_s and self.bindings:
+                # The lease lapsed (outage, or this process was paused): every binding must be
+                # confirmed by the store again before it carries data; refresh them all now.
+                self._trust_since = t0
+                for b in self.bindings.values():
+                    b.last_refresh = float("-inf")
+                log.warning("store lease lapsed: re-confirming %d bindings", len(self.bindings))
+                self.events.emit("lease_lapsed", outcome="success", bindings=len(self.bindings))
+            self._store_ok_at = t0
             if not self.store_ok:
                 log.info("store reachable")
             self.store_ok = True
@@ -632,7 +656,7 @@ class GatewayNode:
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self.settings.lease_s / 3))
             await self._check_store()
 
     async def _maintenance_loop(self) -> None:
@@ -651,13 +675,15 @@ class GatewayNode:
                         self._spawn(self._transition(b, SessionEvent.TRANSPORT_LOST,
                                                      "gateway: binding silent"), b.peer)
                 refresh_every = max(interval, b.secrets.ttl_ms / 1000 / 4)
-                if not b.lost and now - b.last_refresh >= refresh_every:
+                unconfirmed = b.confirmed_at < self._trust_since
+                if (not b.lost or unconfirmed) and now - b.last_refresh >= refresh_every:
                     b.last_refresh = now
                     refreshes.append(b)
             if refreshes:
                 await asyncio.gather(*(self._refresh(b) for b in refreshes))
 
     async def _refresh(self, b: Binding) -> None:
+        t0 = self.clock()
         try:
             res = await self.store.refresh(b.session_id, b.epoch, self.settings.node_id)
         except StoreUnavailable:
@@ -666,6 +692,8 @@ class GatewayNode:
             return
         if res.status is StoreStatus.OK:
             b.version = max(b.version, res.version)
+            b.confirmed_at = max(b.confirmed_at, t0)
+            self._store_ok_at = max(self._store_ok_at, t0)
             return
         # NOT_OWNER, TERMINATED or EXPIRED: this node must stop forwarding (fencing).
         if res.status in (StoreStatus.TERMINATED, StoreStatus.EXPIRED) and b.validated:

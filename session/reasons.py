@@ -54,6 +54,7 @@ class DropReason(IntEnum):
     UNEXPECTED = 14
     POLICY = 15
     QUEUE_FULL = 16
+    LEASE_EXPIRED = 17  # this node could not confirm its bindings with the store in time
 
 
 class NoticeKind(IntEnum):
