@@ -46,6 +46,7 @@ HANDSHAKE_WINDOW_MS = 120_000
 RETRY_TOKEN_LIFETIME_S = 10
 NOTICE_INTERVAL_S = 0.5  # at most one NOT_BOUND_HERE per session per interval
 MAX_CONTROL_TASKS = 4096
+HANDSHAKE_ANSWER_CACHE = 10_000
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class GatewayNode:
         self._hs_times: list[float] = []
         self._store_offset_ms = 0.0  # store clock minus our monotonic ms
         self._notice_sent: dict[bytes, float] = {}
+        # Answers to recent handshakes, so a retransmitted INIT (its answer was lost) from the
+        # same address gets the same answer; from another address it is a replay.
+        self._hs_answers: OrderedDict[bytes, tuple[tuple[int, str, int], bytes]] = OrderedDict()
         self.store_ok = False
         self.store_error = "not checked yet"
         # The lease (fail closed): forward only while the store answered within lease_s, and
@@ -389,6 +393,15 @@ class GatewayNode:
             return
         client_hex = responder.client_static.hex()
         hello = responder.hello
+        digest = hashlib.sha256(msg.noise).digest()
+        cached = self._hs_answers.get(digest)
+        if cached is not None:
+            if cached[0] == peer.key:
+                peer.send(cached[1])  # retransmission: same answer, nothing created twice
+                self.metrics.handshake("retransmit", "")
+            else:
+                self._handshake_replay(peer)
+            return
 
         def refuse(reason: RejectReason, detail: str) -> None:
             out = wire.encode(wire.HandshakeResp(
@@ -415,13 +428,8 @@ class GatewayNode:
                 return refuse(RejectReason.POLICY_DENIED, f"transport {hello.kind.name} not allowed")
             if hello.upstream not in policy.upstreams:
                 return refuse(RejectReason.POLICY_DENIED, f"upstream {hello.upstream!r} not allowed")
-            if not await self.store.claim_handshake(hashlib.sha256(msg.noise).digest(),
-                                                    HANDSHAKE_WINDOW_MS * 2):
-                self.events.security_event("handshake_replay", "REPLAYED_NONCE",
-                                           source_ip=peer.addr[0])
-                self.metrics.security("handshake_replay")
-                self._drop(DropReason.REPLAYED, peer)
-                return
+            if not await self.store.claim_handshake(digest, HANDSHAKE_WINDOW_MS * 2):
+                return self._handshake_replay(peer)
             if len(self.bindings) >= self.settings.max_sessions:
                 return refuse(RejectReason.OVERLOADED, "node at max_sessions")
             sid = os.urandom(wire.SESSION_ID_LEN)
@@ -451,12 +459,21 @@ class GatewayNode:
         self._cache(sid, secrets)
         b = self._bind(sid, 1, bid, peer, secrets, born.version, SessionState.ATTACHED)
         b.rx_unvalidated = len(raw)
-        self._send_control(b, wire.encode(wire.HandshakeResp(sid, msg.handshake_id, msg2)))
+        answer = wire.encode(wire.HandshakeResp(sid, msg.handshake_id, msg2))
+        self._hs_answers[digest] = (peer.key, answer)
+        while len(self._hs_answers) > HANDSHAKE_ANSWER_CACHE:
+            self._hs_answers.popitem(last=False)
+        self._send_control(b, answer)
         self.metrics.handshake("ok", "")
         self._state_changed(sid, SessionState.BIRTH, SessionState.ATTACHED, born.version, 1,
                             "handshake", peer.addr[0])
         self.events.emit("handshake", outcome="success", session_id=sid,
                          source_ip=peer.addr[0], duration_ms=(time.perf_counter() - t0) * 1000)
+
+    def _handshake_replay(self, peer: Peer) -> None:
+        self.events.security_event("handshake_replay", "REPLAYED_NONCE", source_ip=peer.addr[0])
+        self.metrics.security("handshake_replay")
+        self._drop(DropReason.REPLAYED, peer)
 
     def _send_control(self, b: Binding, data: bytes) -> None:
         if b.may_send(len(data)):
