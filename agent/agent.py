@@ -151,11 +151,13 @@ class Agent:
         self._pump()
         return ok
 
-    async def jump(self, kind: str = "udp", reason: str = "jump") -> None:
-        """Move the session to a fresh transport on purpose (new source port or UDP->TCP)."""
+    async def jump(self, kind: str = "udp", reason: str = "jump",
+                   remote: tuple[str, int] | None = None) -> None:
+        """Move the session to a fresh transport on purpose (new source port, UDP->TCP, node)."""
         if not self.machine.attached:
             return
-        remote = (self.settings.gateways if kind == "udp" else self.settings.tcp_gateways)[0]
+        if remote is None:
+            remote = (self.settings.gateways if kind == "udp" else self.settings.tcp_gateways)[0]
         path = await self._open_path(kind, remote)
         if path is None:
             return
