@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,7 @@ HANDSHAKE_WINDOW_MS = 120_000
 RETRY_TOKEN_LIFETIME_S = 10
 NOTICE_INTERVAL_S = 0.5  # at most one NOT_BOUND_HERE per session per interval
 MAX_CONTROL_TASKS = 4096
+UDP_SOCKET_BUFFER = 4 << 20  # bytes asked for the listener's receive and send buffers
 HANDSHAKE_ANSWER_CACHE = 10_000
 
 
@@ -115,6 +117,7 @@ class GatewayNode:
             self._udp, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpProtocol(self), local_addr=udp)
             self.udp_address = self._udp.get_extra_info("sockname")[:2]
+            _grow_buffers(self._udp)
         if tcp is not None:
             self._tcp = await loop.create_server(lambda: _TcpProtocol(self), tcp[0], tcp[1])
             self.tcp_address = self._tcp.sockets[0].getsockname()[:2]
@@ -291,6 +294,8 @@ class GatewayNode:
     async def _send_not_bound(self, sid: bytes, peer: Peer, size: int) -> None:
         try:
             secrets, rec = await self._secrets_for(sid)
+            if rec is None and secrets is not None:  # a cache hit: the record is still needed
+                rec = await self.store.get(sid)
         except StoreUnavailable:
             return
         if secrets is None or rec is None:
@@ -586,7 +591,15 @@ class GatewayNode:
         ack = wire.ReattachAck(sid, req.nonce, res.version, res.epoch, res.binding_id, node_id,
                                self._store_ms())
         if res.retry:
-            # Idempotent retransmission: same answer, nothing changes twice.
+            # Idempotent retransmission: same answer, nothing changes twice. But if the first
+            # run's outcome never reached us (the store paused: we answered STORE_UNAVAILABLE
+            # and the CAS applied late), we do not hold the binding this ACK grants: adopt it.
+            cur = self.bindings.get(sid)
+            if (res.binding_current and res.node == self.settings.node_id
+                    and (cur is None or cur.epoch < res.epoch)):
+                b = self._bind(sid, res.epoch, res.binding_id, peer, secrets, res.version,
+                               res.state or SessionState.ATTACHED)
+                b.rx_unvalidated = len(raw)
             answer(ack, keys.control_key)
             self.metrics.reattach("retry", "", time.perf_counter() - t0)
             return
@@ -756,6 +769,22 @@ class GatewayNode:
 
 
 # ---- asyncio adapters ------------------------------------------------------------------------
+
+
+def _grow_buffers(transport: asyncio.BaseTransport) -> None:
+    """Ask for UDP_SOCKET_BUFFER both ways (the kernel caps it at net.core.[rw]mem_max).
+
+    The 208 KiB default holds only ~270 small datagrams: a burst of reattaches
+    (a NAT rebinding storm) while the loop is busy would be dropped by the kernel.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
+        except OSError:
+            pass
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
