@@ -1,6 +1,6 @@
 # Jumping VPN developer entry points. From a fresh clone: `make test`.
 #   make venv   .venv with the project installed editable (+test, dev extras)
-#   make deps   Debian packages the tests and the demo need (redis-server)
+#   make deps   Debian packages the tests and the demo need (redis, nginx+njs, prometheus, compose)
 #   make demo   run the local demo         make bench   run the benchmark
 #   make test   lint, then the test suite  make lint    ruff, import contracts, mypy
 #   make clean  caches and build output    make distclean   also the .venv
@@ -19,8 +19,15 @@ BIN := $(VENV)/bin
 # Re-install only when pyproject.toml is newer than this stamp.
 STAMP := $(VENV)/.jvpn-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
-# Debian packages as command:package; `deps` installs what is missing.
-DEB_DEPS := redis-server:redis-server
+# Debian packages as command:package (or /absolute/file:package for what has no
+# command, e.g. an nginx module); `deps` installs what is missing. nginx + njs,
+# Prometheus and docker-compose (only `docker-compose config`, no engine: the
+# install skips recommends) are for the cluster tests (tests/cluster).
+NGINX_MODULES := /usr/lib/nginx/modules
+DEB_DEPS := redis-server:redis-server nginx:nginx \
+  $(NGINX_MODULES)/ngx_stream_module.so:libnginx-mod-stream \
+  $(NGINX_MODULES)/ngx_stream_js_module.so:libnginx-mod-stream-js \
+  prometheus:prometheus promtool:prometheus docker-compose:docker-compose
 
 PYTHON ?=
 ARGS ?=
@@ -66,8 +73,10 @@ deps:
 	@missing=""; \
 	for dep in $(DEB_DEPS); do \
 	  cmd=$${dep%%:*}; pkg=$${dep#*:}; \
-	  if ! command -v "$$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$$cmd" ] && [ ! -x "/usr/bin/$$cmd" ]; then \
-	    missing="$$missing $$pkg"; \
+	  if [ "$${cmd:0:1}" = / ]; then \
+	    [ -e "$$cmd" ] || missing="$$missing $$pkg"; \
+	  elif ! command -v "$$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$$cmd" ] && [ ! -x "/usr/bin/$$cmd" ]; then \
+	    case " $$missing " in *" $$pkg "*) ;; *) missing="$$missing $$pkg";; esac; \
 	  fi; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -102,6 +111,8 @@ test: deps venv
 	exit $$rc
 
 clean:
+	@# .jvpn holds `jvpn cluster` state: stop a running local cluster before deleting it.
+	@if [ -f .jvpn/cluster/cluster.json ] && [ -x $(BIN)/jvpn ]; then $(BIN)/jvpn cluster down || true; fi
 	@rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .jvpn
 	@find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 

@@ -77,7 +77,8 @@ class Agent:
                                      settings.params)
         self.paths: dict[int, Path] = {}
         self._next_path = 1
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # when self._timer fires
         self._loop: asyncio.AbstractEventLoop | None = None
         self._local: asyncio.DatagramTransport | None = None
         self._app_addr: tuple[str, int] | None = None
@@ -272,11 +273,16 @@ class Agent:
             self._handle_event(ev)
         if self._stopped:
             return
+        # Re-arm only for an earlier deadline: a timer that fires early is harmless
+        # (handle_timer acts only on what is due, and the pump re-arms), while
+        # cancel + call_at on every datagram is not. (uvloop's call_at for a past
+        # time returns a plain Handle, with no when(): keep our own copy.)
         when = m.get_timer()
-        if self._timer is not None and (when is None or self._timer.when() != when):
-            self._timer.cancel()
-            self._timer = None
-        if when is not None and self._timer is None and self._loop is not None:
+        if when is not None and self._loop is not None and (
+                self._timer is None or when < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = when
             self._timer = self._loop.call_at(when, self._on_timer)
 
     def _handle_event(self, ev: object) -> None:

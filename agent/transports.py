@@ -116,6 +116,10 @@ class TcpPath(Path, asyncio.Protocol):
         for f in frames:
             if not self.closed:
                 self._on_receive(self.path_id, f)
+        if self._decoder.error is not None:  # a bad length right after these frames
+            self._failed("bad frame from gateway")
+            if self.transport is not None:
+                self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._failed(f"tcp connection lost: {exc}" if exc else "tcp connection closed")

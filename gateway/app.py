@@ -10,6 +10,7 @@ node must share the static key and the KEK).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from gateway.config import GatewayConfig, load_kek, load_private_key
 from gateway.events import EventBus, sinks_from_config
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings
+from gateway.tracing import Tracing
 from session.config import parse_address
 from session.noise import generate_keypair, public_key
 from store.api import SessionStore, StoreConfig
@@ -54,8 +56,10 @@ def resolve_keys(cfg: GatewayConfig) -> Keys:
 class GatewayApp:
     """One gateway process: start() brings everything up, stop() takes it down."""
 
-    def __init__(self, cfg: GatewayConfig, keys: Keys | None = None) -> None:
+    def __init__(self, cfg: GatewayConfig, keys: Keys | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.cfg = cfg
+        self.tracing = tracing  # None: Tracing.from_env() at start (off unless OTEL_* ask)
         self.keys = keys or resolve_keys(cfg)
         self.embedded: EmbeddedRedis | None = None
         self.store: SessionStore | None = None
@@ -101,8 +105,10 @@ class GatewayApp:
             handshake_retry_threshold=float(cfg.handshake_retry_threshold),
             max_sessions=cfg.max_sessions, lease_s=cfg.lease_s,
         )
+        if self.tracing is None:
+            self.tracing = Tracing.from_env(cfg.node_id)
         self.node = GatewayNode(settings, self.store, self.keys.private, self.keys.kek,
-                                self.events, self.metrics)
+                                self.events, self.metrics, tracing=self.tracing)
         udp = parse_address(cfg.listen_udp) if cfg.listen_udp else None
         tcp = parse_address(cfg.listen_tcp) if cfg.listen_tcp else None
         await self.node.start(udp, tcp)
@@ -122,6 +128,8 @@ class GatewayApp:
             self._admin = None
         if self.node is not None:
             await self.node.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flush; bounded (5 s), off the loop
         if self.events is not None:
             await self.events.stop()
         if self.store is not None:

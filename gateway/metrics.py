@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from importlib import metadata
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -99,6 +100,8 @@ class Metrics:
             ["op"], buckets=STORE_BUCKETS, registry=r,
         )  # fmt: skip
         self._store_up = Gauge("jvpn_store_up", "1 if the store answered last check", registry=r)
+        # (metric, label values) -> labelled child: labels() costs ~1.5 us, a dict hit ~0.1 us.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         info = Info("jvpn_node", "This gateway node", registry=r)
         info.info({"node": node, "version": _version()})
         r.register(_HotPathCollector(self))
@@ -107,31 +110,39 @@ class Metrics:
 
     # ---- control plane ------------------------------------------------------------------
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (label sets are bounded: enums and kinds)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def transport_switch(self, from_: Label, to: Label, reason: Label) -> None:
         """Count a rebind from transport kind ``from_`` to ``to`` (e.g. "udp" -> "tcp")."""
-        self._transport_switch.labels(_transport(from_), _transport(to), _label(reason)).inc()
+        self._child(self._transport_switch, _transport(from_), _transport(to), _label(reason)).inc()
 
     def state_change(self, from_: Label, to: Label) -> None:
         """Count a session state transition."""
-        self._state_change.labels(_label(from_), _label(to)).inc()
+        self._child(self._state_change, _label(from_), _label(to)).inc()
 
     def reattach(self, outcome: str, reason: Label, latency_s: float | None = None) -> None:
         """Count a reattach result (ok / rejected / retry ...) and observe its latency."""
-        self._reattach.labels(outcome, _label(reason)).inc()
+        self._child(self._reattach, outcome, _label(reason)).inc()
         if latency_s is not None:
-            self._reattach_latency.labels(outcome).observe(latency_s)
+            self._child(self._reattach_latency, outcome).observe(latency_s)
 
     def handshake(self, outcome: str, reason: Label) -> None:
         """Count a handshake result."""
-        self._handshake.labels(outcome, _label(reason)).inc()
+        self._child(self._handshake, outcome, _label(reason)).inc()
 
     def security(self, kind: Label) -> None:
         """Count a security event of ``kind``."""
-        self._security.labels(_label(kind)).inc()
+        self._child(self._security, _label(kind)).inc()
 
     def store_latency(self, op: str, seconds: float) -> None:
         """Observe one store round trip."""
-        self._store_latency.labels(op).observe(seconds)
+        self._child(self._store_latency, op).observe(seconds)
 
     def set_store_up(self, up: bool) -> None:
         """Record whether the store answers."""

@@ -29,6 +29,7 @@ from typing import Any
 from gateway.bindings import Binding, Peer, SessionSecrets
 from gateway.events import EventBus, fingerprint
 from gateway.metrics import Metrics
+from gateway.tracing import SpanCtx, Tracing
 from session import control, wire
 from session.errors import RemoteProtocolError, SessionError
 from session.framing import DataChannel
@@ -75,7 +76,8 @@ class GatewayNode:
 
     def __init__(self, settings: NodeSettings, store: SessionStore, static_priv: bytes,
                  kek: bytes, events: EventBus, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.store = store
         self._static = static_priv
@@ -83,6 +85,7 @@ class GatewayNode:
         self.events = events
         self.metrics = metrics
         self.clock = clock
+        self.tracing = tracing or Tracing.disabled(settings.node_id)
         self.node = settings.node_bytes
         self.bindings: dict[bytes, Binding] = {}
         self._secrets: OrderedDict[bytes, SessionSecrets] = OrderedDict()
@@ -197,7 +200,8 @@ class GatewayNode:
     def _handle_data(self, msg: wire.Data, raw: bytes, peer: Peer) -> None:
         b = self.bindings.get(msg.session_id)
         if b is None or b.epoch != msg.epoch:
-            self._maybe_not_bound(msg.session_id, peer, len(raw))
+            if b is None:  # a stale epoch is the sender's problem, not a missing binding
+                self._maybe_not_bound(msg.session_id, peer, len(raw))
             raise RemoteProtocolError(
                 DropReason.UNKNOWN_SESSION if b is None else DropReason.STALE_EPOCH, "DATA")
         now = self.clock()
@@ -205,7 +209,7 @@ class GatewayNode:
             raise RemoteProtocolError(DropReason.LEASE_EXPIRED, "DATA")
         plain = b.channel.open(msg, raw)  # replay window + AEAD; raises on failure
         inner = wire.decode_inner(plain)
-        if peer != b.peer:
+        if peer is not b.peer and peer != b.peer:  # the UDP listener reuses Peer objects
             self._roam(b, peer)
         if not b.validated:
             b.validated = True
@@ -378,6 +382,11 @@ class GatewayNode:
         return len(self._hs_times) > threshold
 
     async def _handle_handshake(self, msg: wire.HandshakeInit, raw: bytes, peer: Peer) -> None:
+        with self.tracing.handshake(peer) as span:
+            await self._handshake(msg, raw, peer, span)
+
+    async def _handshake(self, msg: wire.HandshakeInit, raw: bytes, peer: Peer,
+                         span: SpanCtx) -> None:
         t0 = time.perf_counter()
         now = self.clock()
         if not msg.token and self._needs_retry(now):
@@ -386,14 +395,17 @@ class GatewayNode:
             if len(out) <= 3 * len(raw):
                 peer.send(out)
             self.metrics.handshake("retry", "")
+            span.set(outcome="retry")
             return
         if msg.token and not self._token_valid(msg.token, peer):
+            span.set(outcome="dropped", reason=DropReason.BAD_MAC)
             self._drop(DropReason.BAD_MAC, peer)
             return
         try:
             responder = Responder(self._static, msg.handshake_id, msg.noise)
         except SessionError:
             self.metrics.handshake("dropped", "BAD_HANDSHAKE")
+            span.set(outcome="dropped", reason=DropReason.BAD_HANDSHAKE)
             self._drop(DropReason.BAD_HANDSHAKE, peer)
             return
         client_hex = responder.client_static.hex()
@@ -404,7 +416,9 @@ class GatewayNode:
             if cached[0] == peer.key:
                 peer.send(cached[1])  # retransmission: same answer, nothing created twice
                 self.metrics.handshake("retransmit", "")
+                span.set(outcome="retransmit")
             else:
+                span.set(outcome="dropped", reason=DropReason.REPLAYED)
                 self._handshake_replay(peer)
             return
 
@@ -415,12 +429,14 @@ class GatewayNode:
             if len(out) <= 3 * len(raw):
                 peer.send(out)
             self.metrics.handshake("refused", reason.name)
+            span.set(outcome="refused", reason=reason)
             self.events.emit("handshake", outcome="failure", reason=reason.name,
-                             source_ip=peer.addr[0], detail=detail,
+                             source_ip=peer.addr[0], detail=detail, trace_id=span.trace_id,
                              **{"jvpn.client": fingerprint(responder.client_static)})
 
         try:
-            policy = await self.store.get_client(client_hex)
+            with self.tracing.store_call("get_client"):
+                policy = await self.store.get_client(client_hex)
             if policy is None:
                 self.events.security_event("unknown_client", "UNKNOWN_CLIENT",
                                            source_ip=peer.addr[0],
@@ -433,7 +449,10 @@ class GatewayNode:
                 return refuse(RejectReason.POLICY_DENIED, f"transport {hello.kind.name} not allowed")
             if hello.upstream not in policy.upstreams:
                 return refuse(RejectReason.POLICY_DENIED, f"upstream {hello.upstream!r} not allowed")
-            if not await self.store.claim_handshake(digest, HANDSHAKE_WINDOW_MS * 2):
+            with self.tracing.store_call("claim_handshake"):
+                fresh = await self.store.claim_handshake(digest, HANDSHAKE_WINDOW_MS * 2)
+            if not fresh:
+                span.set(outcome="dropped", reason=DropReason.REPLAYED)
                 return self._handshake_replay(peer)
             if len(self.bindings) >= self.settings.max_sessions:
                 return refuse(RejectReason.OVERLOADED, "node at max_sessions")
@@ -445,15 +464,18 @@ class GatewayNode:
                 self._store_ms(), ttl_ms, int(self.settings.keepalive_interval * 1000))
             msg2, secret = responder.accept(server_hello)
             t1 = time.perf_counter()
-            born = await self.store.birth(
-                session_id=sid, wrapped_secret=wrap_secret(self._kek, secret, sid),
-                client_id=client_hex, node=self.settings.node_id, binding_id=bid,
-                kind=peer.kind, upstream=hello.upstream, policy=policy)
+            with self.tracing.store_call("birth") as st:
+                born = await self.store.birth(
+                    session_id=sid, wrapped_secret=wrap_secret(self._kek, secret, sid),
+                    client_id=client_hex, node=self.settings.node_id, binding_id=bid,
+                    kind=peer.kind, upstream=hello.upstream, policy=policy)
+                st.set(outcome=born.status.name)
             self.metrics.store_latency("birth", time.perf_counter() - t1)
             if not born.ok:
                 return refuse(RejectReason.STORE_UNAVAILABLE, f"birth: {born.status.name}")
         except StoreUnavailable as exc:
             self.metrics.handshake("refused", "STORE_UNAVAILABLE")
+            span.set(outcome="refused", reason=RejectReason.STORE_UNAVAILABLE)
             out = wire.encode(wire.Reject(msg.handshake_id, bytes(wire.NONCE_LEN),
                                           RejectReason.STORE_UNAVAILABLE, 0, 0))
             if len(out) <= 3 * len(raw):
@@ -470,10 +492,12 @@ class GatewayNode:
             self._hs_answers.popitem(last=False)
         self._send_control(b, answer)
         self.metrics.handshake("ok", "")
+        span.set(outcome="ok", session_id=sid, version=born.version, epoch=1)
         self._state_changed(sid, SessionState.BIRTH, SessionState.ATTACHED, born.version, 1,
                             "handshake", peer.addr[0])
         self.events.emit("handshake", outcome="success", session_id=sid,
-                         source_ip=peer.addr[0], duration_ms=(time.perf_counter() - t0) * 1000)
+                         source_ip=peer.addr[0], duration_ms=(time.perf_counter() - t0) * 1000,
+                         trace_id=span.trace_id)
 
     def _handshake_replay(self, peer: Peer) -> None:
         self.events.security_event("handshake_replay", "REPLAYED_NONCE", source_ip=peer.addr[0])
@@ -507,7 +531,8 @@ class GatewayNode:
             self._secrets.move_to_end(sid)
             return cached, None
         t0 = time.perf_counter()
-        rec = await self.store.get(sid)
+        with self.tracing.store_call("get"):  # a child only inside a reattach span
+            rec = await self.store.get(sid)
         self.metrics.store_latency("get", time.perf_counter() - t0)
         if rec is None or not rec.wrapped_secret:
             return None, rec
@@ -529,6 +554,11 @@ class GatewayNode:
             self._secrets.popitem(last=False)
 
     async def _handle_reattach(self, req: wire.ReattachRequest, raw: bytes, peer: Peer) -> None:
+        with self.tracing.reattach(req.session_id, peer) as span:
+            await self._reattach(req, raw, peer, span)
+
+    async def _reattach(self, req: wire.ReattachRequest, raw: bytes, peer: Peer,
+                        span: SpanCtx) -> None:
         t0 = time.perf_counter()
         sid = req.session_id
         budget = 3 * len(raw)
@@ -541,9 +571,10 @@ class GatewayNode:
         def reject(reason: RejectReason, key: bytes | None, version: int = 0) -> None:
             answer(wire.Reject(sid, req.nonce, reason, version if key else 0, self._store_ms()), key)
             self.metrics.reattach("rejected", reason.name, time.perf_counter() - t0)
+            span.set(outcome="rejected", reason=reason)
             self.events.emit("reattach", outcome="failure", reason=reason.name, session_id=sid,
                              source_ip=peer.addr[0], nonce=fingerprint(req.nonce),
-                             transport=peer.describe())
+                             transport=peer.describe(), trace_id=span.trace_id)
 
         try:
             secrets, _ = await self._secrets_for(sid)
@@ -564,12 +595,14 @@ class GatewayNode:
         bid = os.urandom(wire.BINDING_ID_LEN)
         try:
             t1 = time.perf_counter()
-            res = await self.store.reattach(
-                session_id=sid, expected_version=req.expected_version, nonce=req.nonce,
-                timestamp_ms=req.timestamp_ms, kind=req.kind, node=self.settings.node_id,
-                binding_id=bid, addr_tag=peer.describe(),
-                window_ms=self.settings.reattach_window_ms,
-                dual_active_window_ms=self.settings.dual_active_window_ms)
+            with self.tracing.store_call("reattach") as st:
+                res = await self.store.reattach(
+                    session_id=sid, expected_version=req.expected_version, nonce=req.nonce,
+                    timestamp_ms=req.timestamp_ms, kind=req.kind, node=self.settings.node_id,
+                    binding_id=bid, addr_tag=peer.describe(),
+                    window_ms=self.settings.reattach_window_ms,
+                    dual_active_window_ms=self.settings.dual_active_window_ms)
+                st.set(outcome=res.status.name)
             self.metrics.store_latency("reattach", time.perf_counter() - t1)
         except StoreUnavailable:
             return reject(RejectReason.STORE_UNAVAILABLE, keys.control_key)
@@ -602,6 +635,7 @@ class GatewayNode:
                 b.rx_unvalidated = len(raw)
             answer(ack, keys.control_key)
             self.metrics.reattach("retry", "", time.perf_counter() - t0)
+            span.set(outcome="retry", version=res.version, epoch=res.epoch)
             return
         old = self.bindings.get(sid)
         old_desc = old.peer.describe() if old is not None else f"node:{res.prev_node or '-'}"
@@ -617,6 +651,7 @@ class GatewayNode:
         answer(ack, keys.control_key)
         latency = time.perf_counter() - t0
         self.metrics.reattach("ok", "", latency)
+        span.set(outcome="ok", version=res.version, epoch=res.epoch)
         self.metrics.transport_switch(old_kind, peer.kind.name.lower(), "reattach")
         self.events.transport_switch(sid, old_desc, peer.describe(), "reattach", res.version,
                                      res.epoch, source_ip=peer.addr[0],
@@ -838,6 +873,9 @@ class _TcpProtocol(asyncio.Protocol):
             return
         for f in frames:
             self.node.on_message(f, self.peer)
+        if self.decoder.error is not None:  # a bad length right after these frames
+            self.node.metrics.count_drop(self.decoder.error.reason, wire.TransportKind.TCP)
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None:

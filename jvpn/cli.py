@@ -234,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
                    + [r.name for r in TerminateReason])
     g.set_defaults(afn=cmd_sessions_terminate)
 
+    from jvpn.audit import add_audit_parser
+
+    add_audit_parser(sub, with_store)
+
+    from jvpn.cluster import add_cluster_parser
+
+    add_cluster_parser(sub)
+
     d = sub.add_parser("demo", help="run the self-contained demo (bounded; no services needed)",
                        add_help=False)
     d.set_defaults(passthrough="demo")

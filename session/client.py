@@ -217,14 +217,14 @@ class ClientSession:
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` must next be called (None: nothing pending)."""
-        times = [t for t in (
-            self._hs.deadline if self._hs else None,
-            self._req.deadline if self._req else None,
-            self._retry_at,
-            self._next_keepalive,
-            self._dead_at(),
-        ) if t is not None]
-        return min(times) if times else None
+        # Called after every datagram by the agent: no temporary list.
+        best = self._dead_at()
+        for t in (self._hs.deadline if self._hs else None,
+                  self._req.deadline if self._req else None,
+                  self._retry_at, self._next_keepalive):
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
 
     @property
     def attached(self) -> bool:
@@ -503,6 +503,10 @@ class ClientSession:
         if msg.kind is NoticeKind.TERMINATED:
             self._terminate(f"gateway notice: {_reason_name(TerminateReason, msg.reason)}", True)
         elif msg.kind is NoticeKind.NOT_BOUND_HERE and path == self.path and self.attached:
+            # A gateway sends this in answer to any DATA it cannot place, even a forged one
+            # (the session id is cleartext): while our own path still answers, it is not ours.
+            if now - self._last_rx < 2 * self.params.keepalive_interval:
+                raise RemoteProtocolError(DropReason.UNEXPECTED, "NOT_BOUND_HERE on a live path")
             self._lose_transport(now, "gateway does not hold our binding")
 
     # ---- internals ---------------------------------------------------------------------

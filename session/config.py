@@ -53,7 +53,7 @@ T = TypeVar("T")
 ADDRESS = "address"  # host:port to bind; port 0 means "any free port"
 PEER = "peer"  # host:port to reach; port 1-65535
 URL = "url"  # http:// or https:// URL
-REDIS_URL = "redis_url"  # redis://, rediss:// or unix:// URL
+REDIS_URL = "redis_url"  # redis://, rediss://, unix:// or redis+cluster://h:p[,h:p] URL
 KEY32 = "key32"  # 32-byte key as 64 hex digits or base64
 IDENT = "ident"  # a node id: letters, digits, . _ : -, at most 64
 
@@ -562,7 +562,14 @@ def _check_text(value: str, meta: Mapping[str, Any]) -> str:
         elif kind == URL:
             _check_url(value, ("http", "https"))
         elif kind == REDIS_URL:
-            _check_url(value, ("redis", "rediss", "unix"))
+            scheme, sep, rest = value.partition("://")
+            if sep and scheme in ("redis+cluster", "rediss+cluster"):
+                # A Redis Cluster: startup nodes as host:port[,host:port...] (optional /db).
+                nodes = rest.split("/", 1)[0].rpartition("@")[2]
+                for node in nodes.split(","):
+                    parse_address(node, peer=True)
+            else:
+                _check_url(value, ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"))
         else:
             raise TypeError(f"unknown setting kind {kind!r}")
     except ValueError as exc:

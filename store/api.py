@@ -26,6 +26,15 @@ them: birth adds the session (``ZADD LT``, in the same pipeline), terminate
 removes it, and ``sweep`` moves an entry to the real deadline when it finds
 the session still live. Reattach and refresh never touch it: deadlines only
 grow, so the birth entry stays a valid lower bound.
+
+Redis Cluster: a ``redis+cluster://host:port[,host:port...]`` URL (or a
+``redis.asyncio.cluster.RedisCluster``) selects cluster mode, where
+``store.cluster.ClusterScriptBatcher`` routes each script call to its slot's
+master and batches per node. Every script keeps to one slot (the ``{sid}``
+tag); the expiry index, the generation, the registry, the handshake guard and
+the audit stream live in their own slots and are only touched by separate
+commands. ``list_sessions`` scans every master; pub/sub subscribes on any
+master (a classic PUBLISH reaches every node of the cluster).
 """
 
 from __future__ import annotations
@@ -41,12 +50,14 @@ from typing import Any, NamedTuple, TypeVar, cast
 import msgpack
 from redis import exceptions as rexc
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 
 from session.reasons import RejectReason, TerminateReason
 from session.states import TRANSITIONS, SessionEvent, SessionState
 from session.wire import BINDING_ID_LEN, NONCE_LEN, TransportKind
 from store import keys as K
 from store.batcher import Arg, ScriptBatcher, ScriptCall, translate
+from store.cluster import ClusterScriptBatcher, connect_cluster, is_cluster_url
 from store.errors import StoreError, StoreNotDurable, StoreProtocolError, StoreUnavailable
 from store.policy import ClientPolicy, decode_policy, encode_policy
 from store.scripts import load_scripts
@@ -98,6 +109,7 @@ class StoreConfig:
     wait_replicas: int = 0  # durable mode: WAIT for this many replicas after mutations
     wait_timeout_ms: int = 100
     sweep_lease_ms: int = 30_000  # a claimed sweep candidate comes due again after this
+    generation_check_s: float = 5.0  # re-read the store generation at most this often
 
     @property
     def call_timeout_s(self) -> float:
@@ -409,33 +421,57 @@ class SessionStore:
     BIRTH_VERSION = 1  # created at BIRTH v0, HANDSHAKE_COMPLETE applied: ATTACHED v1
     BIRTH_EPOCH = 1
 
-    def __init__(self, redis: Redis | str, config: StoreConfig | None = None) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster | str, config: StoreConfig | None = None
+    ) -> None:
         self.config = config or StoreConfig()
         self._owns_client = isinstance(redis, str)
-        self.redis: Redis = self._connect(redis, self.config) if isinstance(redis, str) else redis
-        if self.redis.connection_pool.connection_kwargs.get("decode_responses"):
+        self.redis: Redis | RedisCluster = (
+            self._connect(redis, self.config) if isinstance(redis, str) else redis
+        )
+        cluster = isinstance(self.redis, RedisCluster)
+        kwargs = (self.redis.get_connection_kwargs() if isinstance(self.redis, RedisCluster)
+                  else self.redis.connection_pool.connection_kwargs)  # fmt: skip
+        if kwargs.get("decode_responses"):
             raise ValueError("SessionStore needs a client with decode_responses=False")
         self._scripts = load_scripts()
-        self._batcher = ScriptBatcher(
-            self.redis,
+        batching: dict[str, Any] = dict(
             max_batch=self.config.max_batch,
             max_inflight=self.config.max_inflight,
             wait_replicas=self.config.wait_replicas,
             wait_timeout_ms=self.config.wait_timeout_ms,
             batch_timeout_s=self.config.call_timeout_s,
         )
+        self._batcher: ScriptBatcher | ClusterScriptBatcher
+        if isinstance(self.redis, RedisCluster):
+            self._batcher = ClusterScriptBatcher(
+                self.redis, max_connections=self.config.max_connections, **batching
+            )
+        else:
+            self._batcher = ScriptBatcher(self.redis, **batching)
+        self.cluster = cluster  # Redis Cluster mode (routing per slot, scans per master)
         self._tomb_ms = int(self.config.tombstone_ttl_s * 1000)
         self._slack_ms = int(self.config.gc_slack_s * 1000)
         self._clock_offset_ms: float | None = None  # server ms minus our monotonic ms
         self._generation: int | None = None
-        self._init_lock = asyncio.Lock()
+        self._gen_expires = 0.0  # monotonic time after which the generation is re-read
+        self._gen_forced_at = -1e9
+        self._gen_task: asyncio.Task[None] | None = None
+        self.generation_changes = 0  # the store's generation changed under us (wipe, rollback)
 
     @classmethod
     def from_url(cls, url: str, config: StoreConfig | None = None) -> SessionStore:
+        """``redis://`` / ``rediss://`` / ``unix://``: one instance; ``redis+cluster://h:p[,h:p...]``
+        (``rediss+cluster://`` for TLS): a Redis Cluster, the listed nodes as startup nodes."""
         return cls(url, config)
 
     @staticmethod
-    def _connect(url: str, config: StoreConfig) -> Redis:
+    def _connect(url: str, config: StoreConfig) -> Redis | RedisCluster:
+        if is_cluster_url(url):
+            return connect_cluster(
+                url, socket_timeout=config.socket_timeout_s,
+                connect_timeout=config.connect_timeout_s, max_connections=config.max_connections,
+            )  # fmt: skip
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=config.max_connections,
@@ -447,6 +483,8 @@ class SessionStore:
         return Redis(connection_pool=pool)
 
     async def close(self) -> None:
+        if self._gen_task is not None:
+            self._gen_task.cancel()
         await self._batcher.close()
         if self._owns_client:
             await self.redis.aclose()
@@ -458,7 +496,7 @@ class SessionStore:
         await self.close()
 
     @property
-    def batcher(self) -> ScriptBatcher:
+    def batcher(self) -> ScriptBatcher | ClusterScriptBatcher:
         return self._batcher
 
     # ---- plumbing ----------------------------------------------------------------------------
@@ -533,17 +571,75 @@ class SessionStore:
         return ms
 
     async def generation(self) -> int:
-        """The store generation (created once, random); stamped into every new record."""
-        if self._generation is None:
-            async with self._init_lock:  # single flight: a burst of births asks once
-                if self._generation is None:
-                    fresh = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF or 1
-                    await self._guard(self.redis.set(K.GENERATION, fresh, nx=True))
-                    raw = await self._guard(self.redis.get(K.GENERATION))
-                    self._generation = int(raw) if raw is not None else fresh
-                if self._clock_offset_ms is None:
-                    await self.server_time_ms()
+        """The store generation: stamped into every new record, checked by reattach and refresh.
+
+        Random, created by the first caller; re-read in the background every
+        ``generation_check_s`` (callers never wait for that). If ``jvpn:gen`` is
+        gone (a wiped store) a new one is created, so records of the old one,
+        should any come back, are void; ``new_generation`` starts one on purpose.
+        """
+        gen = self._generation
+        if gen is not None:
+            if time.monotonic() >= self._gen_expires:
+                self._read_generation_soon()
+            return gen
+        await asyncio.shield(self._read_generation_soon())  # first use: everyone waits once
+        if self._clock_offset_ms is None:
+            await self.server_time_ms()
+        assert self._generation is not None
         return self._generation
+
+    def _read_generation_soon(self) -> asyncio.Task[None]:
+        """The single-flight (re-)read of the generation; a burst joins one task."""
+        task = self._gen_task
+        if task is None or task.done():
+            task = self._gen_task = asyncio.get_running_loop().create_task(self._read_generation())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+        return task
+
+    async def _read_generation(self) -> None:
+        try:
+            raw = await self._guard(self.redis.get(K.GENERATION))
+            if raw is None:  # first use, or the store was wiped: a new generation
+                fresh = _random_generation(self._generation)
+                await self._guard(self.redis.set(K.GENERATION, fresh, nx=True))
+                raw = await self._guard(self.redis.get(K.GENERATION))
+            gen = int(raw) if raw is not None else fresh
+        except StoreUnavailable:
+            if self._generation is None:
+                raise
+            # Keep the known one (the key's node may be failing over while the session's
+            # node is fine); try again soon.
+            self._gen_expires = time.monotonic() + min(1.0, self.config.generation_check_s)
+            return
+        if self._generation is not None and gen != self._generation:
+            self.generation_changes += 1
+        self._generation = gen
+        self._gen_expires = time.monotonic() + self.config.generation_check_s
+
+    async def _generation_moved_from(self, used: int) -> bool:
+        """A record had another generation than ``used``: re-read now (at most every 100 ms);
+        True if the store's generation is no longer ``used`` (run again with the new one)."""
+        if time.monotonic() - self._gen_forced_at >= 0.1:
+            self._gen_forced_at = time.monotonic()
+            try:
+                await asyncio.shield(self._read_generation_soon())
+            except StoreUnavailable:
+                return False
+        return self._generation is not None and self._generation != used
+
+    async def new_generation(self) -> int:
+        """Start a new store generation (operators: after restoring a backup, or any rollback).
+
+        From then on reattach and refresh treat every record of an older
+        generation as UNKNOWN_SESSION (its client must handshake again); other
+        gateways follow within ``generation_check_s``.
+        """
+        fresh = _random_generation(self._generation)
+        await self._guard(self.redis.set(K.GENERATION, fresh))
+        self._generation = fresh
+        self._gen_expires = time.monotonic() + self.config.generation_check_s
+        return fresh
 
     # ---- sessions ----------------------------------------------------------------------------
 
@@ -617,9 +713,12 @@ class SessionStore:
         window = self.config.timestamp_window_ms if window_ms is None else int(window_ms)
         dual = (self.config.dual_active_window_ms if dual_active_window_ms is None
                 else int(dual_active_window_ms))  # fmt: skip
+        gen = self._generation
+        if gen is None or time.monotonic() >= self._gen_expires:
+            gen = await self.generation()
         args: list[Arg] = [
             expected_version, nonce, int(timestamp_ms), int(kind), node, bid, addr_tag,
-            window, dual, self._tomb_ms, self._slack_ms,
+            window, dual, self._tomb_ms, self._slack_ms, gen,
         ]  # fmt: skip
         keys = K.session_keys(session_id)
         try:
@@ -632,6 +731,10 @@ class SessionStore:
             # first run applied, its recorded decision comes back (retry=1): ours.
             r = await self._script("reattach", keys, args)
             recovered = True
+        if len(r) > 15 and await self._generation_moved_from(gen):
+            # The record is of another generation than ours, and ours was stale: again.
+            args[-1] = self._generation or gen
+            r = await self._script("reattach", keys, args)
         res = ReattachResult.from_reply(r)
         self._saw_server_time(res.server_ms)
         if recovered and res.retry:
@@ -693,7 +796,10 @@ class SessionStore:
 
     async def refresh(self, session_id: bytes, epoch: int, node: str) -> RefreshResult:
         """Keepalive by the binding owner: push the deadline (no version bump) or NOT_OWNER."""
-        args: list[Arg] = [int(epoch), node, self._tomb_ms, self._slack_ms]
+        gen = self._generation
+        if gen is None or time.monotonic() >= self._gen_expires:
+            gen = await self.generation()
+        args: list[Arg] = [int(epoch), node, self._tomb_ms, self._slack_ms, gen]
         keys = K.session_keys(session_id)
         try:
             r = await self._script("refresh", keys, args)
@@ -701,6 +807,9 @@ class SessionStore:
             if not _outcome_unknown(exc):
                 raise
             r = await self._script("refresh", keys, args)  # idempotent: run again
+        if len(r) > 9 and await self._generation_moved_from(gen):
+            args[-1] = self._generation or gen
+            r = await self._script("refresh", keys, args)
         self._saw_server_time(int(r[6]))
         return RefreshResult(
             status=_status(r[0]), version=int(r[1]), state=_state(r[2]), epoch=int(r[3]),
@@ -798,7 +907,14 @@ class SessionStore:
         return SessionRecord.decode(session_id, _pairs(flat), server_ms)
 
     async def list_sessions(self, limit: int = 100, cursor: int = 0) -> SessionPage:
-        """A page of records by SCAN (``cursor`` 0 starts; the returned 0 means done)."""
+        """A page of records by SCAN (``cursor`` 0 starts; the returned 0 means done).
+
+        On a cluster every master is scanned in turn (the cursor packs the node's
+        index in its low 16 bits); a failover or reshard while paging may skip or
+        repeat records, as SCAN itself may.
+        """
+        if isinstance(self._batcher, ClusterScriptBatcher):
+            return await self._list_sessions_cluster(self._batcher, limit, cursor)
         found: list[bytes] = []
         while True:
             cursor, batch = await self._guard(
@@ -812,6 +928,28 @@ class SessionStore:
                 break
         records = await asyncio.gather(*(self.get(sid) for sid in found))
         return SessionPage([r for r in records if r is not None], int(cursor))
+
+    async def _list_sessions_cluster(
+        self, batcher: ClusterScriptBatcher, limit: int, cursor: int
+    ) -> SessionPage:
+        nodes = await batcher.primaries()
+        index, node_cursor = cursor & 0xFFFF, cursor >> 16
+        found: list[bytes] = []
+        while index < len(nodes) and len(found) < limit:
+            client = batcher.node_client(nodes[index])
+            node_cursor, batch = await self._guard(
+                client.scan(node_cursor, match=K.SESSION_MATCH, count=max(limit, 100))
+            )
+            node_cursor = int(node_cursor)
+            for key in batch:
+                sid = K.session_id_from_key(key)
+                if sid is not None:
+                    found.append(sid)
+            if node_cursor == 0:
+                index += 1
+        records = await asyncio.gather(*(self.get(sid) for sid in found))
+        nxt = 0 if index >= len(nodes) else (node_cursor << 16) | index
+        return SessionPage([r for r in records if r is not None], nxt)
 
     async def claim_handshake(self, digest: bytes, ttl_ms: int) -> bool:
         """Record a handshake message digest once (replay guard); False if seen already."""
@@ -875,13 +1013,26 @@ class SessionStore:
         A subscriber misses what is published while it is disconnected: the
         refresh (NOT_OWNER) and the lease fence a node anyway.
         """
-        pubsub = self.redis.pubsub()
+        batcher = self._batcher
+        if isinstance(batcher, ClusterScriptBatcher):
+            # Any master will do: a classic PUBLISH is broadcast to every node of the cluster.
+            client: Redis | RedisCluster = await batcher.any_node_client()
+        else:
+            client = self.redis
+        pubsub = client.pubsub()
         try:
-            await self._guard(pubsub.subscribe(K.BINDINGS_CHANNEL))
+            try:
+                await self._guard(pubsub.subscribe(K.BINDINGS_CHANNEL))
+            except StoreUnavailable:
+                if isinstance(batcher, ClusterScriptBatcher):
+                    batcher.schedule_refresh()  # the next subscription picks a live master
+                raise
             while True:
                 try:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
                 except Exception as exc:
+                    if isinstance(batcher, ClusterScriptBatcher):
+                        batcher.schedule_refresh()
                     raise translate(exc) from exc
                 if msg is None or msg.get("type") != "message":
                     continue
@@ -913,6 +1064,13 @@ class SessionStore:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+def _random_generation(avoid: int | None = None) -> int:
+    while True:
+        gen = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+        if gen and gen != avoid:
+            return gen
 
 
 def _outcome_unknown(exc: StoreUnavailable) -> bool:
@@ -964,10 +1122,17 @@ def _decode_change(data: Any) -> BindingChange | None:
 
 
 async def _scan_iter(store: SessionStore, match: str) -> AsyncIterator[bytes]:
-    cursor = 0
-    while True:
-        cursor, batch = await store._guard(store.redis.scan(cursor, match=match, count=500))
-        for key in batch:
-            yield key if isinstance(key, bytes) else key.encode()
-        if int(cursor) == 0:
-            return
+    """Every key matching ``match`` (on a cluster: on every master)."""
+    batcher = store.batcher
+    clients: list[Redis | RedisCluster] = (
+        [batcher.node_client(n) for n in await batcher.primaries()]
+        if isinstance(batcher, ClusterScriptBatcher) else [store.redis]
+    )  # fmt: skip
+    for client in clients:
+        cursor = 0
+        while True:
+            cursor, batch = await store._guard(client.scan(cursor, match=match, count=500))
+            for key in batch:
+                yield key if isinstance(key, bytes) else key.encode()
+            if int(cursor) == 0:
+                break

@@ -48,6 +48,9 @@ def translate(exc: BaseException) -> StoreError:
     if isinstance(exc, StoreError):
         return exc
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, rexc.RedisClusterException | rexc.ClusterError | rexc.AskError):
+        # No reachable node, slot not covered, redirections exhausted (MOVED/ASK): not run.
+        return StoreUnavailable(f"store cluster unavailable: {type(exc).__name__} {text}")
     if isinstance(exc, rexc.ResponseError):
         # redis-py strips known prefixes into the class (and status_code); the rest
         # (BUSY, NOREPLICAS) stay at the start of the message.

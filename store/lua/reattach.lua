@@ -3,7 +3,10 @@
 -- The caller has verified the client's proof (a MAC over session_id, expected
 -- version, nonce, timestamp, kind). This script decides, atomically, in this
 -- order, each check with its own status:
---   1. no record                          -> UNKNOWN_SESSION
+--   1. no record, or a record stamped with another store generation than the
+--      caller's (a rolled-back or restored store, see store/README.md)
+--                                         -> UNKNOWN_SESSION (with the record's
+--                                            generation as a 16th reply element)
 --   2. tombstone                          -> EXPIRED if its reason is EXPIRED, else TERMINATED
 --   3. deadline passed                    -> tombstone TERMINATED(EXPIRED) written here, EXPIRED,
 --                                            expired_now = 1 (only this call reports it)
@@ -52,6 +55,7 @@
 -- ARGV[9] - dual-active window, ms
 -- ARGV[10] - tombstone TTL, ms
 -- ARGV[11] - GC slack, ms
+-- ARGV[12] - the caller's store generation (optional; absent or 0: not checked)
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, reason, version, epoch, binding_id, node, prev_node, server_ms,
 --          state, retry, expired_now, binding_current, terminate_reason,
@@ -73,12 +77,18 @@ local window = tonumber(ARGV[8])
 local dual_window = tonumber(ARGV[9])
 local tomb_ms = tonumber(ARGV[10])
 local slack_ms = tonumber(ARGV[11])
+local want_gen = tonumber(ARGV[12]) or 0
 local now = now_ms()
 
 local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'bid', 'nd', 'k', 'dl', 'ttl', 'rr', 'tk',
-  'rl', 'rn', 'lv', 'lt', 'lost', 'tr')
+  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0})
+end
+-- 1. (generation) a record of an older store generation does not exist any more
+if want_gen ~= 0 and num(f[17]) ~= want_gen then
+  return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0,
+    num(f[17])})
 end
 local st, v, ep = tonumber(f[1]), num(f[2]), num(f[3])
 local bid, nd, k = f[4] or '', f[5] or '', num(f[6])

@@ -12,22 +12,29 @@
 -- ARGV[2] - node id of the caller
 -- ARGV[3] - tombstone TTL, ms
 -- ARGV[4] - GC slack, ms
+-- ARGV[5] - the caller's store generation (optional; absent or 0: not checked)
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, version, state, epoch, node, deadline_ms, server_ms, expired_now,
 --          terminate_reason}
 --   status OK (deadline pushed) | NOT_OWNER | UNKNOWN_SESSION | TERMINATED |
 --   EXPIRED (expired_now = 1 when this call wrote the tombstone).
+--   A record stamped with another store generation than the caller's is
+--   UNKNOWN_SESSION, with the record's generation as a 10th element.
 
 local key, nkey = KEYS[1], KEYS[2]
 local epoch = tonumber(ARGV[1])
 local node = ARGV[2]
 local tomb_ms = tonumber(ARGV[3])
 local slack_ms = tonumber(ARGV[4])
+local want_gen = tonumber(ARGV[5]) or 0
 local now = now_ms()
 
-local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'nd', 'dl', 'ttl', 'tr')
+local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'nd', 'dl', 'ttl', 'tr', 'gen')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, 0, -1, 0, '', 0, now, 0, 0})
+end
+if want_gen ~= 0 and num(f[8]) ~= want_gen then
+  return reply({ST.UNKNOWN_SESSION, 0, -1, 0, '', 0, now, 0, 0, num(f[8])})
 end
 local st, v, ep, nd, dl = tonumber(f[1]), num(f[2]), num(f[3]), f[4] or '', num(f[5])
 

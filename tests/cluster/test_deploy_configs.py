@@ -1,0 +1,436 @@
+"""docker-compose.yml, the deploy/ configs and the local launcher agree.
+
+The compose file is validated by the real `docker-compose config` (Debian
+package docker-compose; no container engine needed) and its normalized output
+is checked structurally: the gateway scales (no fixed names or host ports),
+nginx renders deploy/nginx/nginx.conf.template with jvpn.js, Prometheus runs
+deploy/prometheus with DNS service discovery. `jvpn cluster up` must use the
+very same files (DESIGN.md §7). Prometheus configs and rules go through
+`promtool`; the rendered local nginx config through `nginx -t`; and the
+balancer's routing (deploy/nginx/jvpn.js) is exercised with the real nginx in
+front of three stand-in upstreams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import default_node_id, load_gateway_config
+from gateway.metrics import Metrics
+from jvpn import cluster as launcher
+from session.config import parse_address
+from tests.support.local_cluster import ROOT, require_binary
+
+pytestmark = pytest.mark.timeout(60)
+
+DEPLOY = ROOT / "deploy"
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+# ---- the normalized compose model ----------------------------------------------------------
+
+
+def _script_python(script: str) -> str:
+    """The interpreter a Python script runs with (its shebang): it has PyYAML when the
+    script is docker-compose (python3-yaml is a dependency of the Debian package)."""
+    with open(script, "rb") as fp:
+        first = fp.readline().decode("utf-8", "replace")
+    parts = first[2:].split() if first.startswith("#!") else []
+    if parts and os.path.basename(parts[0]) == "env" and len(parts) > 1:
+        return parts[1]
+    return parts[0] if parts else "/usr/bin/python3"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    dc = require_binary("docker-compose", "docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    res = subprocess.run([dc, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, f"docker-compose config rejects docker-compose.yml:\n{res.stderr}"
+    conv = subprocess.run(
+        [_script_python(dc), "-c",
+         "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
+        input=res.stdout, capture_output=True, text=True, timeout=30)
+    assert conv.returncode == 0, conv.stderr
+    model: dict[str, Any] = json.loads(conv.stdout)
+    return model
+
+
+def _volumes(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(source, target, read-only) of each volume, short (src:dst:mode) or long syntax."""
+    out = []
+    for v in service.get("volumes", []):
+        if isinstance(v, str):
+            src, target, *mode = v.split(":")
+            out.append((src, target, "ro" in mode))
+        else:
+            out.append((v.get("source", ""), v["target"], bool(v.get("read_only"))))
+    return out
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Bind mounts of a service: source path relative to the repo -> container path."""
+    return {str(Path(src).relative_to(ROOT)): target
+            for src, target, _ in _volumes(service) if src.startswith("/")}
+
+
+def _gateway_toml_config() -> Any:
+    return load_gateway_config(str(DEPLOY / "gateway.toml"), env={})
+
+
+def test_compose_is_valid_and_complete(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"redis", "keys", "gateway", "nginx", "prometheus"} <= set(services)
+    assert services["grafana"]["profiles"] == ["grafana"]
+    assert services["otel-collector"]["profiles"] == ["otel"]
+
+
+def test_gateway_service_scales(compose: dict[str, Any]) -> None:
+    gw = compose["services"]["gateway"]
+    # `docker compose up --scale gateway=N`: no fixed container name, no host port.
+    assert "container_name" not in gw and "ports" not in gw
+    assert Path(gw["build"]["context"]) == ROOT and (ROOT / "Dockerfile").is_file()
+    cfg_path = gw["command"][gw["command"].index("--config") + 1]
+    assert _mounts(gw)["deploy/gateway.toml"] == cfg_path
+    # The environment is valid gateway config on top of the same TOML.
+    env = {k: str(v) for k, v in gw["environment"].items() if k.startswith("JVPN_GATEWAY_")}
+    cfg = load_gateway_config(str(DEPLOY / "gateway.toml"), env=env)
+    assert parse_address(cfg.store_url.split("//")[1].split("/")[0])[0] in compose["services"]
+    # No node id pinned in the TOML: each replica gets <hostname>-<port>.
+    assert cfg.node_id == default_node_id(cfg.listen_udp)
+    # Every replica reads the shared key and KEK the `keys` service writes.
+    _, target, read_only = next(v for v in _volumes(gw) if v[0] == "jvpn-secrets")
+    assert read_only
+    for f in (cfg.private_key_file, cfg.kek_file):
+        assert os.path.dirname(f) == target
+        assert os.path.basename(f) in " ".join(compose["services"]["keys"]["command"])
+    ports = {f"{parse_address(cfg.listen_udp)[1]}/udp", f"{parse_address(cfg.listen_tcp)[1]}/tcp",
+             f"{parse_address(cfg.admin)[1]}/tcp"}
+    assert set(gw["expose"]) == ports
+    assert gw["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+
+
+def test_nginx_service_renders_the_same_template(compose: dict[str, Any]) -> None:
+    ng = compose["services"]["nginx"]
+    env = {k: str(v) for k, v in ng["environment"].items()}
+    mounts = _mounts(ng)
+    # The image's entrypoint renders $NGINX_ENVSUBST_TEMPLATE_DIR/<name>.template into
+    # $NGINX_ENVSUBST_OUTPUT_DIR/<name>: here /etc/nginx/nginx.conf.
+    assert mounts["deploy/" + launcher.NGINX_TEMPLATE] == env["NGINX_ENVSUBST_TEMPLATE_DIR"] + "/nginx.conf.template"
+    assert env["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"
+    assert mounts["deploy/" + launcher.NGINX_JS] == env["JVPN_NGINX_JS_DIR"] + "/jvpn.js"
+    template = (DEPLOY / "nginx" / "nginx.conf.template").read_text()
+    names = launcher.template_placeholders(template)
+    assert names <= set(env), f"compose leaves {names - set(env)} unset"
+    assert all(re.search(env["NGINX_ENVSUBST_FILTER"], n) for n in names)
+    conf = launcher.render_template(template, env)
+    cfg = _gateway_toml_config()
+    gw_port = parse_address(cfg.listen_udp)[1]
+    assert f"server gateway:{gw_port} resolve;" in conf
+    assert "hash $jvpn_route consistent;" in conf and "js_preread jvpn.preread;" in conf
+    assert "resolver 127.0.0.11" in conf
+    directives = [line.split("#", 1)[0] for line in conf.splitlines()]
+    assert not any("proxy_responses" in d for d in directives)
+    assert any("proxy_timeout" in d for d in directives)
+    listen = parse_address(env["JVPN_LISTEN"])[1]
+    published = {(p["published"], p["protocol"]) for p in ng["ports"]}
+    assert published == {(listen, "udp"), (listen, "tcp")}
+
+
+def test_prometheus_service_discovers_every_replica(compose: dict[str, Any]) -> None:
+    pr = compose["services"]["prometheus"]
+    mounts = _mounts(pr)
+    config_path = next(a.split("=", 1)[1] for a in pr["command"] if a.startswith("--config.file="))
+    assert mounts["deploy/" + launcher.PROMETHEUS_CONFIG] == config_path
+    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    rules_glob = re.search(r"^\s*-\s*(\S+)\s+# jvpn: rule_files", text, re.M)
+    assert rules_glob is not None
+    assert mounts["deploy/" + launcher.PROMETHEUS_RULES] == os.path.dirname(rules_glob.group(1))
+    # DNS SD (type A) on the gateway service name, at the gateway's admin port.
+    lines = [line.strip() for line in text.splitlines()]
+    sd = "\n".join(lines[lines.index(launcher.SD_BEGIN) + 1:lines.index(launcher.SD_END)])
+    admin_port = parse_address(_gateway_toml_config().admin)[1]
+    assert "dns_sd_configs" in sd and "type: A" in sd and f"port: {admin_port}" in sd
+    assert re.search(r"names:\s*\[gateway\]", sd) and "gateway" in compose["services"]
+
+
+def test_launcher_uses_the_files_compose_mounts(compose: dict[str, Any]) -> None:
+    assert launcher.default_deploy_dir() == DEPLOY
+    mounted = set()
+    for svc in compose["services"].values():
+        mounted |= set(_mounts(svc))
+    used = {"deploy/" + launcher.GATEWAY_CONFIG, "deploy/" + launcher.NGINX_TEMPLATE, "deploy/" + launcher.NGINX_JS,
+            "deploy/" + launcher.PROMETHEUS_CONFIG, "deploy/" + launcher.PROMETHEUS_RULES}
+    assert used <= mounted, f"launcher files compose does not mount: {used - mounted}"
+    for rel in used:
+        assert (ROOT / rel).exists()
+    # Grafana and the collector mount their deploy/ files too.
+    assert "deploy/grafana/jumping-vpn.json" in _mounts(compose["services"]["grafana"])
+    otel = compose["services"]["otel-collector"]
+    assert "deploy/otel/collector.yaml" in _mounts(otel)
+    endpoint = compose["services"]["gateway"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    host, port = endpoint.split("//")[1].split(":")
+    assert host == "otel-collector" and f"{port}/tcp" in otel["expose"]
+
+
+def test_dockerfile_matches_the_gateway_config() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    cfg = _gateway_toml_config()
+    assert 'ENTRYPOINT ["jvpn-gateway"]' in text
+    assert "COPY deploy/gateway.toml /etc/jvpn/gateway.toml" in text
+    assert "JVPN_GATEWAY_CONFIG=/etc/jvpn/gateway.toml" in text
+    expose = re.search(r"^EXPOSE (.+)$", text, re.M)
+    assert expose is not None
+    assert set(expose.group(1).split()) == {
+        f"{parse_address(cfg.listen_udp)[1]}/udp", f"{parse_address(cfg.listen_tcp)[1]}/tcp",
+        f"{parse_address(cfg.admin)[1]}/tcp"}
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignore and ".git" in ignore
+
+
+# ---- promtool and nginx -t ------------------------------------------------------------------
+
+
+def test_prometheus_configs_pass_promtool(tmp_path: Path) -> None:
+    promtool = require_binary("promtool", "prometheus")
+    rules = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+    assert rules
+    res = subprocess.run([promtool, "check", "rules", *map(str, rules)], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    src = DEPLOY / "prometheus" / "prometheus.yml"
+    res = subprocess.run([promtool, "check", "config", "--syntax-only", str(src)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # The launcher's rendering of the same file: file_sd, the real rules, 1 s intervals.
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps([{"targets": ["127.0.0.1:9100"], "labels": {"node": "gw-1"}}]))
+    local = tmp_path / "prometheus.yml"
+    local.write_text(launcher.render_prometheus(
+        src.read_text(), targets_file=str(targets), rules_dir=str(DEPLOY / "prometheus" / "rules"),
+        interval="1s"))
+    res = subprocess.run([promtool, "check", "config", str(local)], capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout + res.stderr and "rules found" in res.stdout + res.stderr
+    rendered = local.read_text()
+    assert "dns_sd_configs" not in rendered and "scrape_interval: 1s" in rendered
+
+
+def test_render_prometheus_requires_its_markers() -> None:
+    src = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    with pytest.raises(launcher.ClusterError, match="jvpn-sd"):
+        launcher.render_prometheus(src.replace(launcher.SD_END, ""), targets_file="t",
+                                   rules_dir="r")
+    with pytest.raises(launcher.ClusterError, match="scrape_interval"):
+        launcher.render_prometheus(src.replace("# jvpn: scrape_interval", ""),
+                                   targets_file="t", rules_dir="r")
+    with pytest.raises(launcher.ClusterError, match="interval"):
+        launcher.render_prometheus(src, targets_file="t", rules_dir="r", interval="fast")
+    with pytest.raises(launcher.ClusterError, match="JVPN_LISTEN"):
+        launcher.render_template("listen ${JVPN_LISTEN};", {})
+
+
+def _render_local_nginx(run: Path, udp: list[str], tcp: list[str], listen: str) -> Path:
+    nginx = require_binary("nginx", "nginx")
+    require_binary("ngx_stream_js_module.so", "libnginx-mod-stream-js",
+                   "/usr/lib/nginx/modules/ngx_stream_js_module.so")
+    values = launcher.nginx_values(
+        listen=listen, udp_servers=udp, tcp_servers=tcp, modules=launcher.nginx_modules(nginx),
+        js_dir=str(DEPLOY / "nginx"), pid=str(run / "nginx.pid"),
+        error_log=str(run / "error.log"), access_log=str(run / "access.log"), udp_idle="5s",
+        tcp_idle="5s")
+    conf = run / "nginx.conf"
+    conf.write_text(launcher.render_template((DEPLOY / launcher.NGINX_TEMPLATE).read_text(),
+                                             values))
+    return conf
+
+
+def test_local_nginx_render_passes_nginx_t(tmp_path: Path) -> None:
+    conf = _render_local_nginx(tmp_path, ["127.0.0.1:1", "127.0.0.1:2"],
+                               ["127.0.0.1:1", "127.0.0.1:2"],
+                               f"127.0.0.1:{launcher.free_port('127.0.0.1', udp_too=True)}")
+    res = subprocess.run([require_binary("nginx", "nginx"), "-t", "-p", str(tmp_path), "-c",
+                          str(conf), "-e", str(tmp_path / "error.log")],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+# ---- the balancer's routing, with stand-in upstreams ----------------------------------------
+
+
+class StandIn:
+    """Three upstreams on UDP and TCP that answer with their own port (UDP: three replies)."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+        self.socks: list[socket.socket] = []
+        self.stopped = False
+        for _ in range(3):
+            port = launcher.free_port("127.0.0.1", udp_too=True)
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind(("127.0.0.1", port))
+            t = socket.socket()
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            t.bind(("127.0.0.1", port))
+            t.listen()
+            self.ports.append(port)
+            self.socks += [u, t]
+            threading.Thread(target=self._udp, args=(u, port), daemon=True).start()
+            threading.Thread(target=self._tcp, args=(t, port), daemon=True).start()
+
+    def _udp(self, s: socket.socket, port: int) -> None:
+        while not self.stopped:
+            try:
+                data, addr = s.recvfrom(4096)
+                for i in range(3):  # a three-datagram answer: all must reach the client
+                    s.sendto(f"{port}:{i}".encode(), addr)
+            except OSError:
+                return
+
+    def _tcp(self, s: socket.socket, port: int) -> None:
+        while not self.stopped:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(2)
+                try:
+                    c.recv(4096)
+                    c.sendall(str(port).encode())
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stopped = True
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture
+def balancer(tmp_path: Path) -> Iterator[tuple[tuple[str, int], StandIn]]:
+    ups = StandIn()
+    port = launcher.free_port("127.0.0.1", udp_too=True)
+    servers = [f"127.0.0.1:{p}" for p in ups.ports]
+    conf = _render_local_nginx(tmp_path, servers, servers, f"127.0.0.1:{port}")
+    nginx = require_binary("nginx", "nginx")
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf), "-e",
+                             str(tmp_path / "error.log"), "-g", "daemon off;"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not launcher.tcp_accepts("127.0.0.1", port):
+            assert proc.poll() is None, (tmp_path / "error.log").read_text()
+            assert time.monotonic() < deadline, "nginx did not listen within 10 s"
+            time.sleep(0.02)
+        yield ("127.0.0.1", port), ups
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        ups.close()
+
+
+def _message(kind: int, ident: bytes) -> bytes:
+    return struct.pack("!BBH16s", 1, kind, 0, ident) + b"\x00" * 48
+
+
+def _udp_ask(addr: tuple[str, int], data: bytes) -> list[bytes]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a new source port each time
+        s.settimeout(2)
+        s.sendto(data, addr)
+        return [s.recv(100) for _ in range(3)]
+
+
+def _tcp_ask(addr: tuple[str, int], data: bytes) -> bytes:
+    frame = struct.pack("!H", len(data)) + data
+    with socket.create_connection(addr, timeout=2) as s:
+        for b in frame[:8]:  # dribble the header: preread waits for the whole of it
+            s.sendall(bytes([b]))
+            time.sleep(0.005)
+        s.sendall(frame[8:])
+        return s.recv(100)
+
+
+def test_balancer_routes_by_session_id(balancer: tuple[tuple[str, int], StandIn]) -> None:
+    addr, ups = balancer
+    DATA, REATTACH, HANDSHAKE_INIT = 4, 5, 1
+    owners = []
+    for _ in range(12):
+        sid = os.urandom(16)
+        seen = set()
+        for kind in (REATTACH, DATA, DATA, REATTACH):  # four flows, four source ports
+            replies = _udp_ask(addr, _message(kind, sid))
+            assert len({r.split(b":")[1] for r in replies}) == 3  # proxy_responses unset
+            seen.add(replies[0].split(b":")[0])
+        seen.add(_tcp_ask(addr, _message(REATTACH, sid)))  # TCP: same key, same node
+        assert len(seen) == 1, f"session {sid.hex()} routed to {seen}"
+        owners.append(seen.pop())
+    assert len(set(owners)) >= 2, "12 sessions all on one node: the key is not the session id"
+    # HANDSHAKE_INIT carries a random handshake id: routed by source address, which spreads
+    # (a RETRY and the repeated INIT share the flow, so they stay together anyway).
+    hs = {_udp_ask(addr, _message(HANDSHAKE_INIT, os.urandom(16)))[0].split(b":")[0]
+          for _ in range(12)}
+    assert len(hs) >= 2
+    # A runt (shorter than the header) still goes somewhere, to be counted as a drop there.
+    assert len(_udp_ask(addr, b"\x01")) == 3
+
+
+# ---- dashboard ------------------------------------------------------------------------------
+
+
+def _exposed_metric_names() -> set[str]:
+    m = Metrics("t", process_metrics=False)
+    m.transport_switch("udp", "tcp", "reattach")
+    m.state_change("ATTACHED", "RECOVERING")
+    m.reattach("ok", "", 0.001)
+    m.reattach("rejected", "STALE_VERSION", 0.001)
+    m.handshake("ok", "")
+    m.security("replayed_nonce")
+    m.store_latency("reattach", 0.001)
+    m.set_store_up(True)
+    m.count_drop("MALFORMED", "udp")
+    text = m.exposition().decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_dashboard_panels_and_metric_names() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "jumping-vpn.json").read_text())
+    assert dash["uid"] == "jumping-vpn" and dash["panels"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    required = [
+        "sum by (state) (jvpn_sessions)",
+        "sum by (reason) (rate(jvpn_transport_switch_total[1m]))",
+        "jvpn_reattach_latency_seconds_bucket",
+        'jvpn_reattach_total{outcome="rejected"}',
+        "jvpn_security_events_total",
+    ]
+    for want in required:
+        assert any(want in e for e in exprs), f"no panel queries {want}"
+    assert any(e.startswith("histogram_quantile(0.99") for e in exprs)
+    for p in dash["panels"]:
+        assert p["datasource"]["uid"] == "${datasource}"
+    # Every jvpn_* name in the dashboard and the rules is one a gateway exports.
+    exposed = _exposed_metric_names()
+    rules = "".join(p.read_text() for p in (DEPLOY / "prometheus" / "rules").glob("*.yml"))
+    for name in set(re.findall(r"\bjvpn_[a-z0-9_]+", " ".join(exprs) + rules)):
+        # a histogram may be named by its family (jvpn_store_latency_seconds)
+        assert name in exposed or f"{name}_bucket" in exposed, \
+            f"{name} is not a metric the gateway exports"
