@@ -12,7 +12,7 @@ import sys
 from agent.agent import Agent, AgentSettings
 from agent.config import AgentConfig, gateway_public_key, load_agent_config, load_private_key
 from session.client import ClientParams
-from session.config import ConfigError, parse_address
+from session.config import ConfigError, parse_address, parse_set_flags
 from session.quality import QualityThresholds
 
 
@@ -76,12 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"config error: flag --set {item!r}: expected KEY=VALUE", key=item)
-        out[key.strip()] = value
+    out = parse_set_flags(args.set)
     for flag, key in (("gateway", "gateways"), ("tcp_gateway", "tcp_gateways"),
                       ("gateway_public_key", "gateway_public_key"),
                       ("private_key_file", "private_key_file"), ("upstream", "upstream"),

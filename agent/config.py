@@ -10,17 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from session.config import (
     ADDRESS,
     KEY32,
     PEER,
-    ConfigError,
     decode_key,
-    load_config,
-    parse_toml,
-    select_section,
+    load_component,
+    read_key_setting,
     setting,
 )
 
@@ -81,62 +78,16 @@ def load_agent_config(
     overrides: Mapping[str, object] | None = None,
 ) -> AgentConfig:
     """Load the agent config; raise ConfigError naming the bad key and its source."""
-    env = os.environ if env is None else env
-    path = path or env.get(CONFIG_ENV) or None
-    doc = read_toml(path) if path else None
-    cfg = load_config(
-        AgentConfig,
-        select_section(doc, "agent", path or ""),
-        env,
-        ENV_PREFIX,
-        overrides or {},
-        section="agent",
-        source=path or "config file",
-        reserved_env=(CONFIG_ENV,),
-    )
+    cfg = load_component(AgentConfig, "agent", ENV_PREFIX, CONFIG_ENV, path,
+                         os.environ if env is None else env, overrides)
     if not cfg.tcp_gateways:
         cfg = replace(cfg, tcp_gateways=list(cfg.gateways))
     return cfg
 
 
-def read_toml(path: str) -> dict[str, Any]:
-    """Read and parse a TOML file; errors name the file (and line for syntax errors)."""
-    try:
-        with open(path, "rb") as fp:
-            data = fp.read()
-    except OSError as exc:
-        raise ConfigError(
-            f"config error: cannot read {path}: {exc.strerror}", source=path
-        ) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config error: {path}: not UTF-8 ({exc.reason})", source=path) from None
-    return parse_toml(text, path)
-
-
 def load_private_key(cfg: AgentConfig) -> bytes | None:
     """The agent's static X25519 private key (inline or from its file), or None."""
-    if cfg.private_key:
-        return decode_key(cfg.private_key)  # validated at load time
-    if not cfg.private_key_file:
-        return None
-    path = cfg.private_key_file
-    try:
-        with open(path, encoding="ascii") as fp:
-            text = fp.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not ASCII"
-        raise ConfigError(
-            f"config error: [agent] private_key_file: cannot read {path}: {why}",
-            key="private_key_file",
-        ) from None
-    try:
-        return decode_key(text)
-    except ValueError as exc:
-        raise ConfigError(
-            f"config error: [agent] private_key_file: {path}: {exc}", key="private_key_file"
-        ) from None
+    return read_key_setting(cfg.private_key, cfg.private_key_file, "agent", "private_key_file")
 
 
 def gateway_public_key(cfg: AgentConfig) -> bytes | None:

@@ -10,7 +10,7 @@ import sys
 
 from gateway.app import GatewayApp, resolve_keys
 from gateway.config import GatewayConfig, load_gateway_config
-from session.config import ConfigError
+from session.config import ConfigError, parse_set_flags
 
 FLAGS = (  # (flag attribute, config key)
     ("node_id", "node_id"), ("listen_udp", "listen_udp"), ("listen_tcp", "listen_tcp"),
@@ -47,12 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"config error: flag --set {item!r}: expected KEY=VALUE", key=item)
-        out[key.strip()] = value
+    out = parse_set_flags(args.set)
     for attr, key in FLAGS:
         val = getattr(args, attr)
         if val is not None:

@@ -11,7 +11,6 @@ import re
 import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from session.config import (
     ADDRESS,
@@ -20,12 +19,9 @@ from session.config import (
     PEER,
     REDIS_URL,
     URL,
-    ConfigError,
-    decode_key,
-    load_config,
+    load_component,
     parse_address,
-    parse_toml,
-    select_section,
+    read_key_setting,
     setting,
 )
 
@@ -102,19 +98,8 @@ def load_gateway_config(
     overrides: Mapping[str, object] | None = None,
 ) -> GatewayConfig:
     """Load the gateway config; raise ConfigError naming the bad key and its source."""
-    env = os.environ if env is None else env
-    path = path or env.get(CONFIG_ENV) or None
-    doc = read_toml(path) if path else None
-    cfg = load_config(
-        GatewayConfig,
-        select_section(doc, "gateway", path or ""),
-        env,
-        ENV_PREFIX,
-        overrides or {},
-        section="gateway",
-        source=path or "config file",
-        reserved_env=(CONFIG_ENV,),
-    )
+    cfg = load_component(GatewayConfig, "gateway", ENV_PREFIX, CONFIG_ENV, path,
+                         os.environ if env is None else env, overrides)
     if not cfg.node_id:
         cfg = replace(cfg, node_id=default_node_id(cfg.listen_udp))
     return cfg
@@ -127,40 +112,9 @@ def default_node_id(listen_udp: str) -> str:
     return f"{host[:56]}-{port}"
 
 
-def read_toml(path: str) -> dict[str, Any]:
-    """Read and parse a TOML file; errors name the file (and line for syntax errors)."""
-    try:
-        with open(path, "rb") as fp:
-            data = fp.read()
-    except OSError as exc:
-        raise ConfigError(
-            f"config error: cannot read {path}: {exc.strerror}", source=path
-        ) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config error: {path}: not UTF-8 ({exc.reason})", source=path) from None
-    return parse_toml(text, path)
-
-
 def read_key(inline: str, path: str, key: str) -> bytes | None:
     """The 32-byte key given inline or in file ``path`` (hex or base64); None if neither."""
-    if inline:
-        return decode_key(inline)  # validated at load time
-    if not path:
-        return None
-    try:
-        with open(path, encoding="ascii") as fp:
-            text = fp.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not ASCII"
-        raise ConfigError(
-            f"config error: [gateway] {key}: cannot read {path}: {why}", key=key
-        ) from None
-    try:
-        return decode_key(text)
-    except ValueError as exc:
-        raise ConfigError(f"config error: [gateway] {key}: {path}: {exc}", key=key) from None
+    return read_key_setting(inline, path, "gateway", key)
 
 
 def load_private_key(cfg: GatewayConfig) -> bytes | None:
