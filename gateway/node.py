@@ -217,6 +217,11 @@ class GatewayNode:
         b.rx_packets += 1
         if b.lost:
             b.lost = False
+        if b.state is SessionState.RECOVERING and not b.transition_pending:
+            # We had marked it lost on silence, but the same binding speaks again.
+            b.transition_pending = True
+            self._spawn(self._transition(b, SessionEvent.TRANSPORT_RESTORED,
+                                         "gateway: binding speaks again"), peer)
         kind = inner.kind
         if kind is wire.InnerType.PAYLOAD:
             self._to_upstream(b, inner.payload)

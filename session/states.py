@@ -3,7 +3,9 @@
 Theory of operation. A session is born (BIRTH) by a completed handshake and is
 ATTACHED while a validated transport carries it. Path quality moves it between
 ATTACHED, VOLATILE and DEGRADED; losing the transport moves it to RECOVERING,
-from which a successful reattach returns it to ATTACHED. TERMINATED is terminal
+from which a successful reattach returns it to ATTACHED (or, when the gateway
+had only heard silence and the same binding speaks again, TRANSPORT_RESTORED
+does). TERMINATED is terminal
 and keeps a reason. Every applied transition increments ``state_version``.
 
 This table is the single source of truth: the store's Lua scripts are given
@@ -36,6 +38,7 @@ class SessionEvent(IntEnum):
     REATTACH = 6
     TERMINATE = 7
     EXPIRE = 8
+    TRANSPORT_RESTORED = 9  # the silent binding carries authenticated traffic again
 
 
 S = SessionState
@@ -74,6 +77,7 @@ TRANSITIONS: dict[SessionState, dict[SessionEvent, SessionState]] = {
     },
     S.RECOVERING: {
         E.REATTACH: S.ATTACHED,
+        E.TRANSPORT_RESTORED: S.ATTACHED,
         E.TERMINATE: S.TERMINATED,
         E.EXPIRE: S.TERMINATED,
     },
