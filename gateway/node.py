@@ -201,7 +201,7 @@ class GatewayNode:
         b = self.bindings.get(msg.session_id)
         if b is None or b.epoch != msg.epoch:
             if b is None:  # a stale epoch is the sender's problem, not a missing binding
-                self._maybe_not_bound(msg.session_id, peer, len(raw))
+                self._maybe_not_bound(msg.session_id, peer, raw)
             raise RemoteProtocolError(
                 DropReason.UNKNOWN_SESSION if b is None else DropReason.STALE_EPOCH, "DATA")
         now = self.clock()
@@ -289,7 +289,7 @@ class GatewayNode:
         self.events.transport_switch(b.session_id, old.describe(), peer.describe(), reason,
                                      b.version, b.epoch, source_ip=peer.addr[0])
 
-    def _maybe_not_bound(self, sid: bytes, peer: Peer, size: int) -> None:
+    def _maybe_not_bound(self, sid: bytes, peer: Peer, raw: bytes) -> None:
         """Tell a client (authenticated) that this node does not hold its binding."""
         now = self.clock()
         last = self._notice_sent.get(sid)
@@ -298,9 +298,9 @@ class GatewayNode:
         if len(self._notice_sent) > 100_000:
             self._notice_sent.clear()
         self._notice_sent[sid] = now
-        self._spawn(self._send_not_bound(sid, peer, size), peer)
+        self._spawn(self._send_not_bound(sid, peer, raw), peer)
 
-    async def _send_not_bound(self, sid: bytes, peer: Peer, size: int) -> None:
+    async def _send_not_bound(self, sid: bytes, peer: Peer, raw: bytes) -> None:
         try:
             secrets, rec = await self._secrets_for(sid)
             if rec is None and secrets is not None:  # a cache hit: the record is still needed
@@ -312,11 +312,13 @@ class GatewayNode:
         terminated = rec.state is SessionState.TERMINATED
         kind = NoticeKind.TERMINATED if terminated else NoticeKind.NOT_BOUND_HERE
         reason = int(rec.terminate_reason or 0) if terminated else 0
-        notice = wire.Notice(sid, kind, reason, rec.version, os.urandom(wire.NONCE_LEN),
+        # The notice echoes the triggering packet's AEAD tag: the client accepts a hint only
+        # for a packet it really sent, so forged DATA cannot talk it off a working path.
+        notice = wire.Notice(sid, kind, reason, rec.version, raw[-wire.NONCE_LEN:],
                              self._store_ms())
-        raw = control.seal(notice, secrets.keys.control_key)
-        if len(raw) <= 3 * size:
-            peer.send(raw)
+        out = control.seal(notice, secrets.keys.control_key)
+        if len(out) <= 3 * len(raw):
+            peer.send(out)
 
     def _reported_state(self, b: Binding, reported: int) -> None:
         """The client reports a quality state; record the transition in the store."""
@@ -638,6 +640,10 @@ class GatewayNode:
                 b = self._bind(sid, res.epoch, res.binding_id, peer, secrets, res.version,
                                res.state or SessionState.ATTACHED)
                 b.rx_unvalidated = len(raw)
+                self.metrics.transport_switch("unknown", peer.kind.name.lower(), "reattach")
+                self.events.transport_switch(sid, f"node:{res.prev_node or '-'}", peer.describe(),
+                                             "reattach_late_applied", res.version, res.epoch,
+                                             source_ip=peer.addr[0])
             answer(ack, keys.control_key)
             self.metrics.reattach("retry", "", time.perf_counter() - t0)
             span.set(outcome="retry", version=res.version, epoch=res.epoch)

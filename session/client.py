@@ -42,6 +42,7 @@ HANDSHAKE_RETRIES = 3
 REATTACH_RETRIES = 3  # retransmissions of the same request bytes on one path
 STALE_RETRIES = 3  # immediate retries after an authenticated STALE_VERSION
 KEEPALIVE_TRACK = 64
+SENT_TAGS = 64  # AEAD tags of our latest DATA packets, which a NOT_BOUND_HERE must echo
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class ClientSession:
         self._out: deque[tuple[int, bytes]] = deque()
         self._events: deque[Event] = deque()
         self._pending_payloads: deque[bytes] = deque()
+        self._sent_tags: deque[bytes] = deque(maxlen=SENT_TAGS)  # for NOT_BOUND_HERE hints
         self.stats = {
             "payloads_sent": 0, "payloads_received": 0, "payloads_dropped": 0,
             "reattaches": 0, "rejects": 0, "dropped_input": 0,
@@ -270,7 +272,7 @@ class ClientSession:
         """Tunnel one datagram; held (bounded) while recovering. False if dropped."""
         # During a proactive jump the current path still carries data (make before break).
         if self.attached and self._channel is not None and self.path is not None:
-            self._out.append((self.path, self._channel.seal(wire.inner_payload(payload))))
+            self._out.append((self.path, self._seal(wire.inner_payload(payload))))
             self.stats["payloads_sent"] += 1
             return True
         if self.state in (SessionState.RECOVERING, SessionState.BIRTH):
@@ -503,10 +505,11 @@ class ClientSession:
         if msg.kind is NoticeKind.TERMINATED:
             self._terminate(f"gateway notice: {_reason_name(TerminateReason, msg.reason)}", True)
         elif msg.kind is NoticeKind.NOT_BOUND_HERE and path == self.path and self.attached:
-            # A gateway sends this in answer to any DATA it cannot place, even a forged one
-            # (the session id is cleartext): while our own path still answers, it is not ours.
-            if now - self._last_rx < 2 * self.params.keepalive_interval:
-                raise RemoteProtocolError(DropReason.UNEXPECTED, "NOT_BOUND_HERE on a live path")
+            # A gateway answers any DATA it cannot place, even forged DATA (the session id is
+            # cleartext); the hint echoes the triggering packet's AEAD tag, so only a hint
+            # about a packet we sent on this binding moves us.
+            if msg.nonce not in self._sent_tags:
+                raise RemoteProtocolError(DropReason.UNEXPECTED, "NOT_BOUND_HERE for no packet of ours")
             self._lose_transport(now, "gateway does not hold our binding")
 
     # ---- internals ---------------------------------------------------------------------
@@ -520,6 +523,12 @@ class ClientSession:
         self._last_rx = now
         self._quality = PathQuality(min_grace=max(0.2, self.params.keepalive_interval))
 
+    def _seal(self, inner: bytes) -> bytes:
+        assert self._channel is not None
+        raw = self._channel.seal(inner)
+        self._sent_tags.append(raw[-wire.AEAD_TAG_LEN:])
+        return raw
+
     def _send_keepalive(self, now: float) -> None:
         if self._channel is None or self.path is None or not (self.attached or self.state is SessionState.ATTACHED):
             self._next_keepalive = None
@@ -527,7 +536,7 @@ class ClientSession:
         self._ka_seq = (self._ka_seq + 1) & 0xFFFFFFFF
         self._quality.on_probe_sent(self._ka_seq, now)
         inner = wire.inner_keepalive(self._ka_seq, int(now * 1000) & 0xFFFFFFFFFFFFFFFF, int(self.state))
-        self._out.append((self.path, self._channel.seal(inner)))
+        self._out.append((self.path, self._seal(inner)))
         self._next_keepalive = now + self.params.keepalive_interval
         self._quality.expire(now)
         self._evaluate_quality(now)

@@ -241,6 +241,11 @@ async def test_barrage_is_dropped_counted_and_harmless(
                     f"({missing[:5]}...); agent log: {agent.log_lines[-10:]}") from None
             assert len(want) >= UDP_MESSAGES // BATCH
         assert all(not a.jumps for a in agents), "an agent had to jump: the gateway stalled"
+        for kind, agent in zip(("udp", "tcp"), agents, strict=True):  # and after it
+            for i in range(20):
+                assert agent.send(b"%s-after-%d" % (kind.encode(), i))
+            await wait_for(lambda k=kind: sum(b"-after-" in g for g in got[k]) >= 20, 5,  # type: ignore[misc]
+                           f"{kind} echoes after the barrage")
         # The TCP connection that carried garbage frames is still open and working.
         assert not tcp_home.eof.is_set()
         await st.keepalive(tcp_home)
@@ -376,28 +381,37 @@ class _LoopLag:
 async def test_forged_data_cannot_make_a_healthy_client_drop_its_path(redis_url: str) -> None:
     """An off-path attacker who knows only a session id (it is cleartext in every packet).
 
-    It sends a forged DATA (right session id, wrong epoch, random bytes) from its own
-    address and gets back the gateway's authenticated NOT_BOUND_HERE notice. If it can
-    deliver that notice to the client (spoofing the gateway's address, or on the
-    path), a client with a perfectly healthy path must not abandon it: the notice
-    answered an unauthenticated packet, so it proves nothing about the client's path.
+    It sends a forged DATA (right session id, random bytes) from its own address to
+    a node of the cluster that does not hold the session, and gets back that node's
+    authenticated NOT_BOUND_HERE notice. If it can deliver the notice to the client
+    (spoofing the gateway's address, or on the path), a client whose path is
+    healthy must not abandon it: the notice answered an unauthenticated packet, so
+    it proves nothing about the client's path. (Were it obeyed, one forged packet
+    per notice interval would force a reattach each time, and soon exhaust the
+    session's reattach rate: RATE_LIMITED, a session-wide denial of service.)
     """
     gw = await start_gateway(redis_url)
+    other = await start_gateway(redis_url, node_id="gw-other")  # same cluster, not the owner
     echo, upstream = await echo_upstream()
     priv, _ = await gw.add_client(upstream)
     got: list[bytes] = []
     agent = gw.agent(priv, upstream, FAST, transports=["udp"], on_payload=got.append)
-    attacker = await Endpoint.udp(gw.udp)
+    attackers = [await Endpoint.udp(gw.udp), await Endpoint.udp(other.udp)]
     try:
         await agent.start()
         await agent.wait_connected(5)
         m = agent.machine
         await wait_for(lambda: m.quality.samples >= 3, 5, "a few keepalive round trips")
-        forged = wire.encode(wire.Data(m.session_id, m.epoch + 1, 0, os.urandom(40)))
-        attacker.send(forged)
+        for a in attackers:
+            for epoch in (m.epoch, m.epoch + 1):
+                a.send(wire.encode(wire.Data(m.session_id, epoch, 0, os.urandom(40))))
         await asyncio.sleep(0.3)
-        notices = [raw for raw in attacker.received
+        notices = [raw for a in attackers for raw in a.received
                    if isinstance(wire.decode(raw), wire.Notice)]
+        # A node that does not hold the session answers (authenticated: it can load the
+        # key); the client is the fence. (Should no node answer forged DATA any more,
+        # this test needs another way to obtain a notice.)
+        assert notices, "no NOT_BOUND_HERE came back: the test exercises nothing"
         path = m.path
         assert path is not None
         for raw in notices:  # what a spoofer or an on-path injector would deliver
@@ -409,6 +423,8 @@ async def test_forged_data_cannot_make_a_healthy_client_drop_its_path(redis_url:
         await wait_for(lambda: b"still fine" in got, 5, "an echo on the original path")
     finally:
         await agent.stop()
-        attacker.close()
+        for a in attackers:
+            a.close()
         echo.close()
+        await other.app.stop()
         await gw.app.stop()

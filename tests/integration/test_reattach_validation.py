@@ -238,6 +238,7 @@ async def test_bad_proof_wrong_mac(env: Env) -> None:
     s = await env.session()
     before = await record(env.gw, s)
     ep = await env.ep()
+    # A random key, and the gateway's own control key (a reflected gateway MAC is no proof).
     for key in (os.urandom(32), s.keys.control_key):  # type: ignore[union-attr]
         got = await s.send_request(*_req_on(ep, s, key=key))
         assert_reject(s, got, RejectReason.BAD_PROOF, authenticated=False)
@@ -313,6 +314,7 @@ async def test_replayed_nonce_other_address_vs_idempotent_retry(env: Env) -> Non
     ack2 = assert_ack(s, again)
     same = ("session_id", "nonce", "version", "epoch", "binding_id", "node_id")
     assert [getattr(ack2, f) for f in same] == [getattr(ack1, f) for f in same]
+    assert ack2.server_ms >= ack1.server_ms
     assert await record(env.gw, s) == after
     assert env.gw.node.bindings[s.session_id] is binding
     m = await scrape(env.gw.app.admin_port)  # type: ignore[arg-type]

@@ -264,3 +264,18 @@ def test_reattach_before_handshake_is_local_misuse() -> None:
 
     with pytest.raises(LocalProtocolError):
         c.reattach(0.0, 1, wire.TransportKind.UDP)
+
+
+def test_not_bound_hint_moves_us_only_for_a_packet_we_sent() -> None:
+    c, gw = connected()
+    assert c.send(b"x", 0.05)
+    [(_, ours)] = c.datagrams_to_send()
+    # A hint echoing a tag we never sent (the gateway answered forged DATA): ignored.
+    forged = wire.Notice(gw.sid, NoticeKind.NOT_BOUND_HERE, 0, c.version, os.urandom(16), 1)
+    c.receive(control.seal(forged, gw.keys.control_key), 1, 0.06)
+    assert c.state is SessionState.ATTACHED and c.drops.get(DropReason.UNEXPECTED) == 1
+    # A hint about our own packet (its AEAD tag): the binding is gone, reattach.
+    real = wire.Notice(gw.sid, NoticeKind.NOT_BOUND_HERE, 0, c.version, ours[-16:], 1)
+    c.receive(control.seal(real, gw.keys.control_key), 1, 0.07)
+    assert c.state is SessionState.RECOVERING
+    assert any(isinstance(e, TransportLost) for e in events(c))
