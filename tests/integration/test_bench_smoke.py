@@ -19,24 +19,25 @@ async def test_bench_smoke_runs_every_part() -> None:
 
     m = report["machine"]
     assert m["nproc"] >= 1 and m["python"] and m["redis_server"]
-    assert set(report["machine"]["children_uvloop"]) == {"gateway", "echo"}
+    assert set(report["machine"]["children_uvloop"]) == {"gateway", "echo", "relay"}
 
     ra = report["reattach"]
     assert ra["sessions"] == 8 and ra["repeat"] == 1
     assert ra["rate"] > 0 and ra["raw_pipelined_rate"] > 0 and ra["raw_evalsha_rate"] > 0
+    assert ra["raw_fresh_rate"] > 0
     assert 0 < ra["p50_ms"] <= ra["p99_ms"]
     assert ra["ratio"] == pytest.approx(ra["rate"] / ra["raw_pipelined_rate"])
     assert ra["handshake_rate"] > 0 and ra["gateway_cpu_us"] >= 0
     run = ra["runs"][0]
     assert run["raw_pipelined"]["ok_fraction"] == 1.0  # the baseline ran the success path
-    assert run["raw_evalsha"]["ok_fraction"] == 1.0
+    assert run["raw_evalsha"]["ok_fraction"] == 1.0 and run["raw_fresh"]["ok_fraction"] == 1.0
     assert not {k for k in run["errors"] if k.startswith(("bad_", "reject_", "gave_up"))}
     assert set(run["cpu"]) == {"gateway", "redis", "loadgen", "other"}
     if ra["redis_benchmark_rate"] is not None:
         assert ra["redis_benchmark_rate"] > 0
 
     dg = report["datagram"]
-    assert dg["rate"] > 0 and dg["plain_rate"] > 0
+    assert dg["rate"] > 0 and dg["plain_rate"] > 0 and dg["relay_rate"] > 0
     assert 0 <= dg["loss"] <= 1 and 0 <= dg["plain_loss"] <= 1
     assert dg["ratio"] == pytest.approx(dg["rate"] / dg["plain_rate"])
     assert dg["runs"][0]["tunnel"]["sent"] > 0
