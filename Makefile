@@ -2,6 +2,7 @@
 #   make venv   .venv with the project installed editable (+test, dev extras)
 #   make deps   Debian packages the tests and the demo need (redis, nginx+njs, prometheus, compose)
 #   make demo   run the local demo         make bench   run the benchmark
+#   make bench-cluster   cluster benchmark (gateways, nginx, node death, WAIT)
 #   make test   lint, then the test suite  make lint    ruff, import contracts, mypy
 #   make clean  caches and build output    make distclean   also the .venv
 # PYTHON=/path/to/python3.x picks the interpreter for a new .venv; ARGS=... is
@@ -33,7 +34,7 @@ PYTHON ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv deps demo test lint bench clean distclean
+.PHONY: help venv deps demo test lint bench bench-cluster clean distclean
 
 help:
 	@sed -n '2,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -96,6 +97,10 @@ demo: deps venv
 
 bench: deps venv
 	@$(BIN)/jvpn bench $(ARGS)
+
+# Cluster figures (jvpn/bench_cluster.py): reattach with 1-3 gateways, node death, nginx, WAIT.
+bench-cluster: deps venv
+	@$(BIN)/python -m jvpn.bench_cluster $(ARGS)
 
 lint: venv
 	@echo "ruff"; $(BIN)/ruff check -q .

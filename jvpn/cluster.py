@@ -1,4 +1,4 @@
-"""``jvpn cluster up|down|status|add-client``: a local cluster as processes on loopback.
+"""``jvpn cluster up|down|status|restart|add-client``: a local cluster as processes on loopback.
 
 Theory of operation. ``up`` starts, as detached child processes, a store (one
 ``redis-server``), N ``jvpn-gateway`` nodes sharing one static key and KEK,
@@ -18,7 +18,8 @@ Everything lives in the run directory (default ``.jvpn/cluster``): keys
 logs, data, and ``cluster.json`` with the addresses, the gateway public key and
 every process started (pid and kernel start time). ``down`` signals only those
 pids, and the children nginx forked from its recorded master, after checking
-the start time (a recycled pid is never signalled).
+the start time (a recycled pid is never signalled). ``restart NODE`` stops one
+recorded gateway the same way and starts it again with its recorded argv.
 """
 
 from __future__ import annotations
@@ -854,6 +855,42 @@ def down(run_dir: Path, timeout: float = STOP_TIMEOUT_S) -> list[tuple[Proc, str
     return results
 
 
+def restart_gateway(run_dir: Path, node: str, timeout: float = STARTUP_TIMEOUT_S,
+                    stop_timeout: float = STOP_TIMEOUT_S) -> tuple[Proc, int, str]:
+    """Stop gateway ``node`` (only the process ``up`` recorded), start it again with the same
+    argv (same ports, keys, log) and wait for its /readyz; the rest keeps running.
+
+    Returns (the new process, the old pid, how the old one stopped).
+    """
+    state = ClusterState.load(run_dir)
+    proc = next((p for p in state.processes if p.role == "gateway" and p.name == node), None)
+    info = next((g for g in state.gateways if g.node_id == node), None)
+    if proc is None or info is None:
+        names = ", ".join(g.node_id for g in state.gateways) or "none"
+        raise ClusterError(f"no gateway {node!r} in {Path(state.run_dir) / STATE_FILE} "
+                           f"(gateways: {names})")
+    old_pid = proc.pid
+    how = stop_process(proc, stop_timeout)
+    with open(proc.log, "ab") as fp:
+        p = subprocess.Popen(proc.argv, stdin=subprocess.DEVNULL, stdout=fp,
+                             stderr=subprocess.STDOUT, cwd=state.run_dir, close_fds=True,
+                             start_new_session=True)
+    proc.pid, proc.start_ticks = p.pid, start_ticks(p.pid)
+    info.pid = p.pid
+    state.save()
+    ready = _answers_200(f"http://{info.admin}/readyz")
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if p.poll() is not None:
+            raise ClusterError(f"gateway {node} (pid {p.pid}) exited during restart; "
+                               f"{proc.log}:\n{log_tail(proc.log)}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"gateway {node} (pid {p.pid}) not ready {timeout:.0f} s after "
+                               f"restart; {proc.log}:\n{log_tail(proc.log)}")
+        time.sleep(0.05)
+    return proc, old_pid, how
+
+
 # ---- add-client -----------------------------------------------------------------------------
 
 
@@ -917,6 +954,13 @@ def add_cluster_parser(sub: Any) -> None:
     g = run_dir(cs.add_parser("status", help="each process alive/dead, each gateway's /readyz"))
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_status)
+
+    g = run_dir(cs.add_parser("restart", help="stop one gateway and start it again "
+                                              "(same ports and config), e.g. a rolling restart"))
+    g.add_argument("node", help="gateway node id, e.g. gw-1")
+    g.add_argument("--timeout", type=float, default=STARTUP_TIMEOUT_S,
+                   help=f"seconds to wait for its /readyz (default {STARTUP_TIMEOUT_S:.0f})")
+    g.set_defaults(fn=cmd_restart)
 
     g = run_dir(cs.add_parser("add-client", help="register a client with the cluster's store "
                                                  "and print its jvpn-agent command"))
@@ -990,6 +1034,17 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{'alive' if r['alive'] else 'dead':<5}  {r['detail']}")
         print("all up and ready" if ok else "NOT all up and ready")
     return 0 if ok else 1
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    try:
+        proc, old_pid, how = restart_gateway(Path(args.run_dir), args.node, args.timeout)
+    except ClusterError as exc:
+        return _fail(exc)
+    print(f"{proc.name}: pid {old_pid} {how}; pid {proc.pid} ready "
+          f"in {time.monotonic() - t0:.1f} s")
+    return 0
 
 
 def cmd_add_client(args: argparse.Namespace) -> int:

@@ -2,5 +2,6 @@
 
 Public API: ``store.api`` (``SessionStore`` and its result types),
 ``store.errors`` (``StoreError``, ``StoreUnavailable``), ``store.policy``
-(``ClientPolicy``), ``store.embedded`` (a private redis-server child).
+(``ClientPolicy``), ``store.embedded`` (a private redis-server child),
+``store.cluster`` (Redis Cluster routing, selected by a ``redis+cluster://`` URL).
 """

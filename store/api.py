@@ -584,8 +584,6 @@ class SessionStore:
                 self._read_generation_soon()
             return gen
         await asyncio.shield(self._read_generation_soon())  # first use: everyone waits once
-        if self._clock_offset_ms is None:
-            await self.server_time_ms()
         assert self._generation is not None
         return self._generation
 
@@ -605,6 +603,8 @@ class SessionStore:
                 await self._guard(self.redis.set(K.GENERATION, fresh, nx=True))
                 raw = await self._guard(self.redis.get(K.GENERATION))
             gen = int(raw) if raw is not None else fresh
+            if self._clock_offset_ms is None:
+                await self.server_time_ms()  # learn the store clock once, too
         except StoreUnavailable:
             if self._generation is None:
                 raise

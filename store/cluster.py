@@ -54,6 +54,7 @@ __all__ = [
     "CLUSTER_SCHEMES",
     "ClusterScriptBatcher",
     "NodeBatcher",
+    "NotRun",
     "connect_cluster",
     "is_cluster_url",
     "parse_cluster_url",
@@ -360,6 +361,7 @@ class ClusterScriptBatcher:
         slot = _slot(call.keys[0])
         hints = [self._enqueue_hint(e) for e in call.extras] if call.extras else ()
         nodes = self.cluster.nodes_manager.slots_cache.get(slot)
+        cancelled = False
         try:
             if not nodes:
                 return await self.send(packed, slot, call.script, call.mutates, False)
@@ -370,9 +372,16 @@ class ClusterScriptBatcher:
                 return await op.future
             except NotRun as exc:
                 return await self._rerun(exc, packed, slot, call.script, call.mutates, False)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             for hint in hints:
-                await self._settle_hint(hint)
+                if cancelled:  # the caller is gone: let the hint finish on its own
+                    if hint[0] is not None:
+                        hint[0].future.add_done_callback(_retrieve)
+                else:
+                    await self._settle_hint(hint)
 
     async def call_direct(self, call: ScriptCall) -> Any:
         """Like ``call`` but in a pipeline of its own (baseline, tests)."""
@@ -553,6 +562,11 @@ class ClusterScriptBatcher:
 
 def _slot(key: Any) -> int:
     return key_slot(key.encode() if type(key) is str else bytes(key))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _fail(ops: list[_Op], error: StoreError) -> None:

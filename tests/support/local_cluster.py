@@ -89,6 +89,19 @@ class LocalCluster:
         self.up_output = res.stdout
         return self.state
 
+    def restart(self, node: str, timeout: float = 60.0) -> None:
+        """``jvpn cluster restart <node>`` (the new process becomes our child to reap)."""
+        _subreaper(True)
+        try:
+            res = self.cli("restart", node, timeout=timeout)
+        finally:
+            _subreaper(False)
+        self.reap()  # the old gateway, if it was ours
+        self.load()
+        if res.returncode != 0:
+            raise AssertionError(f"jvpn cluster restart {node} failed ({res.returncode}):\n"
+                                 f"{res.stdout}\n{res.stderr}")
+
     def load(self) -> dict[str, Any]:
         path = self.run_dir / "cluster.json"
         self.state = json.loads(path.read_text()) if path.exists() else {}
