@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -88,6 +89,8 @@ T = TypeVar("T")
 MAX_NODE_LEN = 64
 MAX_ADDR_TAG_LEN = 256
 MAX_VERSION = 2**53  # Lua numbers are doubles: exact below this
+
+log = logging.getLogger("jvpn.store")
 
 _TOMBSTONE_STATUSES = (StoreStatus.TERMINATED, StoreStatus.EXPIRED)
 
@@ -575,8 +578,8 @@ class SessionStore:
 
         Random, created by the first caller; re-read in the background every
         ``generation_check_s`` (callers never wait for that). If ``jvpn:gen`` is
-        gone (a wiped store) a new one is created, so records of the old one,
-        should any come back, are void; ``new_generation`` starts one on purpose.
+        gone but we know the generation, ours is put back (one lost key must not void
+        every session); ``new_generation`` starts a new one on purpose (after a restore).
         """
         gen = self._generation
         if gen is not None:
@@ -598,8 +601,14 @@ class SessionStore:
     async def _read_generation(self) -> None:
         try:
             raw = await self._guard(self.redis.get(K.GENERATION))
-            if raw is None:  # first use, or the store was wiped: a new generation
-                fresh = _random_generation(self._generation)
+            if raw is None:
+                # First use: create one. If we already know one, the key alone was lost (a
+                # failover that dropped an unreplicated write, a flushed shard): put ours back.
+                # Minting a new one here would void every live session of every shard over
+                # one lost key; a restored backup calls new_generation() on purpose instead.
+                fresh = self._generation or _random_generation(None)
+                if self._generation is not None:
+                    log.warning("store generation key missing: restoring %d", fresh)
                 await self._guard(self.redis.set(K.GENERATION, fresh, nx=True))
                 raw = await self._guard(self.redis.get(K.GENERATION))
             gen = int(raw) if raw is not None else fresh

@@ -149,8 +149,9 @@ async def test_kill_a_redis_cluster_master(
             owner = await asyncio.to_thread(_slot_owner, [p for p in ports if p != victim_port],
                                             slot)
             tail = log_tail(cluster.run_dir / "logs" / "gw-1.log", 30)
+            seen = await asyncio.to_thread(_inspect, owner, record_key(raw.session_id), ports)
             pytest.fail(f"no ACK within {FAILOVER_BOUND_S} s: {answers}\nslot {slot} now on "
-                        f"port {owner} (victim {victim_port})\ngw-1 log:\n{tail}")
+                        f"port {owner} (victim {victim_port}); {seen}\ngw-1 log:\n{tail}")
         assert "STORE_UNAVAILABLE" in kinds, answers
         assert set(kinds[:-1]) <= {"STORE_UNAVAILABLE", "no answer"}, answers
         first_unavailable = next(t for t, k in answers if k == "STORE_UNAVAILABLE")
@@ -165,3 +166,24 @@ async def test_kill_a_redis_cluster_master(
            first_ack_after_kill=f"{answers[-1][0]:.2f}s",
            store_unavailable=kinds.count("STORE_UNAVAILABLE"), no_answer=kinds.count("no answer"))
     figure("redis_master_kill_established_longest_gap", max(gaps), "s", agents=AGENTS)
+
+
+def _inspect(owner: int | None, key: str, ports: dict) -> str:  # type: ignore[type-arg]
+    """What the surviving cluster holds: the record's generation and the store generation."""
+    import redis as sync_redis
+
+    out = []
+    if owner is not None:
+        r = sync_redis.Redis(host="127.0.0.1", port=owner, socket_timeout=1)
+        out.append(f"record gen={r.hget(key, 'gen')!r} exists={r.exists(key)}")
+    for port in ports:
+        try:
+            r = sync_redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+            if r.info("replication").get("role") == "master":
+                try:
+                    out.append(f"{port}: jvpn:gen={r.get('jvpn:gen')!r}")
+                except sync_redis.ResponseError:
+                    pass
+        except Exception:
+            pass
+    return "; ".join(out)

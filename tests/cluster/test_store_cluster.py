@@ -405,20 +405,20 @@ async def test_new_generation_voids_older_records(cluster_url: str) -> None:
         assert b.generation_changes == 1 and await b.generation() == g2
         assert (await reattach(b, old, 1)).status is StoreStatus.UNKNOWN_SESSION
         assert (await b.refresh(old, 1, "n1")).status is StoreStatus.UNKNOWN_SESSION
-        # A wiped store (here: the key lost) gets a new generation, noticed within the check period.
+        # The key alone lost (a failover dropped it, a shard was flushed): a gateway that
+        # knows the generation puts it back; live sessions stay valid.
         c = SessionStore(cluster_url, StoreConfig(generation_check_s=0.1))
         try:
             assert await c.generation() == g2
             await c.redis.delete(K.GENERATION)
-            await asyncio.sleep(0.15)
-            assert await c.generation() == g2  # callers never wait: re-read in the background
             for _ in range(100):
-                if c.generation_changes:
+                await c.generation()  # re-reads in the background once the period is over
+                if await c.redis.get(K.GENERATION) is not None:
                     break
-                await asyncio.sleep(0.01)
-            g3 = await c.generation()
-            assert g3 not in (g1, g2) and c.generation_changes == 1
-            assert (await reattach(c, new, 2)).status is StoreStatus.UNKNOWN_SESSION
+                await asyncio.sleep(0.02)
+            assert int(await c.redis.get(K.GENERATION)) == g2
+            assert await c.generation() == g2 and c.generation_changes == 0
+            assert (await reattach(c, new, 2)).ok
         finally:
             await c.close()
     finally:
