@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -131,9 +132,17 @@ class GatewayApp:
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flush; bounded (5 s), off the loop
         if self.events is not None:
-            await self.events.stop()
+            await _bounded(self.events.stop(), "event bus")
         if self.store is not None:
-            await self.store.close()
+            await _bounded(self.store.close(), "store client")
         if self.embedded is not None:
             await self.embedded.aclose()
             self.embedded = None
+
+
+async def _bounded(aw: Awaitable[None], what: str, timeout: float = 5.0) -> None:
+    """Shutdown must not hang on one part: give up on it after ``timeout`` and say so."""
+    try:
+        await asyncio.wait_for(aw, timeout)
+    except TimeoutError:
+        log.warning("%s did not close within %.0fs", what, timeout)

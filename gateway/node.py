@@ -133,11 +133,7 @@ class GatewayNode:
 
     async def stop(self) -> None:
         """Close listeners, cancel loops and tasks, drop bindings (no store writes)."""
-        for t in self._background:
-            t.cancel()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+        await cancel_bounded([*self._background, *self._tasks])
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
@@ -815,6 +811,25 @@ class GatewayNode:
 
 
 # ---- asyncio adapters ------------------------------------------------------------------------
+
+
+async def cancel_bounded(tasks: list[asyncio.Task[Any]], timeout: float = 3.0) -> None:
+    """Cancel ``tasks`` and wait for them, bounded; cancel again while they linger.
+
+    redis-py can swallow a cancellation that lands while a command is being
+    sent (its internal wait_for on Python 3.11), so one cancel() is not enough
+    for a loop that talks to the store: stop must never hang on it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    if pending:
+        log.warning("%d tasks did not stop within %.1fs", len(pending), timeout)
+
 
 
 def _grow_buffers(transport: asyncio.BaseTransport) -> None:
