@@ -97,7 +97,112 @@ class ScriptCall:
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
 
-class ScriptBatcher:
+class PipelineQueue:
+    """A queue of calls served by at most ``max_inflight`` flushers, each sending up to
+    ``max_batch`` calls as one pipeline over one connection of ``_pool()``.
+
+    Subclasses build and settle a batch in ``_run``; this class owns the queue, the
+    flushers, the single-write execution and the durable-mode WAIT check.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        max_inflight: int,
+        wait_replicas: int,
+        wait_timeout_ms: int,
+        batch_timeout_s: float,
+    ) -> None:
+        if max_batch < 1 or max_inflight < 1:
+            raise ValueError("max_batch and max_inflight must be >= 1")
+        self.batch_timeout_s = batch_timeout_s  # one guard per pipeline, not one timer per call
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._pending: deque[Any] = deque()
+        self._flushers = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # pipelines sent (for tests and metrics)
+        self.calls = 0
+
+    def _pool(self) -> Any:
+        raise NotImplementedError
+
+    async def _run(self, batch: list[Any]) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, item: Any) -> None:
+        """Queue ``item`` (its future gets the reply); a flusher starts on the next iteration."""
+        self._pending.append(item)
+        if self._flushers < self.max_inflight:
+            self._flushers += 1
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _fail_pending(self, error: StoreError) -> None:
+        _fail(list(self._pending), error)
+        self._pending.clear()
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch: list[Any] = []
+                while self._pending and len(batch) < self.max_batch:
+                    c = self._pending.popleft()
+                    if not c.future.done():  # a cancelled caller is not sent at all
+                        batch.append(c)
+                if batch:
+                    await self._run(batch)
+        except asyncio.CancelledError:
+            if self._flushers == 1:  # the last flusher: nobody else will serve the queue
+                self._fail_pending(StoreUnavailable("store closed"))
+            raise
+        finally:
+            self._flushers -= 1
+
+    def _wait_command(self, batch: list[Any]) -> bytes | None:
+        """Durable mode: the WAIT ending a pipeline that holds a mutation, else None."""
+        if self.wait_replicas > 0 and any(c.mutates for c in batch):
+            return pack_command(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+        return None
+
+    def _wait_error(self, acks: Any, where: str = "") -> StoreError | None:
+        """The error every mutation of the batch gets if WAIT fell short."""
+        if isinstance(acks, Exception) or int(acks) < self.wait_replicas:
+            return StoreNotDurable(
+                f"durable mode: WAIT {self.wait_replicas} replicas{where}, got {acks!r}"
+            )
+        return None
+
+    async def _execute(self, commands: list[bytes]) -> list[Any]:
+        """Send pre-packed commands in one write and read every reply (errors in place).
+
+        A lean pipeline over redis-py's public connection API: one write, no
+        per-reply timer (the caller bounds the whole batch). On any failure the
+        connection is dropped, never reused half-read.
+        """
+        pool = self._pool()
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(commands)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response(timeout=math.inf))
+                except rexc.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+
+class ScriptBatcher(PipelineQueue):
     """Runs script calls through shared pipelines; ``call`` is coroutine-safe."""
 
     def __init__(
@@ -110,28 +215,17 @@ class ScriptBatcher:
         wait_timeout_ms: int = 100,
         batch_timeout_s: float = 3.0,
     ) -> None:
-        if max_batch < 1 or max_inflight < 1:
-            raise ValueError("max_batch and max_inflight must be >= 1")
+        super().__init__(max_batch=max_batch, max_inflight=max_inflight,
+                         wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms,
+                         batch_timeout_s=batch_timeout_s)
         self._redis = redis
-        self.batch_timeout_s = batch_timeout_s  # one guard per pipeline, not one timer per call
-        self.max_batch = max_batch
-        self.max_inflight = max_inflight
-        self.wait_replicas = wait_replicas
-        self.wait_timeout_ms = wait_timeout_ms
-        self._pending: deque[ScriptCall] = deque()
-        self._flushers = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # pipelines sent (for tests and metrics)
-        self.calls = 0
+
+    def _pool(self) -> Any:
+        return self._redis.connection_pool
 
     async def call(self, call: ScriptCall) -> Any:
         """Enqueue ``call`` and wait for its own reply (raises StoreError)."""
-        self._pending.append(call)
-        if self._flushers < self.max_inflight:
-            self._flushers += 1
-            task = asyncio.get_running_loop().create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self.enqueue(call)
         return await call.future
 
     async def call_direct(self, call: ScriptCall) -> Any:
@@ -143,28 +237,7 @@ class ScriptBatcher:
         """Cancel flushers; pending callers get StoreUnavailable."""
         for task in list(self._tasks):
             task.cancel()
-        while self._pending:
-            c = self._pending.popleft()
-            if not c.future.done():
-                c.future.set_exception(StoreUnavailable("store closed"))
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch: list[ScriptCall] = []
-                while self._pending and len(batch) < self.max_batch:
-                    c = self._pending.popleft()
-                    if not c.future.done():  # a cancelled caller is not sent at all
-                        batch.append(c)
-                if batch:
-                    await self._run(batch)
-        except asyncio.CancelledError:
-            if self._flushers == 1:  # the last flusher: nobody else will serve the queue
-                _fail(list(self._pending), StoreUnavailable("store closed"))
-                self._pending.clear()
-            raise
-        finally:
-            self._flushers -= 1
+        self._fail_pending(StoreUnavailable("store closed"))
 
     async def _run(self, batch: list[ScriptCall], *, reloaded: bool = False) -> None:
         commands: list[bytes] = []
@@ -172,9 +245,9 @@ class ScriptBatcher:
             commands.append(pack_evalsha(c.script.sha, c.keys, c.args))
             for extra in c.extras:
                 commands.append(pack_command(extra))
-        durable = self.wait_replicas > 0 and any(c.mutates for c in batch)
-        if durable:
-            commands.append(pack_command(("WAIT", self.wait_replicas, self.wait_timeout_ms)))
+        wait = self._wait_command(batch)
+        if wait is not None:
+            commands.append(wait)
         self.batches += 1
         self.calls += len(batch)
         try:
@@ -187,14 +260,7 @@ class ScriptBatcher:
             _fail(batch, translate(exc))
             return
 
-        acked_error: StoreError | None = None
-        if durable:
-            acks = replies[-1]
-            if isinstance(acks, Exception) or int(acks) < self.wait_replicas:
-                acked_error = StoreNotDurable(
-                    f"durable mode: WAIT {self.wait_replicas} replicas, got {acks!r}"
-                )
-
+        acked_error = self._wait_error(replies[-1]) if wait is not None else None
         missing: list[ScriptCall] = []
         i = 0
         for c in batch:
@@ -212,30 +278,6 @@ class ScriptBatcher:
                 c.future.set_result(reply)
         if missing:
             await self._reload(missing)
-
-    async def _execute(self, commands: list[bytes]) -> list[Any]:
-        """Send pre-packed commands in one write and read every reply (errors in place).
-
-        A lean pipeline over redis-py's public connection API: one write, no
-        per-reply timer (the caller bounds the whole batch). On any failure the
-        connection is dropped, never reused half-read.
-        """
-        pool = self._redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(commands)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response(timeout=math.inf))
-                except rexc.ResponseError as exc:
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
 
     async def _reload(self, missing: list[ScriptCall]) -> None:
         """Load the scripts a NOSCRIPT named (they did not run) and send those calls again."""

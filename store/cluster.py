@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -46,8 +45,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
-from store.batcher import ScriptCall, pack_command, pack_evalsha, translate
-from store.errors import StoreError, StoreNotDurable, StoreUnavailable
+from store.batcher import PipelineQueue, ScriptCall, pack_command, pack_evalsha, translate
+from store.errors import StoreError, StoreUnavailable
 from store.scripts import LuaScript
 
 __all__ = [
@@ -153,7 +152,7 @@ class NotRun(StoreUnavailable):
 _REFUSALS = (rexc.AskError, rexc.TryAgainError, rexc.ClusterDownError)  # MOVED is an AskError
 
 
-class NodeBatcher:
+class NodeBatcher(PipelineQueue):
     """Coalesces the commands for one node into pipelines on one connection at a time."""
 
     def __init__(
@@ -168,28 +167,15 @@ class NodeBatcher:
         batch_timeout_s: float,
         on_failure: Callable[[], object],
     ) -> None:
+        super().__init__(max_batch=max_batch, max_inflight=max_inflight,
+                         wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms,
+                         batch_timeout_s=batch_timeout_s)
         self.name = name
         self.pool = pool
-        self.max_batch = max_batch
-        self.max_inflight = max_inflight
-        self.wait_replicas = wait_replicas
-        self.wait_timeout_ms = wait_timeout_ms
-        self.batch_timeout_s = batch_timeout_s
         self._on_failure = on_failure  # the connection failed: refresh the slot map
-        self._pending: deque[_Op] = deque()
-        self._flushers = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0
-        self.calls = 0
 
-    def enqueue(self, op: _Op) -> None:
-        """Queue ``op`` (its future gets the reply); a flusher starts on the next iteration."""
-        self._pending.append(op)
-        if self._flushers < self.max_inflight:
-            self._flushers += 1
-            task = asyncio.get_running_loop().create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _pool(self) -> Any:
+        return self.pool
 
     async def submit(self, op: _Op) -> Any:
         self.enqueue(op)
@@ -207,27 +193,8 @@ class NodeBatcher:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        _fail(list(self._pending), StoreUnavailable("store closed"))
-        self._pending.clear()
+        self._fail_pending(StoreUnavailable("store closed"))
         await self.pool.aclose()
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch: list[_Op] = []
-                while self._pending and len(batch) < self.max_batch:
-                    op = self._pending.popleft()
-                    if not op.future.done():
-                        batch.append(op)
-                if batch:
-                    await self._run(batch)
-        except asyncio.CancelledError:
-            if self._flushers == 1:
-                _fail(list(self._pending), StoreUnavailable("store closed"))
-                self._pending.clear()
-            raise
-        finally:
-            self._flushers -= 1
 
     async def _run(self, batch: list[_Op], *, load: Sequence[LuaScript] = ()) -> None:
         commands = [pack_command(("SCRIPT", "LOAD", s.source)) for s in load]
@@ -235,9 +202,9 @@ class NodeBatcher:
             if op.asking:
                 commands.append(b"*1\r\n$6\r\nASKING\r\n")
             commands.append(op.packed)
-        durable = self.wait_replicas > 0 and any(op.mutates for op in batch)
-        if durable:
-            commands.append(pack_command(("WAIT", self.wait_replicas, self.wait_timeout_ms)))
+        wait = self._wait_command(batch)
+        if wait is not None:
+            commands.append(wait)
         self.batches += 1
         self.calls += len(batch)
         try:
@@ -254,13 +221,7 @@ class NodeBatcher:
             self._on_failure()
             return
 
-        acked_error: StoreError | None = None
-        if durable:
-            acks = replies[-1]
-            if isinstance(acks, Exception) or int(acks) < self.wait_replicas:
-                acked_error = StoreNotDurable(
-                    f"durable mode: WAIT {self.wait_replicas} replicas on {self.name}, got {acks!r}"
-                )
+        acked_error = self._wait_error(replies[-1], f" on {self.name}") if wait is not None else None
         missing: list[_Op] = []
         i = len(load)
         for op in batch:
@@ -287,24 +248,6 @@ class NodeBatcher:
             # the same pipeline as the resend. NOSCRIPT means it did not run.
             scripts = list({op.script.sha: op.script for op in missing if op.script}.values())
             await self._run(missing, load=scripts)
-
-    async def _execute(self, commands: list[bytes]) -> list[Any]:
-        """One write, every reply read (errors in place); a failed connection is dropped."""
-        conn = await self.pool.get_connection()
-        try:
-            await conn.send_packed_command(commands)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response(timeout=math.inf))
-                except rexc.ResponseError as exc:
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await self.pool.release(conn)
 
 
 # ---- the router ------------------------------------------------------------------------------
