@@ -177,6 +177,26 @@ class PipelineQueue:
             )
         return None
 
+    async def _send(self, batch: list[Any], commands: list[bytes]) -> tuple[list[Any], bool]:
+        """Send ``commands`` (plus WAIT when durable) under the batch timeout: (replies, durable).
+
+        Cancelled: the batch's callers learn the outcome is unknown, and it propagates.
+        Any other failure raises it as a StoreError for the subclass to hand out.
+        """
+        wait = self._wait_command(batch)
+        if wait is not None:
+            commands.append(wait)
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            async with asyncio.timeout(self.batch_timeout_s):
+                return await self._execute(commands), wait is not None
+        except asyncio.CancelledError:
+            _fail(batch, StoreUnavailable("store call cancelled", maybe_applied=True))
+            raise
+        except BaseException as exc:  # every caller must get an answer
+            raise translate(exc) from exc
+
     async def _execute(self, commands: list[bytes]) -> list[Any]:
         """Send pre-packed commands in one write and read every reply (errors in place).
 
@@ -245,22 +265,13 @@ class ScriptBatcher(PipelineQueue):
             commands.append(pack_evalsha(c.script.sha, c.keys, c.args))
             for extra in c.extras:
                 commands.append(pack_command(extra))
-        wait = self._wait_command(batch)
-        if wait is not None:
-            commands.append(wait)
-        self.batches += 1
-        self.calls += len(batch)
         try:
-            async with asyncio.timeout(self.batch_timeout_s):
-                replies = await self._execute(commands)
-        except asyncio.CancelledError:
-            _fail(batch, StoreUnavailable("store call cancelled", maybe_applied=True))
-            raise
-        except BaseException as exc:  # every caller must get an answer
-            _fail(batch, translate(exc))
+            replies, durable = await self._send(batch, commands)
+        except StoreError as err:
+            _fail(batch, err)
             return
 
-        acked_error = self._wait_error(replies[-1]) if wait is not None else None
+        acked_error = self._wait_error(replies[-1]) if durable else None
         missing: list[ScriptCall] = []
         i = 0
         for c in batch:

@@ -202,26 +202,17 @@ class NodeBatcher(PipelineQueue):
             if op.asking:
                 commands.append(b"*1\r\n$6\r\nASKING\r\n")
             commands.append(op.packed)
-        wait = self._wait_command(batch)
-        if wait is not None:
-            commands.append(wait)
-        self.batches += 1
-        self.calls += len(batch)
         try:
-            async with asyncio.timeout(self.batch_timeout_s):
-                replies = await self._execute(commands)
-        except asyncio.CancelledError:
-            _fail(batch, StoreUnavailable("store call cancelled", maybe_applied=True))
-            raise
-        except BaseException as exc:
-            err = translate(exc)
+            replies, durable = await self._send(batch, commands)
+        except StoreError as exc:
+            err = exc
             if isinstance(err, StoreUnavailable) and not err.maybe_applied:
                 err = NotRun(f"{self.name}: {err}")  # nothing was sent: re-route and retry
             _fail(batch, err)
             self._on_failure()
             return
 
-        acked_error = self._wait_error(replies[-1], f" on {self.name}") if wait is not None else None
+        acked_error = self._wait_error(replies[-1], f" on {self.name}") if durable else None
         missing: list[_Op] = []
         i = len(load)
         for op in batch:
