@@ -630,7 +630,9 @@ class Launcher:
                     "--appendonly", "no", "--dir", str(data), "--daemonize", "no",
                     "--logfile", "", "--cluster-enabled", "yes",
                     "--cluster-config-file", str(data / f"nodes-{port}.conf"),
-                    "--cluster-node-timeout", "2000", "--cluster-port", str(bus)]  # fmt: skip
+                    "--cluster-node-timeout", "2000", "--cluster-port", str(bus),
+                    # no 5 s wait for more replicas before the first full sync
+                    "--repl-diskless-sync-delay", "0"]  # fmt: skip
             nodes.append((self._spawn(f"redis-{i}", "store", argv, cwd=data), port))
         from store.embedded import server_pid
 
@@ -647,11 +649,16 @@ class Launcher:
                                f"{(create.stdout + create.stderr)[-2000:]}")
 
         def cluster_ok() -> bool:
+            # Up means failover-ready: cluster_state:ok everywhere, and every master has a
+            # replica that finished its first full sync. A replica still waiting for that
+            # sync can be promoted empty by a master death: every session of the shard gone.
+            synced_masters = 0
             for _, port in nodes:
                 client = redis.Redis(host=o.host, port=port, socket_timeout=1.0,
                                      socket_connect_timeout=1.0)
                 try:
                     info = client.execute_command("CLUSTER", "INFO")
+                    repl = client.info("replication")
                 except redis.RedisError:
                     return False
                 finally:
@@ -659,10 +666,16 @@ class Launcher:
                 text = info.decode() if isinstance(info, bytes) else str(info)
                 if "cluster_state:ok" not in text:
                     return False
-            return True
+                if repl.get("role") == "slave":
+                    if repl.get("master_link_status") != "up" or repl.get("master_sync_in_progress"):
+                        return False
+                elif any(isinstance(v, dict) and v.get("state") == "online"
+                         for k, v in repl.items() if k.startswith("slave")):
+                    synced_masters += 1
+            return synced_masters == CLUSTER_NODES // 2
 
-        self._wait_ready(nodes[0][0], "redis cluster (cluster_state:ok on every node)",
-                         cluster_ok, deadline)
+        self._wait_ready(nodes[0][0], "redis cluster (cluster_state:ok on every node, every "
+                         "master with a synced replica)", cluster_ok, deadline)
         self.state.store_url = "redis+cluster://" + ",".join(addrs)
         self.state.store_kind = "redis-cluster"
 
