@@ -25,8 +25,10 @@ async def test_lossy_path_degrades_then_recovers_and_store_follows(redis_url: st
         relay.loss = 0.35  # each way: about 58% of keepalive round trips fail
         await wait_for(lambda: agent.machine.state is SessionState.DEGRADED, 15, "DEGRADED")
         await wait_for(lambda: agent.machine.version > v0, 10, "version from the gateway")
-        rec = await gw.store.get(sid)
-        assert rec is not None and rec.state in (SessionState.DEGRADED, SessionState.VOLATILE)
+        # The store followed (a STATE_CHANGE is emitted only for a CAS the store applied).
+        # Not its state right now: at 35% loss a lucky streak can already report ATTACHED.
+        await wait_for(lambda: any(e["jvpn.to_state"] in ("DEGRADED", "VOLATILE")
+                                   for e in gw.actions("state_change")), 10, "store followed")
         relay.loss = 0.0
         await wait_for(lambda: agent.machine.state is SessionState.ATTACHED, 20, "recovered")
         await wait_for(lambda: gw.node.bindings[sid].state is SessionState.ATTACHED, 10,
