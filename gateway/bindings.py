@@ -29,7 +29,7 @@ AMPLIFICATION_FACTOR = 3
 class Peer:
     """One transport endpoint: a UDP address on our socket, or one TCP connection."""
 
-    __slots__ = ("kind", "addr", "_send", "closed")
+    __slots__ = ("kind", "addr", "_send", "closed", "_desc")
 
     def __init__(self, kind: wire.TransportKind, addr: tuple[str, int],
                  send: Callable[[bytes], None]) -> None:
@@ -37,6 +37,7 @@ class Peer:
         self.addr = addr
         self._send = send
         self.closed = False
+        self._desc = ""
 
     def send(self, data: bytes) -> None:
         if not self.closed:
@@ -47,7 +48,10 @@ class Peer:
         return (int(self.kind), self.addr[0], self.addr[1])
 
     def describe(self) -> str:
-        return f"{self.kind.name.lower()}:{self.addr[0]}:{self.addr[1]}"
+        """"udp:1.2.3.4:5678" (computed once: events and store tags ask for it often)."""
+        if not self._desc:
+            self._desc = f"{self.kind.name.lower()}:{self.addr[0]}:{self.addr[1]}"
+        return self._desc
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Peer) and other.key == self.key
@@ -72,7 +76,7 @@ class Binding:
     session_id: bytes
     epoch: int
     binding_id: bytes
-    channel: DataChannel
+    node_id: bytes  # this node, as the traffic keys bind it
     peer: Peer
     secrets: SessionSecrets
     version: int
@@ -89,6 +93,19 @@ class Binding:
     tx_packets: int = 0
     lost: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    _channel: DataChannel | None = None
+
+    @property
+    def channel(self) -> DataChannel:
+        """The binding's AEAD channel, its traffic keys derived on first use: a binding a
+        client abandons before any DATA (a reattach storm, a rebind race it lost) never
+        pays for the HKDF and the two cipher contexts."""
+        ch = self._channel
+        if ch is None:
+            ch = self._channel = DataChannel.from_secret(
+                self.secrets.secret, session_id=self.session_id, epoch=self.epoch,
+                binding_id=self.binding_id, node_id=self.node_id, is_gateway=True)
+        return ch
 
     def may_send(self, size: int) -> bool:
         """Anti-amplification: to an unvalidated peer, at most 3x what it sent us."""

@@ -29,16 +29,15 @@ from typing import Any
 from gateway.bindings import Binding, Peer, SessionSecrets
 from gateway.events import EventBus, fingerprint
 from gateway.metrics import Metrics
-from gateway.tracing import SpanCtx, Tracing
+from gateway.tracing import NOOP_SPAN, SpanCtx, Tracing
 from session import control, wire
 from session.errors import RemoteProtocolError, SessionError
-from session.framing import DataChannel
 from session.handshake import Refusal, Responder, ServerHello
-from session.keys import SessionKeys, traffic_keys, unwrap_secret, wrap_secret
+from session.keys import SessionKeys, unwrap_secret, wrap_secret
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
 from session.states import SessionEvent, SessionState, is_allowed
-from store.api import SessionStore
-from store.errors import StoreUnavailable
+from store.api import PendingReattach, ReattachResult, SessionStore
+from store.errors import StoreError, StoreUnavailable
 from store.status import StoreStatus
 
 log = logging.getLogger("jvpn.gateway")
@@ -71,6 +70,22 @@ class NodeSettings:
         return self.node_id.encode()[: wire.MAX_NODE_ID_LEN]
 
 
+class _Reattach:
+    """One REATTACH_REQUEST being answered: what every step of either path needs."""
+
+    __slots__ = ("req", "raw", "peer", "span", "secrets", "t0", "t1", "bid")
+
+    def __init__(self, req: wire.ReattachRequest, raw: bytes, peer: Peer, span: SpanCtx,
+                 secrets: SessionSecrets | None) -> None:
+        self.req = req
+        self.raw = raw
+        self.peer = peer
+        self.span = span
+        self.secrets = secrets
+        self.t0 = self.t1 = time.perf_counter()
+        self.bid = os.urandom(wire.BINDING_ID_LEN)
+
+
 class GatewayNode:
     """One stateless gateway process."""
 
@@ -90,6 +105,11 @@ class GatewayNode:
         self.bindings: dict[bytes, Binding] = {}
         self._secrets: OrderedDict[bytes, SessionSecrets] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._queued: set[asyncio.Future[Any]] = set()  # task-less reattaches at the store
+        self._stopping = False
+        # How reattaches that reached the store went: "queued" (no task), "task" (the
+        # coroutine path), "resumed" (queued, then finished by the coroutine path).
+        self.reattach_paths = {"queued": 0, "task": 0, "resumed": 0}
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
         self._background: list[asyncio.Task[Any]] = []
@@ -133,6 +153,9 @@ class GatewayNode:
 
     async def stop(self) -> None:
         """Close listeners, cancel loops and tasks, drop bindings (no store writes)."""
+        self._stopping = True
+        for fut in self._queued:  # queued reattaches: never sent, or their answer is ignored
+            fut.cancel()
         await cancel_bounded([*self._background, *self._tasks])
         if self._udp is not None:
             self._udp.close()
@@ -159,7 +182,7 @@ class GatewayNode:
             if isinstance(msg, wire.Data):
                 self._handle_data(msg, data, peer)
             elif isinstance(msg, wire.ReattachRequest):
-                self._spawn(self._handle_reattach(msg, data, peer), peer)
+                self._reattach_request(msg, data, peer)
             elif isinstance(msg, wire.HandshakeInit):
                 self._spawn(self._handle_handshake(msg, data, peer), peer)
             else:
@@ -174,7 +197,7 @@ class GatewayNode:
         self.metrics.count_drop(reason, peer.kind)
 
     def _spawn(self, coro: Awaitable[None], peer: Peer) -> None:
-        if len(self._tasks) >= MAX_CONTROL_TASKS:
+        if len(self._tasks) + len(self._queued) >= MAX_CONTROL_TASKS:
             coro.close()  # type: ignore[attr-defined]
             self._drop(DropReason.RATE_LIMITED, peer)
             return
@@ -515,13 +538,12 @@ class GatewayNode:
 
     def _bind(self, sid: bytes, epoch: int, bid: bytes, peer: Peer, secrets: SessionSecrets,
               version: int, state: SessionState) -> Binding:
-        c2g, g2c = traffic_keys(secrets.secret, epoch, bid, self.node)
         old = self.bindings.pop(sid, None)
         if old is not None:
             old.close()
         now = self.clock()
-        b = Binding(sid, epoch, bid, DataChannel(g2c, c2g, sid, epoch), peer, secrets, version,
-                    state, last_rx=now, last_refresh=now, confirmed_at=now)
+        b = Binding(sid, epoch, bid, self.node, peer, secrets, version, state, last_rx=now,
+                    last_refresh=now, confirmed_at=now)
         self.bindings[sid] = b
         return b
 
@@ -556,59 +578,139 @@ class GatewayNode:
         while len(self._secrets) > KEY_CACHE_SIZE:
             self._secrets.popitem(last=False)
 
+    def _reattach_request(self, req: wire.ReattachRequest, raw: bytes, peer: Peer) -> None:
+        """A REATTACH_REQUEST from the socket callback.
+
+        The usual case (the session's secrets cached, tracing off, a single Redis) runs
+        without a task: the checks here, the CAS queued on the store's batcher, the
+        answer from the batch's done callback (``_reattach_landed``). Everything else,
+        and anything unusual on the way, takes the coroutine path (``_handle_reattach``);
+        both paths share every check and every outcome.
+        """
+        sid = req.session_id
+        secrets = self._secrets.get(sid)
+        if secrets is None or self.tracing.enabled:
+            self._spawn(self._handle_reattach(req, raw, peer), peer)
+            return
+        if len(self._tasks) + len(self._queued) >= MAX_CONTROL_TASKS:
+            self._drop(DropReason.RATE_LIMITED, peer)
+            return
+        self._secrets.move_to_end(sid)
+        r = _Reattach(req, raw, peer, NOOP_SPAN, secrets)
+        if not self._reattach_checks(r):
+            return
+        r.t1 = time.perf_counter()
+        pending = self.store.reattach_nowait(
+            sid, expected_version=req.expected_version, nonce=req.nonce,
+            timestamp_ms=req.timestamp_ms, kind=req.kind, node=self.settings.node_id,
+            binding_id=r.bid, addr_tag=peer.describe(),
+            window_ms=self.settings.reattach_window_ms,
+            dual_active_window_ms=self.settings.dual_active_window_ms)
+        if pending is None:
+            self._spawn(self._reattach_store(r, None), peer)
+            return
+        self.reattach_paths["queued"] += 1
+        self._queued.add(pending.future)
+        pending.future.add_done_callback(lambda _f: self._reattach_landed(r, pending))
+
+    def _reattach_landed(self, r: _Reattach, pending: PendingReattach) -> None:
+        """The queued CAS answered: finish here, or hand the rest to the coroutine path."""
+        self._queued.discard(pending.future)
+        if self._stopping:
+            return
+        try:
+            res = self.store.reattach_done(pending)
+            if res is None:  # an error, an unknown outcome, a moved generation
+                self._spawn(self._reattach_store(r, pending), r.peer)
+                return
+            self.metrics.store_latency("reattach", time.perf_counter() - r.t1)
+            self._reattach_outcome(r, res)
+        except Exception:  # a callback must not raise into the event loop
+            log.exception("reattach outcome failed")
+
     async def _handle_reattach(self, req: wire.ReattachRequest, raw: bytes, peer: Peer) -> None:
         with self.tracing.reattach(req.session_id, peer) as span:
-            await self._reattach(req, raw, peer, span)
+            r = _Reattach(req, raw, peer, span, None)
+            try:
+                secrets, _ = await self._secrets_for(req.session_id)
+            except StoreUnavailable:
+                return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, None)
+            if secrets is None:
+                return self._reattach_reject(r, RejectReason.UNKNOWN_SESSION, None)
+            r.secrets = secrets
+            if self._reattach_checks(r):
+                r.t1 = time.perf_counter()
+                await self._reattach_store(r, None)
 
-    async def _reattach(self, req: wire.ReattachRequest, raw: bytes, peer: Peer,
-                        span: SpanCtx) -> None:
-        t0 = time.perf_counter()
-        sid = req.session_id
-        budget = 3 * len(raw)
+    def _reattach_answer(self, r: _Reattach, msg: wire.Message, key: bytes | None) -> None:
+        out = control.seal(msg, key) if key is not None else wire.encode(msg)
+        if len(out) <= 3 * len(r.raw):  # the amplification limit: the path is unvalidated
+            r.peer.send(out)
 
-        def answer(msg: wire.Message, key: bytes | None) -> None:
-            out = control.seal(msg, key) if key is not None else wire.encode(msg)
-            if len(out) <= budget:
-                peer.send(out)
+    def _reattach_reject(self, r: _Reattach, reason: RejectReason, key: bytes | None,
+                         version: int = 0) -> None:
+        req, peer = r.req, r.peer
+        self._reattach_answer(r, wire.Reject(req.session_id, req.nonce, reason,
+                                             version if key else 0, self._store_ms()), key)
+        self.metrics.reattach("rejected", reason.name, time.perf_counter() - r.t0)
+        r.span.set(outcome="rejected", reason=reason)
+        self.events.emit("reattach", outcome="failure", reason=reason.name,
+                         session_id=req.session_id, source_ip=peer.addr[0],
+                         nonce=fingerprint(req.nonce), transport=peer.describe(),
+                         trace_id=r.span.trace_id)
 
-        def reject(reason: RejectReason, key: bytes | None, version: int = 0) -> None:
-            answer(wire.Reject(sid, req.nonce, reason, version if key else 0, self._store_ms()), key)
-            self.metrics.reattach("rejected", reason.name, time.perf_counter() - t0)
-            span.set(outcome="rejected", reason=reason)
-            self.events.emit("reattach", outcome="failure", reason=reason.name, session_id=sid,
-                             source_ip=peer.addr[0], nonce=fingerprint(req.nonce),
-                             transport=peer.describe(), trace_id=span.trace_id)
-
-        try:
-            secrets, _ = await self._secrets_for(sid)
-        except StoreUnavailable:
-            return reject(RejectReason.STORE_UNAVAILABLE, None)
-        if secrets is None:
-            return reject(RejectReason.UNKNOWN_SESSION, None)
-        keys = secrets.keys
+    def _reattach_checks(self, r: _Reattach) -> bool:
+        """DESIGN.md section 4 steps 1-2 (proof, policy, clock) before the store: False if
+        rejected."""
+        req, raw, peer = r.req, r.raw, r.peer
+        assert r.secrets is not None
+        keys = r.secrets.keys
         if not control.verify(raw, keys.proof_key):
             self.metrics.security("bad_proof")
-            self.events.security_event("bad_proof", "BAD_PROOF", session_id=sid,
+            self.events.security_event("bad_proof", "BAD_PROOF", session_id=req.session_id,
                                        source_ip=peer.addr[0], proof=fingerprint(raw[-wire.MAC_LEN:]))
-            return reject(RejectReason.BAD_PROOF, None)
+            self._reattach_reject(r, RejectReason.BAD_PROOF, None)
+            return False
         if req.kind != peer.kind:
-            return reject(RejectReason.POLICY_DENIED, keys.control_key)
+            self._reattach_reject(r, RejectReason.POLICY_DENIED, keys.control_key)
+            return False
         if abs(req.timestamp_ms - self._store_ms()) > self.settings.reattach_window_ms:
-            return reject(RejectReason.CLOCK_SKEW, keys.control_key)
-        bid = os.urandom(wire.BINDING_ID_LEN)
+            self._reattach_reject(r, RejectReason.CLOCK_SKEW, keys.control_key)
+            return False
+        return True
+
+    async def _reattach_store(self, r: _Reattach, pending: PendingReattach | None) -> None:
+        """The store step on the coroutine path: the whole CAS, or the rest of a queued one."""
+        req, peer = r.req, r.peer
+        assert r.secrets is not None
+        self.reattach_paths["task" if pending is None else "resumed"] += 1
         try:
-            t1 = time.perf_counter()
             with self.tracing.store_call("reattach") as st:
-                res = await self.store.reattach(
-                    session_id=sid, expected_version=req.expected_version, nonce=req.nonce,
-                    timestamp_ms=req.timestamp_ms, kind=req.kind, node=self.settings.node_id,
-                    binding_id=bid, addr_tag=peer.describe(),
-                    window_ms=self.settings.reattach_window_ms,
-                    dual_active_window_ms=self.settings.dual_active_window_ms)
+                if pending is None:
+                    res = await self.store.reattach(
+                        session_id=req.session_id, expected_version=req.expected_version,
+                        nonce=req.nonce, timestamp_ms=req.timestamp_ms, kind=req.kind,
+                        node=self.settings.node_id, binding_id=r.bid, addr_tag=peer.describe(),
+                        window_ms=self.settings.reattach_window_ms,
+                        dual_active_window_ms=self.settings.dual_active_window_ms)
+                else:
+                    res = await self.store.finish_reattach(pending)
                 st.set(outcome=res.status.name)
-            self.metrics.store_latency("reattach", time.perf_counter() - t1)
-        except StoreUnavailable:
-            return reject(RejectReason.STORE_UNAVAILABLE, keys.control_key)
+            self.metrics.store_latency("reattach", time.perf_counter() - r.t1)
+        except StoreError as exc:  # unavailable, or an answer we cannot read: fail closed
+            if not isinstance(exc, StoreUnavailable):
+                log.error("reattach: unreadable store answer: %s", exc)
+            return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE,
+                                         r.secrets.keys.control_key)
+        self._reattach_outcome(r, res)
+
+    def _reattach_outcome(self, r: _Reattach, res: ReattachResult) -> None:
+        """DESIGN.md section 4 steps 3-5 after the CAS: bind, tell, answer, record."""
+        req, raw, peer, span = r.req, r.raw, r.peer, r.span
+        sid, t0 = req.session_id, r.t0
+        secrets = r.secrets
+        assert secrets is not None
+        keys = secrets.keys
         if res.server_ms:
             self._store_offset_ms = res.server_ms - self.clock() * 1000
         if not res.ok:
@@ -622,7 +724,7 @@ class GatewayNode:
                 self.events.security_event(reason.name.lower(), reason.name, session_id=sid,
                                            source_ip=peer.addr[0], nonce=fingerprint(req.nonce),
                                            transport=peer.describe())
-            return reject(reason, keys.control_key, res.version)
+            return self._reattach_reject(r, reason, keys.control_key, res.version)
         node_id = res.node.encode()[: wire.MAX_NODE_ID_LEN]
         ack = wire.ReattachAck(sid, req.nonce, res.version, res.epoch, res.binding_id, node_id,
                                self._store_ms())
@@ -640,7 +742,7 @@ class GatewayNode:
                 self.events.transport_switch(sid, f"node:{res.prev_node or '-'}", peer.describe(),
                                              "reattach_late_applied", res.version, res.epoch,
                                              source_ip=peer.addr[0])
-            answer(ack, keys.control_key)
+            self._reattach_answer(r, ack, keys.control_key)
             self.metrics.reattach("retry", "", time.perf_counter() - t0)
             span.set(outcome="retry", version=res.version, epoch=res.epoch)
             return
@@ -655,7 +757,7 @@ class GatewayNode:
             b.tx_unvalidated = 0
         if res.prev_node and res.prev_node != self.settings.node_id:
             self._spawn(self._publish_move(sid, res.epoch), peer)
-        answer(ack, keys.control_key)
+        self._reattach_answer(r, ack, keys.control_key)
         latency = time.perf_counter() - t0
         self.metrics.reattach("ok", "", latency)
         span.set(outcome="ok", version=res.version, epoch=res.epoch)

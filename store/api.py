@@ -179,6 +179,18 @@ class BirthResult:
         return self.status is StoreStatus.OK
 
 
+class PendingReattach:
+    """A queued reattach CAS (``SessionStore.reattach_nowait``): its call and reply future."""
+
+    __slots__ = ("keys", "args", "future")
+
+    def __init__(self, keys: tuple[str, str], args: list[Arg],
+                 future: asyncio.Future[Any]) -> None:
+        self.keys = keys
+        self.args = args
+        self.future = future
+
+
 @dataclass(slots=True)
 class ReattachResult:
     """The reattach CAS decision (see store/lua/reattach.lua for every field)."""
@@ -711,6 +723,94 @@ class SessionStore:
         dual_active_window_ms: int | None = None,
     ) -> ReattachResult:
         """The reattach CAS of DESIGN.md section 4 step 3 (store/lua/reattach.lua)."""
+        gen = self._generation
+        if gen is None or time.monotonic() >= self._gen_expires:
+            gen = await self.generation()
+        keys, args = self._reattach_call(session_id, expected_version, nonce, timestamp_ms, kind,
+                                         node, addr_tag, binding_id, window_ms,
+                                         dual_active_window_ms, gen)  # fmt: skip
+        try:
+            r: list[Any] | None = await self._script("reattach", keys, args)
+            error: StoreUnavailable | None = None
+        except StoreUnavailable as exc:
+            r, error = None, exc
+        return await self._reattach_after(keys, args, r, error)
+
+    def reattach_nowait(
+        self,
+        session_id: bytes,
+        *,
+        expected_version: int,
+        nonce: bytes,
+        timestamp_ms: int,
+        kind: TransportKind,
+        node: str,
+        addr_tag: str | bytes,
+        binding_id: bytes,
+        window_ms: int | None = None,
+        dual_active_window_ms: int | None = None,
+    ) -> PendingReattach | None:
+        """The first step of ``reattach`` without a coroutine: queue the CAS, return at once.
+
+        For a caller that handles many reattaches from a socket callback (the gateway):
+        no task and no await frames per call. When the future is done, ``reattach_done``
+        gives the result, or None if the call needs the rest of ``reattach`` (an unknown
+        outcome, a moved store generation, an error): then ``finish_reattach`` continues
+        exactly where ``reattach`` would. None here means this store has no such fast
+        path now (Redis Cluster routing, coalescing off, the generation due for a re-read):
+        call ``reattach``.
+        """
+        gen, batcher = self._generation, self._batcher
+        if (not isinstance(batcher, ScriptBatcher) or not self.config.coalesce or gen is None
+                or time.monotonic() >= self._gen_expires):
+            return None
+        keys, args = self._reattach_call(session_id, expected_version, nonce, timestamp_ms, kind,
+                                         node, addr_tag, binding_id, window_ms,
+                                         dual_active_window_ms, gen)  # fmt: skip
+        call = ScriptCall(self._scripts["reattach"], keys, args)
+        batcher.enqueue(call)
+        return PendingReattach(keys, args, call.future)
+
+    def reattach_done(self, pending: PendingReattach) -> ReattachResult | None:
+        """The result of a completed ``reattach_nowait``, or None: ``finish_reattach``."""
+        fut = pending.future
+        if fut.cancelled() or fut.exception() is not None:
+            return None
+        try:
+            r = _unpack("reattach", fut.result())
+        except StoreError:
+            return None
+        if len(r) > 15:  # the record is of another generation: reattach re-checks ours
+            return None
+        res = ReattachResult.from_reply(r)
+        self._saw_server_time(res.server_ms)
+        return res
+
+    async def finish_reattach(self, pending: PendingReattach) -> ReattachResult:
+        """The rest of ``reattach`` after a ``reattach_nowait`` that ``reattach_done`` refused
+        (raises as ``reattach`` does)."""
+        fut = pending.future
+        r: list[Any] | None = None
+        error: StoreUnavailable | None = None
+        if fut.cancelled():
+            error = StoreUnavailable("store call cancelled", maybe_applied=True)
+        else:
+            exc = fut.exception()
+            if exc is None:
+                r = _unpack("reattach", fut.result())
+            else:
+                err = translate(exc)
+                if not isinstance(err, StoreUnavailable):
+                    raise err from exc
+                error = err
+        return await self._reattach_after(pending.keys, pending.args, r, error)
+
+    def _reattach_call(
+        self, session_id: bytes, expected_version: int, nonce: bytes, timestamp_ms: int,
+        kind: TransportKind, node: str, addr_tag: str | bytes, binding_id: bytes | None,
+        window_ms: int | None, dual_active_window_ms: int | None, gen: int,
+    ) -> tuple[tuple[str, str], list[Arg]]:
+        """The checked KEYS and ARGV of one reattach.lua call."""
         _check_node(node)
         _check_len("nonce", nonce, NONCE_LEN)
         bid = binding_id if binding_id is not None else os.urandom(BINDING_ID_LEN)
@@ -722,24 +822,27 @@ class SessionStore:
         window = self.config.timestamp_window_ms if window_ms is None else int(window_ms)
         dual = (self.config.dual_active_window_ms if dual_active_window_ms is None
                 else int(dual_active_window_ms))  # fmt: skip
-        gen = self._generation
-        if gen is None or time.monotonic() >= self._gen_expires:
-            gen = await self.generation()
         args: list[Arg] = [
             expected_version, nonce, int(timestamp_ms), int(kind), node, bid, addr_tag,
             window, dual, self._tomb_ms, self._slack_ms, gen,
         ]  # fmt: skip
-        keys = K.session_keys(session_id)
-        try:
-            r = await self._script("reattach", keys, args)
-            recovered = False
-        except StoreUnavailable as exc:
-            if not _outcome_unknown(exc):
-                raise
+        return K.session_keys(session_id), args
+
+    async def _reattach_after(
+        self, keys: tuple[str, str], args: list[Arg], r: list[Any] | None,
+        error: StoreUnavailable | None,
+    ) -> ReattachResult:
+        """Everything ``reattach`` does after its first script call (reply ``r`` or ``error``)."""
+        recovered = False
+        if error is not None:
+            if not _outcome_unknown(error):
+                raise error
             # Outcome unknown: run it again with the same nonce and addr tag. If the
             # first run applied, its recorded decision comes back (retry=1): ours.
             r = await self._script("reattach", keys, args)
             recovered = True
+        assert r is not None
+        gen = int(args[-1])
         if len(r) > 15 and await self._generation_moved_from(gen):
             # The record is of another generation than ours, and ours was stale: again.
             args[-1] = self._generation or gen

@@ -578,3 +578,70 @@ def test_every_reject_reason_is_reached() -> None:
             else:
                 text = (ROOT / "tests" / "integration" / module).read_text()
                 assert f"def {name}(" in text, f"{reason}: {module} has no {name}"
+
+
+# ---- the two store paths agree ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["queued", "task", "resumed"])
+async def test_queued_task_and_resumed_paths_give_the_same_answers(
+        make_env: Factory, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The gateway answers a reattach of a cached session from the batch's done callback
+    (no task: "queued"); a store that cannot queue sends it down the coroutine path
+    ("task"); a queued call whose reply needs more (an error, an unknown outcome, a moved
+    generation) is finished by the coroutine path ("resumed"). All three must give the
+    same answers: forced here one at a time through the same validations."""
+    env = await make_env(dual_active_window_s=0.2)
+    store = env.gw.node.store
+    if path == "task":
+        monkeypatch.setattr(store, "reattach_nowait", lambda *a, **k: None)
+    elif path == "resumed":
+        monkeypatch.setattr(store, "reattach_done", lambda pending: None)
+    s = await env.session()
+    before = dict(env.gw.node.reattach_paths)
+
+    # success, then the same bytes: from the same address a retry, from another a replay
+    ep = await env.ep()
+    raw, req = s.request()
+    first = await s.send_request(ep, raw, req)
+    ack = assert_ack(s, first)
+    s.install(first, ep)
+    assert_ack(s, await s.send_request(ep, raw, req))
+    assert_reject(s, await s.send_request(await env.ep(), raw, req),
+                  RejectReason.REPLAYED_NONCE, authenticated=True, version=ack.version)
+    # two claimants for one version: exactly one wins
+    a, b = await env.ep(), await env.ep()
+    raw_a, req_a = s.request()
+    raw_b, req_b = s.request()
+    a.send(raw_a)
+    b.send(raw_b)
+    got = [await s.answer(a, req_a.nonce), await s.answer(b, req_b.nonce)]
+    kinds = sorted(type(g.msg).__name__ for g in got)
+    assert kinds == ["ReattachAck", "Reject"], [g.msg for g in got]
+    won = next(g for g in got if isinstance(g.msg, wire.ReattachAck))
+    lost = next(g for g in got if isinstance(g.msg, wire.Reject))
+    assert_reject(s, lost, RejectReason.DUAL_ACTIVE_CONFLICT, authenticated=True,
+                  version=won.msg.version)
+    s.install(won, a if won is got[0] else b)
+    await asyncio.sleep(0.3)  # past the dual-active window: an old version is just stale
+    assert_reject(s, await s.send_request(*_req_on(await env.ep(), s, version=ack.version)),
+                  RejectReason.STALE_VERSION, authenticated=True, version=s.version)
+    assert (await record(env.gw, s))[:3] == (s.version, s.epoch, s.binding_id)
+
+    used = {k: v - before[k] for k, v in env.gw.node.reattach_paths.items()}
+    assert used[path] == 6 and sum(used.values()) == 6 + (path == "resumed") * 6, used
+
+
+async def test_a_new_store_generation_voids_a_cached_session(env: Env) -> None:
+    """After a restored backup the operator starts a new store generation
+    (``SessionStore.new_generation``; other gateways follow within generation_check_s):
+    a session this gateway still caches is UNKNOWN_SESSION at once. The queued CAS
+    answers "a record of another generation", and the resumed path confirms ours moved."""
+    s = await env.session()
+    assert_ack(s, await s.reattach(await env.ep()))
+    await env.gw.node.store.new_generation()
+    resumed = env.gw.node.reattach_paths["resumed"]
+    got = await s.send_request(*_req_on(await env.ep(), s))
+    # authenticated: the gateway still held the session's keys when the store said so
+    assert_reject(s, got, RejectReason.UNKNOWN_SESSION, authenticated=True)
+    assert env.gw.node.reattach_paths["resumed"] == resumed + 1

@@ -137,6 +137,40 @@ async def test_reattach_success_bumps_version_and_epoch(session_store: SessionSt
     assert rec.deadline_ms == res.server_ms + rec.ttl_ms
 
 
+async def test_reattach_nowait_queues_the_same_cas(session_store: SessionStore,
+                                                    redis_url: str) -> None:
+    """The task-less first step of reattach: same checks, same script, same result; and
+    None (call reattach) where it has no fast path."""
+    store = session_store
+    sid = await born(store)
+    ts = store.estimated_server_ms() or await store.server_time_ms()
+    call = dict(expected_version=1, nonce=os.urandom(16), timestamp_ms=ts, kind=TCP, node="n2",
+                addr_tag="tcp:198.51.100.7:1", binding_id=os.urandom(16))
+    with pytest.raises(ValueError):  # the same argument checks as reattach
+        store.reattach_nowait(sid, **{**call, "nonce": b"short"})  # type: ignore[arg-type]
+    pending = store.reattach_nowait(sid, **call)  # type: ignore[arg-type]
+    assert pending is not None
+    await asyncio.wait_for(asyncio.shield(pending.future), 5)
+    res = store.reattach_done(pending)
+    assert res is not None and res.ok and (res.version, res.node, res.prev_node) == (2, "n2", "n1")
+    # finish_reattach on the same reply reaches the same decision.
+    assert await store.finish_reattach(pending) == res
+    # The same call sent again: the recorded decision (an idempotent retry), nothing twice.
+    retry = store.reattach_nowait(sid, **call)  # type: ignore[arg-type]
+    assert retry is not None
+    await asyncio.wait_for(asyncio.shield(retry.future), 5)
+    again = store.reattach_done(retry)
+    assert again is not None and again.retry
+    assert (again.version, again.binding_id) == (2, call["binding_id"])
+    # No fast path: coalescing off (one pipeline per call).
+    direct = SessionStore(redis_url, StoreConfig(coalesce=False))
+    try:
+        await direct.generation()
+        assert direct.reattach_nowait(sid, **call) is None  # type: ignore[arg-type]
+    finally:
+        await direct.close()
+
+
 async def test_reattach_unknown_session(session_store: SessionStore) -> None:
     res = await reattach(session_store, os.urandom(16), 1)
     assert (res.status, res.reason, res.state) == (

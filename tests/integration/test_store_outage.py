@@ -242,3 +242,42 @@ async def test_paused_store_never_hangs_a_reattach_and_the_outcome_is_reread(
             os.kill(pid, signal.SIGCONT)
         for e in eps:
             e.close()
+
+
+async def test_stopping_node_ignores_reattaches_still_at_the_store(
+    durable_redis: RedisServer, setup: Setup
+) -> None:
+    """A reattach queued at a paused store when the node stops: its late answer binds
+    nothing, answers nothing, and nothing is sent to the store again."""
+    gw, upstream = setup.gw, setup.upstream
+    priv, _ = await gw.add_client(upstream)
+    s = RawSession(priv, gw.app.keys.public, upstream)
+    home, ep1, ep2 = [await Endpoint.udp(gw.udp) for _ in range(3)]
+    pid = durable_redis.pid
+    assert pid is not None
+    paused = False
+    try:
+        await s.connect(home)
+        assert isinstance((await s.reattach(ep1)).msg, wire.ReattachAck)  # the script cached
+        v1 = s.version
+        os.kill(pid, signal.SIGSTOP)
+        paused = True
+        raw, req = s.request()
+        ep2.send(raw)
+        await wait_for(lambda: len(gw.node._queued) == 1, 2, "the reattach queued")
+        paths = dict(gw.node.reattach_paths)
+        await gw.node.stop()
+        os.kill(pid, signal.SIGCONT)
+        paused = False
+        await asyncio.sleep(1.0)  # the paused pipeline's reply arrives meanwhile
+        assert gw.node.bindings == {} and not gw.node._queued
+        assert gw.node.reattach_paths == paths, "nothing re-run after stop"
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(s.answer(ep2, req.nonce), 0.5)
+        rec = await gw.store.get(s.session_id)
+        assert rec is not None and rec.version <= v1 + 1  # the one CAS already sent, at most
+    finally:
+        if paused:
+            os.kill(pid, signal.SIGCONT)
+        for e in (home, ep1, ep2):
+            e.close()
