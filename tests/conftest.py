@@ -23,6 +23,17 @@ from store.api import SessionStore  # noqa: E402
 from tests.support.redis_server import RedisServer, RedisServerMissing, flush  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, a superseded run) ends the run like Ctrl-C: pytest then runs
+    every fixture's teardown, so the redis-servers, gateways and nginx the tests started
+    are stopped by their PIDs instead of outliving the run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _start_server() -> RedisServer:
     try:
         return RedisServer().start()
