@@ -38,6 +38,8 @@ async def test_bench_smoke_runs_every_part() -> None:
 
     dg = report["datagram"]
     assert dg["rate"] > 0 and dg["plain_rate"] > 0 and dg["relay_rate"] > 0
+    assert dg["plain_asyncio_rate"] > 0
+    assert dg["ratio_vs_asyncio_echo"] == pytest.approx(dg["rate"] / dg["plain_asyncio_rate"])
     assert 0 <= dg["loss"] <= 1 and 0 <= dg["plain_loss"] <= 1
     assert dg["ratio"] == pytest.approx(dg["rate"] / dg["plain_rate"])
     assert dg["runs"][0]["tunnel"]["sent"] > 0
