@@ -32,6 +32,23 @@ from store.embedded import EmbeddedRedis
 log = logging.getLogger("jvpn.gateway")
 
 
+def tune_gc(cfg: GatewayConfig) -> None:
+    """Process-wide garbage-collector thresholds for a gateway process (its entry points
+    call this; the library never does it on its own).
+
+    Every reattach allocates a few dozen container objects; with Python's default
+    (700, 10, 10) the collector runs hundreds of young passes a second, and the
+    older-generation passes traverse every live binding. Measured with
+    ``jvpn bench --only reattach --sessions 3000``: 67-70 us of gateway CPU per
+    reattach at the default, 56 us at (20000, 50, 100). What the gateway allocates is
+    freed by reference counting almost always; the collector is only for cycles.
+    """
+    if cfg.gc_gen0_threshold > 0:
+        import gc
+
+        gc.set_threshold(cfg.gc_gen0_threshold, 50, 100)
+
+
 @dataclass
 class Keys:
     private: bytes

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from gateway.app import GatewayApp, resolve_keys
+from gateway.app import GatewayApp, resolve_keys, tune_gc
 from gateway.config import GatewayConfig, load_gateway_config
 from session.config import ConfigError, parse_set_flags
 
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    tune_gc(cfg)
     try:
         import uvloop
 

@@ -79,6 +79,10 @@ class GatewayConfig:
     )
     events: EventsConfig = setting(default_factory=EventsConfig)
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
+    gc_gen0_threshold: int = setting(
+        20_000, min=0, max=10_000_000,
+        help="allocations between young-generation GC passes (process-wide); 0 = Python's 700",
+    )
 
     def check_config(self) -> Iterator[tuple[str, str]]:
         """Cross-field rules: (key, problem) for each violation."""

@@ -362,11 +362,12 @@ def _serve(role: str) -> int:
         if role == "gateway":
             import logging
 
-            from gateway.app import GatewayApp, Keys
+            from gateway.app import GatewayApp, Keys, tune_gc
             from gateway.config import load_gateway_config
 
             logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
             cfg = load_gateway_config(None, env={}, overrides=spec["overrides"])
+            tune_gc(cfg)  # as jvpn-gateway does
             priv = bytes.fromhex(spec["private_key"])
             app = GatewayApp(cfg, Keys(priv, public_key(priv), bytes.fromhex(spec["kek"]), False))
             await app.start()

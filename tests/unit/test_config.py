@@ -414,3 +414,20 @@ def test_loader_reads_os_environ_by_default(monkeypatch) -> None:
     monkeypatch.setenv("JVPN_AGENT_KEEPALIVE_INTERVAL_S", "0.25")
     assert load_agent_config().keepalive_interval_s == 0.25
     assert os.environ["JVPN_AGENT_KEEPALIVE_INTERVAL_S"] == "0.25"
+
+
+def test_tune_gc_sets_the_configured_threshold_or_leaves_the_default() -> None:
+    import gc
+
+    from gateway.app import tune_gc
+    from gateway.config import load_gateway_config
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_gc(load_gateway_config(None, env={}, overrides={"gc_gen0_threshold": 0}))
+        assert gc.get_threshold() == (700, 10, 10)
+        tune_gc(load_gateway_config(None, env={}, overrides={"gc_gen0_threshold": 12345}))
+        assert gc.get_threshold() == (12345, 50, 100)
+    finally:
+        gc.set_threshold(*saved)
