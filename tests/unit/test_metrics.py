@@ -115,3 +115,30 @@ def test_enum_labels_are_names() -> None:
     assert s[("jvpn_state_change_total", (("from", "ATTACHED"), ("to", "VOLATILE")))] == 1
     assert s[("jvpn_reattach_total", (("outcome", "rejected"), ("reason", "STALE_VERSION")))] == 1
     assert s[("jvpn_dropped_total", (("reason", "REPLAYED"), ("transport", "replayed")))] == 1
+
+
+def test_hot_counters_and_histograms_match_prometheus_semantics() -> None:
+    """The per-reattach counters and histograms are plain dicts read at scrape time: the
+    exposition must be what prometheus-client's Counter/Histogram would have written."""
+    m = Metrics("n", process_metrics=False)
+    for v in (0.0005, 0.0004, 0.0012, 7.0):  # 0.0005 sits on a bound: le is inclusive
+        m.reattach("ok", "", v)
+    m.state_change(SessionState.ATTACHED, SessionState.VOLATILE)
+    m.state_change("ATTACHED", "VOLATILE")  # an enum and its name are one series
+    m.transport_switch("UDP", "tcp", "reattach")
+    m.transport_switch("udp", "TCP", "reattach")
+    m.store_latency("get", 0.00001)
+    s = samples(m)
+    bucket = "jvpn_reattach_latency_seconds_bucket"
+    assert s[(bucket, (("le", "0.0005"), ("outcome", "ok")))] == 2
+    assert s[(bucket, (("le", "0.001"), ("outcome", "ok")))] == 2
+    assert s[(bucket, (("le", "0.002"), ("outcome", "ok")))] == 3
+    assert s[(bucket, (("le", "5.0"), ("outcome", "ok")))] == 3
+    assert s[(bucket, (("le", "+Inf"), ("outcome", "ok")))] == 4
+    assert s[("jvpn_reattach_latency_seconds_count", (("outcome", "ok"),))] == 4
+    assert abs(s[("jvpn_reattach_latency_seconds_sum", (("outcome", "ok"),))] - 7.0021) < 1e-9
+    assert s[("jvpn_reattach_total", (("outcome", "ok"), ("reason", "")))] == 4
+    assert s[("jvpn_state_change_total", (("from", "ATTACHED"), ("to", "VOLATILE")))] == 2
+    assert s[("jvpn_transport_switch_total",
+              (("from", "udp"), ("reason", "reattach"), ("to", "tcp")))] == 2
+    assert s[("jvpn_store_latency_seconds_bucket", (("le", "0.0001"), ("op", "get")))] == 1
