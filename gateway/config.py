@@ -81,7 +81,8 @@ class GatewayConfig:
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
     gc_gen0_threshold: int = setting(
         20_000, min=0, max=10_000_000,
-        help="allocations between young-generation GC passes (process-wide); 0 = Python's 700",
+        help="allocations between young-generation GC passes (process-wide, set by "
+        "jvpn-gateway); 0 = leave the interpreter's thresholds",
     )
 
     def check_config(self) -> Iterator[tuple[str, str]]:

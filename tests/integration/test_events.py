@@ -31,6 +31,7 @@ from gateway.events import (
     fingerprint,
     sinks_from_config,
 )
+from session.reasons import RejectReason
 from session.states import SessionState
 
 SID = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -144,6 +145,20 @@ async def test_terminated_state_change_is_an_end(memory_bus: tuple[EventBus, Mem
     assert sink.events[0]["jvpn"]["to_state"] == "TERMINATED"  # enums are logged by name
     assert sink.events[1]["event"]["type"] == ["start"]
     assert "reason" not in sink.events[1]["event"]
+
+
+def test_json_lines_match_the_stdlib_encoder_and_fall_back_for_what_orjson_refuses() -> None:
+    from gateway.events import encode_json
+
+    doc = {"@timestamp": "2026-12-01T00:00:00.000Z", "event": {"category": ["session"],
+           "reason": "caf\u00e9 \"quoted\" \n tab\t"}, "jvpn": {"epoch": 5, "rtt": 0.25,
+           "ok": True, "none": None, "enum": RejectReason.BAD_PROOF}}
+    stdlib = json.dumps(doc, separators=(",", ":"), default=str)
+    assert json.loads(encode_json(doc)) == json.loads(stdlib)
+    assert encode_json({"a": [1, "b"]}) == '{"a":[1,"b"]}'
+    # orjson refuses these; the stdlib encoder writes them, and the line still parses
+    big = {"jvpn": {"version": 2**70}, "x": "lone \ud800 surrogate"}
+    assert json.loads(encode_json(big))["jvpn"]["version"] == 2**70
 
 
 def test_fingerprint() -> None:
