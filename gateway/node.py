@@ -196,8 +196,12 @@ class GatewayNode:
     def _drop(self, reason: DropReason, peer: Peer) -> None:
         self.metrics.count_drop(reason, peer.kind)
 
+    def _control_full(self) -> bool:
+        """Control work in flight (tasks and task-less reattaches) is at its bound."""
+        return len(self._tasks) + len(self._queued) >= MAX_CONTROL_TASKS
+
     def _spawn(self, coro: Awaitable[None], peer: Peer) -> None:
-        if len(self._tasks) + len(self._queued) >= MAX_CONTROL_TASKS:
+        if self._control_full():
             coro.close()  # type: ignore[attr-defined]
             self._drop(DropReason.RATE_LIMITED, peer)
             return
@@ -592,7 +596,7 @@ class GatewayNode:
         if secrets is None or self.tracing.enabled:
             self._spawn(self._handle_reattach(req, raw, peer), peer)
             return
-        if len(self._tasks) + len(self._queued) >= MAX_CONTROL_TASKS:
+        if self._control_full():
             self._drop(DropReason.RATE_LIMITED, peer)
             return
         self._secrets.move_to_end(sid)
@@ -600,12 +604,7 @@ class GatewayNode:
         if not self._reattach_checks(r):
             return
         r.t1 = time.perf_counter()
-        pending = self.store.reattach_nowait(
-            sid, expected_version=req.expected_version, nonce=req.nonce,
-            timestamp_ms=req.timestamp_ms, kind=req.kind, node=self.settings.node_id,
-            binding_id=r.bid, addr_tag=peer.describe(),
-            window_ms=self.settings.reattach_window_ms,
-            dual_active_window_ms=self.settings.dual_active_window_ms)
+        pending = self.store.reattach_nowait(**self._cas_args(r))
         if pending is None:
             self._spawn(self._reattach_store(r, None), peer)
             return
@@ -679,20 +678,23 @@ class GatewayNode:
             return False
         return True
 
+    def _cas_args(self, r: _Reattach) -> dict[str, Any]:
+        """The store's reattach CAS for ``r`` (either path)."""
+        req = r.req
+        return dict(session_id=req.session_id, expected_version=req.expected_version,
+                    nonce=req.nonce, timestamp_ms=req.timestamp_ms, kind=req.kind,
+                    node=self.settings.node_id, binding_id=r.bid, addr_tag=r.peer.describe(),
+                    window_ms=self.settings.reattach_window_ms,
+                    dual_active_window_ms=self.settings.dual_active_window_ms)
+
     async def _reattach_store(self, r: _Reattach, pending: PendingReattach | None) -> None:
         """The store step on the coroutine path: the whole CAS, or the rest of a queued one."""
-        req, peer = r.req, r.peer
         assert r.secrets is not None
         self.reattach_paths["task" if pending is None else "resumed"] += 1
         try:
             with self.tracing.store_call("reattach") as st:
                 if pending is None:
-                    res = await self.store.reattach(
-                        session_id=req.session_id, expected_version=req.expected_version,
-                        nonce=req.nonce, timestamp_ms=req.timestamp_ms, kind=req.kind,
-                        node=self.settings.node_id, binding_id=r.bid, addr_tag=peer.describe(),
-                        window_ms=self.settings.reattach_window_ms,
-                        dual_active_window_ms=self.settings.dual_active_window_ms)
+                    res = await self.store.reattach(**self._cas_args(r))
                 else:
                     res = await self.store.finish_reattach(pending)
                 st.set(outcome=res.status.name)

@@ -1094,6 +1094,27 @@ class _PlainClient(asyncio.DatagramProtocol):
         self.flow.on_echo(data)
 
 
+async def _direct_flow(opts: BenchOptions, addr: tuple[str, int], pids: dict[str, int] | None,
+                       *, kernel_drops: bool = False) -> dict[str, Any]:
+    """The Flow straight at a UDP address (an echo, or a relay in front of one); with
+    ``pids``, the CPU each used."""
+    loop = asyncio.get_running_loop()
+    flow = Flow(opts.payload, opts.window)
+    transport, _ = await loop.create_datagram_endpoint(lambda: _PlainClient(flow),
+                                                       remote_addr=addr)
+    try:
+        drops0 = _udp_kernel_drops()
+        cpu = CpuMeter(pids) if pids is not None else None
+        out = await flow.run(transport.sendto, opts.warmup, opts.seconds)
+        if cpu is not None:
+            out["cpu"] = cpu.read()
+        if kernel_drops:
+            out["kernel_udp_drops"] = _udp_kernel_drops() - drops0
+        return out
+    finally:
+        transport.close()
+
+
 async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
     """Datagrams/s and loss through one tunnelled session beside a plain UDP echo."""
     from agent.agent import Agent, AgentSettings
@@ -1107,7 +1128,6 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
     client_priv, client_pub = generate_keypair()
     await env.store.add_client(ClientPolicy(client_pub, name="bench-datagram", ttl_s=BENCH_TTL_S,
                                             upstreams=(upstream,)))  # fmt: skip
-    loop = asyncio.get_running_loop()
     runs: list[dict[str, Any]] = []
     pids = {"gateway": env.gateway_pid, "echo": env.echo_pid, "loadgen": os.getpid()}
     for rep in range(opts.repeat):
@@ -1130,34 +1150,10 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
         finally:
             await agent.stop()
 
-        flow = Flow(opts.payload, opts.window)
-        transport, _ = await loop.create_datagram_endpoint(lambda f=flow: _PlainClient(f),  # type: ignore[misc]
-                                                           remote_addr=echo)
-        try:
-            drops0 = _udp_kernel_drops()
-            cpu = CpuMeter(pids)
-            run["plain"] = await flow.run(transport.sendto, opts.warmup, opts.seconds)
-            run["plain"]["cpu"] = cpu.read()
-            run["plain"]["kernel_udp_drops"] = _udp_kernel_drops() - drops0
-        finally:
-            transport.close()
-
-        flow = Flow(opts.payload, opts.window)
-        transport, _ = await loop.create_datagram_endpoint(lambda f=flow: _PlainClient(f),  # type: ignore[misc]
-                                                           remote_addr=relay)
-        try:
-            cpu = CpuMeter({"relay": env.relay_pid, "echo": env.echo_pid, "loadgen": os.getpid()})
-            run["relay"] = await flow.run(transport.sendto, opts.warmup, opts.seconds)
-            run["relay"]["cpu"] = cpu.read()
-        finally:
-            transport.close()
-        flow = Flow(opts.payload, opts.window)
-        transport, _ = await loop.create_datagram_endpoint(lambda f=flow: _PlainClient(f),  # type: ignore[misc]
-                                                           remote_addr=echo_default)
-        try:
-            run["plain_asyncio"] = await flow.run(transport.sendto, opts.warmup, opts.seconds)
-        finally:
-            transport.close()
+        run["plain"] = await _direct_flow(opts, echo, pids, kernel_drops=True)
+        run["relay"] = await _direct_flow(
+            opts, relay, {"relay": env.relay_pid, "echo": env.echo_pid, "loadgen": os.getpid()})
+        run["plain_asyncio"] = await _direct_flow(opts, echo_default, None)
         run["ratio"] = _ratio(run["tunnel"]["rate"], run["plain"]["rate"])
         runs.append(run)
         t, p = run["tunnel"], run["plain"]
