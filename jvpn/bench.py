@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from session import control, wire
 from session.errors import SessionError
@@ -352,6 +354,80 @@ asyncio.run(main())
 """
 
 
+_AEAD_NONCE_PAD = bytes(4)  # nonce = 8-byte counter as sent | 4 zero bytes
+
+
+def _seal(aead: ChaCha20Poly1305, counter: int, data: bytes) -> bytes:
+    c = counter.to_bytes(8, "little")
+    return c + aead.encrypt(c + _AEAD_NONCE_PAD, data, None)
+
+
+def _open(aead: ChaCha20Poly1305, packet: bytes) -> bytes:
+    return aead.decrypt(packet[:8] + _AEAD_NONCE_PAD, packet[8:], None)
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """Hands every datagram to a callback."""
+
+    def __init__(self, on_datagram: Callable[[bytes, Any], None]) -> None:
+        self.on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.on_datagram(data, addr)
+
+
+class AeadHop:
+    """The floor of any Python AEAD tunnel, as a baseline: one hop in front of the echo
+    that opens each client datagram and seals each reply (ChaCha20-Poly1305, one key per
+    direction, the counter sent in clear as the nonce) and does nothing else: no session,
+    no replay window, no framing, no policy, one client. The tunnel does all of this work
+    plus its protocol, so the tunnel's rate over this hop's is what the protocol costs."""
+
+    def __init__(self, target: tuple[str, int], key: bytes) -> None:
+        self.target = target
+        self.up = ChaCha20Poly1305(key[:32])  # client -> hop
+        self.down = ChaCha20Poly1305(key[32:])  # hop -> client
+        self.counter = 0
+        self.client: Any = None
+        self.bad = 0
+        self.inside: asyncio.DatagramTransport | None = None
+        self.outside: asyncio.DatagramTransport | None = None
+
+    async def start(self) -> AeadHop:
+        loop = asyncio.get_running_loop()
+        self.inside, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(self._from_client), local_addr=("127.0.0.1", 0))
+        self.outside, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(self._from_upstream), remote_addr=self.target)
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.inside is not None
+        return self.inside.get_extra_info("sockname")[:2]
+
+    def _from_client(self, data: bytes, addr: Any) -> None:
+        try:
+            plain = _open(self.up, data)
+        except (InvalidTag, ValueError):
+            self.bad += 1
+            return
+        self.client = addr
+        assert self.outside is not None
+        self.outside.sendto(plain)
+
+    def _from_upstream(self, data: bytes, addr: Any) -> None:
+        if self.client is None or self.inside is None:
+            return
+        self.counter += 1
+        self.inside.sendto(_seal(self.down, self.counter, data), self.client)
+
+    def close(self) -> None:
+        for t in (self.inside, self.outside):
+            if t is not None:
+                t.close()
+
+
 def _serve(role: str) -> int:
     """Child entry point: run a gateway or a UDP echo until stdin closes."""
     spec = json.loads(sys.stdin.readline() or "{}")
@@ -394,6 +470,15 @@ def _serve(role: str) -> int:
                 relay.close()
 
             stop = stop_relay
+        elif role == "aead-hop":
+            hop = await AeadHop((spec["target"][0], int(spec["target"][1])),
+                                bytes.fromhex(spec["key"])).start()
+            info = {"udp": list(hop.address)}
+
+            async def stop_hop() -> None:
+                hop.close()
+
+            stop = stop_hop
         else:
             raise SystemExit(f"unknown role {role!r}")
         info.update(pid=os.getpid(), uvloop=type(loop).__module__.startswith("uvloop"))
@@ -1086,26 +1171,36 @@ class Flow:
         }
 
 
-class _PlainClient(asyncio.DatagramProtocol):
-    def __init__(self, flow: Flow) -> None:
-        self.flow = flow
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.flow.on_echo(data)
-
-
 async def _direct_flow(opts: BenchOptions, addr: tuple[str, int], pids: dict[str, int] | None,
-                       *, kernel_drops: bool = False) -> dict[str, Any]:
+                       *, kernel_drops: bool = False, key: bytes | None = None) -> dict[str, Any]:
     """The Flow straight at a UDP address (an echo, or a relay in front of one); with
-    ``pids``, the CPU each used."""
+    ``pids``, the CPU each used; with ``key``, every datagram sealed and every answer
+    opened as an ``AeadHop`` expects."""
     loop = asyncio.get_running_loop()
     flow = Flow(opts.payload, opts.window)
-    transport, _ = await loop.create_datagram_endpoint(lambda: _PlainClient(flow),
+    if key is None:
+        receive: Callable[[bytes, Any], None] = lambda data, _addr: flow.on_echo(data)  # noqa: E731
+    else:
+        up, down = ChaCha20Poly1305(key[:32]), ChaCha20Poly1305(key[32:])
+
+        def receive(data: bytes, _addr: Any) -> None:
+            flow.on_echo(_open(down, data))
+
+    transport, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(receive),
                                                        remote_addr=addr)
+    send: Callable[[bytes], object] = transport.sendto
+    if key is not None:
+        counter = 0
+
+        def send(data: bytes) -> None:
+            nonlocal counter
+            counter += 1
+            transport.sendto(_seal(up, counter, data))
+
     try:
         drops0 = _udp_kernel_drops()
         cpu = CpuMeter(pids) if pids is not None else None
-        out = await flow.run(transport.sendto, opts.warmup, opts.seconds)
+        out = await flow.run(send, opts.warmup, opts.seconds)
         if cpu is not None:
             out["cpu"] = cpu.read()
         if kernel_drops:
@@ -1123,6 +1218,8 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
     gw = await env.gateway()
     echo = await env.echo()
     relay = await env.relay(echo)
+    hop_key = os.urandom(64)
+    hop = await env.aead_hop(echo, hop_key)
     echo_default = await env.echo_asyncio()
     upstream = f"{echo[0]}:{echo[1]}"
     client_priv, client_pub = generate_keypair()
@@ -1153,13 +1250,17 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
         run["plain"] = await _direct_flow(opts, echo, pids, kernel_drops=True)
         run["relay"] = await _direct_flow(
             opts, relay, {"relay": env.relay_pid, "echo": env.echo_pid, "loadgen": os.getpid()})
+        run["aead_hop"] = await _direct_flow(
+            opts, hop, {"hop": env.aead_hop_pid, "echo": env.echo_pid, "loadgen": os.getpid()},
+            key=hop_key)
         run["plain_asyncio"] = await _direct_flow(opts, echo_default, None)
         run["ratio"] = _ratio(run["tunnel"]["rate"], run["plain"]["rate"])
         runs.append(run)
         t, p = run["tunnel"], run["plain"]
         opts.say(f"  datagram {rep + 1}/{opts.repeat}: tunnel {t['rate']:,.0f}/s loss "
                  f"{t['loss']:.2%}, plain echo {p['rate']:,.0f}/s loss {p['loss']:.2%} -> "
-                 f"{run['ratio']:.0%} (relay hop {run['relay']['rate']:,.0f}/s); cpu {t['cpu']}")
+                 f"{run['ratio']:.0%} (relay hop {run['relay']['rate']:,.0f}/s, AEAD hop "
+                 f"{run['aead_hop']['rate']:,.0f}/s); cpu {t['cpu']}")
 
     def med(path: str, key: str) -> float:
         return median([r[path][key] for r in runs])
@@ -1198,6 +1299,13 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
         "ratio": _ratio(rate, plain),
         "ratio_runs": [r["ratio"] for r in runs],
         "ratio_vs_relay": _ratio(rate, med("relay", "rate")),
+        # The floor of any Python AEAD tunnel (AeadHop): what the echo allows before any protocol.
+        "aead_hop_rate": med("aead_hop", "rate"),
+        "aead_hop_loss": med("aead_hop", "loss"),
+        "aead_hop_cpu_us": median([_per_op_us(_ours(r["aead_hop"]["cpu"]), r["aead_hop"]["rate"])
+                                   for r in runs]),
+        "aead_hop_ratio": _ratio(med("aead_hop", "rate"), plain),
+        "ratio_vs_aead_hop": _ratio(rate, med("aead_hop", "rate")),
         # A plain stdlib echo on asyncio's default loop (what the issue says uvloop beats ~5x):
         # context only; the target is judged against the uvloop echo above (the stricter).
         "plain_asyncio_rate": med("plain_asyncio", "rate"),
@@ -1282,6 +1390,7 @@ class BenchEnv:
         self._gateway: Child | None = None
         self._echo: Child | None = None
         self._relay: Child | None = None
+        self._aead_hop: Child | None = None
         self._echo_asyncio: Child | None = None
         self.gateway_set: dict[str, object] = {}
         self.children_uvloop: dict[str, bool] = {}
@@ -1334,6 +1443,21 @@ class BenchEnv:
         host, port = self._relay.info["udp"]
         return str(host), int(port)
 
+    async def aead_hop(self, target: tuple[str, int], key: bytes) -> tuple[str, int]:
+        """An ``AeadHop`` process in front of ``target``, keyed with ``key`` (64 bytes)."""
+        if self._aead_hop is None:
+            child = Child("aead-hop", {"target": list(target), "key": key.hex()})
+            info = await child.start()
+            self._aead_hop = child
+            self.children_uvloop["aead-hop"] = bool(info.get("uvloop"))
+        host, port = self._aead_hop.info["udp"]
+        return str(host), int(port)
+
+    @property
+    def aead_hop_pid(self) -> int:
+        assert self._aead_hop is not None
+        return self._aead_hop.pid
+
     @property
     def relay_pid(self) -> int:
         assert self._relay is not None
@@ -1383,10 +1507,10 @@ class BenchEnv:
             await asyncio.to_thread(proc.wait, 60)
 
     async def close(self) -> None:
-        for child in (self._gateway, self._echo, self._relay, self._echo_asyncio):
+        for child in (self._gateway, self._echo, self._relay, self._aead_hop, self._echo_asyncio):
             if child is not None:
                 await asyncio.to_thread(child.stop)
-        self._gateway = self._echo = self._relay = self._echo_asyncio = None
+        self._gateway = self._echo = self._relay = self._aead_hop = self._echo_asyncio = None
         if self._store is not None:
             await self._store.close()
         await self.redis.aclose()
@@ -1486,6 +1610,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"  plain Python UDP relay hop      {dg['relay_rate']:>9,.0f} /s  loss "
             f"{dg['relay_loss']:.2%}  (client-relay-echo: the ceiling of any one-process "
             f"Python hop; tunnel/relay {dg['ratio_vs_relay']:.0%})",
+            f"  minimal Python AEAD hop         {dg['aead_hop_rate']:>9,.0f} /s  loss "
+            f"{dg['aead_hop_loss']:.2%}  (the relay plus one ChaCha20-Poly1305 open and seal "
+            f"per direction, no protocol: the floor of a Python AEAD tunnel, "
+            f"{dg['aead_hop_ratio']:.0%} of the echo; tunnel/this {dg['ratio_vs_aead_hop']:.0%})",
             f"  ratio tunnel/plain              {dg['ratio']:>9.1%}     target >= {dg['target']:.0%}"
             f" at loss < {dg['target_loss']:.1%}: {_mark(dg['met'])}   per run: "
             + ", ".join(f"{x:.1%}" for x in dg["ratio_runs"]),
@@ -1493,7 +1621,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"  cpu plain                       {_cpu_text(dg['plain_cpu'])}",
             f"  cpu per datagram (all procs)    tunnel {dg['cpu_us']:.1f} us (gateway "
             f"{dg['gateway_cpu_us']:.1f}, agent {dg['agent_cpu_us']:.1f}), plain "
-            f"{dg['plain_cpu_us']:.1f} us, relay hop {dg['relay_cpu_us']:.1f} us -> "
+            f"{dg['plain_cpu_us']:.1f} us, relay hop {dg['relay_cpu_us']:.1f} us, AEAD hop "
+            f"{dg['aead_hop_cpu_us']:.1f} us -> "
             f"{_ratio(dg['plain_cpu_us'], dg['cpu_us']):.1%}",
             f"  bottleneck                      {dg['bottleneck']}",
         ]
@@ -1551,7 +1680,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="py-spy the gateway and the load generator during the first run: collapsed stacks into DIR")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    p.add_argument("--serve", choices=("gateway", "echo", "relay"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=("gateway", "echo", "relay", "aead-hop"),
+                   help=argparse.SUPPRESS)
     return p
 
 

@@ -5,11 +5,26 @@ No timing assertions: the figures themselves are for BENCHMARKS.md, not for CI.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from jvpn.bench import BenchOptions, build_parser, format_report, main, options_from_args, run_bench
+from jvpn.bench import (
+    AeadHop,
+    BenchOptions,
+    _Datagrams,
+    _open,
+    _seal,
+    build_parser,
+    format_report,
+    main,
+    options_from_args,
+    run_bench,
+)
+from jvpn.netsim import UdpEcho
 
 
 async def test_bench_smoke_runs_every_part() -> None:
@@ -19,7 +34,7 @@ async def test_bench_smoke_runs_every_part() -> None:
 
     m = report["machine"]
     assert m["nproc"] >= 1 and m["python"] and m["redis_server"]
-    assert set(report["machine"]["children_uvloop"]) == {"gateway", "echo", "relay"}
+    assert set(report["machine"]["children_uvloop"]) == {"gateway", "echo", "relay", "aead-hop"}
 
     ra = report["reattach"]
     assert ra["sessions"] == 8 and ra["repeat"] == 1
@@ -39,6 +54,8 @@ async def test_bench_smoke_runs_every_part() -> None:
     dg = report["datagram"]
     assert dg["rate"] > 0 and dg["plain_rate"] > 0 and dg["relay_rate"] > 0
     assert dg["plain_asyncio_rate"] > 0
+    assert dg["aead_hop_rate"] > 0 and dg["runs"][0]["aead_hop"]["sent"] > 0
+    assert dg["ratio_vs_aead_hop"] == pytest.approx(dg["rate"] / dg["aead_hop_rate"])
     assert dg["ratio_vs_asyncio_echo"] == pytest.approx(dg["rate"] / dg["plain_asyncio_rate"])
     assert 0 <= dg["loss"] <= 1 and 0 <= dg["plain_loss"] <= 1
     assert dg["ratio"] == pytest.approx(dg["rate"] / dg["plain_rate"])
@@ -67,3 +84,31 @@ def test_bench_options_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exc.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+async def test_aead_hop_opens_seals_and_drops_forgeries() -> None:
+    """The datagram floor baseline does its crypto for real: what it forwards was opened
+    under the client's key, what it returns opens under the reply key, and a tampered
+    datagram goes nowhere."""
+    echo, echo_addr = await UdpEcho.start()
+    key = os.urandom(64)
+    hop = await AeadHop(echo_addr, key).start()
+    up, down = ChaCha20Poly1305(key[:32]), ChaCha20Poly1305(key[32:])
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _Datagrams(lambda data, _addr: got.put_nowait(data)), remote_addr=hop.address)
+    try:
+        transport.sendto(_seal(up, 1, b"hello"))
+        reply = await asyncio.wait_for(got.get(), 5)
+        assert reply[:8] == (1).to_bytes(8, "little") and _open(down, reply) == b"hello"
+        forged = bytearray(_seal(up, 2, b"again"))
+        forged[-1] ^= 1
+        transport.sendto(bytes(forged))
+        transport.sendto(_seal(up, 3, b"after"))
+        assert _open(down, await asyncio.wait_for(got.get(), 5)) == b"after"
+        assert hop.bad == 1 and echo.received == 2 and got.empty()
+    finally:
+        transport.close()
+        hop.close()
+        echo.close()
