@@ -21,7 +21,9 @@ same run, on the same machine, with the same client code, as a ratio:
   their slot), beside the same sender and receiver against the same echo
   process directly (the target's baseline), and through a plain Python UDP
   relay process (``jvpn.netsim.UdpRelay``: the same process layout as the
-  tunnel with no protocol at all).
+  tunnel with no protocol at all), and through ``AeadHop`` with the sender
+  sealing and opening (the relay plus one ChaCha20-Poly1305 open and seal per
+  direction: the floor of any Python AEAD tunnel, before any protocol).
 - Memory: sessions born through the store API in pipelined batches, one
   reattach each (so nonce hashes exist), INFO used_memory delta per session
   and MEMORY USAGE of one record and its nonce hash.
