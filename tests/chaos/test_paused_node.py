@@ -14,8 +14,9 @@ What must hold, and how it is checked:
 2. Nothing P sends after the pause is accepted by an agent. The agents here
    keep every abandoned socket open ("lingering"), so whatever P sends after
    resuming really reaches them: we count every DATA arriving on a path to P
-   after the pause began (there must be none: P forwards nothing without a
-   lease), every drop the client machine counted (STALE_EPOCH: DATA of an old
+   after it resumed (there must be none: P forwards nothing without a lease;
+   while it is stopped it sends nothing at all, so DATA read during the pause
+   left P before the stop and is only reported), every drop the client machine counted (STALE_EPOCH: DATA of an old
    epoch) and every payload accepted on a path that was not the current one
    (none: the machine only accepts the current path and epoch).
 3. No moment with two live bindings. Per session we rebuild, from every
@@ -26,9 +27,9 @@ What must hold, and how it is checked:
    (it holds the binding AND may forward: lease valid, process running) starts
    at the grant and ends at the earliest of: its ``binding_revoked`` for that
    epoch, and, for P, the moment it was stopped. The latter is sound because P
-   was stopped longer than lease_s: at resume its lease had lapsed (its own
-   ``lease_lapsed`` event, emitted after the resume) and it forwarded nothing
-   before the store revoked the binding (check 2). Consecutive epochs' live
+   was stopped longer than lease_s: a stopped process sends nothing, at resume
+   its lease had lapsed (its own ``lease_lapsed`` event, emitted after the
+   resume: check 1) and nothing it sent from then on reached an agent (check 2). Consecutive epochs' live
    intervals must not overlap.
 """
 
@@ -190,6 +191,8 @@ async def test_paused_node_fences_itself(
         foreign = sum(a.foreign_payloads for a in lingering)
         assert late_data == [], ("P sent DATA after it resumed (s after stop, s after resume, "
                                  f"epoch): {late_data[:5]}")
+        read_in_pause = sum(1 for a in lingering for t, remote, _ in a.data_at
+                            if remote == p_udp and stopped_at < t <= resumed_at)
         assert foreign == 0
         # 3. No overlap of live bindings, per session, from every node's events.
         events = {n: read_events(cluster, n) for n in gws}
@@ -236,5 +239,6 @@ async def test_paused_node_fences_itself(
         await stop_agents(agents)
     figure("paused_node_live_binding_overlaps", overlaps, "overlaps", sessions=AGENTS,
            moved_within=f"{moved_in:.3f}s", pause=f"{resumed_at - stopped_at:.2f}s",
-           p_lease_expired_drops=int(lease_drops), p_data_after_pause=len(late_data),
+           p_lease_expired_drops=int(lease_drops), p_data_after_resume=len(late_data),
+           p_data_read_in_pause=read_in_pause,
            agent_stale_epoch_drops=stale, revoked=len(revoked_sids()))

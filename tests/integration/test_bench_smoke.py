@@ -10,14 +10,14 @@ import json
 import os
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from jvpn.bench import (
+    AeadClient,
     AeadHop,
     BenchOptions,
     _Datagrams,
-    _open,
-    _seal,
     build_parser,
     format_report,
     main,
@@ -56,6 +56,7 @@ async def test_bench_smoke_runs_every_part() -> None:
     assert dg["plain_asyncio_rate"] > 0
     assert dg["aead_hop_rate"] > 0 and dg["runs"][0]["aead_hop"]["sent"] > 0
     assert dg["ratio_vs_aead_hop"] == pytest.approx(dg["rate"] / dg["aead_hop_rate"])
+    assert dg["runs"][0]["aead_hop"]["bad_answers"] == 0  # every answer opened
     assert dg["ratio_vs_asyncio_echo"] == pytest.approx(dg["rate"] / dg["plain_asyncio_rate"])
     assert 0 <= dg["loss"] <= 1 and 0 <= dg["plain_loss"] <= 1
     assert dg["ratio"] == pytest.approx(dg["rate"] / dg["plain_rate"])
@@ -87,27 +88,31 @@ def test_bench_options_and_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_aead_hop_opens_seals_and_drops_forgeries() -> None:
-    """The datagram floor baseline does its crypto for real: what it forwards was opened
-    under the client's key, what it returns opens under the reply key, and a tampered
-    datagram goes nowhere."""
+    """The datagram bench's AEAD baseline does its crypto for real: what the hop forwards
+    was opened under the client's key, what it returns opens under the reply key, a
+    tampered datagram goes nowhere, and the client never reuses a nonce."""
     echo, echo_addr = await UdpEcho.start()
-    key = os.urandom(64)
-    hop = await AeadHop(echo_addr, key).start()
-    up, down = ChaCha20Poly1305(key[:32]), ChaCha20Poly1305(key[32:])
+    client = AeadClient(os.urandom(64))
+    hop = await AeadHop(echo_addr, client.key).start()
     loop = asyncio.get_running_loop()
     got: asyncio.Queue[bytes] = asyncio.Queue()
     transport, _ = await loop.create_datagram_endpoint(
         lambda: _Datagrams(lambda data, _addr: got.put_nowait(data)), remote_addr=hop.address)
     try:
-        transport.sendto(_seal(up, 1, b"hello"))
+        first = client.seal(b"hello")
+        transport.sendto(first)
         reply = await asyncio.wait_for(got.get(), 5)
-        assert reply[:8] == (1).to_bytes(8, "little") and _open(down, reply) == b"hello"
-        forged = bytearray(_seal(up, 2, b"again"))
+        assert client.open(reply) == b"hello"
+        with pytest.raises(InvalidTag):  # the reply is sealed under the other key
+            ChaCha20Poly1305(client.key[:32]).decrypt(bytes(4) + reply[:8], reply[8:], None)
+        forged = bytearray(client.seal(b"again"))
         forged[-1] ^= 1
         transport.sendto(bytes(forged))
-        transport.sendto(_seal(up, 3, b"after"))
-        assert _open(down, await asyncio.wait_for(got.get(), 5)) == b"after"
+        last = client.seal(b"after")
+        transport.sendto(last)
+        assert client.open(await asyncio.wait_for(got.get(), 5)) == b"after"
         assert hop.bad == 1 and echo.received == 2 and got.empty()
+        assert [p[:8] for p in (first, last)] == [(1).to_bytes(8, "little"), (3).to_bytes(8, "little")]
     finally:
         transport.close()
         hop.close()
