@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import hashlib
 import json
 import logging
@@ -100,7 +101,7 @@ def _field_value(key: str, value: Any) -> Any:
     return value
 
 
-_FIELD_PATHS: dict[str, str] = {}  # emit() keyword -> its ECS path
+_FIELD_PARTS: dict[str, tuple[str, ...]] = {}  # emit() keyword -> its ECS path, split
 _PLAIN = frozenset({str, int, float, bool, list})  # exact types _field_value returns as they are
 
 
@@ -162,28 +163,61 @@ def to_document(fields: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _place(doc: dict[str, Any], parts: tuple[str, ...], value: Any) -> None:
+    """Set ``value`` at the nested path ``parts`` of ``doc`` as ``to_document`` would."""
+    node = doc
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):  # "a" and "a.b" both set: keep the rest dotted
+            node[".".join(parts[i:])] = value
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def _flatten(doc: dict[str, Any], prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    for key, value in doc.items():
+        if type(value) is dict:
+            _flatten(value, prefix + key + ".", out)
+        else:
+            out[prefix + key] = value
+    return out
+
+
 class Event:
-    """One event: flat dotted ECS fields, and its JSON line once serialized."""
+    """One event: the nested ECS document, and its JSON line once serialized.
 
-    __slots__ = ("fields", "line")
+    ``fields`` is the same event as flat dotted ECS keys (``"event.action"``), made on
+    first use: subscribers and tests read it; the sinks only need the document."""
 
-    def __init__(self, fields: dict[str, Any]) -> None:
-        self.fields = fields
+    __slots__ = ("doc", "line", "_fields")
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
         self.line = ""
+        self._fields: dict[str, Any] | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        if self._fields is None:
+            self._fields = _flatten(self.doc, "", {})
+        return self._fields
 
     @property
     def action(self) -> str:
         """event.action, e.g. "state_change"."""
-        return str(self.fields.get("event.action", ""))
+        return str(self.doc["event"].get("action", ""))
 
     def document(self) -> dict[str, Any]:
-        """The nested ECS document."""
-        return to_document(self.fields)
+        """The nested ECS document (shared: read it, do not change it)."""
+        return self.doc
 
     def serialize(self) -> str:
         """The event as one compact JSON line (cached)."""
         if not self.line:
-            self.line = encode_json(self.document())
+            self.line = encode_json(self.doc)
         return self.line
 
     def __repr__(self) -> str:
@@ -487,12 +521,10 @@ class EventBus:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._in_batch = False
-        self._common = {
-            "ecs.version": ECS_VERSION,
-            "service.name": SERVICE_NAME,
-            "service.node.name": node,
-            "event.dataset": EVENT_DATASET,
-        }
+        # Shared by every document of this bus (never changed: a field under ecs.* or
+        # service.* gets its own copy first, see emit).
+        self._ecs = {"version": ECS_VERSION}
+        self._service = {"name": SERVICE_NAME, "node": {"name": node}}
 
     # ---- producer side (synchronous, O(1), never blocks) ---------------------------------
 
@@ -504,24 +536,41 @@ class EventBus:
         None values are omitted.
         """
         kind, category, type_, outcome = _ACTIONS.get(action, _DEFAULT_ACTION)
-        rec: dict[str, Any] = {"@timestamp": _timestamp(self._clock())}
-        rec.update(self._common)
-        rec["event.kind"] = kind
-        rec["event.category"] = category
-        rec["event.type"] = type_
-        rec["event.action"] = action
-        rec["event.outcome"] = outcome
-        paths = _FIELD_PATHS
+        # The nested document is built here, in the order the flat keys would have
+        # (to_document of the flat fields gives the same document): a reattach emits
+        # two events, and nesting afterwards cost more than all the rest of emitting.
+        doc: dict[str, Any] = {
+            "@timestamp": _timestamp(self._clock()),
+            "ecs": self._ecs,
+            "service": self._service,
+            "event": {"dataset": EVENT_DATASET, "kind": kind, "category": category,
+                      "type": type_, "action": action, "outcome": outcome},
+        }
+        known = _FIELD_PARTS
         for key, value in fields.items():
             if value is None:
                 continue
-            path = paths.get(key)
-            if path is None:
+            parts = known.get(key)
+            if parts is None:
                 path = key if "." in key else _ECS_SHORTCUTS.get(key) or "jvpn." + key
-                if len(paths) < 4096:
-                    paths[key] = path
-            rec[path] = value if type(value) in _PLAIN else _field_value(key, value)
-        ev = Event(rec)
+                parts = (path,) if path.startswith("@") else tuple(path.split("."))
+                if len(known) < 4096:
+                    known[key] = parts
+            if type(value) not in _PLAIN:
+                value = _field_value(key, value)
+            if len(parts) == 2:  # most fields: "jvpn.epoch", "event.reason", "source.ip"
+                head = parts[0]
+                child = doc.get(head)
+                if child is None:
+                    doc[head] = {parts[1]: value}
+                    continue
+                if type(child) is dict and child is not self._ecs and child is not self._service:
+                    child[parts[1]] = value
+                    continue
+            if parts[0] in ("ecs", "service") and type(doc[parts[0]]) is dict:
+                doc[parts[0]] = copy.deepcopy(doc[parts[0]])  # never change the shared ones
+            _place(doc, parts, value)
+        ev = Event(doc)
         for callback in self._subscribers:
             try:
                 callback(ev)
@@ -614,7 +663,7 @@ class EventBus:
         """Call ``callback(event)`` synchronously on every emit (even dropped ones); returns unsubscribe.
 
         Callbacks run on the caller's path: they must be cheap, must not block,
-        and must treat ``event.fields`` as read-only (it is what the sinks get).
+        and must treat the event as read-only (its document is what the sinks get).
         """
         self._subscribers.append(callback)
 

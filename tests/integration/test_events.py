@@ -30,6 +30,7 @@ from gateway.events import (
     SyslogSink,
     fingerprint,
     sinks_from_config,
+    to_document,
 )
 from session.reasons import RejectReason
 from session.states import SessionState
@@ -393,3 +394,32 @@ def test_sinks_from_config() -> None:
     kinds = [type(s) for s in sinks_from_config(cfg, redis_client=object())]
     assert kinds == [StdoutSink, FileSink, RedisStreamSink, SyslogSink, HttpSink]
     assert sinks_from_config(EventsConfig(), redis_client=None) == []
+
+
+def test_documents_built_in_emit_match_the_flat_fields_nested() -> None:
+    """emit() builds each nested document directly (nesting afterwards cost more than the
+    rest of emitting): it must be exactly what nesting the flat fields gives, and a field
+    under ecs.* or service.* must not leak into the bus's shared parts."""
+    bus = EventBus("gw-1", queue_size=100, clock=lambda: 1764600000.123)
+    bus.transport_switch(SID, "udp:a", "tcp:b", "reattach", 5, 4, source_ip="127.0.0.1",
+                         previous_node=None)
+    bus.state_change(SID, SessionState.ATTACHED, SessionState.TERMINATED, 9, 3, RejectReason.BAD_PROOF)
+    bus.security_event("bad_proof", "BAD_PROOF", session_id=SID, source_ip="::1", nonce=NONCE)
+    bus.emit("custom", **{"service.extra": 1, "ecs.y": 2, "jvpn": "flat", "jvpn.z": 3,
+                          "message": "hi", "a.b.c": 4, "outcome": "failure"})
+    bus.emit("lease_lapsed", outcome="success", bindings=3)
+    events = [bus._queue.popleft() for _ in range(5)]
+    for ev in events:
+        assert ev.document() == to_document(ev.fields)
+        assert json.loads(ev.serialize()) == ev.document()
+    ts, ts_doc, sec, custom, last = (ev.document() for ev in events)
+    assert ts["event"]["reason"] == "reattach" and ts["jvpn"]["session_id"] == SID.hex()
+    assert ts_doc["event"]["reason"] == "BAD_PROOF" and ts_doc["event"]["type"] == ["end"]
+    assert sec["jvpn"]["nonce"] == fingerprint(NONCE)  # never the nonce itself
+    assert custom["service"]["extra"] == 1 and custom["ecs"]["y"] == 2
+    assert custom["jvpn"] == {"jvpn": "flat", "z": 3} and custom["a"] == {"b": {"c": 4}}
+    assert custom["event"]["outcome"] == "failure"
+    # the next event's shared parts are untouched
+    assert last["service"] == {"name": "jumping-vpn", "node": {"name": "gw-1"}}
+    assert last["ecs"] == {"version": ECS_VERSION}
+    assert events[0].fields["event.action"] == "transport_switch" and events[0].action == "transport_switch"
