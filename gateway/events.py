@@ -208,7 +208,8 @@ class Event:
     @property
     def action(self) -> str:
         """event.action, e.g. "state_change"."""
-        return str(self.doc["event"].get("action", ""))
+        event = self.doc.get("event")
+        return str(event.get("action", "")) if type(event) is dict else ""
 
     def document(self) -> dict[str, Any]:
         """The nested ECS document (shared: read it, do not change it)."""
@@ -403,9 +404,9 @@ class SyslogSink(Sink):
 
     def format(self, ev: Event) -> bytes:
         """One RFC 5424 message: <PRI>1 TIMESTAMP HOST APP PROCID MSGID - MSG."""
-        severity = 4 if ev.fields.get("event.kind") == "alert" else 6  # warning / informational
+        severity = 4 if ev.doc["event"].get("kind") == "alert" else 6  # warning / informational
         pri = self.facility * 8 + severity
-        ts = ev.fields.get("@timestamp") or "-"
+        ts = ev.doc.get("@timestamp") or "-"
         msgid = _syslog_token(ev.action, 32)
         header = f"<{pri}>1 {ts} {self._hostname} {SERVICE_NAME} {self._procid} {msgid} - "
         return header.encode("ascii", "replace") + ev.line.encode("utf-8")
@@ -567,8 +568,9 @@ class EventBus:
                 if type(child) is dict and child is not self._ecs and child is not self._service:
                     child[parts[1]] = value
                     continue
-            if parts[0] in ("ecs", "service") and type(doc[parts[0]]) is dict:
-                doc[parts[0]] = copy.deepcopy(doc[parts[0]])  # never change the shared ones
+            shared = doc.get(parts[0])
+            if shared is self._ecs or shared is self._service:
+                doc[parts[0]] = copy.deepcopy(shared)  # never change the shared ones
             _place(doc, parts, value)
         ev = Event(doc)
         for callback in self._subscribers:

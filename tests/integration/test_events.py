@@ -396,30 +396,36 @@ def test_sinks_from_config() -> None:
     assert sinks_from_config(EventsConfig(), redis_client=None) == []
 
 
-def test_documents_built_in_emit_match_the_flat_fields_nested() -> None:
+# The JSON lines the previous emit (flat dotted fields, nested by to_document when
+# serialized) wrote for the events of the test below: emit now nests as it goes.
+GOLDEN_LINES = [
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["network","session"],"type":["change","connection"],"action":"transport_switch","outcome":"success","reason":"reattach"},"jvpn":{"session_id":"00112233445566778899aabbccddeeff","from_transport":"udp:a","to_transport":"tcp:b","state_version":5,"epoch":4},"source":{"ip":"127.0.0.1"}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["session"],"type":["end"],"action":"state_change","outcome":"success","reason":"BAD_PROOF"},"jvpn":{"session_id":"00112233445566778899aabbccddeeff","from_state":"ATTACHED","to_state":"TERMINATED","state_version":9,"epoch":3}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"alert","category":["intrusion_detection"],"type":["denied"],"action":"security_event","outcome":"failure","reason":"BAD_PROOF"},"jvpn":{"security_kind":"bad_proof","session_id":"00112233445566778899aabbccddeeff","nonce":"bc1443a0d17aab2d"},"source":{"ip":"::1"}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11","y":2},"service":{"name":"jumping-vpn","node":{"name":"gw-1","role":"edge"},"extra":1},"event":{"dataset":"jvpn.events","kind":"event","category":["network"],"type":["end"],"action":"custom","outcome":"failure"},"jvpn":{"jvpn":"flat","z":3},"message":"hi","a":{"b":{"c":4}}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["network"],"type":["info"],"action":"lease_lapsed","outcome":"success"},"jvpn":{"bindings":3}}',
+]
+
+
+def test_documents_built_in_emit_are_the_lines_of_flat_fields_nested() -> None:
     """emit() builds each nested document directly (nesting afterwards cost more than the
-    rest of emitting): it must be exactly what nesting the flat fields gives, and a field
+    rest of emitting): the lines must be exactly what the flat fields gave, and a field
     under ecs.* or service.* must not leak into the bus's shared parts."""
     bus = EventBus("gw-1", queue_size=100, clock=lambda: 1764600000.123)
     bus.transport_switch(SID, "udp:a", "tcp:b", "reattach", 5, 4, source_ip="127.0.0.1",
                          previous_node=None)
     bus.state_change(SID, SessionState.ATTACHED, SessionState.TERMINATED, 9, 3, RejectReason.BAD_PROOF)
     bus.security_event("bad_proof", "BAD_PROOF", session_id=SID, source_ip="::1", nonce=NONCE)
-    bus.emit("custom", **{"service.extra": 1, "ecs.y": 2, "jvpn": "flat", "jvpn.z": 3,
-                          "message": "hi", "a.b.c": 4, "outcome": "failure"})
+    bus.emit("custom", **{"service.extra": 1, "service.node.role": "edge", "ecs.y": 2,
+                          "jvpn": "flat", "jvpn.z": 3, "message": "hi", "a.b.c": 4,
+                          "outcome": "failure", "type": ["end"]})
     bus.emit("lease_lapsed", outcome="success", bindings=3)
     events = [bus._queue.popleft() for _ in range(5)]
+    assert [ev.serialize() for ev in events] == GOLDEN_LINES
     for ev in events:
-        assert ev.document() == to_document(ev.fields)
-        assert json.loads(ev.serialize()) == ev.document()
-    ts, ts_doc, sec, custom, last = (ev.document() for ev in events)
-    assert ts["event"]["reason"] == "reattach" and ts["jvpn"]["session_id"] == SID.hex()
-    assert ts_doc["event"]["reason"] == "BAD_PROOF" and ts_doc["event"]["type"] == ["end"]
-    assert sec["jvpn"]["nonce"] == fingerprint(NONCE)  # never the nonce itself
-    assert custom["service"]["extra"] == 1 and custom["ecs"]["y"] == 2
-    assert custom["jvpn"] == {"jvpn": "flat", "z": 3} and custom["a"] == {"b": {"c": 4}}
-    assert custom["event"]["outcome"] == "failure"
-    # the next event's shared parts are untouched
+        assert to_document(ev.fields) == ev.document() == json.loads(ev.line)
+    last = events[-1].document()  # the custom event's service.* and ecs.* stayed its own
     assert last["service"] == {"name": "jumping-vpn", "node": {"name": "gw-1"}}
     assert last["ecs"] == {"version": ECS_VERSION}
-    assert events[0].fields["event.action"] == "transport_switch" and events[0].action == "transport_switch"
+    assert events[0].fields["event.action"] == events[0].action == "transport_switch"
+    assert events[2].fields["jvpn.nonce"] == fingerprint(NONCE)  # never the nonce itself
