@@ -138,32 +138,11 @@ def to_document(fields: dict[str, Any]) -> dict[str, Any]:
             parts = [key] if key.startswith("@") else key.split(".")
             if len(paths) < 4096:
                 paths[key] = parts
-        if len(parts) == 1:
-            doc[key] = value
-            continue
-        if len(parts) == 2:  # most ECS keys: "event.kind", "jvpn.epoch"
-            child = doc.get(parts[0])
-            if child is None:
-                doc[parts[0]] = {parts[1]: value}
-                continue
-            if type(child) is dict:
-                child[parts[1]] = value
-                continue
-        node = doc
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):  # "a" and "a.b" both set: keep the rest dotted
-                node[".".join(parts[i:])] = value
-                break
-            node = child
-        else:
-            node[parts[-1]] = value
+        _place(doc, parts, value)
     return doc
 
 
-def _place(doc: dict[str, Any], parts: tuple[str, ...], value: Any) -> None:
+def _place(doc: dict[str, Any], parts: Sequence[str], value: Any) -> None:
     """Set ``value`` at the nested path ``parts`` of ``doc`` as ``to_document`` would."""
     node = doc
     for i, part in enumerate(parts[:-1]):

@@ -23,7 +23,7 @@ same run, on the same machine, with the same client code, as a ratio:
   relay process (``jvpn.netsim.UdpRelay``: the same process layout as the
   tunnel with no protocol at all), and through ``AeadHop`` with the sender
   sealing and opening (the relay plus one ChaCha20-Poly1305 open and seal per
-  direction: the floor of any Python AEAD tunnel, before any protocol).
+  direction: a ceiling for any Python AEAD tunnel, before any protocol).
 - Memory: sessions born through the store API in pipelined batches, one
   reattach each (so nonce hashes exist), INFO used_memory delta per session
   and MEMORY USAGE of one record and its nonce hash.
@@ -1331,7 +1331,7 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
         "ratio": _ratio(rate, plain),
         "ratio_runs": [r["ratio"] for r in runs],
         "ratio_vs_relay": _ratio(rate, med("relay", "rate")),
-        # The floor of any Python AEAD tunnel (AeadHop): what the echo allows before any protocol.
+        # A ceiling for any Python AEAD tunnel (AeadHop): its rate before any protocol work.
         "aead_hop_rate": med("aead_hop", "rate"),
         "aead_hop_loss": med("aead_hop", "loss"),
         "aead_hop_cpu_us": median([_per_op_us(_ours(r["aead_hop"]["cpu"]), r["aead_hop"]["rate"])
