@@ -15,6 +15,10 @@
 //     node while the node set is stable.
 //   - too short to hold a header: the source address, like a handshake; the
 //     node drops and counts it (jvpn_dropped_total), which keeps it visible.
+// A consequence of flows: a datagram from an address:port whose flow is still
+// open joins that flow, whatever its session id. So a NAT that hands one
+// client's mapping to another within proxy_timeout sends the newcomer to the
+// earlier client's node, until the flow idles out.
 // Routing is an optimisation only: any node accepts any reattach (DESIGN.md §5 B).
 
 var HEADER_LEN = 20;

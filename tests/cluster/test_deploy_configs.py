@@ -13,6 +13,7 @@ front of three stand-in upstreams.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -349,11 +350,20 @@ def _message(kind: int, ident: bytes) -> bytes:
     return struct.pack("!BBH16s", 1, kind, 0, ident) + b"\x00" * 48
 
 
-def _udp_ask(addr: tuple[str, int], data: bytes) -> list[bytes]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a new source port each time
-        s.settimeout(2)
-        s.sendto(data, addr)
-        return [s.recv(100) for _ in range(3)]
+def _udp_ask(addr: tuple[str, int], data: bytes, stack: contextlib.ExitStack) -> list[bytes]:
+    """Send from a new source port and read the three-datagram answer.
+
+    The socket stays open until `stack` closes, so no two asks in one test share a
+    source port. nginx keys a UDP flow by the client's address:port and runs preread
+    only on a flow's first datagram: an ephemeral port the kernel handed out again
+    within the flow's idle timeout would join the earlier flow and reach its node,
+    whatever the new message's session id (routing is an optimisation; that node
+    accepts the reattach like any other).
+    """
+    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    s.settimeout(2)
+    s.sendto(data, addr)
+    return [s.recv(100) for _ in range(3)]
 
 
 def _tcp_ask(addr: tuple[str, int], data: bytes) -> bytes:
@@ -367,14 +377,18 @@ def _tcp_ask(addr: tuple[str, int], data: bytes) -> bytes:
 
 
 def test_balancer_routes_by_session_id(balancer: tuple[tuple[str, int], StandIn]) -> None:
-    addr, ups = balancer
+    with contextlib.ExitStack() as stack:  # every UDP socket open to the end: distinct ports
+        _routes_by_session_id(balancer[0], stack)
+
+
+def _routes_by_session_id(addr: tuple[str, int], stack: contextlib.ExitStack) -> None:
     DATA, REATTACH, HANDSHAKE_INIT = 4, 5, 1
     owners = []
     for _ in range(12):
         sid = os.urandom(16)
         seen = set()
         for kind in (REATTACH, DATA, DATA, REATTACH):  # four flows, four source ports
-            replies = _udp_ask(addr, _message(kind, sid))
+            replies = _udp_ask(addr, _message(kind, sid), stack)
             assert len({r.split(b":")[1] for r in replies}) == 3  # proxy_responses unset
             seen.add(replies[0].split(b":")[0])
         seen.add(_tcp_ask(addr, _message(REATTACH, sid)))  # TCP: same key, same node
@@ -383,11 +397,11 @@ def test_balancer_routes_by_session_id(balancer: tuple[tuple[str, int], StandIn]
     assert len(set(owners)) >= 2, "12 sessions all on one node: the key is not the session id"
     # HANDSHAKE_INIT carries a random handshake id: routed by source address, which spreads
     # (a RETRY and the repeated INIT share the flow, so they stay together anyway).
-    hs = {_udp_ask(addr, _message(HANDSHAKE_INIT, os.urandom(16)))[0].split(b":")[0]
+    hs = {_udp_ask(addr, _message(HANDSHAKE_INIT, os.urandom(16)), stack)[0].split(b":")[0]
           for _ in range(12)}
     assert len(hs) >= 2
     # A runt (shorter than the header) still goes somewhere, to be counted as a drop there.
-    assert len(_udp_ask(addr, b"\x01")) == 3
+    assert len(_udp_ask(addr, b"\x01", stack)) == 3
 
 
 # ---- dashboard ------------------------------------------------------------------------------
