@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store.embedded import free_port  # one picker for every local server's port
+
 DEFAULT_RUN_DIR = ".jvpn/cluster"
 STATE_FILE = "cluster.json"
 ENV_FILE = "cluster.env"
@@ -331,23 +333,6 @@ def log_tail(path: str | Path, lines: int = 15) -> str:
 
 
 # ---- small network helpers ------------------------------------------------------------------
-
-
-def free_port(host: str, *, udp_too: bool = False) -> int:
-    """A port that was free a moment ago (TCP, and UDP too if asked: one port for both)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((host, 0))
-            port = int(t.getsockname()[1])
-            if not udp_too:
-                return port
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise ClusterError(f"no free port on {host}")
 
 
 def http_get(url: str, timeout: float = 1.0) -> tuple[int, str]:

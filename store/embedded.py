@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -49,11 +51,54 @@ def find_redis_server() -> str:
     raise EmbeddedRedisError(f"redis-server not found: {INSTALL_HINT}")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOWEST_PICK = 10000
+
+
+def _below_ephemeral() -> range:
+    """Ports the kernel never hands out by itself: below the ephemeral range."""
+    try:
+        with open(_EPHEMERAL_RANGE, encoding="ascii") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(_LOWEST_PICK, low) if low - _LOWEST_PICK >= 1000 else range(0)
+
+
+def _bindable(host: str, port: int, udp_too: bool) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp_too else (socket.SOCK_STREAM,)
+    with contextlib.ExitStack() as stack:  # every kind held at once, then all released
+        for kind in kinds:
+            s = stack.enter_context(socket.socket(family, kind))
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
+    """A port that was free a moment ago (TCP, and UDP too if asked: one port for both).
+
+    Picked at random below the kernel's ephemeral range: a port left free between
+    this check and the server's bind (a restart, a process still starting) cannot
+    be taken meanwhile by some client's outgoing socket, which the kernel numbers
+    inside that range. The OS's own choice is the fallback.
+    """
+    pool = _below_ephemeral()
+    for _ in range(200 if pool else 0):
+        port = random.choice(pool)
+        if _bindable(host, port, udp_too):
+            return port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as t:
+            t.bind((host, 0))
+            port = int(t.getsockname()[1])
+        if not udp_too or _bindable(host, port, True):
+            return port
+    raise OSError(f"no free port on {host}")
 
 
 def ping(host: str, port: int, timeout: float = 0.5) -> bool:

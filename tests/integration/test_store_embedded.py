@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
-from store.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server, ping
+from store import embedded
+from store.embedded import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    find_redis_server,
+    free_port,
+    ping,
+)
 
 
 def test_start_stop_restart_same_port() -> None:
@@ -70,3 +78,24 @@ def test_missing_binary_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_p
         find_redis_server()
     with pytest.raises(EmbeddedRedisError, match="apt-get install redis-server"):
         EmbeddedRedis(binary="/nonexistent/redis-server").start()
+
+
+def test_free_port_is_outside_the_kernels_ephemeral_range(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server port left free during a restart cannot be taken by a client's outgoing socket."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+        low, high = (int(x) for x in f.read().split())
+    ports = [free_port("127.0.0.1", udp_too=True) for _ in range(20)]
+    assert all(p < low for p in ports), (ports, low)
+    assert len(set(ports)) > 1  # a random pick, not one fixed port
+    # A client's outgoing socket is numbered inside the range, never among those.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.connect(("127.0.0.1", ports[0]))
+        assert low <= c.getsockname()[1] <= high
+    # Taken on UDP only is taken: with two candidates, the other one comes back.
+    busy, spare = ports[0], ports[0] + 1
+    monkeypatch.setattr(embedded, "_below_ephemeral", lambda: range(busy, spare + 1))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.bind(("127.0.0.1", busy))
+        assert {free_port("127.0.0.1", udp_too=True) for _ in range(10)} == {spare}
+        assert free_port("127.0.0.1") in (busy, spare)  # TCP only: both are free
