@@ -153,7 +153,8 @@ async def test_paused_node_fences_itself(
         try:
             await wait_for(lambda: all(a.status()["node"] == n_node
                                        and a.machine.state.name == "ATTACHED"
-                                       for a, _ in agents), PAUSE_S, "every agent on N")
+                                       for a, _ in agents), 10.0, "every agent on N")
+            # (a move takes ~1.3 s by the client's timers; the pause lasts at least PAUSE_S)
             moved_in = time.monotonic() - t_stop
             await asyncio.sleep(max(0.0, PAUSE_S - (time.monotonic() - t_stop)))
         finally:

@@ -113,7 +113,8 @@ def test_prometheus_runs_the_deploy_config(cluster: LocalCluster) -> None:
               "every gateway scraped")
     admins = {g["admin"] for g in cluster.state["gateways"]}
     assert {r["metric"]["instance"] for r in up} == admins
-    nodes = query(cluster, "count by (instance, node) (jvpn_node_info)")
+    nodes = poll(cluster, "count by (instance, node) (jvpn_node_info)",
+                 lambda r: len(r) == GATEWAYS, 15, "node info from every gateway")
     assert {r["metric"]["node"] for r in nodes} == {g["node_id"] for g in cluster.state["gateways"]}
     status = cluster.cli("status", timeout=30)
     assert status.returncode == 0 and f"{GATEWAYS}/{GATEWAYS} targets up" in status.stdout
@@ -145,11 +146,16 @@ async def test_switch_rate_by_reason_after_jumps(
     assert any(x["metric"].get("reason") == "reattach" for x in rec)
 
     # Every gateway node has series.
-    per_node = query(cluster, "count by (instance) (jvpn_node_info)")
-    assert len(per_node) == GATEWAYS
-    sessions = query(cluster, "sum by (state) (jvpn_sessions)")
-    attached = sum(float(x["value"][1]) for x in sessions if x["metric"]["state"] == "ATTACHED")
-    assert attached == AGENTS
+    # (polled: one scrape slower than the 1 s scrape timeout marks a target's series
+    # stale until the next one succeeds)
+    await asyncio.to_thread(poll, cluster, "count by (instance) (jvpn_node_info)",
+                            lambda r: len(r) == GATEWAYS, 15, "series from every gateway")
+
+    def attached(r: list[dict[str, Any]]) -> float:
+        return sum(float(x["value"][1]) for x in r if x["metric"]["state"] == "ATTACHED")
+    sessions = await asyncio.to_thread(poll, cluster, "sum by (state) (jvpn_sessions)",
+                                       lambda r: attached(r) == AGENTS, 15,
+                                       "every session ATTACHED")
     p99 = query(cluster, 'histogram_quantile(0.99, sum by (le) '
                          '(rate(jvpn_reattach_latency_seconds_bucket{outcome="ok"}[5m])))')
     assert p99 and math.isfinite(float(p99[0]["value"][1])) and float(p99[0]["value"][1]) > 0

@@ -154,11 +154,13 @@ async def test_lifecycle_on_every_master(
         assert (await reattach(store, c, 2)).status is StoreStatus.TERMINATED
         assert (await store.get(d)) is not None
     # sweep: expiry hints in one slot, records on three masters
-    due = [await born(store, ttl_ms=40) for _ in range(9)]
+    due = [await born(store, sid, ttl_ms=40)
+           for sids in sids_per_master(redis_cluster, 3).values() for sid in sids]
     await asyncio.sleep(0.1)
     swept = await store.sweep(100)
     assert sorted(s.session_id for s in swept) == sorted(due)
-    assert len({redis_cluster.master_of_key(K.record_key(s)).port for s in due}) > 1
+    masters = {port for _, _, port in redis_cluster.slot_ranges()}
+    assert {redis_cluster.master_of_key(K.record_key(s)).port for s in due} == masters
     # list: every master scanned, pages across nodes
     expected = {s for sids in by_master.values() for s in sids} | set(due)
     found: list[bytes] = []

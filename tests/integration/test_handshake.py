@@ -21,7 +21,7 @@ def _init(priv: bytes, gw_pub: bytes, upstream: str, token: bytes = b"") -> tupl
 
 
 async def _exchange(sock: socket.socket, addr: tuple[str, int], data: bytes,
-                    timeout: float = 1.0) -> bytes | None:
+                    timeout: float = 5.0) -> bytes | None:
     loop = asyncio.get_running_loop()
     sock.sendto(data, addr)
     try:

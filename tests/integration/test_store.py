@@ -520,9 +520,9 @@ async def test_two_claimants_never_both_win(session_store: SessionStore) -> None
         bid_a, bid_b = os.urandom(16), os.urandom(16)
         a, b = await asyncio.gather(
             reattach(session_store, sid, version, ts=now, tag="udp:a", node="na", binding_id=bid_a,
-                     window_ms=500),
+                     window_ms=5000),
             reattach(session_store, sid, version, ts=now, tag="tcp:b", node="nb", binding_id=bid_b,
-                     kind=TCP, window_ms=500),
+                     kind=TCP, window_ms=5000),
         )  # fmt: skip
         winners = [r for r in (a, b) if r.ok]
         losers = [r for r in (a, b) if not r.ok]

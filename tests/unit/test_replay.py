@@ -110,7 +110,7 @@ _step = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.lists(_step, min_size=1, max_size=400))
 def test_matches_reference_model(steps: list[int]) -> None:
     w, ref = ReplayWindow(), Reference()
