@@ -853,10 +853,51 @@ def down(run_dir: Path, timeout: float = STOP_TIMEOUT_S) -> list[tuple[Proc, str
     return results
 
 
+def reload_balancer(state: ClusterState, timeout: float = 5.0) -> str:
+    """Reload nginx (SIGHUP to the master ``up`` recorded) and wait for its new workers.
+
+    Why after a gateway restart: nginx OSS's passive health check marks a server
+    failed when a flow to it errs (the restarting gateway's ICMP port unreachable)
+    and clears the mark only when a flow to it *ends*, which a live session's UDP
+    flow never does. Without a reload, a rolling restart demotes each restarted
+    node in turn until no UDP upstream is left (measured: 1.4 s interruptions, the
+    agents falling back to TCP). New workers start with fresh upstream state, and
+    the flows they open are keyed by session id as before: each session reaches
+    its hash node again (NOT_BOUND_HERE, then a reattach, where it had moved) and
+    every other one rebinds to the new worker's address (nat_rebind). Old workers
+    keep their TCP connections until those close (nginx's graceful reload).
+    """
+    proc = next((p for p in state.processes if p.role == "balancer"), None)
+    if proc is None or not is_alive(proc.pid, proc.start_ticks):
+        return "no balancer running"
+    if not reload_nginx(proc.pid, proc.start_ticks, timeout):
+        log = Path(state.run_dir) / "logs" / "nginx.error.log"
+        raise ClusterError(f"nginx (pid {proc.pid}) started no new worker {timeout:.0f} s "
+                           f"after SIGHUP; {log}:\n{log_tail(log)}")
+    return "reloaded"
+
+
+def reload_nginx(pid: int, ticks: int | None, timeout: float = 5.0) -> bool:
+    """SIGHUP the nginx master ``pid`` (if it is still that process); whether a new worker
+    was up within ``timeout`` (nginx starts its new workers before the old ones retire)."""
+    if not is_alive(pid, ticks):
+        return False
+    before = set(_children(pid))
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while not set(_children(pid)) - before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def restart_gateway(run_dir: Path, node: str, timeout: float = STARTUP_TIMEOUT_S,
-                    stop_timeout: float = STOP_TIMEOUT_S) -> tuple[Proc, int, str]:
+                    stop_timeout: float = STOP_TIMEOUT_S,
+                    reload: bool = True) -> tuple[Proc, int, str]:
     """Stop gateway ``node`` (only the process ``up`` recorded), start it again with the same
-    argv (same ports, keys, log) and wait for its /readyz; the rest keeps running.
+    argv (same ports, keys, log), wait for its /readyz, then reload the balancer (see
+    ``reload_balancer``; ``reload=False`` leaves nginx alone); the rest keeps running.
 
     Returns (the new process, the old pid, how the old one stopped).
     """
@@ -886,6 +927,8 @@ def restart_gateway(run_dir: Path, node: str, timeout: float = STARTUP_TIMEOUT_S
             raise ClusterError(f"gateway {node} (pid {p.pid}) not ready {timeout:.0f} s after "
                                f"restart; {proc.log}:\n{log_tail(proc.log)}")
         time.sleep(0.05)
+    if reload:
+        reload_balancer(state)
     return proc, old_pid, how
 
 
@@ -958,6 +1001,9 @@ def add_cluster_parser(sub: Any) -> None:
     g.add_argument("node", help="gateway node id, e.g. gw-1")
     g.add_argument("--timeout", type=float, default=STARTUP_TIMEOUT_S,
                    help=f"seconds to wait for its /readyz (default {STARTUP_TIMEOUT_S:.0f})")
+    g.add_argument("--no-reload", dest="reload", action="store_false",
+                   help="do not reload nginx afterwards (it then keeps the restarted node "
+                        "demoted while its earlier flows live; see deploy/README.md)")
     g.set_defaults(fn=cmd_restart)
 
     g = run_dir(cs.add_parser("add-client", help="register a client with the cluster's store "
@@ -1037,11 +1083,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_restart(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
-        proc, old_pid, how = restart_gateway(Path(args.run_dir), args.node, args.timeout)
+        proc, old_pid, how = restart_gateway(Path(args.run_dir), args.node, args.timeout,
+                                             reload=args.reload)
     except ClusterError as exc:
         return _fail(exc)
     print(f"{proc.name}: pid {old_pid} {how}; pid {proc.pid} ready "
-          f"in {time.monotonic() - t0:.1f} s")
+          f"in {time.monotonic() - t0:.1f} s"
+          f"{'; balancer reloaded (fresh upstream health)' if args.reload else ''}")
     return 0
 
 

@@ -274,33 +274,54 @@ def test_local_nginx_render_passes_nginx_t(tmp_path: Path) -> None:
 
 
 class StandIn:
-    """Three upstreams on UDP and TCP that answer with their own port (UDP: three replies)."""
+    """Three upstreams on UDP and TCP that answer with their own port (UDP: three replies).
+
+    One upstream's UDP side can go away and come back on the same port (a restart).
+    """
 
     def __init__(self) -> None:
         self.ports: list[int] = []
         self.socks: list[socket.socket] = []
+        self.udp: dict[int, tuple[socket.socket, threading.Thread, threading.Event]] = {}
         self.stopped = False
+        self.nginx: subprocess.Popen[bytes] | None = None  # set by the balancer fixture
         for _ in range(3):
             port = launcher.free_port("127.0.0.1", udp_too=True)
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            u.bind(("127.0.0.1", port))
+            self.start_udp(port)
             t = socket.socket()
             t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             t.bind(("127.0.0.1", port))
             t.listen()
             self.ports.append(port)
-            self.socks += [u, t]
-            threading.Thread(target=self._udp, args=(u, port), daemon=True).start()
+            self.socks.append(t)
             threading.Thread(target=self._tcp, args=(t, port), daemon=True).start()
 
-    def _udp(self, s: socket.socket, port: int) -> None:
-        while not self.stopped:
+    def start_udp(self, port: int) -> None:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", port))
+        u.settimeout(0.05)  # the loop sees its stop flag within 50 ms
+        stop = threading.Event()
+        thread = threading.Thread(target=self._udp, args=(u, port, stop), daemon=True)
+        self.udp[port] = (u, thread, stop)
+        thread.start()
+
+    def stop_udp(self, port: int) -> None:
+        """Close the port's UDP socket: datagrams to it now get ICMP port unreachable."""
+        u, thread, stop = self.udp.pop(port)
+        stop.set()
+        thread.join(5)
+        u.close()
+
+    def _udp(self, s: socket.socket, port: int, stop: threading.Event) -> None:
+        while not (self.stopped or stop.is_set()):
             try:
                 data, addr = s.recvfrom(4096)
-                for i in range(3):  # a three-datagram answer: all must reach the client
-                    s.sendto(f"{port}:{i}".encode(), addr)
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            for i in range(3):  # a three-datagram answer: all must reach the client
+                s.sendto(f"{port}:{i}".encode(), addr)
 
     def _tcp(self, s: socket.socket, port: int) -> None:
         while not self.stopped:
@@ -318,6 +339,8 @@ class StandIn:
 
     def close(self) -> None:
         self.stopped = True
+        for port in list(self.udp):
+            self.stop_udp(port)
         for s in self.socks:
             s.close()
 
@@ -333,6 +356,7 @@ def balancer(tmp_path: Path) -> Iterator[tuple[tuple[str, int], StandIn]]:
                              str(tmp_path / "error.log"), "-g", "daemon off;"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    ups.nginx = proc
     try:
         deadline = time.monotonic() + 10
         while not launcher.tcp_accepts("127.0.0.1", port):
@@ -350,7 +374,8 @@ def _message(kind: int, ident: bytes) -> bytes:
     return struct.pack("!BBH16s", 1, kind, 0, ident) + b"\x00" * 48
 
 
-def _udp_ask(addr: tuple[str, int], data: bytes, stack: contextlib.ExitStack) -> list[bytes]:
+def _udp_ask(addr: tuple[str, int], data: bytes, stack: contextlib.ExitStack,
+             timeout: float = 2.0) -> list[bytes]:
     """Send from a new source port and read the three-datagram answer.
 
     The socket stays open until `stack` closes, so no two asks in one test share a
@@ -361,7 +386,7 @@ def _udp_ask(addr: tuple[str, int], data: bytes, stack: contextlib.ExitStack) ->
     accepts the reattach like any other).
     """
     s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    s.settimeout(2)
+    s.settimeout(timeout)
     s.sendto(data, addr)
     return [s.recv(100) for _ in range(3)]
 
@@ -402,6 +427,44 @@ def _routes_by_session_id(addr: tuple[str, int], stack: contextlib.ExitStack) ->
     assert len(hs) >= 2
     # A runt (shorter than the header) still goes somewhere, to be counted as a drop there.
     assert len(_udp_ask(addr, b"\x01", stack)) == 3
+
+
+def test_reload_clears_a_restarted_upstreams_failure_mark(
+        balancer: tuple[tuple[str, int], StandIn]) -> None:
+    """Why `jvpn cluster restart` reloads nginx: a restarted node is demoted until then.
+
+    nginx marks an upstream failed when sending to it fails (a datagram after an ICMP
+    port unreachable on the same flow: "upstream server temporarily disabled") and
+    clears the mark only when a flow to it ends. The sessions hashed to it go
+    elsewhere even after it is back; a reload (new workers, fresh upstream state)
+    sends them home again.
+    """
+    addr, ups = balancer
+    assert ups.nginx is not None
+    REATTACH = 5
+    with contextlib.ExitStack() as stack:
+        sid = os.urandom(16)
+        home = int(_udp_ask(addr, _message(REATTACH, sid), stack)[0].split(b":")[0])
+        ups.stop_udp(home)  # the node restarts: its flows get ICMP port unreachable
+        dead = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        for _ in range(5):  # an agent's retries: a send after the ICMP fails, nginx marks it
+            dead.sendto(_message(REATTACH, sid), addr)
+            time.sleep(0.02)
+        time.sleep(0.2)
+        ups.start_udp(home)  # back on the same port
+        moved = int(_udp_ask(addr, _message(REATTACH, sid), stack)[0].split(b":")[0])
+        assert moved != home, "nginx did not demote the failed upstream (is max_fails set?)"
+        assert launcher.reload_nginx(ups.nginx.pid, None), "nginx started no new worker"
+        # The old worker stops reading the shared port once it retires: ask until the
+        # answer comes from the new worker (bounded), which hashes to the home node.
+        answers = []
+        for _ in range(20):
+            answers.append(int(_udp_ask(addr, _message(REATTACH, sid), stack)[0]
+                               .split(b":")[0]))
+            if answers[-1] == home:
+                break
+            time.sleep(0.1)
+        assert answers[-1] == home, f"after the reload still routed to {answers}, not {home}"
 
 
 # ---- dashboard ------------------------------------------------------------------------------

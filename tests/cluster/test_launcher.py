@@ -177,6 +177,16 @@ def test_up_on_an_external_store(tmp_path: Path, redis_url: str) -> None:
     try:
         assert c.store_url == redis_url and c.state["store_kind"] == "external"
         assert [p["role"] for p in c.state["processes"]] == ["gateway", "balancer"]
+        # restart: the gateway gets a new pid; nginx is reloaded unless told not to.
+        nginx_log = c.run_dir / "logs" / "nginx.error.log"
+        nginx_pid = c.state["processes"][1]["pid"]
+        for args, reloads in (((), 1), (("--no-reload",), 1), ((), 2)):
+            pid = c.state["gateways"][0]["pid"]
+            out = c.restart("gw-1", *args)
+            assert c.state["gateways"][0]["pid"] != pid
+            assert ("balancer reloaded" in out) is not bool(args), out
+            assert nginx_log.read_text().count("(SIGHUP) received") == reloads
+        assert c.state["processes"][1]["pid"] == nginx_pid  # reloaded, never restarted
     finally:
         c.down()
     assert c.alive() == []

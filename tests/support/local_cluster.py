@@ -89,11 +89,12 @@ class LocalCluster:
         self.up_output = res.stdout
         return self.state
 
-    def restart(self, node: str, timeout: float = 60.0) -> None:
-        """``jvpn cluster restart <node>`` (the new process becomes our child to reap)."""
+    def restart(self, node: str, *args: str, timeout: float = 60.0) -> str:
+        """``jvpn cluster restart <node> <args>`` (the new process becomes our child to
+        reap); its output."""
         _subreaper(True)
         try:
-            res = self.cli("restart", node, timeout=timeout)
+            res = self.cli("restart", node, *args, timeout=timeout)
         finally:
             _subreaper(False)
         self.reap()  # the old gateway, if it was ours
@@ -101,6 +102,7 @@ class LocalCluster:
         if res.returncode != 0:
             raise AssertionError(f"jvpn cluster restart {node} failed ({res.returncode}):\n"
                                  f"{res.stdout}\n{res.stderr}")
+        return res.stdout
 
     def load(self) -> dict[str, Any]:
         path = self.run_dir / "cluster.json"
@@ -115,9 +117,12 @@ class LocalCluster:
         return res
 
     def reap(self, timeout: float = 5.0) -> None:
-        """Collect the exit status of every recorded process that became our child."""
+        """Collect the exit status of every recorded process that became our child and
+        has ended (a zombie counts as ended); live ones are left alone."""
         deadline = time.monotonic() + timeout
         for p in self.state.get("processes", []):
+            if is_alive(p["pid"], p["start_ticks"]):
+                continue
             while True:
                 try:
                     pid, _ = os.waitpid(p["pid"], os.WNOHANG)
