@@ -50,11 +50,11 @@ from jvpn.cluster import (
     default_deploy_dir,
     down,
     find_binary,
-    free_port,
     is_alive,
 )
 from session.noise import generate_keypair
 from store.api import SessionStore, StoreConfig
+from store.embedded import free_port
 from store.policy import ClientPolicy
 
 TARGET_INTERRUPTION_S = 1.0

@@ -854,36 +854,49 @@ def down(run_dir: Path, timeout: float = STOP_TIMEOUT_S) -> list[tuple[Proc, str
 
 
 def reload_balancer(state: ClusterState, timeout: float = 5.0) -> str:
-    """Reload nginx (SIGHUP to the master ``up`` recorded) and wait for its new workers.
+    """Reload nginx (SIGHUP to the master ``up`` recorded) and wait for its new workers;
+    raise ClusterError, saying why, if it was not reloaded. Returns what was done.
 
     Why after a gateway restart: nginx OSS's passive health check marks a server
-    failed when a flow to it errs (the restarting gateway's ICMP port unreachable)
+    failed when a send to it fails (the restarting gateway's ICMP port unreachable)
     and clears the mark only when a flow to it *ends*, which a live session's UDP
     flow never does. Without a reload, a rolling restart demotes each restarted
     node in turn until no UDP upstream is left (measured: 1.4 s interruptions, the
     agents falling back to TCP). New workers start with fresh upstream state, and
     the flows they open are keyed by session id as before: each session reaches
     its hash node again (NOT_BOUND_HERE, then a reattach, where it had moved) and
-    every other one rebinds to the new worker's address (nat_rebind). Old workers
-    keep their TCP connections until those close (nginx's graceful reload).
+    every other one rebinds to the new worker's address (nat_rebind).
+
+    The configuration is tested first (``nginx -t``, the recorded command line):
+    nginx would keep its old workers on a bad one, and we would not know why.
     """
     proc = next((p for p in state.processes if p.role == "balancer"), None)
     if proc is None or not is_alive(proc.pid, proc.start_ticks):
-        return "no balancer running"
+        raise ClusterError("no balancer running (the nginx `up` recorded is gone)")
+    test = subprocess.run([*proc.argv, "-t"], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, cwd=state.run_dir)
+    if test.returncode != 0:
+        raise ClusterError(f"nginx -t failed, nginx left as it was:\n{test.stderr.strip()}")
     if not reload_nginx(proc.pid, proc.start_ticks, timeout):
         log = Path(state.run_dir) / "logs" / "nginx.error.log"
-        raise ClusterError(f"nginx (pid {proc.pid}) started no new worker {timeout:.0f} s "
-                           f"after SIGHUP; {log}:\n{log_tail(log)}")
-    return "reloaded"
+        raise ClusterError(f"nginx (pid {proc.pid}) did not start its new workers "
+                           f"{timeout:.0f} s after SIGHUP; {log}:\n{log_tail(log)}")
+    return f"nginx (pid {proc.pid}) reloaded: fresh upstream health"
 
 
 def reload_nginx(pid: int, ticks: int | None, timeout: float = 5.0) -> bool:
-    """SIGHUP the nginx master ``pid`` (if it is still that process); whether a new worker
-    was up within ``timeout`` (nginx starts its new workers before the old ones retire)."""
+    """SIGHUP the nginx master ``pid`` (only if it is still that process); whether a new
+    worker was up within ``timeout``: the master forks the new workers only once it has
+    read the new configuration, and retires the old ones after. (Its children may
+    include old workers of an earlier reload still finishing their flows, so the
+    count of children says nothing more.)"""
     if not is_alive(pid, ticks):
         return False
     before = set(_children(pid))
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError:
+        return False
     deadline = time.monotonic() + timeout
     while not set(_children(pid)) - before:
         if time.monotonic() > deadline:
@@ -893,11 +906,10 @@ def reload_nginx(pid: int, ticks: int | None, timeout: float = 5.0) -> bool:
 
 
 def restart_gateway(run_dir: Path, node: str, timeout: float = STARTUP_TIMEOUT_S,
-                    stop_timeout: float = STOP_TIMEOUT_S,
-                    reload: bool = True) -> tuple[Proc, int, str]:
+                    stop_timeout: float = STOP_TIMEOUT_S) -> tuple[Proc, int, str]:
     """Stop gateway ``node`` (only the process ``up`` recorded), start it again with the same
-    argv (same ports, keys, log), wait for its /readyz, then reload the balancer (see
-    ``reload_balancer``; ``reload=False`` leaves nginx alone); the rest keeps running.
+    argv (same ports, keys, log) and wait for its /readyz; the rest keeps running.
+    (``jvpn cluster restart`` then reloads the balancer: see ``reload_balancer``.)
 
     Returns (the new process, the old pid, how the old one stopped).
     """
@@ -927,8 +939,6 @@ def restart_gateway(run_dir: Path, node: str, timeout: float = STARTUP_TIMEOUT_S
             raise ClusterError(f"gateway {node} (pid {p.pid}) not ready {timeout:.0f} s after "
                                f"restart; {proc.log}:\n{log_tail(proc.log)}")
         time.sleep(0.05)
-    if reload:
-        reload_balancer(state)
     return proc, old_pid, how
 
 
@@ -1003,7 +1013,9 @@ def add_cluster_parser(sub: Any) -> None:
                    help=f"seconds to wait for its /readyz (default {STARTUP_TIMEOUT_S:.0f})")
     g.add_argument("--no-reload", dest="reload", action="store_false",
                    help="do not reload nginx afterwards (it then keeps the restarted node "
-                        "demoted while its earlier flows live; see deploy/README.md)")
+                        "demoted while its earlier flows live; see deploy/README.md). "
+                        "Exit 1: the gateway did not restart; exit 3: it did, but nginx "
+                        "was not reloaded (nginx -t failed, or nginx is gone)")
     g.set_defaults(fn=cmd_restart)
 
     g = run_dir(cs.add_parser("add-client", help="register a client with the cluster's store "
@@ -1083,13 +1095,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_restart(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
-        proc, old_pid, how = restart_gateway(Path(args.run_dir), args.node, args.timeout,
-                                             reload=args.reload)
+        proc, old_pid, how = restart_gateway(Path(args.run_dir), args.node, args.timeout)
     except ClusterError as exc:
         return _fail(exc)
     print(f"{proc.name}: pid {old_pid} {how}; pid {proc.pid} ready "
-          f"in {time.monotonic() - t0:.1f} s"
-          f"{'; balancer reloaded (fresh upstream health)' if args.reload else ''}")
+          f"in {time.monotonic() - t0:.1f} s")
+    if not args.reload:
+        return 0
+    try:
+        print(reload_balancer(ClusterState.load(Path(args.run_dir))))
+    except ClusterError as exc:
+        print(f"error: {proc.name} restarted, but nginx was NOT reloaded: {exc}\n"
+              f"(a restarted node stays demoted until then; fix it, then run "
+              f"`jvpn cluster restart` again or SIGHUP nginx)", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -53,9 +53,11 @@ def find_redis_server() -> str:
 
 _EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 _LOWEST_PICK = 10000
+_pick = random.SystemRandom()  # never the seeded module RNG: parallel runs must differ
+_handed_out: set[int] = set()  # picked by this process: not picked again before it binds
 
 
-def _below_ephemeral() -> range:
+def _below_ephemeral() -> Sequence[int]:
     """Ports the kernel never hands out by itself: below the ephemeral range."""
     try:
         with open(_EPHEMERAL_RANGE, encoding="ascii") as f:
@@ -84,19 +86,24 @@ def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
     Picked at random below the kernel's ephemeral range: a port left free between
     this check and the server's bind (a restart, a process still starting) cannot
     be taken meanwhile by some client's outgoing socket, which the kernel numbers
-    inside that range. The OS's own choice is the fallback.
+    inside that range. The OS's own choice is the fallback (also when the range
+    starts below 11000). A port is handed out once per process, so several picks
+    made before anything binds (a cluster's gateway and admin ports) never clash;
+    a server restarted on its port keeps that port by itself.
     """
     pool = _below_ephemeral()
     for _ in range(200 if pool else 0):
-        port = random.choice(pool)
-        if _bindable(host, port, udp_too):
+        port = _pick.choice(pool)
+        if port not in _handed_out and _bindable(host, port, udp_too):
+            _handed_out.add(port)
             return port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(100):
         with socket.socket(family, socket.SOCK_STREAM) as t:
             t.bind((host, 0))
             port = int(t.getsockname()[1])
-        if not udp_too or _bindable(host, port, True):
+        if port not in _handed_out and (not udp_too or _bindable(host, port, True)):
+            _handed_out.add(port)
             return port
     raise OSError(f"no free port on {host}")
 

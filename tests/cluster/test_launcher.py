@@ -184,9 +184,25 @@ def test_up_on_an_external_store(tmp_path: Path, redis_url: str) -> None:
             pid = c.state["gateways"][0]["pid"]
             out = c.restart("gw-1", *args)
             assert c.state["gateways"][0]["pid"] != pid
-            assert ("balancer reloaded" in out) is not bool(args), out
+            assert ("reloaded: fresh upstream health" in out) is not bool(args), out
             assert nginx_log.read_text().count("(SIGHUP) received") == reloads
         assert c.state["processes"][1]["pid"] == nginx_pid  # reloaded, never restarted
+        # A configuration nginx would refuse: the gateway restarts, nginx is left alone
+        # (tested first, never signalled), and the exit code and message say so.
+        conf = c.run_dir / "nginx" / "nginx.conf"
+        good = conf.read_text()
+        conf.write_text(good + "\nthis is not a directive;\n")
+        try:
+            pid = c.state["gateways"][0]["pid"]
+            res = c.cli("restart", "gw-1")
+            c.reap()
+            c.load()
+        finally:
+            conf.write_text(good)
+        assert res.returncode == 3, res.stdout + res.stderr
+        assert "gw-1 restarted, but nginx was NOT reloaded: nginx -t failed" in res.stderr
+        assert c.state["gateways"][0]["pid"] != pid and "ready" in res.stdout
+        assert nginx_log.read_text().count("(SIGHUP) received") == 2
     finally:
         c.down()
     assert c.alive() == []
