@@ -62,7 +62,7 @@ from tests.chaos.conftest import (
     start_agents,
     stop_agents,
 )
-from tests.support.harness import wait_for
+from tests.support.harness import LIVE_STATES, wait_for
 from tests.support.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -152,7 +152,7 @@ async def test_paused_node_fences_itself(
         signal_gateway(cluster, p_node, signal.SIGSTOP)
         try:
             await wait_for(lambda: all(a.status()["node"] == n_node
-                                       and a.machine.state.name == "ATTACHED"
+                                       and a.machine.attached
                                        for a, _ in agents), 10.0, "every agent on N")
             # (a move takes ~1.3 s by the client's timers; the pause lasts at least PAUSE_S)
             moved_in = time.monotonic() - t_stop
@@ -234,7 +234,7 @@ async def test_paused_node_fences_itself(
                     pytest.fail(f"{sid.hex()}: {n1} epoch {ep1} live until {e1:.3f}, "
                                 f"{n2} epoch {ep2} live from {s2:.3f}")
         for i, (a, _) in enumerate(agents):
-            assert a.machine.session_id == sids[i] and a.status()["state"] == "ATTACHED"
+            assert a.machine.session_id == sids[i] and a.status()["state"] in LIVE_STATES
             assert a.terminated_sessions == 0
     finally:
         await stop_agents(agents)
