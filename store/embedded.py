@@ -67,17 +67,26 @@ def _below_ephemeral() -> Sequence[int]:
     return range(_LOWEST_PICK, low) if low - _LOWEST_PICK >= 1000 else range(0)
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _bindable(host: str, port: int, udp_too: bool) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp_too else (socket.SOCK_STREAM,)
     with contextlib.ExitStack() as stack:  # every kind held at once, then all released
         for kind in kinds:
-            s = stack.enter_context(socket.socket(family, kind))
+            s = stack.enter_context(socket.socket(_family(host), kind))
             try:
                 s.bind((host, port))
             except OSError:
                 return False
     return True
+
+
+def _os_port(host: str) -> int:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as t:
+        t.bind((host, 0))
+        return int(t.getsockname()[1])
 
 
 def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
@@ -92,17 +101,9 @@ def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
     a server restarted on its port keeps that port by itself.
     """
     pool = _below_ephemeral()
-    for _ in range(200 if pool else 0):
-        port = _pick.choice(pool)
+    for attempt in range(300):
+        port = _pick.choice(pool) if pool and attempt < 200 else _os_port(host)
         if port not in _handed_out and _bindable(host, port, udp_too):
-            _handed_out.add(port)
-            return port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_STREAM) as t:
-            t.bind((host, 0))
-            port = int(t.getsockname()[1])
-        if port not in _handed_out and (not udp_too or _bindable(host, port, True)):
             _handed_out.add(port)
             return port
     raise OSError(f"no free port on {host}")

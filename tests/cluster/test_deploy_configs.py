@@ -313,7 +313,7 @@ class StandIn:
         u.close()
 
     def _udp(self, s: socket.socket, port: int, stop: threading.Event) -> None:
-        while not (self.stopped or stop.is_set()):
+        while not stop.is_set():
             try:
                 data, addr = s.recvfrom(4096)
             except TimeoutError:
@@ -401,12 +401,16 @@ def _tcp_ask(addr: tuple[str, int], data: bytes) -> bytes:
         return s.recv(100)
 
 
-def test_balancer_routes_by_session_id(balancer: tuple[tuple[str, int], StandIn]) -> None:
-    with contextlib.ExitStack() as stack:  # every UDP socket open to the end: distinct ports
-        _routes_by_session_id(balancer[0], stack)
+@pytest.fixture
+def stack() -> Iterator[contextlib.ExitStack]:
+    """Holds every socket `_udp_ask` opens until the test ends: distinct source ports."""
+    with contextlib.ExitStack() as s:
+        yield s
 
 
-def _routes_by_session_id(addr: tuple[str, int], stack: contextlib.ExitStack) -> None:
+def test_balancer_routes_by_session_id(balancer: tuple[tuple[str, int], StandIn],
+                                       stack: contextlib.ExitStack) -> None:
+    addr, _ = balancer
     DATA, REATTACH, HANDSHAKE_INIT = 4, 5, 1
     owners = []
     for _ in range(12):
@@ -430,7 +434,7 @@ def _routes_by_session_id(addr: tuple[str, int], stack: contextlib.ExitStack) ->
 
 
 def test_reload_clears_a_restarted_upstreams_failure_mark(
-        balancer: tuple[tuple[str, int], StandIn]) -> None:
+        balancer: tuple[tuple[str, int], StandIn], stack: contextlib.ExitStack) -> None:
     """Why `jvpn cluster restart` reloads nginx: a restarted node is demoted until then.
 
     nginx marks an upstream failed when sending to it fails (a datagram after an ICMP
@@ -442,29 +446,28 @@ def test_reload_clears_a_restarted_upstreams_failure_mark(
     addr, ups = balancer
     assert ups.nginx is not None
     REATTACH = 5
-    with contextlib.ExitStack() as stack:
-        sid = os.urandom(16)
-        home = int(_udp_ask(addr, _message(REATTACH, sid), stack)[0].split(b":")[0])
-        ups.stop_udp(home)  # the node restarts: its flows get ICMP port unreachable
-        dead = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-        for _ in range(5):  # an agent's retries: a send after the ICMP fails, nginx marks it
-            dead.sendto(_message(REATTACH, sid), addr)
-            time.sleep(0.02)
-        time.sleep(0.2)
-        ups.start_udp(home)  # back on the same port
-        moved = int(_udp_ask(addr, _message(REATTACH, sid), stack)[0].split(b":")[0])
-        assert moved != home, "nginx did not demote the failed upstream (is max_fails set?)"
-        assert launcher.reload_nginx(ups.nginx.pid, None), "nginx started no new worker"
-        # The old worker stops reading the shared port once it retires: ask until the
-        # answer comes from the new worker (bounded), which hashes to the home node.
-        answers = []
-        for _ in range(20):
-            answers.append(int(_udp_ask(addr, _message(REATTACH, sid), stack)[0]
-                               .split(b":")[0]))
-            if answers[-1] == home:
-                break
-            time.sleep(0.1)
-        assert answers[-1] == home, f"after the reload still routed to {answers}, not {home}"
+    sid = os.urandom(16)
+    home = int(_udp_ask(addr, _message(REATTACH, sid), stack)[0].split(b":")[0])
+    ups.stop_udp(home)  # the node restarts: its flows get ICMP port unreachable
+    dead = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    for _ in range(5):  # an agent's retries: a send after the ICMP fails, nginx marks it
+        dead.sendto(_message(REATTACH, sid), addr)
+        time.sleep(0.02)
+    time.sleep(0.2)
+    ups.start_udp(home)  # back on the same port
+    moved = int(_udp_ask(addr, _message(REATTACH, sid), stack)[0].split(b":")[0])
+    assert moved != home, "nginx did not demote the failed upstream (is max_fails set?)"
+    assert launcher.reload_nginx(ups.nginx.pid, None), "nginx started no new worker"
+    # The old worker stops reading the shared port once it retires: ask until the
+    # answer comes from the new worker (bounded), which hashes to the home node.
+    answers = []
+    for _ in range(20):
+        answers.append(int(_udp_ask(addr, _message(REATTACH, sid), stack)[0]
+                           .split(b":")[0]))
+        if answers[-1] == home:
+            break
+        time.sleep(0.1)
+    assert answers[-1] == home, f"after the reload still routed to {answers}, not {home}"
 
 
 # ---- dashboard ------------------------------------------------------------------------------
