@@ -12,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY session ./session
+COPY settings ./settings
 COPY store ./store
 COPY gateway ./gateway
 COPY agent ./agent

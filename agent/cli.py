@@ -12,8 +12,8 @@ import sys
 from agent.agent import Agent, AgentSettings
 from agent.config import AgentConfig, gateway_public_key, load_agent_config, load_private_key
 from session.client import ClientParams
-from session.config import ConfigError, parse_address, parse_set_flags
 from session.quality import QualityThresholds
+from settings import ConfigError, parse_address, parse_set_flags
 
 
 def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings:

@@ -1,6 +1,6 @@
 """Agent configuration: ``[agent]`` in a TOML file, ``JVPN_AGENT_*`` env, flags.
 
-Precedence is defaults < TOML < env < flags (see ``session.config``). The
+Precedence is defaults < TOML < env < flags (see ``settings``). The
 file is ``path``, else ``$JVPN_AGENT_CONFIG``, else none. Lists in env are
 comma-separated: ``JVPN_AGENT_GATEWAYS=10.0.0.1:51820,10.0.0.2:51820``.
 """
@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from session.config import (
+from settings import (
     ADDRESS,
     KEY32,
     PEER,

@@ -24,8 +24,8 @@ from gateway.events import EventBus, sinks_from_config
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings
 from gateway.tracing import Tracing
-from session.config import parse_address
 from session.noise import generate_keypair, public_key
+from settings import parse_address
 from store.api import SessionStore, StoreConfig
 from store.embedded import EmbeddedRedis
 

@@ -10,7 +10,7 @@ import sys
 
 from gateway.app import GatewayApp, resolve_keys, tune_gc
 from gateway.config import GatewayConfig, load_gateway_config
-from session.config import ConfigError, parse_set_flags
+from settings import ConfigError, parse_set_flags
 
 FLAGS = (  # (flag attribute, config key)
     ("node_id", "node_id"), ("listen_udp", "listen_udp"), ("listen_tcp", "listen_tcp"),
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         import json
 
-        from session.config import config_as_dict
+        from settings import config_as_dict
 
         print(json.dumps(config_as_dict(cfg, redact=True), indent=2))
         return 0

@@ -1,6 +1,6 @@
 """Gateway configuration: ``[gateway]`` in a TOML file, ``JVPN_GATEWAY_*`` env, flags.
 
-Precedence is defaults < TOML < env < flags (see ``session.config``). The
+Precedence is defaults < TOML < env < flags (see ``settings``). The
 file is ``path``, else ``$JVPN_GATEWAY_CONFIG``, else none.
 """
 
@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from session.config import (
+from settings import (
     ADDRESS,
     IDENT,
     KEY32,

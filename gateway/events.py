@@ -38,7 +38,7 @@ import aiohttp
 import orjson
 
 from gateway.config import EventsConfig
-from session.config import parse_address
+from settings import parse_address
 
 log = logging.getLogger("jvpn.events")
 

@@ -10,9 +10,9 @@ import sys
 import time
 from typing import Any
 
-from session.config import decode_key
 from session.noise import generate_keypair, public_key
 from session.reasons import TerminateReason
+from settings import decode_key
 
 DEFAULT_STORE = "redis://127.0.0.1:6379/0"
 

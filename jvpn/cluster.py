@@ -354,7 +354,7 @@ def _pid_answers(host: str, port: int, pid: int,
 def _check_gateway_store_url(url: str) -> None:
     """Fail before starting anything if jvpn-gateway would refuse this store URL."""
     from gateway.config import load_gateway_config
-    from session.config import ConfigError
+    from settings import ConfigError
 
     try:
         load_gateway_config(None, env={}, overrides={"store_url": url})
@@ -674,7 +674,7 @@ class Launcher:
             _write_secret(key, priv.hex())
         if not kek.exists():
             _write_secret(kek, os.urandom(32).hex())
-        from session.config import decode_key
+        from settings import decode_key
 
         self.state.gateway_public_key = public_key(decode_key(key.read_text().strip())).hex()
         return key, kek
@@ -1113,8 +1113,8 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_add_client(args: argparse.Namespace) -> int:
-    from session.config import decode_key
     from session.noise import generate_keypair
+    from settings import decode_key
 
     try:
         state = ClusterState.load(Path(args.run_dir))

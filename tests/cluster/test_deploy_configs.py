@@ -31,7 +31,7 @@ import pytest
 from gateway.config import default_node_id, load_gateway_config
 from gateway.metrics import Metrics
 from jvpn import cluster as launcher
-from session.config import parse_address
+from settings import parse_address
 from tests.support.local_cluster import ROOT, require_binary
 
 pytestmark = pytest.mark.timeout(60)

@@ -260,7 +260,7 @@ async def test_reattach_through_the_balancer_lands_on_one_node(
 
 def _gateway_accepts_cluster_urls() -> bool:
     from gateway.config import load_gateway_config
-    from session.config import ConfigError
+    from settings import ConfigError
 
     try:
         load_gateway_config(None, env={}, overrides={"store_url": "redis+cluster://h:1,h:2"})

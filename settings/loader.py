@@ -25,7 +25,8 @@ Layer syntax:
   name them as ``flag --store-url`` / ``flag --events-file``.
 
 This module is pure: it reads no file, no environment and no clock; callers
-pass the parsed TOML, the environment mapping and the overrides in.
+pass the parsed TOML, the environment mapping and the overrides in
+(``settings.files`` reads the files).
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ import typing
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
-
-from session.errors import SessionError
 
 T = TypeVar("T")
 
@@ -72,8 +71,8 @@ _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
-class ConfigError(SessionError):
-    """A configuration value is unknown, malformed or out of range."""
+class ConfigError(Exception):
+    """A configuration value is unknown, malformed or out of range (the one error of ``settings``)."""
 
     def __init__(self, message: str, *, key: str = "", source: str = "", problem: str = "") -> None:
         self.key = key  # dotted path inside the section, e.g. "events.file"
@@ -265,6 +264,17 @@ def config_as_dict(cfg: object, *, redact: bool = True) -> dict[str, Any]:
 def env_var_name(prefix: str, path: str) -> str:
     """The environment variable for dotted key ``path`` ("events.file" -> PREFIX_EVENTS__FILE)."""
     return prefix + "__".join(p.upper() for p in path.split("."))
+
+
+def parse_set_flags(items: Iterable[str]) -> dict[str, object]:
+    """``--set KEY=VALUE`` items as overrides; a malformed item is a ConfigError."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"config error: flag --set {item!r}: expected KEY=VALUE", key=item)
+        out[key.strip()] = value
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -590,61 +600,3 @@ def _check_url(value: str, schemes: tuple[str, ...]) -> None:
             raise ValueError("expected unix:///path/to/socket")
     elif not parts.hostname:
         raise ValueError("URL has no host")
-
-
-# ---- the edges: files and flags (the callers' I/O, shared by gateway and agent) -------------
-
-
-def read_toml_file(path: str) -> dict[str, Any]:
-    """Read and parse a TOML file; errors name the file (and line for syntax errors)."""
-    try:
-        with open(path, "rb") as fp:
-            data = fp.read()
-    except OSError as exc:
-        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}", source=path) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config error: {path}: not UTF-8 ({exc.reason})", source=path) from None
-    return parse_toml(text, path)
-
-
-def read_key_setting(inline: str, path: str, section: str, key: str) -> bytes | None:
-    """A 32-byte key given inline or in file ``path`` (hex or base64); None if neither."""
-    if inline:
-        return decode_key(inline)  # validated at load time
-    if not path:
-        return None
-    try:
-        with open(path, encoding="ascii") as fp:
-            text = fp.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not ASCII"
-        raise ConfigError(f"config error: [{section}] {key}: cannot read {path}: {why}",
-                          key=key) from None
-    try:
-        return decode_key(text)
-    except ValueError as exc:
-        raise ConfigError(f"config error: [{section}] {key}: {path}: {exc}", key=key) from None
-
-
-def load_component(cls: type[T], section: str, env_prefix: str, config_env: str,
-                   path: str | None, env: Mapping[str, str],
-                   overrides: Mapping[str, object] | None) -> T:
-    """Load one component's table: the file is ``path``, else ``$<config_env>``, else none."""
-    path = path or env.get(config_env) or None
-    doc = read_toml_file(path) if path else None
-    return load_config(cls, select_section(doc, section, path or ""), env, env_prefix,
-                       overrides or {}, section=section, source=path or "config file",
-                       reserved_env=(config_env,))
-
-
-def parse_set_flags(items: Iterable[str]) -> dict[str, object]:
-    """``--set KEY=VALUE`` items as overrides; a malformed item is a ConfigError."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"config error: flag --set {item!r}: expected KEY=VALUE", key=item)
-        out[key.strip()] = value
-    return out
