@@ -6,7 +6,7 @@
 #   make test   lint, then the test suite  make lint    ruff, import contracts, mypy
 #   make clean  caches and build output    make distclean   also the .venv
 # PYTHON=/path/to/python3.x picks the interpreter for a new .venv; ARGS=... is
-# passed to `jvpn demo` / `jvpn bench`; PYTEST_ARGS=... to pytest.
+# passed to `jvpn-lab demo` / `bench` / `bench-cluster`; PYTEST_ARGS=... to pytest.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -93,14 +93,14 @@ deps:
 	fi
 
 demo: deps venv
-	@$(BIN)/jvpn demo $(ARGS)
+	@$(BIN)/jvpn-lab demo $(ARGS)
 
 bench: deps venv
-	@$(BIN)/jvpn bench $(ARGS)
+	@$(BIN)/jvpn-lab bench $(ARGS)
 
-# Cluster figures (jvpn/bench_cluster.py): reattach with 1-3 gateways, node death, nginx, WAIT.
+# Cluster figures (instruments/bench_cluster.py): reattach with 1-3 gateways, node death, nginx, WAIT.
 bench-cluster: deps venv
-	@$(BIN)/python -m jvpn.bench_cluster $(ARGS)
+	@$(BIN)/jvpn-lab bench-cluster $(ARGS)
 
 lint: venv
 	@echo "ruff"; $(BIN)/ruff check -q .
@@ -116,8 +116,8 @@ test: deps venv
 	exit $$rc
 
 clean:
-	@# .jvpn holds `jvpn cluster` state: stop a running local cluster before deleting it.
-	@if [ -f .jvpn/cluster/cluster.json ] && [ -x $(BIN)/jvpn ]; then $(BIN)/jvpn cluster down || true; fi
+	@# .jvpn holds `jvpn-lab cluster` state: stop a running local cluster before deleting it.
+	@if [ -f .jvpn/cluster/cluster.json ] && [ -x $(BIN)/jvpn-lab ]; then $(BIN)/jvpn-lab cluster down || true; fi
 	@rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .jvpn
 	@find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 

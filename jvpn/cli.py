@@ -1,4 +1,4 @@
-"""``jvpn``: administration (keys, client registry, sessions), demo and bench."""
+"""``jvpn``: administration (keys, KEK, client registry, sessions, audit)."""
 
 from __future__ import annotations
 
@@ -178,7 +178,8 @@ async def cmd_sessions_terminate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="jvpn", description="Jumping VPN administration, demo and benchmark.")
+        prog="jvpn", description="Jumping VPN administration.",
+        epilog="The demo, benchmarks and local cluster launcher are lab instruments: jvpn-lab.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def with_store(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -237,31 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     from jvpn.audit import add_audit_parser
 
     add_audit_parser(sub, with_store)
-
-    from jvpn.cluster import add_cluster_parser
-
-    add_cluster_parser(sub)
-
-    d = sub.add_parser("demo", help="run the self-contained demo (bounded; no services needed)",
-                       add_help=False)
-    d.set_defaults(passthrough="demo")
-    b = sub.add_parser("bench", help="run the benchmarks (figures beside same-run baselines)",
-                       add_help=False)
-    b.set_defaults(passthrough="bench")
     return p
+
+
+# Lab instruments, not administration: `jvpn` points to `jvpn-lab` (instruments/, never imported here).
+LAB_COMMANDS = ("demo", "bench", "cluster")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("demo", "bench"):
-        if argv[0] == "demo":
-            from jvpn import demo
-
-            return demo.main(argv[1:])
-        import importlib
-
-        bench = importlib.import_module("jvpn.bench")
-        return int(bench.main(argv[1:]))
+    if argv and argv[0] in LAB_COMMANDS:
+        print(f"jvpn {argv[0]}: a lab instrument, run `jvpn-lab {' '.join(argv)}`", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     t0 = time.monotonic()
     try:

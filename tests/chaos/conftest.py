@@ -1,4 +1,4 @@
-"""Chaos tests: real ``jvpn-gateway`` processes (``jvpn cluster up``), faults injected by pid.
+"""Chaos tests: real ``jvpn-gateway`` processes (``jvpn-lab cluster up``), faults injected by pid.
 
 Shared pieces:
 
@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from agent.agent import Agent, AgentSettings
-from jvpn.cluster import is_alive
-from jvpn.netsim import UdpEcho
+from instruments.cluster import is_alive
+from instruments.netsim import UdpEcho
 from session.client import ClientParams
 from session.noise import generate_keypair
 from store.api import SessionStore

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from jvpn.netsim import UdpEcho
+from instruments.netsim import UdpEcho
 from session import wire
 from session.reasons import RejectReason
 from store.api import SessionStore

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from jvpn.netsim import UdpEcho
+from instruments.netsim import UdpEcho
 from tests.chaos.conftest import Traffic, signal_gateway, start_agents, stop_agents
 from tests.support.harness import LIVE_STATES, wait_for
 from tests.support.local_cluster import LocalCluster

@@ -47,7 +47,7 @@ import pytest
 
 from agent.agent import Agent, AgentSettings
 from agent.transports import Path
-from jvpn.netsim import UdpEcho
+from instruments.netsim import UdpEcho
 from session import wire
 from session.errors import DecodeError
 from session.reasons import DropReason

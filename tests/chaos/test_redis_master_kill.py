@@ -1,4 +1,4 @@
-"""Kill a Redis Cluster master under load (``jvpn cluster up --redis-cluster``: 3 masters, 3 replicas).
+"""Kill a Redis Cluster master under load (``jvpn-lab cluster up --redis-cluster``: 3 masters, 3 replicas).
 
 A raw client whose session's slot lives on the victim master asks for a
 reattach every 100 ms at one gateway: while the replica has not taken over
@@ -24,8 +24,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from jvpn.cluster import log_tail
-from jvpn.netsim import UdpEcho
+from instruments.cluster import log_tail
+from instruments.netsim import UdpEcho
 from session import wire
 from session.reasons import RejectReason
 from store.keys import record_key
@@ -37,7 +37,7 @@ from tests.support.rawclient import Endpoint, NoAnswer, RawSession
 # 2 of ~12 runs on 2026-11-24 got UNKNOWN_SESSION after the failover: the promoted replica
 # held neither the session's record nor the store generation key. The launcher returned
 # while a replica was still waiting for its first full sync (repl-diskless-sync-delay 5 s),
-# and a replica promoted before that sync is empty. `jvpn cluster up --redis-cluster` now
+# and a replica promoted before that sync is empty. `jvpn-lab cluster up --redis-cluster` now
 # waits until every master has a synced replica (and the delay is 0): 33/33 green since.
 pytestmark = pytest.mark.timeout(150)
 

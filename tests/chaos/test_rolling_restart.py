@@ -1,6 +1,6 @@
 """Rolling restart of every gateway, one at a time, under traffic: no session lost.
 
-``jvpn cluster restart gw-N`` stops one gateway (SIGTERM, the recorded pid
+``jvpn-lab cluster restart gw-N`` stops one gateway (SIGTERM, the recorded pid
 only) and starts it again on the same ports. Its agents notice the silence
 and reattach through nginx on another node; after each restart every agent
 must be ATTACHED with its original session id and its echoes flowing before
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import pytest
 
-from jvpn.netsim import UdpEcho
+from instruments.netsim import UdpEcho
 from tests.chaos.conftest import Traffic, start_agents, stop_agents
 from tests.support.harness import LIVE_STATES, wait_for
 from tests.support.local_cluster import LocalCluster

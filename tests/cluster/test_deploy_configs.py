@@ -4,7 +4,7 @@ The compose file is validated by the real `docker-compose config` (Debian
 package docker-compose; no container engine needed) and its normalized output
 is checked structurally: the gateway scales (no fixed names or host ports),
 nginx renders deploy/nginx/nginx.conf.template with jvpn.js, Prometheus runs
-deploy/prometheus with DNS service discovery. `jvpn cluster up` must use the
+deploy/prometheus with DNS service discovery. `jvpn-lab cluster up` must use the
 very same files (DESIGN.md §7). Prometheus configs and rules go through
 `promtool`; the rendered local nginx config through `nginx -t`; and the
 balancer's routing (deploy/nginx/jvpn.js) is exercised with the real nginx in
@@ -30,7 +30,7 @@ import pytest
 
 from gateway.config import default_node_id, load_gateway_config
 from gateway.metrics import Metrics
-from jvpn import cluster as launcher
+from instruments import cluster as launcher
 from settings import parse_address
 from tests.support.local_cluster import ROOT, require_binary
 
@@ -435,7 +435,7 @@ def test_balancer_routes_by_session_id(balancer: tuple[tuple[str, int], StandIn]
 
 def test_reload_clears_a_restarted_upstreams_failure_mark(
         balancer: tuple[tuple[str, int], StandIn], stack: contextlib.ExitStack) -> None:
-    """Why `jvpn cluster restart` reloads nginx: a restarted node is demoted until then.
+    """Why `jvpn-lab cluster restart` reloads nginx: a restarted node is demoted until then.
 
     nginx marks an upstream failed when sending to it fails (a datagram after an ICMP
     port unreachable on the same flow: "upstream server temporarily disabled") and

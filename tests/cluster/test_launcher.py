@@ -1,4 +1,4 @@
-"""`jvpn cluster up|status|down` for real: redis-server, 3 jvpn-gateway processes, nginx.
+"""`jvpn-lab cluster up|status|down` for real: redis-server, 3 jvpn-gateway processes, nginx.
 
 Agents reach the cluster only through the nginx balancer (UDP and TCP on one
 port) and exchange datagrams with a UDP echo; their reattaches from new
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from agent.agent import Agent, AgentSettings
-from jvpn.cluster import nginx_values, render_template
-from jvpn.netsim import UdpEcho
+from instruments.cluster import nginx_values, render_template
+from instruments.netsim import UdpEcho
 from session.noise import generate_keypair
 from store.api import SessionStore
 from store.policy import ClientPolicy

@@ -1,6 +1,6 @@
 """The real Prometheus (Debian binary) on deploy/prometheus, scraping a local cluster.
 
-`jvpn cluster up --prometheus --scrape-interval 1s` renders
+`jvpn-lab cluster up --prometheus --scrape-interval 1s` renders
 deploy/prometheus/prometheus.yml with file_sd targets (DNS SD in compose),
 storage in the test's temp dir, listening on a free loopback port. Agents
 jump (reattach over new UDP ports and TCP, through nginx); then the HTTP API
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from agent.agent import Agent, AgentSettings
-from jvpn.netsim import UdpEcho
+from instruments.netsim import UdpEcho
 from session.noise import generate_keypair
 from store.api import SessionStore
 from store.policy import ClientPolicy

@@ -1,4 +1,4 @@
-"""`jvpn bench` at tiny sizes: every part runs and returns sane structured results.
+"""`jvpn-lab bench` at tiny sizes: every part runs and returns sane structured results.
 
 No timing assertions: the figures themselves are for BENCHMARKS.md, not for CI.
 """
@@ -13,7 +13,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from jvpn.bench import (
+from instruments.bench import (
     AeadClient,
     AeadHop,
     BenchOptions,
@@ -24,7 +24,7 @@ from jvpn.bench import (
     options_from_args,
     run_bench,
 )
-from jvpn.netsim import UdpEcho
+from instruments.netsim import UdpEcho
 
 
 async def test_bench_smoke_runs_every_part() -> None:

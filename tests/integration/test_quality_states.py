@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from jvpn.netsim import UdpRelay
+from instruments.netsim import UdpRelay
 from session.states import SessionState
 from tests.support.harness import FAST, echo_upstream, start_gateway, wait_for
 

@@ -17,7 +17,7 @@ from store.policy import ClientPolicy
 
 UDP = TransportKind.UDP
 MEMORY_BUDGET = 1024  # bytes per session (DESIGN target: <= 1 KiB over 100k sessions)
-# The target is >= 50% of the raw rate, measured by `jvpn bench` (BENCHMARKS.md). A
+# The target is >= 50% of the raw rate, measured by `jvpn-lab bench` (BENCHMARKS.md). A
 # shared 2-core CI box cannot hold a throughput ratio reliably, so by default this
 # test prints the ratio and only asserts that batching beats one call per round
 # trip; set JVPN_BENCH_MIN_RATIO (e.g. 0.4) on a quiet machine to assert it too.

@@ -11,7 +11,7 @@ from agent.agent import Agent, AgentSettings
 from gateway.app import GatewayApp, Keys
 from gateway.config import load_gateway_config
 from gateway.events import Event
-from jvpn.netsim import UdpEcho
+from instruments.netsim import UdpEcho
 from session.client import ClientParams
 from session.noise import generate_keypair, public_key
 from session.states import SessionState

@@ -1,8 +1,8 @@
-"""``jvpn cluster up`` for tests: driven through the CLI, as an operator would.
+"""``jvpn-lab cluster up`` for tests: driven through the CLI, as an operator would.
 
-``LocalCluster(run_dir).up(...)`` runs ``python -m jvpn.cli cluster up`` in a
+``LocalCluster(run_dir).up(...)`` runs ``python -m instruments cluster up`` in a
 run directory of the test's own and returns ``cluster.json``; ``down()`` runs
-``jvpn cluster down`` and then reaps the processes. Reaping: ``up`` exits
+``jvpn-lab cluster down`` and then reaps the processes. Reaping: ``up`` exits
 after starting its children, so they are re-parented; while ``up`` runs this
 process is a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``), so they are
 re-parented to us and we can collect their exit status instead of leaving
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from jvpn.cluster import is_alive
+from instruments.cluster import is_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 PR_SET_CHILD_SUBREAPER = 36
@@ -61,16 +61,16 @@ def _subreaper(on: bool) -> None:
 
 
 class LocalCluster:
-    """One ``jvpn cluster`` run directory."""
+    """One ``jvpn-lab cluster`` run directory."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.state: dict[str, Any] = {}
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """``jvpn cluster <args> --run-dir <run dir>``, bounded."""
+        """``jvpn-lab cluster <args> --run-dir <run dir>``, bounded."""
         return subprocess.run(
-            [sys.executable, "-m", "jvpn.cli", "cluster", *args, "--run-dir", str(self.run_dir)],
+            [sys.executable, "-m", "instruments", "cluster", *args, "--run-dir", str(self.run_dir)],
             capture_output=True, text=True, timeout=timeout, cwd=ROOT,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -84,13 +84,13 @@ class LocalCluster:
         self.load()
         if res.returncode != 0:
             self.down()
-            raise AssertionError(f"jvpn cluster up failed ({res.returncode}):\n"
+            raise AssertionError(f"jvpn-lab cluster up failed ({res.returncode}):\n"
                                  f"{res.stdout}\n{res.stderr}")
         self.up_output = res.stdout
         return self.state
 
     def restart(self, node: str, *args: str, timeout: float = 60.0) -> str:
-        """``jvpn cluster restart <node> <args>`` (the new process becomes our child to
+        """``jvpn-lab cluster restart <node> <args>`` (the new process becomes our child to
         reap); its output."""
         _subreaper(True)
         try:
@@ -100,7 +100,7 @@ class LocalCluster:
         self.reap()  # the old gateway, if it was ours
         self.load()
         if res.returncode != 0:
-            raise AssertionError(f"jvpn cluster restart {node} failed ({res.returncode}):\n"
+            raise AssertionError(f"jvpn-lab cluster restart {node} failed ({res.returncode}):\n"
                                  f"{res.stdout}\n{res.stderr}")
         return res.stdout
 

@@ -1,4 +1,4 @@
-"""``jvpn demo``: agents keep their sessions while their transports jump.
+"""``jvpn-lab demo``: agents keep their sessions while their transports jump.
 
 Everything runs on loopback, with nothing started beforehand: one gateway
 (which starts its own redis-server child because no store URL is given), a
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from agent.agent import Agent, AgentSettings
 from gateway.app import GatewayApp
 from gateway.config import load_gateway_config
-from jvpn.netsim import UdpEcho, UdpRelay
+from instruments.netsim import UdpEcho, UdpRelay
 from session.client import ClientParams
 from session.noise import generate_keypair
 from store.policy import ClientPolicy
@@ -252,7 +252,7 @@ def _print_summary(summary: dict[str, object], out, elapsed: float) -> None:  # 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jvpn demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jvpn-lab demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
     p.add_argument("--agents", type=int, default=4, help="number of agents (>= 3, default 4)")
     p.add_argument("--rate", type=float, default=50.0, help="datagrams per second per agent")

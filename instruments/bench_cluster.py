@@ -1,9 +1,9 @@
 """``make bench-cluster``: cluster figures, each beside a baseline measured in the same run.
 
-Theory of operation. The cluster is the one ``jvpn cluster up`` starts (one
+Theory of operation. The cluster is the one ``jvpn-lab cluster up`` starts (one
 redis-server, N ``jvpn-gateway`` processes from ``deploy/gateway.toml``, nginx
 with the deploy template), in a throwaway run directory; the load generator
-and the agents run in this process, and the load code is ``jvpn.bench``'s
+and the agents run in this process, and the load code is ``instruments.bench``'s
 (imported, not copied), so the figures compare with ``make bench``:
 
 - Reattach scaling: ``bench.ReattachLoad`` sessions split over the direct UDP
@@ -41,8 +41,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from jvpn import bench
-from jvpn.cluster import (
+from instruments import bench
+from instruments.cluster import (
     ClusterState,
     Launcher,
     UpOptions,
@@ -91,7 +91,7 @@ def _addr(text: str) -> tuple[str, int]:
 
 
 class Cluster:
-    """``jvpn cluster up`` in-process (same Launcher), stopped by its recorded pids."""
+    """``jvpn-lab cluster up`` in-process (same Launcher), stopped by its recorded pids."""
 
     def __init__(self, root: Path, name: str, gateways: int, sets: tuple[str, ...]) -> None:
         self.run_dir = root / name
@@ -196,7 +196,7 @@ def _stamp(times: list[float]) -> Callable[[bytes], None]:
 
 async def bench_failover(o: ClusterBenchOptions, root: Path) -> dict[str, Any]:
     from agent.agent import Agent, AgentSettings
-    from jvpn.netsim import UdpEcho
+    from instruments.netsim import UdpEcho
     from session.client import ClientParams
 
     params = ClientParams(keepalive_interval=0.1, dead_after=3, handshake_timeout=0.5,
@@ -532,7 +532,7 @@ async def run(o: ClusterBenchOptions) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jvpn.bench_cluster", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="jvpn-lab bench-cluster", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     p.add_argument("--only", action="append", choices=("reattach", "failover", "datagram",

@@ -1,4 +1,4 @@
-"""``jvpn cluster up|down|status|restart|add-client``: a local cluster as processes on loopback.
+"""``jvpn-lab cluster up|down|status|restart|add-client``: a local cluster as processes on loopback.
 
 Theory of operation. ``up`` starts, as detached child processes, a store (one
 ``redis-server``), N ``jvpn-gateway`` nodes sharing one static key and KEK,
@@ -227,7 +227,7 @@ class ClusterState:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ClusterError(f"no cluster state at {path}: was `jvpn cluster up` run "
+            raise ClusterError(f"no cluster state at {path}: was `jvpn-lab cluster up` run "
                                f"with this --run-dir?") from None
         except (OSError, ValueError) as exc:
             raise ClusterError(f"cannot read {path}: {exc}") from None
@@ -516,7 +516,7 @@ class Launcher:
             if live:
                 names = ", ".join(f"{p.name} (pid {p.pid})" for p in live)
                 raise ClusterError(f"a cluster is already running in {self.run}: {names}; "
-                                   f"run `jvpn cluster down --run-dir {self.run}` first")
+                                   f"run `jvpn-lab cluster down --run-dir {self.run}` first")
         # Binaries first, so a missing one fails before anything starts.
         self.nginx = find_binary("nginx")
         self.nginx_load = nginx_modules(self.nginx)
@@ -787,14 +787,14 @@ def summary(state: ClusterState) -> str:
         f"  gateway public key  {state.gateway_public_key}",
         "",
         "Register a client, then run an agent through the balancer:",
-        f"  jvpn cluster add-client --run-dir {run} --name alice --upstream 127.0.0.1:9000",
+        f"  jvpn-lab cluster add-client --run-dir {run} --name alice --upstream 127.0.0.1:9000",
         "  (generates the client key and prints the jvpn-agent command), or by hand:",
         "  jvpn keys gen --out alice.key",
         f"  jvpn clients add <alice public key> --upstream 127.0.0.1:9000 --store-url {state.store_url}",
         f"  jvpn-agent --private-key-file alice.key --gateway-public-key {state.gateway_public_key} \\",
         f"      --gateway {b['udp']} --tcp-gateway {b['tcp']} --upstream 127.0.0.1:9000 "
         "--local-udp 127.0.0.1:5555",
-        f"Status: jvpn cluster status --run-dir {run}    stop: jvpn cluster down --run-dir {run}",
+        f"Status: jvpn-lab cluster status --run-dir {run}    stop: jvpn-lab cluster down --run-dir {run}",
     ]
     return "\n".join(out)
 
@@ -909,7 +909,7 @@ def restart_gateway(run_dir: Path, node: str, timeout: float = STARTUP_TIMEOUT_S
                     stop_timeout: float = STOP_TIMEOUT_S) -> tuple[Proc, int, str]:
     """Stop gateway ``node`` (only the process ``up`` recorded), start it again with the same
     argv (same ports, keys, log) and wait for its /readyz; the rest keeps running.
-    (``jvpn cluster restart`` then reloads the balancer: see ``reload_balancer``.)
+    (``jvpn-lab cluster restart`` then reloads the balancer: see ``reload_balancer``.)
 
     Returns (the new process, the old pid, how the old one stopped).
     """
@@ -964,7 +964,7 @@ async def _register(store_url: str, public: bytes, upstreams: Sequence[str], nam
 
 
 def add_cluster_parser(sub: Any) -> None:
-    """Register ``jvpn cluster ...`` on the ``jvpn`` subparsers."""
+    """Register ``jvpn-lab cluster ...`` on the ``jvpn-lab`` subparsers."""
     cl = sub.add_parser("cluster", help="a local cluster (redis, gateways, nginx, prometheus) "
                                         "as processes on loopback, from the deploy/ configs")
     cs = cl.add_subparsers(dest="sub", required=True, metavar="ACTION")
@@ -1033,7 +1033,7 @@ def add_cluster_parser(sub: Any) -> None:
 
 
 def _fail(exc: Exception) -> int:
-    print(f"jvpn cluster: {exc}", file=sys.stderr)
+    print(f"jvpn-lab cluster: {exc}", file=sys.stderr)
     return 1
 
 
@@ -1107,7 +1107,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
     except ClusterError as exc:
         print(f"error: {proc.name} restarted, but nginx was NOT reloaded: {exc}\n"
               f"(a restarted node stays demoted until then; fix it, then run "
-              f"`jvpn cluster restart` again or SIGHUP nginx)", file=sys.stderr)
+              f"`jvpn-lab cluster restart` again or SIGHUP nginx)", file=sys.stderr)
         return 3
     return 0
 

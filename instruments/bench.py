@@ -1,4 +1,4 @@
-"""``jvpn bench``: reattach throughput, tunnelled datagrams, Redis memory per session.
+"""``jvpn-lab bench``: reattach throughput, tunnelled datagrams, Redis memory per session.
 
 Theory of operation. Every figure is printed beside a baseline measured in the
 same run, on the same machine, with the same client code, as a ratio:
@@ -20,7 +20,7 @@ same run, on the same machine, with the same client code, as a ratio:
   1400-byte payloads, a bounded in-flight window (lost ones time out and free
   their slot), beside the same sender and receiver against the same echo
   process directly (the target's baseline), and through a plain Python UDP
-  relay process (``jvpn.netsim.UdpRelay``: the same process layout as the
+  relay process (``instruments.netsim.UdpRelay``: the same process layout as the
   tunnel with no protocol at all), and through ``AeadHop`` with the sender
   sealing and opening (the relay plus one ChaCha20-Poly1305 open and seal per
   direction: a ceiling for any Python AEAD tunnel, before any protocol).
@@ -277,7 +277,7 @@ class Child:
     def __init__(self, role: str, spec: dict[str, Any], argv: list[str] | None = None) -> None:
         self.role = role
         self.spec = spec
-        self.argv = argv or [sys.executable, "-m", "jvpn.bench", "--serve", role]
+        self.argv = argv or [sys.executable, "-m", "instruments.bench", "--serve", role]
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self._err = tempfile.TemporaryFile()
@@ -480,7 +480,7 @@ def _serve(role: str) -> int:
             info: dict[str, Any] = {"udp": list(app.node.udp_address)}
             stop = app.stop
         elif role == "echo":
-            from jvpn.netsim import UdpEcho
+            from instruments.netsim import UdpEcho
 
             echo, addr = await UdpEcho.start(("127.0.0.1", 0))
             info = {"udp": list(addr)}
@@ -490,7 +490,7 @@ def _serve(role: str) -> int:
 
             stop = stop_echo
         elif role == "relay":
-            from jvpn.netsim import UdpRelay
+            from instruments.netsim import UdpRelay
 
             relay = await UdpRelay((spec["target"][0], int(spec["target"][1]))).start()
             info = {"udp": list(relay.address)}
@@ -1689,7 +1689,7 @@ def _cpu_text(cpu: dict[str, float]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="jvpn bench",
+        prog="jvpn-lab bench",
         description="Benchmark one gateway: reattaches/s beside reattach.lua's raw rate in "
         "Redis, tunnelled datagrams/s beside a plain UDP echo, and Redis memory per session. "
         "Starts its own redis-server, gateway and echo processes (loopback only); needs no "
