@@ -26,6 +26,7 @@ from session.client import (
     HandshakeComplete,
     HandshakeFailed,
     PayloadReceived,
+    ReattachAction,
     Reattached,
     ReattachRejected,
     ReattachTimedOut,
@@ -323,7 +324,7 @@ class Agent:
         elif isinstance(ev, ReattachRejected):
             auth = "authenticated" if ev.authenticated else "unauthenticated"
             self._log(f"reattach rejected: {ev.reason.name} ({auth}); action: {ev.action}")
-            if ev.action == "next_transport":
+            if ev.action is ReattachAction.NEXT_TRANSPORT:
                 self._drop_path(ev.path)
         elif isinstance(ev, ReattachTimedOut):
             self._log(f"no answer to reattach on {self._desc(ev.path)}; next transport")

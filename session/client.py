@@ -19,23 +19,29 @@ binding, and from then on only the newest epoch's traffic keys are accepted:
 a stale node can no longer reach us. Unauthenticated rejections never end the
 session; only an authenticated TERMINATED/EXPIRED, an authenticated NOTICE or
 an in-band CLOSE do.
+
+State changes only through the session's ``StateMachine`` (session/states.py):
+the client's own events (quality, transport lost, close) are applied to it,
+and the gateway's (state, version) from an authenticated answer is adopted,
+which the table checks too. The client never counts versions itself.
 """
 
 from __future__ import annotations
 
-import os
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from session import control, wire
-from session.errors import DecodeError, LocalProtocolError, RemoteProtocolError
+from session.errors import DecodeError, IllegalAdoption, LocalProtocolError, RemoteProtocolError
 from session.framing import DataChannel
 from session.handshake import ClientHello, Initiator, Refusal, ServerHello
 from session.keys import SessionKeys, traffic_keys
 from session.quality import PathQuality, QualityThresholds
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
-from session.states import SessionEvent, SessionState, next_state
+from session.states import LIVE_STATES, SessionEvent, SessionState, StateMachine
 
 PENDING_MAX = 256  # payloads held while recovering, flushed after reattach
 HANDSHAKE_RETRIES = 3
@@ -59,7 +65,26 @@ class ClientParams:
     thresholds: QualityThresholds = field(default_factory=QualityThresholds)
 
 
-# ---- events ------------------------------------------------------------------------------
+# ---- actions and events ------------------------------------------------------------------
+
+
+class ReattachAction(StrEnum):
+    """What the client does after a REJECT of its reattach request."""
+
+    RETRY = "retry"  # at once, with a fresh nonce (and the adopted version or clock)
+    BACKOFF = "backoff"  # on the same path after an exponential backoff
+    NEXT_TRANSPORT = "next_transport"  # this path is refused: the agent tries another
+    STAY = "stay"  # a proactive jump was refused: the current path still carries the session
+    REHANDSHAKE = "rehandshake"  # the session is over: the agent starts a new one
+
+
+class SecurityNoticeKind(StrEnum):
+    """Something an attacker (or a second claimant) may be doing, reported to the agent."""
+
+    FORGED_REJECT = "forged_reject"  # a REJECT claiming authentication failed its MAC
+    FORGED_NOTICE = "forged_notice"  # a NOTICE failed its MAC
+    DUAL_ACTIVE_CONFLICT = "dual_active_conflict"  # another claimant holds this session
+
 
 
 @dataclass(frozen=True)
@@ -115,7 +140,7 @@ class Reattached:
 class ReattachRejected:
     reason: RejectReason
     authenticated: bool
-    action: str  # "retry", "backoff", "next_transport", "wait"
+    action: ReattachAction
     path: int
 
 
@@ -134,7 +159,7 @@ class SessionTerminated:
 
 @dataclass(frozen=True)
 class SecurityNotice:
-    kind: str
+    kind: SecurityNoticeKind
     detail: str
 
 
@@ -164,13 +189,12 @@ class ClientSession:
     """One client session over any number of successive paths."""
 
     def __init__(self, static_priv: bytes, gateway_pub: bytes, params: ClientParams,
-                 random: Callable[[int], bytes] = os.urandom) -> None:
+                 random: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.params = params
         self._static = static_priv
         self._gateway_pub = gateway_pub
         self._random = random
-        self.state = SessionState.BIRTH
-        self.version = 0
+        self._machine = _new_machine()
         self.session_id = b""
         self.epoch = 0
         self.node_id = b""
@@ -229,8 +253,17 @@ class ClientSession:
         return best
 
     @property
+    def state(self) -> SessionState:
+        return self._machine.state
+
+    @property
+    def version(self) -> int:
+        """The last ``state_version`` the gateway reported (the client never counts its own)."""
+        return self._machine.version
+
+    @property
     def attached(self) -> bool:
-        return self.state in (SessionState.ATTACHED, SessionState.VOLATILE, SessionState.DEGRADED)
+        return self._machine.state in LIVE_STATES
 
     @property
     def quality(self) -> PathQuality:
@@ -313,7 +346,7 @@ class ClientSession:
         """End the session on purpose: an authenticated in-band CLOSE."""
         if self._channel is not None and self.path is not None and self.attached:
             self._out.append((self.path, self._channel.seal(wire.inner_close(int(reason)))))
-        self._terminate(f"closed: {reason.name}", authenticated=True)
+        self._terminate(f"closed: {reason.name}", True, reason)
 
     def receive(self, data: bytes, path: int, now: float) -> None:
         """Handle one datagram or frame from ``path``. Bad input is dropped and counted."""
@@ -369,15 +402,14 @@ class ClientSession:
         self._install_hello(answer, secret, path, now)
 
     def _install_hello(self, h: ServerHello, secret: bytes, path: int, now: float) -> None:
+        old = self.state
+        self._adopt(h.version, SessionEvent.HANDSHAKE_COMPLETE, "SERVER_HELLO")
         self.session_id = h.session_id
         self._secret = secret
         self._keys = SessionKeys(secret)
         self.ttl = h.ttl_ms / 1000
         self.server_offset_ms = h.server_ms - now * 1000
         self._bind(h.epoch, h.binding_id, h.node_id, path, now)
-        old = self.state
-        self.state = next_state(SessionState.BIRTH, SessionEvent.HANDSHAKE_COMPLETE, "client")
-        self.version = h.version
         self._events.append(StateChanged(old, self.state, self.version, "handshake"))
         self._events.append(HandshakeComplete(h.session_id, h.version, h.epoch, h.node_id, path))
         self._send_keepalive(now)  # validates the path at the gateway
@@ -409,13 +441,14 @@ class ClientSession:
             self._events.append(PayloadReceived(inner.payload))
         elif inner.kind is wire.InnerType.KEEPALIVE_ACK:
             self._quality.on_probe_answered(inner.seq, now)
-            if inner.version > self.version:
-                self.version = inner.version
+            if inner.version > self.version:  # an older ACK may arrive late: nothing to learn
+                self._adopt(inner.version, None, "KEEPALIVE_ACK")
             self._evaluate_quality(now)
         elif inner.kind is wire.InnerType.KEEPALIVE:
             pass  # gateways do not probe us; treat as liveness only
         elif inner.kind is wire.InnerType.CLOSE:
-            self._terminate(f"gateway closed: {_reason_name(TerminateReason, inner.reason)}", True)
+            self._terminate(f"gateway closed: {_reason_name(TerminateReason, inner.reason)}", True,
+                            inner.reason)
 
     def _handle_reattach_ack(self, msg: wire.ReattachAck, raw: bytes, path: int, now: float) -> None:
         req = self._req
@@ -424,18 +457,17 @@ class ClientSession:
         assert self._keys is not None
         if not control.verify(raw, self._keys.control_key):
             raise RemoteProtocolError(DropReason.BAD_MAC, "REATTACH_ACK")
-        if msg.epoch <= self.epoch or msg.version <= self.version:
-            raise RemoteProtocolError(DropReason.STALE_EPOCH, "ACK does not advance the binding")
+        if msg.epoch <= self.epoch:
+            raise RemoteProtocolError(DropReason.STALE_EPOCH, "ACK does not advance the epoch")
         old_path = self.path
+        old = self.state
+        self._adopt(msg.version, SessionEvent.REATTACH, "REATTACH_ACK")  # the version must advance too
         self._req = None
         self._backoff = self.params.backoff_initial
         self._stale_retries = 0
         self.server_offset_ms = msg.server_ms - now * 1000
         self.kind = self._req_kind
         self._bind(msg.epoch, msg.binding_id, msg.node_id, req.path, now)
-        old = self.state
-        self.state = next_state(self.state, SessionEvent.REATTACH, "client")
-        self.version = msg.version
         latency = now - (self._recovery_start if self._recovery_start is not None else req.first_sent)
         outage = now - self._outage_start if self._outage_start is not None else 0.0
         self._recovery_start = None
@@ -459,51 +491,59 @@ class ClientSession:
         assert self._keys is not None
         authenticated = msg.authenticated and control.verify(raw, self._keys.control_key)
         if msg.authenticated and not authenticated:
-            self._events.append(SecurityNotice("forged_reject", msg.reason.name))
+            self._events.append(SecurityNotice(SecurityNoticeKind.FORGED_REJECT, msg.reason.name))
             raise RemoteProtocolError(DropReason.BAD_MAC, "REJECT")
         self.stats["rejects"] += 1
         self._req = None
         if authenticated:
             self.server_offset_ms = msg.server_ms - now * 1000
         r = msg.reason
-        action = "backoff"
+        action = ReattachAction.BACKOFF
         if r in (RejectReason.TERMINATED, RejectReason.EXPIRED) and authenticated:
-            self._events.append(ReattachRejected(r, True, "rehandshake", path))
-            self._terminate(f"gateway says {r.name}", authenticated=True)
+            self._events.append(ReattachRejected(r, True, ReattachAction.REHANDSHAKE, path))
+            code = TerminateReason.EXPIRED if r is RejectReason.EXPIRED else None
+            self._terminate(f"gateway says {r.name}", True, code)
             return
-        if r is RejectReason.STALE_VERSION and authenticated and self._stale_retries < STALE_RETRIES:
+        # The gateway's version comes with an authenticated STALE_VERSION or DUAL_ACTIVE_CONFLICT;
+        # one that would take us back is not adopted (fail closed: no retry on it).
+        adoptable = authenticated and msg.version >= self.version
+        if (r is RejectReason.STALE_VERSION and adoptable
+                and self._stale_retries < STALE_RETRIES):
             self._stale_retries += 1
-            self.version = msg.version
-            action = "retry"
+            self._machine.adopt(msg.version)
+            action = ReattachAction.RETRY
         elif r in (RejectReason.REPLAYED_NONCE, RejectReason.CLOCK_SKEW) and self._stale_retries < STALE_RETRIES:
             self._stale_retries += 1
-            action = "retry"  # fresh nonce / re-synced clock
+            action = ReattachAction.RETRY  # fresh nonce / re-synced clock
         elif r is RejectReason.DUAL_ACTIVE_CONFLICT:
-            if authenticated:
-                self.version = msg.version
-            self._events.append(SecurityNotice("dual_active_conflict", "another claimant holds this session"))
+            if adoptable:
+                self._machine.adopt(msg.version)
+            self._events.append(SecurityNotice(SecurityNoticeKind.DUAL_ACTIVE_CONFLICT,
+                                               "another claimant holds this session"))
         elif r is RejectReason.POLICY_DENIED:
-            action = "next_transport"
+            action = ReattachAction.NEXT_TRANSPORT
+        if action is ReattachAction.BACKOFF and self.state is not SessionState.RECOVERING:
+            action = ReattachAction.STAY
         self._events.append(ReattachRejected(r, authenticated, action, path))
-        if action == "retry":
+        if action is ReattachAction.RETRY:
             self.reattach(now, path, self._req_kind, reason=req.reason)
-        elif action == "next_transport":
+        elif action is ReattachAction.NEXT_TRANSPORT:
             self._events.append(ReattachTimedOut(path))
-        elif self.state is SessionState.RECOVERING:
+        elif action is ReattachAction.BACKOFF:
             self._retry_at = now + self._backoff_step()
             self._retry_path = path
-        # else: a proactive jump was refused; the current path still carries the session
 
     def _handle_notice(self, msg: wire.Notice, raw: bytes, path: int, now: float) -> None:
         if msg.session_id != self.session_id or self._keys is None:
             raise DecodeError(DropReason.UNKNOWN_SESSION, "NOTICE")
         if not control.verify(raw, self._keys.control_key):
-            self._events.append(SecurityNotice("forged_notice", msg.kind.name))
+            self._events.append(SecurityNotice(SecurityNoticeKind.FORGED_NOTICE, msg.kind.name))
             raise RemoteProtocolError(DropReason.BAD_MAC, "NOTICE")
         if msg.version < self.version:
             raise RemoteProtocolError(DropReason.STALE_EPOCH, "NOTICE older than our version")
         if msg.kind is NoticeKind.TERMINATED:
-            self._terminate(f"gateway notice: {_reason_name(TerminateReason, msg.reason)}", True)
+            self._terminate(f"gateway notice: {_reason_name(TerminateReason, msg.reason)}", True,
+                            msg.reason)
         elif msg.kind is NoticeKind.NOT_BOUND_HERE and path == self.path and self.attached:
             # A gateway answers any DATA it cannot place, even forged DATA (the session id is
             # cleartext); the hint echoes the triggering packet's AEAD tag, so only a hint
@@ -553,7 +593,7 @@ class ClientSession:
             SessionState.DEGRADED: SessionEvent.QUALITY_DEGRADED,
         }[target]
         old = self.state
-        self.state = next_state(old, event, "client")
+        self._machine.apply(event)
         # The gateway records the change and returns the new version in its next ACK.
         self._events.append(StateChanged(old, self.state, self.version, "quality"))
 
@@ -564,7 +604,7 @@ class ClientSession:
 
     def _lose_transport(self, now: float, reason: str) -> None:
         old = self.state
-        self.state = next_state(old, SessionEvent.TRANSPORT_LOST, "client")
+        self._machine.apply(SessionEvent.TRANSPORT_LOST)
         self._next_keepalive = None
         self._recovery_start = now
         self._outage_start = self._last_rx
@@ -599,10 +639,12 @@ class ClientSession:
         self._backoff = min(self.params.backoff_max, self._backoff * 2)
         return delay
 
-    def _terminate(self, reason: str, authenticated: bool) -> None:
+    def _terminate(self, reason: str, authenticated: bool, code: int | None = None) -> None:
+        """End the session (``code``: its TerminateReason, when known); a second call is a no-op."""
         old = self.state
         if old is not SessionState.TERMINATED:
-            self.state = SessionState.TERMINATED
+            event = SessionEvent.EXPIRE if code == TerminateReason.EXPIRED else SessionEvent.TERMINATE
+            self._machine.apply(event, code)
             self._events.append(StateChanged(old, self.state, self.version, reason))
             self._events.append(SessionTerminated(reason, authenticated))
         self._channel = None
@@ -618,9 +660,15 @@ class ClientSession:
     def _server_ms(self, now: float) -> int:
         return max(0, int(now * 1000 + self.server_offset_ms))
 
+    def _adopt(self, version: int, event: SessionEvent | None, what: str) -> None:
+        """Adopt the gateway's (state, version) from an authenticated ``what``; drop it if illegal."""
+        try:
+            self._machine.adopt(version, event)
+        except IllegalAdoption as exc:  # the gateway's fault (or a replay), not ours
+            raise RemoteProtocolError(DropReason.STALE_EPOCH, f"{what}: {exc}") from None
+
     def _reset_session(self) -> None:
-        self.state = SessionState.BIRTH
-        self.version = 0
+        self._machine = _new_machine()  # a new session is born: not a transition of the old one
         self.session_id = b""
         self.epoch = 0
         self._keys = None
@@ -633,6 +681,10 @@ class ClientSession:
     def _drop(self, reason: DropReason) -> None:
         self.stats["dropped_input"] += 1
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+def _new_machine() -> StateMachine:
+    return StateMachine(role="client", authoritative=False)
 
 
 def _reason_name(enum: type[TerminateReason], value: int) -> str:

@@ -45,6 +45,21 @@ class IllegalTransition(LocalProtocolError):
         super().__init__(f"{who}session cannot handle event {event!s} in state {state!s}")
 
 
+class IllegalAdoption(IllegalTransition):
+    """The authority's (state, version) cannot be adopted: no such edge, or the version goes back."""
+
+    def __init__(self, state: object, event: object, role: str, known: int, offered: int) -> None:
+        who = f"{role} " if role else ""
+        after = f"after event {event!s}" if event is not None else "without an event"
+        LocalProtocolError.__init__(self, f"{who}session cannot adopt version {offered} {after} "
+                                          f"in state {state!s} (it knows version {known})")
+        self.state = state
+        self.event = event
+        self.role = role
+        self.known = known
+        self.offered = offered
+
+
 class Rejected(SessionError):
     """A request was refused with an explicit reason code."""
 

@@ -8,6 +8,15 @@ had only heard silence and the same binding speaks again, TRANSPORT_RESTORED
 does). TERMINATED is terminal
 and keeps a reason. Every applied transition increments ``state_version``.
 
+A ``StateMachine`` is the only way a session's state changes, on either side.
+The authority (the gateway and its store) ``apply``s an event and counts a
+version. A client's copy is not authoritative: its own events (quality,
+transport lost, close) change its state but not the version, which it only
+learns from the gateway. It ``adopt``s the gateway's (state, version) from an
+authenticated answer: legal only along an edge of the table (or, with no
+event, keeping its state) and only forwards in version, so a stale or
+replayed answer can never move a client back.
+
 This table is the single source of truth: the store's Lua scripts are given
 the same table (``lua_transition_table``), so client, gateway and store agree.
 """
@@ -17,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from session.errors import IllegalTransition
+from session.errors import IllegalAdoption, IllegalTransition
 
 
 class SessionState(IntEnum):
@@ -102,25 +111,38 @@ def is_allowed(state: SessionState, event: SessionEvent) -> bool:
 
 @dataclass
 class StateMachine:
-    """A session's state and version; ``apply`` is the only way to change them."""
+    """A session's state and version; ``apply`` and ``adopt`` are the only ways to change them."""
 
     state: SessionState = SessionState.BIRTH
     version: int = 0
     role: str = ""
+    authoritative: bool = True  # counts versions (gateway, store); a client only learns them
     terminate_reason: int | None = None
 
     def apply(self, event: SessionEvent, reason: int | None = None) -> SessionState:
-        """Apply ``event`` (raises IllegalTransition) and bump the version."""
+        """Apply ``event`` (raises IllegalTransition); the authority also bumps the version."""
         self.state = next_state(self.state, event, self.role)
-        self.version += 1
+        if self.authoritative:
+            self.version += 1
         if self.state is SessionState.TERMINATED:
             self.terminate_reason = reason
         return self.state
 
-    def adopt(self, state: SessionState, version: int) -> None:
-        """Take the authoritative (state, version) the gateway reported."""
+    def adopt(self, version: int, event: SessionEvent | None = None) -> SessionState:
+        """Take the authority's (state, version): the state after ``event`` (None: ours).
+
+        Legal when the table has the edge (state, event) and the version moves
+        forwards: strictly after an event (the authority counted it), or not
+        backwards when only the version is learnt. Raises IllegalAdoption
+        otherwise, and changes nothing.
+        """
+        state = self.state if event is None else TRANSITIONS[self.state].get(event)
+        if state is None or version < self.version or (event is not None and version == self.version):
+            raise IllegalAdoption(self.state.name, event.name if event else None,
+                                  self.role, self.version, version)
         self.state = state
         self.version = version
+        return state
 
 
 def lua_transition_table() -> str:

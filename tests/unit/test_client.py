@@ -12,10 +12,12 @@ from session.client import (
     ClientSession,
     HandshakeComplete,
     PayloadReceived,
+    ReattachAction,
     Reattached,
     ReattachRejected,
     ReattachTimedOut,
     SessionTerminated,
+    StateChanged,
     TransportLost,
 )
 from session.framing import DataChannel
@@ -23,7 +25,7 @@ from session.handshake import Responder, ServerHello
 from session.keys import SessionKeys, traffic_keys
 from session.noise import generate_keypair
 from session.reasons import DropReason, NoticeKind, RejectReason
-from session.states import SessionState
+from session.states import TRANSITIONS, SessionState
 
 GW_PRIV, GW_PUB = generate_keypair()
 CL_PRIV, CL_PUB = generate_keypair()
@@ -191,7 +193,7 @@ def test_unauthenticated_terminated_never_ends_the_session() -> None:
     assert c.state is SessionState.RECOVERING
     assert not any(isinstance(e, SessionTerminated) for e in evs)
     rej = [e for e in evs if isinstance(e, ReattachRejected)][0]
-    assert rej.action == "backoff" and not rej.authenticated
+    assert rej.action is ReattachAction.BACKOFF and not rej.authenticated
 
 
 def test_authenticated_terminated_ends_the_session() -> None:
@@ -256,6 +258,7 @@ def test_quality_thresholds_move_to_volatile_and_back() -> None:
                     ack = wire.inner_keepalive_ack(inner.seq, inner.echo_ms, c.version, inner.state)
                     c.receive(gw.channel.seal(ack), 1, t + rtt)
         assert c.state is expect, (rtt, c.status())
+        assert c.version == 2  # the client reports its grade; only the gateway counts versions
 
 
 def test_reattach_before_handshake_is_local_misuse() -> None:
@@ -279,3 +282,79 @@ def test_not_bound_hint_moves_us_only_for_a_packet_we_sent() -> None:
     c.receive(control.seal(real, gw.keys.control_key), 1, 0.07)
     assert c.state is SessionState.RECOVERING
     assert any(isinstance(e, TransportLost) for e in events(c))
+
+
+def test_every_state_change_follows_the_transition_table() -> None:
+    c, gw = connected()
+    with pytest.raises(AttributeError):
+        c.state = SessionState.TERMINATED  # type: ignore[misc]
+    t = 0.01
+    while c.state is not SessionState.RECOVERING:
+        t = c.get_timer() or t + 0.1
+        c.handle_timer(t)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    req = c.datagrams_to_send()[-1][1]
+    c.receive(gw.ack(req), 2, t + 0.01)
+    c.close(t + 0.02)
+    changes = [e for e in events(c) if isinstance(e, StateChanged)]
+    assert [(e.old, e.new, e.version) for e in changes] == [
+        (SessionState.ATTACHED, SessionState.RECOVERING, 2),  # the client's loss: no new version
+        (SessionState.RECOVERING, SessionState.ATTACHED, 3),  # the gateway's, adopted from the ACK
+        (SessionState.ATTACHED, SessionState.TERMINATED, 3),
+    ]
+    for e in changes:
+        assert e.new in TRANSITIONS[e.old].values()
+    c.close(t + 0.03)  # closing twice changes nothing
+    assert events(c) == []
+
+
+def test_an_expired_session_ends_by_the_expire_edge() -> None:
+    c, gw = connected()
+    t = lose(c)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, req)] = c.datagrams_to_send()
+    c.receive(gw.reject(req, RejectReason.EXPIRED, authenticated=True), 2, t + 0.01)
+    evs = events(c)
+    [rej] = [e for e in evs if isinstance(e, ReattachRejected)]
+    assert rej.action is ReattachAction.REHANDSHAKE
+    assert [(e.old, e.new) for e in evs if isinstance(e, StateChanged)] == [
+        (SessionState.RECOVERING, SessionState.TERMINATED)]
+    assert c._machine.terminate_reason == 2  # TerminateReason.EXPIRED
+
+
+def test_an_ack_that_does_not_advance_the_version_is_not_adopted() -> None:
+    c, gw = connected()
+    t = lose(c)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, req)] = c.datagrams_to_send()
+    r = wire.decode(req)
+    assert isinstance(r, wire.ReattachRequest)
+    # A new epoch, but the version we already hold: the gateway counted no transition.
+    ack = wire.ReattachAck(gw.sid, r.nonce, c.version, c.epoch + 1, os.urandom(16), NODE, 1)
+    c.receive(control.seal(ack, gw.keys.control_key), 2, t + 0.01)
+    assert c.state is SessionState.RECOVERING and c.version == 2
+    assert c.drops.get(DropReason.STALE_EPOCH) == 1
+
+
+def test_a_stale_version_that_goes_backwards_is_not_adopted() -> None:
+    c, gw = connected()
+    t = lose(c)
+    c.reattach(t, 2, wire.TransportKind.UDP)
+    [(_, req)] = c.datagrams_to_send()
+    gw.version = 1  # older than ours: a rolled-back store or a replay; never retry on it
+    c.receive(gw.reject(req, RejectReason.STALE_VERSION, authenticated=True), 2, t + 0.01)
+    [rej] = [e for e in events(c) if isinstance(e, ReattachRejected)]
+    assert rej.action is ReattachAction.BACKOFF and c.version == 2
+    assert c.datagrams_to_send() == []
+
+
+def test_a_refused_jump_stays_on_the_current_path() -> None:
+    c, gw = connected()
+    c.reattach(0.1, 2, wire.TransportKind.UDP, reason="jump")
+    [(_, req)] = c.datagrams_to_send()
+    c.receive(gw.reject(req, RejectReason.RATE_LIMITED, authenticated=True), 2, 0.11)
+    [rej] = [e for e in events(c) if isinstance(e, ReattachRejected)]
+    assert rej.action is ReattachAction.STAY
+    assert c.state is SessionState.ATTACHED and c.path == 1 and c.get_timer() is not None
+    assert c.send(b"still here", 0.12)
+    assert [p for p, _ in c.datagrams_to_send()] == [1]
