@@ -17,7 +17,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
+import secrets
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -111,7 +111,7 @@ def wrap_secret(kek: bytes, secret: bytes, session_id: bytes, nonce: bytes | Non
     if len(secret) != SESSION_SECRET_LEN:
         raise ValueError("session secret must be 32 bytes")
     if nonce is None:
-        nonce = os.urandom(WRAP_NONCE_LEN)  # random: the KEK wraps many secrets, no counter to keep
+        nonce = secrets.token_bytes(WRAP_NONCE_LEN)  # random: the KEK wraps many secrets, no counter to keep
     elif len(nonce) != WRAP_NONCE_LEN:
         raise ValueError("nonce must be 12 bytes")
     prefix = bytes([WRAP_FORMAT_V1])
