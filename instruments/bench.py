@@ -68,12 +68,10 @@ from session.handshake import ClientHello, Initiator, ServerHello
 from session.keys import SessionKeys, wrap_secret
 from session.noise import generate_keypair, public_key
 from session.reasons import RejectReason
-from store import keys as K
+from store import EXPIRY_INDEX, load_scripts, pack_evalsha, session_keys
 from store.api import SessionStore, StoreConfig
-from store.batcher import pack_evalsha
 from store.embedded import EmbeddedRedis, find_redis_server
 from store.policy import ClientPolicy
-from store.scripts import load_scripts
 from store.status import StoreStatus
 
 TARGET_REATTACH_RATIO = 0.50  # gateway reattaches/s vs Redis's own rate for reattach.lua
@@ -861,7 +859,7 @@ async def raw_pipelined(store: SessionStore, host: str, port: int, sids: Sequenc
     for c in range(connections):
         mine = sids[c::connections]
         cmds = [
-            pack_evalsha(sha, K.session_keys(sid),
+            pack_evalsha(sha, session_keys(sid),
                          _reattach_args(1 + r, os.urandom(16), now, "bench-raw",
                                         f"udp:127.0.0.1:{20000 + i}", cfg))
             for r in range(rounds) for i, sid in enumerate(mine)
@@ -907,7 +905,7 @@ async def raw_concurrent(store: SessionStore, sids: Sequence[bytes], rounds: int
 
     async def one(i: int, sid: bytes) -> None:
         nonlocal calls, ok
-        keys = K.session_keys(sid)
+        keys = session_keys(sid)
         for r in range(rounds):
             async with sem:
                 if _now() > stop_at:
@@ -1383,10 +1381,10 @@ async def bench_memory(opts: BenchOptions) -> dict[str, Any]:
                 raise RuntimeError("reattach failed while preparing the memory bench")
         reattach_s = time.perf_counter() - t0
         after = int((await r.info("memory"))["used_memory"])
-        rec_key, nonce_key = K.session_keys(sids[n // 2])
+        rec_key, nonce_key = session_keys(sids[n // 2])
         record = int(await r.memory_usage(rec_key, samples=0) or 0)
         nonces = int(await r.memory_usage(nonce_key, samples=0) or 0)
-        index = int(await r.memory_usage(K.EXPIRY_INDEX, samples=0) or 0)
+        index = int(await r.memory_usage(EXPIRY_INDEX, samples=0) or 0)
         encoding = await r.object("encoding", rec_key)
         per_session = (after - before) / n
         summary = {

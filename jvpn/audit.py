@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from store.keys import AUDIT_STREAM
+from store import AUDIT_STREAM
 
 DEFAULT_COUNT = 20
 PAGE = 500  # entries per XRANGE/XREVRANGE/XREAD call

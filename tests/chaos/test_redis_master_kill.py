@@ -28,7 +28,7 @@ from instruments.cluster import log_tail
 from instruments.netsim import UdpEcho
 from session import wire
 from session.reasons import RejectReason
-from store.keys import record_key
+from store import record_key
 from tests.chaos.conftest import Traffic, register_client, start_agents, stop_agents
 from tests.support.harness import LIVE_STATES
 from tests.support.local_cluster import LocalCluster

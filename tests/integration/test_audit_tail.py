@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from gateway.events import EventBus, RedisStreamSink
 from jvpn.audit import PAGE, TailOptions, decode_entry, format_line, parse_since, tail
 from jvpn.cli import main
-from store.keys import AUDIT_STREAM
+from store import AUDIT_STREAM
 
 ROOT = Path(__file__).resolve().parents[2]
 SID_A = bytes.fromhex("00112233445566778899aabbccddeeff")

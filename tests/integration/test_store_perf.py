@@ -10,9 +10,8 @@ import time
 import pytest
 
 from session.wire import TransportKind
-from store import keys as K
+from store import EXPIRY_INDEX, load_scripts, pack_evalsha, session_keys
 from store.api import SessionStore, StoreConfig
-from store.batcher import pack_evalsha
 from store.policy import ClientPolicy
 
 UDP = TransportKind.UDP
@@ -51,7 +50,7 @@ async def test_memory_per_session_under_1kib(session_store: SessionStore) -> Non
     r = session_store.redis
     pipe = r.pipeline(transaction=False)
     for sid in sids:
-        rec_key, nonce_key = K.session_keys(sid)
+        rec_key, nonce_key = session_keys(sid)
         pipe.memory_usage(rec_key, samples=0)
         pipe.memory_usage(nonce_key, samples=0)
         pipe.object("encoding", rec_key)
@@ -59,7 +58,7 @@ async def test_memory_per_session_under_1kib(session_store: SessionStore) -> Non
     records = out[0::3]
     nonces = out[1::3]
     encodings = set(out[2::3])
-    index = await r.memory_usage(K.EXPIRY_INDEX, samples=0) or 0
+    index = await r.memory_usage(EXPIRY_INDEX, samples=0) or 0
     per_session = (sum(records) + sum(nonces) + index) / n
     print(f"\nmemory per session: record {sum(records) / n:.0f} B + nonces {sum(nonces) / n:.0f} B"
           f" + expiry index {index / n:.0f} B = {per_session:.0f} B ({encodings})")  # fmt: skip
@@ -103,7 +102,7 @@ async def test_batched_reattach_throughput(redis_url: str) -> None:
         await store.load_scripts()
         host = store.redis.connection_pool.connection_kwargs["host"]
         port = store.redis.connection_pool.connection_kwargs["port"]
-        sha = store._scripts["reattach"].sha  # noqa: SLF001 - the benchmark baseline
+        sha = load_scripts()["reattach"].sha  # the benchmark baseline
 
         def request(sid: bytes, now: int, i: int) -> list[bytes | str | int]:
             return [1, os.urandom(16), now, int(UDP), "gw-2", os.urandom(16), f"udp:{i}",
@@ -141,7 +140,7 @@ async def test_batched_reattach_throughput(redis_url: str) -> None:
             sids = await _birth_many(store, n, policy)
             now = await store.server_time_ms()
             cmds = [
-                pack_evalsha(sha, K.session_keys(s), request(s, now, i)) for i, s in enumerate(sids)
+                pack_evalsha(sha, session_keys(s), request(s, now, i)) for i, s in enumerate(sids)
             ]
             raw_rates.append(await asyncio.to_thread(_raw_capacity, host, port, cmds))
             batched_rates.append(await batched(await _birth_many(store, n, policy)))
