@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server (DESIGN.md: integration tests use no mocks).
+"""Shared fixtures: a real redis-server (integration tests use no mocks).
 
 - ``redis_server``: a fresh redis-server for one test (stop/start it for outages).
 - ``redis_url``: the session-wide shared server, flushed before each test; if

@@ -19,7 +19,7 @@
 // open joins that flow, whatever its session id. So a NAT that hands one
 // client's mapping to another within proxy_timeout sends the newcomer to the
 // earlier client's node, until the flow idles out.
-// Routing is an optimisation only: any node accepts any reattach (DESIGN.md §5 B).
+// Routing is an optimisation only: any node accepts any reattach (docs/ARCHITECTURE.md, Cluster).
 
 var HEADER_LEN = 20;
 var HANDSHAKE_INIT = 1;

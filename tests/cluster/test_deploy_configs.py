@@ -5,7 +5,7 @@ package docker-compose; no container engine needed) and its normalized output
 is checked structurally: the gateway scales (no fixed names or host ports),
 nginx renders deploy/nginx/nginx.conf.template with jvpn.js, Prometheus runs
 deploy/prometheus with DNS service discovery. `jvpn-lab cluster up` must use the
-very same files (DESIGN.md §7). Prometheus configs and rules go through
+very same files (docs/ARCHITECTURE.md, Deploy). Prometheus configs and rules go through
 `promtool`; the rendered local nginx config through `nginx -t`; and the
 balancer's routing (deploy/nginx/jvpn.js) is exercised with the real nginx in
 front of three stand-in upstreams.

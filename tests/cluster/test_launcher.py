@@ -145,7 +145,7 @@ def test_up_renders_the_deploy_configs(cluster: LocalCluster) -> None:
     assert conf == render_template(template, values)
     directives = [line.split("#", 1)[0] for line in conf.splitlines()]
     assert any("hash $jvpn_route consistent;" in d for d in directives)
-    assert not any("proxy_responses" in d for d in directives)  # DESIGN.md §5: leave it unset
+    assert not any("proxy_responses" in d for d in directives)  # docs/ARCHITECTURE.md, Cluster: leave it unset
 
 
 def test_status_reports_every_process(cluster: LocalCluster) -> None:

@@ -3,7 +3,7 @@
 Each test sends hand-built REATTACH_REQUESTs (tests/support/rawclient.py) to a
 real gateway on loopback backed by a real redis-server, and checks the answer
 on the wire: the REJECT reason, and whether it is authenticated. The rule
-(DESIGN.md section 3): a REJECT about an established session carries a valid
+(docs/ARCHITECTURE.md, Security rules): a REJECT about an established session carries a valid
 MAC under ``SessionKeys.control_key``. Three cannot: UNKNOWN_SESSION (there is
 no key), STORE_UNAVAILABLE before the key could be loaded, and BAD_PROOF: its
 requester proved nothing, and a MAC'd answer to an unproven request would be
