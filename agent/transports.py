@@ -2,7 +2,8 @@
 
 They only move bytes: everything they receive goes to a callback with their
 path id, and a socket error or a closed connection is reported once. UDP and
-TCP differ only in how they send (TCP frames each message with its length).
+TCP differ only in how they send (TCP frames each message with its length,
+and cuts the stream back into messages with session.stream.FramedStream).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import logging
 from collections.abc import Callable
 
 from session import wire
-from session.errors import RemoteProtocolError
+from session.errors import DecodeError
+from session.stream import FramedStream
 
 log = logging.getLogger("jvpn.agent")
 
@@ -87,13 +89,12 @@ class UdpPath(Path, asyncio.DatagramProtocol):
             self.transport.close()
 
 
-class TcpPath(Path, asyncio.Protocol):
+class TcpPath(Path, FramedStream, asyncio.Protocol):
     kind = wire.TransportKind.TCP
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.transport: asyncio.Transport | None = None
-        self._decoder = wire.FrameDecoder()
 
     async def open(self, timeout: float = 2.0) -> TcpPath:
         loop = asyncio.get_running_loop()
@@ -105,28 +106,19 @@ class TcpPath(Path, asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.local = transport.get_extra_info("sockname")[:2]
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self._decoder.feed(data)
-        except RemoteProtocolError:
-            self._failed("bad frame from gateway")
-            if self.transport is not None:
-                self.transport.close()
-            return
-        for f in frames:
-            if not self.closed:
-                self._on_receive(self.path_id, f)
-        if self._decoder.error is not None:  # a bad length right after these frames
-            self._failed("bad frame from gateway")
-            if self.transport is not None:
-                self.transport.close()
+    def frame_received(self, frame: bytes) -> None:
+        if not self.closed:
+            self._on_receive(self.path_id, frame)
+
+    def framing_failed(self, error: DecodeError) -> None:
+        self._failed(f"bad frame from gateway: {error}")  # the mixin closes the stream
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._failed(f"tcp connection lost: {exc}" if exc else "tcp connection closed")
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(wire.frame(data))
+        if not self.closed:
+            self.send_frame(data)
 
     def close(self) -> None:
         self.closed = True

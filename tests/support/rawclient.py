@@ -30,6 +30,7 @@ from session.errors import DecodeError, RemoteProtocolError
 from session.framing import DataChannel
 from session.handshake import ClientHello, Initiator, Refusal, ServerHello
 from session.keys import SessionKeys, traffic_keys
+from session.stream import FramedStream
 
 Answer = wire.ReattachAck | wire.Reject
 DEFAULT_TIMEOUT = 3.0
@@ -62,11 +63,11 @@ class Endpoint:
         self.rx_bytes = 0
         self.tx_messages = 0
         self.received: list[bytes] = []  # every message the gateway sent here, in order
+        self.framing_errors: list[DecodeError] = []  # TCP: bad lengths from the gateway
         self.eof = asyncio.Event()  # TCP: the gateway closed the connection
         self._cursor = 0
         self._arrived = asyncio.Event()
         self._transport: asyncio.BaseTransport | None = None
-        self._decoder = wire.FrameDecoder()
         self._sock: socket.socket | None = None
 
     # ---- construction ----------------------------------------------------------------------
@@ -188,17 +189,20 @@ class _UdpProto(asyncio.DatagramProtocol):
         pass
 
 
-class _TcpProto(asyncio.Protocol):
+class _TcpProto(FramedStream, asyncio.Protocol):
     def __init__(self, ep: Endpoint) -> None:
         self.ep = ep
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
         self.ep._transport = transport
         self.ep.local = transport.get_extra_info("sockname")[:2]
 
-    def data_received(self, data: bytes) -> None:
-        for f in self.ep._decoder.feed(data):
-            self.ep._deliver(f, len(f) + wire.FRAME_HEAD.size)
+    def frame_received(self, frame: bytes) -> None:
+        self.ep._deliver(frame, len(frame) + wire.FRAME_HEAD.size)
+
+    def framing_failed(self, error: DecodeError) -> None:
+        self.ep.framing_errors.append(error)  # the mixin closes the connection
 
     def eof_received(self) -> bool:
         self.ep.eof.set()
