@@ -62,12 +62,21 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from session import control, wire
-from session.errors import SessionError
-from session.handshake import ClientHello, Initiator, ServerHello
-from session.keys import SessionKeys, wrap_secret
+from session import wire
+from session.client import (
+    ClientParams,
+    ClientSession,
+    HandshakeComplete,
+    HandshakeFailed,
+    ReattachAction,
+    Reattached,
+    ReattachRejected,
+    ReattachTimedOut,
+    SecurityNotice,
+    SessionTerminated,
+)
+from session.keys import wrap_secret
 from session.noise import generate_keypair, public_key
-from session.reasons import RejectReason
 from store import EXPIRY_INDEX, load_scripts, pack_evalsha, session_keys
 from store.api import SessionStore, StoreConfig
 from store.embedded import EmbeddedRedis, find_redis_server
@@ -83,7 +92,9 @@ PAYLOAD_SIZE = 1400
 UDP = wire.TransportKind.UDP
 HANDSHAKE_CONCURRENCY = 64
 RETRANSMIT_S = 1.0  # a reattach or handshake unanswered this long is sent again (same bytes)
-MAX_TRIES = 8
+HANDSHAKE_WAIT_S = 10.0  # the machine's retries (1 + 2 + 3 s) and then some
+PATH = 0  # each bench session has one socket: one path
+DATA = int(wire.MessageType.DATA)
 LOSS_TIMEOUT_S = 0.5  # a datagram not echoed within this is lost: its window slot is freed
 DRAIN_S = 1.0
 CHILD_START_S = 30.0
@@ -541,29 +552,22 @@ def _ratio(a: float, b: float) -> float:
 
 
 class _ReattachClient(asyncio.DatagramProtocol):
-    """One bench session: a real handshake, then back-to-back reattaches from its UDP socket."""
+    """One bench session: the client machine (``ClientSession``) on a UDP socket of its own.
 
-    __slots__ = (
-        "load", "transport", "sid", "keys", "version", "epoch", "offset_ms", "initiator",
-        "hid", "pending", "nonce", "t_first", "t_sent", "tries", "connected", "dead",
-    )
+    A handshake, then back-to-back proactive reattaches on the same path: each ACK
+    installs the new binding and the next request goes out at once. The machine
+    proves every new binding with a keepalive (DATA); this adapter does not transmit
+    DATA, so that the gateway does the reattach work alone, as the raw baselines do.
+    """
+
+    __slots__ = ("load", "machine", "transport", "connected", "waiting", "dead")
 
     def __init__(self, load: ReattachLoad) -> None:
         self.load = load
+        self.machine = ClientSession(load.client_priv, load.gateway_pub, load.params)
         self.transport: asyncio.DatagramTransport | None = None
-        self.sid = b""
-        self.keys: SessionKeys | None = None
-        self.version = 0
-        self.epoch = 0
-        self.offset_ms = 0.0  # gateway (store) ms minus our loop ms
-        self.initiator: Initiator | None = None
-        self.hid = b""
-        self.pending: bytes | None = None  # the outstanding request, resent as is
-        self.nonce = b""
-        self.t_first = 0.0
-        self.t_sent = 0.0
-        self.tries = 0
-        self.connected: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.connected: asyncio.Future[bool] = load.loop.create_future()
+        self.waiting = False  # a reattach request of ours is unanswered
         self.dead = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -573,137 +577,83 @@ class _ReattachClient(asyncio.DatagramProtocol):
         self.dead = True
 
     def error_received(self, exc: Exception) -> None:
-        self.load.errors["socket"] = self.load.errors.get("socket", 0) + 1
-
-    def _send(self, raw: bytes, now: float) -> None:
-        self.pending = raw
-        self.t_sent = now
-        assert self.transport is not None
-        self.transport.sendto(raw)
+        self.load.count("socket")
 
     def handshake(self) -> None:
-        load = self.load
-        self.hid = os.urandom(wire.SESSION_ID_LEN)
-        hello = ClientHello(int(time.time() * 1000), UDP, load.upstream)
-        self.initiator = Initiator(load.client_priv, load.gateway_pub, self.hid, hello)
-        now = _now()
-        self.t_first = now
-        self.tries = 1
-        self._send(wire.encode(wire.HandshakeInit(self.hid, self.initiator.message1)), now)
+        self.machine.connect(_now(), int(time.time() * 1000), PATH, UDP)
+        self._transmit()
 
     def request(self) -> None:
-        """Send a fresh REATTACH_REQUEST for the current version."""
-        keys = self.keys
-        assert keys is not None
-        now = _now()
-        self.nonce = nonce = os.urandom(wire.NONCE_LEN)
-        req = wire.ReattachRequest(self.sid, self.version, nonce,
-                                   int(now * 1000 + self.offset_ms), UDP)  # fmt: skip
-        self.t_first = now
-        self.tries = 1
-        self._send(control.seal(req, keys.proof_key), now)
+        """A fresh REATTACH_REQUEST for the current version (the machine's own)."""
+        self.waiting = True
+        self.machine.reattach(_now(), PATH, UDP, reason="bench")
+        self._transmit()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        load = self.load
-        try:
-            msg = wire.decode(data)
-        except SessionError:
-            load.count("undecodable")
-            return
-        if isinstance(msg, wire.ReattachAck):
-            self._on_ack(msg, data)
-        elif isinstance(msg, wire.Reject):
-            self._on_reject(msg, data)
-        elif isinstance(msg, wire.HandshakeResp):
-            self._on_handshake(msg)
-        elif isinstance(msg, wire.Retry) and self.initiator is not None:
-            raw = wire.encode(wire.HandshakeInit(self.hid, self.initiator.message1, msg.token))
-            self._send(raw, _now())
-        else:
-            load.count("unexpected")
-
-    def _on_handshake(self, msg: wire.HandshakeResp) -> None:
-        if self.initiator is None or msg.handshake_id != self.hid:
-            return
-        try:
-            answer, secret = self.initiator.finish(msg.noise)
-        except SessionError:
-            self.load.count("bad_handshake")
-            return
-        self.initiator = None
-        self.pending = None
-        if not isinstance(answer, ServerHello):
-            self.load.count(f"refused_{answer.reason.name}")
-            if not self.connected.done():
-                self.connected.set_result(False)
-            return
-        self.sid = answer.session_id
-        self.version = answer.version
-        self.epoch = answer.epoch
-        self.keys = SessionKeys(secret)
-        self.offset_ms = answer.server_ms - _now() * 1000
-        if not self.connected.done():
-            self.connected.set_result(True)
-
-    def _on_ack(self, msg: wire.ReattachAck, raw: bytes) -> None:
-        load = self.load
-        if self.pending is None or msg.nonce != self.nonce:
-            load.count("stray_ack")
-            return
-        assert self.keys is not None
-        if not control.verify(raw, self.keys.control_key):
-            load.count("bad_mac")
-            return
         now = _now()
-        self.pending = None
-        if msg.version <= self.version:
-            load.count("stale_ack")
-        self.version = msg.version
-        self.epoch = msg.epoch
-        self.offset_ms = msg.server_ms - now * 1000
-        load.done_at.append(now)
-        load.latency.append(now - self.t_first)
-        if load.running:
+        self.machine.receive(data, PATH, now)
+        self._handle_events(now)
+        self._transmit()
+
+    def check_timer(self, now: float) -> None:
+        """Run the machine's timer if due: what it sends then are retransmissions."""
+        due = self.machine.get_timer()
+        if due is None or due > now or self.dead:
+            return
+        self.machine.handle_timer(now)
+        self._handle_events(now)
+        self.load.retransmits += self._transmit()
+
+    def _transmit(self) -> int:
+        sent = 0
+        for _, raw in self.machine.datagrams_to_send():
+            if raw[1] == DATA:  # keepalives: see the class docstring
+                continue
+            if self.transport is not None:
+                self.transport.sendto(raw)
+                sent += 1
+        return sent
+
+    def _handle_events(self, now: float) -> None:
+        load = self.load
+        while (ev := self.machine.next_event()) is not None:
+            if isinstance(ev, Reattached):
+                self.waiting = False
+                load.done_at.append(now)
+                load.latency.append(ev.latency)
+                if load.running:
+                    self.request()
+            elif isinstance(ev, ReattachRejected):
+                load.count(f"reject_{ev.reason.name}")
+                if ev.action is ReattachAction.STAY:  # the bench asks again, after a pause
+                    self.waiting = False
+                    if load.running:
+                        load.loop.call_later(0.05, self._again)
+            elif isinstance(ev, ReattachTimedOut):
+                load.count("timeouts")
+                self.waiting = False
+                self._again()
+            elif isinstance(ev, HandshakeComplete):
+                if not self.connected.done():
+                    self.connected.set_result(True)
+            elif isinstance(ev, HandshakeFailed):
+                load.count(f"refused_{ev.reason.name}" if ev.reason else "gave_up")
+                self.dead = True
+                if not self.connected.done():
+                    self.connected.set_result(False)
+            elif isinstance(ev, SessionTerminated):
+                load.count("terminated")
+                self.dead = True
+                self.waiting = False
+            elif isinstance(ev, SecurityNotice):
+                load.count(f"security_{ev.kind}")
+
+    def _again(self) -> None:
+        if self.load.running and not self.waiting and not self.dead:
             self.request()
 
-    def _on_reject(self, msg: wire.Reject, raw: bytes) -> None:
-        load = self.load
-        if self.pending is None or msg.nonce != self.nonce:
-            load.count("stray_reject")
-            return
-        authenticated = (msg.authenticated and self.keys is not None
-                         and control.verify(raw, self.keys.control_key))  # fmt: skip
-        load.count(f"reject_{msg.reason.name}")
-        self.pending = None
-        now = _now()
-        if authenticated:
-            self.offset_ms = msg.server_ms - now * 1000
-            if msg.reason is RejectReason.STALE_VERSION:
-                self.version = msg.version
-        if msg.reason in (RejectReason.TERMINATED, RejectReason.EXPIRED,
-                          RejectReason.UNKNOWN_SESSION):  # fmt: skip
-            self.dead = True
-            return
-        if load.running:  # back off a little: a refusal must not become a busy loop
-            load.loop.call_later(0.05, self._retry_after_reject)
-
-    def _retry_after_reject(self) -> None:
-        if self.load.running and self.pending is None and not self.dead:
-            self.request()
-
-    def check_timeout(self, now: float) -> None:
-        if self.pending is None or now - self.t_sent < RETRANSMIT_S or self.dead:
-            return
-        if self.tries >= MAX_TRIES:
-            self.dead = True
-            self.pending = None
-            self.load.count("gave_up")
-            if not self.connected.done():
-                self.connected.set_result(False)
-            return
-        self.tries += 1
-        self.load.retransmits += 1
-        self._send(self.pending, now)  # the same bytes: the gateway answers idempotently
+    def drops(self) -> dict[str, int]:
+        return {f"drop_{r.name}": n for r, n in self.machine.drops.items()}
 
 
 class ReattachLoad:
@@ -715,7 +665,9 @@ class ReattachLoad:
         self.gateway = gateway
         self.gateway_pub = gateway_pub
         self.client_priv = client_priv
-        self.upstream = upstream
+        # Keepalives never fall due during a run (silence is not measured here).
+        self.params = ClientParams(keepalive_interval=3600.0, handshake_timeout=RETRANSMIT_S,
+                                   reattach_timeout=RETRANSMIT_S, upstream=upstream)
         self.clients: list[_ReattachClient] = []
         self.running = False
         self.done_at: list[float] = []
@@ -727,16 +679,23 @@ class ReattachLoad:
     def count(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
 
+    def error_counts(self) -> dict[str, int]:
+        """What went wrong: the adapter's counts and the machines' dropped input."""
+        out = dict(self.errors)
+        for c in self.clients:
+            for k, n in c.drops().items():
+                out[k] = out.get(k, 0) + n
+        return out
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(0.1)
             now = _now()
             for c in self.clients:
-                c.check_timeout(now)
+                c.check_timer(now)
 
     async def open(self, n: int) -> float:
         """Open n sockets and handshake each (bounded concurrency); returns handshakes/s."""
-        self._watchdog = asyncio.ensure_future(self._watch())
         sem = asyncio.Semaphore(HANDSHAKE_CONCURRENCY)
         clients = []
         for _ in range(n):
@@ -744,11 +703,13 @@ class ReattachLoad:
             await self.loop.create_datagram_endpoint(lambda c=c: c,  # type: ignore[misc]
                                                      remote_addr=self.gateway)
             clients.append(c)
+        self.clients = clients  # the watchdog runs their handshake timers too
+        self._watchdog = asyncio.ensure_future(self._watch())
 
         async def one(c: _ReattachClient) -> None:
             async with sem:
                 c.handshake()
-                await asyncio.wait_for(asyncio.shield(c.connected), RETRANSMIT_S * MAX_TRIES + 1)
+                await asyncio.wait_for(asyncio.shield(c.connected), HANDSHAKE_WAIT_S)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(c) for c in clients))
@@ -772,7 +733,7 @@ class ReattachLoad:
         end = _now()
         self.running = False
         deadline = end + 3.0
-        while any(c.pending is not None and not c.dead for c in self.clients):
+        while any(c.waiting and not c.dead for c in self.clients):
             if _now() > deadline:
                 self.count("unfinished_at_stop")
                 break
@@ -990,7 +951,7 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
                 run["kernel_udp_drops"] = _udp_kernel_drops() - drops0
                 run["handshake_rate"] = hs_rate
                 run["retransmits"] = load.retransmits
-                run["errors"] = dict(load.errors)
+                run["errors"] = load.error_counts()
             finally:
                 load.close()
             single = ReattachLoad(gw, env.gateway_pub, client_priv, policy.upstreams[0])
@@ -1244,7 +1205,6 @@ async def _direct_flow(opts: BenchOptions, addr: tuple[str, int], pids: dict[str
 async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
     """Datagrams/s and loss through one tunnelled session beside a plain UDP echo."""
     from agent.agent import Agent, AgentSettings
-    from session.client import ClientParams
 
     gw = await env.gateway()
     echo = await env.echo()
