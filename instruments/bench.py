@@ -3,11 +3,12 @@
 Theory of operation. Every figure is printed beside a baseline measured in the
 same run, on the same machine, with the same client code, as a ratio:
 
-- Reattach: N load-generator sessions, each made by a real Noise handshake and
-  each holding its own UDP socket and secret, send back-to-back valid
-  REATTACH_REQUESTs (MAC under the proof key, fresh nonce, current version,
-  timestamp from the last answer's server_ms) to ONE gateway process and adopt
-  each ACK's version. Baselines: the same ``reattach.lua`` driven straight at
+- Reattach: N load-generator sessions, each the client machine
+  (``session.client.ClientSession``, the agent's own) on its own UDP socket
+  after a real Noise handshake, send back-to-back proactive reattaches (the
+  machine's REATTACH_REQUEST: MAC under the proof key, fresh nonce, current
+  version, timestamp from the last answer's server_ms) to ONE gateway process
+  and install each ACK's binding. Baselines: the same ``reattach.lua`` driven straight at
   Redis, (a) as pre-packed EVALSHA pipelines over a few raw sockets, with the
   same number of calls per session so the nonce hashes grow alike (Redis's
   capacity for the script: the ratio's denominator), (b) the same with one
@@ -551,7 +552,7 @@ def _ratio(a: float, b: float) -> float:
 # ---- reattach --------------------------------------------------------------------------------
 
 
-class _ReattachClient(asyncio.DatagramProtocol):
+class _ClientAdapter(asyncio.DatagramProtocol):
     """One bench session: the client machine (``ClientSession``) on a UDP socket of its own.
 
     A handshake, then back-to-back proactive reattaches on the same path: each ACK
@@ -668,7 +669,7 @@ class ReattachLoad:
         # Keepalives never fall due during a run (silence is not measured here).
         self.params = ClientParams(keepalive_interval=3600.0, handshake_timeout=RETRANSMIT_S,
                                    reattach_timeout=RETRANSMIT_S, upstream=upstream)
-        self.clients: list[_ReattachClient] = []
+        self.clients: list[_ClientAdapter] = []
         self.running = False
         self.done_at: list[float] = []
         self.latency: list[float] = []
@@ -699,14 +700,14 @@ class ReattachLoad:
         sem = asyncio.Semaphore(HANDSHAKE_CONCURRENCY)
         clients = []
         for _ in range(n):
-            c = _ReattachClient(self)
+            c = _ClientAdapter(self)
             await self.loop.create_datagram_endpoint(lambda c=c: c,  # type: ignore[misc]
                                                      remote_addr=self.gateway)
             clients.append(c)
         self.clients = clients  # the watchdog runs their handshake timers too
         self._watchdog = asyncio.ensure_future(self._watch())
 
-        async def one(c: _ReattachClient) -> None:
+        async def one(c: _ClientAdapter) -> None:
             async with sem:
                 c.handshake()
                 await asyncio.wait_for(asyncio.shield(c.connected), HANDSHAKE_WAIT_S)
