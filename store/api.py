@@ -44,8 +44,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any, NamedTuple, TypeVar, cast
 
 import msgpack
@@ -55,14 +56,26 @@ from redis.asyncio.cluster import RedisCluster
 
 from session.reasons import RejectReason, TerminateReason
 from session.states import TRANSITIONS, SessionEvent, SessionState
+from session.storeops import (
+    BirthResult,
+    ClientPolicy,
+    ExpiredSession,
+    ExpireResult,
+    ReattachOp,
+    ReattachResult,
+    RefreshResult,
+    SessionRecord,
+    StoreStatus,
+    TerminateResult,
+    TransitionResult,
+)
 from session.wire import BINDING_ID_LEN, NONCE_LEN, TransportKind
 from store import keys as K
 from store.batcher import Arg, ScriptBatcher, ScriptCall, translate
 from store.cluster import ClusterScriptBatcher, connect_cluster, is_cluster_url
 from store.errors import StoreError, StoreNotDurable, StoreProtocolError, StoreUnavailable
-from store.policy import ClientPolicy, decode_policy, encode_policy
+from store.policy import decode_policy, encode_policy
 from store.scripts import load_scripts
-from store.status import StoreStatus
 
 __all__ = [
     "BindingChange",
@@ -92,7 +105,6 @@ MAX_VERSION = 2**53  # Lua numbers are doubles: exact below this
 
 log = logging.getLogger("jvpn.store")
 
-_TOMBSTONE_STATUSES = (StoreStatus.TERMINATED, StoreStatus.EXPIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +137,7 @@ class StoreConfig:
         return self.connect_timeout_s + self.socket_timeout_s + wait + 0.05
 
 
-# ---- results ---------------------------------------------------------------------------------
-# Results are plain slotted dataclasses, to be treated as read-only values: a
-# frozen dataclass's __init__ costs several microseconds more per object, and
-# reattach and refresh results are built at the rate of the whole cluster.
-
+# ---- decoding: every script reply becomes a typed answer here, field by name ----------------
 
 # Enum lookups by dict: Enum.__call__ costs ~0.5 us, several per result.
 _STATUS = {int(s): s for s in StoreStatus}
@@ -161,22 +169,113 @@ def _treason(code: Any) -> TerminateReason | None:
     return _TREASON.get(code) if code in _TREASON else TerminateReason(int(code))
 
 
+def _reason(code: Any) -> RejectReason | None:
+    return _REJECT.get(code) if code in _REJECT else RejectReason(int(code))
+
+
 def _text(raw: Any) -> str:
     return raw.decode("utf-8", "replace") if type(raw) is bytes else str(raw)
 
 
-@dataclass(slots=True)
-class BirthResult:
-    status: StoreStatus  # OK | EXISTS | POLICY_DENIED | ILLEGAL_TRANSITION
-    version: int
-    epoch: int
-    state: SessionState | None
-    server_ms: int
-    deadline_ms: int
+def _flag(raw: Any) -> bool:
+    return int(raw) == 1
 
-    @property
-    def ok(self) -> bool:
-        return self.status is StoreStatus.OK
+
+Field = tuple[str, Callable[[Any], Any]]
+
+
+class Reply:
+    """One script's reply layout: the answer type and its fields, in the script's order.
+
+    The names are checked against the answer's dataclass fields at import, so a
+    reply can never be decoded into the wrong field; ``decode`` builds the answer
+    positionally (keyword construction costs more at the cluster's reattach rate).
+    """
+
+    __slots__ = ("script", "cls", "fields", "_convs")
+
+    def __init__(self, script: str, cls: type, fields: Sequence[Field]) -> None:
+        names = [f.name for f in dataclass_fields(cls)][: len(fields)]
+        if names != [n for n, _ in fields]:
+            raise TypeError(f"{script}: reply fields {[n for n, _ in fields]} != {names}")
+        self.script = script
+        self.cls = cls
+        self.fields = tuple(fields)
+        self._convs = tuple(c for _, c in fields)
+
+    def decode(self, r: Sequence[Any], *extra: Any) -> Any:
+        """The typed answer of reply ``r`` (StoreProtocolError if it has the wrong shape);
+        ``extra``: the answer's fields that the script does not return."""
+        if len(r) != len(self._convs):
+            raise StoreProtocolError(f"{self.script}: {len(r)} reply fields, expected "
+                                     f"{len(self._convs)}")
+        try:
+            return self.cls(*[c(v) for c, v in zip(self._convs, r, strict=True)], *extra)
+        except (TypeError, ValueError) as exc:
+            raise StoreProtocolError(f"{self.script}: unreadable reply: {exc}") from exc
+
+
+BIRTH_REPLY = Reply("birth", BirthResult, [
+    ("status", _status), ("version", int), ("epoch", int), ("state", _state),
+    ("server_ms", int), ("deadline_ms", int)])
+REATTACH_REPLY = Reply("reattach", ReattachResult, [
+    ("status", _status), ("reason", _reason), ("version", int), ("epoch", int),
+    ("binding_id", bytes), ("node", _text), ("prev_node", _text), ("server_ms", int),
+    ("state", _state), ("retry", _flag), ("expired_now", _flag), ("binding_current", _flag),
+    ("terminate_reason", _treason), ("prev_state", _state), ("prev_kind", _KINDS.get)])
+REFRESH_REPLY = Reply("refresh", RefreshResult, [
+    ("status", _status), ("version", int), ("state", _state), ("epoch", int), ("node", _text),
+    ("deadline_ms", int), ("server_ms", int), ("expired_now", _flag),
+    ("terminate_reason", _treason)])
+TERMINATE_REPLY = Reply("terminate", TerminateResult, [
+    ("status", _status), ("version", int), ("prev_state", _state),
+    ("terminate_reason", _treason), ("epoch", int), ("node", _text), ("server_ms", int)])
+EXPIRE_REPLY = Reply("expire", ExpireResult, [
+    ("status", _status), ("expired_now", _flag), ("version", int), ("deadline_ms", int),
+    ("epoch", int), ("node", _text), ("prev_state", _state), ("server_ms", int),
+    ("client_id", _text)])
+# transition.lua's reply; the event is the caller's (``decode(r, event)``).
+TRANSITION_REPLY = Reply("transition", TransitionResult, [
+    ("status", _status), ("version", int), ("state", _state), ("prev_state", _state),
+    ("expired_now", _flag), ("terminate_reason", _treason), ("epoch", int), ("server_ms", int)])
+
+
+def decode_record(session_id: bytes, f: Mapping[bytes, bytes], server_ms: int) -> SessionRecord:
+    """One session record from its hash fields."""
+
+    def i(name: bytes, default: int = 0) -> int:
+        v = f.get(name)
+        return int(v) if v is not None else default
+
+    def opt(name: bytes) -> int | None:
+        v = f.get(name)
+        return int(v) if v is not None else None
+
+    kind = i(b"k")
+    tr = i(b"tr")
+    return SessionRecord(
+        session_id=session_id,
+        state=SessionState(i(b"st")),
+        version=i(b"v"),
+        epoch=i(b"ep"),
+        binding_id=f.get(b"bid", b""),
+        node=_text(f.get(b"nd", b"")),
+        kind=TransportKind(kind) if kind else None,
+        upstream=_text(f.get(b"up", b"")),
+        client_id=_text(f.get(b"cid", b"")),
+        wrapped_secret=f.get(b"ws", b""),
+        ttl_ms=i(b"ttl"),
+        deadline_ms=i(b"dl"),
+        created_ms=i(b"cr"),
+        server_ms=server_ms,
+        reattach_rate=i(b"rr"),
+        transports_mask=i(b"tk"),
+        generation=i(b"gen"),
+        terminate_reason=TerminateReason(tr) if tr else None,
+        terminated_ms=opt(b"te"),
+        lost_version=opt(b"lost"),
+        last_reattach_ms=opt(b"lt"),
+    )
 
 
 class PendingReattach:
@@ -189,228 +288,6 @@ class PendingReattach:
         self.keys = keys
         self.args = args
         self.future = future
-
-
-@dataclass(slots=True)
-class ReattachResult:
-    """The reattach CAS decision (see store/lua/reattach.lua for every field)."""
-
-    status: StoreStatus
-    reason: RejectReason | None  # the wire reason of a rejection; None on success
-    version: int
-    epoch: int
-    binding_id: bytes  # the new binding on success (or the recorded one on a retry)
-    node: str
-    prev_node: str  # previous owner to tell (pub/sub); '' on a retry
-    server_ms: int
-    state: SessionState | None  # after the call; None if no record
-    retry: bool  # an idempotent retransmission: the recorded decision, nothing changed
-    expired_now: bool  # this call wrote the EXPIRED tombstone: emit the event
-    binding_current: bool  # the returned binding is the session's current one
-    terminate_reason: TerminateReason | None
-    prev_state: SessionState | None  # before the call
-    prev_kind: TransportKind | None  # transport kind of the previous binding
-    recovered: bool = False  # outcome was unknown and re-read from the store
-
-    @property
-    def ok(self) -> bool:
-        return self.status is StoreStatus.OK
-
-    @classmethod
-    def from_reply(cls, r: Sequence[Any]) -> ReattachResult:
-        reason = _REJECT.get(r[1]) if r[1] in _REJECT else RejectReason(int(r[1]))
-        return cls(
-            _status(r[0]),
-            reason,
-            int(r[2]),
-            int(r[3]),
-            bytes(r[4]),
-            _text(r[5]),
-            _text(r[6]),
-            int(r[7]),
-            _state(r[8]),
-            r[9] == 1,
-            r[10] == 1,
-            r[11] == 1,
-            _treason(r[12]),
-            _state(r[13]),
-            _KINDS.get(r[14]),
-        )
-
-
-@dataclass(slots=True)
-class TransitionResult:
-    status: StoreStatus  # OK | STALE_VERSION | ILLEGAL_TRANSITION | UNKNOWN_SESSION | TERMINATED | EXPIRED
-    event: SessionEvent
-    version: int  # after the call (current on a refusal)
-    state: SessionState | None
-    prev_state: SessionState | None
-    expired_now: bool  # the deadline had passed: this call wrote the EXPIRED tombstone
-    terminate_reason: TerminateReason | None
-    epoch: int
-    server_ms: int
-    recovered: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status is StoreStatus.OK
-
-    @property
-    def detail(self) -> str:
-        """A human reason naming the event and the state."""
-        state = self.prev_state.name if self.prev_state is not None else "-"
-        if self.status is StoreStatus.ILLEGAL_TRANSITION:
-            return f"ILLEGAL_TRANSITION: no {self.event.name} from state {state}"
-        if self.status is StoreStatus.STALE_VERSION:
-            return f"STALE_VERSION: {self.event.name} refused, current version {self.version}"
-        return f"{self.status.name}: {self.event.name} in state {state}"
-
-
-@dataclass(slots=True)
-class RefreshResult:
-    status: StoreStatus  # OK | NOT_OWNER | UNKNOWN_SESSION | TERMINATED | EXPIRED
-    version: int
-    state: SessionState | None
-    epoch: int  # current epoch (the new owner's on NOT_OWNER)
-    node: str  # current owner
-    deadline_ms: int
-    server_ms: int
-    expired_now: bool
-    terminate_reason: TerminateReason | None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is StoreStatus.OK
-
-
-@dataclass(slots=True)
-class TerminateResult:
-    status: StoreStatus  # OK (written now) | TERMINATED | EXPIRED (already) | UNKNOWN_SESSION
-    version: int
-    prev_state: SessionState | None
-    terminate_reason: TerminateReason | None
-    epoch: int
-    node: str
-    server_ms: int
-
-    @property
-    def ok(self) -> bool:
-        """The session is a tombstone now (written by this call or before)."""
-        return self.status is StoreStatus.OK or self.status in _TOMBSTONE_STATUSES
-
-    @property
-    def already(self) -> bool:
-        """It was a tombstone before this call (nothing changed)."""
-        return self.status in _TOMBSTONE_STATUSES
-
-
-@dataclass(slots=True)
-class ExpireResult:
-    status: StoreStatus  # EXPIRED | OK (live) | TERMINATED | UNKNOWN_SESSION
-    expired_now: bool
-    version: int
-    deadline_ms: int
-    epoch: int
-    node: str
-    prev_state: SessionState | None
-    server_ms: int
-    client_id: str
-
-
-@dataclass(slots=True)
-class ExpiredSession:
-    """A session the sweeper terminated (the caller emits the event)."""
-
-    session_id: bytes
-    version: int  # the tombstone's
-    epoch: int
-    node: str
-    prev_state: SessionState
-    client_id: str
-    deadline_ms: int
-    server_ms: int
-
-
-@dataclass(slots=True)
-class SessionRecord:
-    """One decoded session record (live or tombstone) as read at ``server_ms``."""
-
-    session_id: bytes
-    state: SessionState
-    version: int
-    epoch: int
-    binding_id: bytes
-    node: str
-    kind: TransportKind | None
-    upstream: str
-    client_id: str
-    wrapped_secret: bytes = field(repr=False)
-    ttl_ms: int
-    deadline_ms: int
-    created_ms: int
-    server_ms: int
-    reattach_rate: int
-    transports_mask: int
-    generation: int
-    terminate_reason: TerminateReason | None
-    terminated_ms: int | None
-    lost_version: int | None  # version before a gateway-observed TRANSPORT_LOST
-    last_reattach_ms: int | None
-
-    @property
-    def terminated(self) -> bool:
-        return self.state is SessionState.TERMINATED
-
-    @property
-    def remaining_ms(self) -> int:
-        """Time left before the deadline (0 if past it or terminated)."""
-        return 0 if self.terminated else max(0, self.deadline_ms - self.server_ms)
-
-    @property
-    def last_seen_ms(self) -> int:
-        """When the deadline was last pushed (birth, reattach or refresh)."""
-        return self.deadline_ms - self.ttl_ms
-
-    @property
-    def idle_ms(self) -> int:
-        """Time since the last birth, reattach or refresh."""
-        return max(0, self.server_ms - self.last_seen_ms)
-
-    @classmethod
-    def decode(cls, session_id: bytes, f: Mapping[bytes, bytes], server_ms: int) -> SessionRecord:
-        def i(name: bytes, default: int = 0) -> int:
-            v = f.get(name)
-            return int(v) if v is not None else default
-
-        def opt(name: bytes) -> int | None:
-            v = f.get(name)
-            return int(v) if v is not None else None
-
-        kind = i(b"k")
-        tr = i(b"tr")
-        return cls(
-            session_id=session_id,
-            state=SessionState(i(b"st")),
-            version=i(b"v"),
-            epoch=i(b"ep"),
-            binding_id=f.get(b"bid", b""),
-            node=_text(f.get(b"nd", b"")),
-            kind=TransportKind(kind) if kind else None,
-            upstream=_text(f.get(b"up", b"")),
-            client_id=_text(f.get(b"cid", b"")),
-            wrapped_secret=f.get(b"ws", b""),
-            ttl_ms=i(b"ttl"),
-            deadline_ms=i(b"dl"),
-            created_ms=i(b"cr"),
-            server_ms=server_ms,
-            reattach_rate=i(b"rr"),
-            transports_mask=i(b"tk"),
-            generation=i(b"gen"),
-            terminate_reason=TerminateReason(tr) if tr else None,
-            terminated_ms=opt(b"te"),
-            lost_version=opt(b"lost"),
-            last_reattach_ms=opt(b"lt"),
-        )
 
 
 @dataclass(slots=True)
@@ -471,6 +348,9 @@ class SessionStore:
         self._generation: int | None = None
         self._gen_expires = 0.0  # monotonic time after which the generation is re-read
         self._gen_forced_at = -1e9
+        # How reattach_soon ran each CAS: "queued" (no task), "task" (the coroutine), and
+        # "resumed" (queued, then finished by the coroutine: an error, a moved generation).
+        self.reattach_paths = {"queued": 0, "task": 0, "resumed": 0}
         self._gen_task: asyncio.Task[None] | None = None
         self.generation_changes = 0  # the store's generation changed under us (wipe, rollback)
 
@@ -704,9 +584,9 @@ class SessionStore:
             if rec is not None:
                 return BirthResult(StoreStatus.EXISTS, 0, 0, None, rec.server_ms, 0)
             r = await self._script("birth", keys, args, extras=extras)
-        self._saw_server_time(int(r[4]))
-        return BirthResult(_status(r[0]), int(r[1]), int(r[2]), _state(r[3]), int(r[4]),
-                           int(r[5]))  # fmt: skip
+        res: BirthResult = BIRTH_REPLY.decode(r)
+        self._saw_server_time(res.server_ms)
+        return res
 
     async def reattach(
         self,
@@ -722,7 +602,7 @@ class SessionStore:
         window_ms: int | None = None,
         dual_active_window_ms: int | None = None,
     ) -> ReattachResult:
-        """The reattach CAS of DESIGN.md section 4 step 3 (store/lua/reattach.lua)."""
+        """The reattach CAS (docs/ARCHITECTURE.md, Reattach step by step; store/lua/reattach.lua)."""
         gen = self._generation
         if gen is None or time.monotonic() >= self._gen_expires:
             gen = await self.generation()
@@ -735,6 +615,41 @@ class SessionStore:
         except StoreUnavailable as exc:
             r, error = None, exc
         return await self._reattach_after(keys, args, r, error)
+
+    def reattach_soon(self, op: ReattachOp) -> asyncio.Future[ReattachResult]:
+        """``reattach`` as a future: the gateway's one way to run the CAS.
+
+        In the usual case (a single Redis, coalescing on, the generation fresh) the CAS is
+        queued on the batcher with no task and no await frame per call, and the future is
+        completed from the batch's callback; anything unusual on the way (an error, an
+        unknown outcome, a moved generation, Redis Cluster) continues as ``reattach`` does,
+        in a task. The future raises what ``reattach`` raises.
+        """
+        kw: dict[str, Any] = dict(
+            expected_version=op.expected_version, nonce=op.nonce, timestamp_ms=op.timestamp_ms,
+            kind=op.kind, node=op.node, addr_tag=op.addr_tag, binding_id=op.binding_id,
+            window_ms=op.window_ms, dual_active_window_ms=op.dual_active_window_ms)
+        pending = self.reattach_nowait(op.session_id, **kw)
+        if pending is None:
+            self.reattach_paths["task"] += 1
+            return asyncio.ensure_future(self.reattach(op.session_id, **kw))
+        self.reattach_paths["queued"] += 1
+        out: asyncio.Future[ReattachResult] = asyncio.get_running_loop().create_future()
+
+        def landed(_f: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            res = self.reattach_done(pending)
+            if res is not None:
+                out.set_result(res)
+                return
+            self.reattach_paths["resumed"] += 1
+            rest = asyncio.ensure_future(self.finish_reattach(pending))
+            rest.add_done_callback(lambda t: _settle(out, t))
+
+        pending.future.add_done_callback(landed)
+        out.add_done_callback(lambda f: f.cancelled() and pending.future.cancel())
+        return out
 
     def reattach_nowait(
         self,
@@ -777,12 +692,11 @@ class SessionStore:
         if fut.cancelled() or fut.exception() is not None:
             return None
         try:
-            r = _unpack("reattach", fut.result())
+            res: ReattachResult = REATTACH_REPLY.decode(_unpack("reattach", fut.result()))
         except StoreError:
             return None
-        if len(r) > 15:  # the record is of another generation: reattach re-checks ours
+        if res.status is StoreStatus.GENERATION_MOVED:  # reattach re-checks ours
             return None
-        res = ReattachResult.from_reply(r)
         self._saw_server_time(res.server_ms)
         return res
 
@@ -843,11 +757,14 @@ class SessionStore:
             recovered = True
         assert r is not None
         gen = int(args[-1])
-        if len(r) > 15 and await self._generation_moved_from(gen):
+        res: ReattachResult = REATTACH_REPLY.decode(r)
+        if (res.status is StoreStatus.GENERATION_MOVED
+                and await self._generation_moved_from(gen)):
             # The record is of another generation than ours, and ours was stale: again.
             args[-1] = self._generation or gen
-            r = await self._script("reattach", keys, args)
-        res = ReattachResult.from_reply(r)
+            res = REATTACH_REPLY.decode(await self._script("reattach", keys, args))
+        if res.status is StoreStatus.GENERATION_MOVED:  # ours is current: the record is void
+            res.status = StoreStatus.UNKNOWN_SESSION
         self._saw_server_time(res.server_ms)
         if recovered and res.retry:
             res = replace(res, retry=False, recovered=True)
@@ -875,12 +792,9 @@ class SessionStore:
         return self._transition_result(event, r)
 
     def _transition_result(self, event: SessionEvent, r: Sequence[Any]) -> TransitionResult:
-        self._saw_server_time(int(r[7]))
-        return TransitionResult(
-            status=_status(r[0]), event=event, version=int(r[1]), state=_state(r[2]),
-            prev_state=_state(r[3]), expired_now=bool(int(r[4])), terminate_reason=_treason(r[5]),
-            epoch=int(r[6]), server_ms=int(r[7]),
-        )  # fmt: skip
+        res: TransitionResult = TRANSITION_REPLY.decode(r, event)
+        self._saw_server_time(res.server_ms)
+        return res
 
     async def _transition_unknown(
         self, session_id: bytes, expected: int, event: SessionEvent, args: Sequence[Arg]
@@ -891,8 +805,8 @@ class SessionStore:
             r = await self._script("transition", K.session_keys(session_id), args)
             return self._transition_result(event, r)
         if rec is None:
-            return TransitionResult(StoreStatus.UNKNOWN_SESSION, event, 0, None, None, False,
-                                    None, 0, 0, recovered=True)  # fmt: skip
+            return TransitionResult(StoreStatus.UNKNOWN_SESSION, 0, None, None, False, None, 0, 0,
+                                    event, recovered=True)  # fmt: skip
         # One mutation happened since: ours if it left the state our event leads to
         # (exact for TRANSPORT_LOST, which records the version it consumed).
         status = StoreStatus.STALE_VERSION
@@ -903,8 +817,8 @@ class SessionStore:
                     status = StoreStatus.OK
             elif rec.state in targets:
                 status = StoreStatus.OK
-        return TransitionResult(status, event, rec.version, rec.state, None, False,
-                                rec.terminate_reason, rec.epoch, rec.server_ms, recovered=True)  # fmt: skip
+        return TransitionResult(status, rec.version, rec.state, None, False, rec.terminate_reason,
+                                rec.epoch, rec.server_ms, event, recovered=True)  # fmt: skip
 
     async def refresh(self, session_id: bytes, epoch: int, node: str) -> RefreshResult:
         """Keepalive by the binding owner: push the deadline (no version bump) or NOT_OWNER."""
@@ -919,15 +833,15 @@ class SessionStore:
             if not _outcome_unknown(exc):
                 raise
             r = await self._script("refresh", keys, args)  # idempotent: run again
-        if len(r) > 9 and await self._generation_moved_from(gen):
+        res: RefreshResult = REFRESH_REPLY.decode(r)
+        if (res.status is StoreStatus.GENERATION_MOVED
+                and await self._generation_moved_from(gen)):
             args[-1] = self._generation or gen
-            r = await self._script("refresh", keys, args)
-        self._saw_server_time(int(r[6]))
-        return RefreshResult(
-            status=_status(r[0]), version=int(r[1]), state=_state(r[2]), epoch=int(r[3]),
-            node=_text(r[4]), deadline_ms=int(r[5]), server_ms=int(r[6]),
-            expired_now=bool(int(r[7])), terminate_reason=_treason(r[8]),
-        )  # fmt: skip
+            res = REFRESH_REPLY.decode(await self._script("refresh", keys, args))
+        if res.status is StoreStatus.GENERATION_MOVED:
+            res.status = StoreStatus.UNKNOWN_SESSION
+        self._saw_server_time(res.server_ms)
+        return res
 
     async def terminate(
         self, session_id: bytes, reason: TerminateReason = TerminateReason.ADMIN
@@ -942,21 +856,16 @@ class SessionStore:
             if not _outcome_unknown(exc):
                 raise
             r = await self._script("terminate", keys, args, extras=extras)
-        self._saw_server_time(int(r[6]))
-        return TerminateResult(
-            status=_status(r[0]), version=int(r[1]), prev_state=_state(r[2]),
-            terminate_reason=_treason(r[3]), epoch=int(r[4]), node=_text(r[5]), server_ms=int(r[6]),
-        )  # fmt: skip
+        res: TerminateResult = TERMINATE_REPLY.decode(r)
+        self._saw_server_time(res.server_ms)
+        return res
 
     async def expire(self, session_id: bytes) -> ExpireResult:
         """Tombstone the session if it is past its deadline (one sweeper step)."""
         r = await self._script("expire", K.session_keys(session_id), [self._tomb_ms])
-        self._saw_server_time(int(r[7]))
-        return ExpireResult(
-            status=_status(r[0]), expired_now=bool(int(r[1])), version=int(r[2]),
-            deadline_ms=int(r[3]), epoch=int(r[4]), node=_text(r[5]), prev_state=_state(r[6]),
-            server_ms=int(r[7]), client_id=_text(r[8]),
-        )  # fmt: skip
+        res: ExpireResult = EXPIRE_REPLY.decode(r)
+        self._saw_server_time(res.server_ms)
+        return res
 
     async def sweep(self, limit: int = 256) -> list[ExpiredSession]:
         """Expire due sessions from the expiry index; return those terminated by this call."""
@@ -1016,7 +925,7 @@ class SessionStore:
         flat = r[1]
         if not flat:
             return None
-        return SessionRecord.decode(session_id, _pairs(flat), server_ms)
+        return decode_record(session_id, _pairs(flat), server_ms)
 
     async def list_sessions(self, limit: int = 100, cursor: int = 0) -> SessionPage:
         """A page of records by SCAN (``cursor`` 0 starts; the returned 0 means done).
@@ -1176,6 +1085,18 @@ class SessionStore:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+def _settle(out: asyncio.Future[T], src: asyncio.Future[T]) -> None:
+    """Complete ``out`` as ``src`` completed (unless ``out`` is done already)."""
+    if out.done():
+        return
+    if src.cancelled():
+        out.cancel()
+    elif (exc := src.exception()) is not None:
+        out.set_exception(exc)
+    else:
+        out.set_result(src.result())
 
 
 def _random_generation(avoid: int | None = None) -> int:

@@ -1,7 +1,7 @@
 """Exceptions of the store: one base class; unavailability is its own type.
 
 ``StoreUnavailable`` is what callers map to ``RejectReason.STORE_UNAVAILABLE``
-(DESIGN.md section 4 step 7): the store could not give an authoritative answer
+(docs/ARCHITECTURE.md, Reattach step by step): the store could not give an authoritative answer
 (connection refused or reset, timeout, BUSY, LOADING, READONLY, NOREPLICAS,
 MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM, a durable-mode WAIT not acknowledged).
 """

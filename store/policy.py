@@ -1,7 +1,7 @@
 """A registered client's policy (the allowlist entry), and its hash encoding.
 
-There is no policy type in ``session/`` yet, so it lives here. Quality
-thresholds reuse ``session.quality.QualityThresholds``. Stored as the hash
+The type, ``ClientPolicy``, is the machines' (``session.storeops``); its
+encoding is the store's. Stored as the hash
 ``jvpn:client:<public key hex>`` with readable field names (there are few
 clients, unlike sessions).
 """
@@ -11,63 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from session.quality import QualityThresholds
-from session.wire import TransportKind
+from session.storeops import PUBLIC_KEY_LEN, TRANSPORT_NAMES, ClientPolicy
 
-PUBLIC_KEY_LEN = 32
-TRANSPORT_NAMES = tuple(k.name.lower() for k in TransportKind)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientPolicy:
-    """What one client key may do: session TTL, reattach rate, transports, upstreams."""
-
-    public_key: bytes
-    name: str = ""
-    ttl_s: float = 300.0
-    reattach_rate: int = 30  # successful or refused reattach attempts per minute
-    transports: tuple[str, ...] = TRANSPORT_NAMES  # "udp", "tcp"
-    upstreams: tuple[str, ...] = ()  # "host:port" the client may reach
-    quality: QualityThresholds | None = None
-    created_ms: int = 0
-
-    def __post_init__(self) -> None:
-        if len(self.public_key) != PUBLIC_KEY_LEN:
-            raise ValueError(f"public_key must be {PUBLIC_KEY_LEN} bytes")
-        if not 0.001 <= self.ttl_s <= 365 * 86400:
-            raise ValueError(f"ttl_s out of range: {self.ttl_s}")
-        if not 1 <= self.reattach_rate <= 100_000:
-            raise ValueError(f"reattach_rate out of range: {self.reattach_rate}")
-        for t in self.transports:
-            if t not in TRANSPORT_NAMES:
-                raise ValueError(f"unknown transport {t!r} (expected one of {TRANSPORT_NAMES})")
-        for u in self.upstreams:
-            if not u or "," in u or ":" not in u:
-                raise ValueError(f"upstream must be host:port, got {u!r}")
-
-    @property
-    def client_id(self) -> str:
-        """The hex of the public key: the session record's ``cid``."""
-        return self.public_key.hex()
-
-    @property
-    def ttl_ms(self) -> int:
-        return int(self.ttl_s * 1000)
-
-    @property
-    def transport_kinds(self) -> frozenset[TransportKind]:
-        return frozenset(TransportKind[t.upper()] for t in self.transports)
-
-    @property
-    def transport_mask(self) -> int:
-        """The record's ``tk``: bit ``1 << kind`` per allowed TransportKind."""
-        mask = 0
-        for kind in self.transport_kinds:
-            mask |= 1 << int(kind)
-        return mask
-
+__all__ = ["PUBLIC_KEY_LEN", "TRANSPORT_NAMES", "ClientPolicy", "decode_policy", "encode_policy"]
 
 def encode_policy(policy: ClientPolicy) -> dict[str, str]:
     """The hash fields of a client entry."""

@@ -1,12 +1,12 @@
--- reattach.lua: the reattach compare-and-set (DESIGN.md section 4, step 3).
+-- reattach.lua: the reattach compare-and-set (docs/ARCHITECTURE.md, Reattach step by step).
 --
 -- The caller has verified the client's proof (a MAC over session_id, expected
 -- version, nonce, timestamp, kind). This script decides, atomically, in this
 -- order, each check with its own status:
 --   1. no record, or a record stamped with another store generation than the
 --      caller's (a rolled-back or restored store, see store/README.md)
---                                         -> UNKNOWN_SESSION (with the record's
---                                            generation as a 16th reply element)
+--                                         -> GENERATION_MOVED (reason UNKNOWN_SESSION;
+--                                            the caller re-reads its generation)
 --   2. tombstone                          -> EXPIRED if its reason is EXPIRED, else TERMINATED
 --   3. deadline passed                    -> tombstone TERMINATED(EXPIRED) written here, EXPIRED,
 --                                            expired_now = 1 (only this call reports it)
@@ -87,8 +87,7 @@ if not f[1] then
 end
 -- 1. (generation) a record of an older store generation does not exist any more
 if want_gen ~= 0 and num(f[17]) ~= want_gen then
-  return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0,
-    num(f[17])})
+  return reply({ST.GENERATION_MOVED, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0})
 end
 local st, v, ep = tonumber(f[1]), num(f[2]), num(f[3])
 local bid, nd, k = f[4] or '', f[5] or '', num(f[6])

@@ -19,7 +19,7 @@
 --   status OK (deadline pushed) | NOT_OWNER | UNKNOWN_SESSION | TERMINATED |
 --   EXPIRED (expired_now = 1 when this call wrote the tombstone).
 --   A record stamped with another store generation than the caller's is
---   UNKNOWN_SESSION, with the record's generation as a 10th element.
+--   GENERATION_MOVED (the caller re-reads its generation).
 
 local key, nkey = KEYS[1], KEYS[2]
 local epoch = tonumber(ARGV[1])
@@ -34,7 +34,7 @@ if not f[1] then
   return reply({ST.UNKNOWN_SESSION, 0, -1, 0, '', 0, now, 0, 0})
 end
 if want_gen ~= 0 and num(f[8]) ~= want_gen then
-  return reply({ST.UNKNOWN_SESSION, 0, -1, 0, '', 0, now, 0, 0, num(f[8])})
+  return reply({ST.GENERATION_MOVED, 0, -1, 0, '', 0, now, 0, 0})
 end
 local st, v, ep, nd, dl = tonumber(f[1]), num(f[2]), num(f[3]), f[4] or '', num(f[5])
 

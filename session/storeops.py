@@ -1,0 +1,393 @@
+"""The store's vocabulary, as the machines see it: operations, answers, statuses.
+
+Theory of operation. The gateway machine (``session.gateway``) never talks to
+Redis: it asks for a store operation by emitting one of the ``*Op`` values
+below with a call id, and is later handed the answer, one of the ``*Result``
+values (or ``StoreFailure``), with the same call id. ``store/`` executes the
+operations as Lua scripts and decodes every script reply into these types in
+one place (``store.api``), by field name. Results are plain slotted
+dataclasses, to be treated as read-only values: a frozen dataclass's
+``__init__`` costs several microseconds more per object, and reattach and
+refresh results are built at the rate of the whole cluster.
+
+The status codes are injected into every script as the Lua table ``ST`` (see
+``store.scripts``), so Python and Lua can never disagree. They are also
+persisted for a short while inside recorded reattach decisions (the nonce
+hash), so a value never changes meaning once shipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from session.quality import QualityThresholds
+from session.reasons import RejectReason, TerminateReason
+from session.states import SessionEvent, SessionState
+from session.wire import TransportKind
+
+PUBLIC_KEY_LEN = 32
+TRANSPORT_NAMES = tuple(k.name.lower() for k in TransportKind)
+class StoreStatus(IntEnum):
+    """The store's verdict on one script call."""
+
+    OK = 0
+    UNKNOWN_SESSION = 1  # no record (never born, or garbage-collected)
+    EXPIRED = 2  # tombstone with reason EXPIRED (see ``expired_now``)
+    TERMINATED = 3  # tombstone with any other reason
+    CLOCK_SKEW = 4  # proof timestamp outside the window
+    REPLAYED_NONCE = 5  # nonce already used, from another address tag
+    RATE_LIMITED = 6  # reattach rate per minute exceeded (or nonce cache full)
+    POLICY_DENIED = 7  # transport kind not in the session's policy
+    STALE_VERSION = 8  # expected state_version is not the current one
+    DUAL_ACTIVE_CONFLICT = 9  # two claimants raced for one version
+    ILLEGAL_TRANSITION = 10  # the transition table has no entry for (state, event)
+    NOT_OWNER = 11  # refresh by a node/epoch that no longer holds the binding
+    EXISTS = 12  # birth of a session id that already exists
+    GENERATION_MOVED = 13  # the record is of another store generation than the caller's
+
+
+_TOMBSTONE_STATUSES = (StoreStatus.TERMINATED, StoreStatus.EXPIRED)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPolicy:
+    """What one client key may do: session TTL, reattach rate, transports, upstreams."""
+
+    public_key: bytes
+    name: str = ""
+    ttl_s: float = 300.0
+    reattach_rate: int = 30  # successful or refused reattach attempts per minute
+    transports: tuple[str, ...] = TRANSPORT_NAMES  # "udp", "tcp"
+    upstreams: tuple[str, ...] = ()  # "host:port" the client may reach
+    quality: QualityThresholds | None = None
+    created_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.public_key) != PUBLIC_KEY_LEN:
+            raise ValueError(f"public_key must be {PUBLIC_KEY_LEN} bytes")
+        if not 0.001 <= self.ttl_s <= 365 * 86400:
+            raise ValueError(f"ttl_s out of range: {self.ttl_s}")
+        if not 1 <= self.reattach_rate <= 100_000:
+            raise ValueError(f"reattach_rate out of range: {self.reattach_rate}")
+        for t in self.transports:
+            if t not in TRANSPORT_NAMES:
+                raise ValueError(f"unknown transport {t!r} (expected one of {TRANSPORT_NAMES})")
+        for u in self.upstreams:
+            if not u or "," in u or ":" not in u:
+                raise ValueError(f"upstream must be host:port, got {u!r}")
+
+    @property
+    def client_id(self) -> str:
+        """The hex of the public key: the session record's ``cid``."""
+        return self.public_key.hex()
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.ttl_s * 1000)
+
+    @property
+    def transport_kinds(self) -> frozenset[TransportKind]:
+        return frozenset(TransportKind[t.upper()] for t in self.transports)
+
+    @property
+    def transport_mask(self) -> int:
+        """The record's ``tk``: bit ``1 << kind`` per allowed TransportKind."""
+        mask = 0
+        for kind in self.transport_kinds:
+            mask |= 1 << int(kind)
+        return mask
+
+
+@dataclass(slots=True)
+class BirthResult:
+    status: StoreStatus  # OK | EXISTS | POLICY_DENIED | ILLEGAL_TRANSITION
+    version: int
+    epoch: int
+    state: SessionState | None
+    server_ms: int
+    deadline_ms: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+
+@dataclass(slots=True)
+class ReattachResult:
+    """The reattach CAS decision (see store/lua/reattach.lua for every field)."""
+
+    status: StoreStatus
+    reason: RejectReason | None  # the wire reason of a rejection; None on success
+    version: int
+    epoch: int
+    binding_id: bytes  # the new binding on success (or the recorded one on a retry)
+    node: str
+    prev_node: str  # previous owner to tell (pub/sub); '' on a retry
+    server_ms: int
+    state: SessionState | None  # after the call; None if no record
+    retry: bool  # an idempotent retransmission: the recorded decision, nothing changed
+    expired_now: bool  # this call wrote the EXPIRED tombstone: emit the event
+    binding_current: bool  # the returned binding is the session's current one
+    terminate_reason: TerminateReason | None
+    prev_state: SessionState | None  # before the call
+    prev_kind: TransportKind | None  # transport kind of the previous binding
+    recovered: bool = False  # outcome was unknown and re-read from the store
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+
+@dataclass(slots=True)
+class TransitionResult:
+    status: StoreStatus  # OK | STALE_VERSION | ILLEGAL_TRANSITION | UNKNOWN_SESSION | TERMINATED | EXPIRED
+    version: int  # after the call (current on a refusal)
+    state: SessionState | None
+    prev_state: SessionState | None
+    expired_now: bool  # the deadline had passed: this call wrote the EXPIRED tombstone
+    terminate_reason: TerminateReason | None
+    epoch: int
+    server_ms: int
+    event: SessionEvent  # the caller's event (not in the script's reply)
+    recovered: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+    @property
+    def detail(self) -> str:
+        """A human reason naming the event and the state."""
+        state = self.prev_state.name if self.prev_state is not None else "-"
+        if self.status is StoreStatus.ILLEGAL_TRANSITION:
+            return f"ILLEGAL_TRANSITION: no {self.event.name} from state {state}"
+        if self.status is StoreStatus.STALE_VERSION:
+            return f"STALE_VERSION: {self.event.name} refused, current version {self.version}"
+        return f"{self.status.name}: {self.event.name} in state {state}"
+
+
+@dataclass(slots=True)
+class RefreshResult:
+    status: StoreStatus  # OK | NOT_OWNER | UNKNOWN_SESSION | TERMINATED | EXPIRED
+    version: int
+    state: SessionState | None
+    epoch: int  # current epoch (the new owner's on NOT_OWNER)
+    node: str  # current owner
+    deadline_ms: int
+    server_ms: int
+    expired_now: bool
+    terminate_reason: TerminateReason | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+
+@dataclass(slots=True)
+class TerminateResult:
+    status: StoreStatus  # OK (written now) | TERMINATED | EXPIRED (already) | UNKNOWN_SESSION
+    version: int
+    prev_state: SessionState | None
+    terminate_reason: TerminateReason | None
+    epoch: int
+    node: str
+    server_ms: int
+
+    @property
+    def ok(self) -> bool:
+        """The session is a tombstone now (written by this call or before)."""
+        return self.status is StoreStatus.OK or self.status in _TOMBSTONE_STATUSES
+
+    @property
+    def already(self) -> bool:
+        """It was a tombstone before this call (nothing changed)."""
+        return self.status in _TOMBSTONE_STATUSES
+
+
+@dataclass(slots=True)
+class ExpireResult:
+    status: StoreStatus  # EXPIRED | OK (live) | TERMINATED | UNKNOWN_SESSION
+    expired_now: bool
+    version: int
+    deadline_ms: int
+    epoch: int
+    node: str
+    prev_state: SessionState | None
+    server_ms: int
+    client_id: str
+
+
+@dataclass(slots=True)
+class ExpiredSession:
+    """A session the sweeper terminated (the caller emits the event)."""
+
+    session_id: bytes
+    version: int  # the tombstone's
+    epoch: int
+    node: str
+    prev_state: SessionState
+    client_id: str
+    deadline_ms: int
+    server_ms: int
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """One decoded session record (live or tombstone) as read at ``server_ms``."""
+
+    session_id: bytes
+    state: SessionState
+    version: int
+    epoch: int
+    binding_id: bytes
+    node: str
+    kind: TransportKind | None
+    upstream: str
+    client_id: str
+    wrapped_secret: bytes = field(repr=False)
+    ttl_ms: int
+    deadline_ms: int
+    created_ms: int
+    server_ms: int
+    reattach_rate: int
+    transports_mask: int
+    generation: int
+    terminate_reason: TerminateReason | None
+    terminated_ms: int | None
+    lost_version: int | None  # version before a gateway-observed TRANSPORT_LOST
+    last_reattach_ms: int | None
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is SessionState.TERMINATED
+
+    @property
+    def remaining_ms(self) -> int:
+        """Time left before the deadline (0 if past it or terminated)."""
+        return 0 if self.terminated else max(0, self.deadline_ms - self.server_ms)
+
+    @property
+    def last_seen_ms(self) -> int:
+        """When the deadline was last pushed (birth, reattach or refresh)."""
+        return self.deadline_ms - self.ttl_ms
+
+    @property
+    def idle_ms(self) -> int:
+        """Time since the last birth, reattach or refresh."""
+        return max(0, self.server_ms - self.last_seen_ms)
+
+
+# ---- operations ------------------------------------------------------------------------------
+# What the gateway machine asks of the store; ``gateway/`` maps each to one SessionStore call.
+
+
+@dataclass(slots=True)
+class GetRecordOp:
+    """Read one session record (``SessionRecord`` or None)."""
+
+    session_id: bytes
+
+
+@dataclass(slots=True)
+class GetClientOp:
+    """Read one client's registry entry (``ClientPolicy`` or None)."""
+
+    client_id: str
+
+
+@dataclass(slots=True)
+class ClaimHandshakeOp:
+    """Record a handshake's digest once (True if it was fresh)."""
+
+    digest: bytes
+    ttl_ms: int
+
+
+@dataclass(slots=True)
+class BirthOp:
+    """Create a session (``BirthResult``)."""
+
+    session_id: bytes
+    wrapped_secret: bytes = field(repr=False)
+    client_id: str
+    node: str
+    binding_id: bytes
+    kind: TransportKind
+    upstream: str
+    policy: ClientPolicy
+
+
+@dataclass(slots=True)
+class ReattachOp:
+    """The reattach compare-and-set (``ReattachResult``)."""
+
+    session_id: bytes
+    expected_version: int
+    nonce: bytes
+    timestamp_ms: int
+    kind: TransportKind
+    node: str
+    binding_id: bytes
+    addr_tag: str
+    window_ms: int
+    dual_active_window_ms: int
+
+
+@dataclass(slots=True)
+class TransitionOp:
+    """Apply one event of the transition table at a version (``TransitionResult``)."""
+
+    session_id: bytes
+    expected_version: int
+    event: SessionEvent
+
+
+@dataclass(slots=True)
+class RefreshOp:
+    """Confirm ownership and push the deadline (``RefreshResult``)."""
+
+    session_id: bytes
+    epoch: int
+    node: str
+
+
+@dataclass(slots=True)
+class TerminateOp:
+    """Write the tombstone (``TerminateResult``)."""
+
+    session_id: bytes
+    reason: TerminateReason
+
+
+@dataclass(slots=True)
+class PublishMoveOp:
+    """Tell the cluster that ``node`` now holds the session at ``epoch`` (an int: receivers)."""
+
+    session_id: bytes
+    node: str
+    epoch: int
+
+
+@dataclass(slots=True)
+class ServerTimeOp:
+    """Read the store's clock (an int, ms): the health check and the lease."""
+
+
+@dataclass(slots=True)
+class SweepOp:
+    """Expire due sessions (a list of ``ExpiredSession``)."""
+
+    limit: int
+
+
+StoreOp = (GetRecordOp | GetClientOp | ClaimHandshakeOp | BirthOp | ReattachOp | TransitionOp
+           | RefreshOp | TerminateOp | PublishMoveOp | ServerTimeOp | SweepOp)
+
+
+@dataclass(slots=True)
+class StoreFailure:
+    """The store could not be reached, or answered what cannot be read: fail closed."""
+
+    detail: str
+    unreadable: bool = False  # an answer we cannot decode (a bug or a foreign store), not an outage
