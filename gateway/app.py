@@ -39,7 +39,7 @@ def tune_gc(cfg: GatewayConfig) -> None:
     Every reattach allocates a few dozen container objects; with Python's default
     (700, 10, 10) the collector runs hundreds of young passes a second, and the
     older-generation passes traverse every live binding. Measured with
-    ``jvpn bench --only reattach --sessions 3000`` (A/B, 2 x 3 runs): 66 and 70 us of
+    ``jvpn-lab bench --only reattach --sessions 3000`` (A/B, 2 x 3 runs): 66 and 70 us of
     gateway CPU per reattach at the default, 60 and 63 us at (20000, 50, 100). What the
     gateway allocates is freed by reference counting almost always; the collector is
     only for cycles.

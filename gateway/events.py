@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import aiohttp
 import orjson
 
 from gateway.config import EventsConfig
+from session.keys import fingerprint
 from settings import parse_address
 
 log = logging.getLogger("jvpn.events")
@@ -45,7 +45,6 @@ log = logging.getLogger("jvpn.events")
 ECS_VERSION = "8.11"
 SERVICE_NAME = "jumping-vpn"
 EVENT_DATASET = "jvpn.events"
-FINGERPRINT_HEX_CHARS = 16  # 64 bits: enough to correlate, reveals nothing of a random value
 DEFAULT_QUEUE_SIZE = 10_000
 BATCH_MAX = 256
 _SERIALIZE_SLICE = 64  # yield to the loop between slices of a large batch
@@ -73,11 +72,6 @@ _ACTIONS: dict[str, tuple[str, list[str], list[str], str]] = {
     "binding_revoked": ("event", ["session"], ["end"], "success"),
 }
 _DEFAULT_ACTION = ("event", ["network"], ["info"], "unknown")
-
-
-def fingerprint(b: bytes) -> str:
-    """A short SHA-256 hex of ``b``: log this, never nonces, proofs or keys themselves."""
-    return hashlib.sha256(b).hexdigest()[:FINGERPRINT_HEX_CHARS]
 
 
 _TS_CACHE: list[Any] = [None, ""]  # (millisecond, its text): a busy node emits several per ms

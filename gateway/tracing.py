@@ -1,4 +1,4 @@
-"""OpenTelemetry traces for handshake and reattach (DESIGN.md section 6).
+"""OpenTelemetry traces for handshake and reattach (docs/ARCHITECTURE.md, Observability).
 
 Theory of operation. Tracing is off unless the standard ``OTEL_*`` variables
 ask for it, and off is free: a disabled ``Tracing`` answers every call with
@@ -92,6 +92,14 @@ class SpanCtx:
                  tb: TracebackType | None) -> None:
         return None
 
+    def end(self) -> None:
+        """End the span (once; later calls do nothing)."""
+        return None
+
+    def fail(self, exc: BaseException) -> None:
+        """Record ``exc`` on the span as an error (its outcome "error" unless set)."""
+        return None
+
     def set(self, outcome: str | None = None, reason: str | Enum | None = None,
             version: int | None = None, epoch: int | None = None,
             session_id: bytes | None = None) -> None:
@@ -145,15 +153,17 @@ class Tracing:
         return tracing
 
     def handshake(self, peer: PeerLike) -> SpanCtx:
-        """A span for one handshake from ``peer`` (the session is set on success)."""
+        """A started span for one handshake from ``peer`` (the session is set on success);
+        whoever finishes the handshake ends it."""
         return NOOP_SPAN
 
     def reattach(self, session_id: bytes, peer: PeerLike) -> SpanCtx:
-        """A span for one reattach of ``session_id`` from ``peer``."""
+        """A started span for one reattach of ``session_id`` from ``peer``."""
         return NOOP_SPAN
 
-    def store_call(self, op: str) -> SpanCtx:
-        """A child span of the current handshake/reattach span for store operation ``op``."""
+    def store_call(self, op: str, parent: Any = None) -> SpanCtx:
+        """A started child span of ``parent`` (a handshake/reattach span) for store
+        operation ``op``; the no-op span when ``parent`` does not record."""
         return NOOP_SPAN
 
     def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
@@ -197,20 +207,21 @@ class _OtelTracing(Tracing):
 
     def handshake(self, peer: PeerLike) -> SpanCtx:
         return _Span(self, SPAN_HANDSHAKE, self._server,
-                     {ATTR_NODE: self.node_id, ATTR_TRANSPORT: peer.kind.name.lower()})
+                     {ATTR_NODE: self.node_id, ATTR_TRANSPORT: peer.kind.name.lower()}).start()
 
     def reattach(self, session_id: bytes, peer: PeerLike) -> SpanCtx:
         return _Span(self, SPAN_REATTACH, self._server,
                      {ATTR_NODE: self.node_id, ATTR_TRANSPORT: peer.kind.name.lower(),
-                      ATTR_SESSION_HASH: session_hash(session_id)})
+                      ATTR_SESSION_HASH: session_hash(session_id)}).start()
 
-    def store_call(self, op: str) -> SpanCtx:
-        if not self._current().is_recording():
+    def store_call(self, op: str, parent: Any = None) -> SpanCtx:
+        if not isinstance(parent, _Span) or parent._span is None:
             return NOOP_SPAN  # no handshake/reattach span around it: no orphan root spans
         name = self._store_names.get(op)
         if name is None:
             name = self._store_names[op] = SPAN_STORE_PREFIX + op
-        return _Span(self, name, self._client, {ATTR_DB_SYSTEM: "redis", ATTR_DB_OPERATION: op})
+        return _Span(self, name, self._client, {ATTR_DB_SYSTEM: "redis", ATTR_DB_OPERATION: op},
+                     parent=parent).start()
 
     def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
         if self._closed:
@@ -234,20 +245,47 @@ class _OtelTracing(Tracing):
 
 
 class _Span(SpanCtx):
-    __slots__ = ("_owner", "_name", "_kind", "_attrs", "_span", "_token")
+    __slots__ = ("_owner", "_name", "_kind", "_attrs", "_span", "_token", "_parent", "_ended")
 
-    def __init__(self, owner: _OtelTracing, name: str, kind: Any, attrs: dict[str, Any]) -> None:
+    def __init__(self, owner: _OtelTracing, name: str, kind: Any, attrs: dict[str, Any],
+                 parent: _Span | None = None) -> None:
         self._owner = owner
         self._name = name
         self._kind = kind
         self._attrs = attrs
         self._span: Any = None
         self._token: Any = None
+        self._parent = parent
+        self._ended = False
+
+    def start(self) -> _Span:
+        """Start the span, a child of its parent if it has one (no context attached)."""
+        if self._span is None:
+            o = self._owner
+            ctx = o._in_context(self._parent._span) if self._parent is not None else None
+            self._span = o.tracer.start_span(self._name, context=ctx, kind=self._kind,
+                                             attributes=self._attrs, record_exception=False,
+                                             set_status_on_exception=False)
+        return self
+
+    def end(self) -> None:
+        if self._span is not None and not self._ended:
+            self._ended = True
+            self._span.end()
+
+    def fail(self, exc: BaseException) -> None:
+        span = self._span
+        if span is None or not span.is_recording():
+            return
+        status, error = self._owner._error
+        span.record_exception(exc)
+        span.set_status(status(error, f"{type(exc).__name__}: {exc}"))
+        if span.attributes.get(ATTR_OUTCOME) is None:
+            span.set_attribute(ATTR_OUTCOME, "error")
 
     def __enter__(self) -> SpanCtx:
+        self.start()
         o = self._owner
-        self._span = o.tracer.start_span(self._name, kind=self._kind, attributes=self._attrs,
-                                         record_exception=False, set_status_on_exception=False)
         self._token = o._attach(o._in_context(self._span))
         return self
 

@@ -5,7 +5,7 @@ Theory of operation. ``up`` starts, as detached child processes, a store (one
 the nginx balancer and optionally Prometheus, and waits (bounded) until each
 answers: redis PING from our pid, each gateway's ``/readyz``, nginx's pid file
 and TCP port, Prometheus ``/-/ready``. The configs are the ones the containers
-use (DESIGN.md §7), rendered, not copied: ``deploy/gateway.toml`` is each
+use (docs/ARCHITECTURE.md, Deploy), rendered, not copied: ``deploy/gateway.toml`` is each
 gateway's ``--config`` (flags override addresses, store and keys);
 ``deploy/nginx/nginx.conf.template`` is filled with the same ``${JVPN_*}``
 placeholders the nginx image's envsubst fills from docker-compose.yml, and its

@@ -164,3 +164,11 @@ def load_kek(value: str | bytes) -> bytes:
             return raw
     # never echo the input: it may be a (mistyped) key
     raise ValueError("KEK must be 32 raw bytes, 64 hex characters, or base64 of 32 bytes")
+
+
+FINGERPRINT_HEX_CHARS = 16
+
+
+def fingerprint(b: bytes) -> str:
+    """A short SHA-256 hex of ``b``: log this, never nonces, proofs or keys themselves."""
+    return hashlib.sha256(b).hexdigest()[:FINGERPRINT_HEX_CHARS]

@@ -6,7 +6,7 @@ from enum import IntEnum
 
 
 class RejectReason(IntEnum):
-    """Why a gateway refused a handshake or a reattach (DESIGN.md section 4)."""
+    """Why a gateway refused a handshake or a reattach (docs/ARCHITECTURE.md, Reattach)."""
 
     UNKNOWN_SESSION = 1
     EXPIRED = 2

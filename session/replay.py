@@ -19,7 +19,7 @@ order), otherwise forged packets could move the window.
 
 from __future__ import annotations
 
-REPLAY_WINDOW = 4096  # counters; DESIGN.md asks for at least 2048
+REPLAY_WINDOW = 4096  # counters; the design asks for at least 2048
 MAX_COUNTER = 2**64 - 1
 
 _WORD_BITS = 64

@@ -85,7 +85,7 @@ async def test_agent_recovers_when_its_node_forgets_the_binding(redis_url: str) 
         await agent.start()
         await agent.wait_connected(5)
         sid = agent.machine.session_id
-        a.node._drop_binding(sid)  # as after a restart of this node
+        a.node.machine.bindings.pop(sid)  # as after a restart of this node
         await wait_for(lambda: agent.machine.state is SessionState.ATTACHED
                        and agent.machine.epoch >= 2, 5, "reattach")
         agent.send(b"after")

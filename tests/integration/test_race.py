@@ -118,7 +118,7 @@ async def test_concurrent_reattaches_have_exactly_one_winner(
         # The race ran through the task-less path (cached secrets): it is the one proven here.
         paths: Counter[str] = Counter()
         for g in {id(g): g for g in gws}.values():
-            paths.update(g.node.reattach_paths)
+            paths.update(g.store.reattach_paths)
         assert paths["queued"] >= 2 * rounds - 2, paths
         if kinds == (UDP, UDP):
             assert wins["a"] and wins["b"], f"one side never won: {wins}"

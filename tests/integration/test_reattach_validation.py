@@ -598,7 +598,7 @@ async def test_queued_task_and_resumed_paths_give_the_same_answers(
     elif path == "resumed":
         monkeypatch.setattr(store, "reattach_done", lambda pending: None)
     s = await env.session()
-    before = dict(env.gw.node.reattach_paths)
+    before = dict(env.gw.store.reattach_paths)
 
     # success, then the same bytes: from the same address a retry, from another a replay
     ep = await env.ep()
@@ -628,7 +628,7 @@ async def test_queued_task_and_resumed_paths_give_the_same_answers(
                   RejectReason.STALE_VERSION, authenticated=True, version=s.version)
     assert (await record(env.gw, s))[:3] == (s.version, s.epoch, s.binding_id)
 
-    used = {k: v - before[k] for k, v in env.gw.node.reattach_paths.items()}
+    used = {k: v - before[k] for k, v in env.gw.store.reattach_paths.items()}
     assert used[path] == 6 and sum(used.values()) == 6 + (path == "resumed") * 6, used
 
 
@@ -640,8 +640,8 @@ async def test_a_new_store_generation_voids_a_cached_session(env: Env) -> None:
     s = await env.session()
     assert_ack(s, await s.reattach(await env.ep()))
     await env.gw.node.store.new_generation()
-    resumed = env.gw.node.reattach_paths["resumed"]
+    resumed = env.gw.store.reattach_paths["resumed"]
     got = await s.send_request(*_req_on(await env.ep(), s))
     # authenticated: the gateway still held the session's keys when the store said so
     assert_reject(s, got, RejectReason.UNKNOWN_SESSION, authenticated=True)
-    assert env.gw.node.reattach_paths["resumed"] == resumed + 1
+    assert env.gw.store.reattach_paths["resumed"] == resumed + 1

@@ -263,15 +263,17 @@ async def test_stopping_node_ignores_reattaches_still_at_the_store(
         os.kill(pid, signal.SIGSTOP)
         paused = True
         raw, req = s.request()
+        queued = gw.store.reattach_paths["queued"]
         ep2.send(raw)
-        await wait_for(lambda: len(gw.node._queued) == 1, 2, "the reattach queued")
-        paths = dict(gw.node.reattach_paths)
+        await wait_for(lambda: gw.store.reattach_paths["queued"] == queued + 1, 2,
+                       "the reattach queued")
+        paths = dict(gw.store.reattach_paths)
         await gw.node.stop()
         os.kill(pid, signal.SIGCONT)
         paused = False
         await asyncio.sleep(1.0)  # the paused pipeline's reply arrives meanwhile
-        assert gw.node.bindings == {} and not gw.node._queued
-        assert gw.node.reattach_paths == paths, "nothing re-run after stop"
+        assert gw.node.bindings == {} and gw.node.calls_in_flight == 0
+        assert gw.store.reattach_paths == paths, "nothing re-run after stop"
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(s.answer(ep2, req.nonce), 0.5)
         rec = await gw.store.get(s.session_id)

@@ -15,7 +15,7 @@ from store.api import SessionStore, StoreConfig
 from store.policy import ClientPolicy
 
 UDP = TransportKind.UDP
-MEMORY_BUDGET = 1024  # bytes per session (DESIGN target: <= 1 KiB over 100k sessions)
+MEMORY_BUDGET = 1024  # bytes per session (target: <= 1 KiB over 100k sessions)
 # The target is >= 50% of the raw rate, measured by `jvpn-lab bench` (BENCHMARKS.md). A
 # shared 2-core CI box cannot hold a throughput ratio reliably, so by default this
 # test prints the ratio and only asserts that batching beats one call per round

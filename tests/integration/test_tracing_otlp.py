@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway.bindings import Peer
 from gateway.tracing import OTLP_PACKAGES, Tracing, session_hash
+from session.binding import Peer
 from session.wire import TransportKind
 
 pytest.importorskip(OTLP_PACKAGES["http/protobuf"][0])
@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: 
 )
 
 SID = bytes.fromhex("00112233445566778899aabbccddeeff")
-PEER = Peer(TransportKind.UDP, ("192.0.2.1", 5000), lambda d: None)
+PEER = Peer(TransportKind.UDP, ("192.0.2.1", 5000))
 
 
 class _Collector(ThreadingHTTPServer):
@@ -63,10 +63,12 @@ def test_spans_are_exported_by_otlp_http(collector: _Collector) -> None:
            "OTEL_SERVICE_NAME": "jvpn-otlp-test"}
     tracing = Tracing.from_env("gw-otlp", env=env)
     assert tracing.enabled
-    with tracing.reattach(SID, PEER) as span:
-        with tracing.store_call("reattach") as st:
-            st.set(outcome="OK")
-        span.set(outcome="ok", version=5, epoch=2)
+    span = tracing.reattach(SID, PEER)
+    st = tracing.store_call("reattach", parent=span)
+    st.set(outcome="OK")
+    st.end()
+    span.set(outcome="ok", version=5, epoch=2)
+    span.end()
     tracing.shutdown(timeout_s=5.0)  # flushes the batch processor
 
     assert collector.requests and all(p == "/v1/traces" for p, _ in collector.requests)
@@ -103,8 +105,9 @@ def test_shutdown_is_bounded_when_the_collector_is_down(monkeypatch: pytest.Monk
         port = s.getsockname()[1]  # closed once we leave: connection refused
     tracing = Tracing.from_env("gw-otlp", env={"OTEL_EXPORTER_OTLP_ENDPOINT":
                                                f"http://127.0.0.1:{port}"})
-    with tracing.reattach(SID, PEER) as span:
-        span.set(outcome="ok")
+    span = tracing.reattach(SID, PEER)
+    span.set(outcome="ok")
+    span.end()
     t0 = time.monotonic()
     tracing.shutdown(timeout_s=0.1)
     assert time.monotonic() - t0 < 1.0

@@ -20,68 +20,47 @@ from session.client import (
     StateChanged,
     TransportLost,
 )
-from session.framing import DataChannel
-from session.handshake import Responder, ServerHello
-from session.keys import SessionKeys, traffic_keys
 from session.noise import generate_keypair
-from session.reasons import DropReason, NoticeKind, RejectReason
+from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
 from session.states import TRANSITIONS, SessionState
+from session.storeops import StoreStatus
+from tests.support.memnet import WALL_MS, GatewayPeer
 
 GW_PRIV, GW_PUB = generate_keypair()
 CL_PRIV, CL_PUB = generate_keypair()
 NODE = b"gw-test"
+KEK = bytes(range(32))
 
 
-class MiniGateway:
-    """Just enough gateway, from the pure pieces, to answer one client."""
+HOME = ("198.51.100.1", 40000)
+NEW = ("198.51.100.2", 40001)
+UPSTREAM = "u:1"
 
-    def __init__(self) -> None:
-        self.sid = os.urandom(16)
-        self.secret = b""
-        self.version = 2
-        self.epoch = 1
-        self.bid = os.urandom(16)
-        self.channel: DataChannel | None = None
 
-    def answer_handshake(self, raw: bytes) -> bytes:
-        init = wire.decode(raw)
-        assert isinstance(init, wire.HandshakeInit)
-        r = Responder(GW_PRIV, init.handshake_id, init.noise)
-        assert r.client_static == CL_PUB
-        hello = ServerHello(self.sid, self.version, 1, self.epoch, self.bid, NODE, 1_000_000, 60_000, 500)
-        msg2, self.secret = r.accept(hello)
-        self._channel()
-        return wire.encode(wire.HandshakeResp(self.sid, init.handshake_id, msg2))
+def gateway() -> GatewayPeer:
+    """The real gateway machine with the store model (tests/support/memnet.py)."""
+    return GatewayPeer(GW_PRIV, KEK, CL_PUB, UPSTREAM, keepalive_interval=0.5, lease_s=60.0)
 
-    def _channel(self) -> None:
-        c2g, g2c = traffic_keys(self.secret, self.epoch, self.bid, NODE)
-        self.channel = DataChannel(g2c, c2g, self.sid, self.epoch)
 
-    @property
-    def keys(self) -> SessionKeys:
-        return SessionKeys(self.secret)
+def ack(gw: GatewayPeer, req: bytes, t: float, forge: bool = False) -> bytes:
+    """The gateway's answer to a reattach request from the new path (an ACK here)."""
+    [answer] = gw.answer(req, NEW, t)
+    assert isinstance(wire.decode(answer), wire.ReattachAck), wire.decode(answer)
+    return answer[:-1] + bytes([answer[-1] ^ 1]) if forge else answer
 
-    def ack(self, req_raw: bytes, forge: bool = False) -> bytes:
-        req = wire.decode(req_raw)
-        assert isinstance(req, wire.ReattachRequest)
-        assert control.verify(req_raw, self.keys.proof_key)
-        assert req.expected_version == self.version
-        self.version += 1
-        self.epoch += 1
-        self.bid = os.urandom(16)
-        self._channel()
-        ack = wire.ReattachAck(self.sid, req.nonce, self.version, self.epoch, self.bid, NODE, 1_000_500)
-        return control.seal(ack, os.urandom(32) if forge else self.keys.control_key)
 
-    def reject(self, req_raw: bytes, reason: RejectReason, authenticated: bool) -> bytes:
-        req = wire.decode(req_raw)
-        assert isinstance(req, wire.ReattachRequest)
-        msg = wire.Reject(self.sid, req.nonce, reason, self.version if authenticated else 0, 1)
-        return control.seal(msg, self.keys.control_key) if authenticated else wire.encode(msg)
+def reject(gw: GatewayPeer, req: bytes, t: float) -> bytes:
+    """The gateway's answer to a request the store refuses (set up by the test)."""
+    [answer] = gw.answer(req, NEW, t)
+    assert isinstance(wire.decode(answer), wire.Reject), wire.decode(answer)
+    return answer
 
-    def data(self, payload: bytes) -> bytes:
-        assert self.channel is not None
-        return self.channel.seal(wire.inner_payload(payload))
+
+def forged_reject(gw: GatewayPeer, req: bytes, reason: RejectReason) -> bytes:
+    """What an off-path attacker can send: an unauthenticated REJECT echoing the nonce."""
+    r = wire.decode(req)
+    assert isinstance(r, wire.ReattachRequest)
+    return wire.encode(wire.Reject(gw.sid, r.nonce, reason, 0, 1))
 
 
 def events(c: ClientSession) -> list[object]:
@@ -91,15 +70,17 @@ def events(c: ClientSession) -> list[object]:
     return out
 
 
-def connected() -> tuple[ClientSession, MiniGateway]:
-    c = ClientSession(CL_PRIV, GW_PUB, ClientParams(keepalive_interval=0.5, dead_after=3, upstream="u:1"))
-    gw = MiniGateway()
-    c.connect(0.0, 1_000_000, path=1, kind=wire.TransportKind.UDP)
+def connected() -> tuple[ClientSession, GatewayPeer]:
+    c = ClientSession(CL_PRIV, GW_PUB, ClientParams(keepalive_interval=0.5, dead_after=3,
+                                                    upstream=UPSTREAM))
+    gw = gateway()
+    c.connect(0.0, WALL_MS, path=1, kind=wire.TransportKind.UDP)
     [(path, init)] = c.datagrams_to_send()
     assert path == 1
-    c.receive(gw.answer_handshake(init), 1, 0.01)
+    [answer] = gw.answer(init, HOME, 0.0)
+    c.receive(answer, 1, 0.01)
     assert any(isinstance(e, HandshakeComplete) for e in events(c))
-    assert c.state is SessionState.ATTACHED and c.version == 2 and c.epoch == 1
+    assert c.state is SessionState.ATTACHED and c.version == 1 and c.epoch == 1
     c.datagrams_to_send()  # the path-validating keepalive
     return c, gw
 
@@ -110,7 +91,6 @@ def test_handshake_then_payload_both_ways() -> None:
     [(_, raw)] = c.datagrams_to_send()
     msg = wire.decode(raw)
     assert isinstance(msg, wire.Data)
-    assert gw.channel is not None
     assert wire.decode_inner(gw.channel.open(msg, raw)).payload == b"hello"
     c.receive(gw.data(b"world"), 1, 0.03)
     assert [e.data for e in events(c) if isinstance(e, PayloadReceived)] == [b"world"]
@@ -144,10 +124,10 @@ def test_reattach_installs_new_epoch_and_fences_old_keys() -> None:
     c.reattach(t, path=2, kind=wire.TransportKind.UDP)
     [(path, req)] = c.datagrams_to_send()
     assert path == 2
-    c.receive(gw.ack(req), 2, t + 0.01)
+    c.receive(ack(gw, req, t), 2, t + 0.01)
     evs = events(c)
     r = [e for e in evs if isinstance(e, Reattached)][0]
-    assert (r.version, r.epoch, c.state) == (3, 2, SessionState.ATTACHED)
+    assert (r.version, r.epoch, c.state) == (2, 2, SessionState.ATTACHED)
     # A packet sealed under the previous binding's keys is no longer accepted.
     c.receive(old_packet, 2, t + 0.02)
     assert c.drops.get(DropReason.STALE_EPOCH) == 1
@@ -160,7 +140,7 @@ def test_forged_or_misdirected_ack_is_ignored() -> None:
     t = lose(c)
     c.reattach(t, 2, wire.TransportKind.UDP)
     [(_, req)] = c.datagrams_to_send()
-    c.receive(gw.ack(req, forge=True), 2, t + 0.01)
+    c.receive(ack(gw, req, t, forge=True), 2, t + 0.01)
     assert c.state is SessionState.RECOVERING and c.drops.get(DropReason.BAD_MAC) == 1
     other = wire.ReattachAck(gw.sid, os.urandom(16), 9, 9, os.urandom(16), NODE, 1)
     c.receive(control.seal(other, gw.keys.control_key), 2, t + 0.02)
@@ -188,7 +168,7 @@ def test_unauthenticated_terminated_never_ends_the_session() -> None:
     t = lose(c)
     c.reattach(t, 2, wire.TransportKind.UDP)
     [(_, req)] = c.datagrams_to_send()
-    c.receive(gw.reject(req, RejectReason.TERMINATED, authenticated=False), 2, t + 0.01)
+    c.receive(forged_reject(gw, req, RejectReason.TERMINATED), 2, t + 0.01)
     evs = events(c)
     assert c.state is SessionState.RECOVERING
     assert not any(isinstance(e, SessionTerminated) for e in evs)
@@ -201,7 +181,8 @@ def test_authenticated_terminated_ends_the_session() -> None:
     t = lose(c)
     c.reattach(t, 2, wire.TransportKind.UDP)
     [(_, req)] = c.datagrams_to_send()
-    c.receive(gw.reject(req, RejectReason.EXPIRED, authenticated=True), 2, t + 0.01)
+    gw.record.state, gw.record.tr = SessionState.TERMINATED, TerminateReason.EXPIRED
+    c.receive(reject(gw, req, t), 2, t + 0.01)
     assert c.state is SessionState.TERMINATED
     assert any(isinstance(e, SessionTerminated) and e.authenticated for e in events(c))
 
@@ -209,14 +190,14 @@ def test_authenticated_terminated_ends_the_session() -> None:
 def test_authenticated_stale_version_adopts_version_and_retries() -> None:
     c, gw = connected()
     t = lose(c)
-    gw.version = 5  # the gateway recorded transitions we did not hear about
+    gw.record.version = 5  # the store recorded transitions we did not hear about
     c.reattach(t, 2, wire.TransportKind.UDP)
     [(_, req)] = c.datagrams_to_send()
-    c.receive(gw.reject(req, RejectReason.STALE_VERSION, authenticated=True), 2, t + 0.01)
+    c.receive(reject(gw, req, t), 2, t + 0.01)
     [(_, retry)] = c.datagrams_to_send()
     r = wire.decode(retry)
     assert isinstance(r, wire.ReattachRequest) and r.expected_version == 5
-    c.receive(gw.ack(retry), 2, t + 0.02)
+    c.receive(ack(gw, retry, t + 0.01), 2, t + 0.02)
     assert c.state is SessionState.ATTACHED and c.version == 6
 
 
@@ -235,16 +216,14 @@ def test_payloads_are_held_while_recovering_and_flushed_after() -> None:
     assert c.send(b"held", t)
     c.reattach(t, 2, wire.TransportKind.UDP)
     [(_, req)] = c.datagrams_to_send()
-    c.receive(gw.ack(req), 2, t + 0.01)
+    c.receive(ack(gw, req, t), 2, t + 0.01)
     out = c.datagrams_to_send()
-    assert gw.channel is not None
     inner = [wire.decode_inner(gw.channel.open(wire.decode(d), d)) for _, d in out]  # type: ignore[arg-type]
     assert b"held" in [i.payload for i in inner]
 
 
 def test_quality_thresholds_move_to_volatile_and_back() -> None:
     c, gw = connected()
-    assert gw.channel is not None
     t = 0.0
     # Answer keepalives slowly (400 ms RTT > 300 ms volatile threshold).
     for rtt, expect in ((0.4, SessionState.VOLATILE), (0.01, SessionState.ATTACHED)):
@@ -258,7 +237,7 @@ def test_quality_thresholds_move_to_volatile_and_back() -> None:
                     ack = wire.inner_keepalive_ack(inner.seq, inner.echo_ms, c.version, inner.state)
                     c.receive(gw.channel.seal(ack), 1, t + rtt)
         assert c.state is expect, (rtt, c.status())
-        assert c.version == 2  # the client reports its grade; only the gateway counts versions
+        assert c.version == 1  # the client reports its grade; only the gateway counts versions
 
 
 def test_reattach_before_handshake_is_local_misuse() -> None:
@@ -294,13 +273,13 @@ def test_every_state_change_follows_the_transition_table() -> None:
         c.handle_timer(t)
     c.reattach(t, 2, wire.TransportKind.UDP)
     req = c.datagrams_to_send()[-1][1]
-    c.receive(gw.ack(req), 2, t + 0.01)
+    c.receive(ack(gw, req, t), 2, t + 0.01)
     c.close(t + 0.02)
     changes = [e for e in events(c) if isinstance(e, StateChanged)]
     assert [(e.old, e.new, e.version) for e in changes] == [
-        (SessionState.ATTACHED, SessionState.RECOVERING, 2),  # the client's loss: no new version
-        (SessionState.RECOVERING, SessionState.ATTACHED, 3),  # the gateway's, adopted from the ACK
-        (SessionState.ATTACHED, SessionState.TERMINATED, 3),
+        (SessionState.ATTACHED, SessionState.RECOVERING, 1),  # the client's loss: no new version
+        (SessionState.RECOVERING, SessionState.ATTACHED, 2),  # the gateway's, adopted from the ACK
+        (SessionState.ATTACHED, SessionState.TERMINATED, 2),
     ]
     for e in changes:
         assert e.new in TRANSITIONS[e.old].values()
@@ -313,7 +292,8 @@ def test_an_expired_session_ends_by_the_expire_edge() -> None:
     t = lose(c)
     c.reattach(t, 2, wire.TransportKind.UDP)
     [(_, req)] = c.datagrams_to_send()
-    c.receive(gw.reject(req, RejectReason.EXPIRED, authenticated=True), 2, t + 0.01)
+    gw.record.state, gw.record.tr = SessionState.TERMINATED, TerminateReason.EXPIRED
+    c.receive(reject(gw, req, t), 2, t + 0.01)
     evs = events(c)
     [rej] = [e for e in evs if isinstance(e, ReattachRejected)]
     assert rej.action is ReattachAction.REHANDSHAKE
@@ -332,7 +312,7 @@ def test_an_ack_that_does_not_advance_the_version_is_not_adopted() -> None:
     # A new epoch, but the version we already hold: the gateway counted no transition.
     ack = wire.ReattachAck(gw.sid, r.nonce, c.version, c.epoch + 1, os.urandom(16), NODE, 1)
     c.receive(control.seal(ack, gw.keys.control_key), 2, t + 0.01)
-    assert c.state is SessionState.RECOVERING and c.version == 2
+    assert c.state is SessionState.RECOVERING and c.version == 1
     assert c.drops.get(DropReason.STALE_EPOCH) == 1
 
 
@@ -341,10 +321,10 @@ def test_a_stale_version_that_goes_backwards_is_not_adopted() -> None:
     t = lose(c)
     c.reattach(t, 2, wire.TransportKind.UDP)
     [(_, req)] = c.datagrams_to_send()
-    gw.version = 1  # older than ours: a rolled-back store or a replay; never retry on it
-    c.receive(gw.reject(req, RejectReason.STALE_VERSION, authenticated=True), 2, t + 0.01)
+    gw.record.version = 0  # older than ours: a rolled-back store or a replay; never retry on it
+    c.receive(reject(gw, req, t), 2, t + 0.01)
     [rej] = [e for e in events(c) if isinstance(e, ReattachRejected)]
-    assert rej.action is ReattachAction.BACKOFF and c.version == 2
+    assert rej.action is ReattachAction.BACKOFF and c.version == 1
     assert c.datagrams_to_send() == []
 
 
@@ -352,7 +332,8 @@ def test_a_refused_jump_stays_on_the_current_path() -> None:
     c, gw = connected()
     c.reattach(0.1, 2, wire.TransportKind.UDP, reason="jump")
     [(_, req)] = c.datagrams_to_send()
-    c.receive(gw.reject(req, RejectReason.RATE_LIMITED, authenticated=True), 2, 0.11)
+    gw.store.force = (StoreStatus.RATE_LIMITED, RejectReason.RATE_LIMITED)
+    c.receive(reject(gw, req, 0.1), 2, 0.11)
     [rej] = [e for e in events(c) if isinstance(e, ReattachRejected)]
     assert rej.action is ReattachAction.STAY
     assert c.state is SessionState.ATTACHED and c.path == 1 and c.get_timer() is not None

@@ -1,0 +1,122 @@
+"""The gateway's local binding table entries: what the data path reads, never the store.
+
+Theory of operation. A Binding is (session, epoch, binding_id, this node, a
+peer). The gateway machine creates one on a successful handshake or reattach
+and destroys it when the store says another node or a newer epoch owns the
+session (a move notice or a refresh answering NOT_OWNER), when the session
+ends, or when this node's lease lapses. The peer is the transport the session
+currently uses. Until the client proves from that peer that it holds this
+epoch's keys (its first packet that decrypts and passes the replay filter),
+the peer is *unvalidated*: the node sends it at most ``AMPLIFICATION_FACTOR``
+times the bytes it received from it (``within_budget``, the one place that
+rule is written), and never tunnelled data.
+
+A Peer is pure data: a transport kind, an address and, for a stream, the id
+of its connection. The adapter that owns the sockets maps it back to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from session import wire
+from session.framing import DataChannel
+from session.keys import SessionKeys
+from session.states import SessionState
+
+AMPLIFICATION_FACTOR = 3
+
+
+def within_budget(received: int, sent: int, size: int) -> bool:
+    """Anti-amplification: may ``size`` more bytes go to an address that sent ``received``
+    and was already sent ``sent``?"""
+    return sent + size <= AMPLIFICATION_FACTOR * received
+
+
+class Peer:
+    """One transport endpoint: a UDP address, or one TCP connection (``conn`` tells them apart)."""
+
+    __slots__ = ("kind", "addr", "conn", "_desc", "_hash")
+
+    def __init__(self, kind: wire.TransportKind, addr: tuple[str, int], conn: int = 0) -> None:
+        self.kind = kind
+        self.addr = addr
+        self.conn = conn
+        self._desc = ""
+        self._hash = hash((int(kind), addr, conn))
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        """The address, without the connection: who asked, for answer caches."""
+        return (int(self.kind), self.addr[0], self.addr[1])
+
+    def describe(self) -> str:
+        """"udp:1.2.3.4:5678" (computed once: events and store tags ask for it often)."""
+        if not self._desc:
+            self._desc = f"{self.kind.name.lower()}:{self.addr[0]}:{self.addr[1]}"
+        return self._desc
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Peer) and other.kind == self.kind and other.addr == self.addr
+                and other.conn == self.conn)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Peer({self.describe()}{f'#{self.conn}' if self.conn else ''})"
+
+
+@dataclass(slots=True)
+class SessionSecrets:
+    """What a node caches per session after unwrapping its secret."""
+
+    secret: bytes
+    keys: SessionKeys
+    upstream: str
+    client_id: str
+    ttl_ms: int
+
+
+@dataclass(slots=True)
+class Binding:
+    session_id: bytes
+    epoch: int
+    binding_id: bytes
+    node_id: bytes  # this node, as the traffic keys bind it
+    peer: Peer
+    secrets: SessionSecrets
+    version: int
+    state: SessionState
+    last_rx: float
+    validated: bool = False
+    rx_unvalidated: int = 0
+    tx_unvalidated: int = 0
+    last_refresh: float = 0.0
+    confirmed_at: float = 0.0  # when the store last confirmed we own this binding
+    transition_pending: bool = False
+    rx_packets: int = 0
+    tx_packets: int = 0
+    lost: bool = False
+    _channel: DataChannel | None = None
+
+    @property
+    def channel(self) -> DataChannel:
+        """The binding's AEAD channel, its traffic keys derived on first use: a binding a
+        client abandons before any DATA (a reattach storm, a rebind race it lost) never
+        pays for the HKDF and the two cipher contexts."""
+        ch = self._channel
+        if ch is None:
+            ch = self._channel = DataChannel.from_secret(
+                self.secrets.secret, session_id=self.session_id, epoch=self.epoch,
+                binding_id=self.binding_id, node_id=self.node_id, is_gateway=True)
+        return ch
+
+    def may_send(self, size: int) -> bool:
+        """Anti-amplification for this binding's peer (spends the budget when True)."""
+        if self.validated:
+            return True
+        if not within_budget(self.rx_unvalidated, self.tx_unvalidated, size):
+            return False
+        self.tx_unvalidated += size
+        return True

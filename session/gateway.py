@@ -1,0 +1,988 @@
+"""The gateway's session machine: handshake, reattach, data, silence, leases, fencing.
+
+Theory of operation. The machine is driven by calls, as aioquic's
+QuicConnection and the client's ``ClientSession``: ``receive(data, peer, now)``
+for every datagram or TCP frame, ``upstream_received`` for what a session's
+upstream answers, ``store_answered(call_id, answer, now)`` when a store
+operation it asked for completes, ``handle_timer(now)`` when ``get_timer()``
+comes due, and the operator's commands (``terminate``, ``binding_moved``). It is
+read out by ``effects()``: bytes to send to a peer, a store operation to run
+(``StoreCall``, whose answer comes back through ``store_answered`` with the same
+call id), a payload for a session's upstream, an upstream to close. Metrics,
+events and traces go to the sinks it is given, which record and never decide.
+It opens no socket, reads no clock and never waits: time is passed in.
+
+A node is stateless with respect to sessions: the store holds every session;
+the machine holds only a cache of unwrapped secrets and the local binding
+table for the sessions bound here. DATA never touches the store. Control
+messages make exactly one store script call on the hot path (a cached
+session's REATTACH_REQUEST: the CAS; an uncached one reads the record first).
+Every answer to an unvalidated address respects the 3x amplification limit
+(``session.binding.within_budget``), and every failure is explicit: an
+authenticated REJECT with a reason, or a counted drop.
+
+The lease (fail closed): the node forwards only while the store answered
+within ``lease_s``, and only for bindings the store confirmed after the last
+lapse. Silence: a binding with no authenticated packet for
+``silence_keepalives`` keepalive intervals is reported TRANSPORT_LOST.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from session import control, wire
+from session.binding import Binding, Peer, SessionSecrets, within_budget
+from session.errors import RemoteProtocolError, SessionError
+from session.handshake import Refusal, Responder, ServerHello
+from session.keys import SessionKeys, fingerprint, unwrap_secret, wrap_secret
+from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
+from session.states import SessionEvent, SessionState, is_allowed
+from session.storeops import (
+    BirthOp,
+    BirthResult,
+    ClaimHandshakeOp,
+    ClientPolicy,
+    ExpiredSession,
+    GetClientOp,
+    GetRecordOp,
+    PublishMoveOp,
+    ReattachOp,
+    ReattachResult,
+    RefreshOp,
+    RefreshResult,
+    ServerTimeOp,
+    SessionRecord,
+    StoreFailure,
+    StoreOp,
+    StoreStatus,
+    SweepOp,
+    TerminateOp,
+    TerminateResult,
+    TransitionOp,
+    TransitionResult,
+)
+
+KEY_CACHE_SIZE = 200_000
+HANDSHAKE_WINDOW_MS = 120_000
+RETRY_TOKEN_LIFETIME_S = 10
+NOTICE_INTERVAL_S = 0.5  # at most one NOT_BOUND_HERE per session per interval
+NOTICE_TABLE_MAX = 100_000
+MAX_CONTROL_CALLS = 4096  # store calls in flight; beyond it control messages are dropped
+HANDSHAKE_ANSWER_CACHE = 10_000
+SWEEP_LIMIT = 500
+BIRTH_VERSION = 1  # created at BIRTH v0, HANDSHAKE_COMPLETE applied: ATTACHED v1
+BIRTH_EPOCH = 1
+MOVE_CHECK_RETRY_S = 1.0
+
+QUALITY_EVENTS = {
+    SessionState.ATTACHED: SessionEvent.QUALITY_RECOVERED,
+    SessionState.VOLATILE: SessionEvent.QUALITY_VOLATILE,
+    SessionState.DEGRADED: SessionEvent.QUALITY_DEGRADED,
+}
+
+
+class Outcome(StrEnum):
+    """How a handshake or reattach ended (the metrics' and spans' ``outcome`` label)."""
+
+    OK = "ok"
+    RETRY = "retry"  # a RETRY cookie (handshake) or an idempotent retransmission (reattach)
+    RETRANSMIT = "retransmit"
+    REFUSED = "refused"
+    REJECTED = "rejected"
+    DROPPED = "dropped"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the machine needs from the gateway's config, in the units it uses (seconds)."""
+
+    node_id: str
+    keepalive_interval: float = 1.0
+    silence_keepalives: int = 3
+    reattach_window_ms: int = 30_000
+    dual_active_window_ms: int = 2_000
+    sweep_interval: float = 1.0
+    handshake_retry_threshold: float = -1.0  # handshakes/s before RETRY; 0 always, <0 never
+    max_sessions: int = 1_000_000
+    lease_s: float = 3.0  # forward only while the store answered within this
+
+    @property
+    def node_bytes(self) -> bytes:
+        return self.node_id.encode()[: wire.MAX_NODE_ID_LEN]
+
+
+# ---- effects ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Send:
+    """Send ``data`` to ``peer`` (a datagram, or one frame on its connection)."""
+
+    peer: Peer
+    data: bytes
+
+
+@dataclass(slots=True)
+class StoreCall:
+    """Run ``op``; hand its answer (or a ``StoreFailure``) to ``store_answered(call_id)``."""
+
+    call_id: int
+    op: StoreOp
+    span: Span | None = None  # the handshake/reattach span the call belongs to
+
+
+@dataclass(slots=True)
+class ToUpstream:
+    """Send ``data`` to the session's upstream ``host:port`` (opened on first use)."""
+
+    session_id: bytes
+    upstream: tuple[str, int]
+    data: bytes
+
+
+@dataclass(slots=True)
+class CloseUpstream:
+    """The session's binding is gone from this node: close its upstream, if any."""
+
+    session_id: bytes
+
+
+Effect = Send | StoreCall | ToUpstream | CloseUpstream
+
+
+# ---- the sinks it reports to (gateway/ supplies the real ones) -------------------------------
+
+
+class Span(Protocol):
+    def set(self, outcome: str | None = None, reason: Any = None, version: int | None = None,
+            epoch: int | None = None, session_id: bytes | None = None) -> None: ...
+
+    def end(self) -> None: ...
+
+    @property
+    def trace_id(self) -> str | None: ...
+
+
+class Tracer(Protocol):
+    def handshake(self, peer: Any) -> Span: ...
+
+    def reattach(self, session_id: bytes, peer: Any) -> Span: ...
+
+
+class Metrics(Protocol):
+    def count_drop(self, reason: object, transport: object) -> None: ...
+
+    def transport_switch(self, from_: Any, to: Any, reason: Any) -> None: ...
+
+    def state_change(self, from_: Any, to: Any) -> None: ...
+
+    def reattach(self, outcome: str, reason: Any, latency_s: float | None = None) -> None: ...
+
+    def handshake(self, outcome: str, reason: Any) -> None: ...
+
+    def security(self, kind: Any) -> None: ...
+
+    def store_latency(self, op: str, seconds: float) -> None: ...
+
+    def set_store_up(self, up: bool) -> None: ...
+
+
+class Events(Protocol):
+    def emit(self, action: str, **fields: Any) -> bool: ...
+
+    def state_change(self, session_id: bytes, from_state: Any, to_state: Any, version: int,
+                     epoch: int, reason: str, **fields: Any) -> Any: ...
+
+    def transport_switch(self, session_id: bytes, from_transport: str, to_transport: str,
+                         reason: str, version: int, epoch: int, **fields: Any) -> Any: ...
+
+    def security_event(self, kind: str, reason: Any, session_id: bytes | None = None,
+                       **fields: Any) -> Any: ...
+
+
+class _NoSpan:
+    trace_id = None
+
+    def set(self, *a: Any, **k: Any) -> None:
+        return None
+
+    def end(self) -> None:
+        return None
+
+
+NO_SPAN: Span = _NoSpan()
+
+
+class _NoTracer:
+    def handshake(self, peer: Any) -> Span:
+        return NO_SPAN
+
+    def reattach(self, session_id: bytes, peer: Any) -> Span:
+        return NO_SPAN
+
+
+# ---- operations in flight --------------------------------------------------------------------
+
+
+class _Handshake:
+    """One HANDSHAKE_INIT being answered: what every step needs."""
+
+    __slots__ = ("msg", "raw", "peer", "span", "t0", "responder", "digest", "policy")
+
+    def __init__(self, msg: wire.HandshakeInit, raw: bytes, peer: Peer, span: Span,
+                 t0: float, responder: Responder, digest: bytes) -> None:
+        self.msg = msg
+        self.raw = raw
+        self.peer = peer
+        self.span = span
+        self.t0 = t0
+        self.responder = responder
+        self.digest = digest
+        self.policy: ClientPolicy | None = None
+
+
+class _Reattach:
+    """One REATTACH_REQUEST being answered."""
+
+    __slots__ = ("req", "raw", "peer", "span", "secrets", "t0", "t1", "bid")
+
+    def __init__(self, req: wire.ReattachRequest, raw: bytes, peer: Peer, span: Span,
+                 t0: float, bid: bytes) -> None:
+        self.req = req
+        self.raw = raw
+        self.peer = peer
+        self.span = span
+        self.secrets: SessionSecrets | None = None
+        self.t0 = self.t1 = t0
+        self.bid = bid
+
+
+Continuation = Callable[[Any, float], None]
+
+
+@dataclass
+class _Timers:
+    maintenance: float = 0.0
+    health: float = 0.0
+    sweep: float = 0.0
+
+
+@dataclass
+class Health:
+    """What the node knows of the store (for /readyz and the lease)."""
+
+    ok: bool = False
+    error: str = "not checked yet"
+    ok_at: float = float("-inf")  # when the store last answered (our clock)
+    trust_since: float = float("-inf")  # bindings confirmed before this must be re-confirmed
+    checking: bool = False
+    offset_ms: float = 0.0  # store clock minus our ms
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class GatewayMachine:
+    """One gateway node's protocol logic, without I/O."""
+
+    def __init__(self, settings: GatewaySettings, static_priv: bytes, kek: bytes, *,
+                 metrics: Metrics, events: Events, random: Callable[[int], bytes],
+                 tracer: Tracer | None = None) -> None:
+        self.settings = settings
+        self.node = settings.node_bytes
+        self.metrics = metrics
+        self.events = events
+        self.tracer: Tracer = tracer or _NoTracer()
+        self._static = static_priv
+        self._kek = kek
+        self._random = random
+        self.bindings: dict[bytes, Binding] = {}
+        self.health = Health()
+        self._secrets: OrderedDict[bytes, SessionSecrets] = OrderedDict()
+        self._out: list[Effect] = []
+        self._calls: dict[int, Continuation] = {}
+        self._next_call = 1
+        self._timers = _Timers()
+        self._token_key = random(32)
+        self._hs_times: list[float] = []
+        self._notice_sent: dict[bytes, float] = {}
+        # Answers to recent handshakes, so a retransmitted INIT (its answer was lost) from the
+        # same address gets the same answer; from another address it is a replay.
+        self._hs_answers: OrderedDict[bytes, tuple[tuple[int, str, int], bytes]] = OrderedDict()
+
+    # ---- outputs ---------------------------------------------------------------------------
+
+    def effects(self) -> list[Effect]:
+        """What to do now, in order (the list is handed over: the machine starts a new one)."""
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float:
+        """When ``handle_timer`` is next due (our clock)."""
+        t = self._timers
+        return min(t.maintenance, t.health, t.sweep)
+
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self._calls)
+
+    def store_ms(self, now: float) -> int:
+        """The store's clock, estimated from ours (the clock every node shares)."""
+        return int(now * 1000 + self.health.offset_ms)
+
+    def sessions_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {s.name: 0 for s in SessionState}
+        for b in self.bindings.values():
+            counts["RECOVERING" if b.lost else b.state.name] += 1
+        return counts
+
+    # ---- inputs: the store -----------------------------------------------------------------
+
+    def _call(self, op: StoreOp, then: Continuation, span: Span | None = None) -> None:
+        cid = self._next_call
+        self._next_call += 1
+        self._calls[cid] = then
+        self._out.append(StoreCall(cid, op, span))
+
+    def _control_full(self) -> bool:
+        return len(self._calls) >= MAX_CONTROL_CALLS
+
+    def store_answered(self, call_id: int, answer: Any, now: float) -> None:
+        """The answer to ``StoreCall(call_id)``: a typed result, or a ``StoreFailure``."""
+        then = self._calls.pop(call_id, None)
+        if then is not None:
+            then(answer, now)
+
+    # ---- inputs: the network ---------------------------------------------------------------
+
+    def receive(self, data: bytes, peer: Peer, now: float) -> None:
+        """One datagram or TCP frame from ``peer``. Bad input is dropped and counted."""
+        try:
+            msg = wire.decode(data)
+            if isinstance(msg, wire.Data):
+                self._handle_data(msg, data, peer, now)
+            elif isinstance(msg, wire.ReattachRequest):
+                self._handle_reattach_request(msg, data, peer, now)
+            elif isinstance(msg, wire.HandshakeInit):
+                self._handle_handshake_init(msg, data, peer, now)
+            else:
+                raise RemoteProtocolError(DropReason.UNEXPECTED, msg.TYPE.name)
+        except RemoteProtocolError as exc:
+            self._drop(exc.reason, peer)
+
+    def _drop(self, reason: DropReason, peer: Peer) -> None:
+        self.metrics.count_drop(reason, peer.kind)
+
+    def _answer(self, peer: Peer, request_size: int, out: bytes) -> None:
+        """Answer one packet from an unvalidated address: at most 3x what it sent."""
+        if within_budget(request_size, 0, len(out)):
+            self._out.append(Send(peer, out))
+        else:
+            self.metrics.count_drop(DropReason.NOT_VALIDATED, peer.kind)
+
+    def _send(self, b: Binding, data: bytes) -> None:
+        if not b.may_send(len(data)):
+            self.metrics.count_drop(DropReason.NOT_VALIDATED, b.peer.kind)
+            return
+        self._out.append(Send(b.peer, data))
+        b.tx_packets += 1
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def _leased(self, b: Binding, now: float) -> bool:
+        """Whether this node may still forward for ``b`` (see the lease above)."""
+        h = self.health
+        return now - h.ok_at < self.settings.lease_s and b.confirmed_at >= h.trust_since
+
+    def _handle_data(self, msg: wire.Data, raw: bytes, peer: Peer, now: float) -> None:
+        b = self.bindings.get(msg.session_id)
+        if b is None or b.epoch != msg.epoch:
+            if b is None:  # a stale epoch is the sender's problem, not a missing binding
+                self._maybe_not_bound(msg.session_id, peer, raw, now)
+            raise RemoteProtocolError(
+                DropReason.UNKNOWN_SESSION if b is None else DropReason.STALE_EPOCH, "DATA")
+        if not self._leased(b, now):
+            raise RemoteProtocolError(DropReason.LEASE_EXPIRED, "DATA")
+        plain = b.channel.open(msg, raw)  # replay window + AEAD; raises on failure
+        inner = wire.decode_inner(plain)
+        if peer != b.peer:
+            self._roam(b, peer)
+        b.validated = True
+        b.last_rx = now
+        b.rx_packets += 1
+        b.lost = False
+        if b.state is SessionState.RECOVERING and not b.transition_pending:
+            # We had reported it lost on silence, but the same binding speaks again.
+            self._transition(b, SessionEvent.TRANSPORT_RESTORED, "gateway: binding speaks again",
+                             now)
+        kind = inner.kind
+        if kind is wire.InnerType.PAYLOAD:
+            self._to_upstream(b, inner.payload)
+        elif kind is wire.InnerType.KEEPALIVE:
+            ack = wire.inner_keepalive_ack(inner.seq, inner.echo_ms, b.version, int(b.state))
+            self._send(b, b.channel.seal(ack))
+            if inner.state != b.state and not b.transition_pending:
+                self._reported_state(b, inner.state, now)
+        elif kind is wire.InnerType.CLOSE:
+            self._terminate(b.session_id, TerminateReason.CLIENT_CLOSE, "client close",
+                            notify=False)
+
+    def _to_upstream(self, b: Binding, payload: bytes) -> None:
+        host, _, port = b.secrets.upstream.rpartition(":")
+        if not host or not port.isdigit():
+            self.metrics.count_drop(DropReason.POLICY, b.peer.kind)
+            return
+        self._out.append(ToUpstream(b.session_id, (host, int(port)), payload))
+
+    def upstream_received(self, session_id: bytes, data: bytes, now: float) -> None:
+        """A reply from the session's upstream target: tunnel it back."""
+        b = self.bindings.get(session_id)
+        if b is None or not b.validated or len(data) > wire.MAX_PAYLOAD_SIZE:
+            self.metrics.count_drop(DropReason.NOT_VALIDATED, wire.TransportKind.UDP)
+            return
+        if not self._leased(b, now):
+            self.metrics.count_drop(DropReason.LEASE_EXPIRED, wire.TransportKind.UDP)
+            return
+        self._send(b, b.channel.seal(wire.inner_payload(data)))
+
+    def _roam(self, b: Binding, peer: Peer) -> None:
+        old = b.peer
+        b.peer = peer
+        reason = "nat_rebind" if old.kind == peer.kind else "path_change"
+        self.metrics.transport_switch(old.kind.name.lower(), peer.kind.name.lower(), reason)
+        self.events.transport_switch(b.session_id, old.describe(), peer.describe(), reason,
+                                     b.version, b.epoch, source_ip=peer.addr[0])
+
+    def _maybe_not_bound(self, sid: bytes, peer: Peer, raw: bytes, now: float) -> None:
+        """Tell a client (authenticated) that this node does not hold its binding."""
+        last = self._notice_sent.get(sid)
+        if last is not None and now - last < NOTICE_INTERVAL_S:
+            return
+        if self._control_full():
+            return
+        if len(self._notice_sent) > NOTICE_TABLE_MAX:
+            self._notice_sent.clear()
+        self._notice_sent[sid] = now
+        self._call(GetRecordOp(sid), lambda rec, t: self._not_bound_loaded(sid, peer, raw, rec, t))
+
+    def _not_bound_loaded(self, sid: bytes, peer: Peer, raw: bytes, rec: Any, now: float) -> None:
+        if not isinstance(rec, SessionRecord):
+            return  # unknown session, or the store is away: nothing authenticated to say
+        secrets = self._secrets_from(sid, rec)
+        if secrets is None:
+            return
+        terminated = rec.state is SessionState.TERMINATED
+        kind = NoticeKind.TERMINATED if terminated else NoticeKind.NOT_BOUND_HERE
+        reason = int(rec.terminate_reason or 0) if terminated else 0
+        # The notice echoes the triggering packet's AEAD tag: the client accepts a hint only
+        # for a packet it really sent, so forged DATA cannot talk it off a working path.
+        notice = wire.Notice(sid, kind, reason, rec.version, raw[-wire.NONCE_LEN:],
+                             self.store_ms(now))
+        self._answer(peer, len(raw), control.seal(notice, secrets.keys.control_key))
+
+    # ---- state changes the gateway observes ------------------------------------------------
+
+    def _reported_state(self, b: Binding, reported: int, now: float) -> None:
+        """The client reports a quality state; record the transition in the store."""
+        try:
+            event = QUALITY_EVENTS.get(SessionState(reported))
+        except ValueError:
+            return
+        if event is not None and is_allowed(b.state, event):
+            self._transition(b, event, "client_reported", now)
+
+    def _transition(self, b: Binding, event: SessionEvent, why: str, t0: float) -> None:
+        if self._control_full():
+            return
+        b.transition_pending = True
+        self._call(TransitionOp(b.session_id, b.version, event),
+                   lambda res, now: self._transitioned(b, why, t0, res, now))
+
+    def _transitioned(self, b: Binding, why: str, t0: float, res: Any, now: float) -> None:
+        b.transition_pending = False
+        if not isinstance(res, TransitionResult):
+            return
+        self.metrics.store_latency("transition", max(0.0, now - t0))
+        if self.bindings.get(b.session_id) is not b or res.state is None:
+            return
+        if res.ok:
+            old = b.state
+            b.state, b.version = res.state, res.version
+            self._state_changed(b.session_id, old, res.state, res.version, b.epoch, why,
+                                b.peer.addr[0])
+        elif res.version > b.version:
+            b.state, b.version = res.state, res.version
+
+    def _state_changed(self, sid: bytes, old: SessionState, new: SessionState, version: int,
+                       epoch: int, reason: str, source_ip: str | None = None) -> None:
+        self.metrics.state_change(old.name, new.name)
+        self.events.state_change(sid, old.name, new.name, version, epoch, reason,
+                                 source_ip=source_ip)
+
+    # ---- handshake -------------------------------------------------------------------------
+
+    def _retry_token(self, peer: Peer, bucket: int) -> bytes:
+        msg = f"{peer.describe()}|{bucket}".encode()
+        mac = hmac.new(self._token_key, msg, hashlib.blake2s).digest()[:24]
+        return mac + bucket.to_bytes(8, "big")
+
+    def _token_valid(self, token: bytes, peer: Peer, now: float) -> bool:
+        if len(token) != 32:
+            return False
+        bucket = int.from_bytes(token[24:], "big")
+        if int(now) // RETRY_TOKEN_LIFETIME_S - bucket not in (0, 1):
+            return False
+        return hmac.compare_digest(token, self._retry_token(peer, bucket))
+
+    def _needs_retry(self, now: float) -> bool:
+        threshold = self.settings.handshake_retry_threshold
+        if threshold < 0:
+            return False
+        if threshold == 0:
+            return True
+        self._hs_times = [t for t in self._hs_times if now - t < 1.0]
+        self._hs_times.append(now)
+        return len(self._hs_times) > threshold
+
+    def _handle_handshake_init(self, msg: wire.HandshakeInit, raw: bytes, peer: Peer,
+                               now: float) -> None:
+        if self._control_full():
+            raise RemoteProtocolError(DropReason.RATE_LIMITED, "HANDSHAKE_INIT")
+        if not msg.token and self._needs_retry(now):
+            token = self._retry_token(peer, int(now) // RETRY_TOKEN_LIFETIME_S)
+            self._answer(peer, len(raw), wire.encode(wire.Retry(msg.handshake_id, token)))
+            self.metrics.handshake(Outcome.RETRY, "")
+            return
+        if msg.token and not self._token_valid(msg.token, peer, now):
+            raise RemoteProtocolError(DropReason.BAD_MAC, "HANDSHAKE_INIT token")
+        try:
+            responder = Responder(self._static, msg.handshake_id, msg.noise)
+        except SessionError:
+            self.metrics.handshake(Outcome.DROPPED, "BAD_HANDSHAKE")
+            raise RemoteProtocolError(DropReason.BAD_HANDSHAKE, "HANDSHAKE_INIT") from None
+        digest = hashlib.sha256(msg.noise).digest()
+        cached = self._hs_answers.get(digest)
+        if cached is not None:
+            if cached[0] == peer.key:
+                self._out.append(Send(peer, cached[1]))  # the same answer, nothing created twice
+                self.metrics.handshake(Outcome.RETRANSMIT, "")
+            else:
+                self._handshake_replay(peer)
+            return
+        span = self.tracer.handshake(peer)
+        hs = _Handshake(msg, raw, peer, span, now, responder, digest)
+        self._call(GetClientOp(responder.client_static.hex()),
+                   lambda policy, t: self._hs_client(hs, policy, t), span)
+
+    def _hs_refuse(self, hs: _Handshake, reason: RejectReason, detail: str, now: float) -> None:
+        out = wire.encode(wire.HandshakeResp(
+            hs.msg.handshake_id, hs.msg.handshake_id,
+            hs.responder.refuse(Refusal(reason, self.store_ms(now)))))
+        self._answer(hs.peer, len(hs.raw), out)
+        self.metrics.handshake(Outcome.REFUSED, reason.name)
+        hs.span.set(outcome=Outcome.REFUSED, reason=reason)
+        hs.span.end()
+        self.events.emit("handshake", outcome="failure", reason=reason.name,
+                         source_ip=hs.peer.addr[0], detail=detail, trace_id=hs.span.trace_id,
+                         **{"jvpn.client": fingerprint(hs.responder.client_static)})
+
+    def _hs_store_failed(self, hs: _Handshake, failure: StoreFailure) -> None:
+        self.metrics.handshake(Outcome.REFUSED, "STORE_UNAVAILABLE")
+        hs.span.set(outcome=Outcome.REFUSED, reason=RejectReason.STORE_UNAVAILABLE)
+        hs.span.end()
+        out = wire.encode(wire.Reject(hs.msg.handshake_id, bytes(wire.NONCE_LEN),
+                                      RejectReason.STORE_UNAVAILABLE, 0, 0))
+        self._answer(hs.peer, len(hs.raw), out)
+        self.events.emit("handshake", outcome="failure", reason="STORE_UNAVAILABLE",
+                         source_ip=hs.peer.addr[0], detail=failure.detail,
+                         trace_id=hs.span.trace_id)
+
+    def _hs_client(self, hs: _Handshake, policy: Any, now: float) -> None:
+        if isinstance(policy, StoreFailure):
+            return self._hs_store_failed(hs, policy)
+        hello = hs.responder.hello
+        if policy is None:
+            self.events.security_event("unknown_client", "UNKNOWN_CLIENT",
+                                       source_ip=hs.peer.addr[0],
+                                       client=fingerprint(hs.responder.client_static))
+            self.metrics.security("unknown_client")
+            return self._hs_refuse(hs, RejectReason.UNKNOWN_CLIENT, "key not in registry", now)
+        if abs(hello.wall_ms - self.store_ms(now)) > HANDSHAKE_WINDOW_MS:
+            return self._hs_refuse(hs, RejectReason.CLOCK_SKEW,
+                                   "client clock outside the handshake window", now)
+        if hello.kind.name.lower() not in policy.transports or hello.kind != hs.peer.kind:
+            return self._hs_refuse(hs, RejectReason.POLICY_DENIED,
+                                   f"transport {hello.kind.name} not allowed", now)
+        if hello.upstream not in policy.upstreams:
+            return self._hs_refuse(hs, RejectReason.POLICY_DENIED,
+                                   f"upstream {hello.upstream!r} not allowed", now)
+        hs.policy = policy
+        self._call(ClaimHandshakeOp(hs.digest, HANDSHAKE_WINDOW_MS * 2),
+                   lambda fresh, t: self._hs_claimed(hs, fresh, t), hs.span)
+
+    def _hs_claimed(self, hs: _Handshake, fresh: Any, now: float) -> None:
+        if isinstance(fresh, StoreFailure):
+            return self._hs_store_failed(hs, fresh)
+        if not fresh:
+            hs.span.set(outcome=Outcome.DROPPED, reason=DropReason.REPLAYED)
+            hs.span.end()
+            return self._handshake_replay(hs.peer)
+        if len(self.bindings) >= self.settings.max_sessions:
+            return self._hs_refuse(hs, RejectReason.OVERLOADED, "node at max_sessions", now)
+        policy = hs.policy
+        assert policy is not None
+        hello = hs.responder.hello
+        sid = self._random(wire.SESSION_ID_LEN)
+        bid = self._random(wire.BINDING_ID_LEN)
+        ttl_ms = int(policy.ttl_s * 1000)
+        server_hello = ServerHello(
+            sid, BIRTH_VERSION, int(SessionState.ATTACHED), BIRTH_EPOCH, bid, self.node,
+            self.store_ms(now), ttl_ms, int(self.settings.keepalive_interval * 1000))
+        msg2, secret = hs.responder.accept(server_hello)
+        client_hex = hs.responder.client_static.hex()
+        op = BirthOp(sid, wrap_secret(self._kek, secret, sid), client_hex, self.settings.node_id,
+                     bid, hs.peer.kind, hello.upstream, policy)
+        secrets = SessionSecrets(secret, SessionKeys(secret), hello.upstream, client_hex, ttl_ms)
+        self._call(op, lambda born, t: self._hs_born(hs, op, secrets, msg2, now, born, t),
+                   hs.span)
+
+    def _hs_born(self, hs: _Handshake, op: BirthOp, secrets: SessionSecrets, msg2: bytes,
+                 t1: float, born: Any, now: float) -> None:
+        if isinstance(born, StoreFailure):
+            return self._hs_store_failed(hs, born)
+        assert isinstance(born, BirthResult)
+        self.metrics.store_latency("birth", max(0.0, now - t1))
+        if not born.ok:
+            return self._hs_refuse(hs, RejectReason.STORE_UNAVAILABLE,
+                                   f"birth: {born.status.name}", now)
+        sid = op.session_id
+        self._cache(sid, secrets)
+        b = self._bind(sid, BIRTH_EPOCH, op.binding_id, hs.peer, secrets, born.version,
+                       SessionState.ATTACHED, now)
+        b.rx_unvalidated = len(hs.raw)
+        answer = wire.encode(wire.HandshakeResp(sid, hs.msg.handshake_id, msg2))
+        self._hs_answers[hs.digest] = (hs.peer.key, answer)
+        while len(self._hs_answers) > HANDSHAKE_ANSWER_CACHE:
+            self._hs_answers.popitem(last=False)
+        if b.may_send(len(answer)):
+            self._out.append(Send(b.peer, answer))
+        else:
+            self.metrics.count_drop(DropReason.NOT_VALIDATED, b.peer.kind)
+        self.metrics.handshake(Outcome.OK, "")
+        hs.span.set(outcome=Outcome.OK, session_id=sid, version=born.version, epoch=BIRTH_EPOCH)
+        hs.span.end()
+        self._state_changed(sid, SessionState.BIRTH, SessionState.ATTACHED, born.version,
+                            BIRTH_EPOCH, "handshake", hs.peer.addr[0])
+        self.events.emit("handshake", outcome="success", session_id=sid,
+                         source_ip=hs.peer.addr[0], duration_ms=(now - hs.t0) * 1000,
+                         trace_id=hs.span.trace_id)
+
+    def _handshake_replay(self, peer: Peer) -> None:
+        self.events.security_event("handshake_replay", "REPLAYED_NONCE", source_ip=peer.addr[0])
+        self.metrics.security("handshake_replay")
+        self._drop(DropReason.REPLAYED, peer)
+
+    def _bind(self, sid: bytes, epoch: int, bid: bytes, peer: Peer, secrets: SessionSecrets,
+              version: int, state: SessionState, now: float) -> Binding:
+        if self.bindings.pop(sid, None) is not None:
+            self._out.append(CloseUpstream(sid))
+        b = Binding(sid, epoch, bid, self.node, peer, secrets, version, state, last_rx=now,
+                    last_refresh=now, confirmed_at=now)
+        self.bindings[sid] = b
+        return b
+
+    def _drop_binding(self, sid: bytes) -> None:
+        if self.bindings.pop(sid, None) is not None:
+            self._out.append(CloseUpstream(sid))
+
+    # ---- secrets ---------------------------------------------------------------------------
+
+    def _cache(self, sid: bytes, secrets: SessionSecrets) -> None:
+        self._secrets[sid] = secrets
+        self._secrets.move_to_end(sid)
+        while len(self._secrets) > KEY_CACHE_SIZE:
+            self._secrets.popitem(last=False)
+
+    def _secrets_from(self, sid: bytes, rec: SessionRecord) -> SessionSecrets | None:
+        """The session's secrets: cached, else unwrapped from its record (and cached)."""
+        cached = self._secrets.get(sid)
+        if cached is not None:
+            return cached
+        if not rec.wrapped_secret:
+            return None
+        try:
+            secret = unwrap_secret(self._kek, rec.wrapped_secret, sid)
+        except SessionError:
+            self.events.security_event("unwrap_failed", "BAD_KEK", session_id=sid)
+            self.metrics.security("unwrap_failed")
+            return None
+        secrets = SessionSecrets(secret, SessionKeys(secret), rec.upstream, rec.client_id,
+                                 rec.ttl_ms)
+        self._cache(sid, secrets)
+        return secrets
+
+    # ---- reattach --------------------------------------------------------------------------
+
+    def _handle_reattach_request(self, req: wire.ReattachRequest, raw: bytes, peer: Peer,
+                                 now: float) -> None:
+        """Reattach step 3: the proof with the session's key (cached, or loaded and unwrapped
+        on a miss), then one CAS."""
+        if self._control_full():
+            raise RemoteProtocolError(DropReason.RATE_LIMITED, "REATTACH_REQUEST")
+        sid = req.session_id
+        r = _Reattach(req, raw, peer, self.tracer.reattach(sid, peer), now,
+                      self._random(wire.BINDING_ID_LEN))
+        secrets = self._secrets.get(sid)
+        if secrets is not None:
+            self._secrets.move_to_end(sid)
+            r.secrets = secrets
+            return self._reattach_check(r, now)
+        self._call(GetRecordOp(sid), lambda rec, t: self._reattach_loaded(r, rec, t), r.span)
+
+    def _reattach_loaded(self, r: _Reattach, rec: Any, now: float) -> None:
+        if isinstance(rec, StoreFailure):
+            return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, None, now)
+        secrets = self._secrets_from(r.req.session_id, rec) if rec is not None else None
+        if secrets is None:
+            return self._reattach_reject(r, RejectReason.UNKNOWN_SESSION, None, now)
+        self.metrics.store_latency("get", max(0.0, now - r.t0))
+        r.secrets = secrets
+        self._reattach_check(r, now)
+
+    def _reattach_check(self, r: _Reattach, now: float) -> None:
+        """The proof, the transport and the clock, before the store."""
+        req, raw, peer = r.req, r.raw, r.peer
+        assert r.secrets is not None
+        keys = r.secrets.keys
+        if not control.verify(raw, keys.proof_key):
+            self.metrics.security("bad_proof")
+            self.events.security_event("bad_proof", "BAD_PROOF", session_id=req.session_id,
+                                       source_ip=peer.addr[0],
+                                       proof=fingerprint(raw[-wire.MAC_LEN:]))
+            return self._reattach_reject(r, RejectReason.BAD_PROOF, None, now)
+        if req.kind != peer.kind:
+            return self._reattach_reject(r, RejectReason.POLICY_DENIED, keys.control_key, now)
+        if abs(req.timestamp_ms - self.store_ms(now)) > self.settings.reattach_window_ms:
+            return self._reattach_reject(r, RejectReason.CLOCK_SKEW, keys.control_key, now)
+        r.t1 = now
+        op = ReattachOp(req.session_id, req.expected_version, req.nonce, req.timestamp_ms,
+                        req.kind, self.settings.node_id, r.bid, peer.describe(),
+                        self.settings.reattach_window_ms, self.settings.dual_active_window_ms)
+        self._call(op, lambda res, t: self._reattach_decided(r, res, t), r.span)
+
+    def _reattach_answer(self, r: _Reattach, msg: wire.Message, key: bytes | None) -> None:
+        out = control.seal(msg, key) if key is not None else wire.encode(msg)
+        self._answer(r.peer, len(r.raw), out)  # the path is unvalidated
+
+    def _reattach_reject(self, r: _Reattach, reason: RejectReason, key: bytes | None,
+                         now: float, version: int = 0) -> None:
+        req, peer = r.req, r.peer
+        self._reattach_answer(r, wire.Reject(req.session_id, req.nonce, reason,
+                                             version if key else 0, self.store_ms(now)), key)
+        self.metrics.reattach(Outcome.REJECTED, reason.name, max(0.0, now - r.t0))
+        r.span.set(outcome=Outcome.REJECTED, reason=reason)
+        r.span.end()
+        self.events.emit("reattach", outcome="failure", reason=reason.name,
+                         session_id=req.session_id, source_ip=peer.addr[0],
+                         nonce=fingerprint(req.nonce), transport=peer.describe(),
+                         trace_id=r.span.trace_id)
+
+    def _reattach_decided(self, r: _Reattach, res: Any, now: float) -> None:
+        """Reattach steps 3-5 after the CAS: bind, tell, answer, record."""
+        assert r.secrets is not None
+        keys = r.secrets.keys
+        if isinstance(res, StoreFailure):  # unavailable, or unreadable: fail closed
+            return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, keys.control_key, now)
+        assert isinstance(res, ReattachResult)
+        req, raw, peer, span = r.req, r.raw, r.peer, r.span
+        sid = req.session_id
+        self.metrics.store_latency("reattach", max(0.0, now - r.t1))
+        if res.server_ms:
+            self.health.offset_ms = res.server_ms - now * 1000
+        if not res.ok:
+            reason = res.reason or RejectReason.STORE_UNAVAILABLE
+            if res.expired_now:
+                self._state_changed(sid, res.prev_state or SessionState.ATTACHED,
+                                    SessionState.TERMINATED, res.version, res.epoch, "EXPIRED")
+                self._drop_binding(sid)
+            if reason in (RejectReason.REPLAYED_NONCE, RejectReason.DUAL_ACTIVE_CONFLICT):
+                self.metrics.security(reason.name.lower())
+                self.events.security_event(reason.name.lower(), reason.name, session_id=sid,
+                                           source_ip=peer.addr[0], nonce=fingerprint(req.nonce),
+                                           transport=peer.describe())
+            return self._reattach_reject(r, reason, keys.control_key, now, res.version)
+        node_id = res.node.encode()[: wire.MAX_NODE_ID_LEN]
+        ack = wire.ReattachAck(sid, req.nonce, res.version, res.epoch, res.binding_id, node_id,
+                               self.store_ms(now))
+        if res.retry:
+            # Idempotent retransmission: same answer, nothing changes twice. But if the first
+            # run's outcome never reached us (the store paused: we answered STORE_UNAVAILABLE
+            # and the CAS applied late), we do not hold the binding this ACK grants: adopt it.
+            cur = self.bindings.get(sid)
+            if (res.binding_current and res.node == self.settings.node_id
+                    and (cur is None or cur.epoch < res.epoch)):
+                b = self._bind(sid, res.epoch, res.binding_id, peer, r.secrets, res.version,
+                               res.state or SessionState.ATTACHED, now)
+                b.rx_unvalidated = len(raw)
+                self.metrics.transport_switch("unknown", peer.kind.name.lower(), "reattach")
+                self.events.transport_switch(sid, f"node:{res.prev_node or '-'}", peer.describe(),
+                                             "reattach_late_applied", res.version, res.epoch,
+                                             source_ip=peer.addr[0])
+            self._reattach_answer(r, ack, keys.control_key)
+            self.metrics.reattach(Outcome.RETRY, "", max(0.0, now - r.t0))
+            span.set(outcome=Outcome.RETRY, version=res.version, epoch=res.epoch)
+            span.end()
+            return
+        old = self.bindings.get(sid)
+        old_desc = old.peer.describe() if old is not None else f"node:{res.prev_node or '-'}"
+        old_kind = (old.peer.kind.name.lower() if old is not None
+                    else res.prev_kind.name.lower() if res.prev_kind is not None else "none")
+        if res.node == self.settings.node_id:
+            b = self._bind(sid, res.epoch, res.binding_id, peer, r.secrets, res.version,
+                           SessionState.ATTACHED, now)
+            b.rx_unvalidated = len(raw)
+        if res.prev_node and res.prev_node != self.settings.node_id:
+            # The old owner is fenced by its refresh (NOT_OWNER) or its lease anyway.
+            self._call(PublishMoveOp(sid, self.settings.node_id, res.epoch), _ignore)
+        self._reattach_answer(r, ack, keys.control_key)
+        self.metrics.reattach(Outcome.OK, "", max(0.0, now - r.t0))
+        span.set(outcome=Outcome.OK, version=res.version, epoch=res.epoch)
+        span.end()
+        self.metrics.transport_switch(old_kind, peer.kind.name.lower(), "reattach")
+        self.events.transport_switch(sid, old_desc, peer.describe(), "reattach", res.version,
+                                     res.epoch, source_ip=peer.addr[0],
+                                     previous_node=res.prev_node or None)
+        self._state_changed(sid, res.prev_state or SessionState.ATTACHED, SessionState.ATTACHED,
+                            res.version, res.epoch, "reattach", peer.addr[0])
+
+    # ---- terminate -------------------------------------------------------------------------
+
+    def terminate(self, sid: bytes, reason: TerminateReason = TerminateReason.ADMIN) -> None:
+        """Administrative terminate: tombstone, authenticated CLOSE to the client."""
+        self._terminate(sid, reason, reason.name.lower(), notify=True)
+
+    def _terminate(self, sid: bytes, reason: TerminateReason, why: str, notify: bool) -> None:
+        self._call(TerminateOp(sid, reason),
+                   lambda res, now: self._terminated(sid, reason, why, notify, res))
+
+    def _terminated(self, sid: bytes, reason: TerminateReason, why: str, notify: bool,
+                    res: Any) -> None:
+        if not isinstance(res, TerminateResult):
+            return  # the store is away: the session lives on until it answers
+        b = self.bindings.get(sid)
+        if b is not None and notify and b.validated:
+            self._send(b, b.channel.seal(wire.inner_close(int(reason))))
+        self._drop_binding(sid)
+        if res.ok and not res.already and res.prev_state is not None:
+            self._state_changed(sid, res.prev_state, SessionState.TERMINATED, res.version,
+                                res.epoch, why)
+
+    # ---- the cluster: moves, refreshes, the sweeper, the lease -----------------------------
+
+    def binding_moved(self, sid: bytes, node: str, epoch: int, now: float) -> None:
+        """Another node took ``sid`` (pub/sub): a hint only, the store decides (refresh)."""
+        b = self.bindings.get(sid)
+        if b is not None and (node != self.settings.node_id or epoch != b.epoch):
+            self._refresh(b, now)
+
+    def _refresh(self, b: Binding, t0: float) -> None:
+        self._call(RefreshOp(b.session_id, b.epoch, self.settings.node_id),
+                   lambda res, now: self._refreshed(b, t0, res))
+
+    def _refreshed(self, b: Binding, t0: float, res: Any) -> None:
+        if not isinstance(res, RefreshResult) or self.bindings.get(b.session_id) is not b:
+            return
+        if res.status is StoreStatus.OK:
+            b.version = max(b.version, res.version)
+            b.confirmed_at = max(b.confirmed_at, t0)
+            self.health.ok_at = max(self.health.ok_at, t0)
+            return
+        # NOT_OWNER, TERMINATED, EXPIRED or gone: this node must stop forwarding (fencing).
+        if res.status in (StoreStatus.TERMINATED, StoreStatus.EXPIRED) and b.validated:
+            # Ended elsewhere (admin, sweeper): tell the client, authenticated, in band.
+            why = res.terminate_reason or TerminateReason.ADMIN
+            self._send(b, b.channel.seal(wire.inner_close(int(why))))
+        self._drop_binding(b.session_id)
+        self.events.emit("binding_revoked", outcome="success", session_id=b.session_id,
+                         reason=res.status.name, epoch=b.epoch, new_node=res.node or None)
+        if res.status is StoreStatus.EXPIRED and res.expired_now:
+            self._state_changed(b.session_id, b.state, SessionState.TERMINATED, res.version,
+                                b.epoch, "EXPIRED")
+
+    def handle_timer(self, now: float) -> None:
+        """Run what is due: the store health check, silence and refreshes, the sweeper."""
+        t = self._timers
+        if now >= t.health:
+            t.health = now + min(1.0, self.settings.lease_s / 3)
+            self._check_store(now)
+        if now >= t.maintenance:
+            t.maintenance = now + self.settings.keepalive_interval / 2
+            self._maintain(now)
+        if now >= t.sweep:
+            t.sweep = now + self.settings.sweep_interval
+            self._call(SweepOp(SWEEP_LIMIT), self._swept)
+
+    def _check_store(self, now: float) -> None:
+        if self.health.checking:
+            return
+        self.health.checking = True
+        self._call(ServerTimeOp(), lambda ms, t1: self._store_checked(now, ms, t1))
+
+    def _store_checked(self, t0: float, server_ms: Any, t1: float) -> None:
+        h = self.health
+        h.checking = False
+        if isinstance(server_ms, StoreFailure):
+            h.ok, h.error = False, server_ms.detail or "store unreachable"
+            self.metrics.set_store_up(False)
+            return
+        h.offset_ms = server_ms - (t0 + t1) / 2 * 1000
+        if t0 - h.ok_at >= self.settings.lease_s and self.bindings:
+            # The lease lapsed (outage, or this process was paused): every binding must be
+            # confirmed by the store again before it carries data; refresh them all now.
+            h.trust_since = t0
+            for b in self.bindings.values():
+                b.last_refresh = float("-inf")
+            self.events.emit("lease_lapsed", outcome="success", bindings=len(self.bindings))
+        h.ok_at = t0
+        h.ok, h.error = True, ""
+        self.metrics.set_store_up(True)
+
+    def _maintain(self, now: float) -> None:
+        """Silence detection and TTL/ownership refresh for local bindings."""
+        interval = self.settings.keepalive_interval
+        silence = interval * self.settings.silence_keepalives
+        for b in list(self.bindings.values()):
+            if not b.lost and now - b.last_rx > silence and b.state is not SessionState.RECOVERING:
+                b.lost = True
+                if not b.transition_pending and is_allowed(b.state, SessionEvent.TRANSPORT_LOST):
+                    self._transition(b, SessionEvent.TRANSPORT_LOST, "gateway: binding silent",
+                                     now)
+            refresh_every = max(interval, b.secrets.ttl_ms / 1000 / 4)
+            unconfirmed = b.confirmed_at < self.health.trust_since
+            if (not b.lost or unconfirmed) and now - b.last_refresh >= refresh_every:
+                b.last_refresh = now
+                self._refresh(b, now)
+
+    def _swept(self, expired: Any, now: float) -> None:
+        if not isinstance(expired, list):
+            return
+        for item in expired:
+            assert isinstance(item, ExpiredSession)
+            self._drop_binding(item.session_id)
+            self._state_changed(item.session_id, item.prev_state, SessionState.TERMINATED,
+                                item.version, item.epoch, "EXPIRED")
+
+    def stop(self) -> None:
+        """Forget every binding and call in flight (no store writes: the store keeps them)."""
+        for sid in list(self.bindings):
+            self._drop_binding(sid)
+        self._calls.clear()
+
+
+def _ignore(answer: Any, now: float) -> None:
+    return None

@@ -1,0 +1,371 @@
+"""The client and gateway machines together, in memory (tests/support/memnet.py).
+
+No sockets, no sleeps: a seeded simulated network with loss, duplication,
+reordering and path changes, time passed in, and a model of the store's
+decisions. Each test states the rule of docs/ARCHITECTURE.md it proves.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from session import control, wire
+from session.client import (
+    ClientParams,
+    HandshakeComplete,
+    Reattached,
+    ReattachRejected,
+    SessionTerminated,
+    TransportLost,
+)
+from session.gateway import MAX_CONTROL_CALLS, Outcome
+from session.noise import generate_keypair
+from session.reasons import DropReason, RejectReason, TerminateReason
+from session.states import SessionState
+from session.storeops import ClientPolicy, GetRecordOp, ReattachOp, TransitionOp
+from tests.support.memnet import WALL_MS, Cl, Gw, Net
+
+GW_PRIV, GW_PUB = generate_keypair()
+CL_PRIV, CL_PUB = generate_keypair()
+KEK = bytes(range(32))
+UPSTREAM = "10.9.9.9:9"
+PARAMS = ClientParams(keepalive_interval=0.2, dead_after=3, handshake_timeout=0.5,
+                      reattach_timeout=0.25, backoff_initial=0.05, backoff_max=0.5,
+                      upstream=UPSTREAM)
+HOME = ("198.51.100.1", 40000)
+OTHER = ("198.51.100.2", 40001)
+ATTACKER = ("203.0.113.66", 6666)
+GW_SETTINGS = dict(keepalive_interval=0.2, silence_keepalives=3, lease_s=3.0,
+                   sweep_interval=1.0)
+
+
+def setup(net: Net, gateways: tuple[str, ...] = ("gw-a",)) -> tuple[Cl, list[Gw]]:
+    gws = [net.gateway(name, GW_PRIV, KEK, **GW_SETTINGS) for name in gateways]
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, PARAMS)
+    net.add_path(c, 1, HOME, gateways[0])
+    c.machine.connect(net.now, WALL_MS + int(net.now * 1000), 1, wire.TransportKind.UDP)
+    while not c.of(HandshakeComplete) and net.now < 3.0:  # the INIT or its answer may be lost
+        net.run(net.now + 0.1)
+    assert c.of(HandshakeComplete), c.events
+    return c, gws
+
+
+def pump(net: Net, c: Cl, until: float, every: float = 0.01) -> list[bytes]:
+    """Send a numbered payload every ``every`` seconds until ``until``; return them."""
+    sent = []
+    t = net.now
+    i = 0
+    while t < until:
+        t += every
+        net.run(t)
+        payload = b"p%06d" % i
+        i += 1
+        if c.machine.send(payload, net.now):
+            sent.append(payload)
+    return sent
+
+
+def test_handshake_data_and_keepalives_over_a_lossy_reordering_network() -> None:
+    """Birth, then payloads through the gateway to the upstream and back, under 10% loss,
+    5% duplication and reordering: the session stays live, nothing arrives twice."""
+    net = Net(seed=7, loss=0.10, dup=0.05, jitter=0.004)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    sent = pump(net, c, 3.0)
+    net.run(3.5)
+    assert c.machine.state in (SessionState.ATTACHED, SessionState.VOLATILE,
+                               SessionState.DEGRADED)
+    assert gw.machine.bindings[sid].validated
+    got = c.received
+    assert len(got) == len(set(got)), "a duplicated datagram was delivered twice"
+    assert set(got) <= set(sent)
+    assert len(got) >= 0.7 * len(sent), (len(got), len(sent))  # two lossy legs: ~81%
+    assert gw.metrics.named("count_drop")  # duplicates hit the replay window
+    replayed = [a for a, _ in gw.metrics.named("count_drop") if a[0] is DropReason.REPLAYED]
+    assert replayed
+
+
+def test_a_dead_path_is_noticed_and_the_session_reattaches_on_a_new_one() -> None:
+    """Silence for dead_after keepalives moves the client to RECOVERING; a reattach from a
+    new address is one CAS: version+1, epoch+1, the same session id, data flows again."""
+    net = Net(seed=3)
+    c, [gw] = setup(net)
+    sid, v0, ep0 = c.machine.session_id, c.machine.version, c.machine.epoch
+    net.run(1.0)
+    c.paths[1].up = False
+    net.run(2.0)
+    lost = c.of(TransportLost)
+    assert lost and c.machine.state is SessionState.RECOVERING
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP, reason="test")
+    net.run(2.5)
+    [done] = c.of(Reattached)
+    assert c.machine.session_id == sid and c.machine.epoch == ep0 + 1
+    assert c.machine.version > v0
+    b = gw.machine.bindings[sid]
+    assert (b.epoch, b.peer.addr) == (ep0 + 1, OTHER)
+    assert net.store.records[sid].version == c.machine.version
+    sent = pump(net, c, 3.0)
+    net.run(3.2)
+    assert len(c.received) >= len(sent) - 1
+
+
+def test_the_gateway_reports_a_silent_binding_lost() -> None:
+    """No authenticated packet for silence_keepalives intervals: TRANSPORT_LOST in the
+    store (one TRANSITION call), and the binding is counted RECOVERING."""
+    net = Net(seed=5)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    net.run(1.0)
+    c.paths[1].up = False
+    net.run(2.0)
+    assert net.store.records[sid].state is SessionState.RECOVERING
+    losts = [op for op in net.store.calls if isinstance(op, TransitionOp)]
+    assert [op.event.name for op in losts] == ["TRANSPORT_LOST"]
+    assert gw.machine.sessions_by_state()["RECOVERING"] == 1
+
+
+def test_a_lost_ack_is_answered_again_idempotently() -> None:
+    """The ACK is lost: the retransmitted request (same bytes) gets the same decision and
+    changes nothing twice; from another address the same bytes are a replay."""
+    net = Net(seed=11)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    [(_, raw)] = c.machine.datagrams_to_send()
+    sent_before = len(gw.sent)
+    net.inject("gw-a", OTHER, raw)
+    net.run(net.now + 0.05)
+    first = [d for _, d in gw.sent[sent_before:]]
+    rec = net.store.records[sid]
+    version, epoch = rec.version, rec.epoch
+    net.inject("gw-a", OTHER, raw)
+    net.run(net.now + 0.05)
+    second = [d for _, d in gw.sent[sent_before + len(first):]]
+    assert (rec.version, rec.epoch) == (version, epoch), "a retransmission changed the record"
+    a1, a2 = wire.decode(first[0]), wire.decode(second[0])
+    assert isinstance(a1, wire.ReattachAck) and isinstance(a2, wire.ReattachAck)
+    assert (a1.nonce, a1.version, a1.epoch, a1.binding_id) == (
+        a2.nonce, a2.version, a2.epoch, a2.binding_id)
+    assert ("reattach", (Outcome.RETRY, "", pytest.approx(0.001, abs=0.01)), {}) in [
+        (n, a, k) for n, a, k in gw.metrics.calls if n == "reattach"]
+    net.inject("gw-a", ATTACKER, raw)
+    net.run(net.now + 0.05)
+    answer = wire.decode(net.injected[-1][1])
+    assert isinstance(answer, wire.Reject) and answer.reason is RejectReason.REPLAYED_NONCE
+
+
+def test_answers_to_an_unvalidated_address_respect_three_times() -> None:
+    """Every answer to an address that has not proven itself is at most 3x the bytes it
+    sent: a reattach request, a rejected one, a handshake from a spoofed source."""
+    net = Net(seed=13)
+    c, [gw] = setup(net)
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    [(_, raw)] = c.machine.datagrams_to_send()
+    forged = raw[:-1] + bytes([raw[-1] ^ 1])  # a bad proof
+    for data in (raw, forged, raw):
+        net.inject("gw-a", ATTACKER, data)
+    net.run(net.now + 0.1)
+    to_attacker = sum(len(d) for a, d in net.injected if a == ATTACKER)
+    assert 0 < to_attacker <= 3 * 3 * len(raw)
+    for p, d in gw.sent:
+        if p.addr == ATTACKER:
+            assert len(d) <= 3 * len(raw)
+
+
+def test_a_stale_node_is_fenced_and_cannot_reach_the_client() -> None:
+    """The client reattaches through another node: the store grants gw-b epoch+1 and
+    publishes the move; gw-a's refresh is NOT_OWNER and it drops the binding. Even before
+    that, the client accepts only the newest epoch's keys: gw-a's DATA is dropped."""
+    net = Net(seed=17)
+    c, (gwa, gwb) = setup(net, ("gw-a", "gw-b"))
+    sid = c.machine.session_id
+    old = gwa.machine.bindings[sid]
+    stale_packet = old.channel.seal(wire.inner_payload(b"from the stale node"))
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    net.run(net.now + 0.1)
+    assert c.of(Reattached) and gwb.machine.bindings[sid].epoch == old.epoch + 1
+    assert sid not in gwa.machine.bindings, "the old owner kept its binding"
+    revoked = gwa.events.named("emit")
+    assert any(a == ("binding_revoked",) and k["reason"] == "NOT_OWNER" for a, k in revoked)
+    drops = c.machine.stats["dropped_input"]
+    c.machine.receive(stale_packet, 2, net.now)
+    assert c.machine.stats["dropped_input"] == drops + 1
+    assert b"from the stale node" not in c.received
+
+
+def test_two_claimants_for_one_version_have_exactly_one_winner() -> None:
+    """Two valid requests for the same version from two addresses through two nodes: one
+    ACK, one authenticated DUAL_ACTIVE_CONFLICT; the store holds the winner's binding."""
+    net = Net(seed=19)
+    c, (gwa, gwb) = setup(net, ("gw-a", "gw-b"))
+    sid = c.machine.session_id
+    c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
+    [(_, raw_a)] = c.machine.datagrams_to_send()
+    c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
+    [(_, raw_b)] = c.machine.datagrams_to_send()
+    net.inject("gw-a", ("198.51.100.7", 1), raw_a)
+    net.inject("gw-b", ("198.51.100.8", 2), raw_b)
+    net.run(net.now + 0.1)
+    answers = [wire.decode(d) for _, d in net.injected]
+    acks = [a for a in answers if isinstance(a, wire.ReattachAck)]
+    rejects = [a for a in answers if isinstance(a, wire.Reject)]
+    assert len(acks) == 1 and len(rejects) == 1
+    assert rejects[0].reason is RejectReason.DUAL_ACTIVE_CONFLICT
+    holders = [g for g in (gwa, gwb) if sid in g.machine.bindings
+               and g.machine.bindings[sid].epoch == acks[0].epoch]
+    assert len(holders) == 1 and net.store.records[sid].node == holders[0].name
+
+
+def test_the_lease_stops_forwarding_when_the_store_is_away() -> None:
+    """The store stops answering: within lease_s the node stops forwarding (fail closed);
+    when it answers again, bindings are re-confirmed before they carry data."""
+    net = Net(seed=23)
+    c, [gw] = setup(net)
+    pump(net, c, 1.0)
+    net.store.up = False
+    net.run(5.0)
+    assert not gw.machine.health.ok
+    before = len(gw.upstream)
+    pump(net, c, 5.5)
+    assert len(gw.upstream) == before, "forwarded without a lease"
+    dropped = [a for a, _ in gw.metrics.named("count_drop") if a[0] is DropReason.LEASE_EXPIRED]
+    assert dropped
+    net.store.up = True
+    net.run(6.1)
+    assert gw.machine.health.ok
+    if c.of(TransportLost):  # as the agent does: reattach (here on the same path)
+        c.machine.reattach(net.now, 1, wire.TransportKind.UDP, reason="test")
+    net.run(7.0)
+    before = len(gw.upstream)
+    pump(net, c, 7.5)
+    assert len(gw.upstream) > before
+
+
+def test_an_unknown_session_costs_one_read_and_gets_no_authenticated_answer() -> None:
+    """A REATTACH_REQUEST for a session nobody knows: one record read, an unauthenticated
+    UNKNOWN_SESSION (no key to sign with), no CAS."""
+    net = Net(seed=29)
+    c, [gw] = setup(net)
+    c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
+    [(_, raw)] = c.machine.datagrams_to_send()
+    bogus = raw[:4] + bytes(16) + raw[20:]
+    calls = len(net.store.calls)
+    net.inject("gw-a", ATTACKER, bogus)
+    net.run(net.now + 0.05)
+    new = net.store.calls[calls:]
+    assert [type(op) for op in new if not type(op).__name__.startswith(("Refresh", "Server",
+                                                                           "Sweep"))] == [
+        GetRecordOp]
+    assert not any(isinstance(op, ReattachOp) for op in new)
+    answer = wire.decode(net.injected[-1][1])
+    assert isinstance(answer, wire.Reject) and answer.reason is RejectReason.UNKNOWN_SESSION
+    assert not control.verify(net.injected[-1][1], bytes(32))
+
+
+def test_control_work_in_flight_is_bounded() -> None:
+    """Store calls in flight never exceed MAX_CONTROL_CALLS: beyond it control messages
+    are dropped and counted RATE_LIMITED, never queued without bound."""
+    net = Net(seed=31, store_latency=10.0)  # a store that answers very late
+    gws = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
+    c = net.client(CL_PRIV, GW_PUB, PARAMS)
+    c.machine.connect(0.0, WALL_MS, 1, wire.TransportKind.UDP)
+    [(_, init)] = c.machine.datagrams_to_send()
+    for i in range(MAX_CONTROL_CALLS + 50):
+        gws.machine.receive(init, _peer(i), net.now)
+    assert gws.machine.calls_in_flight <= MAX_CONTROL_CALLS
+    limited = [a for a, _ in gws.metrics.named("count_drop") if a[0] is DropReason.RATE_LIMITED]
+    assert len(limited) >= 50
+
+
+def test_client_close_ends_the_session_in_the_store() -> None:
+    """An in-band CLOSE: the gateway writes the tombstone and drops the binding."""
+    net = Net(seed=37)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    c.machine.close(net.now)
+    net.run(net.now + 0.1)
+    assert c.of(SessionTerminated)
+    assert net.store.records[sid].state is SessionState.TERMINATED
+    assert net.store.records[sid].tr is TerminateReason.CLIENT_CLOSE
+    assert sid not in gw.machine.bindings
+
+
+def test_an_administrative_terminate_reaches_the_client_authenticated() -> None:
+    """terminate(): tombstone, then an authenticated CLOSE on the validated path."""
+    net = Net(seed=41)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    net.run(0.8)
+    gw.machine.terminate(sid)
+    net.run(1.0)
+    [ended] = c.of(SessionTerminated)
+    assert ended.authenticated and c.machine.state is SessionState.TERMINATED
+
+
+def test_nat_rebinding_moves_the_downlink() -> None:
+    """The NAT in front of the client maps it to a new port: the gateway follows the
+    first authenticated packet from there (docs/ARCHITECTURE.md: roaming)."""
+    net = Net(seed=43)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    pump(net, c, 1.0)
+    del net.by_addr[HOME]
+    c.paths[1].addr = OTHER
+    net.by_addr[OTHER] = (c, 1)
+    received = len(c.received)
+    sent = pump(net, c, 2.0)
+    net.run(2.1)
+    assert gw.machine.bindings[sid].peer.addr == OTHER
+    assert len(c.received) - received >= len(sent) - 2
+    switches = gw.events.named("transport_switch")
+    assert any(a[3] == "nat_rebind" for a, _ in switches)
+
+
+@pytest.mark.xfail(strict=True, reason="Hardening: roaming without validation (a copied "
+                   "authenticated packet moves the downlink at once; a challenge must come first)")
+def test_a_copied_packet_does_not_move_the_downlink() -> None:
+    """The roaming rule (docs/ARCHITECTURE.md, Security rules): an authenticated packet copied from another address proves
+    nothing about that address. Until it answers a challenge it gets at most 3x what it
+    sent, and the downlink keeps going to the old path."""
+    net = Net(seed=47)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    pump(net, c, 0.5)
+    c.machine.send(b"copy me", net.now)
+    raw = c.machine.datagrams_to_send()[-1][1]
+    net.inject("gw-a", ATTACKER, raw)  # an on-path attacker forwards a copy from its address
+    net.run(net.now + 0.02)
+    for _ in range(20):  # the upstream keeps talking to the client meanwhile
+        gw.machine.upstream_received(sid, b"x" * 1000, net.now)
+    net.run(net.now + 0.02)
+    to_attacker = sum(len(d) for a, d in net.injected if a == ATTACKER)
+    assert to_attacker <= 3 * len(raw), f"{to_attacker} bytes sent for {len(raw)} received"
+    assert gw.machine.bindings[sid].peer.addr == HOME
+
+
+def test_reattach_through_a_rejection_keeps_the_session() -> None:
+    """An authenticated STALE_VERSION makes the client adopt the store's version and retry:
+    the reattach then succeeds (the client's rule; the gateway sends the version)."""
+    net = Net(seed=53)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    net.store.records[sid].version += 1  # another mutation the client has not seen
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    net.run(net.now + 0.5)
+    rejected = c.of(ReattachRejected)
+    assert rejected and rejected[0].reason is RejectReason.STALE_VERSION
+    assert rejected[0].authenticated
+    assert c.of(Reattached)
+    assert c.machine.version == net.store.records[sid].version
+
+
+def _peer(i: int):  # type: ignore[no-untyped-def]
+    from session.binding import Peer
+
+    return Peer(wire.TransportKind.UDP, (f"198.18.{i // 250}.{i % 250}", 1000 + i))
