@@ -21,7 +21,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -39,7 +39,7 @@ from session.gateway import (
     StoreCall,
     ToUpstream,
 )
-from session.reasons import TerminateReason
+from session.reasons import DropReason, TerminateReason
 from session.storeops import (
     BirthOp,
     ClaimHandshakeOp,
@@ -90,6 +90,8 @@ class GatewayNode:
         self._next_conn = 1
         self._upstreams: dict[bytes, asyncio.DatagramTransport] = {}
         self._opening: dict[bytes, list[bytes]] = {}
+        self._opening_tasks: set[asyncio.Future[Any]] = set()
+        self._store_was_ok: bool | None = None
         self._background: list[asyncio.Task[Any]] = []
         self._stopping = False
         self.udp_address: tuple[str, int] | None = None
@@ -140,10 +142,7 @@ class GatewayNode:
 
     async def stop(self) -> None:
         """Close listeners, cancel loops and calls, drop bindings (no store writes)."""
-        self._stopping = True
-        for fut in list(self._calls.values()):
-            fut.cancel()
-        await cancel_bounded(self._background)
+        self._stopping = True  # from here on no input reaches the machine
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
@@ -151,6 +150,8 @@ class GatewayNode:
             for conn in list(self._conns.values()):
                 if conn.transport is not None:
                     conn.transport.close()
+        await cancel_bounded([*self._background, *self._calls.values(), *self._opening_tasks])
+        if self._tcp is not None:
             await self._tcp.wait_closed()
         self.machine.stop()
         self._flush()
@@ -170,29 +171,39 @@ class GatewayNode:
 
     def on_message(self, data: bytes, peer: Peer) -> None:
         """Entry point for every datagram and TCP frame. Never raises."""
+        if self._stopping:
+            return
         m = self.metrics
         m.rx_packets += 1
         m.rx_bytes += len(data)
         try:
             self.machine.receive(data, peer, self.clock())
-        except Exception:  # a bug must not kill the listener
+        except Exception:  # a bug must not kill the listener: count it, say it
             log.exception("unexpected error handling a message from %s", peer.describe())
+            m.count_drop(DropReason.MALFORMED, peer.kind)
         self._flush()
 
     def from_upstream(self, session_id: bytes, data: bytes) -> None:
         """A reply from the session's upstream target."""
+        if self._stopping:
+            return
         self.machine.upstream_received(session_id, data, self.clock())
         self._flush()
 
     def _answered(self, call_id: int, span: SpanCtx, fut: asyncio.Future[Any]) -> None:
         """A store call completed: its answer (or a StoreFailure) goes to the machine."""
         self._calls.pop(call_id, None)
-        if self._stopping or fut.cancelled():
+        if self._stopping:
+            if not fut.cancelled():
+                fut.exception()  # retrieved: nothing is left unread at stop
             span.set(outcome="cancelled")
             span.end()
             return
-        exc = fut.exception()
-        if exc is None:
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled():  # not by stop(): the machine must still hear of it (fail closed)
+            answer: Any = StoreFailure("store call cancelled")
+            span.set(outcome="cancelled")
+        elif exc is None:
             answer = fut.result()
             span.set(outcome=getattr(getattr(answer, "status", None), "name", "OK"))
         elif isinstance(exc, StoreUnavailable):
@@ -260,19 +271,29 @@ class GatewayNode:
         if backlog is not None:
             if len(backlog) < UPSTREAM_BACKLOG:
                 backlog.append(e.data)
+            else:
+                self.metrics.count_drop(DropReason.RATE_LIMITED, wire.TransportKind.UDP)
             return
         self._opening[sid] = [e.data]
         task = asyncio.ensure_future(self._open_upstream(sid, e.upstream))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._opening_tasks.add(task)
+        task.add_done_callback(self._opened)
+
+    def _opened(self, task: asyncio.Future[Any]) -> None:
+        self._opening_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("opening an upstream socket failed", exc_info=task.exception())
 
     async def _open_upstream(self, sid: bytes, addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _UpstreamProtocol(self, sid), remote_addr=addr)
-        except OSError as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             log.warning("upstream %s:%s unreachable: %s", addr[0], addr[1], exc)
-            self._opening.pop(sid, None)
+            dropped = self._opening.pop(sid, None) or []
+            for _ in dropped:
+                self.metrics.count_drop(DropReason.POLICY, wire.TransportKind.UDP)
             return
         backlog = self._opening.pop(sid, None)
         if backlog is None:  # the binding went away meanwhile
@@ -295,16 +316,34 @@ class GatewayNode:
             delay = self.machine.get_timer() - self.clock()
             await asyncio.sleep(min(max(0.0, delay), TIMER_MAX_SLEEP_S))
             now = self.clock()
-            if now >= self.machine.get_timer():
+            if now < self.machine.get_timer():
+                continue
+            try:  # the health check, the lease and the sweeper live here: never die
                 self.machine.handle_timer(now)
-                self._flush()
+            except Exception:
+                log.exception("gateway timer failed")
+            self._flush()
+            self._log_store_health()
+
+    def _log_store_health(self) -> None:
+        h = self.machine.health
+        if h.ok == self._store_was_ok:
+            return
+        if h.ok:
+            log.info("store reachable")
+        else:
+            log.warning("store unreachable: %s", h.error)
+        self._store_was_ok = h.ok
 
     async def _move_notices(self) -> None:
         """React at once when another node took a binding or an admin ended a session."""
         while True:
             try:
                 async for sid, node, epoch in self.store.binding_changes():
-                    self.machine.binding_moved(sid, node, epoch, self.clock())
+                    try:
+                        self.machine.binding_moved(sid, node, epoch, self.clock())
+                    except Exception:
+                        log.exception("move notice handling failed")
                     self._flush()
             except StoreUnavailable:
                 await asyncio.sleep(1.0)
@@ -344,7 +383,7 @@ _OP_NAMES: dict[type, str] = {
 }
 
 
-async def cancel_bounded(tasks: list[asyncio.Task[Any]], timeout: float = 3.0) -> None:
+async def cancel_bounded(tasks: Iterable[asyncio.Future[Any]], timeout: float = 3.0) -> None:
     """Cancel ``tasks`` and wait for them, bounded; cancel again while they linger.
 
     redis-py can swallow a cancellation that lands while a command is being

@@ -69,7 +69,7 @@ OTLP_PACKAGES = {
 
 
 class PeerLike(Protocol):
-    """What a span needs of a transport endpoint (``gateway.bindings.Peer``)."""
+    """What a span needs of a transport endpoint (``session.binding.Peer``)."""
 
     @property
     def kind(self) -> Enum: ...

@@ -76,6 +76,17 @@ class SessionSecrets:
     upstream: str
     client_id: str
     ttl_ms: int
+    _upstream_addr: tuple[str, int] | None = None
+
+    def upstream_address(self) -> tuple[str, int] | None:
+        """The policy's upstream ``host:port`` as an address (parsed once); None if invalid."""
+        addr = self._upstream_addr
+        if addr is None:
+            host, _, port = self.upstream.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                return None
+            addr = self._upstream_addr = (host.strip("[]"), int(port))
+        return addr
 
 
 @dataclass(slots=True)

@@ -41,7 +41,7 @@ from session.handshake import ClientHello, Initiator, Refusal, ServerHello
 from session.keys import SessionKeys, traffic_keys
 from session.quality import PathQuality, QualityThresholds
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
-from session.states import LIVE_STATES, SessionEvent, SessionState, StateMachine
+from session.states import LIVE_STATES, QUALITY_EVENTS, SessionEvent, SessionState, StateMachine
 
 PENDING_MAX = 256  # payloads held while recovering, flushed after reattach
 HANDSHAKE_RETRIES = 3
@@ -587,11 +587,7 @@ class ClientSession:
         target = self._quality.classify(self.params.thresholds, self.state)
         if target is self.state:
             return
-        event = {
-            SessionState.ATTACHED: SessionEvent.QUALITY_RECOVERED,
-            SessionState.VOLATILE: SessionEvent.QUALITY_VOLATILE,
-            SessionState.DEGRADED: SessionEvent.QUALITY_DEGRADED,
-        }[target]
+        event = QUALITY_EVENTS[target]
         old = self.state
         self._machine.apply(event)
         # The gateway records the change and returns the new version in its next ACK.

@@ -41,9 +41,9 @@ from session import control, wire
 from session.binding import Binding, Peer, SessionSecrets, within_budget
 from session.errors import RemoteProtocolError, SessionError
 from session.handshake import Refusal, Responder, ServerHello
-from session.keys import SessionKeys, fingerprint, unwrap_secret, wrap_secret
+from session.keys import WRAP_NONCE_LEN, SessionKeys, fingerprint, unwrap_secret, wrap_secret
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
-from session.states import SessionEvent, SessionState, is_allowed
+from session.states import QUALITY_EVENTS, SessionEvent, SessionState, is_allowed
 from session.storeops import (
     BirthOp,
     BirthResult,
@@ -79,13 +79,7 @@ HANDSHAKE_ANSWER_CACHE = 10_000
 SWEEP_LIMIT = 500
 BIRTH_VERSION = 1  # created at BIRTH v0, HANDSHAKE_COMPLETE applied: ATTACHED v1
 BIRTH_EPOCH = 1
-MOVE_CHECK_RETRY_S = 1.0
-
-QUALITY_EVENTS = {
-    SessionState.ATTACHED: SessionEvent.QUALITY_RECOVERED,
-    SessionState.VOLATILE: SessionEvent.QUALITY_VOLATILE,
-    SessionState.DEGRADED: SessionEvent.QUALITY_DEGRADED,
-}
+REFRESHES_PER_TICK = 1024  # the rest wait for the next maintenance tick
 
 
 class Outcome(StrEnum):
@@ -284,6 +278,7 @@ class Health:
     trust_since: float = float("-inf")  # bindings confirmed before this must be re-confirmed
     checking: bool = False
     offset_ms: float = 0.0  # store clock minus our ms
+    clock_known: bool = False  # offset_ms was learned from the store
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -305,7 +300,9 @@ class GatewayMachine:
         self.health = Health()
         self._secrets: OrderedDict[bytes, SessionSecrets] = OrderedDict()
         self._out: list[Effect] = []
-        self._calls: dict[int, Continuation] = {}
+        self._calls: dict[int, tuple[Continuation, bool]] = {}
+        self._control_calls = 0
+        self._sweeping = False
         self._next_call = 1
         self._timers = _Timers()
         self._token_key = random(32)
@@ -331,6 +328,11 @@ class GatewayMachine:
     def calls_in_flight(self) -> int:
         return len(self._calls)
 
+    @property
+    def control_calls_in_flight(self) -> int:
+        """Store calls that packets from the network caused (bounded by MAX_CONTROL_CALLS)."""
+        return self._control_calls
+
     def store_ms(self, now: float) -> int:
         """The store's clock, estimated from ours (the clock every node shares)."""
         return int(now * 1000 + self.health.offset_ms)
@@ -343,19 +345,27 @@ class GatewayMachine:
 
     # ---- inputs: the store -----------------------------------------------------------------
 
-    def _call(self, op: StoreOp, then: Continuation, span: Span | None = None) -> None:
+    def _call(self, op: StoreOp, then: Continuation, span: Span | None = None,
+              control: bool = False) -> None:
+        """Ask for ``op``; ``control``: work a packet from the network caused, which the
+        MAX_CONTROL_CALLS bound applies to (the node's own upkeep is bounded by its timers)."""
         cid = self._next_call
         self._next_call += 1
-        self._calls[cid] = then
+        self._calls[cid] = (then, control)
+        if control:
+            self._control_calls += 1
         self._out.append(StoreCall(cid, op, span))
 
     def _control_full(self) -> bool:
-        return len(self._calls) >= MAX_CONTROL_CALLS
+        return self._control_calls >= MAX_CONTROL_CALLS
 
     def store_answered(self, call_id: int, answer: Any, now: float) -> None:
         """The answer to ``StoreCall(call_id)``: a typed result, or a ``StoreFailure``."""
-        then = self._calls.pop(call_id, None)
-        if then is not None:
+        entry = self._calls.pop(call_id, None)
+        if entry is not None:
+            then, control = entry
+            if control:
+                self._control_calls -= 1
             then(answer, now)
 
     # ---- inputs: the network ---------------------------------------------------------------
@@ -410,7 +420,7 @@ class GatewayMachine:
             raise RemoteProtocolError(DropReason.LEASE_EXPIRED, "DATA")
         plain = b.channel.open(msg, raw)  # replay window + AEAD; raises on failure
         inner = wire.decode_inner(plain)
-        if peer != b.peer:
+        if peer is not b.peer and peer != b.peer:
             self._roam(b, peer)
         b.validated = True
         b.last_rx = now
@@ -433,11 +443,11 @@ class GatewayMachine:
                             notify=False)
 
     def _to_upstream(self, b: Binding, payload: bytes) -> None:
-        host, _, port = b.secrets.upstream.rpartition(":")
-        if not host or not port.isdigit():
+        addr = b.secrets.upstream_address()
+        if addr is None:
             self.metrics.count_drop(DropReason.POLICY, b.peer.kind)
             return
-        self._out.append(ToUpstream(b.session_id, (host, int(port)), payload))
+        self._out.append(ToUpstream(b.session_id, addr, payload))
 
     def upstream_received(self, session_id: bytes, data: bytes, now: float) -> None:
         """A reply from the session's upstream target: tunnel it back."""
@@ -468,11 +478,12 @@ class GatewayMachine:
         if len(self._notice_sent) > NOTICE_TABLE_MAX:
             self._notice_sent.clear()
         self._notice_sent[sid] = now
-        self._call(GetRecordOp(sid), lambda rec, t: self._not_bound_loaded(sid, peer, raw, rec, t))
+        self._call(GetRecordOp(sid), lambda rec, t: self._not_bound_loaded(sid, peer, raw, rec, t),
+                   control=True)
 
     def _not_bound_loaded(self, sid: bytes, peer: Peer, raw: bytes, rec: Any, now: float) -> None:
-        if not isinstance(rec, SessionRecord):
-            return  # unknown session, or the store is away: nothing authenticated to say
+        if not isinstance(rec, SessionRecord) or sid in self.bindings:
+            return  # unknown, the store is away, or bound here meanwhile: nothing to say
         secrets = self._secrets_from(sid, rec)
         if secrets is None:
             return
@@ -501,7 +512,7 @@ class GatewayMachine:
             return
         b.transition_pending = True
         self._call(TransitionOp(b.session_id, b.version, event),
-                   lambda res, now: self._transitioned(b, why, t0, res, now))
+                   lambda res, now: self._transitioned(b, why, t0, res, now), control=True)
 
     def _transitioned(self, b: Binding, why: str, t0: float, res: Any, now: float) -> None:
         b.transition_pending = False
@@ -577,7 +588,7 @@ class GatewayMachine:
         span = self.tracer.handshake(peer)
         hs = _Handshake(msg, raw, peer, span, now, responder, digest)
         self._call(GetClientOp(responder.client_static.hex()),
-                   lambda policy, t: self._hs_client(hs, policy, t), span)
+                   lambda policy, t: self._hs_client(hs, policy, t), span, control=True)
 
     def _hs_refuse(self, hs: _Handshake, reason: RejectReason, detail: str, now: float) -> None:
         out = wire.encode(wire.HandshakeResp(
@@ -612,6 +623,8 @@ class GatewayMachine:
                                        client=fingerprint(hs.responder.client_static))
             self.metrics.security("unknown_client")
             return self._hs_refuse(hs, RejectReason.UNKNOWN_CLIENT, "key not in registry", now)
+        if not self.health.clock_known:  # no store clock to check the client's against yet
+            return self._hs_store_failed(hs, StoreFailure("store clock not known yet"))
         if abs(hello.wall_ms - self.store_ms(now)) > HANDSHAKE_WINDOW_MS:
             return self._hs_refuse(hs, RejectReason.CLOCK_SKEW,
                                    "client clock outside the handshake window", now)
@@ -623,7 +636,7 @@ class GatewayMachine:
                                    f"upstream {hello.upstream!r} not allowed", now)
         hs.policy = policy
         self._call(ClaimHandshakeOp(hs.digest, HANDSHAKE_WINDOW_MS * 2),
-                   lambda fresh, t: self._hs_claimed(hs, fresh, t), hs.span)
+                   lambda fresh, t: self._hs_claimed(hs, fresh, t), hs.span, control=True)
 
     def _hs_claimed(self, hs: _Handshake, fresh: Any, now: float) -> None:
         if isinstance(fresh, StoreFailure):
@@ -645,11 +658,12 @@ class GatewayMachine:
             self.store_ms(now), ttl_ms, int(self.settings.keepalive_interval * 1000))
         msg2, secret = hs.responder.accept(server_hello)
         client_hex = hs.responder.client_static.hex()
-        op = BirthOp(sid, wrap_secret(self._kek, secret, sid), client_hex, self.settings.node_id,
+        wrapped = wrap_secret(self._kek, secret, sid, nonce=self._random(WRAP_NONCE_LEN))
+        op = BirthOp(sid, wrapped, client_hex, self.settings.node_id,
                      bid, hs.peer.kind, hello.upstream, policy)
         secrets = SessionSecrets(secret, SessionKeys(secret), hello.upstream, client_hex, ttl_ms)
         self._call(op, lambda born, t: self._hs_born(hs, op, secrets, msg2, now, born, t),
-                   hs.span)
+                   hs.span, control=True)
 
     def _hs_born(self, hs: _Handshake, op: BirthOp, secrets: SessionSecrets, msg2: bytes,
                  t1: float, born: Any, now: float) -> None:
@@ -742,7 +756,8 @@ class GatewayMachine:
             self._secrets.move_to_end(sid)
             r.secrets = secrets
             return self._reattach_check(r, now)
-        self._call(GetRecordOp(sid), lambda rec, t: self._reattach_loaded(r, rec, t), r.span)
+        self._call(GetRecordOp(sid), lambda rec, t: self._reattach_loaded(r, rec, t), r.span,
+                   control=True)
 
     def _reattach_loaded(self, r: _Reattach, rec: Any, now: float) -> None:
         if isinstance(rec, StoreFailure):
@@ -767,13 +782,15 @@ class GatewayMachine:
             return self._reattach_reject(r, RejectReason.BAD_PROOF, None, now)
         if req.kind != peer.kind:
             return self._reattach_reject(r, RejectReason.POLICY_DENIED, keys.control_key, now)
+        if not self.health.clock_known:
+            return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, keys.control_key, now)
         if abs(req.timestamp_ms - self.store_ms(now)) > self.settings.reattach_window_ms:
             return self._reattach_reject(r, RejectReason.CLOCK_SKEW, keys.control_key, now)
         r.t1 = now
         op = ReattachOp(req.session_id, req.expected_version, req.nonce, req.timestamp_ms,
                         req.kind, self.settings.node_id, r.bid, peer.describe(),
                         self.settings.reattach_window_ms, self.settings.dual_active_window_ms)
-        self._call(op, lambda res, t: self._reattach_decided(r, res, t), r.span)
+        self._call(op, lambda res, t: self._reattach_decided(r, res, t), r.span, control=True)
 
     def _reattach_answer(self, r: _Reattach, msg: wire.Message, key: bytes | None) -> None:
         out = control.seal(msg, key) if key is not None else wire.encode(msg)
@@ -804,6 +821,7 @@ class GatewayMachine:
         self.metrics.store_latency("reattach", max(0.0, now - r.t1))
         if res.server_ms:
             self.health.offset_ms = res.server_ms - now * 1000
+            self.health.clock_known = True
         if not res.ok:
             reason = res.reason or RejectReason.STORE_UNAVAILABLE
             if res.expired_now:
@@ -843,9 +861,19 @@ class GatewayMachine:
         old_kind = (old.peer.kind.name.lower() if old is not None
                     else res.prev_kind.name.lower() if res.prev_kind is not None else "none")
         if res.node == self.settings.node_id:
+            if old is not None and old.epoch >= res.epoch:
+                # A late answer (its outcome was unknown, then recovered) for an epoch this
+                # node already holds or has passed: binding it again would restart a send
+                # counter under the same traffic keys. Answer it, change nothing.
+                self._reattach_answer(r, ack, keys.control_key)
+                self.metrics.reattach(Outcome.RETRY, "", max(0.0, now - r.t0))
+                span.set(outcome=Outcome.RETRY, version=res.version, epoch=res.epoch)
+                span.end()
+                return
             b = self._bind(sid, res.epoch, res.binding_id, peer, r.secrets, res.version,
                            SessionState.ATTACHED, now)
             b.rx_unvalidated = len(raw)
+            b.tx_unvalidated = len(control.seal(ack, keys.control_key))  # the ACK below
         if res.prev_node and res.prev_node != self.settings.node_id:
             # The old owner is fenced by its refresh (NOT_OWNER) or its lease anyway.
             self._call(PublishMoveOp(sid, self.settings.node_id, res.epoch), _ignore)
@@ -868,7 +896,7 @@ class GatewayMachine:
 
     def _terminate(self, sid: bytes, reason: TerminateReason, why: str, notify: bool) -> None:
         self._call(TerminateOp(sid, reason),
-                   lambda res, now: self._terminated(sid, reason, why, notify, res))
+                   lambda res, now: self._terminated(sid, reason, why, notify, res), control=True)
 
     def _terminated(self, sid: bytes, reason: TerminateReason, why: str, notify: bool,
                     res: Any) -> None:
@@ -925,7 +953,9 @@ class GatewayMachine:
             self._maintain(now)
         if now >= t.sweep:
             t.sweep = now + self.settings.sweep_interval
-            self._call(SweepOp(SWEEP_LIMIT), self._swept)
+            if not self._sweeping:
+                self._sweeping = True
+                self._call(SweepOp(SWEEP_LIMIT), self._swept)
 
     def _check_store(self, now: float) -> None:
         if self.health.checking:
@@ -941,6 +971,7 @@ class GatewayMachine:
             self.metrics.set_store_up(False)
             return
         h.offset_ms = server_ms - (t0 + t1) / 2 * 1000
+        h.clock_known = True
         if t0 - h.ok_at >= self.settings.lease_s and self.bindings:
             # The lease lapsed (outage, or this process was paused): every binding must be
             # confirmed by the store again before it carries data; refresh them all now.
@@ -956,19 +987,23 @@ class GatewayMachine:
         """Silence detection and TTL/ownership refresh for local bindings."""
         interval = self.settings.keepalive_interval
         silence = interval * self.settings.silence_keepalives
+        budget = REFRESHES_PER_TICK
         for b in list(self.bindings.values()):
-            if not b.lost and now - b.last_rx > silence and b.state is not SessionState.RECOVERING:
-                b.lost = True
+            if now - b.last_rx > silence and b.state is not SessionState.RECOVERING:
+                b.lost = True  # reported until the store records it (a skipped report retries)
                 if not b.transition_pending and is_allowed(b.state, SessionEvent.TRANSPORT_LOST):
                     self._transition(b, SessionEvent.TRANSPORT_LOST, "gateway: binding silent",
                                      now)
             refresh_every = max(interval, b.secrets.ttl_ms / 1000 / 4)
             unconfirmed = b.confirmed_at < self.health.trust_since
-            if (not b.lost or unconfirmed) and now - b.last_refresh >= refresh_every:
+            if (budget > 0 and (not b.lost or unconfirmed)
+                    and now - b.last_refresh >= refresh_every):
+                budget -= 1
                 b.last_refresh = now
                 self._refresh(b, now)
 
     def _swept(self, expired: Any, now: float) -> None:
+        self._sweeping = False
         if not isinstance(expired, list):
             return
         for item in expired:
@@ -982,6 +1017,9 @@ class GatewayMachine:
         for sid in list(self.bindings):
             self._drop_binding(sid)
         self._calls.clear()
+        self._control_calls = 0
+        self._sweeping = False
+        self.health.checking = False
 
 
 def _ignore(answer: Any, now: float) -> None:

@@ -95,6 +95,14 @@ TRANSITIONS: dict[SessionState, dict[SessionEvent, SessionState]] = {
 
 LIVE_STATES = frozenset(_LIVE)
 
+# The event that moves a live session to the quality grade a path's figures call for:
+# the client applies it when it grades its path, the gateway when the client reports it.
+QUALITY_EVENTS: dict[SessionState, SessionEvent] = {
+    S.ATTACHED: E.QUALITY_RECOVERED,
+    S.VOLATILE: E.QUALITY_VOLATILE,
+    S.DEGRADED: E.QUALITY_DEGRADED,
+}
+
 
 def next_state(state: SessionState, event: SessionEvent, role: str = "") -> SessionState:
     """Return the state after ``event``; raise IllegalTransition if the table has none."""

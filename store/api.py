@@ -646,6 +646,7 @@ class SessionStore:
             self.reattach_paths["resumed"] += 1
             rest = asyncio.ensure_future(self.finish_reattach(pending))
             rest.add_done_callback(lambda t: _settle(out, t))
+            out.add_done_callback(lambda f: f.cancelled() and rest.cancel())
 
         pending.future.add_done_callback(landed)
         out.add_done_callback(lambda f: f.cancelled() and pending.future.cancel())

@@ -90,6 +90,8 @@ class MemStore:
         self.calls: list[Any] = []
         # The next reattach's decision, forced (a rule the model does not keep, e.g. the rate).
         self.force: tuple[StoreStatus, RejectReason] | None = None
+        # Change an answer on its way back (an outcome that was unknown, then recovered).
+        self.rewrite: Callable[[Any, Any], Any] | None = None
 
     def ms(self) -> int:
         return WALL_MS + int(self.net.now * 1000)
@@ -99,7 +101,8 @@ class MemStore:
         if not self.up:
             return StoreFailure("store down (test)")
         handler: Callable[[Any], Any] = getattr(self, "_" + type(op).__name__)
-        return handler(op)
+        answer = handler(op)
+        return self.rewrite(op, answer) if self.rewrite is not None else answer
 
     def _GetClientOp(self, op: GetClientOp) -> ClientPolicy | None:
         return self.clients.get(op.client_id)
@@ -292,6 +295,7 @@ class Path:
     addr: tuple[str, int]
     gateway: str
     up: bool = True  # False: everything on it is lost both ways
+    uplink: bool = True  # False: what the client sends on it is lost
 
 
 class Cl:
@@ -336,6 +340,7 @@ class Net:
         self.clients: list[Cl] = []
         self.by_addr: dict[tuple[str, int], tuple[Cl, int]] = {}
         self.injected: list[tuple[tuple[str, int], bytes]] = []  # what reached a non-client addr
+        self.uplink_log: list[tuple[tuple[str, int], bytes]] = []  # what clients sent
 
     def at(self, delay: float, fn: Callable[[], None]) -> None:
         self._seq += 1
@@ -367,8 +372,9 @@ class Net:
     def to_gateway(self, p: Path, data: bytes) -> None:
         gw = self.gateways[p.gateway]
         peer = Peer(UDP, p.addr)
+        self.uplink_log.append((p.addr, data))
         for d in self._delays():
-            self.at(d, lambda: p.up and gw.machine.receive(data, peer, self.now))
+            self.at(d, lambda: p.up and p.uplink and gw.machine.receive(data, peer, self.now))
 
     def inject(self, gateway: str, addr: tuple[str, int], data: bytes) -> None:
         """An attacker's datagram from ``addr`` to ``gateway`` (delivered, never lost)."""

@@ -7,9 +7,12 @@ decisions. Each test states the rule of docs/ARCHITECTURE.md it proves.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from session import control, wire
+from session.binding import Peer
 from session.client import (
     ClientParams,
     HandshakeComplete,
@@ -18,11 +21,11 @@ from session.client import (
     SessionTerminated,
     TransportLost,
 )
-from session.gateway import MAX_CONTROL_CALLS, Outcome
+from session.gateway import MAX_CONTROL_CALLS, REFRESHES_PER_TICK, Outcome
 from session.noise import generate_keypair
 from session.reasons import DropReason, RejectReason, TerminateReason
-from session.states import SessionState
-from session.storeops import ClientPolicy, GetRecordOp, ReattachOp, TransitionOp
+from session.states import LIVE_STATES, SessionState
+from session.storeops import ClientPolicy, GetRecordOp, ReattachOp, RefreshOp, TransitionOp
 from tests.support.memnet import WALL_MS, Cl, Gw, Net
 
 GW_PRIV, GW_PUB = generate_keypair()
@@ -277,7 +280,7 @@ def test_control_work_in_flight_is_bounded() -> None:
     [(_, init)] = c.machine.datagrams_to_send()
     for i in range(MAX_CONTROL_CALLS + 50):
         gws.machine.receive(init, _peer(i), net.now)
-    assert gws.machine.calls_in_flight <= MAX_CONTROL_CALLS
+    assert gws.machine.control_calls_in_flight == MAX_CONTROL_CALLS
     limited = [a for a, _ in gws.metrics.named("count_drop") if a[0] is DropReason.RATE_LIMITED]
     assert len(limited) >= 50
 
@@ -365,7 +368,187 @@ def test_reattach_through_a_rejection_keeps_the_session() -> None:
     assert c.machine.version == net.store.records[sid].version
 
 
-def _peer(i: int):  # type: ignore[no-untyped-def]
-    from session.binding import Peer
-
+def _peer(i: int) -> Peer:
     return Peer(wire.TransportKind.UDP, (f"198.18.{i // 250}.{i % 250}", 1000 + i))
+
+
+def test_a_late_answer_for_a_held_epoch_never_rebuilds_the_binding() -> None:
+    """A CAS whose outcome was unknown and then recovered (a success, not marked retry)
+    arrives after this node already binds that epoch: the binding and its send counter
+    are kept (rebinding would restart the counter under the same traffic keys)."""
+    net = Net(seed=59)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    [(_, raw)] = c.machine.datagrams_to_send()
+    net.inject("gw-a", OTHER, raw)
+    net.run(net.now + 0.05)
+    held = gw.machine.bindings[sid]
+    for _ in range(3):
+        gw.machine.upstream_received(sid, b"x", net.now)  # counters advance (unvalidated: 3x)
+    sent = held.tx_packets
+    net.store.rewrite = lambda op, res: (replace(res, retry=False, recovered=True)
+                                         if isinstance(op, ReattachOp) else res)
+    net.inject("gw-a", OTHER, raw)  # the retransmission, answered as a fresh success
+    net.run(net.now + 0.05)
+    assert gw.machine.bindings[sid] is held and held.tx_packets >= sent
+    answer = wire.decode(net.injected[-1][1]) if net.injected else None
+    acks = [wire.decode(d) for p, d in gw.sent if p.addr == OTHER]
+    assert answer is None and len(acks) >= 2 and isinstance(acks[-1], wire.ReattachAck)
+
+
+def test_upkeep_of_many_bindings_does_not_starve_handshakes() -> None:
+    """Refreshing thousands of bindings is the node's own upkeep: it never uses the bound
+    on control work, so a handshake arriving meanwhile is served."""
+    net = Net(seed=61, store_latency=0.5)
+    c, [gw] = setup(net)
+    model = gw.machine.bindings[c.machine.session_id]
+    for i in range(MAX_CONTROL_CALLS + 100):
+        sid = i.to_bytes(16, "big")
+        gw.machine.bindings[sid] = replace(model, session_id=sid, last_refresh=float("-inf"))
+    gw.machine.handle_timer(net.now + 0.2)
+    assert gw.machine.calls_in_flight >= REFRESHES_PER_TICK  # refreshes, bounded per tick
+    c2 = net.client(CL_PRIV, GW_PUB, PARAMS)
+    net.add_path(c2, 1, OTHER, "gw-a")
+    c2.machine.connect(net.now, WALL_MS + int(net.now * 1000), 1, wire.TransportKind.UDP)
+    net.run(net.now + 2.0)
+    assert c2.of(HandshakeComplete)
+
+
+@pytest.mark.parametrize("case", ["bad_proof", "clock_skew", "kind", "terminated",
+                                  "store_down"])
+def test_every_refusal_is_explicit_and_authenticated_when_it_can_be(case: str) -> None:
+    """A REATTACH_REQUEST the gateway refuses gets a REJECT with its reason: MAC'd under
+    the control key whenever the gateway holds the session's key and the proof held
+    (BAD_PROOF deliberately is not: a MAC over the sender's nonce would be an oracle)."""
+    net = Net(seed=67)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    kind = wire.TransportKind.TCP if case == "kind" else wire.TransportKind.UDP
+    c.machine.reattach(net.now, 1, kind)
+    raw = c.machine.datagrams_to_send()[-1][1]
+    expected, authenticated = {
+        "bad_proof": (RejectReason.BAD_PROOF, False),
+        "clock_skew": (RejectReason.CLOCK_SKEW, True),
+        "kind": (RejectReason.POLICY_DENIED, True),
+        "terminated": (RejectReason.TERMINATED, True),
+        "store_down": (RejectReason.STORE_UNAVAILABLE, True),
+    }[case]
+    if case == "bad_proof":
+        raw = raw[:-1] + bytes([raw[-1] ^ 1])
+    elif case == "clock_skew":
+        gw.machine.health.offset_ms += 60_000
+    elif case == "terminated":
+        net.store.records[sid].state = SessionState.TERMINATED
+        net.store.records[sid].tr = TerminateReason.ADMIN
+    elif case == "store_down":
+        net.store.up = False
+    net.inject("gw-a", ATTACKER, raw)
+    net.run(net.now + 0.05)
+    out = net.injected[-1][1]
+    answer = wire.decode(out)
+    assert isinstance(answer, wire.Reject) and answer.reason is expected
+    keys = gw.machine._secrets[sid].keys
+    assert control.verify(out, keys.control_key) is authenticated
+    if case == "bad_proof":
+        assert gw.events.named("security_event")[-1][0][0] == "bad_proof"
+
+
+def test_retry_tokens_are_bound_to_the_address() -> None:
+    """Under load the first INIT gets a RETRY; the INIT echoing the token completes. The
+    same token from another address is dropped (BAD_MAC) and creates nothing."""
+    net = Net(seed=71)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, handshake_retry_threshold=0, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, PARAMS)
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    assert c.of(HandshakeComplete)
+    retries = [d for p, d in gw.sent if isinstance(wire.decode(d), wire.Retry)]
+    assert len(retries) == 1
+    births = len(net.store.records)
+    inits = [op for op in net.store.calls if type(op).__name__ == "GetClientOp"]
+    assert len(inits) == 1  # only the INIT with the token cost a store call
+    c2 = net.client(CL_PRIV, GW_PUB, PARAMS)
+    c2.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    [(_, init)] = c2.machine.datagrams_to_send()
+    gw.machine.receive(init, Peer(wire.TransportKind.UDP, OTHER), net.now)
+    [retry] = [wire.decode(e.data) for e in gw.machine.effects() if hasattr(e, "data")]
+    assert isinstance(retry, wire.Retry)
+    c2.machine.receive(wire.encode(retry), 1, net.now)
+    [(_, init2)] = c2.machine.datagrams_to_send()
+    gw.machine.receive(init2, Peer(wire.TransportKind.UDP, ATTACKER), net.now)  # moved
+    assert gw.machine.effects() == []
+    assert gw.metrics.named("count_drop")[-1][0][0] is DropReason.BAD_MAC
+    assert len(net.store.records) == births
+
+
+def test_a_handshake_answer_is_repeated_to_its_sender_and_refused_to_a_copier() -> None:
+    """The INIT again from the same address (its answer was lost): the same answer, no
+    second session. The same INIT from another address: a replay, refused and alerted."""
+    net = Net(seed=73)
+    c, [gw] = setup(net)
+    init = next(raw for _, raw in net.uplink_log
+                if wire.peek_header(raw)[0] is wire.MessageType.HANDSHAKE_INIT)
+    answers = [d for p, d in gw.sent if wire.peek_header(d)[0] is wire.MessageType.HANDSHAKE_RESP]
+    gw.machine.receive(init, Peer(wire.TransportKind.UDP, HOME), net.now)
+    again = [e.data for e in gw.machine.effects() if hasattr(e, "data")]
+    assert again == answers[:1] and len(net.store.records) == 1
+    gw.machine.receive(init, Peer(wire.TransportKind.UDP, ATTACKER), net.now)
+    assert not [e for e in gw.machine.effects() if hasattr(e, "data")]
+    assert gw.events.named("security_event")[-1][0][0] == "handshake_replay"
+
+
+def test_the_same_binding_speaking_again_is_restored() -> None:
+    """Only the uplink fails: the gateway hears silence and records TRANSPORT_LOST; when
+    the client's packets arrive again on the same binding it records TRANSPORT_RESTORED."""
+    net = Net(seed=79)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    net.run(1.0)
+    c.paths[1].uplink = False
+    t = net.now
+    while net.now < t + 1.5:  # the upstream keeps the client's side alive
+        gw.machine.upstream_received(sid, b"downlink", net.now)
+        net.run(net.now + 0.05)
+    assert net.store.records[sid].state is SessionState.RECOVERING
+    c.paths[1].uplink = True
+    pump(net, c, net.now + 0.5)
+    events = [op.event.name for op in net.store.calls if isinstance(op, TransitionOp)]
+    assert events[:2] == ["TRANSPORT_LOST", "TRANSPORT_RESTORED"]
+    assert net.store.records[sid].state in LIVE_STATES  # the quality grade may follow
+    assert not c.of(Reattached)
+
+
+def test_a_lapsed_lease_is_reconfirmed_before_the_binding_carries_data() -> None:
+    """The store is away longer than the lease but shorter than the client's patience:
+    forwarding stops; when the store answers, the existing binding is re-confirmed by a
+    refresh and carries data again, the same epoch, no reattach."""
+    net = Net(seed=83)
+    settings = dict(GW_SETTINGS, lease_s=0.3)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, **settings)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    params = ClientParams(keepalive_interval=1.0, dead_after=3, upstream=UPSTREAM)
+    c = net.client(CL_PRIV, GW_PUB, params)
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    sid, epoch = c.machine.session_id, c.machine.epoch
+    pump(net, c, 1.0)
+    net.store.up = False
+    net.run(1.6)
+    before = len(gw.upstream)
+    pump(net, c, 1.9)
+    assert len(gw.upstream) == before
+    net.store.up = True
+    refreshes = sum(isinstance(op, RefreshOp) for op in net.store.calls)
+    net.run(2.3)
+    assert any(a == ("lease_lapsed",) for a, _ in gw.events.named("emit"))
+    assert sum(isinstance(op, RefreshOp) for op in net.store.calls) > refreshes
+    before = len(gw.upstream)
+    pump(net, c, 2.6)
+    assert len(gw.upstream) > before
+    assert c.machine.epoch == epoch and gw.machine.bindings[sid].epoch == epoch
+    assert not c.of(Reattached)
