@@ -205,7 +205,8 @@ class GatewayNode:
             span.set(outcome="cancelled")
         elif exc is None:
             answer = fut.result()
-            span.set(outcome=getattr(getattr(answer, "status", None), "name", "OK"))
+            if span is not NOOP_SPAN:
+                span.set(outcome=getattr(getattr(answer, "status", None), "name", "OK"))
         elif isinstance(exc, StoreUnavailable):
             answer = StoreFailure(str(exc) or type(exc).__name__)
             span.fail(exc)

@@ -648,8 +648,7 @@ class SessionStore:
             rest.add_done_callback(lambda t: _settle(out, t))
             out.add_done_callback(lambda f: f.cancelled() and rest.cancel())
 
-        pending.future.add_done_callback(landed)
-        out.add_done_callback(lambda f: f.cancelled() and pending.future.cancel())
+        pending.future.add_done_callback(landed)  # a cancelled ``out`` ignores the reply
         return out
 
     def reattach_nowait(
