@@ -11,6 +11,12 @@ the peer is *unvalidated*: the node sends it at most ``AMPLIFICATION_FACTOR``
 times the bytes it received from it (``within_budget``, the one place that
 rule is written), and never tunnelled data.
 
+Roaming: an authenticated packet from another address proves nothing about
+that address (an on-path attacker can copy one). The address becomes a
+``PathProbe``: it is sent a PATH_CHALLENGE, within 3x what it sent, and the
+binding's peer moves there only when the client's PATH_RESPONSE comes back
+from it (RFC 9000 section 8.2); until then the downlink stays on the old peer.
+
 A Peer is pure data: a transport kind, an address and, for a stream, the id
 of its connection. The adapter that owns the sockets maps it back to one.
 """
@@ -67,6 +73,18 @@ class Peer:
         return f"Peer({self.describe()}{f'#{self.conn}' if self.conn else ''})"
 
 
+class PathProbe:
+    """A new address an authenticated packet came from, challenged before it is used."""
+
+    __slots__ = ("challenge", "rx", "tx", "last_sent")
+
+    def __init__(self, challenge: bytes) -> None:
+        self.challenge = challenge
+        self.rx = 0  # bytes received from the address (its 3x budget)
+        self.tx = 0  # bytes sent to it
+        self.last_sent = float("-inf")
+
+
 @dataclass(slots=True)
 class SessionSecrets:
     """What a node caches per session after unwrapping its secret."""
@@ -109,6 +127,7 @@ class Binding:
     rx_packets: int = 0
     tx_packets: int = 0
     lost: bool = False
+    probes: dict[Peer, PathProbe] | None = None  # new addresses being validated
     _channel: DataChannel | None = None
 
     @property

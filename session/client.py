@@ -76,6 +76,7 @@ class ReattachAction(StrEnum):
     NEXT_TRANSPORT = "next_transport"  # this path is refused: the agent tries another
     STAY = "stay"  # a proactive jump was refused: the current path still carries the session
     REHANDSHAKE = "rehandshake"  # the session is over: the agent starts a new one
+    WAIT = "wait"  # an unauthenticated answer, a hint: the request stays outstanding
 
 
 class SecurityNoticeKind(StrEnum):
@@ -277,7 +278,8 @@ class ClientSession:
             "state": self.state.name,
             "version": self.version,
             "epoch": self.epoch,
-            "node": self.node_id.decode(errors="replace"),
+            "node": wire.node_name(self.node_id.decode(errors="replace")),
+            "node_instance": self.node_id.decode(errors="replace"),
             "transport": self.kind.name.lower() if self.path is not None else "-",
             "path": self.path,
             "rtt_ms": None if q.rtt_ms is None else round(q.rtt_ms, 2),
@@ -446,6 +448,10 @@ class ClientSession:
             self._evaluate_quality(now)
         elif inner.kind is wire.InnerType.KEEPALIVE:
             pass  # gateways do not probe us; treat as liveness only
+        elif inner.kind is wire.InnerType.PATH_CHALLENGE:
+            # The gateway saw us from a new address (a NAT rebinding): answer on this path,
+            # so the answer comes from that address and the downlink moves there.
+            self._out.append((path, self._seal(wire.inner_path_response(inner.payload))))
         elif inner.kind is wire.InnerType.CLOSE:
             self._terminate(f"gateway closed: {_reason_name(TerminateReason, inner.reason)}", True,
                             inner.reason)
@@ -494,10 +500,15 @@ class ClientSession:
             self._events.append(SecurityNotice(SecurityNoticeKind.FORGED_REJECT, msg.reason.name))
             raise RemoteProtocolError(DropReason.BAD_MAC, "REJECT")
         self.stats["rejects"] += 1
-        self._req = None
-        if authenticated:
-            self.server_offset_ms = msg.server_ms - now * 1000
         r = msg.reason
+        if not authenticated:
+            # Anyone who sees the request can forge this answer (the nonce travels in clear),
+            # so it is a hint: the request stays outstanding, is retransmitted, and a genuine
+            # ACK that follows is taken; only its own timeout moves the client on.
+            self._events.append(ReattachRejected(r, False, ReattachAction.WAIT, path))
+            return
+        self._req = None
+        self.server_offset_ms = msg.server_ms - now * 1000
         action = ReattachAction.BACKOFF
         if r in (RejectReason.TERMINATED, RejectReason.EXPIRED) and authenticated:
             self._events.append(ReattachRejected(r, True, ReattachAction.REHANDSHAKE, path))
@@ -506,11 +517,14 @@ class ClientSession:
             return
         # The gateway's version comes with an authenticated STALE_VERSION or DUAL_ACTIVE_CONFLICT;
         # one that would take us back is not adopted (fail closed: no retry on it).
-        adoptable = authenticated and msg.version >= self.version
-        if (r is RejectReason.STALE_VERSION and adoptable
-                and self._stale_retries < STALE_RETRIES):
+        # An authenticated REPLAYED_NONCE carries the version when our request was raced by
+        # a copy that won: adopt it too, and retry with a fresh nonce.
+        adoptable = msg.version >= self.version
+        if (r in (RejectReason.STALE_VERSION, RejectReason.REPLAYED_NONCE) and adoptable
+                and msg.version and self._stale_retries < STALE_RETRIES):
             self._stale_retries += 1
-            self._machine.adopt(msg.version)
+            if msg.version > self.version:
+                self._machine.adopt(msg.version)
             action = ReattachAction.RETRY
         elif r in (RejectReason.REPLAYED_NONCE, RejectReason.CLOCK_SKEW) and self._stale_retries < STALE_RETRIES:
             self._stale_retries += 1

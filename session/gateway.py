@@ -38,7 +38,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from session import control, wire
-from session.binding import Binding, Peer, SessionSecrets, within_budget
+from session.binding import Binding, PathProbe, Peer, SessionSecrets, within_budget
 from session.errors import RemoteProtocolError, SessionError
 from session.handshake import Refusal, Responder, ServerHello
 from session.keys import WRAP_NONCE_LEN, SessionKeys, fingerprint, unwrap_secret, wrap_secret
@@ -80,6 +80,8 @@ SWEEP_LIMIT = 500
 BIRTH_VERSION = 1  # created at BIRTH v0, HANDSHAKE_COMPLETE applied: ATTACHED v1
 BIRTH_EPOCH = 1
 REFRESHES_PER_TICK = 1024  # the rest wait for the next maintenance tick
+MAX_PATH_PROBES = 4  # new addresses challenged at once per binding
+PATH_CHALLENGE_INTERVAL_S = 0.1  # a challenge is repeated at most this often per address
 
 
 class Outcome(StrEnum):
@@ -107,9 +109,6 @@ class GatewaySettings:
     max_sessions: int = 1_000_000
     lease_s: float = 3.0  # forward only while the store answered within this
 
-    @property
-    def node_bytes(self) -> bytes:
-        return self.node_id.encode()[: wire.MAX_NODE_ID_LEN]
 
 
 # ---- effects ---------------------------------------------------------------------------------
@@ -289,7 +288,8 @@ class GatewayMachine:
                  metrics: Metrics, events: Events, random: Callable[[int], bytes],
                  tracer: Tracer | None = None) -> None:
         self.settings = settings
-        self.node = settings.node_bytes
+        self.instance_id = wire.node_instance(settings.node_id, random(wire.NODE_INSTANCE_LEN))
+        self.node = self.instance_id.encode()
         self.metrics = metrics
         self.events = events
         self.tracer: Tracer = tracer or _NoTracer()
@@ -401,6 +401,13 @@ class GatewayMachine:
             return
         self._out.append(Send(b.peer, data))
         b.tx_packets += 1
+        if b.probes:
+            # While a new address is being validated the downlink goes there as well, within
+            # its 3x budget: a NAT rebinding loses (almost) nothing, a copier gains nothing.
+            for peer, p in b.probes.items():
+                if within_budget(p.rx, p.tx, len(data)):
+                    p.tx += len(data)
+                    self._out.append(Send(peer, data))
 
     # ---- data ------------------------------------------------------------------------------
 
@@ -421,8 +428,14 @@ class GatewayMachine:
         plain = b.channel.open(msg, raw)  # replay window + AEAD; raises on failure
         inner = wire.decode_inner(plain)
         if peer is not b.peer and peer != b.peer:
-            self._roam(b, peer)
-        b.validated = True
+            # Authenticated, from another address: a NAT rebinding, or a copy. Challenge it;
+            # move only when it answers (the packet itself is the client's: it is used).
+            if inner.kind is wire.InnerType.PATH_RESPONSE:
+                self._path_response(b, peer, inner.payload, len(raw))
+            else:
+                self._probe(b, peer, len(raw), now)
+        elif not b.validated:
+            b.validated = True
         b.last_rx = now
         b.rx_packets += 1
         b.lost = False
@@ -441,6 +454,39 @@ class GatewayMachine:
         elif kind is wire.InnerType.CLOSE:
             self._terminate(b.session_id, TerminateReason.CLIENT_CLOSE, "client close",
                             notify=False)
+        # PATH_RESPONSE from the peer itself (a late answer): nothing left to validate.
+
+    def _probe(self, b: Binding, peer: Peer, size: int, now: float) -> None:
+        """Challenge a new address of ``b`` (within 3x what it sent)."""
+        probes = b.probes
+        if probes is None:
+            probes = b.probes = {}
+        p = probes.get(peer)
+        if p is None:
+            if len(probes) >= MAX_PATH_PROBES:  # copies from many addresses: keep the newest
+                del probes[next(iter(probes))]
+            p = probes[peer] = PathProbe(self._random(wire.PATH_DATA_LEN))
+        p.rx += size
+        if now - p.last_sent < PATH_CHALLENGE_INTERVAL_S:
+            return
+        out = b.channel.seal(wire.inner_path_challenge(p.challenge))
+        if not within_budget(p.rx, p.tx, len(out)):
+            self.metrics.count_drop(DropReason.NOT_VALIDATED, peer.kind)
+            return
+        p.tx += len(out)
+        p.last_sent = now
+        self._out.append(Send(peer, out))
+        b.tx_packets += 1
+
+    def _path_response(self, b: Binding, peer: Peer, data: bytes, size: int) -> None:
+        """The client answered from ``peer``: the address is its own, the downlink moves."""
+        p = b.probes.get(peer) if b.probes else None
+        if p is None or not hmac.compare_digest(p.challenge, data):
+            self.metrics.count_drop(DropReason.UNEXPECTED, peer.kind)
+            return
+        b.probes = None
+        self._roam(b, peer)
+        b.validated = True
 
     def _to_upstream(self, b: Binding, payload: bytes) -> None:
         addr = b.secrets.upstream_address()
@@ -659,7 +705,7 @@ class GatewayMachine:
         msg2, secret = hs.responder.accept(server_hello)
         client_hex = hs.responder.client_static.hex()
         wrapped = wrap_secret(self._kek, secret, sid, nonce=self._random(WRAP_NONCE_LEN))
-        op = BirthOp(sid, wrapped, client_hex, self.settings.node_id,
+        op = BirthOp(sid, wrapped, client_hex, self.instance_id,
                      bid, hs.peer.kind, hello.upstream, policy)
         secrets = SessionSecrets(secret, SessionKeys(secret), hello.upstream, client_hex, ttl_ms)
         self._call(op, lambda born, t: self._hs_born(hs, op, secrets, msg2, now, born, t),
@@ -788,7 +834,7 @@ class GatewayMachine:
             return self._reattach_reject(r, RejectReason.CLOCK_SKEW, keys.control_key, now)
         r.t1 = now
         op = ReattachOp(req.session_id, req.expected_version, req.nonce, req.timestamp_ms,
-                        req.kind, self.settings.node_id, r.bid, peer.describe(),
+                        req.kind, self.instance_id, r.bid, peer.describe(),
                         self.settings.reattach_window_ms, self.settings.dual_active_window_ms)
         self._call(op, lambda res, t: self._reattach_decided(r, res, t), r.span, control=True)
 
@@ -833,7 +879,12 @@ class GatewayMachine:
                 self.events.security_event(reason.name.lower(), reason.name, session_id=sid,
                                            source_ip=peer.addr[0], nonce=fingerprint(req.nonce),
                                            transport=peer.describe())
-            return self._reattach_reject(r, reason, keys.control_key, now, res.version)
+            version = res.version
+            if reason is RejectReason.REPLAYED_NONCE and req.expected_version + 1 != version:
+                # An old request replayed: its sender learns nothing of the session now. (A
+                # request raced by a copy that just won is told, so the client can retry.)
+                version = 0
+            return self._reattach_reject(r, reason, keys.control_key, now, version)
         node_id = res.node.encode()[: wire.MAX_NODE_ID_LEN]
         ack = wire.ReattachAck(sid, req.nonce, res.version, res.epoch, res.binding_id, node_id,
                                self.store_ms(now))
@@ -842,7 +893,7 @@ class GatewayMachine:
             # run's outcome never reached us (the store paused: we answered STORE_UNAVAILABLE
             # and the CAS applied late), we do not hold the binding this ACK grants: adopt it.
             cur = self.bindings.get(sid)
-            if (res.binding_current and res.node == self.settings.node_id
+            if (res.binding_current and res.node == self.instance_id
                     and (cur is None or cur.epoch < res.epoch)):
                 b = self._bind(sid, res.epoch, res.binding_id, peer, r.secrets, res.version,
                                res.state or SessionState.ATTACHED, now)
@@ -860,7 +911,7 @@ class GatewayMachine:
         old_desc = old.peer.describe() if old is not None else f"node:{res.prev_node or '-'}"
         old_kind = (old.peer.kind.name.lower() if old is not None
                     else res.prev_kind.name.lower() if res.prev_kind is not None else "none")
-        if res.node == self.settings.node_id:
+        if res.node == self.instance_id:
             if old is not None and old.epoch >= res.epoch:
                 # A late answer (its outcome was unknown, then recovered) for an epoch this
                 # node already holds or has passed: binding it again would restart a send
@@ -874,9 +925,9 @@ class GatewayMachine:
                            SessionState.ATTACHED, now)
             b.rx_unvalidated = len(raw)
             b.tx_unvalidated = len(control.seal(ack, keys.control_key))  # the ACK below
-        if res.prev_node and res.prev_node != self.settings.node_id:
+        if res.prev_node and res.prev_node != self.instance_id:
             # The old owner is fenced by its refresh (NOT_OWNER) or its lease anyway.
-            self._call(PublishMoveOp(sid, self.settings.node_id, res.epoch), _ignore)
+            self._call(PublishMoveOp(sid, self.instance_id, res.epoch), _ignore)
         self._reattach_answer(r, ack, keys.control_key)
         self.metrics.reattach(Outcome.OK, "", max(0.0, now - r.t0))
         span.set(outcome=Outcome.OK, version=res.version, epoch=res.epoch)
@@ -915,11 +966,11 @@ class GatewayMachine:
     def binding_moved(self, sid: bytes, node: str, epoch: int, now: float) -> None:
         """Another node took ``sid`` (pub/sub): a hint only, the store decides (refresh)."""
         b = self.bindings.get(sid)
-        if b is not None and (node != self.settings.node_id or epoch != b.epoch):
+        if b is not None and (node != self.instance_id or epoch != b.epoch):
             self._refresh(b, now)
 
     def _refresh(self, b: Binding, t0: float) -> None:
-        self._call(RefreshOp(b.session_id, b.epoch, self.settings.node_id),
+        self._call(RefreshOp(b.session_id, b.epoch, self.instance_id),
                    lambda res, now: self._refreshed(b, t0, res))
 
     def _refreshed(self, b: Binding, t0: float, res: Any) -> None:

@@ -29,6 +29,25 @@ NONCE_LEN = 16
 MAC_LEN = 32
 BINDING_ID_LEN = 16
 MAX_NODE_ID_LEN = 32
+NODE_INSTANCE_LEN = 4  # random bytes per process in the node's identity (8 hex digits)
+_NODE_NAME_MAX = MAX_NODE_ID_LEN - 1 - 2 * NODE_INSTANCE_LEN
+
+
+def node_instance(node_id: str, instance: bytes) -> str:
+    """This process's identity: the configured node id and a random instance, "gw-1#1a2b3c4d".
+
+    It is what the store records as a binding's node and what traffic keys are derived
+    from, so a restarted node (a new instance) never owns, nor rebuilds the keys of, a
+    binding its previous process granted: no send counter restarts under a used key.
+    """
+    name = node_id.encode()[:_NODE_NAME_MAX].decode("utf-8", "ignore")
+    return f"{name}#{instance.hex()}"
+
+
+def node_name(instance_id: str) -> str:
+    """The configured node id part of a node instance id."""
+    return instance_id.rpartition("#")[0] or instance_id
+
 MAX_TOKEN_LEN = 64
 AEAD_TAG_LEN = 16
 MAX_MESSAGE_SIZE = 2048  # never accept or build anything larger (UDP or TCP frame)
@@ -63,6 +82,8 @@ class InnerType(IntEnum):
     KEEPALIVE = 2  # seq u32 | echo_ms u64 | sender state u8
     KEEPALIVE_ACK = 3  # seq u32 | echo_ms u64 | version u64 | state u8 (gateway view)
     CLOSE = 4  # reason u8: authenticated in-band terminate
+    PATH_CHALLENGE = 5  # data 8: the gateway probes a new address (RFC 9000 section 8.2)
+    PATH_RESPONSE = 6  # data 8: the client echoes it, from the address it reached
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +356,21 @@ def inner_close(reason: int) -> bytes:
     return bytes([InnerType.CLOSE, reason])
 
 
+PATH_DATA_LEN = 8
+
+
+def inner_path_challenge(data: bytes) -> bytes:
+    if len(data) != PATH_DATA_LEN:
+        raise ValueError("path challenge data must be 8 bytes")
+    return bytes([InnerType.PATH_CHALLENGE]) + data
+
+
+def inner_path_response(data: bytes) -> bytes:
+    if len(data) != PATH_DATA_LEN:
+        raise ValueError("path response data must be 8 bytes")
+    return bytes([InnerType.PATH_RESPONSE]) + data
+
+
 @dataclass(frozen=True, slots=True)
 class Inner:
     kind: InnerType
@@ -363,6 +399,9 @@ def decode_inner(plain: bytes) -> Inner:
         _exact(plain, _KEEPALIVE_ACK.size, "KEEPALIVE_ACK")
         _, seq, echo, version, state = _KEEPALIVE_ACK.unpack(plain)
         return Inner(kind, seq=seq, echo_ms=echo, version=version, state=state)
+    if kind is InnerType.PATH_CHALLENGE or kind is InnerType.PATH_RESPONSE:
+        _exact(plain, 1 + PATH_DATA_LEN, kind.name)
+        return Inner(kind, payload=plain[1:])
     _exact(plain, 2, "CLOSE")
     return Inner(kind, reason=plain[1])
 

@@ -51,6 +51,7 @@ from instruments.netsim import UdpEcho
 from session import wire
 from session.errors import DecodeError
 from session.reasons import DropReason
+from session.wire import node_name
 from store.api import SessionStore
 from tests.chaos.conftest import (
     LEASE_S,
@@ -141,7 +142,7 @@ async def test_paused_node_fences_itself(
         return LingeringAgent(settings, on_payload=got)
     agents = await start_agents(cluster, upstream, AGENTS, make=make, **where)
     lingering = [a for a, _ in agents if isinstance(a, LingeringAgent)]
-    assert {a.status()["node"] for a, _ in agents} == {p_node}
+    assert {node_name(str(a.status()["node"])) for a, _ in agents} == {p_node}
     sids = [a.machine.session_id for a, _ in agents]
     traffic = Traffic(agents).start()
     resumed = False
@@ -151,7 +152,7 @@ async def test_paused_node_fences_itself(
         t_stop = time.monotonic()
         signal_gateway(cluster, p_node, signal.SIGSTOP)
         try:
-            await wait_for(lambda: all(a.status()["node"] == n_node
+            await wait_for(lambda: all(node_name(str(a.status()["node"])) == n_node
                                        and a.machine.attached
                                        for a, _ in agents), 10.0, "every agent on N")
             # (a move takes ~1.3 s by the client's timers; the pause lasts at least PAUSE_S)
@@ -221,7 +222,7 @@ async def test_paused_node_fences_itself(
             epochs = [g[0] for g in grants]
             assert epochs == sorted(set(epochs)), f"{sid.hex()}: an epoch granted twice: {grants}"
             rec = records[sid]
-            assert rec is not None and (rec.epoch, rec.node) == grants[-1][:2], (rec, grants)
+            assert rec is not None and (rec.epoch, node_name(rec.node)) == grants[-1][:2], (rec, grants)
             live = []
             for epoch, node, start in grants:
                 end = revokes.get((node, epoch), float("inf"))

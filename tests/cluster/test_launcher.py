@@ -22,6 +22,7 @@ from agent.agent import Agent, AgentSettings
 from instruments.cluster import nginx_values, render_template
 from instruments.netsim import UdpEcho
 from session.noise import generate_keypair
+from session.wire import node_name
 from store.api import SessionStore
 from store.policy import ClientPolicy
 from tests.support.harness import FAST, LIVE_STATES, wait_for
@@ -251,7 +252,8 @@ async def test_reattach_through_the_balancer_lands_on_one_node(
         nodes = {j.node for j in affine}
         assert len(nodes) == 1, f"session-affine routing broke: reattaches landed on {nodes}"
         node = nodes.pop()
-        admin = next(g["admin"] for g in cluster.state["gateways"] if g["node_id"] == node)
+        admin = next(g["admin"] for g in cluster.state["gateways"]
+                     if g["node_id"] == node_name(node))
         landed = sum(j.node == node for j in agent.jumps)  # 3, but for a reused UDP port
         assert _metric(admin, "jvpn_transport_switch_total", 'reason="reattach"') >= landed
     finally:

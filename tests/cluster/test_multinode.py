@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from session.states import SessionState
+from session.wire import node_name
 from tests.support.harness import echo_upstream, start_gateway, wait_for
 
 
@@ -25,15 +26,17 @@ async def test_reattach_on_another_node_moves_the_binding_and_fences_the_old_one
         await wait_for(lambda: b"on-a" in got, 5, "echo via node a")
 
         await agent.jump("udp", "move", remote=b.udp)
-        await wait_for(lambda: agent.machine.node_id == b"gw-b", 5, "binding on node b")
+        await wait_for(lambda: node_name(agent.machine.node_id.decode()) == "gw-b", 5,
+                       "binding on node b")
         # Node a heard of the move (pub/sub hint, confirmed by the store) and dropped it.
         await wait_for(lambda: sid not in a.node.bindings, 5, "node a fenced")
         assert sid in b.node.bindings
         rec = await a.store.get(sid)
-        assert rec is not None and rec.node == "gw-b" and rec.epoch == agent.machine.epoch == 2
+        assert rec is not None and node_name(rec.node) == "gw-b" and rec.epoch == agent.machine.epoch == 2
         agent.send(b"on-b")
         await wait_for(lambda: b"on-b" in got, 5, "echo via node b")
-        assert any(e.get("jvpn.previous_node") == "gw-a" for e in b.actions("transport_switch"))
+        assert any(node_name(e.get("jvpn.previous_node") or "") == "gw-a"
+                   for e in b.actions("transport_switch"))
         assert any(e.get("event.action") == "binding_revoked" for e in a.events
                    for e in [e.fields])
     finally:

@@ -92,9 +92,9 @@ async def test_concurrent_reattaches_have_exactly_one_winner(
             assert rec is not None
             owner = node_of[id(winner)]
             assert (rec.version, rec.epoch, rec.binding_id, rec.node, rec.kind) == (
-                ack.version, ack.epoch, ack.binding_id, owner.node.settings.node_id,
+                ack.version, ack.epoch, ack.binding_id, owner.node.machine.instance_id,
                 winner.kind), f"round {i}: {rec}"
-            assert ack.node_id == owner.node.settings.node_id.encode()
+            assert ack.node_id == owner.node.machine.instance_id.encode()
             b_local = owner.node.bindings[s.session_id]
             assert (b_local.epoch, b_local.binding_id) == (ack.epoch, ack.binding_id)
             assert b_local.peer.addr == winner.local and b_local.peer.kind == winner.kind

@@ -294,7 +294,7 @@ async def test_replayed_nonce_other_address_vs_idempotent_retry(env: Env) -> Non
     s.install(first, ep2)
     await s.keepalive(ep2)
     after = await record(env.gw, s)
-    assert after[:4] == (ack1.version, ack1.epoch, ack1.binding_id, env.gw.node.settings.node_id)
+    assert after[:4] == (ack1.version, ack1.epoch, ack1.binding_id, env.gw.node.machine.instance_id)
 
     # The same bytes from other addresses (an attacker, the old path): REPLAYED_NONCE.
     for other in (attacker, old_ep):

@@ -308,6 +308,7 @@ class Cl:
         self.received: list[bytes] = []
         self.events: list[Any] = []
         self.inbound: list[tuple[int, bytes]] = []
+        self.auto_reattach = False
 
     def flush(self) -> None:
         for path, data in self.machine.datagrams_to_send():
@@ -318,6 +319,9 @@ class Cl:
             self.events.append(ev)
             if type(ev).__name__ == "PayloadReceived":
                 self.received.append(ev.data)
+            elif type(ev).__name__ == "TransportLost" and self.auto_reattach:
+                # As the agent does (here on the same path: the test moves addresses).
+                self.machine.reattach(self.net.now, ev.path, UDP, reason="lost")
 
     def of(self, kind: type) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]

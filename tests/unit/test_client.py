@@ -163,17 +163,25 @@ def test_retransmission_reuses_the_same_bytes_then_times_out() -> None:
     assert len(reqs) == 4 and len(set(reqs)) == 1
 
 
-def test_unauthenticated_terminated_never_ends_the_session() -> None:
+def test_an_unauthenticated_reject_is_a_hint_that_cancels_nothing() -> None:
+    """Forged REJECTs carrying our request's nonce (it travels in clear): no session end,
+    no transport switch, no backoff; the request stays outstanding and the genuine ACK
+    that follows is taken."""
     c, gw = connected()
     t = lose(c)
     c.reattach(t, 2, wire.TransportKind.UDP)
     [(_, req)] = c.datagrams_to_send()
-    c.receive(forged_reject(gw, req, RejectReason.TERMINATED), 2, t + 0.01)
+    for reason in (RejectReason.TERMINATED, RejectReason.POLICY_DENIED, RejectReason.RATE_LIMITED):
+        c.receive(forged_reject(gw, req, reason), 2, t + 0.01)
     evs = events(c)
     assert c.state is SessionState.RECOVERING
-    assert not any(isinstance(e, SessionTerminated) for e in evs)
-    rej = [e for e in evs if isinstance(e, ReattachRejected)][0]
-    assert rej.action is ReattachAction.BACKOFF and not rej.authenticated
+    assert not any(isinstance(e, (SessionTerminated, ReattachTimedOut)) for e in evs)
+    rejs = [e for e in evs if isinstance(e, ReattachRejected)]
+    assert len(rejs) == 3 and all(e.action is ReattachAction.WAIT and not e.authenticated
+                                  for e in rejs)
+    assert c.datagrams_to_send() == []  # no new request, no backoff retry
+    c.receive(ack(gw, req, t + 0.02), 2, t + 0.02)
+    assert c.state is SessionState.ATTACHED and any(isinstance(e, Reattached) for e in events(c))
 
 
 def test_authenticated_terminated_ends_the_session() -> None:
