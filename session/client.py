@@ -392,16 +392,19 @@ class ClientSession:
     def _handle_handshake_resp(self, msg: wire.HandshakeResp, path: int, now: float) -> None:
         if self._hs is None or self._initiator is None or msg.handshake_id != self._hs.nonce:
             raise DecodeError(DropReason.UNEXPECTED, "no handshake outstanding")
+        # finish() changes nothing: an answer that does not authenticate, or whose cleartext
+        # session id disagrees with the authenticated one (a tampered copy racing the
+        # genuine answer), is dropped and the handshake stays outstanding.
         answer, secret = self._initiator.finish(msg.noise)
+        if isinstance(answer, ServerHello) and answer.session_id != msg.session_id:
+            raise DecodeError(DropReason.MALFORMED, "session_id mismatch")
         self._hs = None
         self._initiator = None
         if isinstance(answer, Refusal):
             self.server_offset_ms = answer.server_ms - now * 1000
             self._events.append(HandshakeFailed(answer.reason, True, path))
             return
-        if answer.session_id != msg.session_id:
-            raise DecodeError(DropReason.MALFORMED, "session_id mismatch")
-        self._install_hello(answer, secret, path, now)
+        self._install_hello(answer, secret, path, now)  # the authenticated session id
 
     def _install_hello(self, h: ServerHello, secret: bytes, path: int, now: float) -> None:
         old = self.state

@@ -10,6 +10,7 @@ The prologue binds the cleartext handshake id, so it cannot be swapped.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,10 +142,16 @@ class Initiator:
         self.message1 = self._hs.write_message(encode_client_hello(hello))
 
     def finish(self, noise_msg2: bytes) -> tuple[ServerHello | Refusal, bytes]:
-        """Read message 2; return the gateway's answer and the session secret."""
-        payload = self._hs.read_message(noise_msg2)
+        """Read message 2; return the gateway's answer and the session secret.
+
+        Side-effect free: message 2 is read on a copy of the handshake state, so an
+        answer that does not authenticate or decode (or that the caller rejects, e.g. for
+        a tampered cleartext header) leaves this Initiator ready for the genuine one.
+        """
+        hs = copy.copy(self._hs)  # read_message replaces, never mutates, the fields it changes
+        payload = hs.read_message(noise_msg2)
         answer = decode_server_payload(payload)
-        return answer, _secret(self._hs)
+        return answer, _secret(hs)
 
 
 class Responder:

@@ -96,6 +96,38 @@ def test_handshake_then_payload_both_ways() -> None:
     assert [e.data for e in events(c) if isinstance(e, PayloadReceived)] == [b"world"]
 
 
+def handshaking() -> tuple[ClientSession, bytes]:
+    """A client in BIRTH with its handshake outstanding, and the gateway's genuine answer."""
+    c = ClientSession(CL_PRIV, GW_PUB, ClientParams(keepalive_interval=0.5, dead_after=3,
+                                                    upstream=UPSTREAM))
+    c.connect(0.0, WALL_MS, path=1, kind=wire.TransportKind.UDP)
+    [(_, init)] = c.datagrams_to_send()
+    [answer] = gateway().answer(init, HOME, 0.0)
+    return c, answer
+
+
+def test_tampered_handshake_answer_racing_the_genuine_one_leaves_the_handshake_outstanding() -> None:
+    # An on-path attacker copies the answer, changes its cleartext session id (or breaks its
+    # Noise message) and gets it to the client first: dropped, and the genuine answer that
+    # follows still completes the handshake with the authenticated session id.
+    c, answer = handshaking()
+    msg = wire.decode(answer)
+    assert isinstance(msg, wire.HandshakeResp)
+    tampered = [
+        wire.encode(wire.HandshakeResp(os.urandom(16), msg.handshake_id, msg.noise)),
+        wire.encode(wire.HandshakeResp(msg.session_id, msg.handshake_id,
+                                       msg.noise[:-1] + bytes([msg.noise[-1] ^ 1]))),
+    ]
+    for i, bad in enumerate(tampered, 1):
+        c.receive(bad, 1, 0.01)
+        assert c.stats["dropped_input"] == i
+        assert c.state is SessionState.BIRTH and c.session_id == b""
+        assert not events(c) and not c.datagrams_to_send()
+    c.receive(answer, 1, 0.02)
+    assert any(isinstance(e, HandshakeComplete) for e in events(c))
+    assert c.state is SessionState.ATTACHED and c.session_id == msg.session_id
+
+
 def test_silence_moves_to_recovering_after_dead_after_intervals() -> None:
     c, _ = connected()
     t = 0.01
