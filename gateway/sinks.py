@@ -20,6 +20,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import aiohttp
 
+from settings import redact_url
+
 log = logging.getLogger("jvpn.events")
 
 if TYPE_CHECKING:
@@ -258,7 +260,7 @@ class HttpSink(Sink):
         headers = {"Content-Type": "application/x-ndjson"}
         async with self._session.post(self.url, data=body, headers=headers) as resp:
             if resp.status >= 300:
-                raise RuntimeError(f"HTTP {resp.status} from {self.url}")
+                raise RuntimeError(f"HTTP {resp.status} from {redact_url(self.url)}")
         self.written += len(batch)
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ from settings.loader import (
     parse_address,
     parse_set_flags,
     parse_toml,
+    redact_url,
     select_section,
     setting,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "parse_toml",
     "read_key_setting",
     "read_toml_file",
+    "redact_url",
     "select_section",
     "setting",
 ]

@@ -247,15 +247,64 @@ def parse_address(text: str, *, peer: bool = False) -> tuple[str, int]:
     return host, port
 
 
+REDACTED = "<redacted>"
+# A key or query parameter named like this holds a secret; one naming a file, a path, a
+# directory or a public key does not (private_key_file, kek_file, gateway_public_key).
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|auth|cred|sig", re.IGNORECASE)
+_NOT_SECRET_NAME = re.compile(r"_(file|path|dir)$|public", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """True for a key or query parameter whose name says it holds a secret."""
+    return bool(_SECRET_NAME.search(name)) and not _NOT_SECRET_NAME.search(name)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its credentials redacted, for output and logs: the password of the
+    userinfo (all of it when it has no ``:``, as a lone token often is) and the values of
+    secret-named query parameters (token=, password=, api_key=, sig=...). Text, not a
+    parser, so a Redis Cluster URL with several hosts or an invalid URL works too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{hosts}" if colon else f"{REDACTED}@{hosts}"
+    path, q, query = tail.partition("?")
+    if q:
+        query, hash_, fragment = query.partition("#")
+        params = []
+        for item in query.split("&"):
+            name, eq, _ = item.partition("=")
+            params.append(f"{name}={REDACTED}" if eq and is_secret_name(name) else item)
+        tail = path + "?" + "&".join(params) + hash_ + fragment
+    return f"{scheme}://{netloc}{tail}"
+
+
+def _redact_value(value: object) -> object:
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
 def config_as_dict(cfg: object, *, redact: bool = True) -> dict[str, Any]:
-    """The effective config as plain data, secrets redacted (for --print-config and logs)."""
+    """The effective config as plain data (for --check-config and logs). With ``redact``,
+    every secret is replaced: fields declared ``secret``, fields named like a secret
+    (password, token, key, ...), and the credentials inside any URL (``redact_url``)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             out[f.name] = config_as_dict(value, redact=redact)
-        elif redact and f.metadata.get("secret") and value:
-            out[f.name] = "<redacted>"
+        elif redact and value and (f.metadata.get("secret") or is_secret_name(f.name)):
+            out[f.name] = REDACTED
+        elif redact:
+            out[f.name] = _redact_value(value)
         else:
             out[f.name] = list(value) if isinstance(value, list) else value
     return out
@@ -326,7 +375,7 @@ def _describe(value: object, secret: bool = False) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        text = json.dumps(value)
+        text = json.dumps(redact_url(value))
         return text if len(text) <= 64 else text[:60] + '..."'
     if isinstance(value, int | float):
         return repr(value)

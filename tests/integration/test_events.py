@@ -354,7 +354,7 @@ async def test_redis_stream_sink_failure_is_counted_not_raised() -> None:
     assert failing.errors == 1 and failing.dropped == 1 and len(good.events) == 1
 
 
-async def test_http_sink_posts_ndjson_batches_and_counts_errors() -> None:
+async def test_http_sink_posts_ndjson_batches_and_counts_errors(caplog) -> None:
     received: list[list[dict]] = []
     status = {"code": 200}
 
@@ -371,7 +371,7 @@ async def test_http_sink_posts_ndjson_batches_and_counts_errors() -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    sink = HttpSink(f"http://127.0.0.1:{port}/siem", timeout_s=2.0)
+    sink = HttpSink(f"http://127.0.0.1:{port}/siem?token=hunter2", timeout_s=2.0)
     bus = EventBus("n", [sink], queue_size=100)
     await bus.start()
     try:
@@ -383,6 +383,7 @@ async def test_http_sink_posts_ndjson_batches_and_counts_errors() -> None:
         bus.emit("handshake")
         await bus.flush()
         assert sink.errors == 1 and sink.dropped == 1
+        assert "HTTP 500" in caplog.text and "hunter2" not in caplog.text  # the token is redacted
     finally:
         await bus.stop()
         await runner.cleanup()

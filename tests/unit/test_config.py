@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from settings import (
     load_config,
     parse_address,
     parse_toml,
+    redact_url,
     select_section,
     setting,
 )
@@ -236,6 +238,69 @@ def test_secret_values_never_echoed() -> None:
     assert load({"key": KEY_HEX}).key == KEY_HEX
     assert config_as_dict(load({"key": KEY_HEX}))["key"] == "<redacted>"
     assert config_as_dict(load())["inner"] == {"file": "", "size": 10}
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://jvpn:hunter2@redis:6379/0", "redis://jvpn:<redacted>@redis:6379/0"),
+        ("rediss://:hunter2@redis:6380", "rediss://:<redacted>@redis:6380"),
+        ("redis://hunter2@redis", "redis://<redacted>@redis"),
+        ("redis+cluster://u:hunter2@a:7000,b:7001/0", "redis+cluster://u:<redacted>@a:7000,b:7001/0"),
+        ("unix:///run/redis.sock?db=1&password=hunter2", "unix:///run/redis.sock?db=1&password=<redacted>"),
+        ("https://siem.example/in?token=hunter2&src=jvpn&api_key=hunter2#x",
+         "https://siem.example/in?token=<redacted>&src=jvpn&api_key=<redacted>#x"),
+        ("https://siem.example/in?Authorization=Bearer%20hunter2",
+         "https://siem.example/in?Authorization=<redacted>"),
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("https://siem.example/in?src=jvpn", "https://siem.example/in?src=jvpn"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_check_config_redacts_every_secret(capsys) -> None:
+    from gateway import cli
+
+    argv = ["--check-config", "--store-url", "rediss://jvpn-gw:hunter2@redis:6380/0",
+            "--set", "events.siem_http=https://siem.example/in?token=hunter3",
+            "--set", f"kek={KEY_HEX}", "--set", f"private_key={KEY_HEX}"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for secret in ("hunter2", "hunter3", KEY_HEX):
+        assert secret not in out
+    shown = json.loads(out)
+    assert shown["store_url"] == "rediss://jvpn-gw:<redacted>@redis:6380/0"
+    assert shown["events"]["siem_http"] == "https://siem.example/in?token=<redacted>"
+    assert shown["kek"] == shown["private_key"] == "<redacted>"
+    assert shown["listen_udp"] == "127.0.0.1:51820"  # the rest stays readable
+
+
+def test_secret_named_keys_and_urls_are_redacted_in_any_config() -> None:
+    @dataclass(frozen=True)
+    class Creds:
+        store_password: str = setting("")
+        api_token: str = setting("")
+        client_secret: str = setting("")
+        ca_file: str = setting("")
+        private_key_file: str = setting("")
+        gateway_public_key: str = setting("")
+        urls: list[str] = setting([])
+
+    cfg = Creds("p", "t", "s", "/etc/ca.pem", "/etc/key", "pub", ["redis://u:p@h"])
+    assert config_as_dict(cfg) == {
+        "store_password": "<redacted>", "api_token": "<redacted>", "client_secret": "<redacted>",
+        "ca_file": "/etc/ca.pem", "private_key_file": "/etc/key", "gateway_public_key": "pub",
+        "urls": ["redis://u:<redacted>@h"],
+    }
+    assert config_as_dict(cfg, redact=False)["store_password"] == "p"
+
+
+def test_invalid_url_error_does_not_echo_its_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(None, {}, {"store_url": "redis://u:hunter2@redis:notaport/0"})
+    assert "store_url" in str(info.value) and "hunter2" not in str(info.value)
 
 
 def test_decode_key() -> None:
