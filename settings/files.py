@@ -7,6 +7,8 @@ file (and the key it was given for).
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -30,13 +32,24 @@ def read_toml_file(path: str) -> dict[str, Any]:
 
 
 def read_key_setting(inline: str, path: str, section: str, key: str) -> bytes | None:
-    """A 32-byte key given inline or in file ``path`` (hex or base64); None if neither."""
+    """A 32-byte key given inline or in file ``path`` (hex or base64); None if neither.
+
+    Like ssh with a private key, a file that group or others may read or write (any bit
+    of mode 077) is refused before it is read: the key may already have leaked.
+    """
     if inline:
         return decode_key(inline)  # validated at load time
     if not path:
         return None
     try:
         with open(path, encoding="ascii") as fp:
+            mode = stat.S_IMODE(os.fstat(fp.fileno()).st_mode)  # the file opened, not the name
+            if mode & 0o077:
+                raise ConfigError(
+                    f"config error: [{section}] {key}: {path} is accessible by group or others "
+                    f"(mode {mode:04o}); a key file must be private: chmod 600 {path}",
+                    key=key, source=path, problem="key file permissions",
+                )  # fmt: skip
             text = fp.read()
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not ASCII"

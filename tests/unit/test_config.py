@@ -350,10 +350,50 @@ def test_gateway_defaults() -> None:
     assert load_private_key(cfg) is None and load_kek(cfg) is None
 
 
+def private_file(path, text: str):
+    """A key file as `jvpn keys gen --out` writes it: mode 600."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o660, 0o666], ids=oct)
+def test_key_and_kek_files_open_to_group_or_others_are_refused(tmp_path, mode: int) -> None:
+    for key, loader in (("private_key_file", load_private_key), ("kek_file", load_kek)):
+        path = private_file(tmp_path / key, KEY_HEX + "\n")
+        cfg = load_gateway_config(None, {}, {key: str(path)})
+        assert loader(cfg) == KEY
+        path.chmod(mode)
+        with pytest.raises(ConfigError) as info:
+            loader(cfg)
+        assert info.value.key == key
+        assert f"[gateway] {key}: {path} is accessible by group or others (mode {mode:04o})" in str(info.value)
+        assert KEY_HEX not in str(info.value)
+        path.chmod(0o400)  # owner-only read is fine
+        assert loader(cfg) == KEY
+    agent_key = private_file(tmp_path / "agent.key", KEY_B64)
+    cfg = load_agent_config(None, {}, {"private_key_file": str(agent_key)})
+    assert agent_private_key(cfg) == KEY
+    agent_key.chmod(mode)
+    with pytest.raises(ConfigError, match=r"\[agent\] private_key_file: .*chmod 600"):
+        agent_private_key(cfg)
+
+
+def test_generated_key_files_are_accepted(tmp_path) -> None:
+    # `jvpn keys gen --out` and `jvpn kek gen --out` write files the gateway loads as they are.
+    from jvpn import cli
+
+    key, kek = tmp_path / "gw.key", tmp_path / "kek.key"
+    assert cli.main(["keys", "gen", "--out", str(key)]) == 0
+    assert cli.main(["kek", "gen", "--out", str(kek)]) == 0
+    assert key.stat().st_mode & 0o777 == kek.stat().st_mode & 0o777 == 0o600
+    cfg = load_gateway_config(None, {}, {"private_key_file": str(key), "kek_file": str(kek)})
+    assert load_private_key(cfg) is not None and load_kek(cfg) is not None
+
+
 def test_gateway_file_env_flags(tmp_path) -> None:
     path = tmp_path / "gateway.toml"
-    key_file = tmp_path / "kek"
-    key_file.write_text(KEY_B64 + "\n")
+    key_file = private_file(tmp_path / "kek", KEY_B64 + "\n")
     path.write_text(
         "[gateway]\n"
         'node_id = "gw-a"\n'
@@ -418,8 +458,7 @@ def test_gateway_errors(tmp_path) -> None:
     flat.write_text('admin = ""\n')
     with pytest.raises(ConfigError, match="put it under \\[gateway\\]"):
         load_gateway_config(str(flat), {}, {})
-    bad_key = tmp_path / "key"
-    bad_key.write_text("zz\n")
+    bad_key = private_file(tmp_path / "key", "zz\n")
     cfg = load_gateway_config(None, {}, {"private_key_file": str(bad_key)})
     with pytest.raises(ConfigError, match=r"\[gateway\] private_key_file: .*32-byte"):
         load_private_key(cfg)
