@@ -22,7 +22,7 @@ from gateway.admin_http import bound_port, make_admin_app, start_admin, stop_adm
 from gateway.config import GatewayConfig, load_kek, load_private_key
 from gateway.events import EventBus, sinks_from_config
 from gateway.metrics import Metrics
-from gateway.node import GatewayNode, NodeSettings
+from gateway.node import GatewayNode, NodeSettings, TcpLimits
 from gateway.tracing import Tracing
 from session.noise import generate_keypair, public_key
 from settings import parse_address
@@ -126,8 +126,14 @@ class GatewayApp:
         )
         if self.tracing is None:
             self.tracing = Tracing.from_env(cfg.node_id)
+        tcp_limits = TcpLimits(
+            max_connections=cfg.tcp_max_connections, max_per_source=cfg.tcp_max_per_source,
+            first_frame_timeout=cfg.tcp_first_frame_timeout_s, idle_timeout=cfg.tcp_idle_timeout_s,
+            write_buffer=cfg.tcp_write_buffer, write_stall=cfg.tcp_write_stall_s,
+        )
         self.node = GatewayNode(settings, self.store, self.keys.private, self.keys.kek,
-                                self.events, self.metrics, tracing=self.tracing)
+                                self.events, self.metrics, tracing=self.tracing,
+                                tcp_limits=tcp_limits)
         udp = parse_address(cfg.listen_udp) if cfg.listen_udp else None
         tcp = parse_address(cfg.listen_tcp) if cfg.listen_tcp else None
         await self.node.start(udp, tcp)

@@ -77,6 +77,31 @@ class GatewayConfig:
         3.0, min=0.1, max=3600.0,
         help="stop forwarding when the store has not answered for this long (fail closed)",
     )
+    tcp_max_connections: int = setting(
+        1024, min=1, max=1_000_000,
+        help="open TCP connections at most; lowered at start to what RLIMIT_NOFILE leaves "
+        "(2 descriptors per connection: it and its session's upstream socket; 64 kept back)",
+    )
+    tcp_max_per_source: int = setting(
+        16, min=0, max=1_000_000,
+        help="open TCP connections per source address; 0 = no limit (behind a balancer "
+        "without PROXY protocol every connection has the balancer's address)",
+    )
+    tcp_first_frame_timeout_s: float = setting(
+        5.0, min=0.01, max=3600.0, help="close a connection without one whole frame by then"
+    )
+    tcp_idle_timeout_s: float = setting(
+        60.0, min=0.01, max=86400.0,
+        help="close a connection that sent no frame for this long (a live client sends a "
+        "keepalive every keepalive_interval_s; must exceed 3 of them)",
+    )
+    tcp_write_buffer: int = setting(
+        256 * 1024, min=4096, max=1 << 30,
+        help="bytes queued to one connection before its frames are dropped (high-water mark)",
+    )
+    tcp_write_stall_s: float = setting(
+        10.0, min=0.01, max=3600.0, help="abort a connection kept above tcp_write_buffer this long"
+    )
     events: EventsConfig = setting(default_factory=EventsConfig)
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
     gc_gen0_threshold: int = setting(
@@ -95,6 +120,8 @@ class GatewayConfig:
             yield "admin", f"clashes with listen_tcp {self.listen_tcp}"
         if self.sweep_interval_s > self.tombstone_ttl_s:
             yield "sweep_interval_s", "must not exceed tombstone_ttl_s"
+        if self.tcp_idle_timeout_s <= 3 * self.keepalive_interval_s:  # clients are told it
+            yield "tcp_idle_timeout_s", "must exceed 3 x keepalive_interval_s"
 
 
 def load_gateway_config(

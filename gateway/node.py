@@ -12,18 +12,33 @@ a future: a reattach's CAS is queued on the store's batcher without a task
 (``SessionStore.reattach_soon``), every other call is a task; either way its
 answer re-enters the machine from the future's callback, the same path with
 tracing on or off.
+
+TCP connections are a resource an unauthenticated peer can hold, so the
+adapter bounds them (``TcpLimits``; the machine never sees a refused or timed-out
+connection): a cap on open connections, lowered to what the process's
+descriptor limit leaves, and one per source address (over either, the new
+connection is closed at once); a deadline for the first whole frame and an idle
+deadline, one timer per connection that a frame never touches (it stamps the
+time; the timer re-arms from the stamp when it fires); and write back-pressure:
+above a high-water mark the connection's frames are dropped, and a peer that
+stays above it too long is aborted. Each is counted (``TCP_LIMIT`` drops, and
+``QUEUE_FULL`` for the frames dropped) and logged at most every few seconds
+with the counts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from gateway.events import EventBus
 from gateway.metrics import Metrics
@@ -65,6 +80,37 @@ PEER_CACHE_MAX = 100_000
 UPSTREAM_BACKLOG = 64  # payloads held per session while its upstream socket opens
 TIMER_MAX_SLEEP_S = 0.5
 NodeSettings = GatewaySettings  # the name the app and the tests use
+FD_RESERVE = 64  # descriptors kept back from TCP: listeners, store, admin, logs, children
+FDS_PER_TCP = 2  # a TCP session's connection and its upstream socket
+LIMIT_LOG_INTERVAL_S = 5.0  # TCP limit reports at most this often (with the counts)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpLimits:
+    """What one TCP peer may hold (gateway config ``tcp_*``)."""
+
+    max_connections: int = 1024  # lowered at start to what RLIMIT_NOFILE leaves
+    max_per_source: int = 16  # 0 = no per-source limit
+    first_frame_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    write_buffer: int = 256 * 1024  # the transport's high-water mark
+    write_stall: float = 10.0  # longest stay above the mark
+
+    @property
+    def write_buffer_max(self) -> int:
+        """Never more queued than this (above the mark nothing is written: one frame over)."""
+        return 2 * self.write_buffer + wire.FRAME_HEAD.size + 0xFFFF
+
+
+def fd_bounded_cap(wanted: int) -> int:
+    """``wanted``, lowered so TCP connections cannot use the descriptors everything else needs."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, (soft - FD_RESERVE) // FDS_PER_TCP))
 
 
 class GatewayNode:
@@ -73,7 +119,7 @@ class GatewayNode:
     def __init__(self, settings: GatewaySettings, store: SessionStore, static_priv: bytes,
                  kek: bytes, events: EventBus, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, tcp_limits: TcpLimits | None = None) -> None:
         self.settings = settings
         self.store = store
         self.events = events
@@ -88,6 +134,10 @@ class GatewayNode:
         self._tcp: asyncio.base_events.Server | None = None
         self._conns: dict[int, _TcpProtocol] = {}
         self._next_conn = 1
+        self.tcp_limits = tcp_limits or TcpLimits()
+        self.tcp_cap = self.tcp_limits.max_connections  # set from the fd limit by start()
+        self._per_source: dict[str, int] = {}  # open connections by source address
+        self._tcp_report = _LimitReport()
         self._upstreams: dict[bytes, asyncio.DatagramTransport] = {}
         self._opening: dict[bytes, list[bytes]] = {}
         self._opening_tasks: set[asyncio.Future[Any]] = set()
@@ -133,6 +183,11 @@ class GatewayNode:
             self.udp_address = self._udp.get_extra_info("sockname")[:2]
             _grow_buffers(self._udp)
         if tcp is not None:
+            self.tcp_cap = fd_bounded_cap(self.tcp_limits.max_connections)
+            if self.tcp_cap < self.tcp_limits.max_connections:
+                log.warning("tcp_max_connections %d lowered to %d: the descriptor limit "
+                            "(RLIMIT_NOFILE, ulimit -n) leaves no more",
+                            self.tcp_limits.max_connections, self.tcp_cap)
             self._tcp = await loop.create_server(lambda: _TcpProtocol(self), tcp[0], tcp[1])
             self.tcp_address = self._tcp.sockets[0].getsockname()[:2]
         self._background = [
@@ -148,8 +203,8 @@ class GatewayNode:
         if self._tcp is not None:
             self._tcp.close()
             for conn in list(self._conns.values()):
-                if conn.transport is not None:
-                    conn.transport.close()
+                conn.shut()
+        self._tcp_report.flush()
         await cancel_bounded([*self._background, *self._calls.values(), *self._opening_tasks])
         if self._tcp is not None:
             await self._tcp.wait_closed()
@@ -243,9 +298,8 @@ class GatewayNode:
             self._udp.sendto(data, peer.addr)
         else:
             conn = self._conns.get(peer.conn)
-            if conn is None:
-                return  # that connection closed meanwhile
-            conn.send_frame(data)
+            if conn is None or not conn.write_frame(data):
+                return  # that connection closed meanwhile, or its peer does not keep up
         self.metrics.tx_packets += 1
         self.metrics.tx_bytes += len(data)
 
@@ -349,11 +403,37 @@ class GatewayNode:
             except StoreUnavailable:
                 await asyncio.sleep(1.0)
 
-    def _new_conn(self, proto: _TcpProtocol) -> int:
+    # ---- TCP connections --------------------------------------------------------------------
+
+    def _new_conn(self, proto: _TcpProtocol, source: str) -> int:
+        """Register an accepted connection; 0 (and counted, reported) if over a cap."""
+        lim = self.tcp_limits
+        if len(self._conns) >= self.tcp_cap:
+            self.tcp_limited(f"refused over the connection cap ({self.tcp_cap})")
+            return 0
+        n = self._per_source.get(source, 0)
+        if lim.max_per_source and n >= lim.max_per_source:
+            self.tcp_limited(f"refused over the per-source cap ({lim.max_per_source})")
+            return 0
+        self._per_source[source] = n + 1
         cid = self._next_conn
         self._next_conn += 1
         self._conns[cid] = proto
         return cid
+
+    def _conn_closed(self, cid: int, source: str) -> None:
+        if self._conns.pop(cid, None) is None:
+            return
+        n = self._per_source.get(source, 0) - 1
+        if n > 0:
+            self._per_source[source] = n
+        else:
+            self._per_source.pop(source, None)
+
+    def tcp_limited(self, what: str) -> None:
+        """A connection refused or closed by a limit: counted, and reported (throttled)."""
+        self.metrics.count_drop(DropReason.TCP_LIMIT, wire.TransportKind.TCP)
+        self._tcp_report.note(what)
 
 
 def _store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]]]:
@@ -435,27 +515,142 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         log.debug("udp error: %s", exc)
 
 
+class _LimitReport:
+    """TCP limit events, logged at most every LIMIT_LOG_INTERVAL_S, each kind with its count."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.last = float("-inf")  # loop time of the last report
+        self.handle: asyncio.TimerHandle | None = None
+
+    def note(self, what: str) -> None:
+        self.counts[what] += 1
+        if self.handle is not None:
+            return  # a report is due: this joins it
+        loop = asyncio.get_running_loop()
+        wait = self.last + LIMIT_LOG_INTERVAL_S - loop.time()
+        if wait <= 0:
+            self.flush()
+        else:
+            self.handle = loop.call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        """Log what is pending now (at stop, or when the interval is up)."""
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        if not self.counts:
+            return
+        self.last = asyncio.get_running_loop().time()
+        log.warning("TCP limits: %s", ", ".join(f"{n} {what}" for what, n in self.counts.items()))
+        self.counts.clear()
+
+
 class _TcpProtocol(FramedStream, asyncio.Protocol):
+    """One TCP connection: frames to the node, frames back, within the node's TcpLimits."""
+
     def __init__(self, node: GatewayNode) -> None:
         self.node = node
+        self.limits = node.tcp_limits
         self.peer: Peer | None = None
         self.conn = 0
+        self.source = ""
+        self.tx: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.last_frame = -1.0  # loop time of the last whole frame; < 0: none yet
+        self.deadline: asyncio.TimerHandle | None = None  # first frame, then idle
+        self.stall: asyncio.TimerHandle | None = None  # set while writing is paused
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        addr = transport.get_extra_info("peername")
-        self.conn = self.node._new_conn(self)
+        tx = cast(asyncio.Transport, transport)
+        addr = tx.get_extra_info("peername")
+        self.source = str(addr[0]) if addr else ""
+        self.conn = self.node._new_conn(self, self.source) if addr else 0
+        if not self.conn:
+            tx.abort()  # at once: the descriptor is free on the next loop turn
+            return
+        self.transport = self.tx = tx
+        tx.set_write_buffer_limits(high=self.limits.write_buffer)
         self.peer = Peer(wire.TransportKind.TCP, (addr[0], addr[1]), self.conn)
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.call_later(self.limits.first_frame_timeout, self._check_deadline)
 
     def frame_received(self, frame: bytes) -> None:
-        assert self.peer is not None
+        if self.peer is None or self.loop is None:
+            return  # refused
+        self.last_frame = self.loop.time()
         self.node.on_message(frame, self.peer)
 
     def framing_failed(self, error: DecodeError) -> None:
         self.node.metrics.count_drop(error.reason, wire.TransportKind.TCP)
 
+    def _check_deadline(self) -> None:
+        """The first frame is late, or the connection fell silent: close it; else re-arm."""
+        self.deadline = None
+        if self.tx is None or self.loop is None or self.tx.is_closing():
+            return
+        if self.last_frame < 0:
+            self._limit(f"closed without a frame within {self.limits.first_frame_timeout:g}s")
+            return
+        due = self.last_frame + self.limits.idle_timeout
+        now = self.loop.time()
+        if now >= due:
+            self._limit(f"closed idle for {self.limits.idle_timeout:g}s")
+            return
+        self.deadline = self.loop.call_later(due - now, self._check_deadline)
+
+    def write_frame(self, data: bytes) -> bool:
+        """Write one frame; False if it was not (closing, or the peer does not keep up)."""
+        tx = self.tx
+        if tx is None or tx.is_closing():
+            return False
+        if self.paused:
+            self.node.metrics.count_drop(DropReason.QUEUE_FULL, wire.TransportKind.TCP)
+            return False
+        if tx.get_write_buffer_size() > self.limits.write_buffer_max:  # a transport that
+            self._limit("aborted over the write buffer cap")  # never paused us
+            return False
+        self.send_frame(data)
+        return True
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        if self.stall is None and self.loop is not None:
+            self.stall = self.loop.call_later(self.limits.write_stall, self._stalled)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+
+    def _stalled(self) -> None:
+        self.stall = None
+        if self.paused and self.tx is not None and not self.tx.is_closing():
+            self._limit(f"aborted not reading for {self.limits.write_stall:g}s")
+
+    def _limit(self, what: str) -> None:
+        self.node.tcp_limited(what)
+        self.shut(abort=True)
+
+    def shut(self, abort: bool = False) -> None:
+        """Close (abort: at once, queued bytes dropped; so is a paused connection's close)."""
+        if self.tx is None:
+            return
+        if abort or self.paused:
+            self.tx.abort()
+        else:
+            self.tx.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.node._conns.pop(self.conn, None)
+        for handle in (self.deadline, self.stall):
+            if handle is not None:
+                handle.cancel()
+        self.deadline = self.stall = None
+        self.paused = False
+        if self.conn:
+            self.node._conn_closed(self.conn, self.source)
 
 
 class _UpstreamProtocol(asyncio.DatagramProtocol):

@@ -55,6 +55,7 @@ class DropReason(IntEnum):
     POLICY = 15
     QUEUE_FULL = 16
     LEASE_EXPIRED = 17  # this node could not confirm its bindings with the store in time
+    TCP_LIMIT = 18  # a TCP connection refused or closed by a limit (caps, timeouts, a stalled peer)
 
 
 class NoticeKind(IntEnum):
