@@ -123,6 +123,8 @@ class GatewayApp:
             sweep_interval=cfg.sweep_interval_s,
             handshake_retry_threshold=float(cfg.handshake_retry_threshold),
             max_sessions=cfg.max_sessions, lease_s=cfg.lease_s,
+            source_rate=cfg.source_rate, source_burst=cfg.source_burst,
+            registry_staleness_s=cfg.registry_staleness_s,
         )
         if self.tracing is None:
             self.tracing = Tracing.from_env(cfg.node_id)

@@ -73,6 +73,17 @@ class GatewayConfig:
         1000, min=-1, max=10_000_000, help="handshakes/s needing a RETRY cookie; 0 always, -1 never"
     )
     max_sessions: int = setting(100_000, min=1, max=100_000_000)
+    source_rate: float = setting(
+        200.0, min=-1.0, max=10_000_000.0,
+        help="store-costing requests/s one source address may cause before it is "
+             "authenticated (handshakes, unknown sessions); -1 unlimited",
+    )
+    source_burst: float = setting(400.0, min=1.0, max=10_000_000.0)
+    registry_staleness_s: float = setting(
+        10.0, min=0.1, max=86400.0,
+        help="how old a node's view of a client's registry entry may be at a reattach or "
+             "refresh (a removed client is refused within this)",
+    )
     lease_s: float = setting(
         3.0, min=0.1, max=3600.0,
         help="stop forwarding when the store has not answered for this long (fail closed)",

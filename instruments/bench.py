@@ -110,6 +110,7 @@ BENCH_TTL_S = 3600.0  # keeps the gateway's TTL refresh out of the measurement
 GATEWAY_DEFAULTS: dict[str, object] = {
     "node_id": "bench-gw", "listen_udp": "127.0.0.1:0", "listen_tcp": "", "admin": "",
     "silence_keepalives": 1000, "handshake_retry_threshold": -1, "log_level": "WARNING",
+    "source_rate": -1,  # every bench client is 127.0.0.1: one source budget would cap them all
 }  # fmt: skip
 
 

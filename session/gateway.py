@@ -35,10 +35,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from typing import Any, Protocol
 
 from session import control, wire
 from session.binding import Binding, PathProbe, Peer, SessionSecrets, within_budget
+from session.budget import Buckets, Recent, Throttle
 from session.errors import RemoteProtocolError, SessionError
 from session.handshake import Refusal, Responder, ServerHello
 from session.keys import WRAP_NONCE_LEN, SessionKeys, fingerprint, unwrap_secret, wrap_secret
@@ -75,6 +77,9 @@ RETRY_TOKEN_LIFETIME_S = 10
 NOTICE_INTERVAL_S = 0.5  # at most one NOT_BOUND_HERE per session per interval
 NOTICE_TABLE_MAX = 100_000
 MAX_CONTROL_CALLS = 4096  # store calls in flight; beyond it control messages are dropped
+MAX_UNAUTH_CALLS = 1024  # of those, caused by packets not authenticated yet
+UNKNOWN_SESSION_TTL_S = 10.0  # a session id the store did not know is not asked again
+ALERT_INTERVAL_S = 1.0  # security events per kind and source address, at most one per this
 HANDSHAKE_ANSWER_CACHE = 10_000
 SWEEP_LIMIT = 500
 BIRTH_VERSION = 1  # created at BIRTH v0, HANDSHAKE_COMPLETE applied: ATTACHED v1
@@ -106,6 +111,9 @@ class GatewaySettings:
     dual_active_window_ms: int = 2_000
     sweep_interval: float = 1.0
     handshake_retry_threshold: float = -1.0  # handshakes/s before RETRY; 0 always, <0 never
+    registry_staleness_s: float = 10.0  # how old a node's view of the client registry may be
+    source_rate: float = 200.0  # store-costing unauthenticated requests/s per source address
+    source_burst: float = 400.0
     max_sessions: int = 1_000_000
     lease_s: float = 3.0  # forward only while the store answered within this
 
@@ -300,13 +308,23 @@ class GatewayMachine:
         self.health = Health()
         self._secrets: OrderedDict[bytes, SessionSecrets] = OrderedDict()
         self._out: list[Effect] = []
-        self._calls: dict[int, tuple[Continuation, bool]] = {}
+        self._calls: dict[int, tuple[Continuation, bool, bool]] = {}
         self._control_calls = 0
+        self._unauth_calls = 0
+        threshold = settings.handshake_retry_threshold
+        self._hs_rate = Buckets(threshold if threshold != 0 else 0.0,
+                                max(threshold, 0.0), size=1)
+        self._sources = Buckets(settings.source_rate, settings.source_burst)
+        self._unknown = Recent(UNKNOWN_SESSION_TTL_S)  # session ids the store does not know
+        self._used_tokens = Recent(2 * RETRY_TOKEN_LIFETIME_S)
+        self._alerts = Throttle(ALERT_INTERVAL_S)
+        # Is each client key still in the registry, and when we last asked (bounded staleness:
+        # a revoked client's sessions end within registry_staleness_s plus a refresh period).
+        self._registered: dict[str, tuple[bool, float]] = {}
         self._sweeping = False
         self._next_call = 1
         self._timers = _Timers()
         self._token_key = random(32)
-        self._hs_times: list[float] = []
         self._notice_sent: dict[bytes, float] = {}
         # Answers to recent handshakes, so a retransmitted INIT (its answer was lost) from the
         # same address gets the same answer; from another address it is a replay.
@@ -346,14 +364,18 @@ class GatewayMachine:
     # ---- inputs: the store -----------------------------------------------------------------
 
     def _call(self, op: StoreOp, then: Continuation, span: Span | None = None,
-              control: bool = False) -> None:
+              control: bool = False, unauth: bool = False) -> None:
         """Ask for ``op``; ``control``: work a packet from the network caused, which the
-        MAX_CONTROL_CALLS bound applies to (the node's own upkeep is bounded by its timers)."""
+        MAX_CONTROL_CALLS bound applies to (the node's own upkeep is bounded by its timers);
+        ``unauth``: caused before anything was authenticated (MAX_UNAUTH_CALLS), so that
+        a flood of those never takes the slots of authenticated work."""
         cid = self._next_call
         self._next_call += 1
-        self._calls[cid] = (then, control)
+        self._calls[cid] = (then, control, unauth)
         if control:
             self._control_calls += 1
+        if unauth:
+            self._unauth_calls += 1
         self._out.append(StoreCall(cid, op, span))
 
     def _control_full(self) -> bool:
@@ -363,9 +385,11 @@ class GatewayMachine:
         """The answer to ``StoreCall(call_id)``: a typed result, or a ``StoreFailure``."""
         entry = self._calls.pop(call_id, None)
         if entry is not None:
-            then, control = entry
+            then, control, unauth = entry
             if control:
                 self._control_calls -= 1
+            if unauth:
+                self._unauth_calls -= 1
             then(answer, now)
 
     # ---- inputs: the network ---------------------------------------------------------------
@@ -519,15 +543,17 @@ class GatewayMachine:
         last = self._notice_sent.get(sid)
         if last is not None and now - last < NOTICE_INTERVAL_S:
             return
-        if self._control_full():
+        if self._unknown.seen(sid, now) or not self._source_budget(peer, now):
             return
         if len(self._notice_sent) > NOTICE_TABLE_MAX:
             self._notice_sent.clear()
         self._notice_sent[sid] = now
         self._call(GetRecordOp(sid), lambda rec, t: self._not_bound_loaded(sid, peer, raw, rec, t),
-                   control=True)
+                   control=True, unauth=True)
 
     def _not_bound_loaded(self, sid: bytes, peer: Peer, raw: bytes, rec: Any, now: float) -> None:
+        if rec is None:
+            self._unknown.add(sid, now)
         if not isinstance(rec, SessionRecord) or sid in self.bindings:
             return  # unknown, the store is away, or bound here meanwhile: nothing to say
         secrets = self._secrets_from(sid, rec)
@@ -583,40 +609,53 @@ class GatewayMachine:
 
     # ---- handshake -------------------------------------------------------------------------
 
-    def _retry_token(self, peer: Peer, bucket: int) -> bytes:
-        msg = f"{peer.describe()}|{bucket}".encode()
+    def _retry_token(self, peer: Peer, handshake_id: bytes, bucket: int) -> bytes:
+        """A stateless RETRY token: bound to the address, the handshake and a time bucket."""
+        msg = f"{peer.describe()}|{bucket}|".encode() + handshake_id
         mac = hmac.new(self._token_key, msg, hashlib.blake2s).digest()[:24]
         return mac + bucket.to_bytes(8, "big")
 
-    def _token_valid(self, token: bytes, peer: Peer, now: float) -> bool:
+    def _token_valid(self, token: bytes, handshake_id: bytes, peer: Peer, now: float) -> bool:
         if len(token) != 32:
             return False
         bucket = int.from_bytes(token[24:], "big")
         if int(now) // RETRY_TOKEN_LIFETIME_S - bucket not in (0, 1):
             return False
-        return hmac.compare_digest(token, self._retry_token(peer, bucket))
+        return hmac.compare_digest(token, self._retry_token(peer, handshake_id, bucket))
 
     def _needs_retry(self, now: float) -> bool:
-        threshold = self.settings.handshake_retry_threshold
-        if threshold < 0:
-            return False
-        if threshold == 0:
-            return True
-        self._hs_times = [t for t in self._hs_times if now - t < 1.0]
-        self._hs_times.append(now)
-        return len(self._hs_times) > threshold
+        """Handshakes beyond ``handshake_retry_threshold`` per second get a RETRY first (O(1))."""
+        return not self._hs_rate.take(None, now)
+
+    def _source_budget(self, peer: Peer, now: float) -> bool:
+        """Store-costing work an unauthenticated packet may cause: per source, and in all."""
+        return (self._unauth_calls < MAX_UNAUTH_CALLS and not self._control_full()
+                and self._sources.take(peer.addr[0], now))
+
+    def _alert(self, kind: str, reason: str, now: float, source_ip: str | None = None,
+               **fields: Any) -> None:
+        """A security event, counted always, emitted at most once per kind, source and
+        second (with how many it folds in): a flood cannot roll the audit log over."""
+        self.metrics.security(kind)
+        folded = self._alerts.admit((kind, source_ip), now)
+        if folded is None:
+            return
+        if folded:
+            fields["suppressed"] = folded
+        self.events.security_event(kind, reason, source_ip=source_ip, **fields)
 
     def _handle_handshake_init(self, msg: wire.HandshakeInit, raw: bytes, peer: Peer,
                                now: float) -> None:
-        if self._control_full():
-            raise RemoteProtocolError(DropReason.RATE_LIMITED, "HANDSHAKE_INIT")
-        if not msg.token and self._needs_retry(now):
-            token = self._retry_token(peer, int(now) // RETRY_TOKEN_LIFETIME_S)
+        if msg.token:
+            if not self._token_valid(msg.token, msg.handshake_id, peer, now):
+                raise RemoteProtocolError(DropReason.BAD_MAC, "HANDSHAKE_INIT token")
+        elif self._needs_retry(now):
+            token = self._retry_token(peer, msg.handshake_id, int(now) // RETRY_TOKEN_LIFETIME_S)
             self._answer(peer, len(raw), wire.encode(wire.Retry(msg.handshake_id, token)))
             self.metrics.handshake(Outcome.RETRY, "")
             return
-        if msg.token and not self._token_valid(msg.token, peer, now):
-            raise RemoteProtocolError(DropReason.BAD_MAC, "HANDSHAKE_INIT token")
+        if not self._source_budget(peer, now):  # before the Diffie-Hellman work
+            raise RemoteProtocolError(DropReason.RATE_LIMITED, "HANDSHAKE_INIT")
         try:
             responder = Responder(self._static, msg.handshake_id, msg.noise)
         except SessionError:
@@ -629,12 +668,17 @@ class GatewayMachine:
                 self._out.append(Send(peer, cached[1]))  # the same answer, nothing created twice
                 self.metrics.handshake(Outcome.RETRANSMIT, "")
             else:
-                self._handshake_replay(peer)
+                self._handshake_replay(peer, now)
             return
+        if msg.token:  # a token buys one handshake, not many
+            if self._used_tokens.seen(msg.token, now):
+                return self._handshake_replay(peer, now)
+            self._used_tokens.add(msg.token, now)
         span = self.tracer.handshake(peer)
         hs = _Handshake(msg, raw, peer, span, now, responder, digest)
         self._call(GetClientOp(responder.client_static.hex()),
-                   lambda policy, t: self._hs_client(hs, policy, t), span, control=True)
+                   lambda policy, t: self._hs_client(hs, policy, t), span, control=True,
+                   unauth=True)
 
     def _hs_refuse(self, hs: _Handshake, reason: RejectReason, detail: str, now: float) -> None:
         out = wire.encode(wire.HandshakeResp(
@@ -664,10 +708,8 @@ class GatewayMachine:
             return self._hs_store_failed(hs, policy)
         hello = hs.responder.hello
         if policy is None:
-            self.events.security_event("unknown_client", "UNKNOWN_CLIENT",
-                                       source_ip=hs.peer.addr[0],
-                                       client=fingerprint(hs.responder.client_static))
-            self.metrics.security("unknown_client")
+            self._alert("unknown_client", "UNKNOWN_CLIENT", now, hs.peer.addr[0],
+                        client=fingerprint(hs.responder.client_static))
             return self._hs_refuse(hs, RejectReason.UNKNOWN_CLIENT, "key not in registry", now)
         if not self.health.clock_known:  # no store clock to check the client's against yet
             return self._hs_store_failed(hs, StoreFailure("store clock not known yet"))
@@ -690,7 +732,7 @@ class GatewayMachine:
         if not fresh:
             hs.span.set(outcome=Outcome.DROPPED, reason=DropReason.REPLAYED)
             hs.span.end()
-            return self._handshake_replay(hs.peer)
+            return self._handshake_replay(hs.peer, now)
         if len(self.bindings) >= self.settings.max_sessions:
             return self._hs_refuse(hs, RejectReason.OVERLOADED, "node at max_sessions", now)
         policy = hs.policy
@@ -742,9 +784,8 @@ class GatewayMachine:
                          source_ip=hs.peer.addr[0], duration_ms=(now - hs.t0) * 1000,
                          trace_id=hs.span.trace_id)
 
-    def _handshake_replay(self, peer: Peer) -> None:
-        self.events.security_event("handshake_replay", "REPLAYED_NONCE", source_ip=peer.addr[0])
-        self.metrics.security("handshake_replay")
+    def _handshake_replay(self, peer: Peer, now: float) -> None:
+        self._alert("handshake_replay", "REPLAYED_NONCE", now, peer.addr[0])
         self._drop(DropReason.REPLAYED, peer)
 
     def _bind(self, sid: bytes, epoch: int, bid: bytes, peer: Peer, secrets: SessionSecrets,
@@ -795,21 +836,31 @@ class GatewayMachine:
         if self._control_full():
             raise RemoteProtocolError(DropReason.RATE_LIMITED, "REATTACH_REQUEST")
         sid = req.session_id
+        secrets = self._secrets.get(sid)
+        if secrets is None:
+            if self._unknown.seen(sid, now):  # the store said so a moment ago: no store call
+                out = wire.encode(wire.Reject(sid, req.nonce, RejectReason.UNKNOWN_SESSION, 0,
+                                              self.store_ms(now)))
+                self._answer(peer, len(raw), out)
+                self.metrics.reattach(Outcome.REJECTED, RejectReason.UNKNOWN_SESSION.name, 0.0)
+                return
+            if not self._source_budget(peer, now):
+                raise RemoteProtocolError(DropReason.RATE_LIMITED, "REATTACH_REQUEST")
         r = _Reattach(req, raw, peer, self.tracer.reattach(sid, peer), now,
                       self._random(wire.BINDING_ID_LEN))
-        secrets = self._secrets.get(sid)
         if secrets is not None:
             self._secrets.move_to_end(sid)
             r.secrets = secrets
             return self._reattach_check(r, now)
         self._call(GetRecordOp(sid), lambda rec, t: self._reattach_loaded(r, rec, t), r.span,
-                   control=True)
+                   control=True, unauth=True)
 
     def _reattach_loaded(self, r: _Reattach, rec: Any, now: float) -> None:
         if isinstance(rec, StoreFailure):
             return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, None, now)
         secrets = self._secrets_from(r.req.session_id, rec) if rec is not None else None
         if secrets is None:
+            self._unknown.add(r.req.session_id, now)
             return self._reattach_reject(r, RejectReason.UNKNOWN_SESSION, None, now)
         self.metrics.store_latency("get", max(0.0, now - r.t0))
         r.secrets = secrets
@@ -821,10 +872,8 @@ class GatewayMachine:
         assert r.secrets is not None
         keys = r.secrets.keys
         if not control.verify(raw, keys.proof_key):
-            self.metrics.security("bad_proof")
-            self.events.security_event("bad_proof", "BAD_PROOF", session_id=req.session_id,
-                                       source_ip=peer.addr[0],
-                                       proof=fingerprint(raw[-wire.MAC_LEN:]))
+            self._alert("bad_proof", "BAD_PROOF", now, peer.addr[0], session_id=req.session_id,
+                        proof=fingerprint(raw[-wire.MAC_LEN:]))
             return self._reattach_reject(r, RejectReason.BAD_PROOF, None, now)
         if req.kind != peer.kind:
             return self._reattach_reject(r, RejectReason.POLICY_DENIED, keys.control_key, now)
@@ -832,6 +881,43 @@ class GatewayMachine:
             return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, keys.control_key, now)
         if abs(req.timestamp_ms - self.store_ms(now)) > self.settings.reattach_window_ms:
             return self._reattach_reject(r, RejectReason.CLOCK_SKEW, keys.control_key, now)
+        client = r.secrets.client_id
+        if not self._registry_fresh(client, now):  # rarely: the registry, then the CAS
+            self._call(GetClientOp(client),
+                       lambda pol, t: self._reattach_registry(r, pol, t), r.span, control=True)
+            return
+        if not self._registered.get(client, (False, 0.0))[0]:
+            return self._revoked(r, now)
+        self._reattach_cas(r, now)
+
+    def _reattach_registry(self, r: _Reattach, policy: Any, now: float) -> None:
+        assert r.secrets is not None
+        if isinstance(policy, StoreFailure):
+            return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE,
+                                         r.secrets.keys.control_key, now)
+        self._learn_registry(r.secrets.client_id, policy is not None, now)
+        if policy is None:
+            return self._revoked(r, now)
+        self._reattach_cas(r, now)
+
+    def _revoked(self, r: _Reattach, now: float) -> None:
+        """The session's client key left the registry: the session ends, cluster-wide."""
+        assert r.secrets is not None
+        sid = r.req.session_id
+        self._reattach_reject(r, RejectReason.TERMINATED, r.secrets.keys.control_key, now)
+        self._terminate(sid, TerminateReason.POLICY_REVOKED, "client revoked", notify=True)
+
+    def _registry_fresh(self, client: str, now: float) -> bool:
+        known = self._registered.get(client)
+        return known is not None and now - known[1] < self.settings.registry_staleness_s
+
+    def _learn_registry(self, client: str, present: bool, now: float) -> None:
+        if len(self._registered) >= KEY_CACHE_SIZE:
+            self._registered.pop(next(iter(self._registered)))
+        self._registered[client] = (present, now)
+
+    def _reattach_cas(self, r: _Reattach, now: float) -> None:
+        req, peer = r.req, r.peer
         r.t1 = now
         op = ReattachOp(req.session_id, req.expected_version, req.nonce, req.timestamp_ms,
                         req.kind, self.instance_id, r.bid, peer.describe(),
@@ -875,10 +961,8 @@ class GatewayMachine:
                                     SessionState.TERMINATED, res.version, res.epoch, "EXPIRED")
                 self._drop_binding(sid)
             if reason in (RejectReason.REPLAYED_NONCE, RejectReason.DUAL_ACTIVE_CONFLICT):
-                self.metrics.security(reason.name.lower())
-                self.events.security_event(reason.name.lower(), reason.name, session_id=sid,
-                                           source_ip=peer.addr[0], nonce=fingerprint(req.nonce),
-                                           transport=peer.describe())
+                self._alert(reason.name.lower(), reason.name, now, peer.addr[0], session_id=sid,
+                            nonce=fingerprint(req.nonce), transport=peer.describe())
             version = res.version
             if reason is RejectReason.REPLAYED_NONCE and req.expected_version + 1 != version:
                 # An old request replayed: its sender learns nothing of the session now. (A
@@ -1039,6 +1123,7 @@ class GatewayMachine:
         interval = self.settings.keepalive_interval
         silence = interval * self.settings.silence_keepalives
         budget = REFRESHES_PER_TICK
+        asking: set[str] = set()
         for b in list(self.bindings.values()):
             if now - b.last_rx > silence and b.state is not SessionState.RECOVERING:
                 b.lost = True  # reported until the store records it (a skipped report retries)
@@ -1052,6 +1137,21 @@ class GatewayMachine:
                 budget -= 1
                 b.last_refresh = now
                 self._refresh(b, now)
+                client = b.secrets.client_id
+                if not self._registry_fresh(client, now) and client not in asking:
+                    asking.add(client)
+                    self._call(GetClientOp(client), partial(self._registry_checked, client))
+
+    def _registry_checked(self, client: str, policy: Any, now: float) -> None:
+        """A refresh-time registry read: a removed client's sessions here end now."""
+        if isinstance(policy, StoreFailure):
+            return
+        self._learn_registry(client, policy is not None, now)
+        if policy is None:
+            for b in list(self.bindings.values()):
+                if b.secrets.client_id == client:
+                    self._terminate(b.session_id, TerminateReason.POLICY_REVOKED,
+                                    "client revoked", notify=True)
 
     def _swept(self, expired: Any, now: float) -> None:
         self._sweeping = False
@@ -1069,6 +1169,7 @@ class GatewayMachine:
             self._drop_binding(sid)
         self._calls.clear()
         self._control_calls = 0
+        self._unauth_calls = 0
         self._sweeping = False
         self.health.checking = False
 

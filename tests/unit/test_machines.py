@@ -7,6 +7,7 @@ decisions. Each test states the rule of docs/ARCHITECTURE.md it proves.
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -21,7 +22,14 @@ from session.client import (
     SessionTerminated,
     TransportLost,
 )
-from session.gateway import MAX_CONTROL_CALLS, REFRESHES_PER_TICK, Outcome
+from session.gateway import (
+    MAX_CONTROL_CALLS,
+    MAX_UNAUTH_CALLS,
+    REFRESHES_PER_TICK,
+    GatewaySettings,
+    Outcome,
+)
+from session.handshake import ClientHello, Initiator
 from session.noise import generate_keypair
 from session.reasons import DropReason, RejectReason, TerminateReason
 from session.states import LIVE_STATES, SessionState
@@ -38,6 +46,7 @@ PARAMS = ClientParams(keepalive_interval=0.2, dead_after=3, handshake_timeout=0.
 HOME = ("198.51.100.1", 40000)
 OTHER = ("198.51.100.2", 40001)
 ATTACKER = ("203.0.113.66", 6666)
+GW_SETTINGS_SOURCE_BURST = GatewaySettings(node_id="-").source_burst
 GW_SETTINGS = dict(keepalive_interval=0.2, silence_keepalives=3, lease_s=3.0,
                    sweep_interval=1.0)
 
@@ -270,19 +279,109 @@ def test_an_unknown_session_costs_one_read_and_gets_no_authenticated_answer() ->
     assert not control.verify(net.injected[-1][1], bytes(32))
 
 
-def test_control_work_in_flight_is_bounded() -> None:
-    """Store calls in flight never exceed MAX_CONTROL_CALLS: beyond it control messages
-    are dropped and counted RATE_LIMITED, never queued without bound."""
+def test_unauthenticated_work_in_flight_is_bounded() -> None:
+    """Store calls caused by packets nobody has authenticated yet never exceed
+    MAX_UNAUTH_CALLS: beyond it they are dropped and counted RATE_LIMITED, never queued,
+    and the slots of authenticated work stay free."""
     net = Net(seed=31, store_latency=10.0)  # a store that answers very late
     gws = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
     c = net.client(CL_PRIV, GW_PUB, PARAMS)
     c.machine.connect(0.0, WALL_MS, 1, wire.TransportKind.UDP)
     [(_, init)] = c.machine.datagrams_to_send()
-    for i in range(MAX_CONTROL_CALLS + 50):
+    for i in range(MAX_UNAUTH_CALLS + 50):
         gws.machine.receive(init, _peer(i), net.now)
-    assert gws.machine.control_calls_in_flight == MAX_CONTROL_CALLS
+    assert gws.machine.control_calls_in_flight == MAX_UNAUTH_CALLS < MAX_CONTROL_CALLS
     limited = [a for a, _ in gws.metrics.named("count_drop") if a[0] is DropReason.RATE_LIMITED]
-    assert len(limited) >= 50
+    assert len(limited) == 50
+
+
+def test_a_flood_from_one_source_costs_a_bounded_number_of_store_calls() -> None:
+    """20,000 REATTACH_REQUESTs for random session ids from one address: the store is asked
+    at most the source's burst plus its rate, the rest cost nothing but a counter; a
+    legitimate client's reattaches (another address) all succeed meanwhile."""
+    net = Net(seed=101)
+    c, [gw] = setup(net)
+    c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
+    template = c.machine.datagrams_to_send()[-1][1]
+    net.run(net.now + 0.1)
+    calls = len(net.store.calls)
+    rng = random.Random(5)
+    net.add_path(c, 2, OTHER, "gw-a")
+    ok = 0
+    for round_ in range(10):
+        for _ in range(2000):  # 20,000 in a simulated second
+            bogus = template[:4] + rng.randbytes(16) + template[20:]
+            gw.machine.receive(bogus, Peer(wire.TransportKind.UDP, ATTACKER), net.now)
+        c.machine.reattach(net.now, 1 + round_ % 2, wire.TransportKind.UDP)
+        before = len(c.of(Reattached))
+        net.run(net.now + 0.1)
+        ok += len(c.of(Reattached)) > before
+    flood_calls = [op for op in net.store.calls[calls:] if isinstance(op, GetRecordOp)]
+    assert len(flood_calls) <= GW_SETTINGS_SOURCE_BURST + 200 * 1.5, len(flood_calls)
+    assert ok >= 9, ok
+
+
+def test_an_unknown_session_is_asked_of_the_store_once() -> None:
+    """The store said UNKNOWN_SESSION: the same id again costs no store call for a while,
+    and is still answered (unauthenticated: there is no key to sign with)."""
+    net = Net(seed=103)
+    c, [gw] = setup(net)
+    c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
+    raw = c.machine.datagrams_to_send()[-1][1]
+    bogus = raw[:4] + bytes(16) + raw[20:]
+    calls = len(net.store.calls)
+    for _ in range(5):
+        net.inject("gw-a", ATTACKER, bogus)
+        net.run(net.now + 0.05)
+    reads = [op for op in net.store.calls[calls:] if isinstance(op, GetRecordOp)]
+    assert len(reads) == 1
+    answers = [wire.decode(d) for a, d in net.injected if a == ATTACKER]
+    assert len(answers) == 5 and all(a.reason is RejectReason.UNKNOWN_SESSION for a in answers)
+
+
+def test_a_retry_token_buys_one_handshake() -> None:
+    """A RETRY token is bound to the address and the handshake and is good once: the same
+    token with a fresh INIT from the same address is refused as a replay."""
+    net = Net(seed=107)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, handshake_retry_threshold=0, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, PARAMS)
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    assert c.of(HandshakeComplete)
+    with_token = [raw for _, raw in net.uplink_log
+                  if wire.peek_header(raw)[0] is wire.MessageType.HANDSHAKE_INIT
+                  and wire.decode(raw).token]
+    first = wire.decode(with_token[0])
+    hello = ClientHello(WALL_MS + int(net.now * 1000), wire.TransportKind.UDP, UPSTREAM)
+    fresh = Initiator(CL_PRIV, GW_PUB, first.handshake_id, hello)  # a second INIT, same token
+    second = wire.HandshakeInit(first.handshake_id, fresh.message1, first.token)
+    births = len(net.store.records)
+    gw.machine.receive(wire.encode(second), Peer(wire.TransportKind.UDP, HOME), net.now)
+    net.run(net.now + 0.1)
+    assert len(net.store.records) == births
+    assert gw.metrics.named("count_drop")[-1][0][0] is DropReason.REPLAYED
+
+
+def test_security_events_are_aggregated_per_source() -> None:
+    """1,000 bad proofs from one address in a second: every one counted, one event (and
+    the next one says how many it stands for), so a flood cannot roll the audit log."""
+    net = Net(seed=109)
+    c, [gw] = setup(net)
+    c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
+    raw = c.machine.datagrams_to_send()[-1][1]
+    forged = raw[:-1] + bytes([raw[-1] ^ 1])
+    for _ in range(1000):
+        gw.machine.receive(forged, Peer(wire.TransportKind.UDP, ATTACKER), net.now)
+    net.run(net.now + 0.01)
+    counted = [a for a, _ in gw.metrics.named("security") if a[0] == "bad_proof"]
+    events = [(a, k) for a, k in gw.events.named("security_event") if a[0] == "bad_proof"]
+    assert len(counted) == 1000 and len(events) == 1
+    net.run(net.now + 1.1)
+    gw.machine.receive(forged, Peer(wire.TransportKind.UDP, ATTACKER), net.now)
+    events = [(a, k) for a, k in gw.events.named("security_event") if a[0] == "bad_proof"]
+    assert len(events) == 2 and events[-1][1]["suppressed"] == 999
 
 
 def test_client_close_ends_the_session_in_the_store() -> None:
@@ -607,3 +706,44 @@ def test_a_nat_rebinding_at_1000_pps_loses_at_most_one_datagram() -> None:
     got = c.received[before_got:]
     assert gw.machine.bindings[sid].peer.addr == OTHER
     assert len(sent) - before_sent - len(got) <= 1, (len(sent), len(got))
+
+
+def _revocation_setup(ttl_s: float) -> tuple[Net, Gw, Cl]:
+    net = Net(seed=113)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, **dict(GW_SETTINGS, registry_staleness_s=0.5))
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,), ttl_s=ttl_s)
+    c = net.client(CL_PRIV, GW_PUB, PARAMS)
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    assert c.of(HandshakeComplete)
+    return net, gw, c
+
+
+def test_a_revoked_client_cannot_reattach() -> None:
+    """The client key leaves the registry (revocation tombstones its sessions in the store;
+    this is the gateways' own check, for a session that missed it): once the node's view
+    of the registry is older than registry_staleness_s, a reattach reads it, is refused
+    (authenticated TERMINATED) and ends the session."""
+    net, gw, c = _revocation_setup(ttl_s=300.0)  # refreshes are far apart
+    pump(net, c, 1.0)
+    del net.store.clients[CL_PUB.hex()]
+    net.run(1.6)
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    net.run(net.now + 0.1)
+    [rej] = c.of(ReattachRejected)
+    assert rej.reason is RejectReason.TERMINATED and rej.authenticated
+    assert net.store.records[c.machine.session_id].tr is TerminateReason.POLICY_REVOKED
+    assert c.machine.state is SessionState.TERMINATED
+
+
+def test_a_revoked_clients_quiet_session_ends_at_its_next_refresh() -> None:
+    """A session that never reattaches is ended at its next refresh after the registry
+    view goes stale, and the client is told in band (authenticated CLOSE)."""
+    net, gw, c = _revocation_setup(ttl_s=2.0)  # a refresh every 0.5 s
+    del net.store.clients[CL_PUB.hex()]
+    net.run(2.5)
+    [ended] = c.of(SessionTerminated)
+    assert ended.authenticated
+    assert net.store.records[c.machine.session_id].tr is TerminateReason.POLICY_REVOKED
