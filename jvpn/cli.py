@@ -106,10 +106,11 @@ async def cmd_clients_list(args: argparse.Namespace) -> int:
 async def cmd_clients_remove(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
-        ok = await store.remove_client(_read_key_arg(args.public_key))
+        ok, ended = await store.revoke_client(_read_key_arg(args.public_key))
     finally:
         await store.close()
-    print("removed" if ok else "not registered")
+    print(f"removed, {len(ended)} live sessions ended" if ok else
+          f"not registered ({len(ended)} live sessions ended)")
     return 0 if ok else 1
 
 
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(afn=cmd_clients_add)
     g = with_store(cs.add_parser("list", help="list registered clients (JSON lines)"))
     g.set_defaults(afn=cmd_clients_list)
-    g = with_store(cs.add_parser("remove", help="remove a client key"))
+    g = with_store(cs.add_parser("remove", help="remove a client key and end its live sessions"))
     g.add_argument("public_key")
     g.set_defaults(afn=cmd_clients_remove)
 

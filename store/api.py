@@ -996,6 +996,34 @@ class SessionStore:
         pk = _public_key(public_key)
         return bool(await self._guard(self.redis.delete(K.client_key(pk))))
 
+    async def revoke_client(self, public_key: bytes | str,
+                            max_pages: int = 100_000) -> tuple[bool, list[bytes]]:
+        """Remove a client key and end its live sessions cluster-wide.
+
+        The registry entry goes first (no new handshake, and every gateway's registry
+        check fails from then on); then every live session of that client is tombstoned
+        (POLICY_REVOKED) and its owner is woken by a binding-change notice, so it closes
+        the client with an authenticated CLOSE at once. Returns (was registered, the
+        session ids ended). A session born while this runs is ended by the gateways'
+        registry check at its next reattach or refresh.
+        """
+        pk = _public_key(public_key)
+        removed = await self.remove_client(pk)
+        cid, ended, cursor = pk.hex(), [], 0
+        for _ in range(max_pages):
+            page = await self.list_sessions(500, cursor)
+            for rec in page.sessions:
+                if rec.client_id != cid or rec.terminated:
+                    continue
+                res = await self.terminate(rec.session_id, TerminateReason.POLICY_REVOKED)
+                if res.ok and not res.already:
+                    ended.append(rec.session_id)
+                    await self.publish_binding_change(rec.session_id, "-", 0)
+            cursor = page.cursor
+            if cursor == 0:
+                break
+        return removed, ended
+
     async def get_client(self, public_key: bytes | str) -> ClientPolicy | None:
         """The policy of a client key (bytes or hex), or None if it is not registered."""
         pk = _public_key(public_key)
