@@ -6,6 +6,7 @@ file is ``path``, else ``$JVPN_GATEWAY_CONFIG``, else none.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -120,6 +121,11 @@ class GatewayConfig:
         help="allocations between young-generation GC passes (process-wide, set by "
         "jvpn-gateway); 0 = leave the interpreter's thresholds",
     )
+    trusted_balancers: list[str] = setting(
+        [], help="addresses or networks (CIDR) of the load balancers whose client-address "
+        "prefix (UDP, deploy/nginx/jvpn.js) and PROXY v1 header (TCP) are believed; from them "
+        "a message without one is dropped, from anyone else one with one is; [] = believe none",
+    )
 
     def check_config(self) -> Iterator[tuple[str, str]]:
         """Cross-field rules: (key, problem) for each violation."""
@@ -133,6 +139,11 @@ class GatewayConfig:
             yield "sweep_interval_s", "must not exceed tombstone_ttl_s"
         if self.tcp_idle_timeout_s <= 3 * self.keepalive_interval_s:  # clients are told it
             yield "tcp_idle_timeout_s", "must exceed 3 x keepalive_interval_s"
+        for item in self.trusted_balancers:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                yield "trusted_balancers", f"{item!r} is not an IP address or network"
 
 
 def load_gateway_config(

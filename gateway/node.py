@@ -24,6 +24,13 @@ above a high-water mark the connection's frames are dropped, and a peer that
 stays above it too long is aborted. Each is counted (``TCP_LIMIT`` drops, and
 ``QUEUE_FULL`` for the frames dropped) and logged at most every few seconds
 with the counts.
+
+Behind a balancer the client's address arrives with each message
+(``gateway.balancer``): a 24-byte prefix on every UDP datagram, a PROXY v1
+header at the start of a TCP connection. It is believed only from
+``trusted_balancers``; the Peer then carries the client's address (what the
+machine sees) and, for UDP, the balancer's socket to answer to (``via``). The
+per-source TCP cap counts the client's address once its header arrived.
 """
 
 from __future__ import annotations
@@ -40,6 +47,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
+from gateway.balancer import (
+    PROXY_V1_SIGNATURE,
+    TrustedBalancers,
+    has_prefix_magic,
+    parse_prefix,
+    parse_proxy_v1,
+)
 from gateway.events import EventBus
 from gateway.metrics import Metrics
 from gateway.tracing import NOOP_SPAN, SpanCtx, Tracing
@@ -119,7 +133,8 @@ class GatewayNode:
     def __init__(self, settings: GatewaySettings, store: SessionStore, static_priv: bytes,
                  kek: bytes, events: EventBus, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic,
-                 tracing: Tracing | None = None, tcp_limits: TcpLimits | None = None) -> None:
+                 tracing: Tracing | None = None, tcp_limits: TcpLimits | None = None,
+                 trusted_balancers: TrustedBalancers | None = None) -> None:
         self.settings = settings
         self.store = store
         self.events = events
@@ -135,6 +150,8 @@ class GatewayNode:
         self._conns: dict[int, _TcpProtocol] = {}
         self._next_conn = 1
         self.tcp_limits = tcp_limits or TcpLimits()
+        self.trusted = trusted_balancers or TrustedBalancers()
+        self._prefix_logged = float("-inf")  # loop time of the last prefix problem logged
         self.tcp_cap = self.tcp_limits.max_connections  # set from the fd limit by start()
         self._per_source: dict[str, int] = {}  # open connections by source address
         self._tcp_report = _LimitReport()
@@ -295,7 +312,7 @@ class GatewayNode:
         if peer.kind is wire.TransportKind.UDP:
             if self._udp is None:
                 return
-            self._udp.sendto(data, peer.addr)
+            self._udp.sendto(data, peer.send_addr)
         else:
             conn = self._conns.get(peer.conn)
             if conn is None or not conn.write_frame(data):
@@ -405,21 +422,44 @@ class GatewayNode:
 
     # ---- TCP connections --------------------------------------------------------------------
 
-    def _new_conn(self, proto: _TcpProtocol, source: str) -> int:
-        """Register an accepted connection; 0 (and counted, reported) if over a cap."""
-        lim = self.tcp_limits
+    def _new_conn(self, proto: _TcpProtocol, source: str | None) -> int:
+        """Register an accepted connection; 0 (and counted, reported) if over a cap.
+
+        ``source`` None: not counted per source yet (a balancer's connection, whose
+        client address comes with its PROXY header: ``claim_source``).
+        """
         if len(self._conns) >= self.tcp_cap:
             self.tcp_limited(f"refused over the connection cap ({self.tcp_cap})")
             return 0
-        n = self._per_source.get(source, 0)
-        if lim.max_per_source and n >= lim.max_per_source:
-            self.tcp_limited(f"refused over the per-source cap ({lim.max_per_source})")
+        if source is not None and not self.claim_source(source):
             return 0
-        self._per_source[source] = n + 1
         cid = self._next_conn
         self._next_conn += 1
         self._conns[cid] = proto
         return cid
+
+    def claim_source(self, source: str) -> bool:
+        """Count one more connection from ``source``; False (counted, reported) if over its cap."""
+        lim = self.tcp_limits
+        n = self._per_source.get(source, 0)
+        if lim.max_per_source and n >= lim.max_per_source:
+            self.tcp_limited(f"refused over the per-source cap ({lim.max_per_source})")
+            return False
+        self._per_source[source] = n + 1
+        return True
+
+    def prefix_dropped(self, reason: DropReason, kind: wire.TransportKind, source: str) -> None:
+        """A message dropped for its client-address prefix: counted; logged at most every 5 s."""
+        self.metrics.count_drop(reason, kind)
+        now = time.monotonic()
+        if now - self._prefix_logged >= LIMIT_LOG_INTERVAL_S:
+            self._prefix_logged = now
+            if reason is DropReason.MISSING_PREFIX:
+                log.warning("%s from trusted balancer %s without the client's address: dropped "
+                            "(is jvpn.filter / proxy_protocol on in nginx?)", kind.name, source)
+            else:
+                log.warning("%s client-address prefix from %s, not a trusted balancer: dropped",
+                            kind.name, source)
 
     def _conn_closed(self, cid: int, source: str) -> None:
         if self._conns.pop(cid, None) is None:
@@ -502,14 +542,33 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, node: GatewayNode) -> None:
         self.node = node
         self._peers: dict[tuple[str, int], Peer] = {}
+        self._relayed: dict[tuple[tuple[str, int], tuple[str, int]], Peer] = {}
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        node = self.node
+        if node.trusted and node.trusted.trusts(addr[0]):
+            parsed = parse_prefix(data)
+            if parsed is None:
+                node.prefix_dropped(DropReason.MISSING_PREFIX, wire.TransportKind.UDP, addr[0])
+                return
+            client, data = parsed
+            key = (client, (addr[0], addr[1]))
+            peer = self._relayed.get(key)
+            if peer is None:  # the client's address; answers go to the balancer's socket
+                if len(self._relayed) > PEER_CACHE_MAX:
+                    self._relayed.clear()
+                peer = self._relayed[key] = Peer(wire.TransportKind.UDP, client, via=key[1])
+            node.on_message(data, peer)
+            return
+        if has_prefix_magic(data):  # a client address from someone not allowed to give one
+            node.prefix_dropped(DropReason.UNTRUSTED_PREFIX, wire.TransportKind.UDP, addr[0])
+            return
         peer = self._peers.get(addr)
         if peer is None:  # one Peer per address: the machine compares them often
             if len(self._peers) > PEER_CACHE_MAX:
                 self._peers.clear()
             peer = self._peers[addr] = Peer(wire.TransportKind.UDP, (addr[0], addr[1]))
-        self.node.on_message(data, peer)
+        node.on_message(data, peer)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp error: %s", exc)
@@ -561,20 +620,72 @@ class _TcpProtocol(FramedStream, asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None  # first frame, then idle
         self.stall: asyncio.TimerHandle | None = None  # set while writing is paused
         self.paused = False
+        self.proxy_header: bytearray | None = None  # from a balancer, until its PROXY header
+        self.first_data = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tx = cast(asyncio.Transport, transport)
         addr = tx.get_extra_info("peername")
-        self.source = str(addr[0]) if addr else ""
-        self.conn = self.node._new_conn(self, self.source) if addr else 0
+        balancer = bool(addr) and self.node.trusted.trusts(str(addr[0]))
+        self.source = str(addr[0]) if addr and not balancer else ""
+        self.conn = self.node._new_conn(self, None if balancer else self.source) if addr else 0
         if not self.conn:
             tx.abort()  # at once: the descriptor is free on the next loop turn
             return
         self.transport = self.tx = tx
         tx.set_write_buffer_limits(high=self.limits.write_buffer)
-        self.peer = Peer(wire.TransportKind.TCP, (addr[0], addr[1]), self.conn)
+        if balancer:  # the peer is known once the PROXY header names the client
+            self.proxy_header = bytearray()
+        else:
+            self.peer = Peer(wire.TransportKind.TCP, (addr[0], addr[1]), self.conn)
         self.loop = asyncio.get_running_loop()
         self.deadline = self.loop.call_later(self.limits.first_frame_timeout, self._check_deadline)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tx is None or self.tx.is_closing():
+            return
+        if self.proxy_header is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
+        elif self.first_data:
+            self.first_data = False
+            if data[:len(PROXY_V1_SIGNATURE)] == PROXY_V1_SIGNATURE[:len(data)]:
+                self.node.prefix_dropped(DropReason.UNTRUSTED_PREFIX, wire.TransportKind.TCP,
+                                         self.source)
+                self.shut(abort=True)
+                return
+        super().data_received(data)
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Collect the balancer's PROXY v1 header; the bytes after it (b"" until then)."""
+        assert self.proxy_header is not None and self.tx is not None
+        buf = self.proxy_header
+        buf += data
+        peer = self.tx.get_extra_info("peername")
+        try:
+            res = parse_proxy_v1(bytes(buf))
+        except ValueError:
+            res, client = None, None
+        else:
+            if res is None:
+                return b""  # incomplete (bounded by the length cap and the first-frame deadline)
+            client = res[0]
+        if res is None or client is None:
+            self.proxy_header = None
+            self.node.prefix_dropped(DropReason.MISSING_PREFIX, wire.TransportKind.TCP,
+                                     str(peer[0]) if peer else "")
+            self.shut(abort=True)
+            return b""
+        rest = bytes(buf[res[1]:])
+        self.proxy_header = None
+        self.first_data = False
+        if not self.node.claim_source(client[0]):
+            self.shut(abort=True)
+            return b""
+        self.source = client[0]
+        self.peer = Peer(wire.TransportKind.TCP, client, self.conn)
+        return rest
 
     def frame_received(self, frame: bytes) -> None:
         if self.peer is None or self.loop is None:

@@ -19,6 +19,10 @@ from it (RFC 9000 section 8.2); until then the downlink stays on the old peer.
 
 A Peer is pure data: a transport kind, an address and, for a stream, the id
 of its connection. The adapter that owns the sockets maps it back to one.
+Behind a balancer that carries the client's address, ``addr`` is the client's
+(identity, budgets, tokens, events) and ``via`` the balancer's socket the
+adapter sends to; ``via`` is part of the Peer's identity, so a new balancer
+flow for the same client is a new path, as it was before the address was carried.
 """
 
 from __future__ import annotations
@@ -42,14 +46,21 @@ def within_budget(received: int, sent: int, size: int) -> bool:
 class Peer:
     """One transport endpoint: a UDP address, or one TCP connection (``conn`` tells them apart)."""
 
-    __slots__ = ("kind", "addr", "conn", "_desc", "_hash")
+    __slots__ = ("kind", "addr", "conn", "via", "_desc", "_hash")
 
-    def __init__(self, kind: wire.TransportKind, addr: tuple[str, int], conn: int = 0) -> None:
+    def __init__(self, kind: wire.TransportKind, addr: tuple[str, int], conn: int = 0,
+                 via: tuple[str, int] | None = None) -> None:
         self.kind = kind
         self.addr = addr
         self.conn = conn
+        self.via = via  # where to send, if not ``addr`` (a balancer's socket)
         self._desc = ""
-        self._hash = hash((int(kind), addr, conn))
+        self._hash = hash((int(kind), addr, conn, via))
+
+    @property
+    def send_addr(self) -> tuple[str, int]:
+        """Where datagrams to this peer go: the balancer's socket, else the address."""
+        return self.via if self.via is not None else self.addr
 
     @property
     def key(self) -> tuple[int, str, int]:
@@ -64,7 +75,7 @@ class Peer:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Peer) and other.kind == self.kind and other.addr == self.addr
-                and other.conn == self.conn)
+                and other.conn == self.conn and other.via == self.via)
 
     def __hash__(self) -> int:
         return self._hash

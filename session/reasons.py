@@ -56,6 +56,8 @@ class DropReason(IntEnum):
     QUEUE_FULL = 16
     LEASE_EXPIRED = 17  # this node could not confirm its bindings with the store in time
     TCP_LIMIT = 18  # a TCP connection refused or closed by a limit (caps, timeouts, a stalled peer)
+    UNTRUSTED_PREFIX = 19  # a client-address prefix (or PROXY header) from a non-balancer source
+    MISSING_PREFIX = 20  # from a trusted balancer without a valid client-address prefix
 
 
 class NoticeKind(IntEnum):
