@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.admin_http import bound_port, make_admin_app, start_admin, stop_admin
+from gateway.balancer import TrustedBalancers, parse_networks
 from gateway.config import GatewayConfig, load_kek, load_private_key
 from gateway.events import EventBus, sinks_from_config
 from gateway.metrics import Metrics
@@ -135,7 +136,9 @@ class GatewayApp:
         )
         self.node = GatewayNode(settings, self.store, self.keys.private, self.keys.kek,
                                 self.events, self.metrics, tracing=self.tracing,
-                                tcp_limits=tcp_limits)
+                                tcp_limits=tcp_limits,
+                                trusted_balancers=TrustedBalancers(
+                                    parse_networks(cfg.trusted_balancers)))
         udp = parse_address(cfg.listen_udp) if cfg.listen_udp else None
         tcp = parse_address(cfg.listen_tcp) if cfg.listen_tcp else None
         await self.node.start(udp, tcp)

@@ -55,6 +55,9 @@ STARTUP_TIMEOUT_S = 20.0
 CLUSTER_NODES = 6  # --redis-cluster: 3 masters, 3 replicas
 STOP_TIMEOUT_S = 5.0
 UDP_IDLE_TIMEOUT = "30s"  # nginx proxy_timeout of a UDP flow (same as docker-compose.yml)
+# nginx's source address toward the gateways (proxy_bind): deploy/gateway.toml trusts it
+# as the balancer, so what else talks to a gateway from 127.0.0.1 is an ordinary client.
+BALANCER_SOURCE = "127.0.0.254"
 TCP_IDLE_TIMEOUT = "10m"
 DEPLOY_DIR_ENV = "JVPN_DEPLOY_DIR"
 
@@ -111,6 +114,7 @@ def nginx_values(
     *, listen: str, udp_servers: Sequence[str], tcp_servers: Sequence[str], modules: str,
     js_dir: str, pid: str, error_log: str, access_log: str, workers: str = "1",
     resolver: str = "", udp_idle: str = UDP_IDLE_TIMEOUT, tcp_idle: str = TCP_IDLE_TIMEOUT,
+    proxy_bind: str = BALANCER_SOURCE,
 ) -> dict[str, str]:
     """The placeholder values of the nginx template for a local run (compose sets its own)."""
     def servers(addrs: Sequence[str]) -> str:
@@ -122,6 +126,7 @@ def nginx_values(
         "JVPN_NGINX_JS_DIR": js_dir, "JVPN_NGINX_RESOLVER": resolver, "JVPN_LISTEN": listen,
         "JVPN_UDP_SERVERS": servers(udp_servers), "JVPN_TCP_SERVERS": servers(tcp_servers),
         "JVPN_UDP_IDLE_TIMEOUT": udp_idle, "JVPN_TCP_IDLE_TIMEOUT": tcp_idle,
+        "JVPN_NGINX_PROXY_BIND": f"proxy_bind {proxy_bind};" if proxy_bind else "",
     }  # fmt: skip
 
 

@@ -55,4 +55,118 @@ function preread(s) {
     });
 }
 
-export default { preread, routeKey };
+// ---- the client's address on every datagram (deploy/README.md, "The client's address") ----
+//
+// nginx's UDP proxy sends to a gateway from its own socket, so without help the
+// gateway sees one source for every client. PROXY protocol is no answer for UDP
+// (nginx writes at most a v1 header on a flow's first datagram), so `filter`
+// (js_filter) puts a fixed 24-byte prefix before EVERY client -> gateway datagram:
+//   magic "JVPA" | family u8 (4 or 6) | reserved u8 (0) | client port u16 BE |
+//   client address, 16 bytes (IPv4: 4 bytes, then 12 zero bytes)
+// (gateway/balancer.py parses it). A gateway accepts the prefix only from the
+// addresses in its `trusted_balancers`, strips it and answers to nginx's socket
+// as before; gateway -> client datagrams are passed unchanged. The prefix is
+// computed once per flow (a flow has one client address:port).
+
+var PREFIX_LEN = 24;
+var PREFIX_MAGIC = [0x4a, 0x56, 0x50, 0x41];  // "JVPA"
+
+function ipv4Bytes(text, out, at) {
+    var parts = text.split('.');
+    if (parts.length !== 4) {
+        return false;
+    }
+    for (var i = 0; i < 4; i++) {
+        if (!/^[0-9]{1,3}$/.test(parts[i]) || Number(parts[i]) > 255) {
+            return false;
+        }
+        out[at + i] = Number(parts[i]);
+    }
+    return true;
+}
+
+function ipv6Bytes(text, out, at) {
+    var head = text;
+    var tail = '';
+    var gap = text.indexOf('::');
+    if (gap >= 0) {
+        head = text.slice(0, gap);
+        tail = text.slice(gap + 2);
+    }
+    var words;
+    var groups = [head ? head.split(':') : [], tail ? tail.split(':') : []];
+    var parsed = [[], []];
+    for (var g = 0; g < 2; g++) {
+        var list = groups[g];
+        for (var i = 0; i < list.length; i++) {
+            var w = list[i];
+            var last = (gap < 0 ? g === 0 : g === 1) && i === list.length - 1;
+            if (last && w.indexOf('.') >= 0) {  // ::ffff:1.2.3.4
+                var v4 = [0, 0, 0, 0];
+                if (!ipv4Bytes(w, v4, 0)) {
+                    return false;
+                }
+                parsed[g].push(v4[0] * 256 + v4[1], v4[2] * 256 + v4[3]);
+            } else if (/^[0-9a-fA-F]{1,4}$/.test(w)) {
+                parsed[g].push(parseInt(w, 16));
+            } else {
+                return false;
+            }
+        }
+    }
+    var fill = 8 - parsed[0].length - parsed[1].length;
+    if ((gap >= 0 && fill < 1) || (gap < 0 && fill !== 0)) {
+        return false;
+    }
+    words = parsed[0];
+    for (var k = 0; k < fill; k++) {
+        words.push(0);
+    }
+    words = words.concat(parsed[1]);
+    for (var j = 0; j < 8; j++) {
+        out[at + 2 * j] = words[j] >> 8;
+        out[at + 2 * j + 1] = words[j] & 0xff;
+    }
+    return true;
+}
+
+// The prefix for a client at `addr` (text, as $remote_addr) and `port`; null if unparsable.
+function addressPrefix(addr, port) {
+    var buf = Buffer.alloc(PREFIX_LEN);
+    for (var i = 0; i < 4; i++) {
+        buf[i] = PREFIX_MAGIC[i];
+    }
+    var ok;
+    if (addr.indexOf(':') >= 0) {
+        buf[4] = 6;
+        ok = ipv6Bytes(addr, buf, 8);
+    } else {
+        buf[4] = 4;
+        ok = ipv4Bytes(addr, buf, 8);
+    }
+    var p = Number(port);
+    if (!ok || !(p >= 0 && p <= 65535)) {
+        return null;
+    }
+    buf[6] = p >> 8;
+    buf[7] = p & 0xff;
+    return buf;
+}
+
+function filter(s) {
+    if (s.variables.protocol !== 'UDP') {
+        return;  // TCP carries the address by PROXY protocol (proxy_protocol on)
+    }
+    var prefix = addressPrefix(s.variables.remote_addr, s.variables.remote_port);
+    if (prefix === null) {
+        s.error('jvpn: cannot encode client address ' + s.variables.remote_addr);
+    }
+    // Each call is one client datagram (a UDP read is one buffer): one prefixed
+    // datagram goes on, never split, never merged. Without a prefix (unencodable
+    // address) the datagram goes on bare and the gateway drops and counts it.
+    s.on('upstream', function (data, flags) {
+        s.send(prefix === null ? data : Buffer.concat([prefix, data]), flags);
+    });
+}
+
+export default { preread, routeKey, filter, addressPrefix };
