@@ -25,6 +25,7 @@ from gateway.events import EventBus, sinks_from_config
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings, TcpLimits
 from gateway.tracing import Tracing
+from session.keys import fingerprint, registry_key
 from session.noise import generate_keypair, public_key
 from settings import parse_address
 from store.api import SessionStore, StoreConfig
@@ -108,7 +109,8 @@ class GatewayApp:
             timestamp_window_ms=int(cfg.reattach_window_s * 1000),
             dual_active_window_ms=int(cfg.dual_active_window_s * 1000),
         )
-        self.store = SessionStore.from_url(self.store_url, store_cfg)
+        self.store = SessionStore.from_url(self.store_url, store_cfg,
+                                           registry_key=registry_key(self.keys.kek))
         if self.keys.generated:
             log.warning("no private_key/kek configured: using keys generated for this process "
                         "only (public key %s)", self.keys.public.hex())
@@ -116,6 +118,7 @@ class GatewayApp:
         self.events = EventBus(cfg.node_id, sinks_from_config(ev, self.store.redis),
                                ev.queue_size, on_drop=self.metrics.event_dropped)
         await self.events.start()
+        self.store.on_registry_refused = self._registry_refused
         settings = NodeSettings(
             node_id=cfg.node_id, keepalive_interval=cfg.keepalive_interval_s,
             silence_keepalives=cfg.silence_keepalives,
@@ -151,6 +154,13 @@ class GatewayApp:
                  self.node.udp_address, self.node.tcp_address, self.admin_port,
                  self.keys.public.hex())
         return self
+
+    def _registry_refused(self, public_key: bytes, why: str) -> None:
+        """A client entry failed its MAC check: the client is refused as unknown; say so."""
+        if self.events is not None:
+            self.events.security_event("registry_entry_refused", "UNKNOWN_CLIENT",
+                                       client=fingerprint(public_key), detail=why)
+        self.metrics.security("registry_entry_refused")
 
     async def stop(self) -> None:
         if self._admin is not None:

@@ -76,7 +76,7 @@ from session.client import (
     SecurityNotice,
     SessionTerminated,
 )
-from session.keys import wrap_secret
+from session.keys import policy_binding, registry_key, wrap_secret
 from session.noise import generate_keypair, public_key
 from store import EXPIRY_INDEX, load_scripts, pack_evalsha, session_keys
 from store.api import SessionStore, StoreConfig
@@ -769,11 +769,13 @@ def _reattach_args(version: int, nonce: bytes, now_ms: int, node: str, tag: str,
 async def _birth_sessions(store: SessionStore, n: int, policy: ClientPolicy,
                           node: str = "bench-raw") -> list[bytes]:
     kek = os.urandom(32)
+    bound = policy_binding(policy.client_id, policy.upstreams[0], policy.ttl_ms,
+                           policy.reattach_rate, policy.transport_mask)
     sids = [os.urandom(wire.SESSION_ID_LEN) for _ in range(n)]
     for lo in range(0, n, 5000):
         chunk = sids[lo:lo + 5000]
         res = await asyncio.gather(*(
-            store.birth(sid, wrapped_secret=wrap_secret(kek, os.urandom(32), sid), node=node,
+            store.birth(sid, wrapped_secret=wrap_secret(kek, os.urandom(32), sid, policy=bound), node=node,
                         binding_id=os.urandom(wire.BINDING_ID_LEN), kind=UDP,
                         upstream=policy.upstreams[0], policy=policy)
             for sid in chunk))  # fmt: skip
@@ -894,12 +896,14 @@ async def redis_benchmark(store: SessionStore, host: str, port: int, sessions: i
     await store.load_scripts()
     gen = await store.generation()
     kek = os.urandom(32)
+    bound = policy_binding(policy.client_id, policy.upstreams[0], policy.ttl_ms,
+                           policy.reattach_rate, policy.transport_mask)
     # Fresh records at keys redis-benchmark can address: jvpn:{rb<tag>:<12 digits>}.
     tag = "rb" + os.urandom(3).hex()
     for lo in range(0, sessions, 1000):
         await asyncio.gather(*(
             store.raw_evalsha("birth", [f"jvpn:{{{tag}:{i:012d}}}", f"jvpn:{{{tag}:{i:012d}}}:n"], [
-                os.urandom(16), "bench-rb", int(UDP), wrap_secret(kek, os.urandom(32), b"r" * 16),
+                os.urandom(16), "bench-rb", int(UDP), wrap_secret(kek, os.urandom(32), b"r" * 16, policy=bound),
                 policy.client_id, policy.upstreams[0], policy.ttl_ms, policy.reattach_rate,
                 policy.transport_mask, gen, 86_400_000])
             for i in range(lo, min(sessions, lo + 1000))))  # fmt: skip
@@ -1392,7 +1396,7 @@ class BenchEnv:
 
     async def start(self) -> BenchEnv:
         await self.redis.astart()
-        self._store = SessionStore(self.redis.url)
+        self._store = SessionStore(self.redis.url, registry_key=registry_key(self.kek))
         return self
 
     @property

@@ -120,6 +120,14 @@ class Cluster:
     def public(self) -> bytes:
         return bytes.fromhex(self.st.gateway_public_key)
 
+    @property
+    def registry_key(self) -> bytes:
+        """The key MACing the registry, from the launcher's KEK file."""
+        from session.keys import registry_key
+        from settings import decode_key
+
+        return registry_key(decode_key((self.run_dir / "keys" / "kek.key").read_text()))
+
     def pid(self, name: str) -> int:
         return next(p.pid for p in self.st.processes if p.name == name)
 
@@ -135,7 +143,7 @@ class Cluster:
 async def bench_reattach_scaling(o: ClusterBenchOptions, root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"sessions": o.sessions, "seconds": o.seconds, "repeat": o.repeat}
     with Cluster(root, "reattach", 3, BENCH_SETS) as c:
-        store = SessionStore.from_url(c.st.store_url)
+        store = SessionStore.from_url(c.st.store_url, registry_key=c.registry_key)
         host, port = _addr(c.st.store_url.split("://", 1)[1].split("/", 1)[0])
         priv, pub = generate_keypair()
         policy = ClientPolicy(pub, name="bench-cluster", ttl_s=bench.BENCH_TTL_S,
@@ -204,7 +212,7 @@ async def bench_failover(o: ClusterBenchOptions, root: Path) -> dict[str, Any]:
     with Cluster(root, "failover", 3, FAST_SETS) as c:
         echo, addr = await UdpEcho.start()
         upstream = f"{addr[0]}:{addr[1]}"
-        store = SessionStore.from_url(c.st.store_url)
+        store = SessionStore.from_url(c.st.store_url, registry_key=c.registry_key)
         agents: list[tuple[Agent, list[float]]] = []
         try:
             for i in range(o.agents):
@@ -290,7 +298,7 @@ async def bench_balancer(o: ClusterBenchOptions, root: Path) -> dict[str, Any]:
     runs = []
     try:
         with Cluster(root, "datagram", 1, BENCH_SETS) as c:
-            store = SessionStore.from_url(c.st.store_url)
+            store = SessionStore.from_url(c.st.store_url, registry_key=c.registry_key)
             priv, pub = generate_keypair()
             try:
                 await store.add_client(ClientPolicy(pub, name="bench-balancer",
@@ -428,7 +436,7 @@ async def bench_durable(o: ClusterBenchOptions) -> dict[str, Any]:
         policy = ClientPolicy(pub, name="bench-wait", ttl_s=bench.BENCH_TTL_S,
                               reattach_rate=bench.BENCH_RATE, upstreams=("127.0.0.1:9",))
         out: dict[str, Any] = {"calls": o.wait_calls}
-        setup = SessionStore(url, StoreConfig(coalesce=False))
+        setup = SessionStore(url, StoreConfig(coalesce=False), registry_key=bytes(32))
         try:
             await setup.add_client(policy)
         finally:

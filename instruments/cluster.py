@@ -950,13 +950,15 @@ def restart_gateway(run_dir: Path, node: str, timeout: float = STARTUP_TIMEOUT_S
 # ---- add-client -----------------------------------------------------------------------------
 
 
-async def _register(store_url: str, public: bytes, upstreams: Sequence[str], name: str,
-                    ttl: float, rate: int, transports: Sequence[str]) -> None:
+async def _register(store_url: str, kek: bytes, public: bytes, upstreams: Sequence[str],
+                    name: str, ttl: float, rate: int, transports: Sequence[str]) -> None:
+    from session.keys import registry_key
     from store.api import SessionStore, StoreConfig
     from store.policy import ClientPolicy
 
     store = SessionStore.from_url(store_url, StoreConfig(socket_timeout_s=5.0,
-                                                         connect_timeout_s=5.0))
+                                                         connect_timeout_s=5.0),
+                                  registry_key=registry_key(kek))  # entries are MAC'd
     try:
         await store.add_client(ClientPolicy(public, name=name, ttl_s=ttl, reattach_rate=rate,
                                             transports=tuple(transports),
@@ -1139,7 +1141,8 @@ def cmd_add_client(args: argparse.Namespace) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_secret(path, priv.hex())
             key_file = str(path)
-        asyncio.run(_register(state.store_url, public, args.upstream, args.name, args.ttl,
+        kek = decode_key((Path(state.run_dir) / "keys" / "kek.key").read_text().strip())
+        asyncio.run(_register(state.store_url, kek, public, args.upstream, args.name, args.ttl,
                               args.rate, args.transports.split(",")))
     except (ValueError, OSError) as exc:
         return _fail(ClusterError(f"add-client: {exc}"))

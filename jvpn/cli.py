@@ -12,16 +12,40 @@ from typing import Any
 
 from session.noise import generate_keypair, public_key
 from session.reasons import TerminateReason
-from settings import decode_key
+from settings import decode_key, read_key_setting
 
 DEFAULT_STORE = "redis://127.0.0.1:6379/0"
 
 
-def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _store(args: argparse.Namespace, registry: bool = False):  # type: ignore[no-untyped-def]
+    """The store client; with ``registry``, keyed to MAC and check client registry entries."""
+    from session.keys import registry_key
     from store.api import SessionStore, StoreConfig
 
-    return SessionStore.from_url(args.store_url, StoreConfig(socket_timeout_s=args.timeout,
-                                                             connect_timeout_s=args.timeout))
+    key = registry_key(_load_kek(args)) if registry else None
+    store = SessionStore.from_url(args.store_url, StoreConfig(socket_timeout_s=args.timeout,
+                                                              connect_timeout_s=args.timeout),
+                                  registry_key=key)
+    if registry:
+        store.on_registry_refused = lambda pk, why: print(
+            f"jvpn: client entry {pk.hex()} refused: {why}", file=sys.stderr)
+    return store
+
+
+def _load_kek(args: argparse.Namespace) -> bytes:
+    """The cluster KEK, which MACs the registry: --kek-file ($JVPN_KEK_FILE), else the
+    gateway config's kek / kek_file (--config, $JVPN_GATEWAY_CONFIG)."""
+    if args.kek_file:
+        kek = read_key_setting("", args.kek_file, "jvpn", "--kek-file")
+    else:
+        from gateway.config import load_gateway_config
+        from gateway.config import load_kek as gateway_kek
+
+        kek = gateway_kek(load_gateway_config(args.config or None))
+    if kek is None:
+        raise ValueError("the client registry is MAC'd with the cluster KEK: give --kek-file "
+                         "(or $JVPN_KEK_FILE), or a gateway config with kek_file (--config)")
+    return kek
 
 
 def _write_secret(path: str, text: str) -> None:
@@ -83,7 +107,7 @@ async def cmd_clients_add(args: argparse.Namespace) -> int:
     policy = ClientPolicy(pub, name=args.name or "", ttl_s=args.ttl, reattach_rate=args.rate,
                           transports=tuple(args.transports.split(",")),
                           upstreams=tuple(args.upstream))
-    store = _store(args)
+    store = _store(args, registry=True)
     try:
         saved = await store.add_client(policy)
     finally:
@@ -93,7 +117,7 @@ async def cmd_clients_add(args: argparse.Namespace) -> int:
 
 
 async def cmd_clients_list(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = _store(args, registry=True)
     try:
         clients = await store.list_clients()
     finally:
@@ -189,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=2.0, help="store timeout in seconds")
         return sp
 
+    def with_kek(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--kek-file", default=os.environ.get("JVPN_KEK_FILE", ""),
+                        help="the cluster KEK (MACs registry entries; default $JVPN_KEK_FILE, "
+                             "else the gateway config's)")
+        sp.add_argument("--config", default="", help="gateway config to take kek/kek_file from "
+                                                     "(default $JVPN_GATEWAY_CONFIG)")
+        return sp
+
     keys = sub.add_parser("keys", help="static X25519 key pairs (gateway cluster, clients)")
     ks = keys.add_subparsers(dest="sub", required=True, metavar="ACTION")
     g = ks.add_parser("gen", help="generate a key pair")
@@ -206,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("clients", help="the client registry (allowlist with policies)")
     cs = cl.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    g = with_store(cs.add_parser("add", help="register (or replace) a client public key"))
+    g = with_kek(with_store(cs.add_parser("add", help="register (or replace) a client public key")))
     g.add_argument("public_key", help="hex/base64 key or a file holding it")
     g.add_argument("--upstream", action="append", required=True, help="allowed host:port (repeat)")
     g.add_argument("--name", help="a label")
@@ -214,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rate", type=int, default=30, help="reattach attempts per minute")
     g.add_argument("--transports", default="udp,tcp", help="allowed transports")
     g.set_defaults(afn=cmd_clients_add)
-    g = with_store(cs.add_parser("list", help="list registered clients (JSON lines)"))
+    g = with_kek(with_store(cs.add_parser("list", help="list registered clients (JSON lines); "
+                                                       "entries failing their MAC on stderr")))
     g.set_defaults(afn=cmd_clients_list)
     g = with_store(cs.add_parser("remove", help="remove a client key and end its live sessions"))
     g.add_argument("public_key")
@@ -258,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(args.afn(args))
         return int(args.fn(args))
     except Exception as exc:  # an operator tool: one clear line, not a traceback
+        from settings import ConfigError
         from store.errors import StoreError
 
-        if isinstance(exc, (StoreError, ValueError, OSError, KeyError)):
+        if isinstance(exc, (StoreError, ConfigError, ValueError, OSError, KeyError)):
             print(f"jvpn {args.cmd}: {type(exc).__name__}: {exc} "
                   f"(after {time.monotonic() - t0:.1f}s)", file=sys.stderr)
             return 1

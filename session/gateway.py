@@ -43,7 +43,14 @@ from session.binding import Binding, PathProbe, Peer, SessionSecrets, within_bud
 from session.budget import Buckets, Recent, Throttle
 from session.errors import RemoteProtocolError, SessionError
 from session.handshake import Refusal, Responder, ServerHello
-from session.keys import WRAP_NONCE_LEN, SessionKeys, fingerprint, unwrap_secret, wrap_secret
+from session.keys import (
+    WRAP_NONCE_LEN,
+    SessionKeys,
+    fingerprint,
+    policy_binding,
+    unwrap_secret,
+    wrap_secret,
+)
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
 from session.states import QUALITY_EVENTS, SessionEvent, SessionState, is_allowed
 from session.storeops import (
@@ -746,7 +753,10 @@ class GatewayMachine:
             self.store_ms(now), ttl_ms, int(self.settings.keepalive_interval * 1000))
         msg2, secret = hs.responder.accept(server_hello)
         client_hex = hs.responder.client_static.hex()
-        wrapped = wrap_secret(self._kek, secret, sid, nonce=self._random(WRAP_NONCE_LEN))
+        bound = policy_binding(client_hex, hello.upstream, ttl_ms, policy.reattach_rate,
+                               policy.transport_mask)  # what BirthOp writes beside it
+        wrapped = wrap_secret(self._kek, secret, sid, policy=bound,
+                              nonce=self._random(WRAP_NONCE_LEN))
         op = BirthOp(sid, wrapped, client_hex, self.instance_id,
                      bid, hs.peer.kind, hello.upstream, policy)
         secrets = SessionSecrets(secret, SessionKeys(secret), hello.upstream, client_hex, ttl_ms)
@@ -817,9 +827,11 @@ class GatewayMachine:
         if not rec.wrapped_secret:
             return None
         try:
-            secret = unwrap_secret(self._kek, rec.wrapped_secret, sid)
-        except SessionError:
-            self.events.security_event("unwrap_failed", "BAD_KEK", session_id=sid)
+            secret = unwrap_secret(self._kek, rec.wrapped_secret, sid, policy=policy_binding(
+                rec.client_id, rec.upstream, rec.ttl_ms, rec.reattach_rate, rec.transports_mask))
+        except SessionError as exc:  # a record's policy fields changed, an old format, another KEK
+            self.events.security_event("unwrap_failed", "BAD_KEK", session_id=sid,
+                                       detail=str(exc))
             self.metrics.security("unwrap_failed")
             return None
         secrets = SessionSecrets(secret, SessionKeys(secret), rec.upstream, rec.client_id,

@@ -33,13 +33,19 @@ KEY_LEN = 32
 MAC_LEN = 32
 KEK_LEN = 32
 WRAP_NONCE_LEN = 12
-WRAP_FORMAT_V1 = 0x01  # ChaCha20-Poly1305 under KEK #1; a new KEK or algorithm gets a new byte
+WRAP_FORMAT_V1 = 0x01  # ChaCha20-Poly1305, AD = format | session id (no longer read or written)
+# ChaCha20-Poly1305 under the KEK, AD = format | session id | policy_binding(...): the record's
+# policy fields are bound to the secret, so a store writer cannot change them unnoticed.
+WRAP_FORMAT_V2 = 0x02
+WRAP_FORMAT = WRAP_FORMAT_V2  # what wrap_secret writes; a new KEK or algorithm gets a new byte
 WRAPPED_SECRET_LEN = 1 + WRAP_NONCE_LEN + SESSION_SECRET_LEN + 16
 
 _LABEL_SESSION = b"jvpn v1 session secret"
 _LABEL_PROOF = b"jvpn v1 reattach proof c2g"
 _LABEL_CONTROL = b"jvpn v1 control mac g2c"
 _LABEL_TRAFFIC = b"jvpn v1 traffic"
+_LABEL_POLICY = b"jvpn v1 record policy"
+_LABEL_REGISTRY = b"jvpn v1 registry mac"
 _EPOCH = struct.Struct("!Q")
 
 
@@ -104,19 +110,48 @@ def traffic_keys(secret: bytes, epoch: int, binding_id: bytes, node_id: bytes) -
 # ---- wrapping the session secret for the store ------------------------------------------
 
 
-def wrap_secret(kek: bytes, secret: bytes, session_id: bytes, nonce: bytes | None = None) -> bytes:
-    """AEAD-wrap the session secret: ``format u8 | nonce 12 | ciphertext+tag``."""
+def policy_binding(client_id: str, upstream: str, ttl_ms: int, reattach_rate: int,
+                   transports_mask: int) -> bytes:
+    """The canonical encoding of a session record's policy fields (``cid``, ``up``, ``ttl``,
+    ``rr``, ``tk``), bound into the wrapped secret's associated data.
+
+    Every field is length-prefixed (u32) and integers are written in decimal, so two
+    different policies never encode alike and no value (even a tampered one) raises.
+    """
+    out = [_LABEL_POLICY]
+    for value in (client_id, upstream, str(int(ttl_ms)), str(int(reattach_rate)),
+                  str(int(transports_mask))):
+        raw = value.encode("utf-8", "surrogatepass")
+        out.append(struct.pack("!I", len(raw)) + raw)
+    return b"".join(out)
+
+
+def wrap_secret(kek: bytes, secret: bytes, session_id: bytes, *, policy: bytes,
+                nonce: bytes | None = None) -> bytes:
+    """AEAD-wrap the session secret: ``format u8 | nonce 12 | ciphertext+tag``.
+
+    ``policy`` is ``policy_binding(...)`` of the fields written beside it in the record:
+    it is authenticated (not stored), so the secret unwraps only with the same policy.
+    """
     if len(kek) != KEK_LEN:
         raise ValueError("KEK must be 32 bytes")
     if len(secret) != SESSION_SECRET_LEN:
         raise ValueError("session secret must be 32 bytes")
+    if not policy.startswith(_LABEL_POLICY):
+        raise ValueError("policy must be a policy_binding() encoding")
     if nonce is None:
         nonce = secrets.token_bytes(WRAP_NONCE_LEN)  # random: the KEK wraps many secrets, no counter to keep
     elif len(nonce) != WRAP_NONCE_LEN:
         raise ValueError("nonce must be 12 bytes")
-    prefix = bytes([WRAP_FORMAT_V1])
+    prefix = bytes([WRAP_FORMAT])
     # The format byte is authenticated too, so it cannot be swapped to steer unwrapping.
-    return prefix + nonce + ChaCha20Poly1305(kek).encrypt(nonce, secret, prefix + session_id)
+    return prefix + nonce + ChaCha20Poly1305(kek).encrypt(nonce, secret, _wrap_ad(prefix, session_id, policy))
+
+
+def _wrap_ad(prefix: bytes, session_id: bytes, policy: bytes) -> bytes:
+    if len(session_id) > 255:
+        raise ValueError("session id must be at most 255 bytes")
+    return prefix + bytes([len(session_id)]) + session_id + policy
 
 
 def wrap_format(blob: bytes) -> int:
@@ -126,19 +161,36 @@ def wrap_format(blob: bytes) -> int:
     return blob[0]
 
 
-def unwrap_secret(kek: bytes, blob: bytes, session_id: bytes) -> bytes:
-    """Recover a wrapped session secret; AuthError on tampering or a wrong session_id."""
+def unwrap_secret(kek: bytes, blob: bytes, session_id: bytes, *, policy: bytes) -> bytes:
+    """Recover a wrapped session secret; AuthError on tampering (of the blob or of the
+    policy fields given as ``policy``), a wrong session_id or a wrong KEK.
+
+    A format-1 wrap (no policy bound) is refused as unreadable: sessions are short-lived,
+    a record written before the upgrade ends and its client handshakes again.
+    """
     if len(kek) != KEK_LEN:
         raise ValueError("KEK must be 32 bytes")
     if len(blob) != WRAPPED_SECRET_LEN:
         raise AuthError(DropReason.MALFORMED, f"wrapped secret of {len(blob)} bytes")
-    if blob[0] != WRAP_FORMAT_V1:
+    if blob[0] != WRAP_FORMAT:
         raise AuthError(DropReason.MALFORMED, f"unknown wrap format {blob[0]}")
     nonce = blob[1:1 + WRAP_NONCE_LEN]
     try:
-        return ChaCha20Poly1305(kek).decrypt(nonce, blob[1 + WRAP_NONCE_LEN:], blob[:1] + session_id)
+        return ChaCha20Poly1305(kek).decrypt(nonce, blob[1 + WRAP_NONCE_LEN:],
+                                             _wrap_ad(blob[:1], session_id, policy))
     except InvalidTag:
-        raise AuthError(DropReason.BAD_AEAD, "wrapped secret failed authentication") from None
+        raise AuthError(DropReason.BAD_AEAD, "wrapped secret failed authentication: its record's "
+                                             "policy fields were changed, or another KEK") from None
+
+
+# ---- the client registry's MAC ----------------------------------------------------------
+
+
+def registry_key(kek: bytes) -> bytes:
+    """The key that MACs client registry entries, derived from the cluster KEK."""
+    if len(kek) != KEK_LEN:
+        raise ValueError("KEK must be 32 bytes")
+    return _hkdf(kek, _LABEL_REGISTRY)
 
 
 def load_kek(value: str | bytes) -> bytes:

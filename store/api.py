@@ -74,7 +74,7 @@ from store import keys as K
 from store.batcher import Arg, ScriptBatcher, ScriptCall, translate
 from store.cluster import ClusterScriptBatcher, connect_cluster, is_cluster_url
 from store.errors import StoreError, StoreNotDurable, StoreProtocolError, StoreUnavailable
-from store.policy import decode_policy, encode_policy
+from store.policy import RegistryEntryRefused, decode_policy, encode_policy
 from store.scripts import load_scripts
 
 __all__ = [
@@ -283,7 +283,7 @@ class PendingReattach:
 
     __slots__ = ("keys", "args", "future")
 
-    def __init__(self, keys: tuple[str, str], args: list[Arg],
+    def __init__(self, keys: tuple[str, ...], args: list[Arg],
                  future: asyncio.Future[Any]) -> None:
         self.keys = keys
         self.args = args
@@ -314,9 +314,17 @@ class SessionStore:
     BIRTH_EPOCH = 1
 
     def __init__(
-        self, redis: Redis | RedisCluster | str, config: StoreConfig | None = None
+        self, redis: Redis | RedisCluster | str, config: StoreConfig | None = None,
+        *, registry_key: bytes | None = None,
     ) -> None:
         self.config = config or StoreConfig()
+        # MACs the client registry (``session.keys.registry_key(kek)``): add_client and
+        # get_client need it. Whoever loads the KEK (a gateway, ``jvpn clients``) sets it.
+        self.registry_key = registry_key
+        # Called with (public key, why) when a registry entry fails its MAC check (the
+        # gateway emits a security event); get_client then answers None (unknown client).
+        self.on_registry_refused: Callable[[bytes, str], None] | None = None
+        self.registry_refused = 0  # entries refused for a missing or bad MAC
         self._owns_client = isinstance(redis, str)
         self.redis: Redis | RedisCluster = (
             self._connect(redis, self.config) if isinstance(redis, str) else redis
@@ -355,10 +363,11 @@ class SessionStore:
         self.generation_changes = 0  # the store's generation changed under us (wipe, rollback)
 
     @classmethod
-    def from_url(cls, url: str, config: StoreConfig | None = None) -> SessionStore:
+    def from_url(cls, url: str, config: StoreConfig | None = None, *,
+                 registry_key: bytes | None = None) -> SessionStore:
         """``redis://`` / ``rediss://`` / ``unix://``: one instance; ``redis+cluster://h:p[,h:p...]``
         (``rediss+cluster://`` for TLS): a Redis Cluster, the listed nodes as startup nodes."""
-        return cls(url, config)
+        return cls(url, config, registry_key=registry_key)
 
     @staticmethod
     def _connect(url: str, config: StoreConfig) -> Redis | RedisCluster:
@@ -723,7 +732,7 @@ class SessionStore:
         self, session_id: bytes, expected_version: int, nonce: bytes, timestamp_ms: int,
         kind: TransportKind, node: str, addr_tag: str | bytes, binding_id: bytes | None,
         window_ms: int | None, dual_active_window_ms: int | None, gen: int,
-    ) -> tuple[tuple[str, str], list[Arg]]:
+    ) -> tuple[tuple[str, ...], list[Arg]]:
         """The checked KEYS and ARGV of one reattach.lua call."""
         _check_node(node)
         _check_len("nonce", nonce, NONCE_LEN)
@@ -743,7 +752,7 @@ class SessionStore:
         return K.session_keys(session_id), args
 
     async def _reattach_after(
-        self, keys: tuple[str, str], args: list[Arg], r: list[Any] | None,
+        self, keys: tuple[str, ...], args: list[Arg], r: list[Any] | None,
         error: StoreUnavailable | None,
     ) -> ReattachResult:
         """Everything ``reattach`` does after its first script call (reply ``r`` or ``error``)."""
@@ -987,9 +996,15 @@ class SessionStore:
         key = K.client_key(policy.public_key)
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(key)
-        pipe.hset(key, mapping=encode_policy(policy))  # type: ignore[arg-type]
+        pipe.hset(key, mapping=encode_policy(policy, self._registry_key()))  # type: ignore[arg-type]
         await self._guard(pipe.execute())
         return policy
+
+    def _registry_key(self) -> bytes:
+        if self.registry_key is None:
+            raise ValueError("the client registry is MAC'd under a key derived from the KEK: "
+                             "set SessionStore.registry_key (session.keys.registry_key(kek))")
+        return self.registry_key
 
     async def remove_client(self, public_key: bytes | str) -> bool:
         """Remove a client key from the registry; False if it was not there."""
@@ -1031,7 +1046,13 @@ class SessionStore:
         if not raw:
             return None
         try:
-            return decode_policy(pk, raw)
+            return decode_policy(pk, raw, self._registry_key())
+        except RegistryEntryRefused as exc:  # forged or changed in the store: unknown client
+            self.registry_refused += 1
+            log.warning("client entry %s refused: %s", pk.hex()[:16], exc)
+            if self.on_registry_refused is not None:
+                self.on_registry_refused(pk, str(exc))
+            return None
         except (ValueError, KeyError) as exc:
             raise StoreProtocolError(f"malformed client entry {pk.hex()}: {exc}") from exc
 

@@ -28,6 +28,8 @@ if str(ROOT) not in sys.path:  # `tests.support` importable however pytest is la
 from store.api import SessionStore  # noqa: E402
 from tests.support.redis_server import RedisServer, RedisServerMissing, flush  # noqa: E402
 
+TEST_REGISTRY_KEY = b"r" * 32  # MACs registry entries in session_store (any 32 bytes)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """SIGTERM (a CI timeout, a superseded run) ends the run like Ctrl-C: pytest then runs
@@ -80,7 +82,7 @@ def redis_url(_shared_redis_url: str) -> str:
 @pytest.fixture
 async def session_store(redis_url: str) -> AsyncIterator[SessionStore]:
     """A SessionStore on the flushed shared server."""
-    store = SessionStore(redis_url)
+    store = SessionStore(redis_url, registry_key=TEST_REGISTRY_KEY)
     try:
         yield store
     finally:

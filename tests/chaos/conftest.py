@@ -97,10 +97,10 @@ async def echo() -> AsyncIterator[tuple[UdpEcho, str]]:
         proto.close()
 
 
-async def register_client(store_url: str, upstream: str) -> bytes:
+async def register_client(cluster: LocalCluster, upstream: str) -> bytes:
     """A fresh client key allowed to reach ``upstream`` (generous reattach rate)."""
     priv, pub = generate_keypair()
-    store = SessionStore.from_url(store_url)
+    store = SessionStore.from_url(cluster.store_url, registry_key=cluster.registry_key)
     try:
         await store.add_client(ClientPolicy(pub, upstreams=(upstream,), name="chaos",
                                             reattach_rate=10_000))
@@ -150,7 +150,7 @@ async def start_agents(cluster: LocalCluster, upstream: str, count: int,
                        make: Callable[[AgentSettings, Echoes], Agent] | None = None,
                        **where: Any) -> list[tuple[Agent, Echoes]]:
     """``count`` connected agents (each with its own client key)."""
-    privs = await asyncio.gather(*(register_client(cluster.store_url, upstream)
+    privs = await asyncio.gather(*(register_client(cluster, upstream)
                                    for _ in range(count)))
     out = []
     for i, priv in enumerate(privs):

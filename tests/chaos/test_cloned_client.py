@@ -48,7 +48,7 @@ async def test_cloned_client_on_two_gateway_processes(
     cluster = await asyncio.to_thread(chaos_cluster, 2)
     _, upstream = echo
     gw = {g["node_id"]: _addr(g["udp"]) for g in cluster.state["gateways"]}
-    priv = await register_client(cluster.store_url, upstream)
+    priv = await register_client(cluster, upstream)
     clone = RawSession(priv, cluster.public_key, upstream)
     first = await Endpoint.udp(gw["gw-1"])
     await clone.connect(first)

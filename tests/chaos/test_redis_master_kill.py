@@ -94,7 +94,7 @@ async def test_kill_a_redis_cluster_master(
     stores = [p for p in cluster.state["processes"] if p["role"] == "store"]
     ports = {int(p["argv"][p["argv"].index("--port") + 1]): p for p in stores}
     gw = _addr(cluster.state["gateways"][0]["udp"])
-    priv = await register_client(cluster.store_url, upstream)
+    priv = await register_client(cluster, upstream)
     raw = RawSession(priv, cluster.public_key, upstream)
     ep = await Endpoint.udp(gw)
     await raw.connect(ep)

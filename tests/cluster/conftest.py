@@ -37,7 +37,7 @@ def cluster_url(redis_cluster: RedisClusterProcesses) -> str:
 
 @pytest.fixture
 async def cluster_store(cluster_url: str) -> AsyncIterator[SessionStore]:
-    store = SessionStore(cluster_url)
+    store = SessionStore(cluster_url, registry_key=b"r" * 32)
     try:
         yield store
     finally:

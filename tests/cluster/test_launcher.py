@@ -58,7 +58,7 @@ async def echo() -> AsyncIterator[str]:
 async def _client(cluster: LocalCluster, upstream: str) -> bytes:
     """Register a fresh client key with the cluster's store (as `jvpn clients add` does)."""
     priv, pub = generate_keypair()
-    store = SessionStore(cluster.store_url)
+    store = SessionStore(cluster.store_url, registry_key=cluster.registry_key)
     try:
         await store.add_client(ClientPolicy(pub, upstreams=(upstream,), name="test"))
     finally:

@@ -78,7 +78,7 @@ def poll(cluster: LocalCluster, expr: str, ok: Any, timeout: float, what: str) -
 async def agents(cluster: LocalCluster) -> AsyncIterator[list[Agent]]:
     echo, addr = await UdpEcho.start()
     upstream = f"{addr[0]}:{addr[1]}"
-    store = SessionStore(cluster.store_url)
+    store = SessionStore(cluster.store_url, registry_key=cluster.registry_key)
     out: list[Agent] = []
     try:
         for i in range(AGENTS):

@@ -154,3 +154,11 @@ class LocalCluster:
     @property
     def store_url(self) -> str:
         return str(self.state["store_url"])
+
+    @property
+    def registry_key(self) -> bytes:
+        """The key MACing the cluster's client registry (from the launcher's KEK file)."""
+        from session.keys import registry_key
+        from settings import decode_key
+
+        return registry_key(decode_key((self.run_dir / "keys" / "kek.key").read_text()))

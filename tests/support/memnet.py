@@ -76,6 +76,8 @@ class _Rec:
     lv: int = -1  # the version the last successful reattach consumed
     lt: int = 0
     tr: TerminateReason | None = None
+    rr: int = 100  # reattach rate and transports mask, as birth wrote them
+    tk: int = 0b110
 
 
 class MemStore:
@@ -117,7 +119,8 @@ class MemStore:
             return BirthResult(StoreStatus.EXISTS, 0, 0, None, self.ms(), 0)
         self.records[op.session_id] = _Rec(
             SessionState.ATTACHED, 1, 1, op.binding_id, op.node, op.kind, op.upstream,
-            op.client_id, op.wrapped_secret, op.policy.ttl_ms)
+            op.client_id, op.wrapped_secret, op.policy.ttl_ms, rr=op.policy.reattach_rate,
+            tk=op.policy.transport_mask)
         return BirthResult(StoreStatus.OK, 1, 1, SessionState.ATTACHED, self.ms(),
                            self.ms() + op.policy.ttl_ms)
 
@@ -127,7 +130,7 @@ class MemStore:
             return None
         return SessionRecord(op.session_id, r.state, r.version, r.epoch, r.bid, r.node, r.kind,
                              r.upstream, r.client_id, r.ws, r.ttl_ms, self.ms() + r.ttl_ms, 0,
-                             self.ms(), 100, 0b110, 1, r.tr, None, None, None)
+                             self.ms(), r.rr, r.tk, 1, r.tr, None, None, None)
 
     def _ReattachOp(self, op: ReattachOp) -> ReattachResult:
         now = self.ms()

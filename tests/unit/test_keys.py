@@ -11,11 +11,14 @@ from session.errors import AuthError
 from session.keys import (
     SESSION_SECRET_LEN,
     WRAP_FORMAT_V1,
+    WRAP_FORMAT_V2,
     WRAPPED_SECRET_LEN,
     SessionKeys,
     derive_session_secret,
     load_kek,
     mac,
+    policy_binding,
+    registry_key,
     traffic_keys,
     unwrap_secret,
     verify_mac,
@@ -116,51 +119,89 @@ def test_traffic_keys_validation(args: tuple[bytes, int, bytes, bytes]) -> None:
         traffic_keys(*args)
 
 
+POLICY = policy_binding("ab" * 32, "10.0.0.1:53", 300_000, 30, 0b110)
+
+
 def test_wrap_round_trip() -> None:
-    blob = wrap_secret(KEK, SECRET, SID)
+    blob = wrap_secret(KEK, SECRET, SID, policy=POLICY)
     assert len(blob) == WRAPPED_SECRET_LEN
-    assert wrap_format(blob) == WRAP_FORMAT_V1
+    assert wrap_format(blob) == WRAP_FORMAT_V2
     assert SECRET not in blob
-    assert unwrap_secret(KEK, blob, SID) == SECRET
-    assert wrap_secret(KEK, SECRET, SID) != blob  # random nonce
+    assert unwrap_secret(KEK, blob, SID, policy=POLICY) == SECRET
+    assert wrap_secret(KEK, SECRET, SID, policy=POLICY) != blob  # random nonce
 
 
 def test_wrap_with_explicit_nonce_is_deterministic() -> None:
     nonce = b"N" * 12
-    blob = wrap_secret(KEK, SECRET, SID, nonce=nonce)
-    assert blob == wrap_secret(KEK, SECRET, SID, nonce=nonce)
+    blob = wrap_secret(KEK, SECRET, SID, policy=POLICY, nonce=nonce)
+    assert blob == wrap_secret(KEK, SECRET, SID, policy=POLICY, nonce=nonce)
     assert blob[1:13] == nonce
     with pytest.raises(ValueError):
-        wrap_secret(KEK, SECRET, SID, nonce=b"short")
+        wrap_secret(KEK, SECRET, SID, policy=POLICY, nonce=b"short")
 
 
 def test_unwrap_rejects_every_tampering() -> None:
-    blob = wrap_secret(KEK, SECRET, SID)
+    blob = wrap_secret(KEK, SECRET, SID, policy=POLICY)
     for i in range(len(blob)):
         bad = bytearray(blob)
         bad[i] ^= 0x01
         with pytest.raises(AuthError):
-            unwrap_secret(KEK, bytes(bad), SID)
+            unwrap_secret(KEK, bytes(bad), SID, policy=POLICY)
     with pytest.raises(AuthError):
-        unwrap_secret(KEK, blob, b"T" * 16)
+        unwrap_secret(KEK, blob, b"T" * 16, policy=POLICY)
     with pytest.raises(AuthError):
-        unwrap_secret(b"L" * 32, blob, SID)
+        unwrap_secret(b"L" * 32, blob, SID, policy=POLICY)
     for n in (0, 1, len(blob) - 1):
         with pytest.raises(AuthError):
-            unwrap_secret(KEK, blob[:n], SID)
+            unwrap_secret(KEK, blob[:n], SID, policy=POLICY)
     with pytest.raises(AuthError):
-        unwrap_secret(KEK, blob + b"\x00", SID)
+        unwrap_secret(KEK, blob + b"\x00", SID, policy=POLICY)
     with pytest.raises(AuthError):
         wrap_format(b"")
 
 
+@pytest.mark.parametrize("field", range(5))
+def test_unwrap_refuses_a_changed_policy_field(field: int) -> None:
+    """A store writer who changes one policy field of a record (client id, upstream, ttl,
+    reattach rate, transports) leaves a secret that no longer unwraps."""
+    fields: list[object] = ["ab" * 32, "10.0.0.1:53", 300_000, 30, 0b110]
+    blob = wrap_secret(KEK, SECRET, SID, policy=policy_binding(*fields))  # type: ignore[arg-type]
+    changed = list(fields)
+    changed[field] = "127.0.0.1:4444" if isinstance(fields[field], str) else 1 << 20
+    with pytest.raises(AuthError, match="policy fields"):
+        unwrap_secret(KEK, blob, SID, policy=policy_binding(*changed))  # type: ignore[arg-type]
+
+
+def test_policy_binding_is_unambiguous() -> None:
+    assert policy_binding("a", "bc", 1, 2, 3) != policy_binding("ab", "c", 1, 2, 3)
+    assert policy_binding("a", "b", 12, 3, 4) != policy_binding("a", "b", 1, 23, 4)
+    policy_binding("\ud800", "x" * 70_000, -1, 2**70, 0)  # never raises on what a record holds
+
+
+def test_old_format_is_refused() -> None:
+    """Format 1 (no policy bound) is no longer read: such a session's client handshakes again."""
+    blob = bytearray(wrap_secret(KEK, SECRET, SID, policy=POLICY))
+    blob[0] = WRAP_FORMAT_V1
+    with pytest.raises(AuthError, match="unknown wrap format 1"):
+        unwrap_secret(KEK, bytes(blob), SID, policy=POLICY)
+
+
+def test_registry_key_is_its_own() -> None:
+    k = registry_key(KEK)
+    assert len(k) == 32 and k != KEK and k != registry_key(b"L" * 32)
+    with pytest.raises(ValueError):
+        registry_key(b"short")
+
+
 def test_wrap_validation() -> None:
     with pytest.raises(ValueError):
-        wrap_secret(b"short", SECRET, SID)
+        wrap_secret(b"short", SECRET, SID, policy=POLICY)
     with pytest.raises(ValueError):
-        wrap_secret(KEK, b"short", SID)
+        wrap_secret(KEK, b"short", SID, policy=POLICY)
     with pytest.raises(ValueError):
-        unwrap_secret(b"short", bytes(WRAPPED_SECRET_LEN), SID)
+        wrap_secret(KEK, SECRET, SID, policy=b"not a binding")
+    with pytest.raises(ValueError):
+        unwrap_secret(b"short", bytes(WRAPPED_SECRET_LEN), SID, policy=POLICY)
 
 
 def test_load_kek_formats() -> None:
