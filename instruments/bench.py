@@ -902,7 +902,8 @@ async def redis_benchmark(store: SessionStore, host: str, port: int, sessions: i
     tag = "rb" + os.urandom(3).hex()
     for lo in range(0, sessions, 1000):
         await asyncio.gather(*(
-            store.raw_evalsha("birth", [f"jvpn:{{{tag}:{i:012d}}}", f"jvpn:{{{tag}:{i:012d}}}:n"], [
+            store.raw_evalsha("birth", [f"jvpn:{{{tag}:{i:012d}}}", f"jvpn:{{{tag}:{i:012d}}}:n",
+                                        f"jvpn:{{{tag}:{i:012d}}}:nt"], [
                 os.urandom(16), "bench-rb", int(UDP), wrap_secret(kek, os.urandom(32), b"r" * 16, policy=bound),
                 policy.client_id, policy.upstreams[0], policy.ttl_ms, policy.reattach_rate,
                 policy.transport_mask, gen, 86_400_000])
@@ -913,7 +914,8 @@ async def redis_benchmark(store: SessionStore, host: str, port: int, sessions: i
     cmd = [
         binary, "-h", host, "-p", str(port), "-n", str(total), "-c", "32", "-P", "16",
         "-r", str(sessions), "--csv",
-        "EVALSHA", scripts["reattach"].sha, "2", f"jvpn:{{{tag}:{rand}}}", f"jvpn:{{{tag}:{rand}}}:n",
+        "EVALSHA", scripts["reattach"].sha, "3", f"jvpn:{{{tag}:{rand}}}", f"jvpn:{{{tag}:{rand}}}:n",
+        f"jvpn:{{{tag}:{rand}}}:nt",
         "1", f"n{rand}{rand}", str(now), str(int(UDP)), "bench-rb", "b" * 16, "udp:127.0.0.1:9",
         str(cfg.timestamp_window_ms), str(cfg.dual_active_window_ms),
         str(int(cfg.tombstone_ttl_s * 1000)), str(int(cfg.gc_slack_s * 1000)),
@@ -1347,9 +1349,10 @@ async def bench_memory(opts: BenchOptions) -> dict[str, Any]:
                 raise RuntimeError("reattach failed while preparing the memory bench")
         reattach_s = time.perf_counter() - t0
         after = int((await r.info("memory"))["used_memory"])
-        rec_key, nonce_key = session_keys(sids[n // 2])
+        rec_key, nonce_key, times_key = session_keys(sids[n // 2])
         record = int(await r.memory_usage(rec_key, samples=0) or 0)
-        nonces = int(await r.memory_usage(nonce_key, samples=0) or 0)
+        nonces = int(await r.memory_usage(nonce_key, samples=0) or 0)  # the hash and its index
+        nonces += int(await r.memory_usage(times_key, samples=0) or 0)
         index = int(await r.memory_usage(EXPIRY_INDEX, samples=0) or 0)
         encoding = await r.object("encoding", rec_key)
         per_session = (after - before) / n

@@ -2,6 +2,7 @@
 
 - ``jvpn:{<sid>}``        hash: the session record (short field names, see api.py)
 - ``jvpn:{<sid>}:n``      hash: recent reattach nonces -> recorded decision
+- ``jvpn:{<sid>}:nt``     sorted set: the same nonces scored by decision time (prunes ``:n``)
 - ``jvpn:expiry``         sorted set: sid hex scored by a lower bound of its deadline (a hint)
 - ``jvpn:client:<pk>``    hash: one registered client's policy (the allowlist)
 - ``jvpn:hs:<digest>``    string: a consumed handshake (replay guard), expires
@@ -40,10 +41,14 @@ def nonce_key(session_id: bytes) -> str:
     return f"{PREFIX}:{{{session_hex(session_id)}}}:n"
 
 
-def session_keys(session_id: bytes) -> tuple[str, str]:
-    """(record key, nonce key): the KEYS of every per-session script."""
+def nonce_times_key(session_id: bytes) -> str:
+    return f"{PREFIX}:{{{session_hex(session_id)}}}:nt"
+
+
+def session_keys(session_id: bytes) -> tuple[str, str, str]:
+    """(record key, nonce hash, nonce time index): the KEYS of every per-session script."""
     tag = f"{PREFIX}:{{{session_hex(session_id)}}}"
-    return tag, tag + ":n"
+    return tag, tag + ":n", tag + ":nt"
 
 
 def session_id_from_key(key: bytes | str) -> bytes | None:

@@ -2,8 +2,8 @@
 
 Every script is sent as: the transition table (``lua_transition_table()``),
 the constant tables generated from ``SessionState``, ``SessionEvent``,
-``RejectReason``, ``TerminateReason`` and ``StoreStatus``, the shared helpers
-(``common.lua``), then the operation's own file. So the store enforces exactly
+``RejectReason``, ``TerminateReason``, ``StoreStatus`` and ``NonceCache``, the
+shared helpers (``common.lua``), then the operation's own file. So the store enforces exactly
 the Python table and no number is written twice.
 """
 
@@ -17,6 +17,21 @@ from importlib import resources
 from session.reasons import RejectReason, TerminateReason
 from session.states import SessionEvent, SessionState, lua_transition_table
 from store.status import StoreStatus
+
+
+class NonceCache(IntEnum):
+    """Bounds of reattach.lua's nonce cache (a hash plus its time index, per session).
+
+    It holds at most ``min(PER_RATE * rr + SLACK, MAX)`` entries, whatever the session's
+    reattach rate ``rr``, and one call prunes at most ``PRUNE`` stale ones (a call records
+    at most one, so pruning keeps up): a call's work is bounded, never the cache's size.
+    """
+
+    PER_RATE = 4
+    SLACK = 16
+    MAX = 1024
+    PRUNE = 32
+
 
 OPERATIONS = ("birth", "reattach", "transition", "refresh", "terminate", "expire", "read")
 
@@ -46,6 +61,7 @@ def prelude() -> str:
         lua_constants("R", RejectReason),
         lua_constants("TR", TerminateReason),
         lua_constants("ST", StoreStatus),
+        lua_constants("NC", NonceCache),
         _read("common"),
     ]
     return "".join(parts)

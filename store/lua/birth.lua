@@ -7,6 +7,7 @@
 --
 -- KEYS[1] - the session record, jvpn:{sid}
 -- KEYS[2] - the session's nonce hash, jvpn:{sid}:n (cleared)
+-- KEYS[3] - its time index, jvpn:{sid}:nt (cleared)
 -- ARGV[1] - binding id (16 raw bytes)
 -- ARGV[2] - node id of the binding owner
 -- ARGV[3] - transport kind (TransportKind)
@@ -22,7 +23,7 @@
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, version, epoch, state, server_ms, deadline_ms}
 --   status OK | EXISTS | POLICY_DENIED (kind not in the mask) | ILLEGAL_TRANSITION
 
-local key, nkey = KEYS[1], KEYS[2]
+local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local kind = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[7])
 local mask = tonumber(ARGV[9])
@@ -40,7 +41,7 @@ if state == nil then
 end
 
 local version, epoch, deadline = 1, 1, now + ttl
-redis.call('DEL', nkey)
+redis.call('DEL', nkey, tkey)
 redis.call('HSET', key,
   'st', state, 'v', version, 'ep', epoch, 'bid', ARGV[1], 'nd', ARGV[2], 'k', kind,
   'ws', ARGV[4], 'cid', ARGV[5], 'up', ARGV[6], 'ttl', ttl, 'dl', deadline,

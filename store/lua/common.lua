@@ -45,15 +45,15 @@ end
 -- It deletes the wrapped session secret ws: a tombstone lives an hour and must
 -- not let the KEK plus a store dump decrypt the session's recorded traffic. It
 -- keeps what answers a late request with an explicit TERMINATED/EXPIRED: st, tr,
--- v, ep, nd, te, dl, cr, gen (and cid, up, k for the events). A gateway that
+-- v, ep, nd, te, dl, cr, gen (and cid, up, k for the events). The nonce keys go. A gateway that
 -- still caches the secret MACs that answer; one that does not cannot (see
 -- store/README.md, Tombstones). Returns the new version.
-local function write_tombstone(key, nkey, v, reason, now, tomb_ms)
+local function write_tombstone(key, nkey, tkey, v, reason, now, tomb_ms)
   local nv = v + 1
   redis.call('HSET', key, 'st', S.TERMINATED, 'v', nv, 'tr', reason, 'te', now)
   redis.call('HDEL', key, 'ws', 'lost', 'lv', 'lt', 'rl', 'rn')
   redis.call('PEXPIRE', key, tomb_ms)
-  redis.call('DEL', nkey)
+  redis.call('DEL', nkey, tkey)
   return nv
 end
 

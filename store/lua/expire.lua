@@ -8,6 +8,7 @@
 --
 -- KEYS[1] - the session record, jvpn:{sid}
 -- KEYS[2] - the session's nonce hash, jvpn:{sid}:n
+-- KEYS[3] - its time index, jvpn:{sid}:nt
 -- ARGV[1] - tombstone TTL, ms
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, expired_now, version, deadline_ms, epoch, node, prev_state, server_ms,
@@ -15,7 +16,7 @@
 --   status EXPIRED (expired_now = 1 if by this call) | OK (live; deadline_ms = when to
 --   look again) | TERMINATED | UNKNOWN_SESSION | ILLEGAL_TRANSITION.
 
-local key, nkey = KEYS[1], KEYS[2]
+local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local tomb_ms = tonumber(ARGV[1])
 local now = now_ms()
 
@@ -34,5 +35,5 @@ end
 if next_state(st, EV.EXPIRE) ~= S.TERMINATED then
   return reply({ST.ILLEGAL_TRANSITION, 0, v, dl, ep, nd, st, now, cid})
 end
-local nv = write_tombstone(key, nkey, v, TR.EXPIRED, now, tomb_ms)
+local nv = write_tombstone(key, nkey, tkey, v, TR.EXPIRED, now, tomb_ms)
 return reply({ST.EXPIRED, 1, nv, dl, ep, nd, st, now, cid})

@@ -14,7 +14,8 @@
 --   5. nonce already recorded             -> same addr tag: the recorded decision, unchanged,
 --                                            retry = 1 (an idempotent retransmission);
 --                                            other addr tag: REPLAYED_NONCE
---   6. nonce cache full (4 * rr + 16)     -> RATE_LIMITED, not recorded (a flood, see below)
+--   6. nonce cache full                   -> RATE_LIMITED, not recorded (a flood, see below)
+--      (min(4 * rr + 16, 1024) entries)
 --   7. more than rr attempts in 60 s      -> RATE_LIMITED
 --   8. transport kind not in the mask     -> POLICY_DENIED
 --   9. expected version is not current    -> DUAL_ACTIVE_CONFLICT if it is the version the
@@ -35,15 +36,34 @@
 -- cmsgpack(ts, status, reason, version, epoch, binding id, node, tag), where
 -- ts is the server time of the decision and tag the first 16 hex digits of
 -- sha1(addr tag) (msgpack rather than "a|b|c" because binding ids, node ids and
--- tags are arbitrary bytes). Entries older than now - 2 * window are pruned on
--- every call: a request whose nonce was decided at d carries a timestamp
--- within window of d, so after d + 2 * window it fails step 4 anyway.
--- Attempts are rate limited, so the hash holds about rr entries; a client that
--- floods past 4 * rr + 16 live entries is refused without recording, which
--- only lets it replay its own refused requests while their version is current.
+-- tags are arbitrary bytes), and indexed in KEYS[3] (sorted set: nonce scored
+-- by ts). An entry older than now - 2 * window is stale: a request whose nonce
+-- was decided at d carries a timestamp within window of d, so after
+-- d + 2 * window it fails step 4 anyway; step 5 treats a stale entry it meets
+-- as absent (and deletes it).
+--
+-- Every call's work is bounded, never the cache's size (constants NC, from
+-- store.scripts.NonceCache): step 6 removes at most NC.PRUNE (32) stale entries,
+-- the oldest first through the index (ZRANGEBYSCORE ... LIMIT), and checks the
+-- size with HLEN; a call records at most one entry, so pruning keeps up. The
+-- cache holds at most cap = min(4 * rr + 16, NC.MAX = 1024) entries whatever rr
+-- says (4 * rr + 16 alone let a rate of 100k/min keep 400k entries): a call
+-- that finds cap entries after pruning is refused without recording. As every
+-- insertion happens below cap, HLEN >= cap after pruning means every entry is
+-- live: the refusal is exact. Attempts are rate limited, so the hash holds about
+-- min(rr, cap) entries; a client that floods past cap is refused without
+-- recording, which only lets it replay its own refused requests while their
+-- version is current. So at most 1024 decisions are recorded per 2 * window
+-- (60 s by default): a configured rate above that is capped there.
+--
+-- The hash and its index always hold the same nonces (both written, pruned,
+-- expired and deleted together). A hash without its index (written before the
+-- index existed, or by an older gateway during a rolling upgrade: HLEN differs
+-- from ZCARD) is indexed once from its recorded times, in one O(n) call.
 --
 -- KEYS[1] - the session record, jvpn:{sid}
 -- KEYS[2] - the session's nonce hash, jvpn:{sid}:n
+-- KEYS[3] - its time index, jvpn:{sid}:nt (sorted set: nonce -> decision ts)
 -- ARGV[1] - expected state_version (from the proof)
 -- ARGV[2] - nonce (16 raw bytes)
 -- ARGV[3] - client timestamp, ms
@@ -67,7 +87,7 @@
 --   moved nothing) and binding_current says whether that binding still holds.
 --   state/prev_state: after/before this call (-1: no record).
 
-local key, nkey = KEYS[1], KEYS[2]
+local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local expected = tonumber(ARGV[1])
 local nonce = ARGV[2]
 local client_ts = tonumber(ARGV[3])
@@ -111,7 +131,7 @@ if now >= num(f[7]) then
   if next_state(st, EV.EXPIRE) ~= S.TERMINATED then
     return reject(ST.ILLEGAL_TRANSITION, R.POLICY_DENIED, st, 0, 0)
   end
-  v = write_tombstone(key, nkey, v, TR.EXPIRED, now, tomb_ms)
+  v = write_tombstone(key, nkey, tkey, v, TR.EXPIRED, now, tomb_ms)
   return reject(ST.EXPIRED, R.EXPIRED, S.TERMINATED, TR.EXPIRED, 1)
 end
 
@@ -122,7 +142,13 @@ end
 
 -- 5. nonce: an idempotent retry, or a replay
 local tag = string.sub(redis.sha1hex(ARGV[7]), 1, 16)
+local horizon = now - 2 * window
 local seen = redis.call('HGET', nkey, nonce)
+if seen and cmsgpack.unpack(seen) < horizon then
+  redis.call('HDEL', nkey, nonce)  -- stale (not pruned yet): as if it were gone
+  redis.call('ZREM', tkey, nonce)
+  seen = nil
+end
 if seen then
   local _, dstatus, dreason, dv, dep, dbid, dnd, dtag = cmsgpack.unpack(seen)
   if dtag ~= tag then
@@ -131,21 +157,32 @@ if seen then
   local current = 0
   if dstatus == ST.OK and dep == ep and dbid == bid then current = 1 end
   -- A write, so that durable mode's WAIT after this call covers the recorded decision.
-  redis.call('PEXPIRE', nkey, math.max(redis.call('PTTL', nkey), 1000))
+  local keep = math.max(redis.call('PTTL', nkey), 1000)
+  redis.call('PEXPIRE', nkey, keep)
+  redis.call('PEXPIRE', tkey, keep)
   return reply({dstatus, dreason, dv, dep, dbid, dnd, '', now, st, 1, 0, current, 0, st, k})
 end
 
--- 6. prune the nonce cache; refuse a flood without recording it
-local rr = num(f[9])
-local horizon = now - 2 * window
-local entries = redis.call('HGETALL', nkey)
-local live, stale = 0, {}
-for i = 1, #entries, 2 do
-  local ts = cmsgpack.unpack(entries[i + 1])
-  if ts < horizon then stale[#stale + 1] = entries[i] else live = live + 1 end
+-- 6. prune the nonce cache (bounded); refuse a flood without recording it
+local n = redis.call('HLEN', nkey)
+if n ~= redis.call('ZCARD', tkey) then
+  -- A hash without its index (see above): index it from the recorded times, once.
+  redis.call('DEL', tkey)
+  local entries = redis.call('HGETALL', nkey)
+  for i = 1, #entries, 2 do
+    redis.call('ZADD', tkey, cmsgpack.unpack(entries[i + 1]), entries[i])
+  end
+  local pttl = redis.call('PTTL', nkey)
+  if pttl > 0 then redis.call('PEXPIRE', tkey, pttl) end
 end
-if #stale > 0 then redis.call('HDEL', nkey, unpack(stale)) end
-if live >= 4 * rr + 16 then
+local stale = redis.call('ZRANGEBYSCORE', tkey, '-inf', horizon - 1, 'LIMIT', 0, NC.PRUNE)
+if #stale > 0 then
+  redis.call('HDEL', nkey, unpack(stale))
+  redis.call('ZREM', tkey, unpack(stale))
+  n = redis.call('HLEN', nkey)
+end
+local rr = num(f[9])
+if n >= math.min(NC.PER_RATE * rr + NC.SLACK, NC.MAX) then
   return reject(ST.RATE_LIMITED, R.RATE_LIMITED, st, 0, 0)
 end
 
@@ -154,7 +191,9 @@ local gc_ms = num(f[7]) - now + slack_ms
 -- Record this nonce's decision (from here on every decision is recorded).
 local function decide(status, reason, dv, dep, dbid, dnd)
   redis.call('HSET', nkey, nonce, cmsgpack.pack(now, status, reason, dv, dep, dbid, dnd, tag))
+  redis.call('ZADD', tkey, now, nonce)
   redis.call('PEXPIRE', nkey, gc_ms)
+  redis.call('PEXPIRE', tkey, gc_ms)
 end
 
 local function refuse(status, reason)

@@ -8,6 +8,7 @@
 --
 -- KEYS[1] - the session record, jvpn:{sid}
 -- KEYS[2] - the session's nonce hash, jvpn:{sid}:n
+-- KEYS[3] - its time index, jvpn:{sid}:nt
 -- ARGV[1] - epoch of the caller's binding
 -- ARGV[2] - node id of the caller
 -- ARGV[3] - tombstone TTL, ms
@@ -21,7 +22,7 @@
 --   A record stamped with another store generation than the caller's is
 --   GENERATION_MOVED (the caller re-reads its generation).
 
-local key, nkey = KEYS[1], KEYS[2]
+local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local epoch = tonumber(ARGV[1])
 local node = ARGV[2]
 local tomb_ms = tonumber(ARGV[3])
@@ -43,7 +44,7 @@ if st == S.TERMINATED then
   return reply({tombstone_status(tr), v, st, ep, nd, dl, now, 0, tr})
 end
 if now >= dl and next_state(st, EV.EXPIRE) == S.TERMINATED then
-  local nv = write_tombstone(key, nkey, v, TR.EXPIRED, now, tomb_ms)
+  local nv = write_tombstone(key, nkey, tkey, v, TR.EXPIRED, now, tomb_ms)
   return reply({ST.EXPIRED, nv, S.TERMINATED, ep, nd, dl, now, 1, TR.EXPIRED})
 end
 if ep ~= epoch or nd ~= node then

@@ -5,6 +5,7 @@
 --
 -- KEYS[1] - the session record, jvpn:{sid}
 -- KEYS[2] - the session's nonce hash, jvpn:{sid}:n
+-- KEYS[3] - its time index, jvpn:{sid}:nt
 -- ARGV[1] - terminate reason (TerminateReason)
 -- ARGV[2] - tombstone TTL, ms
 --
@@ -12,7 +13,7 @@
 --   status OK (tombstone written now) | TERMINATED | EXPIRED (already a tombstone,
 --   nothing changed) | UNKNOWN_SESSION | ILLEGAL_TRANSITION.
 
-local key, nkey = KEYS[1], KEYS[2]
+local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local reason = tonumber(ARGV[1])
 local tomb_ms = tonumber(ARGV[2])
 local now = now_ms()
@@ -29,5 +30,5 @@ end
 if next_state(st, EV.TERMINATE) ~= S.TERMINATED then
   return reply({ST.ILLEGAL_TRANSITION, v, st, 0, ep, nd, now})
 end
-local nv = write_tombstone(key, nkey, v, reason, now, tomb_ms)
+local nv = write_tombstone(key, nkey, tkey, v, reason, now, tomb_ms)
 return reply({ST.OK, nv, st, reason, ep, nd, now})

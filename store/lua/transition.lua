@@ -8,6 +8,7 @@
 --
 -- KEYS[1] - the session record, jvpn:{sid}
 -- KEYS[2] - the session's nonce hash, jvpn:{sid}:n
+-- KEYS[3] - its time index, jvpn:{sid}:nt
 -- ARGV[1] - expected state_version
 -- ARGV[2] - event (SessionEvent)
 -- ARGV[3] - terminate reason (TerminateReason) for TERMINATE/EXPIRE; 0 = ADMIN/EXPIRED
@@ -19,7 +20,7 @@
 --   written by this call (emit the event); the requested event was not applied.
 --   On a refusal version/state are the current ones.
 
-local key, nkey = KEYS[1], KEYS[2]
+local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local expected = tonumber(ARGV[1])
 local event = tonumber(ARGV[2])
 local reason = tonumber(ARGV[3])
@@ -37,7 +38,7 @@ if st == S.TERMINATED then
   return reply({tombstone_status(tr), v, st, st, 0, tr, ep, now})
 end
 if now >= num(f[4]) and next_state(st, EV.EXPIRE) == S.TERMINATED then
-  local nv = write_tombstone(key, nkey, v, TR.EXPIRED, now, tomb_ms)
+  local nv = write_tombstone(key, nkey, tkey, v, TR.EXPIRED, now, tomb_ms)
   return reply({ST.EXPIRED, nv, S.TERMINATED, st, 1, TR.EXPIRED, ep, now})
 end
 if event == EV.REATTACH or event == EV.HANDSHAKE_COMPLETE then
@@ -56,7 +57,7 @@ if to == S.TERMINATED then
     reason = TR.ADMIN
     if event == EV.EXPIRE then reason = TR.EXPIRED end
   end
-  local nv = write_tombstone(key, nkey, v, reason, now, tomb_ms)
+  local nv = write_tombstone(key, nkey, tkey, v, reason, now, tomb_ms)
   return reply({ST.OK, nv, to, st, 0, reason, ep, now})
 end
 

@@ -88,8 +88,9 @@ async def _bounded(aw: Awaitable[Any], bound_s: float) -> tuple[str, float]:
 
 def test_every_script_keeps_to_one_slot() -> None:
     sid = os.urandom(16)
-    rec, nonce = K.session_keys(sid)
-    assert _slot(rec) == _slot(nonce) == _slot(K.record_key(sid)) == _slot(K.nonce_key(sid))
+    rec, nonce, times = K.session_keys(sid)
+    assert _slot(rec) == _slot(nonce) == _slot(times) == _slot(K.record_key(sid)) == _slot(
+        K.nonce_key(sid)) == _slot(K.nonce_times_key(sid))
     # Scripts touch only their KEYS: no key name is built inside Lua.
     lua = resources.files("store").joinpath("lua")
     for name in (*OPERATIONS, "common"):
@@ -97,7 +98,7 @@ def test_every_script_keeps_to_one_slot() -> None:
         code = "\n".join(line.split("--", 1)[0] for line in src.splitlines())
         assert "jvpn" not in code and "..':'" not in code.replace(" ", ""), name
         calls = re.findall(r"redis\.call\('(\w+)',\s*([^,)]+)", code)
-        assert {arg.strip() for op, arg in calls if op != "TIME"} <= {"key", "nkey", "KEYS[1]"}, (
+        assert {arg.strip() for op, arg in calls if op != "TIME"} <= {"key", "nkey", "tkey", "KEYS[1]"}, (
             name, calls)  # fmt: skip
 
 
@@ -337,9 +338,9 @@ async def test_slot_migration_ask_then_moved(
         redis_cluster.url, StoreConfig(socket_timeout_s=0.2, connect_timeout_s=0.2)
     )
     sid1 = await born(store)
-    assert (await reattach(store, sid1, 1)).ok  # both keys exist: record and nonce hash
+    assert (await reattach(store, sid1, 1)).ok  # all keys exist: record, nonce hash, index
     slot = _slot(K.record_key(sid1))
-    sid0 = await born(store, _sid_in_slot(slot))  # its nonce hash does not exist yet
+    sid0 = await born(store, _sid_in_slot(slot))  # its nonce keys do not exist yet
     src = redis_cluster.master_of_slot(slot)
     dst = next(m for m in redis_cluster.masters_now() if m.port != src.port)
     a, b = src.client(), dst.client()

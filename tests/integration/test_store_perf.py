@@ -50,17 +50,20 @@ async def test_memory_per_session_under_1kib(session_store: SessionStore) -> Non
     r = session_store.redis
     pipe = r.pipeline(transaction=False)
     for sid in sids:
-        rec_key, nonce_key = session_keys(sid)
+        rec_key, nonce_key, times_key = session_keys(sid)
         pipe.memory_usage(rec_key, samples=0)
         pipe.memory_usage(nonce_key, samples=0)
+        pipe.memory_usage(times_key, samples=0)
         pipe.object("encoding", rec_key)
     out = await pipe.execute()
-    records = out[0::3]
-    nonces = out[1::3]
-    encodings = set(out[2::3])
+    records = out[0::4]
+    nonces = out[1::4]
+    times = out[2::4]
+    encodings = set(out[3::4])
     index = await r.memory_usage(EXPIRY_INDEX, samples=0) or 0
-    per_session = (sum(records) + sum(nonces) + index) / n
+    per_session = (sum(records) + sum(nonces) + sum(times) + index) / n
     print(f"\nmemory per session: record {sum(records) / n:.0f} B + nonces {sum(nonces) / n:.0f} B"
+          f" + nonce times {sum(times) / n:.0f} B"
           f" + expiry index {index / n:.0f} B = {per_session:.0f} B ({encodings})")  # fmt: skip
     assert encodings == {b"listpack"}, (
         "a value over hash-max-listpack-value (64 B) bloats the record"
