@@ -108,6 +108,7 @@ class GatewayApp:
             tombstone_ttl_s=cfg.tombstone_ttl_s,
             timestamp_window_ms=int(cfg.reattach_window_s * 1000),
             dual_active_window_ms=int(cfg.dual_active_window_s * 1000),
+            tls_ca_file=cfg.store_tls_ca_file,
         )
         self.store = SessionStore.from_url(self.store_url, store_cfg,
                                            registry_key=registry_key(self.keys.kek))

@@ -126,6 +126,10 @@ class GatewayConfig:
         "prefix (UDP, deploy/nginx/jvpn.js) and PROXY v1 header (TCP) are believed; from them "
         "a message without one is dropped, from anyone else one with one is; [] = believe none",
     )
+    store_tls_ca_file: str = setting(
+        "", help="CA bundle a rediss:// store_url's server certificate is verified against "
+        "('' = the system's); the ACL user and password go in the URL (rediss://user:pw@host)",
+    )
 
     def check_config(self) -> Iterator[tuple[str, str]]:
         """Cross-field rules: (key, problem) for each violation."""

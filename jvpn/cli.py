@@ -23,9 +23,9 @@ def _store(args: argparse.Namespace, registry: bool = False):  # type: ignore[no
     from store.api import SessionStore, StoreConfig
 
     key = registry_key(_load_kek(args)) if registry else None
-    store = SessionStore.from_url(args.store_url, StoreConfig(socket_timeout_s=args.timeout,
-                                                              connect_timeout_s=args.timeout),
-                                  registry_key=key)
+    cfg = StoreConfig(socket_timeout_s=args.timeout, connect_timeout_s=args.timeout,
+                      tls_ca_file=args.tls_ca_file)
+    store = SessionStore.from_url(args.store_url, cfg, registry_key=key)
     if registry:
         store.on_registry_refused = lambda pk, why: print(
             f"jvpn: client entry {pk.hex()} refused: {why}", file=sys.stderr)
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--store-url", default=os.environ.get("JVPN_STORE_URL", DEFAULT_STORE),
                         help=f"Redis URL (default $JVPN_STORE_URL or {DEFAULT_STORE})")
         sp.add_argument("--timeout", type=float, default=2.0, help="store timeout in seconds")
+        sp.add_argument("--tls-ca-file", default=os.environ.get("JVPN_STORE_TLS_CA_FILE", ""),
+                        help="CA bundle to verify a rediss:// store against "
+                             "(default $JVPN_STORE_TLS_CA_FILE, else the system's)")
         return sp
 
     def with_kek(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -125,6 +125,14 @@ class StoreConfig:
     wait_timeout_ms: int = 100
     sweep_lease_ms: int = 30_000  # a claimed sweep candidate comes due again after this
     generation_check_s: float = 5.0  # re-read the store generation at most this often
+    tls_ca_file: str = ""  # rediss:// only: verify the server against this CA bundle
+
+    def tls_kwargs(self, url: str) -> dict[str, Any]:
+        """redis-py TLS options for ``url``: a ``rediss`` URL verifies the server's certificate
+        (and host name) against ``tls_ca_file`` when set, else the system store."""
+        if not url.startswith("rediss") or not self.tls_ca_file:
+            return {}
+        return {"ssl_ca_certs": self.tls_ca_file, "ssl_cert_reqs": "required"}
 
     @property
     def call_timeout_s(self) -> float:
@@ -375,6 +383,7 @@ class SessionStore:
             return connect_cluster(
                 url, socket_timeout=config.socket_timeout_s,
                 connect_timeout=config.connect_timeout_s, max_connections=config.max_connections,
+                **config.tls_kwargs(url),
             )  # fmt: skip
         pool = BlockingConnectionPool.from_url(
             url,
@@ -383,6 +392,7 @@ class SessionStore:
             socket_timeout=config.socket_timeout_s,
             socket_connect_timeout=config.connect_timeout_s,
             decode_responses=False,
+            **config.tls_kwargs(url),
         )  # connections built by the pool itself never retry: an outage fails fast
         return Redis(connection_pool=pool)
 

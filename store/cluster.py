@@ -102,10 +102,12 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
 
 
 def connect_cluster(
-    url: str, *, socket_timeout: float, connect_timeout: float, max_connections: int
+    url: str, *, socket_timeout: float, connect_timeout: float, max_connections: int,
+    **tls: Any,
 ) -> RedisCluster:
     """A RedisCluster client for a cluster URL; its own retries are off (fail fast)."""
     nodes, kwargs = parse_cluster_url(url)
+    kwargs.update(tls)
     return RedisCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in nodes],
         require_full_coverage=False,  # the slots still served stay usable

@@ -514,3 +514,137 @@ def test_dashboard_panels_and_metric_names() -> None:
         # a histogram may be named by its family (jvpn_store_latency_seconds)
         assert name in exposed or f"{name}_bucket" in exposed, \
             f"{name} is not a metric the gateway exports"
+
+
+# ---- Redis ACL users and TLS (deploy/redis/users.acl) ----------------------------------------
+
+
+def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (what the compose init makes)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=1))
+             .not_valid_after(now + datetime.timedelta(hours=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            import ipaddress
+
+            b = b.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("jvpn test CA", ca_key, "jvpn test CA", ca_key, True)
+    srv = cert("redis", srv_key, "jvpn test CA", ca_key, False)
+    paths = tmp / "ca.crt", tmp / "redis.crt", tmp / "redis.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(srv_key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    return paths
+
+
+@contextlib.contextmanager
+def _acl_redis(tmp: Path, tls: bool) -> Iterator[tuple[int, dict[str, str]]]:
+    """redis-server with deploy/redis/users.acl rendered as compose does (and TLS only)."""
+    import hashlib
+    import secrets
+
+    from store.embedded import free_port
+
+    binary = require_binary("redis-server", "redis-server")
+    pw = {"gateway": secrets.token_hex(16), "admin": secrets.token_hex(16)}
+    acl = "".join(line for line in (DEPLOY / "redis" / "users.acl").read_text().splitlines(True)
+                  if line.strip() and not line.startswith("#"))  # redis reads no comments
+    for who, p in pw.items():
+        acl = acl.replace(f"@{who.upper()}_SHA256@", hashlib.sha256(p.encode()).hexdigest())
+    (tmp / "users.acl").write_text(acl)
+    port = free_port("127.0.0.1")
+    args = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--aclfile", str(tmp / "users.acl"), "--dir", str(tmp)]
+    if tls:
+        ca, crt, key = _tls_files(tmp)
+        args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(crt),
+                 "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                 "--tls-auth-clients", "no"]
+    else:
+        args += ["--port", str(port)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                pytest.fail(f"redis-server did not start with the ACL file:\n{out[-2000:]}")
+            time.sleep(0.05)
+        yield port, pw
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["acl", "acl+tls"])
+async def test_redis_acl_users_limit_the_gateway(tmp_path: Path, tls: bool) -> None:
+    """The gateway user runs births, reattaches and registry reads, and nothing else:
+    no registry write, no FLUSHALL, no CONFIG; the default user is off. Over TLS the
+    server is verified against the CA file (store_tls_ca_file)."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+    from session.keys import registry_key
+    from session.wire import TransportKind
+    from store.api import SessionStore, StoreConfig
+    from store.policy import ClientPolicy
+
+    with _acl_redis(tmp_path, tls) as (port, pw):
+        scheme = "rediss" if tls else "redis"
+        cfg = StoreConfig(tls_ca_file=str(tmp_path / "ca.crt") if tls else "")
+        key = registry_key(b"k" * 32)
+        admin = SessionStore(f"{scheme}://jvpn-admin:{pw['admin']}@127.0.0.1:{port}/0", cfg,
+                             registry_key=key)
+        gw = SessionStore(f"{scheme}://jvpn-gateway:{pw['gateway']}@127.0.0.1:{port}/0", cfg,
+                          registry_key=key)
+        anon = aioredis.Redis.from_url(f"{scheme}://127.0.0.1:{port}/0", **cfg.tls_kwargs(scheme))
+        try:
+            policy = await admin.add_client(ClientPolicy(b"c" * 32, upstreams=("10.0.0.1:53",)))
+            assert await gw.get_client(policy.public_key) == policy
+            await gw.load_scripts()
+            sid = os.urandom(16)
+            born = await gw.birth(sid, wrapped_secret=os.urandom(61), node="n1",
+                                  binding_id=os.urandom(16), kind=TransportKind.UDP,
+                                  upstream="10.0.0.1:53", policy=policy)
+            assert born.ok, born
+            moved = await gw.reattach(sid, expected_version=born.version, nonce=os.urandom(16),
+                                      timestamp_ms=born.server_ms, kind=TransportKind.UDP,
+                                      node="n2", addr_tag="udp:10.0.0.9:4000")
+            assert moved.ok, moved
+            assert await gw.claim_handshake(os.urandom(32), 1000)
+            await gw.publish_binding_change(sid, "n2", moved.epoch)
+            assert await gw.xadd_event({"event": "x"})
+            for denied in (gw.redis.flushall(), gw.redis.config_get("*"),
+                           gw.redis.hset("jvpn:client:" + "00" * 32, "name", "x"),
+                           gw.redis.set("elsewhere", "1"), admin.redis.flushall(),
+                           admin.redis.config_get("*")):
+                with pytest.raises((NoPermissionError, ResponseError)):
+                    await denied
+            with pytest.raises((AuthenticationError, ResponseError)):
+                await anon.ping()
+        finally:
+            await anon.aclose()
+            await gw.close()
+            await admin.close()
