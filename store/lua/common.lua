@@ -10,7 +10,7 @@
 --
 -- Record fields (hash jvpn:{sid}): st state, v state_version, ep epoch,
 -- bid binding id (16 raw bytes), nd node id, k transport kind, ws wrapped
--- session secret (live records only: tombstones drop it), cid client id (hex),
+-- session secret (tombstones keep it for now), cid client id (hex),
 -- up upstream, ttl ms, dl deadline ms,
 -- rr reattach rate per minute, tk allowed transports bitmask (1 << kind),
 -- rl/rn rate window start ms and count, lv/lt version consumed by the last
@@ -42,16 +42,13 @@ end
 -- Turn a live record into its tombstone: TERMINATED with ``reason``, version+1,
 -- GC expiry ``tomb_ms``. The ONLY place a tombstone is written (terminate,
 -- expire, and the expiry paths of reattach, refresh and transition all call it).
--- It deletes the wrapped session secret ws: a tombstone lives an hour and must
--- not let the KEK plus a store dump decrypt the session's recorded traffic. It
--- keeps what answers a late request with an explicit TERMINATED/EXPIRED: st, tr,
--- v, ep, nd, te, dl, cr, gen (and cid, up, k for the events). The nonce keys go. A gateway that
--- still caches the secret MACs that answer; one that does not cannot (see
--- store/README.md, Tombstones). Returns the new version.
+-- Keeps st, tr, v, ep, nd, te, dl, cr, gen (a late request gets an explicit
+-- TERMINATED/EXPIRED) and, for now, ws so a cold gateway can MAC that answer
+-- (store/README.md, Tombstones). The nonce keys go. Returns the new version.
 local function write_tombstone(key, nkey, tkey, v, reason, now, tomb_ms)
   local nv = v + 1
   redis.call('HSET', key, 'st', S.TERMINATED, 'v', nv, 'tr', reason, 'te', now)
-  redis.call('HDEL', key, 'ws', 'lost', 'lv', 'lt', 'rl', 'rn')
+  redis.call('HDEL', key, 'lost', 'lv', 'lt', 'rl', 'rn')  -- ws kept: see README, Tombstones
   redis.call('PEXPIRE', key, tomb_ms)
   redis.call('DEL', nkey, tkey)
   return nv

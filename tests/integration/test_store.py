@@ -206,7 +206,7 @@ async def test_reattach_expired_writes_tombstone_once(session_store: SessionStor
     rec = await session_store.get(sid)
     assert rec is not None and rec.state is S.TERMINATED and rec.version == 2
     assert rec.terminate_reason is TerminateReason.EXPIRED and rec.terminated_ms == first.server_ms
-    assert rec.wrapped_secret == b""  # dropped: a tombstone holds no secret
+    assert rec.wrapped_secret  # kept for now: store/README.md, Tombstones
     ttl = await session_store.redis.pttl(K.record_key(sid))
     assert 0 < ttl <= session_store.config.tombstone_ttl_s * 1000
     second = await reattach(session_store, sid, 1)
