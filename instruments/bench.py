@@ -770,7 +770,7 @@ async def _birth_sessions(store: SessionStore, n: int, policy: ClientPolicy,
                           node: str = "bench-raw") -> list[bytes]:
     kek = os.urandom(32)
     bound = policy_binding(policy.client_id, policy.upstreams[0], policy.ttl_ms,
-                           policy.reattach_rate, policy.transport_mask)
+                           policy.reattach_rate, policy.transport_mask, policy.max_age_ms)
     sids = [os.urandom(wire.SESSION_ID_LEN) for _ in range(n)]
     for lo in range(0, n, 5000):
         chunk = sids[lo:lo + 5000]
@@ -897,7 +897,7 @@ async def redis_benchmark(store: SessionStore, host: str, port: int, sessions: i
     gen = await store.generation()
     kek = os.urandom(32)
     bound = policy_binding(policy.client_id, policy.upstreams[0], policy.ttl_ms,
-                           policy.reattach_rate, policy.transport_mask)
+                           policy.reattach_rate, policy.transport_mask, policy.max_age_ms)
     # Fresh records at keys redis-benchmark can address: jvpn:{rb<tag>:<12 digits>}.
     tag = "rb" + os.urandom(3).hex()
     for lo in range(0, sessions, 1000):
@@ -906,7 +906,7 @@ async def redis_benchmark(store: SessionStore, host: str, port: int, sessions: i
                                         f"jvpn:{{{tag}:{i:012d}}}:nt"], [
                 os.urandom(16), "bench-rb", int(UDP), wrap_secret(kek, os.urandom(32), b"r" * 16, policy=bound),
                 policy.client_id, policy.upstreams[0], policy.ttl_ms, policy.reattach_rate,
-                policy.transport_mask, gen, 86_400_000])
+                policy.transport_mask, gen, 86_400_000, policy.max_age_ms])
             for i in range(lo, min(sessions, lo + 1000))))  # fmt: skip
     now = await store.server_time_ms()
     cfg = store.config

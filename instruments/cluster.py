@@ -39,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -951,7 +951,8 @@ def restart_gateway(run_dir: Path, node: str, timeout: float = STARTUP_TIMEOUT_S
 
 
 async def _register(store_url: str, kek: bytes, public: bytes, upstreams: Sequence[str],
-                    name: str, ttl: float, rate: int, transports: Sequence[str]) -> None:
+                    name: str, ttl: float, rate: int, transports: Sequence[str],
+                    max_age: float | None = None) -> None:
     from session.keys import registry_key
     from store.api import SessionStore, StoreConfig
     from store.policy import ClientPolicy
@@ -960,9 +961,11 @@ async def _register(store_url: str, kek: bytes, public: bytes, upstreams: Sequen
                                                          connect_timeout_s=5.0),
                                   registry_key=registry_key(kek))  # entries are MAC'd
     try:
-        await store.add_client(ClientPolicy(public, name=name, ttl_s=ttl, reattach_rate=rate,
-                                            transports=tuple(transports),
-                                            upstreams=tuple(upstreams)))
+        policy = ClientPolicy(public, name=name, ttl_s=ttl, reattach_rate=rate,
+                              transports=tuple(transports), upstreams=tuple(upstreams))
+        if max_age is not None:
+            policy = replace(policy, max_age_s=max_age)
+        await store.add_client(policy)
     finally:
         await store.close()
 
@@ -1034,6 +1037,8 @@ def add_cluster_parser(sub: Any) -> None:
     g.add_argument("--key-out", help="where to write a generated private key "
                                      "(default <run dir>/clients/<name>.key)")
     g.add_argument("--ttl", type=float, default=300.0, help="session TTL when detached, seconds")
+    g.add_argument("--max-age", type=float, default=None,
+                   help="maximum session age, seconds, however often it reattaches (default 86400)")
     g.add_argument("--rate", type=int, default=30, help="reattach attempts per minute")
     g.add_argument("--transports", default="udp,tcp", help="allowed transports")
     g.set_defaults(fn=cmd_add_client)
@@ -1143,7 +1148,7 @@ def cmd_add_client(args: argparse.Namespace) -> int:
             key_file = str(path)
         kek = decode_key((Path(state.run_dir) / "keys" / "kek.key").read_text().strip())
         asyncio.run(_register(state.store_url, kek, public, args.upstream, args.name, args.ttl,
-                              args.rate, args.transports.split(",")))
+                              args.rate, args.transports.split(","), args.max_age))
     except (ValueError, OSError) as exc:
         return _fail(ClusterError(f"add-client: {exc}"))
     except Exception as exc:  # store errors: one line, not a traceback

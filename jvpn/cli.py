@@ -12,6 +12,7 @@ from typing import Any
 
 from session.noise import generate_keypair, public_key
 from session.reasons import TerminateReason
+from session.storeops import DEFAULT_MAX_AGE_S
 from settings import decode_key, read_key_setting
 
 DEFAULT_STORE = "redis://127.0.0.1:6379/0"
@@ -96,7 +97,7 @@ def cmd_kek_gen(args: argparse.Namespace) -> int:
 
 def _policy_dict(p: Any) -> dict[str, Any]:
     return {"public_key": p.public_key.hex(), "name": p.name, "ttl_s": p.ttl_s,
-            "reattach_rate": p.reattach_rate, "transports": list(p.transports),
+            "max_age_s": p.max_age_s, "reattach_rate": p.reattach_rate, "transports": list(p.transports),
             "upstreams": list(p.upstreams), "created_ms": p.created_ms}
 
 
@@ -105,7 +106,7 @@ async def cmd_clients_add(args: argparse.Namespace) -> int:
 
     pub = _read_key_arg(args.public_key)
     policy = ClientPolicy(pub, name=args.name or "", ttl_s=args.ttl, reattach_rate=args.rate,
-                          transports=tuple(args.transports.split(",")),
+                          max_age_s=args.max_age, transports=tuple(args.transports.split(",")),
                           upstreams=tuple(args.upstream))
     store = _store(args, registry=True)
     try:
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--upstream", action="append", required=True, help="allowed host:port (repeat)")
     g.add_argument("--name", help="a label")
     g.add_argument("--ttl", type=float, default=300.0, help="session TTL when detached, seconds")
+    g.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_S,
+                   help="maximum session age, seconds, however often it reattaches "
+                        "(default 86400; 0.001 to 31536000)")
     g.add_argument("--rate", type=int, default=30, help="reattach attempts per minute")
     g.add_argument("--transports", default="udp,tcp", help="allowed transports")
     g.set_defaults(afn=cmd_clients_add)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from session import wire
 from session.framing import DataChannel
 from session.keys import SessionKeys
-from session.states import SessionState
+from session.states import SessionState, StateMachine
 
 AMPLIFICATION_FACTOR = 3
 
@@ -126,8 +126,7 @@ class Binding:
     node_id: bytes  # this node, as the traffic keys bind it
     peer: Peer
     secrets: SessionSecrets
-    version: int
-    state: SessionState
+    sm: StateMachine  # the session's state as the store last told this node; see states.py
     last_rx: float
     validated: bool = False
     rx_unvalidated: int = 0
@@ -140,6 +139,14 @@ class Binding:
     lost: bool = False
     probes: dict[Peer, PathProbe] | None = None  # new addresses being validated
     _channel: DataChannel | None = None
+
+    @property
+    def state(self) -> SessionState:
+        return self.sm.state
+
+    @property
+    def version(self) -> int:
+        return self.sm.version
 
     @property
     def channel(self) -> DataChannel:

@@ -52,7 +52,14 @@ from session.keys import (
     wrap_secret,
 )
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
-from session.states import QUALITY_EVENTS, SessionEvent, SessionState, is_allowed
+from session.states import (
+    QUALITY_EVENTS,
+    TRANSITIONS,
+    SessionEvent,
+    SessionState,
+    StateMachine,
+    is_allowed,
+)
 from session.storeops import (
     BirthOp,
     BirthResult,
@@ -602,11 +609,14 @@ class GatewayMachine:
             return
         if res.ok:
             old = b.state
-            b.state, b.version = res.state, res.version
+            if TRANSITIONS[old].get(res.event) is res.state and res.version > b.version:
+                b.sm.adopt(res.version, res.event)  # the store applied the table's edge
+            elif res.version > b.version:
+                b.sm.resync(res.state, res.version)  # our copy had fallen behind
             self._state_changed(b.session_id, old, res.state, res.version, b.epoch, why,
                                 b.peer.addr[0])
         elif res.version > b.version:
-            b.state, b.version = res.state, res.version
+            b.sm.resync(res.state, res.version)
 
     def _state_changed(self, sid: bytes, old: SessionState, new: SessionState, version: int,
                        epoch: int, reason: str, source_ip: str | None = None) -> None:
@@ -754,7 +764,7 @@ class GatewayMachine:
         msg2, secret = hs.responder.accept(server_hello)
         client_hex = hs.responder.client_static.hex()
         bound = policy_binding(client_hex, hello.upstream, ttl_ms, policy.reattach_rate,
-                               policy.transport_mask)  # what BirthOp writes beside it
+                               policy.transport_mask, policy.max_age_ms)  # what BirthOp writes
         wrapped = wrap_secret(self._kek, secret, sid, policy=bound,
                               nonce=self._random(WRAP_NONCE_LEN))
         op = BirthOp(sid, wrapped, client_hex, self.instance_id,
@@ -802,7 +812,8 @@ class GatewayMachine:
               version: int, state: SessionState, now: float) -> Binding:
         if self.bindings.pop(sid, None) is not None:
             self._out.append(CloseUpstream(sid))
-        b = Binding(sid, epoch, bid, self.node, peer, secrets, version, state, last_rx=now,
+        sm = StateMachine(state, version, role="gateway", authoritative=False)
+        b = Binding(sid, epoch, bid, self.node, peer, secrets, sm, last_rx=now,
                     last_refresh=now, confirmed_at=now)
         self.bindings[sid] = b
         return b
@@ -828,7 +839,8 @@ class GatewayMachine:
             return None
         try:
             secret = unwrap_secret(self._kek, rec.wrapped_secret, sid, policy=policy_binding(
-                rec.client_id, rec.upstream, rec.ttl_ms, rec.reattach_rate, rec.transports_mask))
+                rec.client_id, rec.upstream, rec.ttl_ms, rec.reattach_rate, rec.transports_mask,
+                rec.max_age_ms))
         except SessionError as exc:  # a record's policy fields changed, an old format, another KEK
             self.events.security_event("unwrap_failed", "BAD_KEK", session_id=sid,
                                        detail=str(exc))
@@ -1073,7 +1085,11 @@ class GatewayMachine:
         if not isinstance(res, RefreshResult) or self.bindings.get(b.session_id) is not b:
             return
         if res.status is StoreStatus.OK:
-            b.version = max(b.version, res.version)
+            if res.version > b.version:  # transitions made elsewhere
+                if res.state is not None and res.state is not b.state:
+                    b.sm.resync(res.state, res.version)
+                else:
+                    b.sm.adopt(res.version)
             b.confirmed_at = max(b.confirmed_at, t0)
             self.health.ok_at = max(self.health.ok_at, t0)
             return
@@ -1171,6 +1187,13 @@ class GatewayMachine:
             return
         for item in expired:
             assert isinstance(item, ExpiredSession)
+            # A session at its maximum age may still be busy: tell its client, authenticated,
+            # in band (here), or wake its owner, whose refresh answers EXPIRED and does so.
+            b = self.bindings.get(item.session_id)
+            if b is not None and b.validated:
+                self._send(b, b.channel.seal(wire.inner_close(int(TerminateReason.EXPIRED))))
+            elif b is None and item.node and item.node != self.instance_id:
+                self._call(PublishMoveOp(item.session_id, "-", 0), _ignore)
             self._drop_binding(item.session_id)
             self._state_changed(item.session_id, item.prev_state, SessionState.TERMINATED,
                                 item.version, item.epoch, "EXPIRED")

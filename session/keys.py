@@ -111,16 +111,22 @@ def traffic_keys(secret: bytes, epoch: int, binding_id: bytes, node_id: bytes) -
 
 
 def policy_binding(client_id: str, upstream: str, ttl_ms: int, reattach_rate: int,
-                   transports_mask: int) -> bytes:
+                   transports_mask: int, max_age_ms: int | None) -> bytes:
     """The canonical encoding of a session record's policy fields (``cid``, ``up``, ``ttl``,
-    ``rr``, ``tk``), bound into the wrapped secret's associated data.
+    ``rr``, ``tk``, ``ma``), bound into the wrapped secret's associated data.
 
     Every field is length-prefixed (u32) and integers are written in decimal, so two
     different policies never encode alike and no value (even a tampered one) raises.
+    ``max_age_ms`` None (a record born before maximum ages, without ``ma``) encodes the five
+    fields alone: such a record still unwraps, and removing ``ma`` from a newer record, or
+    adding one to an older record, changes the encoding (so the secret does not unwrap).
     """
     out = [_LABEL_POLICY]
-    for value in (client_id, upstream, str(int(ttl_ms)), str(int(reattach_rate)),
-                  str(int(transports_mask))):
+    fields = [client_id, upstream, str(int(ttl_ms)), str(int(reattach_rate)),
+              str(int(transports_mask))]
+    if max_age_ms is not None:
+        fields.append(str(int(max_age_ms)))
+    for value in fields:
         raw = value.encode("utf-8", "surrogatepass")
         out.append(struct.pack("!I", len(raw)) + raw)
     return b"".join(out)

@@ -152,6 +152,16 @@ class StateMachine:
         self.version = version
         return state
 
+    def resync(self, state: SessionState, version: int) -> SessionState:
+        """Take the authority's (state, version) when it moved on without this copy seeing
+        the events (a refused CAS carries the current record). Only forwards: raises
+        IllegalAdoption for a version not newer than ours, and changes nothing."""
+        if version <= self.version:
+            raise IllegalAdoption(self.state.name, None, self.role, self.version, version)
+        self.state = state
+        self.version = version
+        return state
+
 
 def lua_transition_table() -> str:
     """The transition table as a Lua table literal, for the store's scripts."""

@@ -28,6 +28,7 @@ from session.wire import TransportKind
 
 PUBLIC_KEY_LEN = 32
 TRANSPORT_NAMES = tuple(k.name.lower() for k in TransportKind)
+DEFAULT_MAX_AGE_S = 86400.0  # a session's whole life, reattaches and refreshes included
 class StoreStatus(IntEnum):
     """The store's verdict on one script call."""
 
@@ -52,7 +53,13 @@ _TOMBSTONE_STATUSES = (StoreStatus.TERMINATED, StoreStatus.EXPIRED)
 
 @dataclass(frozen=True, slots=True)
 class ClientPolicy:
-    """What one client key may do: session TTL, reattach rate, transports, upstreams."""
+    """What one client key may do: session TTL, maximum age, reattach rate, transports,
+    upstreams.
+
+    ``max_age_s`` bounds a session's whole life, however often it reattaches or refreshes:
+    at ``created + max_age`` the store ends it as an expiry (``store/lua/common.lua``,
+    ``end_ms``). Always set (default 24 h; 1 ms to 365 days): there is no unlimited age.
+    """
 
     public_key: bytes
     name: str = ""
@@ -62,12 +69,15 @@ class ClientPolicy:
     upstreams: tuple[str, ...] = ()  # "host:port" the client may reach
     quality: QualityThresholds | None = None
     created_ms: int = 0
+    max_age_s: float = DEFAULT_MAX_AGE_S
 
     def __post_init__(self) -> None:
         if len(self.public_key) != PUBLIC_KEY_LEN:
             raise ValueError(f"public_key must be {PUBLIC_KEY_LEN} bytes")
         if not 0.001 <= self.ttl_s <= 365 * 86400:
             raise ValueError(f"ttl_s out of range: {self.ttl_s}")
+        if not 0.001 <= self.max_age_s <= 365 * 86400:  # also refuses NaN
+            raise ValueError(f"max_age_s out of range: {self.max_age_s}")
         if not 1 <= self.reattach_rate <= 100_000:
             raise ValueError(f"reattach_rate out of range: {self.reattach_rate}")
         for t in self.transports:
@@ -85,6 +95,11 @@ class ClientPolicy:
     @property
     def ttl_ms(self) -> int:
         return int(self.ttl_s * 1000)
+
+    @property
+    def max_age_ms(self) -> int:
+        """The record's ``ma``: the session ends at ``created + max_age_ms``."""
+        return max(1, int(self.max_age_s * 1000))
 
     @property
     def transport_kinds(self) -> frozenset[TransportKind]:
@@ -257,15 +272,23 @@ class SessionRecord:
     terminated_ms: int | None
     lost_version: int | None  # version before a gateway-observed TRANSPORT_LOST
     last_reattach_ms: int | None
+    max_age_ms: int | None = None  # ``ma``; None: born before maximum ages (no limit)
 
     @property
     def terminated(self) -> bool:
         return self.state is SessionState.TERMINATED
 
     @property
+    def ends_ms(self) -> int:
+        """When the session ends unless renewed: its deadline, capped at created + max age."""
+        if self.max_age_ms:
+            return min(self.deadline_ms, self.created_ms + self.max_age_ms)
+        return self.deadline_ms
+
+    @property
     def remaining_ms(self) -> int:
-        """Time left before the deadline (0 if past it or terminated)."""
-        return 0 if self.terminated else max(0, self.deadline_ms - self.server_ms)
+        """Time left before the session ends (0 if past it or terminated)."""
+        return 0 if self.terminated else max(0, self.ends_ms - self.server_ms)
 
     @property
     def last_seen_ms(self) -> int:

@@ -23,8 +23,9 @@ idempotent refresh/terminate are simply re-run.
 The expiry index ``jvpn:expiry`` (sid hex scored by a deadline lower bound)
 lives in another slot, so it is maintained here, beside the scripts, never in
 them: birth adds the session (``ZADD LT``, in the same pipeline), terminate
-removes it, and ``sweep`` moves an entry to the real deadline when it finds
-the session still live. Reattach and refresh never touch it: deadlines only
+removes it, and ``sweep`` moves an entry to the real deadline (the earlier of
+the TTL deadline and the maximum-age deadline, ``created + max age``) when it
+finds the session still live. Reattach and refresh never touch it: deadlines only
 grow, so the birth entry stays a valid lower bound.
 
 Redis Cluster: a ``redis+cluster://host:port[,host:port...]`` URL (or a
@@ -283,6 +284,7 @@ def decode_record(session_id: bytes, f: Mapping[bytes, bytes], server_ms: int) -
         terminated_ms=opt(b"te"),
         lost_version=opt(b"lost"),
         last_reattach_ms=opt(b"lt"),
+        max_age_ms=opt(b"ma"),
     )
 
 
@@ -575,19 +577,28 @@ class SessionStore:
         policy: ClientPolicy,
         client_id: str | None = None,
         ttl_ms: int | None = None,
+        max_age_ms: int | None = None,
     ) -> BirthResult:
-        """Create a session ATTACHED at version 1, epoch 1 (EXISTS if the id is taken)."""
+        """Create a session ATTACHED at version 1, epoch 1 (EXISTS if the id is taken).
+
+        ``ttl_ms`` and ``max_age_ms`` default to the policy's; the session ends at its
+        birth + ``max_age_ms`` whatever renews it.
+        """
         _check_node(node)
         _check_len("binding_id", binding_id, BINDING_ID_LEN)
         ttl = int(ttl_ms if ttl_ms is not None else policy.ttl_ms)
         if ttl <= 0:
             raise ValueError("ttl_ms must be positive")
+        max_age = int(max_age_ms if max_age_ms is not None else policy.max_age_ms)
+        if max_age <= 0:
+            raise ValueError("max_age_ms must be positive")
         gen = await self.generation()  # also learns the store clock once
-        hint = max(0, (self.estimated_server_ms() or 0) + ttl - 1000)  # a lower bound
+        hint = max(0, (self.estimated_server_ms() or 0) + min(ttl, max_age) - 1000)  # a lower bound
         keys = K.session_keys(session_id)
         args: list[Arg] = [
             binding_id, node, int(kind), wrapped_secret, client_id or policy.client_id,
             upstream, ttl, policy.reattach_rate, policy.transport_mask, gen, self._slack_ms,
+            max_age,
         ]  # fmt: skip
         extras = [("ZADD", K.EXPIRY_INDEX, "LT", hint, K.session_hex(session_id))]
         try:
@@ -599,7 +610,7 @@ class SessionStore:
             rec = await self.get(session_id)
             if rec is not None and rec.binding_id == binding_id and rec.epoch == self.BIRTH_EPOCH:
                 return BirthResult(StoreStatus.OK, rec.version, rec.epoch, rec.state,
-                                   rec.server_ms, rec.deadline_ms)  # fmt: skip
+                                   rec.server_ms, rec.ends_ms)  # fmt: skip
             if rec is not None:
                 return BirthResult(StoreStatus.EXISTS, 0, 0, None, rec.server_ms, 0)
             r = await self._script("birth", keys, args, extras=extras)

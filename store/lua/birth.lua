@@ -19,14 +19,18 @@
 -- ARGV[9] - allowed transports bitmask (bit 1 << kind)
 -- ARGV[10] - store generation
 -- ARGV[11] - GC slack, ms (key expiry = ttl + slack; safety never relies on it)
+-- ARGV[12] - maximum age, ms (optional; absent or 0: none): the session ends at
+--            created + max age whatever renews it (common.lua, end_ms)
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, version, epoch, state, server_ms, deadline_ms}
+--   deadline_ms: when the session ends unless renewed (end_ms: ttl capped by max age)
 --   status OK | EXISTS | POLICY_DENIED (kind not in the mask) | ILLEGAL_TRANSITION
 
 local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local kind = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[7])
 local mask = tonumber(ARGV[9])
+local ma = tonumber(ARGV[12]) or 0
 local now = now_ms()
 
 if redis.call('EXISTS', key) == 1 then
@@ -46,5 +50,6 @@ redis.call('HSET', key,
   'st', state, 'v', version, 'ep', epoch, 'bid', ARGV[1], 'nd', ARGV[2], 'k', kind,
   'ws', ARGV[4], 'cid', ARGV[5], 'up', ARGV[6], 'ttl', ttl, 'dl', deadline,
   'rr', tonumber(ARGV[8]), 'tk', mask, 'cr', now, 'gen', tonumber(ARGV[10]))
+if ma > 0 then redis.call('HSET', key, 'ma', ma) end
 redis.call('PEXPIRE', key, ttl + tonumber(ARGV[11]))
-return reply({ST.OK, version, epoch, state, now, deadline})
+return reply({ST.OK, version, epoch, state, now, end_ms(deadline, now, ma)})

@@ -15,7 +15,8 @@
 -- rr reattach rate per minute, tk allowed transports bitmask (1 << kind),
 -- rl/rn rate window start ms and count, lv/lt version consumed by the last
 -- reattach and when, lost version before a gateway-observed TRANSPORT_LOST,
--- cr created ms, gen store generation, tr/te terminate reason and time.
+-- cr created ms, ma maximum age ms (absent on records born before maximum
+-- ages: no limit), gen store generation, tr/te terminate reason and time.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -31,6 +32,16 @@ local function next_state(state, event)
   local row = TRANSITIONS[state]
   if row == nil then return nil end
   return row[event]
+end
+
+-- When a live session ends unless renewed: its deadline dl, capped at its
+-- maximum age (cr + ma), which nothing renews. Every expiry check (reattach,
+-- refresh, transition, expire) compares now with this, never with dl alone, and
+-- the sweeper's index is scheduled by it; a session at its maximum age ends as
+-- an expiry (TERMINATED, reason EXPIRED).
+local function end_ms(dl, cr, ma)
+  if ma > 0 and cr + ma < dl then return cr + ma end
+  return dl
 end
 
 -- What a tombstone answers: EXPIRED if it expired, else TERMINATED.

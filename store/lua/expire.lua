@@ -1,10 +1,11 @@
 -- expire.lua: one sweeper step for one session.
 --
 -- The expiry index (jvpn:expiry) is only a hint: this script, run per
--- candidate, is what decides. Past its deadline and not terminated: write the
+-- candidate, is what decides. Past its deadline (capped by its maximum age,
+-- end_ms in common.lua) and not terminated: write the
 -- tombstone TERMINATED(EXPIRED) and report it (expired_now = 1, the caller
 -- emits the event). Otherwise report the current deadline so the caller can
--- reschedule the hint.
+-- reschedule the hint (the earlier of the TTL and max-age deadlines).
 --
 -- KEYS[1] - the session record, jvpn:{sid}
 -- KEYS[2] - the session's nonce hash, jvpn:{sid}:n
@@ -20,7 +21,7 @@ local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local tomb_ms = tonumber(ARGV[1])
 local now = now_ms()
 
-local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'nd', 'dl', 'tr', 'cid')
+local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'nd', 'dl', 'tr', 'cid', 'cr', 'ma')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, 0, 0, 0, 0, '', -1, now, ''})
 end
@@ -29,6 +30,7 @@ local cid = f[7] or ''
 if st == S.TERMINATED then
   return reply({tombstone_status(num(f[6])), 0, v, dl, ep, nd, st, now, cid})
 end
+dl = end_ms(dl, num(f[8]), num(f[9]))
 if now < dl then
   return reply({ST.OK, 0, v, dl, ep, nd, st, now, cid})
 end

@@ -8,7 +8,7 @@
 --                                         -> GENERATION_MOVED (reason UNKNOWN_SESSION;
 --                                            the caller re-reads its generation)
 --   2. tombstone                          -> EXPIRED if its reason is EXPIRED, else TERMINATED
---   3. deadline passed                    -> tombstone TERMINATED(EXPIRED) written here, EXPIRED,
+--   3. deadline (or maximum age) passed   -> tombstone TERMINATED(EXPIRED) written here, EXPIRED,
 --                                            expired_now = 1 (only this call reports it)
 --   4. |timestamp - now| > window         -> CLOCK_SKEW
 --   5. nonce already recorded             -> same addr tag: the recorded decision, unchanged,
@@ -101,7 +101,7 @@ local want_gen = tonumber(ARGV[12]) or 0
 local now = now_ms()
 
 local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'bid', 'nd', 'k', 'dl', 'ttl', 'rr', 'tk',
-  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen')
+  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0})
 end
@@ -126,8 +126,8 @@ if st == S.TERMINATED then
   return reject(status, reason, st, tr, 0)
 end
 
--- 3. deadline (authoritative; key expiry only collects garbage)
-if now >= num(f[7]) then
+-- 3. deadline, capped by the maximum age (authoritative; key expiry only collects garbage)
+if now >= end_ms(num(f[7]), num(f[18]), num(f[19])) then
   if next_state(st, EV.EXPIRE) ~= S.TERMINATED then
     return reject(ST.ILLEGAL_TRANSITION, R.POLICY_DENIED, st, 0, 0)
   end

@@ -4,7 +4,9 @@
 -- deadline; anyone else gets NOT_OWNER with the current epoch/node and must
 -- drop its binding (fencing: a paused or partitioned node learns here that it
 -- lost the session). The refresh changes no state, so it does NOT bump
--- state_version (the client's proofs stay valid across keepalives).
+-- state_version (the client's proofs stay valid across keepalives). It never
+-- renews a session past its maximum age: at created + max age the session ends
+-- (EXPIRED) like any expiry (end_ms in common.lua).
 --
 -- KEYS[1] - the session record, jvpn:{sid}
 -- KEYS[2] - the session's nonce hash, jvpn:{sid}:n
@@ -30,7 +32,7 @@ local slack_ms = tonumber(ARGV[4])
 local want_gen = tonumber(ARGV[5]) or 0
 local now = now_ms()
 
-local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'nd', 'dl', 'ttl', 'tr', 'gen')
+local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'nd', 'dl', 'ttl', 'tr', 'gen', 'cr', 'ma')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, 0, -1, 0, '', 0, now, 0, 0})
 end
@@ -38,12 +40,13 @@ if want_gen ~= 0 and num(f[8]) ~= want_gen then
   return reply({ST.GENERATION_MOVED, 0, -1, 0, '', 0, now, 0, 0})
 end
 local st, v, ep, nd, dl = tonumber(f[1]), num(f[2]), num(f[3]), f[4] or '', num(f[5])
+local cr, ma = num(f[9]), num(f[10])
 
 if st == S.TERMINATED then
   local tr = num(f[7])
   return reply({tombstone_status(tr), v, st, ep, nd, dl, now, 0, tr})
 end
-if now >= dl and next_state(st, EV.EXPIRE) == S.TERMINATED then
+if now >= end_ms(dl, cr, ma) and next_state(st, EV.EXPIRE) == S.TERMINATED then
   local nv = write_tombstone(key, nkey, tkey, v, TR.EXPIRED, now, tomb_ms)
   return reply({ST.EXPIRED, nv, S.TERMINATED, ep, nd, dl, now, 1, TR.EXPIRED})
 end
@@ -55,4 +58,4 @@ local ttl = num(f[6])
 dl = now + ttl
 redis.call('HSET', key, 'dl', dl)
 redis.call('PEXPIRE', key, ttl + slack_ms)
-return reply({ST.OK, v, st, ep, nd, dl, now, 0, 0})
+return reply({ST.OK, v, st, ep, nd, end_ms(dl, cr, ma), now, 0, 0})

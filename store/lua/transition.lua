@@ -27,7 +27,7 @@ local reason = tonumber(ARGV[3])
 local tomb_ms = tonumber(ARGV[4])
 local now = now_ms()
 
-local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'dl', 'tr')
+local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'dl', 'tr', 'cr', 'ma')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, 0, -1, -1, 0, 0, 0, now})
 end
@@ -37,7 +37,7 @@ if st == S.TERMINATED then
   local tr = num(f[5])
   return reply({tombstone_status(tr), v, st, st, 0, tr, ep, now})
 end
-if now >= num(f[4]) and next_state(st, EV.EXPIRE) == S.TERMINATED then
+if now >= end_ms(num(f[4]), num(f[6]), num(f[7])) and next_state(st, EV.EXPIRE) == S.TERMINATED then
   local nv = write_tombstone(key, nkey, tkey, v, TR.EXPIRED, now, tomb_ms)
   return reply({ST.EXPIRED, nv, S.TERMINATED, st, 1, TR.EXPIRED, ep, now})
 end

@@ -78,6 +78,7 @@ class _Rec:
     tr: TerminateReason | None = None
     rr: int = 100  # reattach rate and transports mask, as birth wrote them
     tk: int = 0b110
+    ma: int | None = None  # maximum age, ms (not enforced here: store/lua/common.lua end_ms)
 
 
 class MemStore:
@@ -120,7 +121,7 @@ class MemStore:
         self.records[op.session_id] = _Rec(
             SessionState.ATTACHED, 1, 1, op.binding_id, op.node, op.kind, op.upstream,
             op.client_id, op.wrapped_secret, op.policy.ttl_ms, rr=op.policy.reattach_rate,
-            tk=op.policy.transport_mask)
+            tk=op.policy.transport_mask, ma=op.policy.max_age_ms)
         return BirthResult(StoreStatus.OK, 1, 1, SessionState.ATTACHED, self.ms(),
                            self.ms() + op.policy.ttl_ms)
 
@@ -130,7 +131,7 @@ class MemStore:
             return None
         return SessionRecord(op.session_id, r.state, r.version, r.epoch, r.bid, r.node, r.kind,
                              r.upstream, r.client_id, r.ws, r.ttl_ms, self.ms() + r.ttl_ms, 0,
-                             self.ms(), r.rr, r.tk, 1, r.tr, None, None, None)
+                             self.ms(), r.rr, r.tk, 1, r.tr, None, None, None, r.ma)
 
     def _ReattachOp(self, op: ReattachOp) -> ReattachResult:
         now = self.ms()

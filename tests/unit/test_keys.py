@@ -119,7 +119,7 @@ def test_traffic_keys_validation(args: tuple[bytes, int, bytes, bytes]) -> None:
         traffic_keys(*args)
 
 
-POLICY = policy_binding("ab" * 32, "10.0.0.1:53", 300_000, 30, 0b110)
+POLICY = policy_binding("ab" * 32, "10.0.0.1:53", 300_000, 30, 0b110, 86_400_000)
 
 
 def test_wrap_round_trip() -> None:
@@ -160,11 +160,11 @@ def test_unwrap_rejects_every_tampering() -> None:
         wrap_format(b"")
 
 
-@pytest.mark.parametrize("field", range(5))
+@pytest.mark.parametrize("field", range(6))
 def test_unwrap_refuses_a_changed_policy_field(field: int) -> None:
     """A store writer who changes one policy field of a record (client id, upstream, ttl,
-    reattach rate, transports) leaves a secret that no longer unwraps."""
-    fields: list[object] = ["ab" * 32, "10.0.0.1:53", 300_000, 30, 0b110]
+    reattach rate, transports, max age) leaves a secret that no longer unwraps."""
+    fields: list[object] = ["ab" * 32, "10.0.0.1:53", 300_000, 30, 0b110, 86_400_000]
     blob = wrap_secret(KEK, SECRET, SID, policy=policy_binding(*fields))  # type: ignore[arg-type]
     changed = list(fields)
     changed[field] = "127.0.0.1:4444" if isinstance(fields[field], str) else 1 << 20
@@ -173,9 +173,26 @@ def test_unwrap_refuses_a_changed_policy_field(field: int) -> None:
 
 
 def test_policy_binding_is_unambiguous() -> None:
-    assert policy_binding("a", "bc", 1, 2, 3) != policy_binding("ab", "c", 1, 2, 3)
-    assert policy_binding("a", "b", 12, 3, 4) != policy_binding("a", "b", 1, 23, 4)
-    policy_binding("\ud800", "x" * 70_000, -1, 2**70, 0)  # never raises on what a record holds
+    assert policy_binding("a", "bc", 1, 2, 3, 4) != policy_binding("ab", "c", 1, 2, 3, 4)
+    assert policy_binding("a", "b", 12, 3, 4, 5) != policy_binding("a", "b", 1, 23, 4, 5)
+    assert policy_binding("a", "b", 1, 2, 34, 5) != policy_binding("a", "b", 1, 2, 3, 45)
+    policy_binding("\ud800", "x" * 70_000, -1, 2**70, 0, -5)  # never raises on what a record holds
+
+
+def test_max_age_is_bound_and_cannot_be_stripped_or_added() -> None:
+    """The record's maximum age (``ma``) is in the AEAD associated data: raising it, removing
+    it (a record without ``ma`` binds five fields), or adding one to a record born before
+    maximum ages leaves a secret that does not unwrap; an old record still unwraps as it was."""
+    fields = ("ab" * 32, "10.0.0.1:53", 300_000, 30, 0b110)
+    blob = wrap_secret(KEK, SECRET, SID, policy=policy_binding(*fields, 86_400_000))
+    assert unwrap_secret(KEK, blob, SID, policy=policy_binding(*fields, 86_400_000)) == SECRET
+    for other in (86_400_001, 10**12, None):
+        with pytest.raises(AuthError, match="policy fields"):
+            unwrap_secret(KEK, blob, SID, policy=policy_binding(*fields, other))
+    old = wrap_secret(KEK, SECRET, SID, policy=policy_binding(*fields, None))
+    assert unwrap_secret(KEK, old, SID, policy=policy_binding(*fields, None)) == SECRET
+    with pytest.raises(AuthError, match="policy fields"):
+        unwrap_secret(KEK, old, SID, policy=policy_binding(*fields, 86_400_000))
 
 
 def test_old_format_is_refused() -> None:
