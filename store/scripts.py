@@ -31,6 +31,7 @@ class NonceCache(IntEnum):
     SLACK = 16
     MAX = 1024
     PRUNE = 32
+    INDEX_AT = 24  # a cache this small has no time index: pruning reads it whole
 
 
 OPERATIONS = ("birth", "reattach", "transition", "refresh", "terminate", "expire", "read")

@@ -159,14 +159,17 @@ if seen then
   -- A write, so that durable mode's WAIT after this call covers the recorded decision.
   local keep = math.max(redis.call('PTTL', nkey), 1000)
   redis.call('PEXPIRE', nkey, keep)
-  redis.call('PEXPIRE', tkey, keep)
+  if redis.call('EXISTS', tkey) == 1 then redis.call('PEXPIRE', tkey, keep) end
   return reply({dstatus, dreason, dv, dep, dbid, dnd, '', now, st, 1, 0, current, 0, st, k})
 end
 
 -- 6. prune the nonce cache (bounded); refuse a flood without recording it
 local n = redis.call('HLEN', nkey)
-if n ~= redis.call('ZCARD', tkey) then
-  -- A hash without its index (see above): index it from the recorded times, once.
+local indexed = redis.call('EXISTS', tkey) == 1
+-- A small cache has no index (it would cost more memory than the cache): pruning reads
+-- it whole, at most NC.INDEX_AT entries. A larger one gets its index, built once from the
+-- recorded times (also a hash an older gateway wrote, or one whose index is out of step).
+local function build_index()
   redis.call('DEL', tkey)
   local entries = redis.call('HGETALL', nkey)
   for i = 1, #entries, 2 do
@@ -174,11 +177,23 @@ if n ~= redis.call('ZCARD', tkey) then
   end
   local pttl = redis.call('PTTL', nkey)
   if pttl > 0 then redis.call('PEXPIRE', tkey, pttl) end
+  indexed = true
 end
-local stale = redis.call('ZRANGEBYSCORE', tkey, '-inf', horizon - 1, 'LIMIT', 0, NC.PRUNE)
+if (indexed and n ~= redis.call('ZCARD', tkey)) or (not indexed and n > NC.INDEX_AT) then
+  build_index()
+end
+local stale = {}
+if indexed then
+  stale = redis.call('ZRANGEBYSCORE', tkey, '-inf', horizon - 1, 'LIMIT', 0, NC.PRUNE)
+elseif n > 0 then
+  local entries = redis.call('HGETALL', nkey)
+  for i = 1, #entries, 2 do
+    if cmsgpack.unpack(entries[i + 1]) < horizon then stale[#stale + 1] = entries[i] end
+  end
+end
 if #stale > 0 then
   redis.call('HDEL', nkey, unpack(stale))
-  redis.call('ZREM', tkey, unpack(stale))
+  if indexed then redis.call('ZREM', tkey, unpack(stale)) end
   n = redis.call('HLEN', nkey)
 end
 local rr = num(f[9])
@@ -191,9 +206,13 @@ local gc_ms = num(f[7]) - now + slack_ms
 -- Record this nonce's decision (from here on every decision is recorded).
 local function decide(status, reason, dv, dep, dbid, dnd)
   redis.call('HSET', nkey, nonce, cmsgpack.pack(now, status, reason, dv, dep, dbid, dnd, tag))
-  redis.call('ZADD', tkey, now, nonce)
   redis.call('PEXPIRE', nkey, gc_ms)
-  redis.call('PEXPIRE', tkey, gc_ms)
+  if indexed then
+    redis.call('ZADD', tkey, now, nonce)
+    redis.call('PEXPIRE', tkey, gc_ms)
+  elseif n + 1 > NC.INDEX_AT then
+    build_index()
+  end
 end
 
 local function refuse(status, reason)

@@ -24,7 +24,7 @@ from store.api import ReattachResult, SessionStore, StoreConfig
 from store.cluster import ClusterScriptBatcher, parse_cluster_url
 from store.errors import StoreNotDurable, StoreUnavailable
 from store.policy import ClientPolicy
-from store.scripts import OPERATIONS
+from store.scripts import OPERATIONS, NonceCache
 from store.status import StoreStatus
 from tests.support.redis_cluster import RedisClusterProcesses
 from tests.support.redis_server import RedisServer
@@ -338,7 +338,10 @@ async def test_slot_migration_ask_then_moved(
         redis_cluster.url, StoreConfig(socket_timeout_s=0.2, connect_timeout_s=0.2)
     )
     sid1 = await born(store)
-    assert (await reattach(store, sid1, 1)).ok  # all keys exist: record, nonce hash, index
+    assert (await reattach(store, sid1, 1)).ok
+    for _ in range(NonceCache.INDEX_AT):  # enough decisions for the nonce cache's time index
+        assert (await reattach(store, sid1, 10**6)).status is StoreStatus.STALE_VERSION
+    assert await store.redis.exists(*K.session_keys(sid1)) == 3  # record, nonces, index
     slot = _slot(K.record_key(sid1))
     sid0 = await born(store, _sid_in_slot(slot))  # its nonce keys do not exist yet
     src = redis_cluster.master_of_slot(slot)

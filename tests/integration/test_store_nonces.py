@@ -116,7 +116,7 @@ async def test_a_nonce_older_than_two_windows_is_forgotten(session_store: Sessio
     # A request carrying it now has a fresh timestamp (a new proof): decided afresh.
     late = await reattach(session_store, sid, FAR, nonce=nonce, tag="udp:b", window_ms=100)
     assert late.status is StoreStatus.STALE_VERSION and not late.retry
-    assert await _sizes(session_store, sid) == (1, 1)
+    assert await _sizes(session_store, sid) == (1, 0)  # a small cache has no index
 
 
 async def test_a_cache_without_its_index_is_indexed_once(session_store: SessionStore) -> None:
@@ -141,9 +141,23 @@ async def test_a_cache_without_its_index_is_indexed_once(session_store: SessionS
     assert replay.status is StoreStatus.REPLAYED_NONCE
 
 
+async def test_a_small_cache_has_no_index(session_store: SessionStore) -> None:
+    """Up to NonceCache.INDEX_AT decisions the cache is pruned by reading it whole (bounded
+    by that size) and has no time index, which would cost more memory than the cache; past
+    it the index is built once and used from then on."""
+    sid = await born(session_store, reattach_rate=100_000)
+    _, nkey, tkey = K.session_keys(sid)
+    for _ in range(NonceCache.INDEX_AT):
+        await reattach(session_store, sid, FAR, window_ms=30_000)
+    assert await session_store.redis.exists(tkey) == 0
+    await reattach(session_store, sid, FAR, window_ms=30_000)
+    assert await _sizes(session_store, sid) == (NonceCache.INDEX_AT + 1,) * 2
+
+
 async def test_tombstone_and_birth_clear_both_keys(session_store: SessionStore) -> None:
-    sid = await born(session_store)
-    assert (await reattach(session_store, sid, 1)).ok
+    sid = await born(session_store, reattach_rate=100_000)
+    for _ in range(NonceCache.INDEX_AT + 1):  # large enough to have its index
+        await reattach(session_store, sid, FAR, window_ms=30_000)
     _, nkey, tkey = K.session_keys(sid)
     assert await session_store.redis.exists(nkey, tkey) == 2
     assert (await session_store.terminate(sid, TerminateReason.ADMIN)).ok

@@ -58,7 +58,7 @@ async def test_memory_per_session_under_1kib(session_store: SessionStore) -> Non
     out = await pipe.execute()
     records = out[0::4]
     nonces = out[1::4]
-    times = out[2::4]
+    times = [t or 0 for t in out[2::4]]  # a small nonce cache has no time index
     encodings = set(out[3::4])
     index = await r.memory_usage(EXPIRY_INDEX, samples=0) or 0
     per_session = (sum(records) + sum(nonces) + sum(times) + index) / n
