@@ -20,12 +20,12 @@ from aiohttp import web
 
 from gateway.admin_http import bound_port, make_admin_app, start_admin, stop_admin
 from gateway.balancer import TrustedBalancers, parse_networks
-from gateway.config import GatewayConfig, load_kek, load_private_key
+from gateway.config import GatewayConfig, load_kek, load_previous_keks, load_private_key
 from gateway.events import EventBus, sinks_from_config
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings, TcpLimits
 from gateway.tracing import Tracing
-from session.keys import fingerprint, registry_key
+from session.keys import KekRing, fingerprint, registry_key
 from session.noise import generate_keypair, public_key
 from settings import parse_address
 from store.api import SessionStore, StoreConfig
@@ -58,6 +58,7 @@ class Keys:
     public: bytes
     kek: bytes
     generated: bool
+    previous_keks: tuple[bytes, ...] = ()  # KEK rotation: they unwrap and verify, never wrap
 
 
 def resolve_keys(cfg: GatewayConfig) -> Keys:
@@ -71,7 +72,7 @@ def resolve_keys(cfg: GatewayConfig) -> Keys:
     if kek is None:
         kek = os.urandom(32)
         generated = True
-    return Keys(priv, public_key(priv), kek, generated)
+    return Keys(priv, public_key(priv), kek, generated, tuple(load_previous_keks(cfg)))
 
 
 class GatewayApp:
@@ -112,6 +113,8 @@ class GatewayApp:
         )
         self.store = SessionStore.from_url(self.store_url, store_cfg,
                                            registry_key=registry_key(self.keys.kek))
+        ring = KekRing(self.keys.kek, self.keys.previous_keks)
+        self.store.previous_registry_keys = ring.registry_keys()[1:]
         if self.keys.generated:
             log.warning("no private_key/kek configured: using keys generated for this process "
                         "only (public key %s)", self.keys.public.hex())
@@ -143,6 +146,7 @@ class GatewayApp:
                                 tcp_limits=tcp_limits,
                                 trusted_balancers=TrustedBalancers(
                                     parse_networks(cfg.trusted_balancers)))
+        self.node.machine.keks = ring  # the current KEK (as given above) and the previous ones
         udp = parse_address(cfg.listen_udp) if cfg.listen_udp else None
         tcp = parse_address(cfg.listen_tcp) if cfg.listen_tcp else None
         await self.node.start(udp, tcp)

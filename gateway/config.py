@@ -61,6 +61,12 @@ class GatewayConfig:
     private_key_file: str = setting("")
     kek: str = setting("", kind=KEY32, allow_empty=True, secret=True, help="cluster KEK")
     kek_file: str = setting("")
+    kek_previous: list[str] = setting(
+        [], kind=KEY32, unique=True, secret=True,
+        help="previous cluster KEKs, during a KEK rotation: they unwrap sessions and verify "
+        "registry entries, never wrap or MAC (README: Configuration, KEK rotation)",
+    )
+    kek_previous_files: list[str] = setting([], help="files of previous KEKs (as kek_file)")
     keepalive_interval_s: float = setting(1.0, min=0.01, max=3600.0)
     silence_keepalives: int = setting(
         3, min=1, max=1000, help="binding lost after N silent intervals"
@@ -137,6 +143,8 @@ class GatewayConfig:
             yield "private_key", "set private_key or private_key_file, not both"
         if self.kek and self.kek_file:
             yield "kek", "set kek or kek_file, not both"
+        if (self.kek_previous or self.kek_previous_files) and not (self.kek or self.kek_file):
+            yield "kek_previous", "previous KEKs need the current one (kek or kek_file)"
         if self.admin and self.listen_tcp and _same_port(self.admin, self.listen_tcp):
             yield "admin", f"clashes with listen_tcp {self.listen_tcp}"
         if self.sweep_interval_s > self.tombstone_ttl_s:
@@ -183,6 +191,14 @@ def load_private_key(cfg: GatewayConfig) -> bytes | None:
 def load_kek(cfg: GatewayConfig) -> bytes | None:
     """The cluster key-encryption key, or None if not configured."""
     return read_key(cfg.kek, cfg.kek_file, "kek_file")
+
+
+def load_previous_keks(cfg: GatewayConfig) -> list[bytes]:
+    """The previous KEKs of a rotation (kek_previous, then kek_previous_files), each file
+    checked as kek_file is."""
+    keks = [read_key(inline, "", "kek_previous") for inline in cfg.kek_previous]
+    keks += [read_key("", path, "kek_previous_files") for path in cfg.kek_previous_files]
+    return [k for k in keks if k is not None]
 
 
 def _same_port(a: str, b: str) -> bool:

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from session.keys import KekRing
 from session.noise import generate_keypair, public_key
 from session.reasons import TerminateReason
 from session.storeops import DEFAULT_MAX_AGE_S
@@ -20,33 +21,40 @@ DEFAULT_STORE = "redis://127.0.0.1:6379/0"
 
 def _store(args: argparse.Namespace, registry: bool = False):  # type: ignore[no-untyped-def]
     """The store client; with ``registry``, keyed to MAC and check client registry entries."""
-    from session.keys import registry_key
     from store.api import SessionStore, StoreConfig
 
-    key = registry_key(_load_kek(args)) if registry else None
+    keys = _load_keks(args).registry_keys() if registry else (None,)
     cfg = StoreConfig(socket_timeout_s=args.timeout, connect_timeout_s=args.timeout,
                       tls_ca_file=args.tls_ca_file)
-    store = SessionStore.from_url(args.store_url, cfg, registry_key=key)
+    store = SessionStore.from_url(args.store_url, cfg, registry_key=keys[0])
     if registry:
+        store.previous_registry_keys = tuple(k for k in keys[1:] if k is not None)
         store.on_registry_refused = lambda pk, why: print(
             f"jvpn: client entry {pk.hex()} refused: {why}", file=sys.stderr)
     return store
 
 
-def _load_kek(args: argparse.Namespace) -> bytes:
-    """The cluster KEK, which MACs the registry: --kek-file ($JVPN_KEK_FILE), else the
-    gateway config's kek / kek_file (--config, $JVPN_GATEWAY_CONFIG)."""
+def _load_keks(args: argparse.Namespace) -> KekRing:
+    """The cluster KEK, which MACs the registry, and the previous ones of a rotation (they
+    verify entries): --kek-file ($JVPN_KEK_FILE) and --kek-previous-file, else the gateway
+    config's kek / kek_file and kek_previous / kek_previous_files (--config,
+    $JVPN_GATEWAY_CONFIG)."""
+    previous: list[bytes] = []
     if args.kek_file:
         kek = read_key_setting("", args.kek_file, "jvpn", "--kek-file")
+        for path in args.kek_previous_file:
+            prev = read_key_setting("", path, "jvpn", "--kek-previous-file")
+            previous += [prev] if prev is not None else []
     else:
-        from gateway.config import load_gateway_config
+        from gateway.config import load_gateway_config, load_previous_keks
         from gateway.config import load_kek as gateway_kek
 
-        kek = gateway_kek(load_gateway_config(args.config or None))
+        cfg = load_gateway_config(args.config or None)
+        kek, previous = gateway_kek(cfg), load_previous_keks(cfg)
     if kek is None:
         raise ValueError("the client registry is MAC'd with the cluster KEK: give --kek-file "
                          "(or $JVPN_KEK_FILE), or a gateway config with kek_file (--config)")
-    return kek
+    return KekRing(kek, previous)
 
 
 def _write_secret(path: str, text: str) -> None:
@@ -126,6 +134,17 @@ async def cmd_clients_list(args: argparse.Namespace) -> int:
     for p in clients:
         print(json.dumps(_policy_dict(p)))
     return 0
+
+
+async def cmd_clients_remac(args: argparse.Namespace) -> int:
+    store = _store(args, registry=True)
+    try:
+        rewritten, refused = await store.remac_clients()
+    finally:
+        await store.close()
+    print(f"{rewritten} entries MAC'd under the current KEK, {refused} refused (bad MAC under "
+          "every KEK given: left as they are)")
+    return 0 if refused == 0 else 1
 
 
 async def cmd_clients_remove(args: argparse.Namespace) -> int:
@@ -221,8 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--kek-file", default=os.environ.get("JVPN_KEK_FILE", ""),
                         help="the cluster KEK (MACs registry entries; default $JVPN_KEK_FILE, "
                              "else the gateway config's)")
-        sp.add_argument("--config", default="", help="gateway config to take kek/kek_file from "
-                                                     "(default $JVPN_GATEWAY_CONFIG)")
+        sp.add_argument("--kek-previous-file", action="append", default=[],
+                        help="with --kek-file: a previous KEK of a rotation, whose registry "
+                             "entries are still accepted (repeat)")
+        sp.add_argument("--config", default="", help="gateway config to take kek/kek_file "
+                        "(and kek_previous/kek_previous_files) from (default $JVPN_GATEWAY_CONFIG)")
         return sp
 
     keys = sub.add_parser("keys", help="static X25519 key pairs (gateway cluster, clients)")
@@ -256,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = with_kek(with_store(cs.add_parser("list", help="list registered clients (JSON lines); "
                                                        "entries failing their MAC on stderr")))
     g.set_defaults(afn=cmd_clients_list)
+    g = with_kek(with_store(cs.add_parser(
+        "remac", help="KEK rotation: re-MAC every registry entry under the current KEK "
+                      "(entries read with the previous KEKs too)")))
+    g.set_defaults(afn=cmd_clients_remac)
     g = with_store(cs.add_parser("remove", help="remove a client key and end its live sessions"))
     g.add_argument("public_key")
     g.set_defaults(afn=cmd_clients_remove)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -45,6 +45,7 @@ from session.errors import RemoteProtocolError, SessionError
 from session.handshake import Refusal, Responder, ServerHello
 from session.keys import (
     WRAP_NONCE_LEN,
+    KekRing,
     SessionKeys,
     fingerprint,
     policy_binding,
@@ -308,7 +309,7 @@ class GatewayMachine:
 
     def __init__(self, settings: GatewaySettings, static_priv: bytes, kek: bytes, *,
                  metrics: Metrics, events: Events, random: Callable[[int], bytes],
-                 tracer: Tracer | None = None) -> None:
+                 tracer: Tracer | None = None, previous_keks: Sequence[bytes] = ()) -> None:
         self.settings = settings
         self.instance_id = wire.node_instance(settings.node_id, random(wire.NODE_INSTANCE_LEN))
         self.node = self.instance_id.encode()
@@ -316,7 +317,8 @@ class GatewayMachine:
         self.events = events
         self.tracer: Tracer = tracer or _NoTracer()
         self._static = static_priv
-        self._kek = kek
+        # ``kek`` wraps the secrets born here; it and ``previous_keks`` (KEK rotation) unwrap
+        self.keks = KekRing(kek, previous_keks)
         self._random = random
         self.bindings: dict[bytes, Binding] = {}
         self.health = Health()
@@ -765,7 +767,7 @@ class GatewayMachine:
         client_hex = hs.responder.client_static.hex()
         bound = policy_binding(client_hex, hello.upstream, ttl_ms, policy.reattach_rate,
                                policy.transport_mask, policy.max_age_ms)  # what BirthOp writes
-        wrapped = wrap_secret(self._kek, secret, sid, policy=bound,
+        wrapped = wrap_secret(self.keks.current, secret, sid, policy=bound,
                               nonce=self._random(WRAP_NONCE_LEN))
         op = BirthOp(sid, wrapped, client_hex, self.instance_id,
                      bid, hs.peer.kind, hello.upstream, policy)
@@ -838,7 +840,7 @@ class GatewayMachine:
         if not rec.wrapped_secret:
             return None
         try:
-            secret = unwrap_secret(self._kek, rec.wrapped_secret, sid, policy=policy_binding(
+            secret = unwrap_secret(self.keks, rec.wrapped_secret, sid, policy=policy_binding(
                 rec.client_id, rec.upstream, rec.ttl_ms, rec.reattach_rate, rec.transports_mask,
                 rec.max_age_ms))
         except SessionError as exc:  # a record's policy fields changed, an old format, another KEK

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import secrets
 import struct
+from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -37,8 +38,16 @@ WRAP_FORMAT_V1 = 0x01  # ChaCha20-Poly1305, AD = format | session id (no longer 
 # ChaCha20-Poly1305 under the KEK, AD = format | session id | policy_binding(...): the record's
 # policy fields are bound to the secret, so a store writer cannot change them unnoticed.
 WRAP_FORMAT_V2 = 0x02
-WRAP_FORMAT = WRAP_FORMAT_V2  # what wrap_secret writes; a new KEK or algorithm gets a new byte
-WRAPPED_SECRET_LEN = 1 + WRAP_NONCE_LEN + SESSION_SECRET_LEN + 16
+# As format 2, with the KEK's id (``kek_id``) in the clear header and in the AD:
+# ``format u8 | kek id 3 | nonce 12 | ciphertext+tag``, so a keyring (KEK rotation) picks
+# the KEK that unwraps a record instead of trying each. 64 bytes in all: the most a record's
+# hash value may be and keep Redis's compact listpack encoding (store/README.md, Memory),
+# hence an id of 3 bytes (two KEKs of one ring share an id once in 2^24: both are tried).
+WRAP_FORMAT_V3 = 0x03
+WRAP_FORMAT = WRAP_FORMAT_V3  # what wrap_secret writes; a new algorithm gets a new byte
+KEK_ID_LEN = 3
+WRAPPED_SECRET_LEN_V2 = 1 + WRAP_NONCE_LEN + SESSION_SECRET_LEN + 16
+WRAPPED_SECRET_LEN = 1 + KEK_ID_LEN + WRAP_NONCE_LEN + SESSION_SECRET_LEN + 16
 
 _LABEL_SESSION = b"jvpn v1 session secret"
 _LABEL_PROOF = b"jvpn v1 reattach proof c2g"
@@ -46,6 +55,7 @@ _LABEL_CONTROL = b"jvpn v1 control mac g2c"
 _LABEL_TRAFFIC = b"jvpn v1 traffic"
 _LABEL_POLICY = b"jvpn v1 record policy"
 _LABEL_REGISTRY = b"jvpn v1 registry mac"
+_PERSON_KEK_ID = b"jvpnkid1"  # BLAKE2s personalisation (8 bytes): the KEK id is its own hash
 _EPOCH = struct.Struct("!Q")
 
 
@@ -132,9 +142,48 @@ def policy_binding(client_id: str, upstream: str, ttl_ms: int, reattach_rate: in
     return b"".join(out)
 
 
+def kek_id(kek: bytes) -> bytes:
+    """The KEK's 3-byte id, written in the clear in a format-3 wrap: a personalised BLAKE2s
+    of the KEK (one-way; 3 bytes tell a few KEKs apart, they do not help guess one)."""
+    if len(kek) != KEK_LEN:
+        raise ValueError("KEK must be 32 bytes")
+    return hashlib.blake2s(kek, digest_size=32, person=_PERSON_KEK_ID).digest()[:KEK_ID_LEN]
+
+
+class KekRing:
+    """The KEKs a gateway holds during a rotation: ``current`` wraps (and MACs registry
+    entries); ``current`` and every ``previous`` one unwrap (and verify)."""
+
+    __slots__ = ("current", "previous")
+
+    def __init__(self, current: bytes, previous: Iterable[bytes] = ()) -> None:
+        prev = tuple(previous)
+        if len(current) != KEK_LEN or any(len(k) != KEK_LEN for k in prev):
+            raise ValueError("KEK must be 32 bytes")
+        self.current = current
+        self.previous = tuple(dict.fromkeys(k for k in prev if k != current))
+
+    @property
+    def all(self) -> tuple[bytes, ...]:
+        """Every KEK of the ring, the current one first."""
+        return (self.current, *self.previous)
+
+    def with_id(self, kid: bytes) -> tuple[bytes, ...]:
+        """The KEKs whose id is ``kid`` (one, or none; two only on a 1-in-2^24 clash)."""
+        return tuple(k for k in self.all if kek_id(k) == kid)
+
+    def registry_keys(self) -> tuple[bytes, ...]:
+        """The registry MAC keys: the current KEK's first (``registry_key``)."""
+        return tuple(registry_key(k) for k in self.all)
+
+    def __repr__(self) -> str:
+        return f"KekRing(<redacted>, {len(self.previous)} previous)"
+
+
 def wrap_secret(kek: bytes, secret: bytes, session_id: bytes, *, policy: bytes,
-                nonce: bytes | None = None) -> bytes:
-    """AEAD-wrap the session secret: ``format u8 | nonce 12 | ciphertext+tag``.
+                nonce: bytes | None = None, fmt: int = WRAP_FORMAT) -> bytes:
+    """AEAD-wrap the session secret: ``format u8 | kek id 3 | nonce 12 | ciphertext+tag``
+    (format 2, still written on request for tests and tools, has no KEK id).
 
     ``policy`` is ``policy_binding(...)`` of the fields written beside it in the record:
     it is authenticated (not stored), so the secret unwraps only with the same policy.
@@ -145,12 +194,15 @@ def wrap_secret(kek: bytes, secret: bytes, session_id: bytes, *, policy: bytes,
         raise ValueError("session secret must be 32 bytes")
     if not policy.startswith(_LABEL_POLICY):
         raise ValueError("policy must be a policy_binding() encoding")
+    if fmt not in (WRAP_FORMAT_V2, WRAP_FORMAT_V3):
+        raise ValueError(f"cannot write wrap format {fmt}")
     if nonce is None:
         nonce = secrets.token_bytes(WRAP_NONCE_LEN)  # random: the KEK wraps many secrets, no counter to keep
     elif len(nonce) != WRAP_NONCE_LEN:
         raise ValueError("nonce must be 12 bytes")
-    prefix = bytes([WRAP_FORMAT])
-    # The format byte is authenticated too, so it cannot be swapped to steer unwrapping.
+    prefix = bytes([fmt]) + (kek_id(kek) if fmt == WRAP_FORMAT_V3 else b"")
+    # The header (format byte, KEK id) is authenticated too, so it cannot be swapped to
+    # steer unwrapping.
     return prefix + nonce + ChaCha20Poly1305(kek).encrypt(nonce, secret, _wrap_ad(prefix, session_id, policy))
 
 
@@ -161,32 +213,48 @@ def _wrap_ad(prefix: bytes, session_id: bytes, policy: bytes) -> bytes:
 
 
 def wrap_format(blob: bytes) -> int:
-    """The format/key-id byte of a wrapped secret (to pick the KEK during rotation)."""
+    """The format byte of a wrapped secret."""
     if not blob:
         raise AuthError(DropReason.MALFORMED, "empty wrapped secret")
     return blob[0]
 
 
-def unwrap_secret(kek: bytes, blob: bytes, session_id: bytes, *, policy: bytes) -> bytes:
+def unwrap_secret(kek: bytes | KekRing, blob: bytes, session_id: bytes, *, policy: bytes) -> bytes:
     """Recover a wrapped session secret; AuthError on tampering (of the blob or of the
-    policy fields given as ``policy``), a wrong session_id or a wrong KEK.
+    policy fields given as ``policy``), a wrong session_id or a KEK not given.
 
-    A format-1 wrap (no policy bound) is refused as unreadable: sessions are short-lived,
-    a record written before the upgrade ends and its client handshakes again.
+    ``kek`` is one KEK or a ``KekRing``: a format-3 blob is opened with the ring's KEK of
+    its id (none: refused); a format-2 blob (no id: written before KEK ids) with each KEK
+    of the ring in turn. A format-1 wrap (no policy bound) is refused as unreadable:
+    sessions are short-lived, a record written before the upgrade ends and its client
+    handshakes again.
     """
-    if len(kek) != KEK_LEN:
-        raise ValueError("KEK must be 32 bytes")
-    if len(blob) != WRAPPED_SECRET_LEN:
+    ring = kek if isinstance(kek, KekRing) else KekRing(kek)
+    fmt = wrap_format(blob)
+    if fmt == WRAP_FORMAT_V3:
+        header, expected = 1 + KEK_ID_LEN, WRAPPED_SECRET_LEN
+    elif fmt == WRAP_FORMAT_V2:
+        header, expected = 1, WRAPPED_SECRET_LEN_V2
+    else:
+        raise AuthError(DropReason.MALFORMED, f"unknown wrap format {fmt}")
+    if len(blob) != expected:
         raise AuthError(DropReason.MALFORMED, f"wrapped secret of {len(blob)} bytes")
-    if blob[0] != WRAP_FORMAT:
-        raise AuthError(DropReason.MALFORMED, f"unknown wrap format {blob[0]}")
-    nonce = blob[1:1 + WRAP_NONCE_LEN]
-    try:
-        return ChaCha20Poly1305(kek).decrypt(nonce, blob[1 + WRAP_NONCE_LEN:],
-                                             _wrap_ad(blob[:1], session_id, policy))
-    except InvalidTag:
-        raise AuthError(DropReason.BAD_AEAD, "wrapped secret failed authentication: its record's "
-                                             "policy fields were changed, or another KEK") from None
+    if fmt == WRAP_FORMAT_V3:
+        keks = ring.with_id(blob[1:header])
+        if not keks:
+            raise AuthError(DropReason.BAD_AEAD, f"wrapped under an unknown KEK (id "
+                                                 f"{blob[1:header].hex()}): not in this keyring")
+    else:
+        keks = ring.all
+    nonce = blob[header:header + WRAP_NONCE_LEN]
+    ad = _wrap_ad(blob[:header], session_id, policy)
+    for k in keks:
+        try:
+            return ChaCha20Poly1305(k).decrypt(nonce, blob[header + WRAP_NONCE_LEN:], ad)
+        except InvalidTag:
+            continue
+    raise AuthError(DropReason.BAD_AEAD, "wrapped secret failed authentication: its record's "
+                                         "policy fields were changed, or another KEK")
 
 
 # ---- the client registry's MAC ----------------------------------------------------------

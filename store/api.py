@@ -331,6 +331,9 @@ class SessionStore:
         # MACs the client registry (``session.keys.registry_key(kek)``): add_client and
         # get_client need it. Whoever loads the KEK (a gateway, ``jvpn clients``) sets it.
         self.registry_key = registry_key
+        # The registry keys of previous KEKs (KEK rotation): entries MAC'd under one of them
+        # are still read; add_client and remac_clients write under ``registry_key``.
+        self.previous_registry_keys: tuple[bytes, ...] = ()
         # Called with (public key, why) when a registry entry fails its MAC check (the
         # gateway emits a security event); get_client then answers None (unknown client).
         self.on_registry_refused: Callable[[bytes, str], None] | None = None
@@ -1067,7 +1070,7 @@ class SessionStore:
         if not raw:
             return None
         try:
-            return decode_policy(pk, raw, self._registry_key())
+            return decode_policy(pk, raw, self._registry_key(), self.previous_registry_keys)
         except RegistryEntryRefused as exc:  # forged or changed in the store: unknown client
             self.registry_refused += 1
             log.warning("client entry %s refused: %s", pk.hex()[:16], exc)
@@ -1089,6 +1092,26 @@ class SessionStore:
             if policy is not None:
                 out.append(policy)
         return sorted(out, key=lambda p: (p.name, p.public_key))
+
+    async def remac_clients(self) -> tuple[int, int]:
+        """Rewrite every registry entry under ``registry_key`` (the current KEK's), reading
+        each with the previous keys too: the last step of a KEK rotation, after which the
+        previous KEK can be dropped. Returns (rewritten, refused: a bad MAC under every key,
+        left as they are and reported as get_client does)."""
+        rewritten = refused = 0
+        async for key in _scan_iter(self, K.CLIENT_MATCH):
+            hexkey = _text(key)[len(K.CLIENT_PREFIX) :]
+            try:
+                policy = await self.get_client(hexkey)
+            except (ValueError, StoreProtocolError):
+                refused += 1
+                continue
+            if policy is None:  # refused, or removed meanwhile
+                refused += 1
+                continue
+            await self.add_client(policy)
+            rewritten += 1
+        return rewritten, refused
 
     # ---- pub/sub and audit -------------------------------------------------------------------
 

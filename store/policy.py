@@ -10,6 +10,9 @@ KEK (``session.keys.registry_key``), over the public key and every other field o
 the hash. Whoever can write to the store but holds no KEK cannot add a client,
 widen one's upstreams or transports, or copy one key's entry onto another: a
 gateway reading such an entry treats the client as unknown.
+
+During a KEK rotation an entry MAC'd under a previous KEK (``KekRing.registry_keys``)
+stays valid; ``jvpn clients remac`` rewrites every entry under the current one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from session.keys import mac, verify_mac
 from session.quality import QualityThresholds
@@ -67,8 +70,10 @@ def encode_policy(policy: ClientPolicy, key: bytes) -> dict[str, str]:
     return fields
 
 
-def decode_policy(public_key: bytes, raw: Mapping[bytes, bytes], key: bytes) -> ClientPolicy:
-    """A client entry from its hash fields, its MAC checked under ``key`` first.
+def decode_policy(public_key: bytes, raw: Mapping[bytes, bytes], key: bytes,
+                  previous: Sequence[bytes] = ()) -> ClientPolicy:
+    """A client entry from its hash fields, its MAC checked under ``key`` first, else under
+    each of ``previous`` (the registry keys of previous KEKs, during a KEK rotation).
 
     Raises RegistryEntryRefused if the MAC is missing or wrong, ValueError if malformed.
     """
@@ -81,7 +86,8 @@ def decode_policy(public_key: bytes, raw: Mapping[bytes, bytes], key: bytes) -> 
         tag_raw = b""
     if not tag:
         raise RegistryEntryRefused("no MAC (written without the KEK, or before entries were MAC'd)")
-    if not verify_mac(key, _canonical(public_key, f), tag_raw):
+    canonical = _canonical(public_key, f)
+    if not any(verify_mac(k, canonical, tag_raw) for k in (key, *previous)):
         raise RegistryEntryRefused("bad MAC (changed in the store, or MAC'd under another KEK)")
     quality = None
     if f.get("quality"):

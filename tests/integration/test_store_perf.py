@@ -26,7 +26,7 @@ MIN_RATIO = float(os.environ.get("JVPN_BENCH_MIN_RATIO", "0"))
 async def _birth_many(store: SessionStore, n: int, policy: ClientPolicy) -> list[bytes]:
     sids = [os.urandom(16) for _ in range(n)]
     res = await asyncio.gather(*(
-        store.birth(sid, wrapped_secret=os.urandom(61),  # session.keys.wrap_secret: 1+12+32+16
+        store.birth(sid, wrapped_secret=os.urandom(64),  # session.keys.wrap_secret: 1+3+12+32+16
                     node=f"gw-{i % 8}-51820", binding_id=os.urandom(16), kind=UDP,
                     upstream="10.20.30.40:443", policy=policy)
         for i, sid in enumerate(sids)

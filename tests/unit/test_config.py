@@ -533,3 +533,31 @@ def test_tune_gc_sets_the_configured_threshold_or_leaves_the_default() -> None:
         assert gc.get_threshold()[0] == 12345  # (the older generations differ by version)
     finally:
         gc.set_threshold(*saved)
+
+
+def test_previous_keks_load_like_the_kek_and_are_redacted(tmp_path, capsys) -> None:
+    """KEK rotation: kek_previous (inline) and kek_previous_files (files, with kek_file's
+    permission check) give the previous KEKs; --check-config never shows them; they need
+    a current KEK."""
+    from gateway import cli
+    from gateway.config import load_previous_keks
+
+    other = bytes(range(1, 33))
+    f = private_file(tmp_path / "old.kek", other.hex() + "\n")
+    cfg = load_gateway_config(None, {}, {"kek": KEY_HEX, "kek_previous": [KEY_B64],
+                                         "kek_previous_files": [str(f)]})
+    assert load_previous_keks(cfg) == [KEY, other]
+    assert cli.main(["--check-config", "--set", f"kek={KEY_HEX}",
+                     "--set", f"kek_previous={other.hex()}",
+                     "--set", f"kek_previous_files={f}"]) == 0
+    out = capsys.readouterr().out
+    assert other.hex() not in out and KEY_HEX not in out
+    shown = json.loads(out)
+    assert shown["kek_previous"] == "<redacted>" and shown["kek_previous_files"] == [str(f)]
+    f.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_previous_keks(cfg)
+    with pytest.raises(ConfigError, match="kek_previous"):
+        load_gateway_config(None, {}, {"kek_previous": [KEY_HEX]})  # no current KEK
+    with pytest.raises(ConfigError, match="kek_previous"):
+        load_gateway_config(None, {}, {"kek": KEY_HEX, "kek_previous": ["not a key"]})

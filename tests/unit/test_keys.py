@@ -12,9 +12,13 @@ from session.keys import (
     SESSION_SECRET_LEN,
     WRAP_FORMAT_V1,
     WRAP_FORMAT_V2,
+    WRAP_FORMAT_V3,
     WRAPPED_SECRET_LEN,
+    WRAPPED_SECRET_LEN_V2,
+    KekRing,
     SessionKeys,
     derive_session_secret,
+    kek_id,
     load_kek,
     mac,
     policy_binding,
@@ -125,7 +129,7 @@ POLICY = policy_binding("ab" * 32, "10.0.0.1:53", 300_000, 30, 0b110, 86_400_000
 def test_wrap_round_trip() -> None:
     blob = wrap_secret(KEK, SECRET, SID, policy=POLICY)
     assert len(blob) == WRAPPED_SECRET_LEN
-    assert wrap_format(blob) == WRAP_FORMAT_V2
+    assert wrap_format(blob) == WRAP_FORMAT_V3
     assert SECRET not in blob
     assert unwrap_secret(KEK, blob, SID, policy=POLICY) == SECRET
     assert wrap_secret(KEK, SECRET, SID, policy=POLICY) != blob  # random nonce
@@ -135,7 +139,7 @@ def test_wrap_with_explicit_nonce_is_deterministic() -> None:
     nonce = b"N" * 12
     blob = wrap_secret(KEK, SECRET, SID, policy=POLICY, nonce=nonce)
     assert blob == wrap_secret(KEK, SECRET, SID, policy=POLICY, nonce=nonce)
-    assert blob[1:13] == nonce
+    assert blob[4:16] == nonce
     with pytest.raises(ValueError):
         wrap_secret(KEK, SECRET, SID, policy=POLICY, nonce=b"short")
 
@@ -255,3 +259,75 @@ def test_load_kek_rejects(value: str | bytes) -> None:
     assert "32" in str(exc.value)
     if value and isinstance(value, str):
         assert value not in str(exc.value)  # never echo key material
+
+
+# ---- KEK rotation: format 3 (KEK id in the header), keyrings --------------------------------
+
+OLD, NEW = b"O" * 32, b"N" * 32
+
+
+def test_format_3_carries_the_kek_id_in_its_authenticated_header() -> None:
+    blob = wrap_secret(NEW, SECRET, SID, policy=POLICY)
+    assert len(blob) == WRAPPED_SECRET_LEN == 1 + 3 + 12 + 32 + 16 == 64  # listpack's limit
+    assert blob[0] == WRAP_FORMAT_V3 and blob[1:4] == kek_id(NEW)
+    assert kek_id(NEW) != kek_id(OLD) and len(kek_id(NEW)) == 3
+    assert kek_id(NEW) not in (NEW[:3], hashlib.blake2s(NEW).digest()[:3])  # its own hash
+    assert unwrap_secret(NEW, blob, SID, policy=POLICY) == SECRET
+    assert unwrap_secret(KekRing(NEW, [OLD]), blob, SID, policy=POLICY) == SECRET
+    # the id is in the AD: another KEK's id written over it (with that KEK in the ring) fails
+    forged = blob[:1] + kek_id(OLD) + blob[4:]
+    with pytest.raises(AuthError, match="another KEK"):
+        unwrap_secret(KekRing(NEW, [OLD]), forged, SID, policy=POLICY)
+
+
+def test_a_ring_picks_the_kek_by_id() -> None:
+    """Only the KEK named by the id is tried (the others would fail anyway): a ring whose
+    KEK of that id is missing refuses the blob without trying the rest."""
+    blob = wrap_secret(OLD, SECRET, SID, policy=POLICY)
+    ring = KekRing(NEW, [b"X" * 32, OLD, b"Y" * 32])
+    assert ring.with_id(blob[1:4]) == (OLD,)
+    assert unwrap_secret(ring, blob, SID, policy=POLICY) == SECRET
+
+
+def test_a_previous_kek_unwraps_and_the_current_one_wraps() -> None:
+    ring = KekRing(NEW, [OLD])
+    assert ring.current == NEW and ring.all == (NEW, OLD)
+    born_before = wrap_secret(OLD, SECRET, SID, policy=POLICY)
+    assert unwrap_secret(ring, born_before, SID, policy=POLICY) == SECRET
+    # and the other order (the first step of a rolling rotation: kek = old, previous = [new])
+    born_after = wrap_secret(NEW, SECRET, SID, policy=POLICY)
+    assert unwrap_secret(KekRing(OLD, [NEW]), born_after, SID, policy=POLICY) == SECRET
+    assert ring.registry_keys() == (registry_key(NEW), registry_key(OLD))
+    assert KekRing(NEW, [OLD, NEW, OLD]).previous == (OLD,)  # no duplicates, not the current
+    assert "N" not in repr(ring) and "O" * 4 not in repr(ring)
+
+
+def test_a_kek_not_in_the_ring_is_refused() -> None:
+    blob = wrap_secret(OLD, SECRET, SID, policy=POLICY)
+    with pytest.raises(AuthError, match="unknown KEK"):
+        unwrap_secret(KekRing(NEW), blob, SID, policy=POLICY)
+    with pytest.raises(AuthError, match="unknown KEK"):
+        unwrap_secret(NEW, blob, SID, policy=POLICY)
+    with pytest.raises(ValueError):
+        KekRing(NEW, [b"short"])
+
+
+def test_format_2_blobs_are_still_read_with_every_kek_of_the_ring() -> None:
+    """Format 2 (no KEK id) is what live sessions held before format 3: still readable,
+    by trying each KEK of the ring; still bound to its policy and session id."""
+    v2 = wrap_secret(OLD, SECRET, SID, policy=POLICY, fmt=WRAP_FORMAT_V2)
+    assert len(v2) == WRAPPED_SECRET_LEN_V2 and v2[0] == WRAP_FORMAT_V2
+    assert unwrap_secret(OLD, v2, SID, policy=POLICY) == SECRET
+    assert unwrap_secret(KekRing(NEW, [OLD]), v2, SID, policy=POLICY) == SECRET
+    assert unwrap_secret(KekRing(OLD, [NEW]), v2, SID, policy=POLICY) == SECRET
+    with pytest.raises(AuthError, match="another KEK"):
+        unwrap_secret(KekRing(NEW), v2, SID, policy=POLICY)
+    with pytest.raises(AuthError, match="policy fields"):
+        unwrap_secret(KekRing(NEW, [OLD]), v2, b"T" * 16, policy=POLICY)
+    with pytest.raises(AuthError):  # a format-2 blob relabelled 3 (or 3 relabelled 2)
+        unwrap_secret(OLD, bytes([WRAP_FORMAT_V3]) + v2[1:], SID, policy=POLICY)
+    v3 = wrap_secret(OLD, SECRET, SID, policy=POLICY)
+    with pytest.raises(AuthError):
+        unwrap_secret(OLD, bytes([WRAP_FORMAT_V2]) + v3[1:], SID, policy=POLICY)
+    with pytest.raises(ValueError):
+        wrap_secret(OLD, SECRET, SID, policy=POLICY, fmt=WRAP_FORMAT_V1)

@@ -75,3 +75,16 @@ def test_entry_written_before_max_ages_decodes_with_the_default() -> None:
 def test_max_age_range(bad: float) -> None:
     with pytest.raises(ValueError, match="max_age_s"):
         ClientPolicy(PK, max_age_s=bad)
+
+
+def test_an_entry_macd_under_a_previous_kek_is_accepted_during_a_rotation() -> None:
+    """KEK rotation: an entry MAC'd under a previous KEK's registry key still reads when
+    that key is given as previous; never without it, and a forged entry still fails."""
+    old, new = registry_key(b"O" * 32), registry_key(b"N" * 32)
+    fields = encode_policy(POLICY, old)
+    assert decode_policy(PK, _raw(fields), new, (old,)) == POLICY
+    assert decode_policy(PK, _raw(encode_policy(POLICY, new)), new, (old,)) == POLICY
+    with pytest.raises(RegistryEntryRefused, match="bad MAC"):
+        decode_policy(PK, _raw(fields), new)
+    with pytest.raises(RegistryEntryRefused, match="bad MAC"):
+        decode_policy(PK, _raw({**fields, "upstreams": "1.2.3.4:5"}), new, (old,))
