@@ -58,6 +58,7 @@ def _script_python(script: str) -> str:
 def compose() -> dict[str, Any]:
     dc = require_binary("docker-compose", "docker-compose")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    env.update(JVPN_REDIS_GATEWAY_PASSWORD="g" * 32, JVPN_REDIS_ADMIN_PASSWORD="a" * 32)
     res = subprocess.run([dc, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
                          timeout=60, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, f"docker-compose config rejects docker-compose.yml:\n{res.stderr}"
@@ -99,6 +100,25 @@ def test_compose_is_valid_and_complete(compose: dict[str, Any]) -> None:
     assert services["otel-collector"]["profiles"] == ["otel"]
 
 
+
+def test_compose_redis_runs_acl_users_and_tls_only(compose: dict[str, Any]) -> None:
+    """Redis in the stack: TLS only (no plain port), the rendered ACL file, a healthcheck
+    as the admin user; the gateways connect as jvpn-gateway over rediss:// and verify
+    Redis against the CA that redis-init (deploy/redis/init.py) made."""
+    services = compose["services"]
+    cmd = services["redis"]["command"]
+    assert cmd[cmd.index("--port") + 1] == "0" and "--tls-port" in cmd
+    assert cmd[cmd.index("--aclfile") + 1] == "/run/redis-conf/users.acl"
+    init = services["redis-init"]
+    assert "/deploy/redis/init.py" in init["entrypoint"]
+    assert services["redis"]["depends_on"]["redis-init"]["condition"] == \
+        "service_completed_successfully"
+    env = services["gateway"]["environment"]
+    assert env["JVPN_GATEWAY_STORE_URL"].startswith("rediss://jvpn-gateway:")
+    assert env["JVPN_GATEWAY_STORE_TLS_CA_FILE"] == "/run/redis-conf/ca.crt"
+    assert "--user jvpn-admin" in " ".join(services["redis"]["healthcheck"]["test"])
+
+
 def test_gateway_service_scales(compose: dict[str, Any]) -> None:
     gw = compose["services"]["gateway"]
     # `docker compose up --scale gateway=N`: no fixed container name, no host port.
@@ -109,7 +129,8 @@ def test_gateway_service_scales(compose: dict[str, Any]) -> None:
     # The environment is valid gateway config on top of the same TOML.
     env = {k: str(v) for k, v in gw["environment"].items() if k.startswith("JVPN_GATEWAY_")}
     cfg = load_gateway_config(str(DEPLOY / "gateway.toml"), env=env)
-    assert parse_address(cfg.store_url.split("//")[1].split("/")[0])[0] in compose["services"]
+    assert parse_address(cfg.store_url.split("//")[1].split("/")[0].rpartition("@")[2])[0] \
+        in compose["services"]
     # No node id pinned in the TOML: each replica gets <hostname>-<port>.
     assert cfg.node_id == default_node_id(cfg.listen_udp)
     # Every replica reads the shared key and KEK the `keys` service writes.
@@ -519,64 +540,31 @@ def test_dashboard_panels_and_metric_names() -> None:
 # ---- Redis ACL users and TLS (deploy/redis/users.acl) ----------------------------------------
 
 
-def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 (what the compose init makes)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def cert(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=1))
-             .not_valid_after(now + datetime.timedelta(hours=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            import ipaddress
-
-            b = b.add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        return b.sign(signer, hashes.SHA256())
-
-    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = cert("jvpn test CA", ca_key, "jvpn test CA", ca_key, True)
-    srv = cert("redis", srv_key, "jvpn test CA", ca_key, False)
-    paths = tmp / "ca.crt", tmp / "redis.crt", tmp / "redis.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(srv_key.private_bytes(serialization.Encoding.PEM,
-                                                serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
-    return paths
-
-
 @contextlib.contextmanager
 def _acl_redis(tmp: Path, tls: bool) -> Iterator[tuple[int, dict[str, str]]]:
     """redis-server with deploy/redis/users.acl rendered as compose does (and TLS only)."""
     import hashlib
     import secrets
+    import sys
 
     from store.embedded import free_port
 
     binary = require_binary("redis-server", "redis-server")
     pw = {"gateway": secrets.token_hex(16), "admin": secrets.token_hex(16)}
-    acl = "".join(line for line in (DEPLOY / "redis" / "users.acl").read_text().splitlines(True)
-                  if line.strip() and not line.startswith("#"))  # redis reads no comments
-    for who, p in pw.items():
-        acl = acl.replace(f"@{who.upper()}_SHA256@", hashlib.sha256(p.encode()).hexdigest())
-    (tmp / "users.acl").write_text(acl)
+    # Exactly what the compose stack's redis-init runs (certificates, then the ACL file).
+    env = {"JVPN_REDIS_GATEWAY_PASSWORD": pw["gateway"], "JVPN_REDIS_ADMIN_PASSWORD": pw["admin"],
+           "JVPN_REDIS_TLS_NAMES": "127.0.0.1,redis"}
+    script = DEPLOY / "redis" / "init.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp)], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, **env})
+    assert res.returncode == 0, res.stderr
+    assert (tmp / "users.acl").stat().st_mode & 0o077 == 0
+    assert hashlib.sha256(pw["gateway"].encode()).hexdigest() in (tmp / "users.acl").read_text()
     port = free_port("127.0.0.1")
     args = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--aclfile", str(tmp / "users.acl"), "--dir", str(tmp)]
     if tls:
-        ca, crt, key = _tls_files(tmp)
+        ca, crt, key = tmp / "ca.crt", tmp / "redis.crt", tmp / "redis.key"
         args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(crt),
                  "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
                  "--tls-auth-clients", "no"]
