@@ -72,11 +72,13 @@ from session.reasons import DropReason, TerminateReason
 from session.storeops import (
     BirthOp,
     ClaimHandshakeOp,
+    ClaimSlotOp,
     GetClientOp,
     GetRecordOp,
     PublishMoveOp,
     ReattachOp,
     RefreshOp,
+    ReleaseSlotOp,
     ServerTimeOp,
     StoreFailure,
     SweepOp,
@@ -493,6 +495,9 @@ def _store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]
         PublishMoveOp: lambda op: store.publish_binding_change(op.session_id, op.node, op.epoch),
         ServerTimeOp: lambda op: store.server_time_ms(),
         SweepOp: lambda op: store.sweep(op.limit),
+        ClaimSlotOp: lambda op: store.claim_slot(op.client_id, op.session_id, op.limit,
+                                                 op.end_ms),
+        ReleaseSlotOp: lambda op: store.release_slot(op.client_id, op.session_id),
     }
 
 
@@ -500,7 +505,7 @@ _OP_NAMES: dict[type, str] = {
     ReattachOp: "reattach", GetRecordOp: "get", GetClientOp: "get_client",
     ClaimHandshakeOp: "claim_handshake", BirthOp: "birth", TransitionOp: "transition",
     RefreshOp: "refresh", TerminateOp: "terminate", PublishMoveOp: "publish",
-    ServerTimeOp: "time", SweepOp: "sweep",
+    ServerTimeOp: "time", SweepOp: "sweep", ClaimSlotOp: "slot", ReleaseSlotOp: "release_slot",
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from session.keys import KekRing
 from session.noise import generate_keypair, public_key
 from session.reasons import TerminateReason
-from session.storeops import DEFAULT_MAX_AGE_S
+from session.storeops import DEFAULT_MAX_AGE_S, DEFAULT_MAX_SESSIONS
 from settings import decode_key, read_key_setting
 
 DEFAULT_STORE = "redis://127.0.0.1:6379/0"
@@ -105,7 +105,8 @@ def cmd_kek_gen(args: argparse.Namespace) -> int:
 
 def _policy_dict(p: Any) -> dict[str, Any]:
     return {"public_key": p.public_key.hex(), "name": p.name, "ttl_s": p.ttl_s,
-            "max_age_s": p.max_age_s, "reattach_rate": p.reattach_rate, "transports": list(p.transports),
+            "max_age_s": p.max_age_s, "max_sessions": p.max_sessions,
+            "reattach_rate": p.reattach_rate, "transports": list(p.transports),
             "upstreams": list(p.upstreams), "created_ms": p.created_ms}
 
 
@@ -114,7 +115,8 @@ async def cmd_clients_add(args: argparse.Namespace) -> int:
 
     pub = _read_key_arg(args.public_key)
     policy = ClientPolicy(pub, name=args.name or "", ttl_s=args.ttl, reattach_rate=args.rate,
-                          max_age_s=args.max_age, transports=tuple(args.transports.split(",")),
+                          max_age_s=args.max_age, max_sessions=args.max_sessions,
+                          transports=tuple(args.transports.split(",")),
                           upstreams=tuple(args.upstream))
     store = _store(args, registry=True)
     try:
@@ -207,10 +209,13 @@ async def cmd_sessions_terminate(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         sid = bytes.fromhex(args.session_id)
+        rec = await store.get(sid)
         res = await store.terminate(sid, TerminateReason[args.reason.upper()])
         if res.ok and not res.already:
             # Wake the owning node: it re-reads the record and closes the client (authenticated).
             await store.publish_binding_change(sid, "-", 0)
+            if rec is not None and rec.client_id:
+                await store.release_slot(rec.client_id, sid)  # its place in the client's quota
     finally:
         await store.close()
     print(json.dumps({"status": res.status.name, "version": res.version,
@@ -272,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_S,
                    help="maximum session age, seconds, however often it reattaches "
                         "(default 86400; 0.001 to 31536000)")
+    g.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
+                   help="live sessions the key may hold at once (default 0: no quota)")
     g.add_argument("--rate", type=int, default=30, help="reattach attempts per minute")
     g.add_argument("--transports", default="udp,tcp", help="allowed transports")
     g.set_defaults(afn=cmd_clients_add)

@@ -65,6 +65,7 @@ from session.storeops import (
     BirthOp,
     BirthResult,
     ClaimHandshakeOp,
+    ClaimSlotOp,
     ClientPolicy,
     ExpiredSession,
     GetClientOp,
@@ -74,8 +75,10 @@ from session.storeops import (
     ReattachResult,
     RefreshOp,
     RefreshResult,
+    ReleaseSlotOp,
     ServerTimeOp,
     SessionRecord,
+    SlotResult,
     StoreFailure,
     StoreOp,
     StoreStatus,
@@ -756,8 +759,24 @@ class GatewayMachine:
             return self._hs_refuse(hs, RejectReason.OVERLOADED, "node at max_sessions", now)
         policy = hs.policy
         assert policy is not None
-        hello = hs.responder.hello
         sid = self._random(wire.SESSION_ID_LEN)
+        if not policy.max_sessions:  # no quota for this key
+            return self._hs_slot(hs, sid, SlotResult(True, 0), now)
+        # The client's quota first (before the answer is written, so a refusal can still be
+        # sent): the session's slot lasts at most its maximum age.
+        slot = ClaimSlotOp(hs.responder.client_static.hex(), sid, policy.max_sessions,
+                           self.store_ms(now) + policy.max_age_ms)
+        self._call(slot, lambda got, t: self._hs_slot(hs, sid, got, t), hs.span, control=True)
+
+    def _hs_slot(self, hs: _Handshake, sid: bytes, got: Any, now: float) -> None:
+        if isinstance(got, StoreFailure):
+            return self._hs_store_failed(hs, got)
+        if not got.ok:
+            return self._hs_refuse(hs, RejectReason.POLICY_DENIED,
+                                   f"the client holds {got.count} sessions, its quota", now)
+        policy = hs.policy
+        assert policy is not None
+        hello = hs.responder.hello
         bid = self._random(wire.BINDING_ID_LEN)
         ttl_ms = int(policy.ttl_s * 1000)
         server_hello = ServerHello(
@@ -775,13 +794,20 @@ class GatewayMachine:
         self._call(op, lambda born, t: self._hs_born(hs, op, secrets, msg2, now, born, t),
                    hs.span, control=True)
 
+    def _release(self, client_id: str, sid: bytes) -> None:
+        """The session ended: free its place in its client's quota (best effort: a slot
+        whose release is lost expires at the session's maximum age)."""
+        self._call(ReleaseSlotOp(client_id, sid), _ignore)
+
     def _hs_born(self, hs: _Handshake, op: BirthOp, secrets: SessionSecrets, msg2: bytes,
                  t1: float, born: Any, now: float) -> None:
         if isinstance(born, StoreFailure):
+            self._release(op.client_id, op.session_id)
             return self._hs_store_failed(hs, born)
         assert isinstance(born, BirthResult)
         self.metrics.store_latency("birth", max(0.0, now - t1))
         if not born.ok:
+            self._release(op.client_id, op.session_id)
             return self._hs_refuse(hs, RejectReason.STORE_UNAVAILABLE,
                                    f"birth: {born.status.name}", now)
         sid = op.session_id
@@ -983,6 +1009,7 @@ class GatewayMachine:
         if not res.ok:
             reason = res.reason or RejectReason.STORE_UNAVAILABLE
             if res.expired_now:
+                self._release(r.secrets.client_id, sid)
                 self._state_changed(sid, res.prev_state or SessionState.ATTACHED,
                                     SessionState.TERMINATED, res.version, res.epoch, "EXPIRED")
                 self._drop_binding(sid)
@@ -1066,6 +1093,8 @@ class GatewayMachine:
         b = self.bindings.get(sid)
         if b is not None and notify and b.validated:
             self._send(b, b.channel.seal(wire.inner_close(int(reason))))
+        if b is not None and res.ok and not res.already:
+            self._release(b.secrets.client_id, sid)
         self._drop_binding(sid)
         if res.ok and not res.already and res.prev_state is not None:
             self._state_changed(sid, res.prev_state, SessionState.TERMINATED, res.version,
@@ -1104,6 +1133,7 @@ class GatewayMachine:
         self.events.emit("binding_revoked", outcome="success", session_id=b.session_id,
                          reason=res.status.name, epoch=b.epoch, new_node=res.node or None)
         if res.status is StoreStatus.EXPIRED and res.expired_now:
+            self._release(b.secrets.client_id, b.session_id)
             self._state_changed(b.session_id, b.state, SessionState.TERMINATED, res.version,
                                 b.epoch, "EXPIRED")
 
@@ -1189,6 +1219,7 @@ class GatewayMachine:
             return
         for item in expired:
             assert isinstance(item, ExpiredSession)
+            self._release(item.client_id, item.session_id)
             # A session at its maximum age may still be busy: tell its client, authenticated,
             # in band (here), or wake its owner, whose refresh answers EXPIRED and does so.
             b = self.bindings.get(item.session_id)

@@ -29,6 +29,7 @@ from session.wire import TransportKind
 PUBLIC_KEY_LEN = 32
 TRANSPORT_NAMES = tuple(k.name.lower() for k in TransportKind)
 DEFAULT_MAX_AGE_S = 86400.0  # a session's whole life, reattaches and refreshes included
+DEFAULT_MAX_SESSIONS = 0  # no quota: a quota costs one small sorted set per client
 class StoreStatus(IntEnum):
     """The store's verdict on one script call."""
 
@@ -70,6 +71,7 @@ class ClientPolicy:
     quality: QualityThresholds | None = None
     created_ms: int = 0
     max_age_s: float = DEFAULT_MAX_AGE_S
+    max_sessions: int = DEFAULT_MAX_SESSIONS  # live sessions this key may hold; 0: no quota
 
     def __post_init__(self) -> None:
         if len(self.public_key) != PUBLIC_KEY_LEN:
@@ -78,6 +80,8 @@ class ClientPolicy:
             raise ValueError(f"ttl_s out of range: {self.ttl_s}")
         if not 0.001 <= self.max_age_s <= 365 * 86400:  # also refuses NaN
             raise ValueError(f"max_age_s out of range: {self.max_age_s}")
+        if not 0 <= self.max_sessions <= 1_000_000:
+            raise ValueError(f"max_sessions out of range: {self.max_sessions}")
         if not 1 <= self.reattach_rate <= 100_000:
             raise ValueError(f"reattach_rate out of range: {self.reattach_rate}")
         for t in self.transports:
@@ -393,6 +397,31 @@ class PublishMoveOp:
 
 
 @dataclass(slots=True)
+class ClaimSlotOp:
+    """Count a new session against its client's quota (``SlotResult``): refused at ``limit``
+    live sessions; ``end_ms`` is the latest the session can live (its maximum age)."""
+
+    client_id: str
+    session_id: bytes
+    limit: int
+    end_ms: int
+
+
+@dataclass(slots=True)
+class ReleaseSlotOp:
+    """The session ended: it no longer counts against its client's quota (an int)."""
+
+    client_id: str
+    session_id: bytes
+
+
+@dataclass(slots=True)
+class SlotResult:
+    ok: bool
+    count: int  # the client's live sessions after the call
+
+
+@dataclass(slots=True)
 class ServerTimeOp:
     """Read the store's clock (an int, ms): the health check and the lease."""
 
@@ -405,7 +434,8 @@ class SweepOp:
 
 
 StoreOp = (GetRecordOp | GetClientOp | ClaimHandshakeOp | BirthOp | ReattachOp | TransitionOp
-           | RefreshOp | TerminateOp | PublishMoveOp | ServerTimeOp | SweepOp)
+           | RefreshOp | TerminateOp | PublishMoveOp | ServerTimeOp | SweepOp | ClaimSlotOp
+           | ReleaseSlotOp)
 
 
 @dataclass(slots=True)

@@ -66,6 +66,7 @@ from session.storeops import (
     ReattachResult,
     RefreshResult,
     SessionRecord,
+    SlotResult,
     StoreStatus,
     TerminateResult,
     TransitionResult,
@@ -243,6 +244,8 @@ EXPIRE_REPLY = Reply("expire", ExpireResult, [
     ("status", _status), ("expired_now", _flag), ("version", int), ("deadline_ms", int),
     ("epoch", int), ("node", _text), ("prev_state", _state), ("server_ms", int),
     ("client_id", _text)])
+SLOT_REPLY = Reply("slot", SlotResult, [("ok", lambda v: _status(v) is StoreStatus.OK),
+                                         ("count", int)])
 # transition.lua's reply; the event is the caller's (``decode(r, event)``).
 TRANSITION_REPLY = Reply("transition", TransitionResult, [
     ("status", _status), ("version", int), ("state", _state), ("prev_state", _state),
@@ -1005,6 +1008,25 @@ class SessionStore:
         nxt = 0 if index >= len(nodes) else (node_cursor << 16) | index
         return SessionPage([r for r in records if r is not None], nxt)
 
+    async def claim_slot(self, client_id: str, session_id: bytes, limit: int,
+                         end_ms: int) -> SlotResult:
+        """Count a new session against its client's quota (store/lua/slot.lua)."""
+        key = K.client_sessions_key(client_id)
+        args: list[Arg] = [K.session_hex(session_id), int(limit), int(end_ms)]
+        try:
+            r = await self._script("slot", (key,), args)
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            r = await self._script("slot", (key,), args)  # idempotent: the same member
+        res: SlotResult = SLOT_REPLY.decode(r)
+        return res
+
+    async def release_slot(self, client_id: str, session_id: bytes) -> int:
+        """The session ended: it no longer counts against its client's quota."""
+        key = K.client_sessions_key(client_id)
+        return int(await self._guard(self.redis.zrem(key, K.session_hex(session_id))))
+
     async def claim_handshake(self, digest: bytes, ttl_ms: int) -> bool:
         """Record a handshake message digest once (replay guard); False if seen already."""
         ok = await self._guard(self.redis.set(K.handshake_key(digest), b"1", nx=True,
@@ -1048,6 +1070,7 @@ class SessionStore:
         """
         pk = _public_key(public_key)
         removed = await self.remove_client(pk)
+        await self._guard(self.redis.delete(K.client_sessions_key(pk.hex())))
         cid, ended, cursor = pk.hex(), [], 0
         for _ in range(max_pages):
             page = await self.list_sessions(500, cursor)

@@ -70,3 +70,12 @@ def client_key(public_key: bytes) -> str:
 
 def handshake_key(digest: bytes) -> str:
     return HANDSHAKE_PREFIX + digest.hex()
+
+
+def client_sessions_key(client_id: str) -> str:
+    """The client's live sessions (zset: session id hex -> latest end ms), for its quota.
+
+    Its own hash tag: one client's quota is one key, whatever slots its sessions are in;
+    named by the first half of the client's key (a short name: one key per client).
+    """
+    return f"{PREFIX}:{{c{client_id[:32]}}}:s"

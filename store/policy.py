@@ -24,7 +24,13 @@ from collections.abc import Mapping, Sequence
 
 from session.keys import mac, verify_mac
 from session.quality import QualityThresholds
-from session.storeops import DEFAULT_MAX_AGE_S, PUBLIC_KEY_LEN, TRANSPORT_NAMES, ClientPolicy
+from session.storeops import (
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_MAX_SESSIONS,
+    PUBLIC_KEY_LEN,
+    TRANSPORT_NAMES,
+    ClientPolicy,
+)
 
 __all__ = ["PUBLIC_KEY_LEN", "TRANSPORT_NAMES", "ClientPolicy", "RegistryEntryRefused",
            "decode_policy", "encode_policy", "entry_mac"]
@@ -63,6 +69,7 @@ def encode_policy(policy: ClientPolicy, key: bytes) -> dict[str, str]:
         "upstreams": ",".join(policy.upstreams),
         "created": str(policy.created_ms),
         "max_age_s": repr(float(policy.max_age_s)),
+        "max_sessions": str(policy.max_sessions),
     }
     if policy.quality is not None:
         fields["quality"] = json.dumps(dataclasses.asdict(policy.quality), sort_keys=True)
@@ -105,4 +112,5 @@ def decode_policy(public_key: bytes, raw: Mapping[bytes, bytes], key: bytes,
         created_ms=int(f.get("created", "0")),
         # an entry written before maximum ages has none: the default (its MAC still holds)
         max_age_s=float(f.get("max_age_s", repr(DEFAULT_MAX_AGE_S))),
+        max_sessions=int(f.get("max_sessions", str(DEFAULT_MAX_SESSIONS))),
     )

@@ -37,6 +37,7 @@ from session.storeops import (
     BirthOp,
     BirthResult,
     ClaimHandshakeOp,
+    ClaimSlotOp,
     ClientPolicy,
     GetClientOp,
     GetRecordOp,
@@ -45,8 +46,10 @@ from session.storeops import (
     ReattachResult,
     RefreshOp,
     RefreshResult,
+    ReleaseSlotOp,
     ServerTimeOp,
     SessionRecord,
+    SlotResult,
     StoreFailure,
     StoreStatus,
     SweepOp,
@@ -89,6 +92,7 @@ class MemStore:
         self.clients: dict[str, ClientPolicy] = {}
         self.records: dict[bytes, _Rec] = {}
         self.claims: set[bytes] = set()
+        self.slots: dict[str, dict[bytes, int]] = {}  # client -> session -> end ms (quotas)
         self.up = True
         self.calls: list[Any] = []
         # The next reattach's decision, forced (a rule the model does not keep, e.g. the rate).
@@ -236,6 +240,18 @@ class MemStore:
                 self.net.at(self.net.store_latency, lambda g=gw: g.machine.binding_moved(
                     op.session_id, op.node, op.epoch, self.net.now))
         return len(self.net.gateways) - 1
+
+    def _ClaimSlotOp(self, op: ClaimSlotOp) -> SlotResult:
+        live = self.slots.setdefault(op.client_id, {})
+        for sid in [sid for sid, end in live.items() if end <= self.ms()]:
+            del live[sid]
+        if op.session_id not in live and len(live) >= op.limit:
+            return SlotResult(False, len(live))
+        live[op.session_id] = op.end_ms
+        return SlotResult(True, len(live))
+
+    def _ReleaseSlotOp(self, op: ReleaseSlotOp) -> int:
+        return int(self.slots.get(op.client_id, {}).pop(op.session_id, None) is not None)
 
     def _ServerTimeOp(self, op: ServerTimeOp) -> int:
         return self.ms()

@@ -17,6 +17,7 @@ from session.binding import Peer
 from session.client import (
     ClientParams,
     HandshakeComplete,
+    HandshakeFailed,
     Reattached,
     ReattachRejected,
     SessionTerminated,
@@ -510,7 +511,7 @@ def test_upkeep_of_many_bindings_does_not_starve_handshakes() -> None:
     c2 = net.client(CL_PRIV, GW_PUB, PARAMS)
     net.add_path(c2, 1, OTHER, "gw-a")
     c2.machine.connect(net.now, WALL_MS + int(net.now * 1000), 1, wire.TransportKind.UDP)
-    net.run(net.now + 2.0)
+    net.run(net.now + 3.0)  # four store round trips of 0.5 s: registry, replay guard, quota, birth
     assert c2.of(HandshakeComplete)
 
 
@@ -747,3 +748,28 @@ def test_a_revoked_clients_quiet_session_ends_at_its_next_refresh() -> None:
     [ended] = c.of(SessionTerminated)
     assert ended.authenticated
     assert net.store.records[c.machine.session_id].tr is TerminateReason.POLICY_REVOKED
+
+
+def test_a_client_key_holds_at_most_its_quota_of_sessions() -> None:
+    """ClientPolicy.max_sessions: a handshake past the quota is refused (authenticated
+    POLICY_DENIED); a session that ends (here a client close) frees its place at once."""
+    net = Net(seed=127)
+    net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,), max_sessions=2)
+    clients = []
+    for i in range(3):
+        c = net.client(CL_PRIV, GW_PUB, PARAMS)
+        net.add_path(c, 1, ("198.51.100.50", 1000 + i), "gw-a")
+        c.machine.connect(net.now, WALL_MS + int(net.now * 1000), 1, wire.TransportKind.UDP)
+        net.run(net.now + 0.2)
+        clients.append(c)
+    assert [bool(c.of(HandshakeComplete)) for c in clients] == [True, True, False]
+    [failed] = clients[2].of(HandshakeFailed)
+    assert failed.reason is RejectReason.POLICY_DENIED and failed.authenticated
+    clients[0].machine.close(net.now)
+    net.run(net.now + 0.1)
+    again = net.client(CL_PRIV, GW_PUB, PARAMS)
+    net.add_path(again, 1, ("198.51.100.50", 2000), "gw-a")
+    again.machine.connect(net.now, WALL_MS + int(net.now * 1000), 1, wire.TransportKind.UDP)
+    net.run(net.now + 0.2)
+    assert again.of(HandshakeComplete)
