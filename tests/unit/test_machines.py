@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -52,8 +53,8 @@ GW_SETTINGS = dict(keepalive_interval=0.2, silence_keepalives=3, lease_s=3.0,
                    sweep_interval=1.0)
 
 
-def setup(net: Net, gateways: tuple[str, ...] = ("gw-a",)) -> tuple[Cl, list[Gw]]:
-    gws = [net.gateway(name, GW_PRIV, KEK, **GW_SETTINGS) for name in gateways]
+def setup(net: Net, gateways: tuple[str, ...] = ("gw-a",), **settings: Any) -> tuple[Cl, list[Gw]]:
+    gws = [net.gateway(name, GW_PRIV, KEK, **{**GW_SETTINGS, **settings}) for name in gateways]
     net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
     c = net.client(CL_PRIV, GW_PUB, PARAMS)
     net.add_path(c, 1, HOME, gateways[0])
@@ -344,13 +345,7 @@ def test_a_retry_token_buys_one_handshake() -> None:
     """A RETRY token is bound to the address and the handshake and is good once: the same
     token with a fresh INIT from the same address is refused as a replay."""
     net = Net(seed=107)
-    gw = net.gateway("gw-a", GW_PRIV, KEK, handshake_retry_threshold=0, **GW_SETTINGS)
-    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
-    c = net.client(CL_PRIV, GW_PUB, PARAMS)
-    net.add_path(c, 1, HOME, "gw-a")
-    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
-    net.run(0.5)
-    assert c.of(HandshakeComplete)
+    c, [gw] = setup(net, handshake_retry_threshold=0)  # every INIT gets a RETRY first
     with_token = [raw for _, raw in net.uplink_log
                   if wire.peek_header(raw)[0] is wire.MessageType.HANDSHAKE_INIT
                   and wire.decode(raw).token]
@@ -558,13 +553,7 @@ def test_retry_tokens_are_bound_to_the_address() -> None:
     """Under load the first INIT gets a RETRY; the INIT echoing the token completes. The
     same token from another address is dropped (BAD_MAC) and creates nothing."""
     net = Net(seed=71)
-    gw = net.gateway("gw-a", GW_PRIV, KEK, handshake_retry_threshold=0, **GW_SETTINGS)
-    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
-    c = net.client(CL_PRIV, GW_PUB, PARAMS)
-    net.add_path(c, 1, HOME, "gw-a")
-    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
-    net.run(0.5)
-    assert c.of(HandshakeComplete)
+    c, [gw] = setup(net, handshake_retry_threshold=0)  # every INIT gets a RETRY first
     retries = [d for p, d in gw.sent if isinstance(wire.decode(d), wire.Retry)]
     assert len(retries) == 1
     births = len(net.store.records)
