@@ -33,7 +33,7 @@ import hashlib
 import hmac
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 from typing import Any, Protocol
@@ -304,7 +304,6 @@ class Health:
     checking: bool = False
     offset_ms: float = 0.0  # store clock minus our ms
     clock_known: bool = False  # offset_ms was learned from the store
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class GatewayMachine:
