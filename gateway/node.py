@@ -70,6 +70,7 @@ from session.gateway import (
 )
 from session.reasons import DropReason, TerminateReason
 from session.storeops import (
+    ActivateOp,
     BirthOp,
     ClaimHandshakeOp,
     ClaimSlotOp,
@@ -491,6 +492,7 @@ def _store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]
             policy=op.policy),
         TransitionOp: lambda op: store.transition(op.session_id, op.expected_version, op.event),
         RefreshOp: lambda op: store.refresh(op.session_id, op.epoch, op.node),
+        ActivateOp: lambda op: store.activate(op.session_id, op.epoch, op.binding_id, op.node),
         TerminateOp: lambda op: store.terminate(op.session_id, op.reason),
         PublishMoveOp: lambda op: store.publish_binding_change(op.session_id, op.node, op.epoch),
         ServerTimeOp: lambda op: store.server_time_ms(),
@@ -504,7 +506,7 @@ def _store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]
 _OP_NAMES: dict[type, str] = {
     ReattachOp: "reattach", GetRecordOp: "get", GetClientOp: "get_client",
     ClaimHandshakeOp: "claim_handshake", BirthOp: "birth", TransitionOp: "transition",
-    RefreshOp: "refresh", TerminateOp: "terminate", PublishMoveOp: "publish",
+    RefreshOp: "refresh", ActivateOp: "activate", TerminateOp: "terminate", PublishMoveOp: "publish",
     ServerTimeOp: "time", SweepOp: "sweep", ClaimSlotOp: "slot", ReleaseSlotOp: "release_slot",
 }
 

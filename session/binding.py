@@ -11,6 +11,15 @@ the peer is *unvalidated*: the node sends it at most ``AMPLIFICATION_FACTOR``
 times the bytes it received from it (``within_budget``, the one place that
 rule is written), and never tunnelled data.
 
+A reattach grants a binding PENDING (store/lua/reattach.lua): the session's
+current binding, here or on another node, keeps forwarding, and the pending one
+forwards nothing. The client's first authenticated packet from the pending
+binding's address (or its answer to a path challenge) validates the path; then
+one store script (activate.lua) makes it the session's ACTIVE binding and ends
+the previous one, so the store names at most one ACTIVE binding at any instant,
+and a request an attacker copied and answered at its own address cannot take a
+working session off the air. Until then the client's packets are held (a few).
+
 Roaming: an authenticated packet from another address proves nothing about
 that address (an on-path attacker can copy one). The address becomes a
 ``PathProbe``: it is sent a PATH_CHALLENGE, within 3x what it sent, and the
@@ -138,6 +147,11 @@ class Binding:
     tx_packets: int = 0
     lost: bool = False
     probes: dict[Peer, PathProbe] | None = None  # new addresses being validated
+    # A reattach's binding is PENDING until its path validates and activate.lua makes it the
+    # session's ACTIVE one; meanwhile the client's packets wait here (a few, bounded).
+    held: list[wire.Inner] | None = None
+    activating: bool = False  # activate.lua is running for it
+    origin: tuple[str, str] = ("", "")  # what it replaces: (describe(), transport kind)
     _channel: DataChannel | None = None
 
     @property

@@ -62,6 +62,8 @@ from session.states import (
     is_allowed,
 )
 from session.storeops import (
+    ActivateOp,
+    ActivateResult,
     BirthOp,
     BirthResult,
     ClaimHandshakeOp,
@@ -105,6 +107,7 @@ BIRTH_EPOCH = 1
 REFRESHES_PER_TICK = 1024  # the rest wait for the next maintenance tick
 MAX_PATH_PROBES = 4  # new addresses challenged at once per binding
 PATH_CHALLENGE_INTERVAL_S = 0.1  # a challenge is repeated at most this often per address
+MAX_HELD = 16  # a PENDING binding's packets held until it is ACTIVE
 
 
 class Outcome(StrEnum):
@@ -322,7 +325,8 @@ class GatewayMachine:
         # ``kek`` wraps the secrets born here; it and ``previous_keks`` (KEK rotation) unwrap
         self.keks = KekRing(kek, previous_keks)
         self._random = random
-        self.bindings: dict[bytes, Binding] = {}
+        self.bindings: dict[bytes, Binding] = {}  # ACTIVE bindings (see binding.py)
+        self.pending: dict[bytes, Binding] = {}  # PENDING ones, granted by a reattach
         self.health = Health()
         self._secrets: OrderedDict[bytes, SessionSecrets] = OrderedDict()
         self._out: list[Effect] = []
@@ -461,7 +465,10 @@ class GatewayMachine:
     def _handle_data(self, msg: wire.Data, raw: bytes, peer: Peer, now: float) -> None:
         b = self.bindings.get(msg.session_id)
         if b is None or b.epoch != msg.epoch:
-            if b is None:  # a stale epoch is the sender's problem, not a missing binding
+            p = self.pending.get(msg.session_id)
+            if p is not None and p.epoch == msg.epoch:
+                return self._pending_data(p, msg, raw, peer, now)
+            if b is None and p is None:  # a stale epoch is the sender's problem
                 self._maybe_not_bound(msg.session_id, peer, raw, now)
             raise RemoteProtocolError(
                 DropReason.UNKNOWN_SESSION if b is None else DropReason.STALE_EPOCH, "DATA")
@@ -473,13 +480,19 @@ class GatewayMachine:
             # Authenticated, from another address: a NAT rebinding, or a copy. Challenge it;
             # move only when it answers (the packet itself is the client's: it is used).
             if inner.kind is wire.InnerType.PATH_RESPONSE:
-                self._path_response(b, peer, inner.payload, len(raw))
+                if self._path_answered(b, peer, inner.payload):
+                    self._roam(b, peer)
+                    b.validated = True
             else:
                 self._probe(b, peer, len(raw), now)
         elif not b.validated:
             b.validated = True
         b.last_rx = now
         b.rx_packets += 1
+        self._deliver(b, inner, now)
+
+    def _deliver(self, b: Binding, inner: wire.Inner, now: float) -> None:
+        """One authenticated packet of an ACTIVE binding: act on what it carries."""
         b.lost = False
         if b.state is SessionState.RECOVERING and not b.transition_pending:
             # We had reported it lost on silence, but the same binding speaks again.
@@ -520,15 +533,76 @@ class GatewayMachine:
         self._out.append(Send(peer, out))
         b.tx_packets += 1
 
-    def _path_response(self, b: Binding, peer: Peer, data: bytes, size: int) -> None:
-        """The client answered from ``peer``: the address is its own, the downlink moves."""
+    def _path_answered(self, b: Binding, peer: Peer, data: bytes) -> bool:
+        """Whether the client answered ``b``'s challenge from ``peer``: the address is its
+        own, and the caller moves the binding there."""
         p = b.probes.get(peer) if b.probes else None
         if p is None or not hmac.compare_digest(p.challenge, data):
             self.metrics.count_drop(DropReason.UNEXPECTED, peer.kind)
-            return
+            return False
         b.probes = None
-        self._roam(b, peer)
-        b.validated = True
+        return True
+
+    # ---- PENDING bindings ------------------------------------------------------------------
+
+    def _pending_data(self, p: Binding, msg: wire.Data, raw: bytes, peer: Peer,
+                      now: float) -> None:
+        """A packet for a PENDING binding: it validates the path, then one store script makes
+        the binding ACTIVE (``_activated``). Its packets wait for that (a few, bounded); it
+        sends nothing but path challenges."""
+        plain = p.channel.open(msg, raw)  # replay window + AEAD; raises on failure
+        inner = wire.decode_inner(plain)
+        if peer != p.peer:
+            if inner.kind is wire.InnerType.PATH_RESPONSE:
+                if self._path_answered(p, peer, inner.payload):
+                    p.peer = peer
+                    p.validated = True
+            else:
+                self._probe(p, peer, len(raw), now)
+        else:
+            p.validated = True
+        p.last_rx = now
+        p.rx_packets += 1
+        if inner.kind is not wire.InnerType.PATH_RESPONSE:
+            held = p.held if p.held is not None else []
+            p.held = held
+            if len(held) < MAX_HELD:
+                held.append(inner)
+            else:
+                self.metrics.count_drop(DropReason.NOT_VALIDATED, peer.kind)
+        if p.validated and not p.activating:
+            p.activating = True
+            self._call(ActivateOp(p.session_id, p.epoch, p.binding_id, self.instance_id),
+                       lambda res, t: self._activated(p, res, t))
+
+    def _activated(self, p: Binding, res: Any, now: float) -> None:
+        """activate.lua's answer: the binding is ACTIVE, or it was superseded or ended."""
+        sid = p.session_id
+        if self.pending.get(sid) is not p:
+            return
+        p.activating = False
+        if isinstance(res, StoreFailure):
+            return  # the client's next packet asks again
+        assert isinstance(res, ActivateResult)
+        del self.pending[sid]
+        if not res.ok:  # a newer reattach superseded it, or the session ended
+            self.events.emit("binding_superseded", outcome="failure", session_id=sid,
+                             reason=res.status.name, epoch=p.epoch, current_epoch=res.epoch,
+                             current_node=res.node or None)
+            b = self.bindings.get(sid)
+            if b is not None and res.status in (StoreStatus.TERMINATED, StoreStatus.EXPIRED):
+                self._refresh(b, now)  # ends it, tells the client
+            return
+        if self.bindings.pop(sid, None) is not None:
+            self._out.append(CloseUpstream(sid))
+        self.bindings[sid] = p
+        p.confirmed_at = p.last_refresh = now
+        self._announce(p, res.prev_node)
+        held, p.held = p.held or [], None
+        for inner in held:
+            if self.bindings.get(sid) is not p:
+                break
+            self._deliver(p, inner, now)
 
     def _to_upstream(self, b: Binding, payload: bytes) -> None:
         addr = b.secrets.upstream_address()
@@ -835,15 +909,51 @@ class GatewayMachine:
         self._alert("handshake_replay", "REPLAYED_NONCE", now, peer.addr[0])
         self._drop(DropReason.REPLAYED, peer)
 
+    def _announce(self, b: Binding, prev_node: str) -> None:
+        """``b`` is the session's ACTIVE binding now: tell the previous owner and the record."""
+        if prev_node and prev_node != self.instance_id:
+            # The old owner is fenced by its refresh (NOT_OWNER) or its lease anyway.
+            self._call(PublishMoveOp(b.session_id, self.instance_id, b.epoch), _ignore)
+        old_desc, old_kind = b.origin
+        self.metrics.transport_switch(old_kind, b.peer.kind.name.lower(), "reattach")
+        self.events.transport_switch(b.session_id, old_desc, b.peer.describe(), "reattach",
+                                     b.version, b.epoch, source_ip=b.peer.addr[0],
+                                     previous_node=prev_node or None)
+
+    def _new_binding(self, sid: bytes, epoch: int, bid: bytes, peer: Peer,
+                     secrets: SessionSecrets, version: int, state: SessionState,
+                     now: float) -> Binding:
+        sm = StateMachine(state, version, role="gateway", authoritative=False)
+        return Binding(sid, epoch, bid, self.node, peer, secrets, sm, last_rx=now,
+                       last_refresh=now, confirmed_at=now)
+
     def _bind(self, sid: bytes, epoch: int, bid: bytes, peer: Peer, secrets: SessionSecrets,
               version: int, state: SessionState, now: float) -> Binding:
+        """Install an ACTIVE binding (a birth, or a grant the store already made ACTIVE)."""
         if self.bindings.pop(sid, None) is not None:
             self._out.append(CloseUpstream(sid))
-        sm = StateMachine(state, version, role="gateway", authoritative=False)
-        b = Binding(sid, epoch, bid, self.node, peer, secrets, sm, last_rx=now,
-                    last_refresh=now, confirmed_at=now)
-        self.bindings[sid] = b
+        b = self.bindings[sid] = self._new_binding(sid, epoch, bid, peer, secrets, version,
+                                                   state, now)
         return b
+
+    def _grant(self, sid: bytes, res: ReattachResult, peer: Peer, secrets: SessionSecrets,
+               request_size: int, now: float) -> Binding:
+        """Hold the binding a reattach granted here: PENDING (until ``_activated``) or, for
+        a decision the store already made ACTIVE, installed."""
+        if not res.binding_pending:
+            b = self._bind(sid, res.epoch, res.binding_id, peer, secrets, res.version,
+                           res.state or SessionState.ATTACHED, now)
+        else:
+            b = self.pending[sid] = self._new_binding(
+                sid, res.epoch, res.binding_id, peer, secrets, res.version,
+                res.state or SessionState.ATTACHED, now)
+        b.rx_unvalidated = request_size
+        return b
+
+    def _held_epoch(self, sid: bytes) -> int:
+        """The newest epoch this node holds for ``sid`` (ACTIVE or PENDING; 0: none)."""
+        b, p = self.bindings.get(sid), self.pending.get(sid)
+        return max(b.epoch if b is not None else 0, p.epoch if p is not None else 0)
 
     def _drop_binding(self, sid: bytes) -> None:
         if self.bindings.pop(sid, None) is not None:
@@ -1028,16 +1138,15 @@ class GatewayMachine:
             # Idempotent retransmission: same answer, nothing changes twice. But if the first
             # run's outcome never reached us (the store paused: we answered STORE_UNAVAILABLE
             # and the CAS applied late), we do not hold the binding this ACK grants: adopt it.
-            cur = self.bindings.get(sid)
             if (res.binding_current and res.node == self.instance_id
-                    and (cur is None or cur.epoch < res.epoch)):
-                b = self._bind(sid, res.epoch, res.binding_id, peer, r.secrets, res.version,
-                               res.state or SessionState.ATTACHED, now)
-                b.rx_unvalidated = len(raw)
-                self.metrics.transport_switch("unknown", peer.kind.name.lower(), "reattach")
-                self.events.transport_switch(sid, f"node:{res.prev_node or '-'}", peer.describe(),
-                                             "reattach_late_applied", res.version, res.epoch,
-                                             source_ip=peer.addr[0])
+                    and self._held_epoch(sid) < res.epoch):
+                b = self._grant(sid, res, peer, r.secrets, len(raw), now)
+                b.origin = (f"node:{res.prev_node or '-'}", "unknown")
+                if not res.binding_pending:
+                    self.metrics.transport_switch("unknown", peer.kind.name.lower(), "reattach")
+                    self.events.transport_switch(sid, b.origin[0], peer.describe(),
+                                                 "reattach_late_applied", res.version, res.epoch,
+                                                 source_ip=peer.addr[0])
             self._reattach_answer(r, ack, keys.control_key)
             self.metrics.reattach(Outcome.RETRY, "", max(0.0, now - r.t0))
             span.set(outcome=Outcome.RETRY, version=res.version, epoch=res.epoch)
@@ -1048,7 +1157,7 @@ class GatewayMachine:
         old_kind = (old.peer.kind.name.lower() if old is not None
                     else res.prev_kind.name.lower() if res.prev_kind is not None else "none")
         if res.node == self.instance_id:
-            if old is not None and old.epoch >= res.epoch:
+            if self._held_epoch(sid) >= res.epoch:
                 # A late answer (its outcome was unknown, then recovered) for an epoch this
                 # node already holds or has passed: binding it again would restart a send
                 # counter under the same traffic keys. Answer it, change nothing.
@@ -1057,21 +1166,15 @@ class GatewayMachine:
                 span.set(outcome=Outcome.RETRY, version=res.version, epoch=res.epoch)
                 span.end()
                 return
-            b = self._bind(sid, res.epoch, res.binding_id, peer, r.secrets, res.version,
-                           SessionState.ATTACHED, now)
-            b.rx_unvalidated = len(raw)
+            b = self._grant(sid, res, peer, r.secrets, len(raw), now)
             b.tx_unvalidated = len(control.seal(ack, keys.control_key))  # the ACK below
-        if res.prev_node and res.prev_node != self.instance_id:
-            # The old owner is fenced by its refresh (NOT_OWNER) or its lease anyway.
-            self._call(PublishMoveOp(sid, self.instance_id, res.epoch), _ignore)
+            b.origin = (old_desc, old_kind)
+            if not res.binding_pending:  # a store that grants ACTIVE at once
+                self._announce(b, res.prev_node)
         self._reattach_answer(r, ack, keys.control_key)
         self.metrics.reattach(Outcome.OK, "", max(0.0, now - r.t0))
         span.set(outcome=Outcome.OK, version=res.version, epoch=res.epoch)
         span.end()
-        self.metrics.transport_switch(old_kind, peer.kind.name.lower(), "reattach")
-        self.events.transport_switch(sid, old_desc, peer.describe(), "reattach", res.version,
-                                     res.epoch, source_ip=peer.addr[0],
-                                     previous_node=res.prev_node or None)
         self._state_changed(sid, res.prev_state or SessionState.ATTACHED, SessionState.ATTACHED,
                             res.version, res.epoch, "reattach", peer.addr[0])
 
@@ -1089,6 +1192,7 @@ class GatewayMachine:
                     res: Any) -> None:
         if not isinstance(res, TerminateResult):
             return  # the store is away: the session lives on until it answers
+        self.pending.pop(sid, None)
         b = self.bindings.get(sid)
         if b is not None and notify and b.validated:
             self._send(b, b.channel.seal(wire.inner_close(int(reason))))
@@ -1183,6 +1287,12 @@ class GatewayMachine:
         silence = interval * self.settings.silence_keepalives
         budget = REFRESHES_PER_TICK
         asking: set[str] = set()
+        for p in [p for p in self.pending.values() if now - p.last_rx > silence]:
+            # Granted, never validated (its client went elsewhere, or a copier asked): it
+            # carried nothing; the store's record still names the binding it replaced.
+            del self.pending[p.session_id]
+            self.events.emit("binding_superseded", outcome="failure", session_id=p.session_id,
+                             reason="NOT_VALIDATED", epoch=p.epoch)
         for b in list(self.bindings.values()):
             if now - b.last_rx > silence and b.state is not SessionState.RECOVERING:
                 b.lost = True  # reported until the store records it (a skipped report retries)
@@ -1227,6 +1337,7 @@ class GatewayMachine:
             elif b is None and item.node and item.node != self.instance_id:
                 self._call(PublishMoveOp(item.session_id, "-", 0), _ignore)
             self._drop_binding(item.session_id)
+            self.pending.pop(item.session_id, None)
             self._state_changed(item.session_id, item.prev_state, SessionState.TERMINATED,
                                 item.version, item.epoch, "EXPIRED")
 
@@ -1234,6 +1345,7 @@ class GatewayMachine:
         """Forget every binding and call in flight (no store writes: the store keeps them)."""
         for sid in list(self.bindings):
             self._drop_binding(sid)
+        self.pending.clear()
         self._calls.clear()
         self._control_calls = 0
         self._unauth_calls = 0

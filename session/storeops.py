@@ -151,6 +151,7 @@ class ReattachResult:
     terminate_reason: TerminateReason | None
     prev_state: SessionState | None  # before the call
     prev_kind: TransportKind | None  # transport kind of the previous binding
+    binding_pending: bool = False  # the returned binding is PENDING (activate.lua makes it ACTIVE)
     recovered: bool = False  # outcome was unknown and re-read from the store
 
     @property
@@ -194,6 +195,26 @@ class RefreshResult:
     epoch: int  # current epoch (the new owner's on NOT_OWNER)
     node: str  # current owner
     deadline_ms: int
+    server_ms: int
+    expired_now: bool
+    terminate_reason: TerminateReason | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+
+@dataclass(slots=True)
+class ActivateResult:
+    """A PENDING binding made ACTIVE (see store/lua/activate.lua for every field)."""
+
+    status: StoreStatus  # OK | NOT_OWNER | UNKNOWN_SESSION | TERMINATED | EXPIRED
+    version: int
+    state: SessionState | None
+    epoch: int  # current epoch (ours on OK; the owner's on NOT_OWNER)
+    node: str
+    prev_epoch: int  # the binding this call ended (0 if there was none to end)
+    prev_node: str
     server_ms: int
     expired_now: bool
     terminate_reason: TerminateReason | None
@@ -277,6 +298,9 @@ class SessionRecord:
     lost_version: int | None  # version before a gateway-observed TRANSPORT_LOST
     last_reattach_ms: int | None
     max_age_ms: int | None = None  # ``ma``; None: born before maximum ages (no limit)
+    pending_epoch: int = 0  # the newest epoch a reattach granted (PENDING until activated)
+    pending_node: str = ""  # its node, while it is PENDING ('' once active)
+    pending_binding_id: bytes = b""
 
     @property
     def terminated(self) -> bool:
@@ -380,6 +404,16 @@ class RefreshOp:
 
 
 @dataclass(slots=True)
+class ActivateOp:
+    """Make a PENDING binding the session's ACTIVE one (``ActivateResult``)."""
+
+    session_id: bytes
+    epoch: int
+    binding_id: bytes
+    node: str
+
+
+@dataclass(slots=True)
 class TerminateOp:
     """Write the tombstone (``TerminateResult``)."""
 
@@ -433,8 +467,8 @@ class SweepOp:
     limit: int
 
 
-StoreOp = (GetRecordOp | GetClientOp | ClaimHandshakeOp | BirthOp | ReattachOp | TransitionOp
-           | RefreshOp | TerminateOp | PublishMoveOp | ServerTimeOp | SweepOp | ClaimSlotOp
+StoreOp = (GetRecordOp | GetClientOp | ClaimHandshakeOp | BirthOp | ReattachOp | ActivateOp
+           | TransitionOp | RefreshOp | TerminateOp | PublishMoveOp | ServerTimeOp | SweepOp | ClaimSlotOp
            | ReleaseSlotOp)
 
 

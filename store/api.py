@@ -58,6 +58,7 @@ from redis.asyncio.cluster import RedisCluster
 from session.reasons import RejectReason, TerminateReason
 from session.states import TRANSITIONS, SessionEvent, SessionState
 from session.storeops import (
+    ActivateResult,
     BirthResult,
     ClientPolicy,
     ExpiredSession,
@@ -80,6 +81,7 @@ from store.policy import RegistryEntryRefused, decode_policy, encode_policy
 from store.scripts import load_scripts
 
 __all__ = [
+    "ActivateResult",
     "BindingChange",
     "BirthResult",
     "ClientPolicy",
@@ -232,7 +234,12 @@ REATTACH_REPLY = Reply("reattach", ReattachResult, [
     ("status", _status), ("reason", _reason), ("version", int), ("epoch", int),
     ("binding_id", bytes), ("node", _text), ("prev_node", _text), ("server_ms", int),
     ("state", _state), ("retry", _flag), ("expired_now", _flag), ("binding_current", _flag),
-    ("terminate_reason", _treason), ("prev_state", _state), ("prev_kind", _KINDS.get)])
+    ("terminate_reason", _treason), ("prev_state", _state), ("prev_kind", _KINDS.get),
+    ("binding_pending", _flag)])
+ACTIVATE_REPLY = Reply("activate", ActivateResult, [
+    ("status", _status), ("version", int), ("state", _state), ("epoch", int), ("node", _text),
+    ("prev_epoch", int), ("prev_node", _text), ("server_ms", int), ("expired_now", _flag),
+    ("terminate_reason", _treason)])
 REFRESH_REPLY = Reply("refresh", RefreshResult, [
     ("status", _status), ("version", int), ("state", _state), ("epoch", int), ("node", _text),
     ("deadline_ms", int), ("server_ms", int), ("expired_now", _flag),
@@ -288,6 +295,9 @@ def decode_record(session_id: bytes, f: Mapping[bytes, bytes], server_ms: int) -
         lost_version=opt(b"lost"),
         last_reattach_ms=opt(b"lt"),
         max_age_ms=opt(b"ma"),
+        pending_epoch=i(b"pep"),
+        pending_node=_text(f.get(b"pnd", b"")),
+        pending_binding_id=f.get(b"pbid", b""),
     )
 
 
@@ -855,6 +865,34 @@ class SessionStore:
                 status = StoreStatus.OK
         return TransitionResult(status, rec.version, rec.state, None, False, rec.terminate_reason,
                                 rec.epoch, rec.server_ms, event, recovered=True)  # fmt: skip
+
+    async def activate(self, session_id: bytes, epoch: int, binding_id: bytes,
+                       node: str) -> ActivateResult:
+        """A PENDING binding's path validated: make it the session's ACTIVE binding, ending
+        the previous one (store/lua/activate.lua). Idempotent: run again on an unknown
+        outcome."""
+        _check_node(node)
+        _check_len("binding_id", binding_id, BINDING_ID_LEN)
+        gen = self._generation
+        if gen is None or time.monotonic() >= self._gen_expires:
+            gen = await self.generation()
+        args: list[Arg] = [int(epoch), binding_id, node, self._tomb_ms, gen]
+        keys = K.session_keys(session_id)
+        try:
+            r = await self._script("activate", keys, args)
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            r = await self._script("activate", keys, args)
+        res: ActivateResult = ACTIVATE_REPLY.decode(r)
+        if (res.status is StoreStatus.GENERATION_MOVED
+                and await self._generation_moved_from(gen)):
+            args[-1] = self._generation or gen
+            res = ACTIVATE_REPLY.decode(await self._script("activate", keys, args))
+        if res.status is StoreStatus.GENERATION_MOVED:
+            res.status = StoreStatus.UNKNOWN_SESSION
+        self._saw_server_time(res.server_ms)
+        return res
 
     async def refresh(self, session_id: bytes, epoch: int, node: str) -> RefreshResult:
         """Keepalive by the binding owner: push the deadline (no version bump) or NOT_OWNER."""

@@ -59,7 +59,7 @@ end
 local function write_tombstone(key, nkey, tkey, v, reason, now, tomb_ms)
   local nv = v + 1
   redis.call('HSET', key, 'st', S.TERMINATED, 'v', nv, 'tr', reason, 'te', now)
-  redis.call('HDEL', key, 'lost', 'lv', 'lt', 'rl', 'rn')  -- ws kept: see README, Tombstones
+  redis.call('HDEL', key, 'lost', 'lv', 'lt', 'rl', 'rn', 'pbid', 'pnd', 'pk')  -- ws: README
   redis.call('PEXPIRE', key, tomb_ms)
   redis.call('DEL', nkey, tkey)
   return nv

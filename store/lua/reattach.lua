@@ -23,8 +23,9 @@
 --                                            dual-active window ago (two claimants raced);
 --                                            else STALE_VERSION
 --  10. table has no REATTACH from here    -> ILLEGAL_TRANSITION (reason POLICY_DENIED)
---  11. success: epoch+1, new binding id, node, kind, ATTACHED, version+1,
---      deadline = now + ttl, lv/lt recorded, GC expiry refreshed.
+--  11. success: a PENDING binding (pep = max(ep, pep) + 1, pbid, pnd, pk), ATTACHED,
+--      version+1, deadline = now + ttl, lv/lt recorded, GC expiry refreshed. The
+--      current binding (ep, bid, nd, k) is unchanged until activate.lua.
 --
 -- The transport-loss rule: a gateway that observes a silent transport applies
 -- TRANSPORT_LOST (transition.lua), which bumps the version and records the
@@ -79,13 +80,14 @@
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, reason, version, epoch, binding_id, node, prev_node, server_ms,
 --          state, retry, expired_now, binding_current, terminate_reason,
---          prev_state, prev_kind}
+--          prev_state, prev_kind, binding_pending}
 --   reason: RejectReason (0 on success). On success binding_id/node are the new
 --   binding and prev_node/prev_kind the previous owner; on a rejection
 --   version/epoch/node are the current ones and binding_id is empty. A retry
 --   returns the recorded version/epoch/binding/node (prev_node empty: the retry
 --   moved nothing) and binding_current says whether that binding still holds.
---   state/prev_state: after/before this call (-1: no record).
+--   state/prev_state: after/before this call (-1: no record). binding_pending: the
+--   returned binding is the session's PENDING one (always on success).
 
 local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local expected = tonumber(ARGV[1])
@@ -101,20 +103,21 @@ local want_gen = tonumber(ARGV[12]) or 0
 local now = now_ms()
 
 local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'bid', 'nd', 'k', 'dl', 'ttl', 'rr', 'tk',
-  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma')
+  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma', 'pep', 'pbid')
 if not f[1] then
-  return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0})
+  return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0, 0})
 end
 -- 1. (generation) a record of an older store generation does not exist any more
 if want_gen ~= 0 and num(f[17]) ~= want_gen then
-  return reply({ST.GENERATION_MOVED, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0})
+  return reply({ST.GENERATION_MOVED, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0, 0})
 end
 local st, v, ep = tonumber(f[1]), num(f[2]), num(f[3])
 local bid, nd, k = f[4] or '', f[5] or '', num(f[6])
+local pep, pbid = num(f[20]), f[21] or ''
 
 -- A rejection that reports the current record and changes nothing.
 local function reject(status, reason, state, tr, expired_now)
-  return reply({status, reason, v, ep, '', nd, '', now, state, 0, expired_now, 0, tr, st, k})
+  return reply({status, reason, v, ep, '', nd, '', now, state, 0, expired_now, 0, tr, st, k, 0})
 end
 
 -- 2. tombstone
@@ -154,13 +157,14 @@ if seen then
   if dtag ~= tag then
     return reject(ST.REPLAYED_NONCE, R.REPLAYED_NONCE, st, 0, 0)
   end
-  local current = 0
+  local current, pending = 0, 0
   if dstatus == ST.OK and dep == ep and dbid == bid then current = 1 end
+  if dstatus == ST.OK and dep == pep and dbid == pbid then current, pending = 1, 1 end
   -- A write, so that durable mode's WAIT after this call covers the recorded decision.
   local keep = math.max(redis.call('PTTL', nkey), 1000)
   redis.call('PEXPIRE', nkey, keep)
   if redis.call('EXISTS', tkey) == 1 then redis.call('PEXPIRE', tkey, keep) end
-  return reply({dstatus, dreason, dv, dep, dbid, dnd, '', now, st, 1, 0, current, 0, st, k})
+  return reply({dstatus, dreason, dv, dep, dbid, dnd, '', now, st, 1, 0, current, 0, st, k, pending})
 end
 
 -- 6. prune the nonce cache (bounded); refuse a flood without recording it
@@ -250,13 +254,16 @@ if to == nil then
   return refuse(ST.ILLEGAL_TRANSITION, R.POLICY_DENIED)
 end
 
--- 11. bind the new transport
-local nv, nep = v + 1, ep + 1
+-- 11. grant the new binding, PENDING: the previous binding stays the session's (ep, bid,
+-- nd, k) and keeps forwarding until activate.lua, run when the new path has validated,
+-- makes this one ACTIVE. Epochs are never granted twice: a newer grant supersedes an
+-- unvalidated one with the next epoch.
+local nv, nep = v + 1, math.max(ep, pep) + 1
 local ttl = num(f[8])
-redis.call('HSET', key, 'st', to, 'v', nv, 'ep', nep, 'bid', new_bid, 'nd', new_node,
-  'k', kind, 'dl', now + ttl, 'lv', expected, 'lt', now)
+redis.call('HSET', key, 'st', to, 'v', nv, 'pep', nep, 'pbid', new_bid, 'pnd', new_node,
+  'pk', kind, 'dl', now + ttl, 'lv', expected, 'lt', now)
 redis.call('HDEL', key, 'lost')
 redis.call('PEXPIRE', key, ttl + slack_ms)
 gc_ms = ttl + slack_ms
 decide(ST.OK, 0, nv, nep, new_bid, new_node)
-return reply({ST.OK, 0, nv, nep, new_bid, new_node, nd, now, to, 0, 0, 1, 0, st, k})
+return reply({ST.OK, 0, nv, nep, new_bid, new_node, nd, now, to, 0, 0, 1, 0, st, k, 1})

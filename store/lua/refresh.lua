@@ -1,6 +1,7 @@
 -- refresh.lua: keepalive TTL refresh and ownership check by the binding owner.
 --
--- Only the holder of the current binding (epoch and node) may push the
+-- Only the holder of the current binding (epoch and node), or of the PENDING
+-- one a reattach granted (reattach.lua) while its path validates, may push the
 -- deadline; anyone else gets NOT_OWNER with the current epoch/node and must
 -- drop its binding (fencing: a paused or partitioned node learns here that it
 -- lost the session). The refresh changes no state, so it does NOT bump
@@ -32,7 +33,8 @@ local slack_ms = tonumber(ARGV[4])
 local want_gen = tonumber(ARGV[5]) or 0
 local now = now_ms()
 
-local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'nd', 'dl', 'ttl', 'tr', 'gen', 'cr', 'ma')
+local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'nd', 'dl', 'ttl', 'tr', 'gen', 'cr', 'ma',
+  'pep', 'pnd')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, 0, -1, 0, '', 0, now, 0, 0})
 end
@@ -50,7 +52,7 @@ if now >= end_ms(dl, cr, ma) and next_state(st, EV.EXPIRE) == S.TERMINATED then
   local nv = write_tombstone(key, nkey, tkey, v, TR.EXPIRED, now, tomb_ms)
   return reply({ST.EXPIRED, nv, S.TERMINATED, ep, nd, dl, now, 1, TR.EXPIRED})
 end
-if ep ~= epoch or nd ~= node then
+if (ep ~= epoch or nd ~= node) and (num(f[11]) ~= epoch or f[12] ~= node) then
   return reply({ST.NOT_OWNER, v, st, ep, nd, dl, now, 0, 0})
 end
 

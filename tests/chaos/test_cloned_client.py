@@ -78,10 +78,10 @@ async def test_cloned_client_on_two_gateway_processes(
             assert isinstance(ack, wire.ReattachAck) and clone.authentic(acks[0])
             rec = await store.get(sid)
             assert rec is not None, f"round {n}: session record gone"
-            # Exactly one binding: the store's, and it is the ACK's.
-            assert (rec.epoch, rec.binding_id, rec.node) == (
+            # Exactly one grant, the ACK's: PENDING (its path never speaks), the store's.
+            assert (rec.pending_epoch, rec.pending_binding_id, rec.pending_node) == (
                 ack.epoch, ack.binding_id, ack.node_id.decode()), f"round {n}"
-            winners[rec.node] = winners.get(rec.node, 0) + 1
+            winners[rec.pending_node] = winners.get(rec.pending_node, 0) + 1
             name = RejectReason(rejects[0].reason).name
             reasons[name] = reasons.get(name, 0) + 1
             version = ack.version

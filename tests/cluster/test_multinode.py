@@ -127,6 +127,8 @@ async def test_cloned_client_on_two_nodes_one_binding_each_round(redis_url: str)
             assert len(acks) == 1 and len(rejects) == 1, [g.msg for g in got]
             ack = acks[0].msg
             assert isinstance(ack, wire.ReattachAck) and clone.authentic(acks[0])
+            clone.install(acks[0], ea if acks[0] is got[0] else eb)
+            await clone.keepalive()  # validates the winner's PENDING binding: now ACTIVE
             rec = await a.store.get(clone.session_id)
             assert rec is not None and (rec.epoch, rec.binding_id) == (ack.epoch, ack.binding_id)
             # At most one node holds the current epoch locally; the store holds one binding.

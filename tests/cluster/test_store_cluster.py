@@ -145,7 +145,9 @@ async def test_lifecycle_on_every_master(
         lost = await store.transition(b, 1, E.TRANSPORT_LOST)
         assert lost.ok and lost.state is S.RECOVERING
         assert (await reattach(store, b, 1)).ok
-        # refresh fences the previous owner
+        # activation makes the PENDING binding ACTIVE; refresh fences the previous owner
+        assert (await store.refresh(a, 1, "n1")).ok
+        assert (await store.activate(a, 2, ok.binding_id, "n2")).ok
         assert (await store.refresh(a, 2, "n2")).ok
         assert (await store.refresh(a, 1, "n1")).status is StoreStatus.NOT_OWNER
         # terminate (and the expiry hint in another slot goes with it)
@@ -249,7 +251,7 @@ async def test_two_claimants_never_both_win_on_cluster(cluster_store: SessionSto
         loser = b if winners[0] is a else a
         assert loser.status in (StoreStatus.DUAL_ACTIVE_CONFLICT, StoreStatus.STALE_VERSION)
         rec = await store.get(sid)
-        assert rec is not None and (rec.version, rec.binding_id) == (
+        assert rec is not None and (rec.version, rec.pending_binding_id) == (
             version + 1,
             winners[0].binding_id,
         )
@@ -537,7 +539,7 @@ async def test_master_failover_fails_closed_then_recovers(
             for sid in sids:
                 await born(store, sid)
                 res = await reattach(store, sid, 1)
-                assert res.ok
+                assert res.ok and (await store.activate(sid, res.epoch, res.binding_id, res.node)).ok
                 expected[sid] = (res.version, res.epoch, res.binding_id)
         # Make sure the replicas have every write: with asynchronous replication the last
         # acknowledged writes before a crash can be lost (what durable mode is for).

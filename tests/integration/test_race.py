@@ -7,7 +7,9 @@ other gets an explicit, authenticated REJECT (DUAL_ACTIVE_CONFLICT, or
 STALE_VERSION once outside the dual-active window); and the store's record
 then names exactly the winner's binding (one epoch, one binding id) and so
 does the gateway's local binding table. The next round races on the winner's
-new version. Send order alternates, so either side can win.
+new version. Send order alternates, so either side can win. The winner's
+binding is PENDING until its first packet validates the path (a keepalive),
+then the store names it ACTIVE.
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ async def test_concurrent_reattaches_have_exactly_one_winner(
             assert rej.reason in LOSER_REASONS, f"round {i}: loser got {rej.reason.name}"
             assert rej.version == ack.version, f"round {i}: loser told version {rej.version}"
 
-            # One binding, the winner's, in the store and on the node.
+            # The winner's binding is PENDING until its first packet validates the path;
+            # then one binding, the winner's, in the store and on the node.
+            s.install(won, winner)
+            await s.keepalive(winner)
             rec = await gw.store.get(s.session_id)
             assert rec is not None
             owner = node_of[id(winner)]
@@ -110,7 +115,6 @@ async def test_concurrent_reattaches_have_exactly_one_winner(
                 assert isinstance(again.msg, wire.Reject) and again.msg.reason is rej.reason
                 assert (await gw.store.get(s.session_id)).epoch == ack.epoch  # type: ignore[union-attr]
 
-            s.install(won, winner)
             wins["a" if winner is a else "b"] += 1
             loser_reasons[rej.reason.name] += 1
 

@@ -116,7 +116,8 @@ async def test_get_unknown_is_none(session_store: SessionStore) -> None:
 # ---- reattach: every status --------------------------------------------------------------------
 
 
-async def test_reattach_success_bumps_version_and_epoch(session_store: SessionStore) -> None:
+async def test_reattach_grants_a_pending_binding_that_activate_makes_active(
+        session_store: SessionStore) -> None:
     sid = await born(session_store)
     bid = os.urandom(16)
     res = await reattach(session_store, sid, 1, kind=TCP, node="n2", binding_id=bid)
@@ -130,11 +131,23 @@ async def test_reattach_success_bumps_version_and_epoch(session_store: SessionSt
     )
     assert (res.state, res.prev_state, res.prev_kind) == (S.ATTACHED, S.ATTACHED, UDP)
     assert not res.retry and not res.expired_now and res.binding_current
+    assert res.binding_pending
+    rec = await session_store.get(sid)
+    assert rec is not None
+    # Granted PENDING: the version is consumed, the previous binding is still the ACTIVE one.
+    assert (rec.version, rec.epoch, rec.node, rec.kind) == (2, 1, "n1", UDP)
+    assert (rec.pending_epoch, rec.pending_node, rec.pending_binding_id) == (2, "n2", bid)
+    assert rec.last_reattach_ms == res.server_ms
+    assert rec.deadline_ms == res.server_ms + rec.ttl_ms
+    act = await session_store.activate(sid, 2, bid, "n2")
+    assert act.ok and (act.epoch, act.node, act.prev_epoch, act.prev_node) == (2, "n2", 1, "n1")
+    assert act.version == 2  # activation consumes no version
     rec = await session_store.get(sid)
     assert rec is not None
     assert (rec.version, rec.epoch, rec.binding_id, rec.node, rec.kind) == (2, 2, bid, "n2", TCP)
-    assert rec.last_reattach_ms == res.server_ms
-    assert rec.deadline_ms == res.server_ms + rec.ttl_ms
+    assert (rec.pending_epoch, rec.pending_node) == (2, "")
+    again = await session_store.activate(sid, 2, bid, "n2")  # idempotent
+    assert again.ok and (again.prev_epoch, again.prev_node) == (0, "")
 
 
 async def test_reattach_nowait_queues_the_same_cas(session_store: SessionStore,
@@ -310,7 +323,7 @@ async def test_reattach_stale_version_and_dual_active(session_store: SessionStor
     late = await reattach(session_store, sid, 1, tag="udp:c", dual_active_window_ms=0)
     assert late.status is StoreStatus.STALE_VERSION
     rec = await session_store.get(sid)
-    assert rec is not None and rec.version == 2 and rec.epoch == 2
+    assert rec is not None and rec.version == 2 and rec.pending_epoch == 2
 
 
 async def test_reattach_rejects_bad_arguments(session_store: SessionStore) -> None:
@@ -438,6 +451,10 @@ async def test_refresh_fences_the_previous_owner(session_store: SessionStore) ->
     assert ok.ok and ok.version == 1 and ok.deadline_ms == ok.server_ms + 300_000
     moved = await reattach(session_store, sid, 1, node="n2")
     assert moved.ok
+    # Until the new binding validates, both the ACTIVE holder and the PENDING one may refresh.
+    assert (await session_store.refresh(sid, 1, "n1")).ok
+    assert (await session_store.refresh(sid, 2, "n2")).ok
+    assert (await session_store.activate(sid, 2, moved.binding_id, "n2")).ok
     stale = await session_store.refresh(sid, 1, "n1")
     assert (stale.status, stale.epoch, stale.node) == (StoreStatus.NOT_OWNER, 2, "n2")
     wrong_node = await session_store.refresh(sid, 2, "n1")
@@ -507,6 +524,62 @@ async def test_sweep_expires_due_sessions_and_keeps_fresh(session_store: Session
     assert await session_store.sweep(100) == []
 
 
+# ---- PENDING and ACTIVE --------------------------------------------------------------------------
+
+
+async def test_a_newer_grant_supersedes_an_unvalidated_one(session_store: SessionStore) -> None:
+    """A grant nobody validated (a copier's) is superseded by the next one, with the next
+    epoch: no epoch is granted twice, and the superseded binding can never become ACTIVE."""
+    sid = await born(session_store, reattach_rate=100)
+    first = await reattach(session_store, sid, 1, node="n2", tag="udp:copier")
+    assert first.ok and first.epoch == 2
+    second = await reattach(session_store, sid, 2, node="n3", tag="udp:client")
+    assert second.ok and second.epoch == 3 and second.prev_node == "n1"
+    late = await session_store.activate(sid, first.epoch, first.binding_id, "n2")
+    assert (late.status, late.epoch, late.node) == (StoreStatus.NOT_OWNER, 1, "n1")
+    assert (await session_store.refresh(sid, 2, "n2")).status is StoreStatus.NOT_OWNER
+    act = await session_store.activate(sid, 3, second.binding_id, "n3")
+    assert act.ok and (act.prev_epoch, act.prev_node) == (1, "n1")
+    rec = await session_store.get(sid)
+    assert rec is not None and (rec.epoch, rec.node, rec.version) == (3, "n3", 3)
+    # After an activation the next grant still takes a fresh epoch.
+    third = await reattach(session_store, sid, 3, node="n1", tag="udp:client2")
+    assert third.ok and third.epoch == 4
+
+
+async def test_a_retried_request_finds_its_pending_grant(session_store: SessionStore) -> None:
+    """The idempotent retransmission of a granted request says whether its binding is still
+    the PENDING one (the node adopts it PENDING) or was superseded."""
+    sid = await born(session_store, reattach_rate=100)
+    nonce = os.urandom(16)
+    first = await reattach(session_store, sid, 1, nonce=nonce, node="n2")
+    again = await reattach(session_store, sid, 1, nonce=nonce, node="n2")
+    assert again.retry and again.binding_current and again.binding_pending
+    assert (again.epoch, again.binding_id) == (first.epoch, first.binding_id)
+    assert (await session_store.activate(sid, first.epoch, first.binding_id, "n2")).ok
+    active = await reattach(session_store, sid, 1, nonce=nonce, node="n2")
+    assert active.retry and active.binding_current and not active.binding_pending
+    await reattach(session_store, sid, 2, node="n3", tag="udp:other")
+    gone = await reattach(session_store, sid, 1, nonce=nonce, node="n2")
+    assert gone.retry and gone.binding_current and not gone.binding_pending  # still ACTIVE
+    await session_store.activate(sid, 3, (await session_store.get(sid)).pending_binding_id,  # type: ignore[union-attr]
+                                 "n3")
+    superseded = await reattach(session_store, sid, 1, nonce=nonce, node="n2")
+    assert superseded.retry and not superseded.binding_current
+
+
+async def test_an_ended_session_cannot_be_activated(session_store: SessionStore) -> None:
+    sid = await born(session_store)
+    granted = await reattach(session_store, sid, 1, node="n2")
+    assert (await session_store.terminate(sid)).ok
+    res = await session_store.activate(sid, granted.epoch, granted.binding_id, "n2")
+    assert res.status is StoreStatus.TERMINATED
+    rec = await session_store.get(sid)
+    assert rec is not None and rec.pending_node == "" and rec.pending_binding_id == b""
+    assert (await session_store.activate(os.urandom(16), 2, os.urandom(16), "n2")).status is (
+        StoreStatus.UNKNOWN_SESSION)
+
+
 # ---- the race ------------------------------------------------------------------------------------
 
 
@@ -532,6 +605,11 @@ async def test_two_claimants_never_both_win(session_store: SessionStore) -> None
         assert losers[0].status in (StoreStatus.DUAL_ACTIVE_CONFLICT, StoreStatus.STALE_VERSION)
         win = winners[0]
         assert win.version == version + 1
+        loser_bid = bid_b if win.binding_id == bid_a else bid_a
+        loser_node = "nb" if win.node == "na" else "na"
+        lost = await session_store.activate(sid, win.epoch, loser_bid, loser_node)
+        assert lost.status is StoreStatus.NOT_OWNER, lost
+        assert (await session_store.activate(sid, win.epoch, win.binding_id, win.node)).ok
         rec = await session_store.get(sid)
         assert rec is not None
         assert (rec.version, rec.epoch, rec.binding_id, rec.node) == (
@@ -540,7 +618,6 @@ async def test_two_claimants_never_both_win(session_store: SessionStore) -> None
             win.binding_id,
             win.node,
         )
-        loser_bid = bid_b if win.binding_id == bid_a else bid_a
         assert loser_bid not in seen_bids and rec.binding_id != loser_bid
         seen_bids.add(win.binding_id)
         version = win.version
@@ -576,7 +653,8 @@ async def test_batcher_returns_each_caller_its_own_result(session_store: Session
     records = await asyncio.gather(*(session_store.get(sid) for sid in sids))
     for i, (sid, rec) in enumerate(zip(sids, records, strict=True)):
         assert rec is not None and rec.session_id == sid and rec.wrapped_secret == sid * 2
-        assert rec.upstream == f"10.0.{i // 250}.{i % 250}:443" and rec.binding_id == bids[i]
+        assert rec.upstream == f"10.0.{i // 250}.{i % 250}:443"
+        assert rec.pending_binding_id == bids[i]
     batches = session_store.batcher.batches - batches0
     calls = session_store.batcher.calls - calls0
     assert calls == 4000 and batches < calls / 20, (batches, calls)

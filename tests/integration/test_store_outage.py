@@ -232,9 +232,13 @@ async def test_paused_store_never_hangs_a_reattach_and_the_outcome_is_reread(
         assert isinstance(again.msg, wire.ReattachAck), again.msg
         s.install(again, ep2)
         rec = await gw.store.get(s.session_id)
-        assert rec is not None and (rec.epoch, rec.binding_id) == (s.epoch, s.binding_id)
-        # ... and that binding carries traffic.
+        assert rec is not None
+        assert (rec.pending_epoch, rec.pending_binding_id) == (s.epoch, s.binding_id)
+        # ... the node adopted it PENDING: the first packet makes it ACTIVE, and it carries
+        # traffic.
         await s.keepalive(ep2, timeout=2.0)
+        rec = await gw.store.get(s.session_id)
+        assert rec is not None and (rec.epoch, rec.binding_id) == (s.epoch, s.binding_id)
         ep2.send(s.payload_packet(b"after the pause"))
         assert await s.wait_payloads(ep2, 1) == [b"after the pause"]
     finally:

@@ -34,6 +34,8 @@ from session.gateway import (
 from session.reasons import RejectReason, TerminateReason
 from session.states import SessionEvent, SessionState, is_allowed
 from session.storeops import (
+    ActivateOp,
+    ActivateResult,
     BirthOp,
     BirthResult,
     ClaimHandshakeOp,
@@ -82,6 +84,10 @@ class _Rec:
     rr: int = 100  # reattach rate and transports mask, as birth wrote them
     tk: int = 0b110
     ma: int | None = None  # maximum age, ms (not enforced here: store/lua/common.lua end_ms)
+    pep: int = 0  # the PENDING binding a reattach granted (reattach.lua, activate.lua)
+    pbid: bytes = b""
+    pnd: str = ""
+    pk: wire.TransportKind | None = None
 
 
 class MemStore:
@@ -135,7 +141,8 @@ class MemStore:
             return None
         return SessionRecord(op.session_id, r.state, r.version, r.epoch, r.bid, r.node, r.kind,
                              r.upstream, r.client_id, r.ws, r.ttl_ms, self.ms() + r.ttl_ms, 0,
-                             self.ms(), r.rr, r.tk, 1, r.tr, None, None, None, r.ma)
+                             self.ms(), r.rr, r.tk, 1, r.tr, None, None, None, r.ma, r.pep,
+                             r.pnd, r.pbid)
 
     def _ReattachOp(self, op: ReattachOp) -> ReattachResult:
         now = self.ms()
@@ -163,10 +170,12 @@ class MemStore:
             tag, decision = seen
             if tag != op.addr_tag:
                 return reject(StoreStatus.REPLAYED_NONCE, RejectReason.REPLAYED_NONCE)
-            current = decision.ok and decision.epoch == r.epoch
+            active = decision.ok and (decision.epoch, decision.binding_id) == (r.epoch, r.bid)
+            pending = decision.ok and (decision.epoch, decision.binding_id) == (r.pep, r.pbid)
             return ReattachResult(decision.status, decision.reason, decision.version,
                                   decision.epoch, decision.binding_id, decision.node, "", now,
-                                  r.state, True, False, current, None, r.state, r.kind)
+                                  r.state, True, False, active or pending, None, r.state, r.kind,
+                                  pending)
         if op.expected_version != r.version:
             dual = op.expected_version == r.lv and now - r.lt < op.dual_active_window_ms
             res = reject(StoreStatus.DUAL_ACTIVE_CONFLICT if dual else StoreStatus.STALE_VERSION,
@@ -175,14 +184,14 @@ class MemStore:
         elif not is_allowed(r.state, SessionEvent.REATTACH):
             res = reject(StoreStatus.ILLEGAL_TRANSITION, RejectReason.POLICY_DENIED)
         else:
-            prev_state, prev_node, prev_kind = r.state, r.node, r.kind
+            prev_state = r.state
             r.lv, r.lt = r.version, now
             r.version += 1
-            r.epoch += 1
-            r.bid, r.node, r.kind, r.state = op.binding_id, op.node, op.kind, SessionState.ATTACHED
-            res = ReattachResult(StoreStatus.OK, None, r.version, r.epoch, r.bid, r.node,
-                                 prev_node, now, r.state, False, False, True, None, prev_state,
-                                 prev_kind)
+            r.pep = max(r.epoch, r.pep) + 1
+            r.pbid, r.pnd, r.pk, r.state = op.binding_id, op.node, op.kind, SessionState.ATTACHED
+            res = ReattachResult(StoreStatus.OK, None, r.version, r.pep, r.pbid, r.pnd,
+                                 r.node, now, r.state, False, False, True, None, prev_state,
+                                 r.kind, True)
         r.nonces[op.nonce] = (op.addr_tag, res)
         return res
 
@@ -214,12 +223,33 @@ class MemStore:
                                  False, None)
         if r.state is SessionState.TERMINATED:
             status = StoreStatus.TERMINATED
-        elif r.node != op.node or r.epoch != op.epoch:
+        elif (r.node, r.epoch) != (op.node, op.epoch) and (r.pnd, r.pep) != (op.node, op.epoch):
             status = StoreStatus.NOT_OWNER
         else:
             status = StoreStatus.OK
         return RefreshResult(status, r.version, r.state, r.epoch, r.node, 0, self.ms(), False,
                              r.tr)
+
+    def _ActivateOp(self, op: ActivateOp) -> ActivateResult:
+        r = self.records.get(op.session_id)
+        if r is None:
+            return ActivateResult(StoreStatus.UNKNOWN_SESSION, 0, None, 0, "", 0, "", self.ms(),
+                                  False, None)
+        if r.state is SessionState.TERMINATED:
+            return ActivateResult(StoreStatus.TERMINATED, r.version, r.state, r.epoch, r.node, 0,
+                                  "", self.ms(), False, r.tr)
+        prev_epoch, prev_node = 0, ""
+        if (r.epoch, r.bid, r.node) == (op.epoch, op.binding_id, op.node):
+            status = StoreStatus.OK
+        elif (r.pep, r.pbid, r.pnd) == (op.epoch, op.binding_id, op.node):
+            status, prev_epoch, prev_node = StoreStatus.OK, r.epoch, r.node
+            r.epoch, r.bid, r.node = r.pep, r.pbid, r.pnd
+            r.kind = r.pk or r.kind
+            r.pbid, r.pnd, r.pk = b"", "", None
+        else:
+            status = StoreStatus.NOT_OWNER
+        return ActivateResult(status, r.version, r.state, r.epoch, r.node, prev_epoch,
+                              prev_node, self.ms(), False, None)
 
     def _TerminateOp(self, op: TerminateOp) -> TerminateResult:
         r = self.records.get(op.session_id)
@@ -230,6 +260,7 @@ class MemStore:
                                    r.node, self.ms())
         prev = r.state
         r.state, r.tr = SessionState.TERMINATED, op.reason
+        r.pbid, r.pnd, r.pk = b"", "", None
         r.version += 1
         return TerminateResult(StoreStatus.OK, r.version, prev, op.reason, r.epoch, r.node,
                                self.ms())
@@ -500,8 +531,10 @@ class GatewayPeer:
 
     @property
     def channel(self) -> Any:
-        """The gateway's side of the current binding's AEAD channel."""
-        return self.gw.machine.bindings[self.sid].channel
+        """The gateway's side of the newest binding's AEAD channel (the PENDING one a
+        reattach granted, before the client's first packet activates it)."""
+        m = self.gw.machine
+        return (m.pending.get(self.sid) or m.bindings[self.sid]).channel
 
     def data(self, payload: bytes) -> bytes:
         return bytes(self.channel.seal(wire.inner_payload(payload)))

@@ -230,9 +230,11 @@ def test_two_claimants_for_one_version_have_exactly_one_winner() -> None:
     rejects = [a for a in answers if isinstance(a, wire.Reject)]
     assert len(acks) == 1 and len(rejects) == 1
     assert rejects[0].reason is RejectReason.DUAL_ACTIVE_CONFLICT
-    holders = [g for g in (gwa, gwb) if sid in g.machine.bindings
-               and g.machine.bindings[sid].epoch == acks[0].epoch]
-    assert len(holders) == 1 and net.store.records[sid].node == holders[0].machine.instance_id
+    # The winner holds the binding PENDING (its address never spoke again); the store names
+    # it as the pending one, and the previous binding is still the ACTIVE one.
+    holders = [g for g in (gwa, gwb) if sid in g.machine.pending
+               and g.machine.pending[sid].epoch == acks[0].epoch]
+    assert len(holders) == 1 and net.store.records[sid].pnd == holders[0].machine.instance_id
 
 
 def test_the_lease_stops_forwarding_when_the_store_is_away() -> None:
@@ -762,3 +764,100 @@ def test_a_client_key_holds_at_most_its_quota_of_sessions() -> None:
     again.machine.connect(net.now, WALL_MS + int(net.now * 1000), 1, wire.TransportKind.UDP)
     net.run(net.now + 0.2)
     assert again.of(HandshakeComplete)
+
+
+def test_the_previous_binding_forwards_until_the_new_one_validates() -> None:
+    """A reattach's binding is PENDING: until the client's first packet from the new path
+    validates it, the store still names the previous binding ACTIVE and that binding keeps
+    forwarding; then activate.lua makes the new one ACTIVE and the old node is fenced. At
+    every instant the store names one ACTIVE binding (docs/ARCHITECTURE.md, Reattach)."""
+    net = Net(seed=71)
+    c, (gwa, gwb) = setup(net, ("gw-a", "gw-b"))
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    old_epoch, a_id = rec.epoch, gwa.machine.instance_id
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    t0 = net.now
+    actives: set[tuple[int, str]] = set()
+    granted = False
+    while net.now < t0 + 0.2:
+        net.run(net.now + 0.001)
+        actives.add((rec.epoch, rec.node))
+        if sid in gwb.machine.pending and not granted:  # the client's packet is not there yet
+            granted = True
+            assert (rec.epoch, rec.node, rec.pnd) == (old_epoch, a_id, gwb.machine.instance_id)
+            assert sid not in gwb.machine.bindings
+            before = len(gwa.sent)
+            gwa.machine.upstream_received(sid, b"still forwarding", net.now)
+            gwa.flush()
+            assert [p.addr for p, _ in gwa.sent[before:]] == [HOME]
+    assert granted
+    assert c.of(Reattached)
+    assert (rec.epoch, rec.node) == (old_epoch + 1, gwb.machine.instance_id)
+    assert actives == {(old_epoch, a_id), (old_epoch + 1, gwb.machine.instance_id)}
+    assert sid in gwb.machine.bindings and sid not in gwb.machine.pending
+    assert sid not in gwa.machine.bindings, "the previous owner was not fenced"
+    sent = pump(net, c, net.now + 0.3)
+    net.run(net.now + 0.1)
+    assert set(sent) <= set(c.received) and len(c.received) >= len(sent)
+
+
+def test_a_raced_reattach_cannot_take_a_working_session_off_the_air() -> None:
+    """An on-path attacker copies the client's REATTACH_REQUEST and gets it to another node
+    first, from its own address. The copy wins the CAS, but only a PENDING binding the
+    attacker cannot validate: the working binding keeps forwarding, the attacker gets at
+    most 3x what it sent, the genuine request's authenticated REPLAYED_NONCE carries the
+    version, the client retries and moves; the copier's binding never becomes ACTIVE."""
+    net = Net(seed=73)
+    c, (gwa, gwb) = setup(net, ("gw-a", "gw-b"))
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    old_epoch, a_id = rec.epoch, gwa.machine.instance_id
+    path = net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    [(_, raw)] = c.machine.datagrams_to_send()
+    net.inject("gw-b", ATTACKER, raw)  # the copy, first
+    net.at(0.02, lambda: net.to_gateway(path, raw))  # the original, later
+    net.run(net.now + 0.015)
+    assert rec.pnd == gwb.machine.instance_id and (rec.epoch, rec.node) == (old_epoch, a_id)
+    before = len(gwa.sent)
+    gwa.machine.upstream_received(sid, b"the working path", net.now)
+    gwa.flush()
+    assert [p.addr for p, _ in gwa.sent[before:]] == [HOME]
+    net.run(net.now + 0.6)
+    rejected = c.of(ReattachRejected)
+    assert rejected and rejected[0].reason is RejectReason.REPLAYED_NONCE
+    assert rejected[0].authenticated
+    [done] = c.of(Reattached)
+    assert done.epoch == old_epoch + 2, "the copier's epoch was reused"
+    assert (rec.epoch, rec.node) == (old_epoch + 2, gwb.machine.instance_id)
+    assert gwb.machine.bindings[sid].peer.addr == OTHER
+    sent_to_attacker = sum(len(d) for a, d in net.injected if a == ATTACKER)
+    assert 0 < sent_to_attacker <= 3 * len(raw)
+    sent = pump(net, c, net.now + 0.3)
+    net.run(net.now + 0.1)
+    assert set(sent) <= set(c.received)
+
+
+def test_an_unvalidated_grant_lapses_and_changes_nothing() -> None:
+    """A PENDING binding that never hears from its client (a copier's) is forgotten after
+    the silence timeout and never becomes ACTIVE: the client's own retransmission (a
+    REPLAYED_NONCE from its address, then a retry) keeps the session on its node."""
+    net = Net(seed=79)
+    c, (gwa, gwb) = setup(net, ("gw-a", "gw-b"))
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    old_epoch, a_id = rec.epoch, gwa.machine.instance_id
+    c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
+    [(_, raw)] = c.machine.datagrams_to_send()
+    net.inject("gw-b", ATTACKER, raw)
+    net.run(net.now + 0.05)
+    assert sid in gwb.machine.pending
+    net.run(net.now + 1.0)  # silence_keepalives * keepalive_interval = 0.6 s
+    assert sid not in gwb.machine.pending
+    assert any(a == ("binding_superseded",) and k["reason"] == "NOT_VALIDATED"
+               for a, k in gwb.events.named("emit"))
+    assert rec.node == a_id and rec.epoch != old_epoch + 1, "the copier's grant became ACTIVE"
+    assert gwa.machine.bindings[sid].epoch == rec.epoch == c.machine.epoch
+    assert c.machine.state in LIVE_STATES
