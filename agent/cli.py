@@ -34,6 +34,8 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
         backoff_initial=cfg.backoff_initial_s,
         backoff_max=cfg.backoff_max_s,
         upstream=cfg.upstream,
+        rekey_after=cfg.rekey_after_s,
+        reject_after=cfg.reject_after_s,
         thresholds=QualityThresholds(
             volatile_loss_pct=cfg.volatile_loss_pct, volatile_rtt_ms=cfg.volatile_rtt_ms,
             volatile_jitter_ms=cfg.volatile_jitter_ms, degraded_loss_pct=cfg.degraded_loss_pct,

@@ -52,6 +52,12 @@ class AgentConfig:
     reattach_timeout_s: float = setting(0.5, min=0.01, max=120.0)
     backoff_initial_s: float = setting(0.1, min=0.001, max=3600.0)
     backoff_max_s: float = setting(5.0, min=0.001, max=3600.0)
+    rekey_after_s: float = setting(
+        120.0, min=0.1, max=86400.0,
+        help="a fresh Diffie-Hellman (REKEY) after this long under one session secret")
+    reject_after_s: float = setting(
+        180.0, min=0.2, max=86400.0,
+        help="send nothing under a session secret older than this (the gateway drops it)")
     volatile_loss_pct: float = setting(5.0, min=0.0, max=100.0)
     volatile_rtt_ms: float = setting(300.0, min=0.0, max=600_000.0)
     volatile_jitter_ms: float = setting(50.0, min=0.0, max=600_000.0)

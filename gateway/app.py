@@ -133,6 +133,7 @@ class GatewayApp:
             max_sessions=cfg.max_sessions, lease_s=cfg.lease_s,
             source_rate=cfg.source_rate, source_burst=cfg.source_burst,
             registry_staleness_s=cfg.registry_staleness_s,
+            keys_reject_after_s=cfg.keys_reject_after_s,
         )
         if self.tracing is None:
             self.tracing = Tracing.from_env(cfg.node_id)

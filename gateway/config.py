@@ -95,6 +95,11 @@ class GatewayConfig:
         3.0, min=0.1, max=3600.0,
         help="stop forwarding when the store has not answered for this long (fail closed)",
     )
+    keys_reject_after_s: float = setting(
+        180.0, min=1.0, max=86400.0,
+        help="drop data under a session secret older than this: agents REKEY (a fresh "
+             "Diffie-Hellman) before it, by default every 120 s",
+    )
     tcp_max_connections: int = setting(
         1024, min=1, max=1_000_000,
         help="open TCP connections at most; lowered at start to what RLIMIT_NOFILE leaves "

@@ -74,11 +74,13 @@ from session.storeops import (
     BirthOp,
     ClaimHandshakeOp,
     ClaimSlotOp,
+    ConfirmKeyOp,
     GetClientOp,
     GetRecordOp,
     PublishMoveOp,
     ReattachOp,
     RefreshOp,
+    RekeyOp,
     ReleaseSlotOp,
     ServerTimeOp,
     StoreFailure,
@@ -489,7 +491,12 @@ def _store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]
         BirthOp: lambda op: store.birth(
             op.session_id, wrapped_secret=op.wrapped_secret, client_id=op.client_id,
             node=op.node, binding_id=op.binding_id, kind=op.kind, upstream=op.upstream,
-            policy=op.policy),
+            policy=op.policy, wrapped_control=op.wrapped_control),
+        RekeyOp: lambda op: store.rekey(
+            op.session_id, epoch=op.epoch, binding_id=op.binding_id, node=op.node,
+            generation=op.generation, wrapped_secret=op.wrapped_secret,
+            wrapped_control=op.wrapped_control, new_binding_id=op.new_binding_id),
+        ConfirmKeyOp: lambda op: store.confirm_key(op.session_id, op.generation),
         TransitionOp: lambda op: store.transition(op.session_id, op.expected_version, op.event),
         RefreshOp: lambda op: store.refresh(op.session_id, op.epoch, op.node),
         ActivateOp: lambda op: store.activate(op.session_id, op.epoch, op.binding_id, op.node),
@@ -506,7 +513,8 @@ def _store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]
 _OP_NAMES: dict[type, str] = {
     ReattachOp: "reattach", GetRecordOp: "get", GetClientOp: "get_client",
     ClaimHandshakeOp: "claim_handshake", BirthOp: "birth", TransitionOp: "transition",
-    RefreshOp: "refresh", ActivateOp: "activate", TerminateOp: "terminate", PublishMoveOp: "publish",
+    RefreshOp: "refresh", ActivateOp: "activate", RekeyOp: "rekey",
+    ConfirmKeyOp: "confirm_key", TerminateOp: "terminate", PublishMoveOp: "publish",
     ServerTimeOp: "time", SweepOp: "sweep", ClaimSlotOp: "slot", ReleaseSlotOp: "release_slot",
 }
 

@@ -76,7 +76,7 @@ from session.client import (
     SecurityNotice,
     SessionTerminated,
 )
-from session.keys import policy_binding, registry_key, wrap_secret
+from session.keys import control_policy, policy_binding, registry_key, wrap_secret
 from session.noise import generate_keypair, public_key
 from store import EXPIRY_INDEX, load_scripts, pack_evalsha, session_keys
 from store.api import SessionStore, StoreConfig
@@ -777,7 +777,9 @@ async def _birth_sessions(store: SessionStore, n: int, policy: ClientPolicy,
         res = await asyncio.gather(*(
             store.birth(sid, wrapped_secret=wrap_secret(kek, os.urandom(32), sid, policy=bound), node=node,
                         binding_id=os.urandom(wire.BINDING_ID_LEN), kind=UDP,
-                        upstream=policy.upstreams[0], policy=policy)
+                        upstream=policy.upstreams[0], policy=policy,
+                        wrapped_control=wrap_secret(kek, os.urandom(32), sid,
+                                                    policy=control_policy(bound)))
             for sid in chunk))  # fmt: skip
         if not all(r.ok for r in res):
             raise RuntimeError("birth failed while preparing the bench")
@@ -1347,6 +1349,11 @@ async def bench_memory(opts: BenchOptions) -> dict[str, Any]:
                 for i, sid in enumerate(sids[lo:lo + 5000], start=lo)))  # fmt: skip
             if not all(x.ok for x in res):
                 raise RuntimeError("reattach failed while preparing the memory bench")
+            act = await asyncio.gather(*(  # the client's first packet makes each one ACTIVE
+                store.activate(sid, x.epoch, x.binding_id, x.node)
+                for sid, x in zip(sids[lo:lo + 5000], res, strict=True)))
+            if not all(a.ok for a in act):
+                raise RuntimeError("activate failed while preparing the memory bench")
         reattach_s = time.perf_counter() - t0
         after = int((await r.info("memory"))["used_memory"])
         rec_key, nonce_key, times_key = session_keys(sids[n // 2])

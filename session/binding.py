@@ -106,6 +106,15 @@ class PathProbe:
 
 
 @dataclass(slots=True)
+class RekeyState:
+    """One REKEY of a binding: the client's public key, and the answer once it is made."""
+
+    client_pub: bytes
+    answer: bytes = b""  # the REKEY_ACK plaintext (sealed again under prev_channel to repeat)
+    confirming: bool = False
+
+
+@dataclass(slots=True)
 class SessionSecrets:
     """What a node caches per session after unwrapping its secret."""
 
@@ -114,6 +123,9 @@ class SessionSecrets:
     upstream: str
     client_id: str
     ttl_ms: int
+    policy: bytes = b""  # policy_binding(...) of its record: what wraps it
+    generation: int = 0  # REKEYs before this secret (the record's ``kg``)
+    made_ms: int = 0  # store ms when this secret was made (birth or REKEY)
     _upstream_addr: tuple[str, int] | None = None
 
     def upstream_address(self) -> tuple[str, int] | None:
@@ -152,6 +164,11 @@ class Binding:
     held: list[wire.Inner] | None = None
     activating: bool = False  # activate.lua is running for it
     origin: tuple[str, str] = ("", "")  # what it replaces: (describe(), transport kind)
+    # A REKEY in progress or just done: the channel of the previous secret's binding stays
+    # to open packets still in flight (and to repeat the answer) until the client's first
+    # packet under the new keys confirms them.
+    prev_channel: DataChannel | None = None
+    rekey: RekeyState | None = None
     _channel: DataChannel | None = None
 
     @property
@@ -173,6 +190,13 @@ class Binding:
                 self.secrets.secret, session_id=self.session_id, epoch=self.epoch,
                 binding_id=self.binding_id, node_id=self.node_id, is_gateway=True)
         return ch
+
+    @property
+    def tx_channel(self) -> DataChannel:
+        """The channel the downlink is sealed with: the previous secret's until the client's
+        first packet under a REKEY's new keys shows it has them (it opens only those it
+        knows), then the current one."""
+        return self.prev_channel if self.prev_channel is not None else self.channel
 
     def may_send(self, size: int) -> bool:
         """Anti-amplification for this binding's peer (spends the budget when True)."""

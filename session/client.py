@@ -38,7 +38,8 @@ from session import control, wire
 from session.errors import DecodeError, IllegalAdoption, LocalProtocolError, RemoteProtocolError
 from session.framing import DataChannel
 from session.handshake import ClientHello, Initiator, Refusal, ServerHello
-from session.keys import SessionKeys, traffic_keys
+from session.keys import SessionKeys, rekey_secret, traffic_keys
+from session.noise import dh, public_key
 from session.quality import PathQuality, QualityThresholds
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
 from session.states import LIVE_STATES, QUALITY_EVENTS, SessionEvent, SessionState, StateMachine
@@ -63,6 +64,13 @@ class ClientParams:
     backoff_max: float = 5.0
     upstream: str = ""
     thresholds: QualityThresholds = field(default_factory=QualityThresholds)
+    # A fresh Diffie-Hellman on WireGuard's schedule (REKEY): after rekey_after seconds or
+    # rekey_after_messages packets under one session secret; none is sent (payloads wait)
+    # under a secret older than reject_after, which the gateway enforces too.
+    rekey_after: float = 120.0
+    reject_after: float = 180.0
+    rekey_after_messages: int = 2**60
+    rekey_timeout: float = 1.0  # a REKEY unanswered this long is sent again
 
 
 # ---- actions and events ------------------------------------------------------------------
@@ -138,6 +146,16 @@ class Reattached:
 
 
 @dataclass(frozen=True)
+class Rekeyed:
+    """A REKEY completed: a fresh Diffie-Hellman made key ``generation``, on a new binding."""
+
+    generation: int
+    old_epoch: int
+    epoch: int
+    latency: float  # from the first REKEY sent to its answer
+
+
+@dataclass(frozen=True)
 class ReattachRejected:
     reason: RejectReason
     authenticated: bool
@@ -167,6 +185,7 @@ class SecurityNotice:
 Event = (
     HandshakeComplete | HandshakeFailed | PayloadReceived | StateChanged | TransportLost
     | Reattached | ReattachRejected | ReattachTimedOut | SessionTerminated | SecurityNotice
+    | Rekeyed
 )
 
 
@@ -223,6 +242,10 @@ class ClientSession:
         self._out: deque[tuple[int, bytes]] = deque()
         self._events: deque[Event] = deque()
         self._pending_payloads: deque[bytes] = deque()
+        self._generation = 0  # REKEYs so far: the session secret's key generation
+        self._keys_made = 0.0  # when the session secret was made (handshake or REKEY)
+        self._rekey: _Rekey | None = None
+        self._prev_channel: DataChannel | None = None  # until the gateway uses the new keys
         self._sent_tags: deque[bytes] = deque(maxlen=SENT_TAGS)  # for NOT_BOUND_HERE hints
         self.stats = {
             "payloads_sent": 0, "payloads_received": 0, "payloads_dropped": 0,
@@ -248,7 +271,7 @@ class ClientSession:
         best = self._dead_at()
         for t in (self._hs.deadline if self._hs else None,
                   self._req.deadline if self._req else None,
-                  self._retry_at, self._next_keepalive):
+                  self._retry_at, self._next_keepalive, self._rekey_due()):
             if t is not None and (best is None or t < best):
                 best = t
         return best
@@ -306,7 +329,15 @@ class ClientSession:
     def send(self, payload: bytes, now: float) -> bool:
         """Tunnel one datagram; held (bounded) while recovering. False if dropped."""
         # During a proactive jump the current path still carries data (make before break).
-        if self.attached and self._channel is not None and self.path is not None:
+        if (self.attached and self._channel is not None and self.path is not None
+                and now - self._keys_made > self.params.reject_after):
+            # Nothing more under this secret: wait (bounded) for the REKEY under way.
+            if self._rekey is None and self._req is None:
+                self._send_rekey(now)
+            if len(self._pending_payloads) < PENDING_MAX:
+                self._pending_payloads.append(payload)
+                return True
+        elif self.attached and self._channel is not None and self.path is not None:
             self._out.append((self.path, self._seal(wire.inner_payload(payload))))
             self.stats["payloads_sent"] += 1
             return True
@@ -329,6 +360,7 @@ class ClientSession:
             self.session_id, self.version, nonce, self._server_ms(now), kind,
         )
         raw = control.seal(req, self._keys.proof_key)
+        self._rekey = None  # a REKEY the gateway committed unanswered is undone by this proof
         self._req = _Pending(raw, path, nonce, now, now + self.params.reattach_timeout, reason=reason)
         self._req_kind = kind
         self._out.append((path, raw))
@@ -386,6 +418,52 @@ class ClientSession:
             self._lose_transport(now, f"no answer for {self.params.dead_after} keepalive intervals")
         if self._next_keepalive is not None and now >= self._next_keepalive:
             self._send_keepalive(now)
+        due = self._rekey_due()
+        if due is not None and now >= due:
+            self._send_rekey(now)
+
+    # ---- REKEY --------------------------------------------------------------------------
+
+    def _rekey_due(self) -> float | None:
+        """When the next REKEY (or its retransmission) is due; None while it cannot run."""
+        if self._channel is None or not self.attached or self._req is not None:
+            return None
+        if self._rekey is not None:
+            return self._rekey.deadline
+        if self._channel.next_send_counter >= self.params.rekey_after_messages:
+            return 0.0
+        return self._keys_made + self.params.rekey_after
+
+    def _send_rekey(self, now: float) -> None:
+        """Ask for a fresh Diffie-Hellman on the current binding (same key on a resend)."""
+        assert self._channel is not None and self.path is not None
+        rk = self._rekey
+        if rk is None:
+            priv = self._random(32)
+            rk = self._rekey = _Rekey(priv, public_key(priv), now)
+        rk.deadline = now + self.params.rekey_timeout
+        self._out.append((self.path, self._seal(wire.inner_rekey(self._generation, rk.public))))
+
+    def _rekey_answered(self, inner: wire.Inner, path: int, now: float) -> None:
+        """The gateway's REKEY_ACK: derive the next secret, move to its binding."""
+        rk = self._rekey
+        if rk is None or inner.generation != self._generation + 1 or inner.epoch <= self.epoch:
+            self._drop(DropReason.UNEXPECTED)
+            return
+        shared = dh(rk.private, inner.payload)
+        secret = rekey_secret(self._secret, shared, rk.public, inner.payload, inner.generation)
+        self._rekey = None
+        prev = self._channel
+        self._secret = secret
+        self._keys = SessionKeys(secret)
+        self._generation = inner.generation
+        self._keys_made = now
+        old_epoch = self.epoch
+        self._bind(inner.epoch, inner.binding_id, self.node_id, path, now)
+        self._prev_channel = prev  # the gateway's downlink stays on it until it sees ours
+        self._events.append(Rekeyed(inner.generation, old_epoch, inner.epoch, now - rk.started))
+        self._send_keepalive(now)  # the first packet under the new keys: the gateway confirms
+        self._flush_pending()
 
     # ---- handlers ----------------------------------------------------------------------
 
@@ -412,6 +490,8 @@ class ClientSession:
         self.session_id = h.session_id
         self._secret = secret
         self._keys = SessionKeys(secret)
+        self._generation = 0
+        self._keys_made = now
         self.ttl = h.ttl_ms / 1000
         self.server_offset_ms = h.server_ms - now * 1000
         self._bind(h.epoch, h.binding_id, h.node_id, path, now)
@@ -434,7 +514,12 @@ class ClientSession:
     def _handle_data(self, msg: wire.Data, raw: bytes, path: int, now: float) -> None:
         if self._channel is None or msg.session_id != self.session_id:
             raise DecodeError(DropReason.UNKNOWN_SESSION, "no channel")
-        plain = self._channel.open(msg, raw)  # epoch, replay and AEAD checks
+        prev = self._prev_channel
+        if prev is not None and msg.epoch == prev.epoch and msg.epoch != self._channel.epoch:
+            plain = prev.open(msg, raw)  # sent before the gateway saw our new keys
+        else:
+            plain = self._channel.open(msg, raw)  # epoch, replay and AEAD checks
+            self._prev_channel = None  # the gateway uses the new keys: the old ones go
         inner = wire.decode_inner(plain)
         if path != self.path:
             # Authenticated, but on a path we are leaving or never bound: ignore it.
@@ -458,6 +543,8 @@ class ClientSession:
         elif inner.kind is wire.InnerType.CLOSE:
             self._terminate(f"gateway closed: {_reason_name(TerminateReason, inner.reason)}", True,
                             inner.reason)
+        elif inner.kind is wire.InnerType.REKEY_ACK:
+            self._rekey_answered(inner, path, now)
 
     def _handle_reattach_ack(self, msg: wire.ReattachAck, raw: bytes, path: int, now: float) -> None:
         req = self._req
@@ -574,6 +661,7 @@ class ClientSession:
     def _bind(self, epoch: int, binding_id: bytes, node_id: bytes, path: int, now: float) -> None:
         c2g, g2c = traffic_keys(self._secret, epoch, binding_id, node_id)
         self._channel = DataChannel(c2g, g2c, self.session_id, epoch)
+        self._prev_channel = None
         self.epoch = epoch
         self.node_id = node_id
         self.path = path
@@ -661,6 +749,8 @@ class ClientSession:
             self._events.append(StateChanged(old, self.state, self.version, reason))
             self._events.append(SessionTerminated(reason, authenticated))
         self._channel = None
+        self._prev_channel = None
+        self._rekey = None
         self._req = None
         self._hs = None
         self._next_keepalive = None
@@ -694,6 +784,16 @@ class ClientSession:
     def _drop(self, reason: DropReason) -> None:
         self.stats["dropped_input"] += 1
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+@dataclass(slots=True)
+class _Rekey:
+    """A REKEY under way: our ephemeral key, until the gateway's answer."""
+
+    private: bytes = field(repr=False)
+    public: bytes = b""
+    started: float = 0.0
+    deadline: float = 0.0
 
 
 def _new_machine() -> StateMachine:

@@ -39,7 +39,14 @@ from functools import partial
 from typing import Any, Protocol
 
 from session import control, wire
-from session.binding import Binding, PathProbe, Peer, SessionSecrets, within_budget
+from session.binding import (
+    Binding,
+    PathProbe,
+    Peer,
+    RekeyState,
+    SessionSecrets,
+    within_budget,
+)
 from session.budget import Buckets, Recent, Throttle
 from session.errors import RemoteProtocolError, SessionError
 from session.handshake import Refusal, Responder, ServerHello
@@ -47,11 +54,14 @@ from session.keys import (
     WRAP_NONCE_LEN,
     KekRing,
     SessionKeys,
+    control_policy,
     fingerprint,
     policy_binding,
+    rekey_secret,
     unwrap_secret,
     wrap_secret,
 )
+from session.noise import dh, public_key
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
 from session.states import (
     QUALITY_EVENTS,
@@ -69,6 +79,7 @@ from session.storeops import (
     ClaimHandshakeOp,
     ClaimSlotOp,
     ClientPolicy,
+    ConfirmKeyOp,
     ExpiredSession,
     GetClientOp,
     GetRecordOp,
@@ -77,6 +88,8 @@ from session.storeops import (
     ReattachResult,
     RefreshOp,
     RefreshResult,
+    RekeyOp,
+    RekeyResult,
     ReleaseSlotOp,
     ServerTimeOp,
     SessionRecord,
@@ -108,6 +121,7 @@ REFRESHES_PER_TICK = 1024  # the rest wait for the next maintenance tick
 MAX_PATH_PROBES = 4  # new addresses challenged at once per binding
 PATH_CHALLENGE_INTERVAL_S = 0.1  # a challenge is repeated at most this often per address
 MAX_HELD = 16  # a PENDING binding's packets held until it is ACTIVE
+REREAD_INTERVAL_S = 1.0  # a cached secret a proof failed under is re-read at most this often
 
 
 class Outcome(StrEnum):
@@ -137,6 +151,7 @@ class GatewaySettings:
     source_burst: float = 400.0
     max_sessions: int = 1_000_000
     lease_s: float = 3.0  # forward only while the store answered within this
+    keys_reject_after_s: float = 180.0  # no data under a session secret older than this
 
 
 
@@ -273,7 +288,8 @@ class _Handshake:
 class _Reattach:
     """One REATTACH_REQUEST being answered."""
 
-    __slots__ = ("req", "raw", "peer", "span", "secrets", "t0", "t1", "bid")
+    __slots__ = ("req", "raw", "peer", "span", "secrets", "previous", "cached", "t0", "t1",
+                 "bid")
 
     def __init__(self, req: wire.ReattachRequest, raw: bytes, peer: Peer, span: Span,
                  t0: float, bid: bytes) -> None:
@@ -282,6 +298,8 @@ class _Reattach:
         self.peer = peer
         self.span = span
         self.secrets: SessionSecrets | None = None
+        self.previous: SessionSecrets | None = None  # kept since a REKEY (record's wsp)
+        self.cached = False  # secrets from this node's cache (may predate a REKEY elsewhere)
         self.t0 = self.t1 = t0
         self.bid = bid
 
@@ -338,8 +356,10 @@ class GatewayMachine:
                                 max(threshold, 0.0), size=1)
         self._sources = Buckets(settings.source_rate, settings.source_burst)
         self._unknown = Recent(UNKNOWN_SESSION_TTL_S)  # session ids the store does not know
+        self._reread = Recent(REREAD_INTERVAL_S)  # sessions whose cached secret was re-read
         self._used_tokens = Recent(2 * RETRY_TOKEN_LIFETIME_S)
         self._alerts = Throttle(ALERT_INTERVAL_S)
+        self._reject_after_ms = settings.keys_reject_after_s * 1000
         # Is each client key still in the registry, and when we last asked (bounded staleness:
         # a revoked client's sessions end within registry_staleness_s plus a refresh period).
         self._registered: dict[str, tuple[bool, float]] = {}
@@ -465,6 +485,8 @@ class GatewayMachine:
     def _handle_data(self, msg: wire.Data, raw: bytes, peer: Peer, now: float) -> None:
         b = self.bindings.get(msg.session_id)
         if b is None or b.epoch != msg.epoch:
+            if b is not None and b.prev_channel is not None and b.prev_channel.epoch == msg.epoch:
+                return self._prev_epoch_data(b, msg, raw, peer, now)
             p = self.pending.get(msg.session_id)
             if p is not None and p.epoch == msg.epoch:
                 return self._pending_data(p, msg, raw, peer, now)
@@ -489,7 +511,22 @@ class GatewayMachine:
             b.validated = True
         b.last_rx = now
         b.rx_packets += 1
+        rk = b.rekey
+        if rk is not None and b.prev_channel is not None and not rk.confirming:
+            self._confirm_key(b, rk)
         self._deliver(b, inner, now)
+
+    def _prev_epoch_data(self, b: Binding, msg: wire.Data, raw: bytes, peer: Peer,
+                         now: float) -> None:
+        """A packet under the keys a REKEY replaced, still in flight (or the client's REKEY
+        again: its answer was lost). From the binding's own peer only."""
+        assert b.prev_channel is not None
+        plain = b.prev_channel.open(msg, raw)
+        if peer != b.peer:
+            raise RemoteProtocolError(DropReason.UNEXPECTED, "previous keys from a new address")
+        b.last_rx = now
+        b.rx_packets += 1
+        self._deliver(b, wire.decode_inner(plain), now)
 
     def _deliver(self, b: Binding, inner: wire.Inner, now: float) -> None:
         """One authenticated packet of an ACTIVE binding: act on what it carries."""
@@ -500,10 +537,15 @@ class GatewayMachine:
                              now)
         kind = inner.kind
         if kind is wire.InnerType.PAYLOAD:
+            if self.store_ms(now) - b.secrets.made_ms > self._reject_after_ms:
+                self.metrics.count_drop(DropReason.KEYS_EXPIRED, b.peer.kind)
+                return
             self._to_upstream(b, inner.payload)
+        elif kind is wire.InnerType.REKEY:
+            self._rekey(b, inner, now)
         elif kind is wire.InnerType.KEEPALIVE:
             ack = wire.inner_keepalive_ack(inner.seq, inner.echo_ms, b.version, int(b.state))
-            self._send(b, b.channel.seal(ack))
+            self._send(b, b.tx_channel.seal(ack))
             if inner.state != b.state and not b.transition_pending:
                 self._reported_state(b, inner.state, now)
         elif kind is wire.InnerType.CLOSE:
@@ -524,7 +566,7 @@ class GatewayMachine:
         p.rx += size
         if now - p.last_sent < PATH_CHALLENGE_INTERVAL_S:
             return
-        out = b.channel.seal(wire.inner_path_challenge(p.challenge))
+        out = b.tx_channel.seal(wire.inner_path_challenge(p.challenge))
         if not within_budget(p.rx, p.tx, len(out)):
             self.metrics.count_drop(DropReason.NOT_VALIDATED, peer.kind)
             return
@@ -542,6 +584,74 @@ class GatewayMachine:
             return False
         b.probes = None
         return True
+
+    # ---- REKEY: a fresh Diffie-Hellman in band ---------------------------------------------
+
+    def _rekey(self, b: Binding, inner: wire.Inner, now: float) -> None:
+        """The client's REKEY on the ACTIVE binding: a new X25519 exchange derives the next
+        session secret (``rekey_secret``), the store installs it with a new binding (one
+        script, rekey.lua), then the answer goes back under the keys the client still has."""
+        rk = b.rekey
+        if rk is not None:  # one at a time; the same one again means our answer was lost
+            if rk.answer and rk.client_pub == inner.payload and b.prev_channel is not None:
+                self._send(b, b.prev_channel.seal(rk.answer))
+            return
+        s = b.secrets
+        if not b.validated or inner.generation != s.generation:
+            self.metrics.count_drop(DropReason.UNEXPECTED, b.peer.kind)
+            return
+        priv = self._random(32)
+        pub = public_key(priv)
+        try:
+            shared = dh(priv, inner.payload)
+        except SessionError:
+            self.metrics.count_drop(DropReason.BAD_HANDSHAKE, b.peer.kind)
+            return
+        secret = rekey_secret(s.secret, shared, inner.payload, pub, s.generation + 1)
+        new = SessionSecrets(secret, SessionKeys(secret), s.upstream, s.client_id, s.ttl_ms,
+                             s.policy, s.generation + 1, 0)
+        wrapped, control_wrapped = self._wrap(b.session_id, new)
+        bid = self._random(wire.BINDING_ID_LEN)
+        rk = b.rekey = RekeyState(inner.payload)
+        op = RekeyOp(b.session_id, b.epoch, b.binding_id, self.instance_id, s.generation,
+                     wrapped, control_wrapped, bid)
+        self._call(op, lambda res, t: self._rekeyed(b, rk, new, bid, pub, res, t))
+
+    def _rekeyed(self, b: Binding, rk: RekeyState, new: SessionSecrets, bid: bytes,
+                 pub: bytes, res: Any, now: float) -> None:
+        sid = b.session_id
+        if self.bindings.get(sid) is not b or b.rekey is not rk:
+            return
+        if not isinstance(res, RekeyResult) or not res.ok:
+            b.rekey = None  # the client asks again
+            if isinstance(res, RekeyResult) and res.status in (
+                    StoreStatus.NOT_OWNER, StoreStatus.TERMINATED, StoreStatus.EXPIRED):
+                self._refresh(b, now)  # we may not hold it any more: the store says
+            return
+        new.made_ms = res.server_ms
+        b.prev_channel = b.channel
+        b.epoch, b.binding_id, b.secrets, b._channel = res.epoch, bid, new, None
+        self._cache(sid, new)
+        rk.answer = wire.inner_rekey_ack(new.generation, res.epoch, bid, pub)
+        self._send(b, b.prev_channel.seal(rk.answer))
+        self.events.emit("rekey", outcome="success", session_id=sid, epoch=res.epoch,
+                         key_generation=new.generation)
+
+    def _confirm_key(self, b: Binding, rk: RekeyState) -> None:
+        """The client's first packet under the new keys: it has them. The previous secret
+        goes from the store and from this node (forward secrecy from here on)."""
+        rk.confirming = True
+
+        def done(ok: Any, now: float) -> None:
+            if b.rekey is not rk:
+                return
+            if isinstance(ok, StoreFailure):
+                rk.confirming = False  # the next packet tries again
+                return
+            b.prev_channel = None
+            b.rekey = None
+
+        self._call(ConfirmKeyOp(b.session_id, b.secrets.generation), done)
 
     # ---- PENDING bindings ------------------------------------------------------------------
 
@@ -620,7 +730,7 @@ class GatewayMachine:
         if not self._leased(b, now):
             self.metrics.count_drop(DropReason.LEASE_EXPIRED, wire.TransportKind.UDP)
             return
-        self._send(b, b.channel.seal(wire.inner_payload(data)))
+        self._send(b, b.tx_channel.seal(wire.inner_payload(data)))
 
     def _roam(self, b: Binding, peer: Peer) -> None:
         old = b.peer
@@ -859,11 +969,11 @@ class GatewayMachine:
         client_hex = hs.responder.client_static.hex()
         bound = policy_binding(client_hex, hello.upstream, ttl_ms, policy.reattach_rate,
                                policy.transport_mask, policy.max_age_ms)  # what BirthOp writes
-        wrapped = wrap_secret(self.keks.current, secret, sid, policy=bound,
-                              nonce=self._random(WRAP_NONCE_LEN))
+        secrets = SessionSecrets(secret, SessionKeys(secret), hello.upstream, client_hex, ttl_ms,
+                                 bound, 0, self.store_ms(now))
+        wrapped, control_wrapped = self._wrap(sid, secrets)
         op = BirthOp(sid, wrapped, client_hex, self.instance_id,
-                     bid, hs.peer.kind, hello.upstream, policy)
-        secrets = SessionSecrets(secret, SessionKeys(secret), hello.upstream, client_hex, ttl_ms)
+                     bid, hs.peer.kind, hello.upstream, policy, control_wrapped)
         self._call(op, lambda born, t: self._hs_born(hs, op, secrets, msg2, now, born, t),
                    hs.span, control=True)
 
@@ -967,26 +1077,55 @@ class GatewayMachine:
         while len(self._secrets) > KEY_CACHE_SIZE:
             self._secrets.popitem(last=False)
 
-    def _secrets_from(self, sid: bytes, rec: SessionRecord) -> SessionSecrets | None:
-        """The session's secrets: cached, else unwrapped from its record (and cached)."""
+    def _secrets_from(self, sid: bytes, rec: SessionRecord,
+                      fresh: bool = False) -> SessionSecrets | None:
+        """The session's secrets: cached (unless ``fresh`` or of an older key generation than
+        the record's), else unwrapped from its record (and cached)."""
         cached = self._secrets.get(sid)
-        if cached is not None:
+        if cached is not None and not fresh and cached.generation >= rec.key_generation:
             return cached
-        if not rec.wrapped_secret:
+        if cached is not None and cached.generation == rec.key_generation and fresh:
+            return cached  # the record says what we hold: nothing to unwrap again
+        secrets = self._unwrap(sid, rec, rec.wrapped_secret, rec.key_generation, rec.keys_ms)
+        if secrets is not None:
+            self._cache(sid, secrets)
+        return secrets
+
+    def _unwrap(self, sid: bytes, rec: SessionRecord, blob: bytes, generation: int,
+                made_ms: int) -> SessionSecrets | None:
+        """One wrapped secret of ``rec`` (the current or the previous), or None."""
+        if not blob:
             return None
+        policy = _policy_of(rec)
         try:
-            secret = unwrap_secret(self.keks, rec.wrapped_secret, sid, policy=policy_binding(
-                rec.client_id, rec.upstream, rec.ttl_ms, rec.reattach_rate, rec.transports_mask,
-                rec.max_age_ms))
+            secret = unwrap_secret(self.keks, blob, sid, policy=policy)
         except SessionError as exc:  # a record's policy fields changed, an old format, another KEK
             self.events.security_event("unwrap_failed", "BAD_KEK", session_id=sid,
                                        detail=str(exc))
             self.metrics.security("unwrap_failed")
             return None
-        secrets = SessionSecrets(secret, SessionKeys(secret), rec.upstream, rec.client_id,
-                                 rec.ttl_ms)
-        self._cache(sid, secrets)
-        return secrets
+        return SessionSecrets(secret, SessionKeys(secret), rec.upstream, rec.client_id,
+                              rec.ttl_ms, policy, generation, made_ms)
+
+    def _wrap(self, sid: bytes, secrets: SessionSecrets) -> tuple[bytes, bytes]:
+        """The secret and its control key wrapped under the current KEK (what a record and
+        its tombstone keep)."""
+        kek = self.keks.current
+        return (wrap_secret(kek, secrets.secret, sid, policy=secrets.policy,
+                            nonce=self._random(WRAP_NONCE_LEN)),
+                wrap_secret(kek, secrets.keys.control_key, sid,
+                            policy=control_policy(secrets.policy),
+                            nonce=self._random(WRAP_NONCE_LEN)))
+
+    def _tombstone_key(self, sid: bytes, rec: SessionRecord) -> bytes | None:
+        """A tombstone's control key (it keeps no secret): to MAC a late TERMINATED."""
+        if not rec.terminated or not rec.wrapped_control:
+            return None
+        try:
+            return unwrap_secret(self.keks, rec.wrapped_control, sid,
+                                 policy=control_policy(_policy_of(rec)))
+        except SessionError:
+            return None
 
     # ---- reattach --------------------------------------------------------------------------
 
@@ -1012,19 +1151,29 @@ class GatewayMachine:
         if secrets is not None:
             self._secrets.move_to_end(sid)
             r.secrets = secrets
+            r.cached = True
             return self._reattach_check(r, now)
         self._call(GetRecordOp(sid), lambda rec, t: self._reattach_loaded(r, rec, t), r.span,
                    control=True, unauth=True)
 
-    def _reattach_loaded(self, r: _Reattach, rec: Any, now: float) -> None:
+    def _reattach_loaded(self, r: _Reattach, rec: Any, now: float, fresh: bool = False) -> None:
         if isinstance(rec, StoreFailure):
             return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, None, now)
-        secrets = self._secrets_from(r.req.session_id, rec) if rec is not None else None
+        sid = r.req.session_id
+        secrets = self._secrets_from(sid, rec, fresh) if rec is not None else None
         if secrets is None:
-            self._unknown.add(r.req.session_id, now)
+            key = self._tombstone_key(sid, rec) if rec is not None else None
+            if key is not None:  # a tombstone: over, said authenticated (it has no secret)
+                reason = (RejectReason.EXPIRED if rec.terminate_reason is TerminateReason.EXPIRED
+                          else RejectReason.TERMINATED)
+                return self._reattach_reject(r, reason, key, now, rec.version)
+            self._unknown.add(sid, now)
             return self._reattach_reject(r, RejectReason.UNKNOWN_SESSION, None, now)
         self.metrics.store_latency("get", max(0.0, now - r.t0))
         r.secrets = secrets
+        r.cached = False
+        r.previous = self._unwrap(sid, rec, rec.previous_wrapped, rec.key_generation - 1,
+                                  rec.previous_keys_ms)
         self._reattach_check(r, now)
 
     def _reattach_check(self, r: _Reattach, now: float) -> None:
@@ -1033,9 +1182,23 @@ class GatewayMachine:
         assert r.secrets is not None
         keys = r.secrets.keys
         if not control.verify(raw, keys.proof_key):
-            self._alert("bad_proof", "BAD_PROOF", now, peer.addr[0], session_id=req.session_id,
-                        proof=fingerprint(raw[-wire.MAC_LEN:]))
-            return self._reattach_reject(r, RejectReason.BAD_PROOF, None, now)
+            if r.cached and not self._reread.seen(req.session_id, now):
+                # Our cached secret may predate a REKEY made on another node: read the
+                # record again (at most once a second per session) and check again.
+                self._reread.add(req.session_id, now)
+                r.cached = False
+                self._call(GetRecordOp(req.session_id),
+                           lambda rec, t: self._reattach_loaded(r, rec, t, fresh=True), r.span,
+                           control=True, unauth=True)
+                return
+            if r.previous is None or not control.verify(raw, r.previous.keys.proof_key):
+                self._alert("bad_proof", "BAD_PROOF", now, peer.addr[0],
+                            session_id=req.session_id, proof=fingerprint(raw[-wire.MAC_LEN:]))
+                return self._reattach_reject(r, RejectReason.BAD_PROOF, None, now)
+            # The client never learned a REKEY its node committed (the node died first): its
+            # proof is under the previous secret, which the store gives back (reattach.lua).
+            r.secrets = r.previous
+            keys = r.secrets.keys
         if req.kind != peer.kind:
             return self._reattach_reject(r, RejectReason.POLICY_DENIED, keys.control_key, now)
         if not self.health.clock_known:
@@ -1080,9 +1243,11 @@ class GatewayMachine:
     def _reattach_cas(self, r: _Reattach, now: float) -> None:
         req, peer = r.req, r.peer
         r.t1 = now
+        assert r.secrets is not None
         op = ReattachOp(req.session_id, req.expected_version, req.nonce, req.timestamp_ms,
                         req.kind, self.instance_id, r.bid, peer.describe(),
-                        self.settings.reattach_window_ms, self.settings.dual_active_window_ms)
+                        self.settings.reattach_window_ms, self.settings.dual_active_window_ms,
+                        r.secrets.generation)
         self._call(op, lambda res, t: self._reattach_decided(r, res, t), r.span, control=True)
 
     def _reattach_answer(self, r: _Reattach, msg: wire.Message, key: bytes | None) -> None:
@@ -1117,6 +1282,8 @@ class GatewayMachine:
             self.health.clock_known = True
         if not res.ok:
             reason = res.reason or RejectReason.STORE_UNAVAILABLE
+            if res.status is StoreStatus.KEY_MOVED:  # rekeyed since we cached it: forget it
+                self._secrets.pop(sid, None)
             if res.expired_now:
                 self._release(r.secrets.client_id, sid)
                 self._state_changed(sid, res.prev_state or SessionState.ATTACHED,
@@ -1131,6 +1298,8 @@ class GatewayMachine:
                 # request raced by a copy that just won is told, so the client can retry.)
                 version = 0
             return self._reattach_reject(r, reason, keys.control_key, now, version)
+        if self._secrets.get(sid) is not r.secrets:
+            self._cache(sid, r.secrets)  # read, or given back by the store (a REKEY undone)
         node_id = res.node.encode()[: wire.MAX_NODE_ID_LEN]
         ack = wire.ReattachAck(sid, req.nonce, res.version, res.epoch, res.binding_id, node_id,
                                self.store_ms(now))
@@ -1195,7 +1364,7 @@ class GatewayMachine:
         self.pending.pop(sid, None)
         b = self.bindings.get(sid)
         if b is not None and notify and b.validated:
-            self._send(b, b.channel.seal(wire.inner_close(int(reason))))
+            self._send(b, b.tx_channel.seal(wire.inner_close(int(reason))))
         if b is not None and res.ok and not res.already:
             self._release(b.secrets.client_id, sid)
         self._drop_binding(sid)
@@ -1231,7 +1400,7 @@ class GatewayMachine:
         if res.status in (StoreStatus.TERMINATED, StoreStatus.EXPIRED) and b.validated:
             # Ended elsewhere (admin, sweeper): tell the client, authenticated, in band.
             why = res.terminate_reason or TerminateReason.ADMIN
-            self._send(b, b.channel.seal(wire.inner_close(int(why))))
+            self._send(b, b.tx_channel.seal(wire.inner_close(int(why))))
         self._drop_binding(b.session_id)
         self.events.emit("binding_revoked", outcome="success", session_id=b.session_id,
                          reason=res.status.name, epoch=b.epoch, new_node=res.node or None)
@@ -1333,7 +1502,7 @@ class GatewayMachine:
             # in band (here), or wake its owner, whose refresh answers EXPIRED and does so.
             b = self.bindings.get(item.session_id)
             if b is not None and b.validated:
-                self._send(b, b.channel.seal(wire.inner_close(int(TerminateReason.EXPIRED))))
+                self._send(b, b.tx_channel.seal(wire.inner_close(int(TerminateReason.EXPIRED))))
             elif b is None and item.node and item.node != self.instance_id:
                 self._call(PublishMoveOp(item.session_id, "-", 0), _ignore)
             self._drop_binding(item.session_id)
@@ -1351,6 +1520,12 @@ class GatewayMachine:
         self._unauth_calls = 0
         self._sweeping = False
         self.health.checking = False
+
+
+def _policy_of(rec: SessionRecord) -> bytes:
+    """The policy binding of a record's fields (what its secrets are wrapped with)."""
+    return policy_binding(rec.client_id, rec.upstream, rec.ttl_ms, rec.reattach_rate,
+                          rec.transports_mask, rec.max_age_ms)
 
 
 def _ignore(answer: Any, now: float) -> None:

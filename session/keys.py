@@ -5,6 +5,10 @@
             -> proof_key    client -> gateway: MAC over REATTACH_REQUEST
             -> control_key  gateway -> client: MAC over REATTACH_ACK / REJECT / NOTICE
             -> traffic keys per binding (epoch, binding_id, node_id), one per direction
+        -> every REKEY (a fresh X25519 exchange in band, ``rekey_secret``) replaces the
+           session secret with one derived from it and the new shared secret: once both
+           sides and the store forget the old one, a later compromise (the KEK plus a
+           store dump, a node's memory) cannot recompute the traffic keys used before
 
 Every derivation is HKDF-SHA256 with its own ``b"jvpn v1 ..."`` label, so no two
 purposes ever share a key. Context fields are length-prefixed or fixed-width,
@@ -55,6 +59,8 @@ _LABEL_CONTROL = b"jvpn v1 control mac g2c"
 _LABEL_TRAFFIC = b"jvpn v1 traffic"
 _LABEL_POLICY = b"jvpn v1 record policy"
 _LABEL_REGISTRY = b"jvpn v1 registry mac"
+_LABEL_REKEY = b"jvpn v1 rekey"
+_LABEL_CONTROL_WRAP = b"jvpn v1 wrapped control key"
 _PERSON_KEK_ID = b"jvpnkid1"  # BLAKE2s personalisation (8 bytes): the KEK id is its own hash
 _EPOCH = struct.Struct("!Q")
 
@@ -70,6 +76,25 @@ def derive_session_secret(k1: bytes, k2: bytes, handshake_hash: bytes) -> bytes:
     if len(handshake_hash) not in (32, 64):
         raise ValueError("handshake hash must be 32 or 64 bytes")
     return _hkdf(k1 + k2, _LABEL_SESSION, SESSION_SECRET_LEN, salt=handshake_hash)
+
+
+def rekey_secret(secret: bytes, shared: bytes, client_pub: bytes, gateway_pub: bytes,
+                 generation: int) -> bytes:
+    """The session secret of key ``generation`` after a REKEY: the previous secret and the
+    fresh X25519 shared secret, bound to both ephemeral public keys."""
+    if len(secret) != SESSION_SECRET_LEN or len(shared) != 32:
+        raise ValueError("secret and shared secret must be 32 bytes")
+    if len(client_pub) != 32 or len(gateway_pub) != 32 or not 0 < generation < 2**32:
+        raise ValueError("bad rekey inputs")
+    return _hkdf(secret + shared, _LABEL_REKEY + struct.pack("!I", generation),
+                 SESSION_SECRET_LEN, salt=client_pub + gateway_pub)
+
+
+def control_policy(policy: bytes) -> bytes:
+    """The associated data that wraps a session's control key for its tombstone
+    (``wrap_secret(kek, keys.control_key, sid, policy=control_policy(policy))``): the same
+    policy binding, in another domain, so a wrapped control key never unwraps as a secret."""
+    return policy + _LABEL_CONTROL_WRAP
 
 
 class SessionKeys:

@@ -96,6 +96,13 @@ def public_key(priv: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(priv).public_key().public_bytes_raw()
 
 
+def dh(priv: bytes, pub: bytes) -> bytes:
+    """X25519 of a 32-byte private key and a peer's public key (AuthError if low order)."""
+    if len(priv) != 32 or len(pub) != 32:
+        raise AuthError(DropReason.MALFORMED, "X25519 keys must be 32 bytes")
+    return _dh(X25519PrivateKey.from_private_bytes(priv), pub)
+
+
 def _dh(priv: X25519PrivateKey, pub: bytes) -> bytes:
     # cryptography refuses an all-zero shared secret (low-order point): that is
     # the peer's doing, so it surfaces as a handshake failure.

@@ -58,6 +58,7 @@ class DropReason(IntEnum):
     TCP_LIMIT = 18  # a TCP connection refused or closed by a limit (caps, timeouts, a stalled peer)
     UNTRUSTED_PREFIX = 19  # a client-address prefix (or PROXY header) from a non-balancer source
     MISSING_PREFIX = 20  # from a trusted balancer without a valid client-address prefix
+    KEYS_EXPIRED = 21  # data under a session secret older than its reject-after age: rekey first
 
 
 class NoticeKind(IntEnum):

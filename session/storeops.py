@@ -47,6 +47,7 @@ class StoreStatus(IntEnum):
     NOT_OWNER = 11  # refresh by a node/epoch that no longer holds the binding
     EXISTS = 12  # birth of a session id that already exists
     GENERATION_MOVED = 13  # the record is of another store generation than the caller's
+    KEY_MOVED = 14  # a proof under a session secret the store no longer holds (rekeyed)
 
 
 _TOMBSTONE_STATUSES = (StoreStatus.TERMINATED, StoreStatus.EXPIRED)
@@ -225,6 +226,25 @@ class ActivateResult:
 
 
 @dataclass(slots=True)
+class RekeyResult:
+    """A REKEY's new secret installed (see store/lua/rekey.lua for every field)."""
+
+    status: StoreStatus  # OK | NOT_OWNER | STALE_VERSION | UNKNOWN_SESSION | TERMINATED | EXPIRED
+    version: int
+    state: SessionState | None
+    epoch: int  # the new binding's on OK; the current one otherwise
+    node: str
+    generation: int  # the key generation now
+    server_ms: int
+    expired_now: bool
+    terminate_reason: TerminateReason | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+
+@dataclass(slots=True)
 class TerminateResult:
     status: StoreStatus  # OK (written now) | TERMINATED | EXPIRED (already) | UNKNOWN_SESSION
     version: int
@@ -301,6 +321,11 @@ class SessionRecord:
     pending_epoch: int = 0  # the newest epoch a reattach granted (PENDING until activated)
     pending_node: str = ""  # its node, while it is PENDING ('' once active)
     pending_binding_id: bytes = b""
+    wrapped_control: bytes = field(default=b"", repr=False)  # ``wc``: tombstones keep only it
+    key_generation: int = 0  # REKEYs so far (``kg``)
+    keys_ms: int = 0  # when the current secret was made (``kt``; birth: ``cr``)
+    previous_wrapped: bytes = field(default=b"", repr=False)  # ``wsp``: until the client confirms
+    previous_keys_ms: int = 0
 
     @property
     def terminated(self) -> bool:
@@ -367,6 +392,7 @@ class BirthOp:
     kind: TransportKind
     upstream: str
     policy: ClientPolicy
+    wrapped_control: bytes = field(default=b"", repr=False)
 
 
 @dataclass(slots=True)
@@ -383,6 +409,7 @@ class ReattachOp:
     addr_tag: str
     window_ms: int
     dual_active_window_ms: int
+    proof_generation: int = -1  # the key generation the proof verified under
 
 
 @dataclass(slots=True)
@@ -411,6 +438,28 @@ class ActivateOp:
     epoch: int
     binding_id: bytes
     node: str
+
+
+@dataclass(slots=True)
+class RekeyOp:
+    """Install a REKEY's new session secret (``RekeyResult``)."""
+
+    session_id: bytes
+    epoch: int
+    binding_id: bytes
+    node: str
+    generation: int  # the key generation the client rekeys from
+    wrapped_secret: bytes = field(repr=False)
+    wrapped_control: bytes = field(repr=False)
+    new_binding_id: bytes
+
+
+@dataclass(slots=True)
+class ConfirmKeyOp:
+    """The client proved key ``generation``: forget the previous secret (a bool)."""
+
+    session_id: bytes
+    generation: int
 
 
 @dataclass(slots=True)
@@ -468,7 +517,7 @@ class SweepOp:
 
 
 StoreOp = (GetRecordOp | GetClientOp | ClaimHandshakeOp | BirthOp | ReattachOp | ActivateOp
-           | TransitionOp | RefreshOp | TerminateOp | PublishMoveOp | ServerTimeOp | SweepOp | ClaimSlotOp
+           | RekeyOp | ConfirmKeyOp | TransitionOp | RefreshOp | TerminateOp | PublishMoveOp | ServerTimeOp | SweepOp | ClaimSlotOp
            | ReleaseSlotOp)
 
 

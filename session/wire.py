@@ -84,6 +84,8 @@ class InnerType(IntEnum):
     CLOSE = 4  # reason u8: authenticated in-band terminate
     PATH_CHALLENGE = 5  # data 8: the gateway probes a new address (RFC 9000 section 8.2)
     PATH_RESPONSE = 6  # data 8: the client echoes it, from the address it reached
+    REKEY = 7  # generation u32 | ephemeral X25519 public 32: a fresh DH (client -> gateway)
+    REKEY_ACK = 8  # generation u32 | epoch u64 | binding id 16 | ephemeral public 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,15 +373,32 @@ def inner_path_response(data: bytes) -> bytes:
     return bytes([InnerType.PATH_RESPONSE]) + data
 
 
+_REKEY = struct.Struct("!BI32s")
+_REKEY_ACK = struct.Struct("!BIQ16s32s")
+
+
+def inner_rekey(generation: int, public: bytes) -> bytes:
+    """Ask to move from key ``generation`` to the next with a fresh X25519 public key."""
+    return _REKEY.pack(InnerType.REKEY, generation, public)
+
+
+def inner_rekey_ack(generation: int, epoch: int, binding_id: bytes, public: bytes) -> bytes:
+    """The gateway's half: the new ``generation``, the binding it now holds, its key."""
+    return _REKEY_ACK.pack(InnerType.REKEY_ACK, generation, epoch, binding_id, public)
+
+
 @dataclass(frozen=True, slots=True)
 class Inner:
     kind: InnerType
-    payload: bytes = b""
+    payload: bytes = b""  # a PAYLOAD's datagram, path data, a REKEY's public key
     seq: int = 0
     echo_ms: int = 0
     state: int = 0
     reason: int = 0
     version: int = 0
+    generation: int = 0  # REKEY, REKEY_ACK
+    epoch: int = 0  # REKEY_ACK
+    binding_id: bytes = b""  # REKEY_ACK
 
 
 def decode_inner(plain: bytes) -> Inner:
@@ -402,6 +421,14 @@ def decode_inner(plain: bytes) -> Inner:
     if kind is InnerType.PATH_CHALLENGE or kind is InnerType.PATH_RESPONSE:
         _exact(plain, 1 + PATH_DATA_LEN, kind.name)
         return Inner(kind, payload=plain[1:])
+    if kind is InnerType.REKEY:
+        _exact(plain, _REKEY.size, "REKEY")
+        _, gen, pub = _REKEY.unpack(plain)
+        return Inner(kind, payload=pub, generation=gen)
+    if kind is InnerType.REKEY_ACK:
+        _exact(plain, _REKEY_ACK.size, "REKEY_ACK")
+        _, gen, epoch, bid, pub = _REKEY_ACK.unpack(plain)
+        return Inner(kind, payload=pub, generation=gen, epoch=epoch, binding_id=bid)
     _exact(plain, 2, "CLOSE")
     return Inner(kind, reason=plain[1])
 

@@ -66,6 +66,7 @@ from session.storeops import (
     ReattachOp,
     ReattachResult,
     RefreshResult,
+    RekeyResult,
     SessionRecord,
     SlotResult,
     StoreStatus,
@@ -185,6 +186,24 @@ def _reason(code: Any) -> RejectReason | None:
     return _REJECT.get(code) if code in _REJECT else RejectReason(int(code))
 
 
+def _client_id(raw: Any) -> str:
+    """A record's ``cid``: the client's 32-byte public key, stored raw (half the bytes of
+    its hex, which records written before stored and still read)."""
+    if type(raw) is bytes and len(raw) == 32:
+        return raw.hex()
+    return _text(raw)
+
+
+def _cid_field(client_id: str) -> bytes | str:
+    """What a record stores as ``cid`` for ``client_id`` (see ``_client_id``)."""
+    if len(client_id) == 64:
+        try:
+            return bytes.fromhex(client_id)
+        except ValueError:
+            pass
+    return client_id
+
+
 def _text(raw: Any) -> str:
     return raw.decode("utf-8", "replace") if type(raw) is bytes else str(raw)
 
@@ -236,6 +255,10 @@ REATTACH_REPLY = Reply("reattach", ReattachResult, [
     ("state", _state), ("retry", _flag), ("expired_now", _flag), ("binding_current", _flag),
     ("terminate_reason", _treason), ("prev_state", _state), ("prev_kind", _KINDS.get),
     ("binding_pending", _flag)])
+REKEY_REPLY = Reply("rekey", RekeyResult, [
+    ("status", _status), ("version", int), ("state", _state), ("epoch", int), ("node", _text),
+    ("generation", int), ("server_ms", int), ("expired_now", _flag),
+    ("terminate_reason", _treason)])
 ACTIVATE_REPLY = Reply("activate", ActivateResult, [
     ("status", _status), ("version", int), ("state", _state), ("epoch", int), ("node", _text),
     ("prev_epoch", int), ("prev_node", _text), ("server_ms", int), ("expired_now", _flag),
@@ -250,7 +273,7 @@ TERMINATE_REPLY = Reply("terminate", TerminateResult, [
 EXPIRE_REPLY = Reply("expire", ExpireResult, [
     ("status", _status), ("expired_now", _flag), ("version", int), ("deadline_ms", int),
     ("epoch", int), ("node", _text), ("prev_state", _state), ("server_ms", int),
-    ("client_id", _text)])
+    ("client_id", _client_id)])
 SLOT_REPLY = Reply("slot", SlotResult, [("ok", lambda v: _status(v) is StoreStatus.OK),
                                          ("count", int)])
 # transition.lua's reply; the event is the caller's (``decode(r, event)``).
@@ -281,7 +304,7 @@ def decode_record(session_id: bytes, f: Mapping[bytes, bytes], server_ms: int) -
         node=_text(f.get(b"nd", b"")),
         kind=TransportKind(kind) if kind else None,
         upstream=_text(f.get(b"up", b"")),
-        client_id=_text(f.get(b"cid", b"")),
+        client_id=_client_id(f.get(b"cid", b"")),
         wrapped_secret=f.get(b"ws", b""),
         ttl_ms=i(b"ttl"),
         deadline_ms=i(b"dl"),
@@ -298,6 +321,11 @@ def decode_record(session_id: bytes, f: Mapping[bytes, bytes], server_ms: int) -
         pending_epoch=i(b"pep"),
         pending_node=_text(f.get(b"pnd", b"")),
         pending_binding_id=f.get(b"pbid", b""),
+        wrapped_control=f.get(b"wc", b""),
+        key_generation=i(b"kg"),
+        keys_ms=i(b"kt", i(b"cr")),
+        previous_wrapped=f.get(b"wsp", b""),
+        previous_keys_ms=i(b"ktp", i(b"cr")),
     )
 
 
@@ -594,6 +622,7 @@ class SessionStore:
         client_id: str | None = None,
         ttl_ms: int | None = None,
         max_age_ms: int | None = None,
+        wrapped_control: bytes = b"",
     ) -> BirthResult:
         """Create a session ATTACHED at version 1, epoch 1 (EXISTS if the id is taken).
 
@@ -612,9 +641,10 @@ class SessionStore:
         hint = max(0, (self.estimated_server_ms() or 0) + min(ttl, max_age) - 1000)  # a lower bound
         keys = K.session_keys(session_id)
         args: list[Arg] = [
-            binding_id, node, int(kind), wrapped_secret, client_id or policy.client_id,
+            binding_id, node, int(kind), wrapped_secret,
+            _cid_field(client_id or policy.client_id),
             upstream, ttl, policy.reattach_rate, policy.transport_mask, gen, self._slack_ms,
-            max_age,
+            max_age, wrapped_control,
         ]  # fmt: skip
         extras = [("ZADD", K.EXPIRY_INDEX, "LT", hint, K.session_hex(session_id))]
         try:
@@ -647,14 +677,19 @@ class SessionStore:
         binding_id: bytes | None = None,
         window_ms: int | None = None,
         dual_active_window_ms: int | None = None,
+        proof_generation: int = -1,
     ) -> ReattachResult:
-        """The reattach CAS (docs/ARCHITECTURE.md, Reattach step by step; store/lua/reattach.lua)."""
+        """The reattach CAS (docs/ARCHITECTURE.md, Reattach step by step; store/lua/reattach.lua).
+
+        ``proof_generation``: the key generation of the secret the proof verified under
+        (-1: not checked; see reattach.lua, ARGV[13]).
+        """
         gen = self._generation
         if gen is None or time.monotonic() >= self._gen_expires:
             gen = await self.generation()
         keys, args = self._reattach_call(session_id, expected_version, nonce, timestamp_ms, kind,
                                          node, addr_tag, binding_id, window_ms,
-                                         dual_active_window_ms, gen)  # fmt: skip
+                                         dual_active_window_ms, gen, proof_generation)  # fmt: skip
         try:
             r: list[Any] | None = await self._script("reattach", keys, args)
             error: StoreUnavailable | None = None
@@ -674,7 +709,8 @@ class SessionStore:
         kw: dict[str, Any] = dict(
             expected_version=op.expected_version, nonce=op.nonce, timestamp_ms=op.timestamp_ms,
             kind=op.kind, node=op.node, addr_tag=op.addr_tag, binding_id=op.binding_id,
-            window_ms=op.window_ms, dual_active_window_ms=op.dual_active_window_ms)
+            window_ms=op.window_ms, dual_active_window_ms=op.dual_active_window_ms,
+            proof_generation=op.proof_generation)
         pending = self.reattach_nowait(op.session_id, **kw)
         if pending is None:
             self.reattach_paths["task"] += 1
@@ -710,6 +746,7 @@ class SessionStore:
         binding_id: bytes,
         window_ms: int | None = None,
         dual_active_window_ms: int | None = None,
+        proof_generation: int = -1,
     ) -> PendingReattach | None:
         """The first step of ``reattach`` without a coroutine: queue the CAS, return at once.
 
@@ -727,7 +764,7 @@ class SessionStore:
             return None
         keys, args = self._reattach_call(session_id, expected_version, nonce, timestamp_ms, kind,
                                          node, addr_tag, binding_id, window_ms,
-                                         dual_active_window_ms, gen)  # fmt: skip
+                                         dual_active_window_ms, gen, proof_generation)  # fmt: skip
         call = ScriptCall(self._scripts["reattach"], keys, args)
         batcher.enqueue(call)
         return PendingReattach(keys, args, call.future)
@@ -769,6 +806,7 @@ class SessionStore:
         self, session_id: bytes, expected_version: int, nonce: bytes, timestamp_ms: int,
         kind: TransportKind, node: str, addr_tag: str | bytes, binding_id: bytes | None,
         window_ms: int | None, dual_active_window_ms: int | None, gen: int,
+        proof_generation: int = -1,
     ) -> tuple[tuple[str, ...], list[Arg]]:
         """The checked KEYS and ARGV of one reattach.lua call."""
         _check_node(node)
@@ -784,7 +822,7 @@ class SessionStore:
                 else int(dual_active_window_ms))  # fmt: skip
         args: list[Arg] = [
             expected_version, nonce, int(timestamp_ms), int(kind), node, bid, addr_tag,
-            window, dual, self._tomb_ms, self._slack_ms, gen,
+            window, dual, self._tomb_ms, self._slack_ms, gen, int(proof_generation),
         ]  # fmt: skip
         return K.session_keys(session_id), args
 
@@ -802,12 +840,12 @@ class SessionStore:
             r = await self._script("reattach", keys, args)
             recovered = True
         assert r is not None
-        gen = int(args[-1])
+        gen = int(args[11])
         res: ReattachResult = REATTACH_REPLY.decode(r)
         if (res.status is StoreStatus.GENERATION_MOVED
                 and await self._generation_moved_from(gen)):
             # The record is of another generation than ours, and ours was stale: again.
-            args[-1] = self._generation or gen
+            args[11] = self._generation or gen
             res = REATTACH_REPLY.decode(await self._script("reattach", keys, args))
         if res.status is StoreStatus.GENERATION_MOVED:  # ours is current: the record is void
             res.status = StoreStatus.UNKNOWN_SESSION
@@ -893,6 +931,52 @@ class SessionStore:
             res.status = StoreStatus.UNKNOWN_SESSION
         self._saw_server_time(res.server_ms)
         return res
+
+    async def rekey(self, session_id: bytes, *, epoch: int, binding_id: bytes, node: str,
+                    generation: int, wrapped_secret: bytes, wrapped_control: bytes,
+                    new_binding_id: bytes) -> RekeyResult:
+        """Install the session secret a REKEY derived (store/lua/rekey.lua): by the holder of
+        the ACTIVE binding (``epoch``, ``binding_id``, ``node``), from key ``generation``.
+        Not idempotent (the second run sees the next generation: STALE_VERSION): an
+        unknown outcome is re-read from the record."""
+        _check_node(node)
+        _check_len("binding_id", binding_id, BINDING_ID_LEN)
+        _check_len("new_binding_id", new_binding_id, BINDING_ID_LEN)
+        gen = self._generation
+        if gen is None or time.monotonic() >= self._gen_expires:
+            gen = await self.generation()
+        args: list[Arg] = [int(epoch), binding_id, node, int(generation), wrapped_secret,
+                           wrapped_control, new_binding_id, self._tomb_ms, gen]
+        keys = K.session_keys(session_id)
+        try:
+            r = await self._script("rekey", keys, args)
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            rec = await self.get(session_id)
+            if rec is None:
+                return RekeyResult(StoreStatus.UNKNOWN_SESSION, 0, None, 0, "", 0, 0, False, None)
+            applied = (rec.wrapped_secret == wrapped_secret and rec.binding_id == new_binding_id)
+            return RekeyResult(StoreStatus.OK if applied else StoreStatus.STALE_VERSION,
+                               rec.version, rec.state, rec.epoch, rec.node, rec.key_generation,
+                               rec.server_ms, False, rec.terminate_reason)
+        res: RekeyResult = REKEY_REPLY.decode(r)
+        if res.status is StoreStatus.GENERATION_MOVED:
+            res.status = StoreStatus.UNKNOWN_SESSION
+        self._saw_server_time(res.server_ms)
+        return res
+
+    async def confirm_key(self, session_id: bytes, generation: int) -> bool:
+        """The client holds key ``generation``: forget the previous wrapped secret
+        (store/lua/confirm_key.lua). True if one was forgotten now."""
+        keys = K.session_keys(session_id)[:1]
+        try:
+            r = await self._script("confirm_key", keys, [int(generation)])
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            r = await self._script("confirm_key", keys, [int(generation)])  # idempotent
+        return int(r[0]) == 1
 
     async def refresh(self, session_id: bytes, epoch: int, node: str) -> RefreshResult:
         """Keepalive by the binding owner: push the deadline (no version bump) or NOT_OWNER."""

@@ -34,8 +34,8 @@ class NonceCache(IntEnum):
     INDEX_AT = 24  # a cache this small has no time index: pruning reads it whole
 
 
-OPERATIONS = ("birth", "reattach", "activate", "transition", "refresh", "terminate", "expire",
-              "read", "slot")
+OPERATIONS = ("birth", "reattach", "activate", "rekey", "confirm_key", "transition", "refresh",
+              "terminate", "expire", "read", "slot")
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,5 +61,5 @@ if num(f[11]) ~= epoch or f[12] ~= bid or f[13] ~= node then
   return reply({ST.NOT_OWNER, v, st, ep, nd, 0, '', now, 0, 0})
 end
 redis.call('HSET', key, 'ep', epoch, 'bid', bid, 'nd', node, 'k', f[14])
-redis.call('HDEL', key, 'pbid', 'pnd', 'pk')
+redis.call('HDEL', key, 'pep', 'pbid', 'pnd', 'pk')  -- pep = ep now: max(ep, pep) holds
 return reply({ST.OK, v, st, epoch, node, ep, nd, now, 0, 0})

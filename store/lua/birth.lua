@@ -21,6 +21,8 @@
 -- ARGV[11] - GC slack, ms (key expiry = ttl + slack; safety never relies on it)
 -- ARGV[12] - maximum age, ms (optional; absent or 0: none): the session ends at
 --            created + max age whatever renews it (common.lua, end_ms)
+-- ARGV[13] - wrapped control key (optional): what a tombstone keeps, so a late request
+--            still gets an authenticated answer once the secret is gone
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, version, epoch, state, server_ms, deadline_ms}
 --   deadline_ms: when the session ends unless renewed (end_ms: ttl capped by max age)
@@ -51,5 +53,6 @@ redis.call('HSET', key,
   'ws', ARGV[4], 'cid', ARGV[5], 'up', ARGV[6], 'ttl', ttl, 'dl', deadline,
   'rr', tonumber(ARGV[8]), 'tk', mask, 'cr', now, 'gen', tonumber(ARGV[10]))
 if ma > 0 then redis.call('HSET', key, 'ma', ma) end
+if ARGV[13] and ARGV[13] ~= '' then redis.call('HSET', key, 'wc', ARGV[13]) end
 redis.call('PEXPIRE', key, ttl + tonumber(ARGV[11]))
 return reply({ST.OK, version, epoch, state, now, end_ms(deadline, now, ma)})

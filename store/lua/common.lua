@@ -54,12 +54,16 @@ end
 -- GC expiry ``tomb_ms``. The ONLY place a tombstone is written (terminate,
 -- expire, and the expiry paths of reattach, refresh and transition all call it).
 -- Keeps st, tr, v, ep, nd, te, dl, cr, gen (a late request gets an explicit
--- TERMINATED/EXPIRED) and, for now, ws so a cold gateway can MAC that answer
--- (store/README.md, Tombstones). The nonce keys go. Returns the new version.
+-- TERMINATED/EXPIRED) and wc, the wrapped control key a gateway MACs that answer
+-- with; the wrapped secrets (ws, wsp) go (store/README.md, Tombstones). The nonce
+-- keys go. Returns the new version.
 local function write_tombstone(key, nkey, tkey, v, reason, now, tomb_ms)
   local nv = v + 1
   redis.call('HSET', key, 'st', S.TERMINATED, 'v', nv, 'tr', reason, 'te', now)
-  redis.call('HDEL', key, 'lost', 'lv', 'lt', 'rl', 'rn', 'pbid', 'pnd', 'pk')  -- ws: README
+  -- No secret outlives the session: the wrapped secrets go, the wrapped control key (wc,
+  -- which derives nothing) stays to authenticate a late TERMINATED (store/README.md).
+  redis.call('HDEL', key, 'lost', 'lv', 'lt', 'rl', 'rn', 'pbid', 'pnd', 'pk', 'ws', 'wsp',
+    'ktp', 'wcp')
   redis.call('PEXPIRE', key, tomb_ms)
   redis.call('DEL', nkey, tkey)
   return nv

@@ -77,6 +77,12 @@
 -- ARGV[10] - tombstone TTL, ms
 -- ARGV[11] - GC slack, ms
 -- ARGV[12] - the caller's store generation (optional; absent or 0: not checked)
+-- ARGV[13] - the key generation of the secret the proof verified under (-1 or absent:
+--            not checked). The current one (kg): the client holds it, so a previous
+--            secret kept since a REKEY (wsp) goes on success. kg - 1 while wsp is kept:
+--            the client never learned the REKEY (its node died first), and on success
+--            the previous secret becomes the current one again (rekey.lua). Any other:
+--            KEY_MOVED (the caller's cached secret is stale), recorded.
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, reason, version, epoch, binding_id, node, prev_node, server_ms,
 --          state, retry, expired_now, binding_current, terminate_reason,
@@ -100,10 +106,11 @@ local dual_window = tonumber(ARGV[9])
 local tomb_ms = tonumber(ARGV[10])
 local slack_ms = tonumber(ARGV[11])
 local want_gen = tonumber(ARGV[12]) or 0
+local proof_gen = tonumber(ARGV[13]) or -1
 local now = now_ms()
 
 local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'bid', 'nd', 'k', 'dl', 'ttl', 'rr', 'tk',
-  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma', 'pep', 'pbid')
+  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma', 'pep', 'pbid', 'kg', 'wsp')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0, 0})
 end
@@ -254,6 +261,15 @@ if to == nil then
   return refuse(ST.ILLEGAL_TRANSITION, R.POLICY_DENIED)
 end
 
+-- (the secret) a proof under the previous secret is good only while the store still has it
+local kg, rollback = num(f[22]), false
+if proof_gen >= 0 and proof_gen ~= kg then
+  if proof_gen ~= kg - 1 or not f[23] then
+    return refuse(ST.KEY_MOVED, R.STORE_UNAVAILABLE)
+  end
+  rollback = true
+end
+
 -- 11. grant the new binding, PENDING: the previous binding stays the session's (ep, bid,
 -- nd, k) and keeps forwarding until activate.lua, run when the new path has validated,
 -- makes this one ACTIVE. Epochs are never granted twice: a newer grant supersedes an
@@ -263,6 +279,12 @@ local ttl = num(f[8])
 redis.call('HSET', key, 'st', to, 'v', nv, 'pep', nep, 'pbid', new_bid, 'pnd', new_node,
   'pk', kind, 'dl', now + ttl, 'lv', expected, 'lt', now)
 redis.call('HDEL', key, 'lost')
+if rollback then
+  local p = redis.call('HMGET', key, 'wsp', 'ktp', 'wcp')
+  redis.call('HSET', key, 'ws', p[1], 'kt', p[2] or now, 'kg', proof_gen)
+  if p[3] then redis.call('HSET', key, 'wc', p[3]) end
+end
+if proof_gen >= 0 then redis.call('HDEL', key, 'wsp', 'ktp', 'wcp') end
 redis.call('PEXPIRE', key, ttl + slack_ms)
 gc_ms = ttl + slack_ms
 decide(ST.OK, 0, nv, nep, new_bid, new_node)

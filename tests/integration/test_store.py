@@ -145,7 +145,7 @@ async def test_reattach_grants_a_pending_binding_that_activate_makes_active(
     rec = await session_store.get(sid)
     assert rec is not None
     assert (rec.version, rec.epoch, rec.binding_id, rec.node, rec.kind) == (2, 2, bid, "n2", TCP)
-    assert (rec.pending_epoch, rec.pending_node) == (2, "")
+    assert (rec.pending_epoch, rec.pending_node) == (0, "")
     again = await session_store.activate(sid, 2, bid, "n2")  # idempotent
     assert again.ok and (again.prev_epoch, again.prev_node) == (0, "")
 
@@ -219,7 +219,7 @@ async def test_reattach_expired_writes_tombstone_once(session_store: SessionStor
     rec = await session_store.get(sid)
     assert rec is not None and rec.state is S.TERMINATED and rec.version == 2
     assert rec.terminate_reason is TerminateReason.EXPIRED and rec.terminated_ms == first.server_ms
-    assert rec.wrapped_secret  # kept for now: store/README.md, Tombstones
+    assert rec.wrapped_secret == b""  # no secret outlives its session (store/README.md)
     ttl = await session_store.redis.pttl(K.record_key(sid))
     assert 0 < ttl <= session_store.config.tombstone_ttl_s * 1000
     second = await reattach(session_store, sid, 1)

@@ -28,7 +28,8 @@ async def _birth_many(store: SessionStore, n: int, policy: ClientPolicy) -> list
     res = await asyncio.gather(*(
         store.birth(sid, wrapped_secret=os.urandom(64),  # session.keys.wrap_secret: 1+3+12+32+16
                     node=f"gw-{i % 8}-51820", binding_id=os.urandom(16), kind=UDP,
-                    upstream="10.20.30.40:443", policy=policy)
+                    upstream="10.20.30.40:443", policy=policy,
+                    wrapped_control=os.urandom(64))  # what its tombstone keeps
         for i, sid in enumerate(sids)
     ))  # fmt: skip
     assert all(r.ok for r in res)
@@ -40,13 +41,17 @@ async def test_memory_per_session_under_1kib(session_store: SessionStore) -> Non
     policy = ClientPolicy(os.urandom(32), upstreams=("10.20.30.40:443",), reattach_rate=30)
     sids = await _birth_many(session_store, n, policy)
     now = await session_store.server_time_ms()
-    # One reattach each: a realistic session also holds its nonce hash.
+    # One reattach each (granted, then activated): a realistic session also holds its nonce
+    # hash.
     res = await asyncio.gather(*(
         session_store.reattach(sid, expected_version=1, nonce=os.urandom(16), timestamp_ms=now,
                                kind=UDP, node="gw-3-51820", addr_tag=f"udp:203.0.113.{i % 250}:4{i % 9999:04d}")
         for i, sid in enumerate(sids)
     ))  # fmt: skip
     assert all(r.ok for r in res)
+    act = await asyncio.gather(*(session_store.activate(sid, r.epoch, r.binding_id, r.node)
+                                 for sid, r in zip(sids, res, strict=True)))
+    assert all(a.ok for a in act)
     r = session_store.redis
     pipe = r.pipeline(transaction=False)
     for sid in sids:

@@ -18,11 +18,9 @@ from store.api import SessionStore
 from store.status import StoreStatus
 from tests.integration.test_store import born, reattach
 
-SECRETLESS_TOMBSTONES = pytest.mark.xfail(strict=True, reason=(
-    "tombstones keep ws until the gateway can MAC a late TERMINATED without the secret "
-    "(a wrapped control key in the record): store/README.md, Tombstones"))
-
-SECRET_FIELDS = {b"ws"}  # the wrapped session secret: everything traffic keys derive from
+# The wrapped session secret (everything traffic keys derive from) and the previous one a
+# REKEY keeps until the client confirms; a tombstone keeps only the wrapped control key.
+SECRET_FIELDS = {b"ws", b"wsp"}
 KEPT_FIELDS = {b"st", b"v", b"ep", b"nd", b"tr", b"te", b"cr", b"dl", b"gen"}
 
 
@@ -70,7 +68,6 @@ async def _transition_terminate(store: SessionStore, sid: bytes) -> None:
     assert (await store.transition(sid, 2, SessionEvent.TERMINATE)).ok
 
 
-@SECRETLESS_TOMBSTONES
 @pytest.mark.parametrize("end", [_terminate, _transition_terminate], ids=["terminate", "transition"])
 async def test_terminated_tombstone_holds_no_secret(
     session_store: SessionStore, end: Callable[[SessionStore, bytes], Awaitable[None]]
@@ -100,7 +97,6 @@ async def _by_transition(store: SessionStore, sid: bytes) -> None:
     assert (await store.transition(sid, 2, SessionEvent.TRANSPORT_LOST)).expired_now
 
 
-@SECRETLESS_TOMBSTONES
 @pytest.mark.parametrize("end", [_by_expire, _by_sweep, _by_reattach, _by_refresh, _by_transition],
                          ids=["expire", "sweep", "reattach", "refresh", "transition"])
 async def test_expired_tombstone_holds_no_secret(

@@ -41,6 +41,7 @@ from session.storeops import (
     ClaimHandshakeOp,
     ClaimSlotOp,
     ClientPolicy,
+    ConfirmKeyOp,
     GetClientOp,
     GetRecordOp,
     PublishMoveOp,
@@ -48,6 +49,8 @@ from session.storeops import (
     ReattachResult,
     RefreshOp,
     RefreshResult,
+    RekeyOp,
+    RekeyResult,
     ReleaseSlotOp,
     ServerTimeOp,
     SessionRecord,
@@ -88,6 +91,11 @@ class _Rec:
     pbid: bytes = b""
     pnd: str = ""
     pk: wire.TransportKind | None = None
+    kg: int = 0  # key generation, when its secret was made, the previous one until confirmed
+    kt: int = 0
+    wsp: bytes = b""
+    ktp: int = 0
+    wc: bytes = b""
 
 
 class MemStore:
@@ -131,7 +139,8 @@ class MemStore:
         self.records[op.session_id] = _Rec(
             SessionState.ATTACHED, 1, 1, op.binding_id, op.node, op.kind, op.upstream,
             op.client_id, op.wrapped_secret, op.policy.ttl_ms, rr=op.policy.reattach_rate,
-            tk=op.policy.transport_mask, ma=op.policy.max_age_ms)
+            tk=op.policy.transport_mask, ma=op.policy.max_age_ms, kt=self.ms(),
+            wc=op.wrapped_control)
         return BirthResult(StoreStatus.OK, 1, 1, SessionState.ATTACHED, self.ms(),
                            self.ms() + op.policy.ttl_ms)
 
@@ -142,7 +151,7 @@ class MemStore:
         return SessionRecord(op.session_id, r.state, r.version, r.epoch, r.bid, r.node, r.kind,
                              r.upstream, r.client_id, r.ws, r.ttl_ms, self.ms() + r.ttl_ms, 0,
                              self.ms(), r.rr, r.tk, 1, r.tr, None, None, None, r.ma, r.pep,
-                             r.pnd, r.pbid)
+                             r.pnd, r.pbid, r.wc, r.kg, r.kt, r.wsp, r.ktp)
 
     def _ReattachOp(self, op: ReattachOp) -> ReattachResult:
         now = self.ms()
@@ -183,7 +192,14 @@ class MemStore:
                          else RejectReason.STALE_VERSION)
         elif not is_allowed(r.state, SessionEvent.REATTACH):
             res = reject(StoreStatus.ILLEGAL_TRANSITION, RejectReason.POLICY_DENIED)
+        elif op.proof_generation >= 0 and op.proof_generation != r.kg and (
+                op.proof_generation != r.kg - 1 or not r.wsp):
+            res = reject(StoreStatus.KEY_MOVED, RejectReason.STORE_UNAVAILABLE)
         else:
+            if op.proof_generation >= 0 and op.proof_generation != r.kg:  # a REKEY undone
+                r.ws, r.kt, r.kg = r.wsp, r.ktp, op.proof_generation
+            if op.proof_generation >= 0:
+                r.wsp = b""
             prev_state = r.state
             r.lv, r.lt = r.version, now
             r.version += 1
@@ -245,11 +261,36 @@ class MemStore:
             status, prev_epoch, prev_node = StoreStatus.OK, r.epoch, r.node
             r.epoch, r.bid, r.node = r.pep, r.pbid, r.pnd
             r.kind = r.pk or r.kind
-            r.pbid, r.pnd, r.pk = b"", "", None
+            r.pbid, r.pnd, r.pk = b"", "", None  # (pep = epoch now)
         else:
             status = StoreStatus.NOT_OWNER
         return ActivateResult(status, r.version, r.state, r.epoch, r.node, prev_epoch,
                               prev_node, self.ms(), False, None)
+
+    def _RekeyOp(self, op: RekeyOp) -> RekeyResult:
+        r = self.records.get(op.session_id)
+        if r is None or r.state is SessionState.TERMINATED:
+            status = StoreStatus.UNKNOWN_SESSION if r is None else StoreStatus.TERMINATED
+            return RekeyResult(status, 0, None, 0, "", 0, self.ms(), False, None)
+        if (r.epoch, r.bid, r.node) != (op.epoch, op.binding_id, op.node):
+            return RekeyResult(StoreStatus.NOT_OWNER, r.version, r.state, r.epoch, r.node, r.kg,
+                               self.ms(), False, None)
+        if r.kg != op.generation:
+            return RekeyResult(StoreStatus.STALE_VERSION, r.version, r.state, r.epoch, r.node,
+                               r.kg, self.ms(), False, None)
+        r.wsp, r.ktp, r.ws, r.kt, r.wc = r.ws, r.kt, op.wrapped_secret, self.ms(), op.wrapped_control
+        r.kg += 1
+        r.epoch = r.pep = max(r.epoch, r.pep) + 1
+        r.bid, r.pbid, r.pnd, r.pk = op.new_binding_id, b"", "", None
+        return RekeyResult(StoreStatus.OK, r.version, r.state, r.epoch, r.node, r.kg, self.ms(),
+                           False, None)
+
+    def _ConfirmKeyOp(self, op: ConfirmKeyOp) -> bool:
+        r = self.records.get(op.session_id)
+        if r is None or r.kg != op.generation or not r.wsp:
+            return False
+        r.wsp = b""
+        return True
 
     def _TerminateOp(self, op: TerminateOp) -> TerminateResult:
         r = self.records.get(op.session_id)
@@ -261,6 +302,7 @@ class MemStore:
         prev = r.state
         r.state, r.tr = SessionState.TERMINATED, op.reason
         r.pbid, r.pnd, r.pk = b"", "", None
+        r.ws = r.wsp = b""
         r.version += 1
         return TerminateResult(StoreStatus.OK, r.version, prev, op.reason, r.epoch, r.node,
                                self.ms())
@@ -347,6 +389,7 @@ class Path:
     gateway: str
     up: bool = True  # False: everything on it is lost both ways
     uplink: bool = True  # False: what the client sends on it is lost
+    downlink: bool = True  # False: what reaches the client on it is lost
 
 
 class Cl:
@@ -445,7 +488,7 @@ class Net:
         for d in self._delays():
             def deliver() -> None:
                 p = c.paths.get(path)
-                if p is not None and p.up and p.gateway == gw.name:
+                if p is not None and p.up and p.downlink and p.gateway == gw.name:
                     c.inbound.append((path, data))
                     c.machine.receive(data, path, self.now)
             self.at(d, deliver)

@@ -21,6 +21,7 @@ from session.client import (
     HandshakeFailed,
     Reattached,
     ReattachRejected,
+    Rekeyed,
     SessionTerminated,
     TransportLost,
 )
@@ -378,6 +379,7 @@ def test_security_events_are_aggregated_per_source() -> None:
     assert len(counted) == 1000 and len(events) == 1
     net.run(net.now + 1.1)
     gw.machine.receive(forged, Peer(wire.TransportKind.UDP, ATTACKER), net.now)
+    net.run(net.now + 0.01)  # (a cached secret a proof fails under is re-read once a second)
     events = [(a, k) for a, k in gw.events.named("security_event") if a[0] == "bad_proof"]
     assert len(events) == 2 and events[-1][1]["suppressed"] == 999
 
@@ -861,3 +863,72 @@ def test_an_unvalidated_grant_lapses_and_changes_nothing() -> None:
     assert rec.node == a_id and rec.epoch != old_epoch + 1, "the copier's grant became ACTIVE"
     assert gwa.machine.bindings[sid].epoch == rec.epoch == c.machine.epoch
     assert c.machine.state in LIVE_STATES
+
+
+REKEY_PARAMS = replace(PARAMS, rekey_after=1.0, reject_after=1.5, rekey_timeout=0.1)
+
+
+def test_a_rekey_makes_a_fresh_secret_without_interrupting_traffic() -> None:
+    """WireGuard's schedule, compressed: a REKEY every second (a fresh X25519 exchange in
+    band), the store installs each new secret with a new binding and forgets the previous
+    one once the client's first packet under the new keys arrives; 100 payloads a second
+    meanwhile, none lost, none under keys past their reject-after age."""
+    net = Net(seed=83)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS, keys_reject_after_s=1.5)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, REKEY_PARAMS)
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    secrets_seen = {gw.machine.bindings[sid].secrets.secret}
+    sent: list[bytes] = []
+    t_end = net.now + 3.6
+    while net.now < t_end:
+        sent += pump(net, c, net.now + 0.1)
+        secrets_seen.add(gw.machine.bindings[sid].secrets.secret)
+    net.run(net.now + 0.2)
+    rekeys = c.of(Rekeyed)
+    assert len(rekeys) >= 3, rekeys
+    assert [r.generation for r in rekeys] == list(range(1, len(rekeys) + 1))
+    assert rec.kg == len(rekeys) and rec.wsp == b"", "the previous secret outlived its rekey"
+    assert len(secrets_seen) == len(rekeys) + 1
+    assert c.received == sent, f"{len(sent) - len(c.received)} payloads lost across rekeys"
+    assert not any(a[0] is DropReason.KEYS_EXPIRED for a, _ in gw.metrics.named("count_drop"))
+    assert gw.machine.bindings[sid].prev_channel is None
+
+
+def test_a_rekey_answer_lost_with_its_node_is_undone_by_the_next_reattach() -> None:
+    """The node commits a REKEY and dies before its answer reaches the client: the client
+    still holds the previous secret, which the store kept. Its reattach (proven under the
+    previous secret) succeeds on another node and gives that secret back; the session lives."""
+    net = Net(seed=89)
+    gwa = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
+    gwb = net.gateway("gw-b", GW_PRIV, KEK, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, REKEY_PARAMS)
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    old_secret = gwa.machine.bindings[sid].secrets.secret
+    c.paths[1].downlink = False  # the REKEY_ACK (and everything else from gw-a) is lost
+    net.run(1.4)
+    assert rec.kg == 1 and rec.wsp, "the node did not commit the rekey"
+    assert not c.of(Rekeyed)
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    while not c.of(Reattached) and net.now < 3.0:
+        net.run(net.now + 0.001)
+    assert c.of(Reattached) and not c.of(Rekeyed)
+    assert rec.kg == 0 and rec.wsp == b"" and rec.pnd == gwb.machine.instance_id
+    assert gwb.machine.pending[sid].secrets.secret == old_secret
+    [proved] = [op for op in net.store.calls if isinstance(op, ReattachOp)]
+    assert proved.proof_generation == 0
+    sent = pump(net, c, net.now + 0.2)
+    net.run(net.now + 0.1)
+    assert set(sent) <= set(c.received)
+    # The secret is due for a rekey: it happens at once, on gw-b, and completes.
+    assert [r.generation for r in c.of(Rekeyed)] == [1] and rec.kg == 1 and rec.wsp == b""
