@@ -33,6 +33,7 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
         reattach_timeout=cfg.reattach_timeout_s,
         backoff_initial=cfg.backoff_initial_s,
         backoff_max=cfg.backoff_max_s,
+        refusals_final=cfg.refusals_final,
         upstream=cfg.upstream,
         thresholds=QualityThresholds(
             volatile_loss_pct=cfg.volatile_loss_pct, volatile_rtt_ms=cfg.volatile_rtt_ms,
@@ -98,7 +99,7 @@ async def run(cfg: AgentConfig, duration: float, as_json: bool) -> int:
     print(f"local UDP port: {agent.local_address}", flush=True)
     deadline = loop.time() + duration if duration > 0 else None
     interval = cfg.status_interval_s or 3600.0
-    while not stop.is_set():
+    while not stop.is_set() and not agent.finished.is_set():
         timeout = interval if deadline is None else min(interval, max(0.0, deadline - loop.time()))
         try:
             await asyncio.wait_for(stop.wait(), timeout)
@@ -109,6 +110,24 @@ async def run(cfg: AgentConfig, duration: float, as_json: bool) -> int:
         if deadline is not None and loop.time() >= deadline:
             break
     await agent.stop()
+    return exit_code(agent)
+
+
+EXIT_REFUSED = 3  # the cluster refused this client for good: the message says what to fix
+EXIT_NEVER_ATTACHED = 1
+
+
+def exit_code(agent: Agent) -> int:
+    """0 only for an agent that attached and was not refused for good; the reason on stderr."""
+    refused = agent.machine.refused
+    if refused is not None:
+        print(f"jvpn-agent: refused by the gateway ({refused.reason.name}, authenticated, "
+              f"{refused.attempts} times): {refused.advice}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
+    if not agent.ever_attached:
+        print("jvpn-agent: never attached: no handshake completed (check --gateway, "
+              "the pinned gateway public key, the network and the gateway's logs)", file=sys.stderr, flush=True)
+        return EXIT_NEVER_ATTACHED
     return 0
 
 

@@ -52,6 +52,8 @@ class AgentConfig:
     reattach_timeout_s: float = setting(0.5, min=0.01, max=120.0)
     backoff_initial_s: float = setting(0.1, min=0.001, max=3600.0)
     backoff_max_s: float = setting(5.0, min=0.001, max=3600.0)
+    refusals_final: int = setting(5, min=1, max=1000,
+                                  help="authenticated refusals in a row that end the agent")
     volatile_loss_pct: float = setting(5.0, min=0.0, max=100.0)
     volatile_rtt_ms: float = setting(300.0, min=0.0, max=600_000.0)
     volatile_jitter_ms: float = setting(50.0, min=0.0, max=600_000.0)
