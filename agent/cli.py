@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 
@@ -14,6 +13,7 @@ from agent.config import AgentConfig, gateway_public_key, load_agent_config, loa
 from session.client import ClientParams
 from session.quality import QualityThresholds
 from settings import ConfigError, parse_address, parse_set_flags
+from settings.cli import add_log_format, configure_logging, finish_parser
 
 
 def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings:
@@ -69,11 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-udp", help="local UDP host:port for applications")
     p.add_argument("--transports", help="comma-separated preference, e.g. udp,tcp")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    add_log_format(p)
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds (0 = until SIGINT/SIGTERM)")
     p.add_argument("--status-json", action="store_true",
                    help="print each status line as JSON instead of text")
-    return p
+    return finish_parser(p)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -82,7 +83,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
                       ("gateway_public_key", "gateway_public_key"),
                       ("private_key_file", "private_key_file"), ("upstream", "upstream"),
                       ("local_udp", "local_udp"), ("transports", "transports"),
-                      ("log_level", "log_level")):
+                      ("log_level", "log_level"), ("log_format", "log_format")):
         val = getattr(args, flag)
         if val is not None:
             out[key] = ",".join(val) if isinstance(val, list) else val
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(cfg.log_level, cfg.log_format, "jvpn-agent")
     try:
         import uvloop
 

@@ -61,6 +61,8 @@ class AgentConfig:
     degraded_rtt_ms: float = setting(1000.0, min=0.0, max=600_000.0)
     status_interval_s: float = setting(1.0, min=0.0, max=3600.0, help="0 = no status output")
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
+    log_format: str = setting("text", choices=("text", "json"), fold_case=True,
+                              help="ordinary logs on stderr: text, or ECS JSON lines")
 
     def check_config(self) -> Iterator[tuple[str, str]]:
         """Cross-field rules: (key, problem) for each violation."""

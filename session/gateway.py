@@ -307,6 +307,7 @@ class Health:
     checking: bool = False
     offset_ms: float = 0.0  # store clock minus our ms
     clock_known: bool = False  # offset_ms was learned from the store
+    latency_s: float | None = None  # the last health check's round trip
 
 
 class GatewayMachine:
@@ -447,6 +448,7 @@ class GatewayMachine:
             return
         self._out.append(Send(b.peer, data))
         b.tx_packets += 1
+        b.tx_bytes += len(data)
         if b.probes:
             # While a new address is being validated the downlink goes there as well, within
             # its 3x budget: a NAT rebinding loses (almost) nothing, a copier gains nothing.
@@ -489,6 +491,7 @@ class GatewayMachine:
             b.validated = True
         b.last_rx = now
         b.rx_packets += 1
+        b.rx_bytes += len(raw)
         self._deliver(b, inner, now)
 
     def _deliver(self, b: Binding, inner: wire.Inner, now: float) -> None:
@@ -563,6 +566,7 @@ class GatewayMachine:
             p.validated = True
         p.last_rx = now
         p.rx_packets += 1
+        p.rx_bytes += len(raw)
         if inner.kind is not wire.InnerType.PATH_RESPONSE:
             held = p.held if p.held is not None else []
             p.held = held
@@ -1269,6 +1273,7 @@ class GatewayMachine:
             self.metrics.set_store_up(False)
             return
         h.offset_ms = server_ms - (t0 + t1) / 2 * 1000
+        h.latency_s = max(0.0, t1 - t0)
         h.clock_known = True
         if t0 - h.ok_at >= self.settings.lease_s and self.bindings:
             # The lease lapsed (outage, or this process was paused): every binding must be

@@ -624,6 +624,8 @@ async def test_redis_acl_users_limit_the_gateway(tmp_path: Path, tls: bool) -> N
             assert await gw.claim_handshake(os.urandom(32), 1000)
             await gw.publish_binding_change(sid, "n2", moved.epoch)
             assert await gw.xadd_event({"event": "x"})
+            await gw.register_node("n2", {"admin": "10.0.0.2:9100"}, 15)  # for `jvpn status`
+            assert [n["node"] for n in await admin.list_nodes()] == ["n2"]
             for denied in (gw.redis.flushall(), gw.redis.config_get("*"),
                            gw.redis.hset("jvpn:client:" + "00" * 32, "name", "x"),
                            gw.redis.set("elsewhere", "1"), admin.redis.flushall(),
