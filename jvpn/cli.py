@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     bare = help_requested(args, hasattr(args, "afn") or hasattr(args, "fn"))
     if bare is not None:
         return bare
-    configure_logging("WARNING", args.log_format or "text", "jvpn")
+    if args.log_format:  # else Python's default: warnings and errors as plain lines on stderr
+        configure_logging("WARNING", args.log_format, "jvpn")
     t0 = time.monotonic()
     try:
         if hasattr(args, "afn"):

@@ -90,6 +90,9 @@ async def test_status_joins_the_store_and_every_node(
         assert [n["node"] for n in view["nodes"]] == ["gw-b"]
         assert await jvpn("status", *store, "--json", "--state", "recovering") == 0
         assert json.loads(capsys.readouterr().out)["sessions"] == []
+        assert await jvpn("status", *store, "--json", "--watch", "0.05", "--count", "2") == 0
+        rounds = capsys.readouterr().out.strip().splitlines()
+        assert len(rounds) == 2 and all(len(json.loads(x)["sessions"]) == 3 for x in rounds)
 
         # The short id the text view shows selects the session; bad prefixes are clear errors.
         assert await jvpn("status", *store, "--kek-file", str(kek_file), sid.hex()[:12]) == 0

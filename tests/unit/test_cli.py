@@ -71,3 +71,23 @@ def test_status_without_token_answers_loopback_only() -> None:
 
     assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("127.8.0.2")
     assert not _loopback("10.0.0.1") and not _loopback("") and not _loopback(None)
+
+
+def test_json_logs_are_ecs_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from settings.cli import configure_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("INFO", "json", "jvpn-gateway", "gw-1")
+        logging.getLogger("jvpn.gateway").warning("store unreachable: %s", "refused")
+        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert line["log.level"] == "warning" and line["message"] == "store unreachable: refused"
+    assert line["service"] == {"name": "jvpn-gateway", "node": {"name": "gw-1"}}
+    assert "@timestamp" in line and line["log"]["logger"] == "jvpn.gateway"
