@@ -629,6 +629,12 @@ class GatewayMachine:
     def _roam(self, b: Binding, peer: Peer) -> None:
         old = b.peer
         b.peer = peer
+        if old.kind == peer.kind and old.addr == peer.addr and old.conn == peer.conn:
+            # Only the balancer's flow changed (a reload or restart gives it new sockets):
+            # the client's transport did not move, so it is no switch and no NAT rebinding.
+            self.events.emit("balancer_flow", outcome="success", session_id=b.session_id,
+                             source_ip=peer.addr[0])
+            return
         reason = "nat_rebind" if old.kind == peer.kind else "path_change"
         self.metrics.transport_switch(old.kind.name.lower(), peer.kind.name.lower(), reason)
         self.events.transport_switch(b.session_id, old.describe(), peer.describe(), reason,
@@ -702,6 +708,8 @@ class GatewayMachine:
 
     def _state_changed(self, sid: bytes, old: SessionState, new: SessionState, version: int,
                        epoch: int, reason: str, source_ip: str | None = None) -> None:
+        if old is new:  # a reattach of an ATTACHED session: a transport switch, not a state change
+            return
         self.metrics.state_change(old.name, new.name)
         self.events.state_change(sid, old.name, new.name, version, epoch, reason,
                                  source_ip=source_ip)
@@ -906,7 +914,7 @@ class GatewayMachine:
         self._state_changed(sid, SessionState.BIRTH, SessionState.ATTACHED, born.version,
                             BIRTH_EPOCH, "handshake", hs.peer.addr[0])
         self.events.emit("handshake", outcome="success", session_id=sid,
-                         source_ip=hs.peer.addr[0], duration_ms=(now - hs.t0) * 1000,
+                         source_ip=hs.peer.addr[0], duration_ns=int((now - hs.t0) * 1e9),
                          trace_id=hs.span.trace_id)
 
     def _handshake_replay(self, peer: Peer, now: float) -> None:
@@ -1104,7 +1112,7 @@ class GatewayMachine:
         self.events.emit("reattach", outcome="failure", reason=reason.name,
                          session_id=req.session_id, source_ip=peer.addr[0],
                          nonce=fingerprint(req.nonce), transport=peer.describe(),
-                         trace_id=r.span.trace_id)
+                         trace_id=r.span.trace_id, duration_ns=int(max(0.0, now - r.t0) * 1e9))
 
     def _reattach_decided(self, r: _Reattach, res: Any, now: float) -> None:
         """Reattach steps 3-5 after the CAS: bind, tell, answer, record."""
