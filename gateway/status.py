@@ -141,23 +141,29 @@ def registration(store: SessionStore, node: str, info: Callable[[], dict[str, An
     the entry every third of ``ttl_s`` (a store outage only delays it: the node is listed
     again once the store answers); the entry goes when the node stops."""
 
-    async def renew_forever() -> None:
+    stopping = asyncio.Event()
+
+    async def renew_until_stopped() -> None:
         await serving.wait()
-        while True:
+        while not stopping.is_set():
             try:
                 await store.register_node(node, info(), ttl_s)
             except (StoreError, OSError) as exc:
                 log.debug("node registration not renewed: %s", exc)
-            await asyncio.sleep(ttl_s / 3)
+            try:  # the stop event, not cancellation alone: a store call may absorb a cancel
+                await asyncio.wait_for(stopping.wait(), ttl_s / 3)
+            except TimeoutError:
+                pass
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(renew_forever(), name="node registration")
+        task = asyncio.create_task(renew_until_stopped(), name="node registration")
         yield
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        stopping.set()
+        serving.set()  # a node stopped before it served: let the task see the stop
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
         try:
             await asyncio.wait_for(store.unregister_node(node), 1.0)
         except (StoreError, OSError, TimeoutError) as exc:
