@@ -517,15 +517,29 @@ def test_dashboard_panels_and_metric_names() -> None:
     assert len(ids) == len(set(ids))
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     required = [
-        "sum by (state) (jvpn_sessions)",
-        "sum by (reason) (rate(jvpn_transport_switch_total[1m]))",
-        "jvpn_reattach_latency_seconds_bucket",
-        'jvpn_reattach_total{outcome="rejected"}',
+        'sum by (state) (jvpn:sessions:by_node{node=~"$node"})',
+        'sum by (reason) (jvpn:transport_switch:rate1m_by_node{node=~"$node"})',
+        "jvpn:reattach_latency_seconds:p99_5m_by_node",
+        'jvpn:reattach:rate5m_by_node{outcome="rejected", node=~"$node"}',
+        'sum by (node, outcome) (jvpn:reattach:rate5m_by_node{node=~"$node"})',
+        "jvpn:store_latency_seconds:p99_5m_by_node",
         "jvpn_security_events_total",
     ]
     for want in required:
         assert any(want in e for e in exprs), f"no panel queries {want}"
-    assert any(e.startswith("histogram_quantile(0.99") for e in exprs)
+    # A node variable from the nodes' info metric; every panel but the count of targets
+    # follows it.
+    [var] = [v for v in dash["templating"]["list"] if v["name"] == "node"]
+    assert var["definition"] == "label_values(jvpn_node_info, node)" and var["includeAll"]
+    assert all('node=~"$node"' in e for e in exprs if not e.startswith("count(up"))
+    # The recording rules are used: by the dashboard, or by an alert or another rule.
+    rules_text = (DEPLOY / "prometheus" / "rules" / "jvpn.rules.yml").read_text()
+    records = re.findall(r"^\s*- record: (\S+)$", rules_text, re.M)
+    assert len(records) >= 8
+    for record in records:
+        elsewhere = rules_text.replace(f"record: {record}\n", "")
+        assert any(record in e for e in exprs) or re.search(rf"{re.escape(record)}\b", elsewhere), \
+            f"recording rule {record} is used nowhere"
     for p in dash["panels"]:
         assert p["datasource"]["uid"] == "${datasource}"
     # Every jvpn_* name in the dashboard and the rules is one a gateway exports.
