@@ -652,3 +652,42 @@ async def test_redis_acl_users_limit_the_gateway(tmp_path: Path, tls: bool) -> N
             await anon.aclose()
             await gw.close()
             await admin.close()
+
+
+# ---- systemd units (deploy/systemd) ------------------------------------------------------------
+
+
+def test_systemd_units_verify_and_run_what_exists(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the units (with the venv they name replaced by this
+    one); each runs a command and flags this checkout has; an agent refused for good (exit
+    3) is not restarted."""
+    import shutil
+    import sys
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    bindir = os.path.dirname(sys.executable)
+    units = sorted((DEPLOY / "systemd").glob("*.service"))
+    assert {u.name for u in units} == {"jvpn-gateway.service", "jvpn-agent@.service"}
+    for unit in units:
+        text = unit.read_text().replace("/opt/jumping-vpn/.venv/bin", bindir)
+        name = unit.name.replace("@.", "@test.")
+        (tmp_path / name).write_text(text)
+        res = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=60)
+        problems = [ln for ln in (res.stdout + res.stderr).splitlines()
+                    if name in ln or "Unknown" in ln or "error" in ln.lower()]
+        assert res.returncode == 0 and not problems, res.stdout + res.stderr
+    agent = (DEPLOY / "systemd" / "jvpn-agent@.service").read_text()
+    from agent.cli import EXIT_REFUSED
+
+    assert f"RestartPreventExitStatus={EXIT_REFUSED}" in agent
+    # The flags the units pass exist (parsed, not run).
+    from agent.cli import build_parser as agent_parser
+    from gateway.cli import build_parser as gateway_parser
+
+    gateway_parser().parse_args(["--log-format", "json", "--private-key-file", "k",
+                                 "--kek-file", "k", "--check-config"])
+    agent_parser().parse_args(["--log-format", "json", "--private-key-file", "k",
+                               "--set", "status_interval_s=0"])
