@@ -45,10 +45,12 @@ NODE_KEY = web.AppKey("status_node", GatewayNode)
 TOKEN_KEY = web.AppKey("status_token", str)
 
 
-def binding_status(b: Binding, now: float) -> dict[str, Any]:
-    """One binding as ``/status`` shows it (ages in seconds on the node's clock)."""
+def binding_status(b: Binding, now: float, pending: bool = False) -> dict[str, Any]:
+    """One binding as ``/status`` shows it (ages in seconds on the node's clock); a
+    ``pending`` one was granted by a reattach and waits for its path to validate."""
     state = SessionState.RECOVERING if b.lost else b.state
     return {
+        "binding": "pending" if pending else "active",
         "session_id": b.session_id.hex(),
         "client_id": b.secrets.client_id,
         "endpoint": f"{b.peer.addr[0]}:{b.peer.addr[1]}",
@@ -85,7 +87,8 @@ def node_status(node: GatewayNode) -> dict[str, Any]:
             "last_answer_age_s": None if h.ok_at == float("-inf") else round(now - h.ok_at, 3),
         },
         "sessions_by_state": m.sessions_by_state(),
-        "sessions": [binding_status(b, now) for b in list(m.bindings.values())],
+        "sessions": [binding_status(b, now) for b in list(m.bindings.values())]
+        + [binding_status(b, now, pending=True) for b in list(m.pending.values())],
     }
 
 

@@ -147,7 +147,7 @@ async def collect(store: Any, token: str, timeout: float,
 
 
 def _held(snap: Snapshot) -> dict[bytes, tuple[NodeView, dict[str, Any]]]:
-    """Session id -> (node, its /status entry), preferring the node the store names."""
+    """Session id -> (a node that holds it, its /status entry), ACTIVE bindings first."""
     out: dict[bytes, tuple[NodeView, dict[str, Any]]] = {}
     for node in snap.nodes:
         for s in (node.answer or {}).get("sessions", []):
@@ -155,7 +155,8 @@ def _held(snap: Snapshot) -> dict[bytes, tuple[NodeView, dict[str, Any]]]:
                 sid = bytes.fromhex(s["session_id"])
             except (KeyError, ValueError, TypeError):
                 continue
-            out.setdefault(sid, (node, s))
+            if sid not in out or out[sid][1].get("binding") == "pending":
+                out[sid] = (node, s)  # an ACTIVE binding over a PENDING one
     return out
 
 
