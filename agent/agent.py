@@ -30,6 +30,7 @@ from session.client import (
     Reattached,
     ReattachRejected,
     ReattachTimedOut,
+    RefusedForGood,
     SecurityNotice,
     SessionTerminated,
     StateChanged,
@@ -90,6 +91,8 @@ class Agent:
         self.jumps: list[JumpRecord] = []
         self.log_lines: list[str] = []
         self.connected = asyncio.Event()
+        self.finished = asyncio.Event()  # the agent cannot go on (refused for good): exit
+        self.ever_attached = False
         self.terminated_sessions = 0
         self.handshakes = 0
         self._stopped = False
@@ -296,15 +299,23 @@ class Agent:
         elif isinstance(ev, HandshakeComplete):
             self._close_others(ev.path)
             self.connected.set()
+            self.ever_attached = True
             self._log(f"session {ev.session_id.hex()[:12]} up: v{ev.version} epoch {ev.epoch} "
                       f"node {ev.node_id.decode(errors='replace')} via {self._desc(ev.path)}")
         elif isinstance(ev, HandshakeFailed):
             reason = ev.reason.name if ev.reason else "no answer"
-            self._log(f"handshake failed on {self._desc(ev.path)}: {reason}"
-                      f"{' (authenticated)' if ev.authenticated else ''}; trying the next transport")
             self._drop_path(ev.path)
+            if m.refused is not None:
+                return  # RefusedForGood follows
+            self._log(f"handshake failed on {self._desc(ev.path)}: {reason}"
+                      f"{' (authenticated)' if ev.authenticated else ''}; trying the next transport"
+                      f" in {ev.retry_in:.1f} s")
             self._cursor += 1
-            self._later(self.settings.params.backoff_initial, self._connect)
+            self._later(ev.retry_in, self._connect)
+        elif isinstance(ev, RefusedForGood):
+            self._log(f"refused for good: {ev.reason.name} ({ev.attempts} authenticated refusals "
+                      f"in a row): {ev.advice}")
+            self.finished.set()
         elif isinstance(ev, StateChanged):
             self._log(f"state {ev.old.name} -> {ev.new.name} (v{ev.version}): {ev.reason}")
         elif isinstance(ev, TransportLost):
@@ -336,7 +347,7 @@ class Agent:
             self.connected.clear()
             self._log(f"session terminated ({ev.reason}); "
                       f"{'re-handshaking' if ev.authenticated and not self._stopped else 'stopping'}")
-            if ev.authenticated and not self._stopped:
+            if ev.authenticated and not self._stopped and m.refused is None:
                 for p in list(self.paths.values()):
                     p.close()
                 self.paths.clear()

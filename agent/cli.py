@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 
@@ -14,6 +13,7 @@ from agent.config import AgentConfig, gateway_public_key, load_agent_config, loa
 from session.client import ClientParams
 from session.quality import QualityThresholds
 from settings import ConfigError, parse_address, parse_set_flags
+from settings.cli import add_log_format, configure_logging, finish_parser
 
 
 def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings:
@@ -33,6 +33,7 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
         reattach_timeout=cfg.reattach_timeout_s,
         backoff_initial=cfg.backoff_initial_s,
         backoff_max=cfg.backoff_max_s,
+        refusals_final=cfg.refusals_final,
         upstream=cfg.upstream,
         rekey_after=cfg.rekey_after_s,
         reject_after=cfg.reject_after_s,
@@ -70,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-udp", help="local UDP host:port for applications")
     p.add_argument("--transports", help="comma-separated preference, e.g. udp,tcp")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    add_log_format(p)
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds (0 = until SIGINT/SIGTERM)")
     p.add_argument("--status-json", action="store_true",
                    help="print each status line as JSON instead of text")
-    return p
+    return finish_parser(p)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -83,7 +85,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
                       ("gateway_public_key", "gateway_public_key"),
                       ("private_key_file", "private_key_file"), ("upstream", "upstream"),
                       ("local_udp", "local_udp"), ("transports", "transports"),
-                      ("log_level", "log_level")):
+                      ("log_level", "log_level"), ("log_format", "log_format")):
         val = getattr(args, flag)
         if val is not None:
             out[key] = ",".join(val) if isinstance(val, list) else val
@@ -100,7 +102,7 @@ async def run(cfg: AgentConfig, duration: float, as_json: bool) -> int:
     print(f"local UDP port: {agent.local_address}", flush=True)
     deadline = loop.time() + duration if duration > 0 else None
     interval = cfg.status_interval_s or 3600.0
-    while not stop.is_set():
+    while not stop.is_set() and not agent.finished.is_set():
         timeout = interval if deadline is None else min(interval, max(0.0, deadline - loop.time()))
         try:
             await asyncio.wait_for(stop.wait(), timeout)
@@ -111,6 +113,24 @@ async def run(cfg: AgentConfig, duration: float, as_json: bool) -> int:
         if deadline is not None and loop.time() >= deadline:
             break
     await agent.stop()
+    return exit_code(agent)
+
+
+EXIT_REFUSED = 3  # the cluster refused this client for good: the message says what to fix
+EXIT_NEVER_ATTACHED = 1
+
+
+def exit_code(agent: Agent) -> int:
+    """0 only for an agent that attached and was not refused for good; the reason on stderr."""
+    refused = agent.machine.refused
+    if refused is not None:
+        print(f"jvpn-agent: refused by the gateway ({refused.reason.name}, authenticated, "
+              f"{refused.attempts} times): {refused.advice}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
+    if not agent.ever_attached:
+        print("jvpn-agent: never attached: no handshake completed (check --gateway, "
+              "the pinned gateway public key, the network and the gateway's logs)", file=sys.stderr, flush=True)
+        return EXIT_NEVER_ATTACHED
     return 0
 
 
@@ -122,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(cfg.log_level, cfg.log_format, "jvpn-agent")
     try:
         import uvloop
 

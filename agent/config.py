@@ -58,6 +58,8 @@ class AgentConfig:
     reject_after_s: float = setting(
         180.0, min=0.2, max=86400.0,
         help="send nothing under a session secret older than this (the gateway drops it)")
+    refusals_final: int = setting(5, min=1, max=1000,
+                                  help="authenticated refusals in a row that end the agent")
     volatile_loss_pct: float = setting(5.0, min=0.0, max=100.0)
     volatile_rtt_ms: float = setting(300.0, min=0.0, max=600_000.0)
     volatile_jitter_ms: float = setting(50.0, min=0.0, max=600_000.0)
@@ -65,6 +67,8 @@ class AgentConfig:
     degraded_rtt_ms: float = setting(1000.0, min=0.0, max=600_000.0)
     status_interval_s: float = setting(1.0, min=0.0, max=3600.0, help="0 = no status output")
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
+    log_format: str = setting("text", choices=("text", "json"), fold_case=True,
+                              help="ordinary logs on stderr: text, or ECS JSON lines")
 
     def check_config(self) -> Iterator[tuple[str, str]]:
         """Cross-field rules: (key, problem) for each violation."""

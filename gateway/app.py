@@ -13,14 +13,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway import status
 from gateway.admin_http import bound_port, make_admin_app, start_admin, stop_admin
 from gateway.balancer import TrustedBalancers, parse_networks
-from gateway.config import GatewayConfig, load_kek, load_previous_keks, load_private_key
+from gateway.config import (
+    GatewayConfig,
+    load_kek,
+    load_previous_keks,
+    load_private_key,
+    load_status_token,
+)
 from gateway.events import EventBus, sinks_from_config
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings, TcpLimits
@@ -90,6 +98,7 @@ class GatewayApp:
         self.metrics = Metrics(cfg.node_id)
         self._admin: web.AppRunner | None = None
         self.admin_port: int | None = None
+        self.admin_address = ""  # host:port registered for `jvpn status`
 
     @property
     def store_url(self) -> str:
@@ -153,9 +162,22 @@ class GatewayApp:
         await self.node.start(udp, tcp)
         if cfg.admin:
             host, port = parse_address(cfg.admin)
-            app = make_admin_app(self.metrics, self.node.ready)
+            serving = asyncio.Event()
+            started_ms = int(time.time() * 1000)
+            node = self.node
+            register = status.registration(
+                self.store, cfg.node_id,
+                lambda: {"admin": self.admin_address, "instance": node.machine.instance_id,
+                         "started_ms": started_ms},
+                cfg.node_ttl_s, serving)
+            app = make_admin_app(self.metrics, self.node.ready, status.status_routes(),
+                                 cleanup_ctx=[register])
+            status.configure(app, self.node, load_status_token(cfg))
             self._admin = await start_admin(app, host, port)
             self.admin_port = bound_port(self._admin)
+            self.admin_address = status.advertised_admin(cfg.admin, cfg.admin_advertise,
+                                                         self.admin_port)
+            serving.set()
         log.info("gateway %s up: udp %s tcp %s admin %s public key %s", cfg.node_id,
                  self.node.udp_address, self.node.tcp_address, self.admin_port,
                  self.keys.public.hex())

@@ -11,11 +11,12 @@ import sys
 from gateway.app import GatewayApp, resolve_keys, tune_gc
 from gateway.config import GatewayConfig, load_gateway_config
 from settings import ConfigError, parse_set_flags
+from settings.cli import add_log_format, configure_logging, finish_parser
 
 FLAGS = (  # (flag attribute, config key)
     ("node_id", "node_id"), ("listen_udp", "listen_udp"), ("listen_tcp", "listen_tcp"),
     ("admin", "admin"), ("store_url", "store_url"), ("private_key_file", "private_key_file"),
-    ("kek_file", "kek_file"), ("log_level", "log_level"),
+    ("kek_file", "kek_file"), ("log_level", "log_level"), ("log_format", "log_format"),
 )
 
 
@@ -39,11 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private-key-file", help="gateway static private key file (hex or base64)")
     p.add_argument("--kek-file", help="cluster key-encryption key file (hex or base64)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    add_log_format(p)
     p.add_argument("--print-public-key", action="store_true",
                    help="print the public key for the configured private key and exit")
     p.add_argument("--check-config", action="store_true",
                    help="validate the configuration, print it (secrets redacted) and exit")
-    return p
+    return finish_parser(p)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -90,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(config_as_dict(cfg, redact=True), indent=2))
         return 0
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(cfg.log_level, cfg.log_format, "jvpn-gateway", cfg.node_id)
     tune_gc(cfg)
     try:
         import uvloop

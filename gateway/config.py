@@ -127,6 +127,8 @@ class GatewayConfig:
     )
     events: EventsConfig = setting(default_factory=EventsConfig)
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
+    log_format: str = setting("text", choices=("text", "json"), fold_case=True,
+                              help="ordinary logs on stderr: text, or ECS JSON lines")
     gc_gen0_threshold: int = setting(
         20_000, min=0, max=10_000_000,
         help="allocations between young-generation GC passes (process-wide, set by "
@@ -141,6 +143,20 @@ class GatewayConfig:
         "", help="CA bundle a rediss:// store_url's server certificate is verified against "
         "('' = the system's); the ACL user and password go in the URL (rediss://user:pw@host)",
     )
+    admin_advertise: str = setting(
+        "", kind=PEER, allow_empty=True,
+        help="host:port at which `jvpn status` reaches this node's admin port, registered in "
+        "the store ('' = the admin address, a wildcard host replaced by this host's name)",
+    )
+    status_token: str = setting(
+        "", allow_empty=True, secret=True,
+        help="bearer token /status requires; '' = /status answers loopback only",
+    )
+    status_token_file: str = setting("", help="file holding status_token")
+    node_ttl_s: float = setting(
+        15.0, min=1.0, max=3600.0,
+        help="how long a node's registration outlives its last renewal (renewed every third)",
+    )
 
     def check_config(self) -> Iterator[tuple[str, str]]:
         """Cross-field rules: (key, problem) for each violation."""
@@ -148,6 +164,8 @@ class GatewayConfig:
             yield "private_key", "set private_key or private_key_file, not both"
         if self.kek and self.kek_file:
             yield "kek", "set kek or kek_file, not both"
+        if self.status_token and self.status_token_file:
+            yield "status_token", "set status_token or status_token_file, not both"
         if (self.kek_previous or self.kek_previous_files) and not (self.kek or self.kek_file):
             yield "kek_previous", "previous KEKs need the current one (kek or kek_file)"
         if self.admin and self.listen_tcp and _same_port(self.admin, self.listen_tcp):
@@ -204,6 +222,14 @@ def load_previous_keks(cfg: GatewayConfig) -> list[bytes]:
     keks = [read_key(inline, "", "kek_previous") for inline in cfg.kek_previous]
     keks += [read_key("", path, "kek_previous_files") for path in cfg.kek_previous_files]
     return [k for k in keks if k is not None]
+
+
+def load_status_token(cfg: GatewayConfig) -> str:
+    """The /status bearer token ('' = loopback only), inline or from its file."""
+    if cfg.status_token_file:
+        with open(cfg.status_token_file, encoding="utf-8") as fp:
+            return fp.read().strip()
+    return cfg.status_token
 
 
 def _same_port(a: str, b: str) -> bool:

@@ -62,19 +62,49 @@ _ECS_SHORTCUTS = {
     "source_port": "source.port",
     "trace_id": "trace.id",
     "message": "message",
+    "duration_ns": "event.duration",  # ECS: nanoseconds
 }
 
-# action -> ECS event.kind, event.category, event.type, default event.outcome
+# action -> ECS event.kind, event.category, event.type, default event.outcome. Each type is
+# one the ECS reference expects for every category listed ("Expected event types for
+# category ...": authentication and session: start, end, info; network: access, allowed,
+# connection, denied, end, info, protocol, start; intrusion_detection: allowed, denied, info):
+# a reattach or a transport switch changes a session but is "info" (ECS has no "change" for
+# these categories); the kind of change is event.action.
 _ACTIONS: dict[str, tuple[str, list[str], list[str], str]] = {
-    "state_change": ("event", ["session"], ["change"], "success"),
-    "transport_switch": ("event", ["network", "session"], ["change", "connection"], "success"),
+    "state_change": ("event", ["session"], ["info"], "success"),
+    "transport_switch": ("event", ["network", "session"], ["info"], "success"),
     "security_event": ("alert", ["intrusion_detection"], ["denied"], "failure"),
-    "reattach": ("event", ["authentication", "session"], ["change"], "unknown"),
+    "reattach": ("event", ["authentication", "session"], ["info"], "unknown"),
     "handshake": ("event", ["authentication", "session"], ["start"], "unknown"),
     "drop": ("event", ["network"], ["denied"], "failure"),
     "binding_revoked": ("event", ["session"], ["end"], "success"),
 }
 _DEFAULT_ACTION = ("event", ["network"], ["info"], "unknown")
+# Allowed (category -> event types), as the ECS reference lists them, for the categories used.
+ECS_EXPECTED_TYPES: dict[str, frozenset[str]] = {
+    "authentication": frozenset({"start", "end", "info"}),
+    "session": frozenset({"start", "end", "info"}),
+    "network": frozenset({"access", "allowed", "connection", "denied", "end", "info", "protocol",
+                          "start"}),
+    "intrusion_detection": frozenset({"allowed", "denied", "info"}),
+}
+
+
+def _message(action: str, outcome: str, f: dict[str, Any]) -> str:
+    """ECS ``message``: one human line per event (what a log viewer shows first)."""
+    sid = f.get("session_id")
+    who = f"session {sid.hex()[:12] if isinstance(sid, bytes) else str(sid)[:12]} " if sid else ""
+    reason = f.get("reason")
+    why = f": {_name(reason)}" if reason not in (None, "") else ""
+    if action == "state_change":
+        return (f"{who}{f.get('from_state')} -> {f.get('to_state')} "
+                f"(v{f.get('state_version')}){why}")
+    if action == "transport_switch":
+        return f"{who}{f.get('from_transport')} -> {f.get('to_transport')}{why}"
+    if action == "security_event":
+        return f"security: {f.get('security_kind')}{why} {who}".rstrip()
+    return f"{action} {f.get('outcome', outcome)}{why} {who}".rstrip()
 
 
 _TS_CACHE: list[Any] = [None, ""]  # (millisecond, its text): a busy node emits several per ms
@@ -255,6 +285,8 @@ class EventBus:
         # two events, and nesting afterwards cost more than all the rest of emitting.
         doc: dict[str, Any] = {
             "@timestamp": _timestamp(self._clock()),
+            "log": {"level": "warning" if kind == "alert" else "info"},
+            "message": fields.pop("message", None) or _message(action, outcome, fields),
             "ecs": self._ecs,
             "service": self._service,
             "event": {"dataset": EVENT_DATASET, "kind": kind, "category": category,

@@ -11,7 +11,11 @@ concurrent handlers never see each other's span), and ``store_call`` opens a
 CLIENT child of whatever span is current, or nothing when none is. Ended spans
 go to the SDK's BatchSpanProcessor: a bounded queue that drops when full and
 exports on its own thread, so the event loop never waits on a collector.
-Session ids are recorded as a short SHA-256 (``jvpn.session_hash``), never raw.
+A session is recorded by its short id (``jvpn.session_short_id``: the first
+12 hex digits, what ``jvpn status`` and the agent's log show, so a trace is
+found from the id an operator sees) and a short SHA-256 of the whole id
+(``jvpn.session_hash``), never the whole id: the id is cleartext on the wire,
+but a trace backend has no need of all of it.
 
 What turns it on (read from ``env``, by default the process environment):
 ``OTEL_SDK_DISABLED=true`` wins and keeps it off; else ``OTEL_TRACES_EXPORTER``
@@ -52,6 +56,8 @@ SHUTDOWN_TIMEOUT_S = 5.0
 # Span attribute keys (our own under jvpn.*, OpenTelemetry semantic conventions otherwise).
 ATTR_NODE = "jvpn.node"
 ATTR_SESSION_HASH = "jvpn.session_hash"
+ATTR_SESSION_SHORT_ID = "jvpn.session_short_id"
+SESSION_SHORT_ID_HEX_CHARS = 12  # the short id `jvpn status` shows
 ATTR_OUTCOME = "jvpn.outcome"
 ATTR_REASON = "jvpn.reason"
 ATTR_VERSION = "jvpn.state_version"
@@ -80,6 +86,11 @@ def session_hash(session_id: bytes) -> str:
     return hashlib.sha256(session_id).hexdigest()[:SESSION_HASH_HEX_CHARS]
 
 
+def session_short_id(session_id: bytes) -> str:
+    """The session's short id, as the CLI shows it (its first 12 hex digits)."""
+    return session_id[: SESSION_SHORT_ID_HEX_CHARS // 2].hex()
+
+
 class SpanCtx:
     """A span as a context manager. This base class is the no-op used when tracing is off."""
 
@@ -103,7 +114,8 @@ class SpanCtx:
     def set(self, outcome: str | None = None, reason: str | Enum | None = None,
             version: int | None = None, epoch: int | None = None,
             session_id: bytes | None = None) -> None:
-        """Record the outcome, its reason, the state version and epoch, the session (hashed)."""
+        """Record the outcome, its reason, the state version and epoch, the session (short id
+        and hash)."""
         return None
 
     @property
@@ -212,7 +224,8 @@ class _OtelTracing(Tracing):
     def reattach(self, session_id: bytes, peer: PeerLike) -> SpanCtx:
         return _Span(self, SPAN_REATTACH, self._server,
                      {ATTR_NODE: self.node_id, ATTR_TRANSPORT: peer.kind.name.lower(),
-                      ATTR_SESSION_HASH: session_hash(session_id)}).start()
+                      ATTR_SESSION_HASH: session_hash(session_id),
+                      ATTR_SESSION_SHORT_ID: session_short_id(session_id)}).start()
 
     def store_call(self, op: str, parent: Any = None) -> SpanCtx:
         if not isinstance(parent, _Span) or parent._span is None:
@@ -323,6 +336,7 @@ class _Span(SpanCtx):
             span_set(ATTR_EPOCH, int(epoch))
         if session_id is not None:
             span_set(ATTR_SESSION_HASH, session_hash(session_id))
+            span_set(ATTR_SESSION_SHORT_ID, session_short_id(session_id))
 
     @property
     def trace_id(self) -> str | None:

@@ -242,6 +242,18 @@ def _udp_kernel_drops() -> int:
         return 0
 
 
+def _rss_bytes(pid: int) -> int:
+    """A process's resident set size (VmRSS in /proc), 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fp:
+            for line in fp:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent busy (all cores, /proc/stat)."""
     try:
@@ -949,6 +961,7 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
     try:
         for rep in range(opts.repeat):
             load = ReattachLoad(gw, env.gateway_pub, client_priv, policy.upstreams[0])
+            rss0 = _rss_bytes(env.gateway_pid)
             try:
                 hs_rate = await load.open(opts.sessions)
                 drops0 = _udp_kernel_drops()
@@ -957,6 +970,8 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
                 prof = env.profile(opts, "reattach", rep, opts.warmup + opts.seconds)
                 run = await load.run(opts.warmup, opts.seconds)
                 run["cpu"] = cpu.read()
+                if rep == 0:  # a fresh gateway process: its growth is its bindings (and buffers)
+                    run["gateway_rss_growth"] = _rss_bytes(env.gateway_pid) - rss0
                 await env.finish_profile(prof)
                 run["kernel_udp_drops"] = _udp_kernel_drops() - drops0
                 run["handshake_rate"] = hs_rate
@@ -1034,6 +1049,10 @@ def _summarize_reattach(opts: BenchOptions, runs: list[dict[str, Any]]) -> dict[
         "ratio_runs": [r["ratio"] for r in runs],
         "target": TARGET_REATTACH_RATIO,
         "bottleneck": _bottleneck(cpu),
+        # The gateway's resident memory grown over the first run (opts.sessions bindings,
+        # each reattached many times), per session: an upper bound on a binding's cost, as
+        # it includes what the load's buffers left to the allocator.
+        "gateway_rss_bytes_per_session": runs[0].get("gateway_rss_growth", 0) / opts.sessions,
     }
     summary["cpu_ratio"] = _ratio(summary["raw_redis_cpu_us"], summary["gateway_cpu_us"])
     summary["met"] = summary["ratio"] >= TARGET_REATTACH_RATIO
@@ -1604,6 +1623,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{ra['raw_redis_cpu_us']:.0f} us/script call -> one core each: "
             f"{ra['cpu_ratio']:.1%} (noise-robust ratio)",
             f"  bottleneck                   {ra['bottleneck']}",
+            f"  gateway memory               {ra['gateway_rss_bytes_per_session']:,.0f} B RSS "
+            f"growth per session (first run; an upper bound)",
         ]
     dg = report.get("datagram")
     if dg:

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from settings.cli import finish_parser, help_requested, version
+
 # command -> (module, one-line help); the module's main(argv) parses the rest.
 PASSTHROUGH = {
     "demo": ("instruments.demo", "agents keep their sessions while their transports jump "
@@ -31,15 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, text) in PASSTHROUGH.items():
         sub.add_parser(name, help=text, add_help=False)
     add_cluster_parser(sub)
-    return p
+    return finish_parser(p)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
+        if argv[1:] == ["--version"]:
+            print(f"jvpn-lab {argv[0]} {version()}")
+            return 0
         module = importlib.import_module(PASSTHROUGH[argv[0]][0])
         return int(module.main(argv[1:]))
     args = build_parser().parse_args(argv)
+    bare = help_requested(args, hasattr(args, "fn"))
+    if bare is not None:
+        return bare
     return int(args.fn(args))
 
 

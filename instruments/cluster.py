@@ -999,7 +999,8 @@ def add_cluster_parser(sub: Any) -> None:
     g.add_argument("--scrape-interval", help="override the scrape/evaluation interval, e.g. 1s")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="gateway_sets",
                    help="gateway config override for every node (repeatable)")
-    g.add_argument("--nginx-workers", type=int, default=1)
+    g.add_argument("--nginx-workers", type=int, default=1,
+                   help="nginx worker processes (default 1)")
     g.add_argument("--timeout", type=float, default=STARTUP_TIMEOUT_S,
                    help=f"seconds each startup wait may take (default {STARTUP_TIMEOUT_S:.0f})")
     g.add_argument("--deploy-dir", default=None, help=f"deploy/ configs (default ${DEPLOY_DIR_ENV} "
@@ -1013,7 +1014,7 @@ def add_cluster_parser(sub: Any) -> None:
     g.set_defaults(fn=cmd_down)
 
     g = run_dir(cs.add_parser("status", help="each process alive/dead, each gateway's /readyz"))
-    g.add_argument("--json", action="store_true")
+    g.add_argument("--json", action="store_true", help="print the status as JSON")
     g.set_defaults(fn=cmd_status)
 
     g = run_dir(cs.add_parser("restart", help="stop one gateway and start it again "

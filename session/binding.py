@@ -157,6 +157,8 @@ class Binding:
     transition_pending: bool = False
     rx_packets: int = 0
     tx_packets: int = 0
+    rx_bytes: int = 0  # wire bytes of authenticated packets received on this binding
+    tx_bytes: int = 0  # wire bytes sent on it (probes to new addresses not included)
     lost: bool = False
     probes: dict[Peer, PathProbe] | None = None  # new addresses being validated
     # A reattach's binding is PENDING until its path validates and activate.lua makes it the

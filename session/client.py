@@ -62,6 +62,7 @@ class ClientParams:
     reattach_timeout: float = 0.5
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
+    refusals_final: int = 5  # authenticated refusals in a row that end the agent (bounded backoff)
     upstream: str = ""
     thresholds: QualityThresholds = field(default_factory=QualityThresholds)
     # A fresh Diffie-Hellman on WireGuard's schedule (REKEY): after rekey_after seconds or
@@ -110,6 +111,27 @@ class HandshakeFailed:
     reason: RejectReason | None  # None: no answer in time
     authenticated: bool
     path: int
+    retry_in: float = 0.0  # when the agent should try again (the machine's backoff)
+
+
+# Authenticated handshake refusals that no retry can cure: the operator must change something.
+# OVERLOADED, STORE_UNAVAILABLE and RATE_LIMITED pass by themselves and only feed the backoff.
+REFUSAL_ADVICE: dict[RejectReason, str] = {
+    RejectReason.UNKNOWN_CLIENT: "this agent's key is not in the cluster's registry (never added, "
+    "or removed): register its public key with `jvpn clients add`",
+    RejectReason.POLICY_DENIED: "the client's policy refuses this upstream or transport, or its "
+    "session quota is full: check the agent's upstream and transports against `jvpn clients list`",
+    RejectReason.CLOCK_SKEW: "this machine's clock is too far from the cluster's: synchronise it (NTP)",
+}
+
+
+@dataclass(frozen=True)
+class RefusedForGood:
+    """The cluster refused this client, authenticated, ``attempts`` times in a row: stop."""
+
+    reason: RejectReason
+    attempts: int
+    advice: str
 
 
 @dataclass(frozen=True)
@@ -186,6 +208,7 @@ Event = (
     HandshakeComplete | HandshakeFailed | PayloadReceived | StateChanged | TransportLost
     | Reattached | ReattachRejected | ReattachTimedOut | SessionTerminated | SecurityNotice
     | Rekeyed
+    | RefusedForGood
 )
 
 
@@ -235,6 +258,9 @@ class ClientSession:
         self._retry_path: int | None = None
         self._req_kind = wire.TransportKind.UDP
         self._stale_retries = 0
+        self._connect_backoff = params.backoff_initial  # survives connect(): reset by a session
+        self._refusals = 0  # authenticated final refusals in a row
+        self.refused: RefusedForGood | None = None
         self._last_rx = 0.0
         self._next_keepalive: float | None = None
         self._ka_seq = 0
@@ -317,6 +343,8 @@ class ClientSession:
         """Start (or restart) a session with a handshake on ``path``."""
         if self.state is not SessionState.BIRTH and self.state is not SessionState.TERMINATED:
             raise LocalProtocolError(f"connect() in state {self.state.name}")
+        if self.refused is not None:
+            raise LocalProtocolError(f"connect() after a final refusal ({self.refused.reason.name})")
         self._reset_session()
         hid = self._random(wire.SESSION_ID_LEN)
         hello = ClientHello(wall_ms, kind, self.params.upstream)
@@ -374,7 +402,7 @@ class ClientSession:
             self._events.append(ReattachTimedOut(path))
         elif self._hs is not None and self._hs.path == path:
             self._hs = None
-            self._events.append(HandshakeFailed(None, False, path))
+            self._handshake_failed(None, False, path)
 
     def close(self, now: float, reason: TerminateReason = TerminateReason.CLIENT_CLOSE) -> None:
         """End the session on purpose: an authenticated in-band CLOSE."""
@@ -480,12 +508,14 @@ class ClientSession:
         self._initiator = None
         if isinstance(answer, Refusal):
             self.server_offset_ms = answer.server_ms - now * 1000
-            self._events.append(HandshakeFailed(answer.reason, True, path))
+            self._handshake_failed(answer.reason, True, path)
             return
         self._install_hello(answer, secret, path, now)  # the authenticated session id
 
     def _install_hello(self, h: ServerHello, secret: bytes, path: int, now: float) -> None:
         old = self.state
+        self._refusals = 0
+        self._connect_backoff = self.params.backoff_initial
         self._adopt(h.version, SessionEvent.HANDSHAKE_COMPLETE, "SERVER_HELLO")
         self.session_id = h.session_id
         self._secret = secret
@@ -718,7 +748,7 @@ class ClientSession:
         if hs.tries >= HANDSHAKE_RETRIES:
             self._hs = None
             self._initiator = None
-            self._events.append(HandshakeFailed(None, False, hs.path))
+            self._handshake_failed(None, False, hs.path)
             return
         hs.tries += 1
         hs.deadline = now + self.params.handshake_timeout * hs.tries
@@ -734,6 +764,21 @@ class ClientSession:
         req.tries += 1
         req.deadline = now + self.params.reattach_timeout
         self._out.append((req.path, req.raw))  # same bytes: idempotent at the gateway
+
+    def _handshake_failed(self, reason: RejectReason | None, authenticated: bool, path: int) -> None:
+        """A handshake failed: retry after a backoff, or, after ``refusals_final`` authenticated
+        refusals in a row that no retry cures, give up for good (the agent exits)."""
+        final = authenticated and reason in REFUSAL_ADVICE
+        self._refusals = self._refusals + 1 if final else 0
+        if final and self._refusals >= self.params.refusals_final:
+            assert reason is not None
+            self.refused = RefusedForGood(reason, self._refusals, REFUSAL_ADVICE[reason])
+            self._events.append(HandshakeFailed(reason, authenticated, path))
+            self._events.append(self.refused)
+            return
+        delay = self._connect_backoff
+        self._connect_backoff = min(self.params.backoff_max, delay * 2)
+        self._events.append(HandshakeFailed(reason, authenticated, path, delay))
 
     def _backoff_step(self) -> float:
         delay = self._backoff

@@ -325,6 +325,7 @@ class Health:
     checking: bool = False
     offset_ms: float = 0.0  # store clock minus our ms
     clock_known: bool = False  # offset_ms was learned from the store
+    latency_s: float | None = None  # the last health check's round trip
 
 
 class GatewayMachine:
@@ -467,6 +468,7 @@ class GatewayMachine:
             return
         self._out.append(Send(b.peer, data))
         b.tx_packets += 1
+        b.tx_bytes += len(data)
         if b.probes:
             # While a new address is being validated the downlink goes there as well, within
             # its 3x budget: a NAT rebinding loses (almost) nothing, a copier gains nothing.
@@ -511,6 +513,7 @@ class GatewayMachine:
             b.validated = True
         b.last_rx = now
         b.rx_packets += 1
+        b.rx_bytes += len(raw)
         rk = b.rekey
         if rk is not None and b.prev_channel is not None and not rk.confirming:
             self._confirm_key(b, rk)
@@ -526,6 +529,7 @@ class GatewayMachine:
             raise RemoteProtocolError(DropReason.UNEXPECTED, "previous keys from a new address")
         b.last_rx = now
         b.rx_packets += 1
+        b.rx_bytes += len(raw)
         self._deliver(b, wire.decode_inner(plain), now)
 
     def _deliver(self, b: Binding, inner: wire.Inner, now: float) -> None:
@@ -673,6 +677,7 @@ class GatewayMachine:
             p.validated = True
         p.last_rx = now
         p.rx_packets += 1
+        p.rx_bytes += len(raw)
         if inner.kind is not wire.InnerType.PATH_RESPONSE:
             held = p.held if p.held is not None else []
             p.held = held
@@ -735,6 +740,12 @@ class GatewayMachine:
     def _roam(self, b: Binding, peer: Peer) -> None:
         old = b.peer
         b.peer = peer
+        if old.kind == peer.kind and old.addr == peer.addr and old.conn == peer.conn:
+            # Only the balancer's flow changed (a reload or restart gives it new sockets):
+            # the client's transport did not move, so it is no switch and no NAT rebinding.
+            self.events.emit("balancer_flow", outcome="success", session_id=b.session_id,
+                             source_ip=peer.addr[0])
+            return
         reason = "nat_rebind" if old.kind == peer.kind else "path_change"
         self.metrics.transport_switch(old.kind.name.lower(), peer.kind.name.lower(), reason)
         self.events.transport_switch(b.session_id, old.describe(), peer.describe(), reason,
@@ -808,6 +819,8 @@ class GatewayMachine:
 
     def _state_changed(self, sid: bytes, old: SessionState, new: SessionState, version: int,
                        epoch: int, reason: str, source_ip: str | None = None) -> None:
+        if old is new:  # a reattach of an ATTACHED session: a transport switch, not a state change
+            return
         self.metrics.state_change(old.name, new.name)
         self.events.state_change(sid, old.name, new.name, version, epoch, reason,
                                  source_ip=source_ip)
@@ -1012,7 +1025,7 @@ class GatewayMachine:
         self._state_changed(sid, SessionState.BIRTH, SessionState.ATTACHED, born.version,
                             BIRTH_EPOCH, "handshake", hs.peer.addr[0])
         self.events.emit("handshake", outcome="success", session_id=sid,
-                         source_ip=hs.peer.addr[0], duration_ms=(now - hs.t0) * 1000,
+                         source_ip=hs.peer.addr[0], duration_ns=int((now - hs.t0) * 1e9),
                          trace_id=hs.span.trace_id)
 
     def _handshake_replay(self, peer: Peer, now: float) -> None:
@@ -1265,7 +1278,7 @@ class GatewayMachine:
         self.events.emit("reattach", outcome="failure", reason=reason.name,
                          session_id=req.session_id, source_ip=peer.addr[0],
                          nonce=fingerprint(req.nonce), transport=peer.describe(),
-                         trace_id=r.span.trace_id)
+                         trace_id=r.span.trace_id, duration_ns=int(max(0.0, now - r.t0) * 1e9))
 
     def _reattach_decided(self, r: _Reattach, res: Any, now: float) -> None:
         """Reattach steps 3-5 after the CAS: bind, tell, answer, record."""
@@ -1438,6 +1451,7 @@ class GatewayMachine:
             self.metrics.set_store_up(False)
             return
         h.offset_ms = server_ms - (t0 + t1) / 2 * 1000
+        h.latency_s = max(0.0, t1 - t0)
         h.clock_known = True
         if t0 - h.ok_at >= self.settings.lease_s and self.bindings:
             # The lease lapsed (outage, or this process was paused): every binding must be

@@ -1260,6 +1260,33 @@ class SessionStore:
 
     # ---- pub/sub and audit -------------------------------------------------------------------
 
+    async def register_node(self, node: str, info: Mapping[str, Any], ttl_s: float) -> None:
+        """Announce a gateway node (its admin address, for ``jvpn status``) for ``ttl_s``:
+        a node that stops renewing disappears; one that renews but does not answer is
+        still listed, and shown as not answering."""
+        _check_node(node)
+        body = json.dumps({**info, "node": node}, separators=(",", ":"))
+        await self._guard(self.redis.set(K.node_key(node), body, px=max(1, int(ttl_s * 1000))))
+
+    async def unregister_node(self, node: str) -> None:
+        """Remove a node's registration (it stops)."""
+        await self._guard(self.redis.delete(K.node_key(node)))
+
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        """Every registered gateway node (sorted by name); malformed entries are skipped."""
+        out: list[dict[str, Any]] = []
+        async for key in _scan_iter(self, K.NODE_MATCH):
+            raw = await self._guard(self.redis.get(key))
+            if raw is None:
+                continue  # expired between SCAN and GET
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(info, dict) and isinstance(info.get("node"), str):
+                out.append(info)
+        return sorted(out, key=lambda i: i["node"])
+
     async def publish_binding_change(self, session_id: bytes, new_node: str, epoch: int) -> int:
         """Tell every node that ``new_node`` holds the session at ``epoch``; returns receivers."""
         payload = json.dumps({"sid": K.session_hex(session_id), "node": new_node,

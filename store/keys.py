@@ -7,6 +7,7 @@
 - ``jvpn:client:<pk>``    hash: one registered client's policy (the allowlist)
 - ``jvpn:hs:<digest>``    string: a consumed handshake (replay guard), expires
 - ``jvpn:gen``            string: the store generation, stamped into every record
+- ``jvpn:node:<node>``    string: a gateway node's registration (admin address), expires
 - ``jvpn:bindings``       pub/sub channel: binding moved to another node
 - ``jvpn:audit``          stream: the cluster-wide audit log
 """
@@ -20,6 +21,8 @@ BINDINGS_CHANNEL = f"{PREFIX}:bindings"
 AUDIT_STREAM = f"{PREFIX}:audit"
 CLIENT_PREFIX = f"{PREFIX}:client:"
 HANDSHAKE_PREFIX = f"{PREFIX}:hs:"
+NODE_PREFIX = f"{PREFIX}:node:"
+NODE_MATCH = f"{NODE_PREFIX}*"
 SESSION_MATCH = f"{PREFIX}:{{*}}"  # SCAN pattern: records only (nonce keys end in ':n')
 CLIENT_MATCH = f"{CLIENT_PREFIX}*"
 
@@ -66,6 +69,10 @@ def session_id_from_key(key: bytes | str) -> bytes | None:
 
 def client_key(public_key: bytes) -> str:
     return CLIENT_PREFIX + public_key.hex()
+
+
+def node_key(node: str) -> str:
+    return NODE_PREFIX + node
 
 
 def handshake_key(digest: bytes) -> str:

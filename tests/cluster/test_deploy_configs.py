@@ -517,15 +517,29 @@ def test_dashboard_panels_and_metric_names() -> None:
     assert len(ids) == len(set(ids))
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     required = [
-        "sum by (state) (jvpn_sessions)",
-        "sum by (reason) (rate(jvpn_transport_switch_total[1m]))",
-        "jvpn_reattach_latency_seconds_bucket",
-        'jvpn_reattach_total{outcome="rejected"}',
+        'sum by (state) (jvpn:sessions:by_node{node=~"$node"})',
+        'sum by (reason) (jvpn:transport_switch:rate1m_by_node{node=~"$node"})',
+        "jvpn:reattach_latency_seconds:p99_5m_by_node",
+        'jvpn:reattach:rate5m_by_node{outcome="rejected", node=~"$node"}',
+        'sum by (node, outcome) (jvpn:reattach:rate5m_by_node{node=~"$node"})',
+        "jvpn:store_latency_seconds:p99_5m_by_node",
         "jvpn_security_events_total",
     ]
     for want in required:
         assert any(want in e for e in exprs), f"no panel queries {want}"
-    assert any(e.startswith("histogram_quantile(0.99") for e in exprs)
+    # A node variable from the nodes' info metric; every panel but the count of targets
+    # follows it.
+    [var] = [v for v in dash["templating"]["list"] if v["name"] == "node"]
+    assert var["definition"] == "label_values(jvpn_node_info, node)" and var["includeAll"]
+    assert all('node=~"$node"' in e for e in exprs if not e.startswith("count(up"))
+    # The recording rules are used: by the dashboard, or by an alert or another rule.
+    rules_text = (DEPLOY / "prometheus" / "rules" / "jvpn.rules.yml").read_text()
+    records = re.findall(r"^\s*- record: (\S+)$", rules_text, re.M)
+    assert len(records) >= 8
+    for record in records:
+        elsewhere = rules_text.replace(f"record: {record}\n", "")
+        assert any(record in e for e in exprs) or re.search(rf"{re.escape(record)}\b", elsewhere), \
+            f"recording rule {record} is used nowhere"
     for p in dash["panels"]:
         assert p["datasource"]["uid"] == "${datasource}"
     # Every jvpn_* name in the dashboard and the rules is one a gateway exports.
@@ -624,6 +638,8 @@ async def test_redis_acl_users_limit_the_gateway(tmp_path: Path, tls: bool) -> N
             assert await gw.claim_handshake(os.urandom(32), 1000)
             await gw.publish_binding_change(sid, "n2", moved.epoch)
             assert await gw.xadd_event({"event": "x"})
+            await gw.register_node("n2", {"admin": "10.0.0.2:9100"}, 15)  # for `jvpn status`
+            assert [n["node"] for n in await admin.list_nodes()] == ["n2"]
             for denied in (gw.redis.flushall(), gw.redis.config_get("*"),
                            gw.redis.hset("jvpn:client:" + "00" * 32, "name", "x"),
                            gw.redis.set("elsewhere", "1"), admin.redis.flushall(),
@@ -636,3 +652,42 @@ async def test_redis_acl_users_limit_the_gateway(tmp_path: Path, tls: bool) -> N
             await anon.aclose()
             await gw.close()
             await admin.close()
+
+
+# ---- systemd units (deploy/systemd) ------------------------------------------------------------
+
+
+def test_systemd_units_verify_and_run_what_exists(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the units (with the venv they name replaced by this
+    one); each runs a command and flags this checkout has; an agent refused for good (exit
+    3) is not restarted."""
+    import shutil
+    import sys
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    bindir = os.path.dirname(sys.executable)
+    units = sorted((DEPLOY / "systemd").glob("*.service"))
+    assert {u.name for u in units} == {"jvpn-gateway.service", "jvpn-agent@.service"}
+    for unit in units:
+        text = unit.read_text().replace("/opt/jumping-vpn/.venv/bin", bindir)
+        name = unit.name.replace("@.", "@test.")
+        (tmp_path / name).write_text(text)
+        res = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=60)
+        problems = [ln for ln in (res.stdout + res.stderr).splitlines()
+                    if name in ln or "Unknown" in ln or "error" in ln.lower()]
+        assert res.returncode == 0 and not problems, res.stdout + res.stderr
+    agent = (DEPLOY / "systemd" / "jvpn-agent@.service").read_text()
+    from agent.cli import EXIT_REFUSED
+
+    assert f"RestartPreventExitStatus={EXIT_REFUSED}" in agent
+    # The flags the units pass exist (parsed, not run).
+    from agent.cli import build_parser as agent_parser
+    from gateway.cli import build_parser as gateway_parser
+
+    gateway_parser().parse_args(["--log-format", "json", "--private-key-file", "k",
+                                 "--kek-file", "k", "--check-config"])
+    agent_parser().parse_args(["--log-format", "json", "--private-key-file", "k",
+                               "--set", "status_interval_s=0"])

@@ -153,3 +153,36 @@ async def test_a_trusted_balancer_carries_the_client_address(redis_url: str) -> 
     finally:
         echo.close()
         await gw.app.stop()
+
+
+async def test_a_balancer_reload_is_no_transport_switch(redis_url: str) -> None:
+    """nginx reloaded (or restarted) relays the same client from new sockets: the prefix
+    still names the client's own address, so the session follows the new flow (after its
+    challenge) without a transport switch or a NAT rebinding being counted. A real
+    rebinding, a new client address, still is one."""
+    gw = await start_gateway(redis_url, trusted_balancers=["127.0.0.1"])
+    echo, upstream = await echo_upstream()
+    try:
+        priv, _ = await gw.add_client(upstream)
+        st = RawSession(priv, gw.app.keys.public, upstream)
+        relay = await udp_from(gw.udp, "127.0.0.1", encode_prefix(*CLIENT))
+        await st.connect(relay)
+
+        def switches() -> float:
+            return sum(gw.app.metrics.transport_switches.values())
+
+        before = switches()
+        for new_client, counted in ((CLIENT, False), (("203.0.113.7", 40001), True)):
+            reloaded = await udp_from(gw.udp, "127.0.0.1", encode_prefix(*new_client))
+            reloaded.send(st.keepalive_packet(seq=60))
+            challenge = await st.next_inner(reloaded,
+                                            lambda i: i.kind is wire.InnerType.PATH_CHALLENGE)
+            reloaded.send(st.seal(wire.inner_path_response(challenge.payload)))
+            await wait_for(lambda r=reloaded: gw.node.bindings[st.session_id].peer.via == r.local,
+                           3.0, "the downlink to follow the new flow")
+            await st.keepalive(reloaded)
+            nat = [e for e in gw.actions("transport_switch") if e.get("event.reason") == "nat_rebind"]
+            assert (switches() > before) is counted and bool(nat) is counted, new_client
+    finally:
+        echo.close()
+        await gw.app.stop()

@@ -400,11 +400,11 @@ def test_sinks_from_config() -> None:
 # The JSON lines the previous emit (flat dotted fields, nested by to_document when
 # serialized) wrote for the events of the test below: emit now nests as it goes.
 GOLDEN_LINES = [
-    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["network","session"],"type":["change","connection"],"action":"transport_switch","outcome":"success","reason":"reattach"},"jvpn":{"session_id":"00112233445566778899aabbccddeeff","from_transport":"udp:a","to_transport":"tcp:b","state_version":5,"epoch":4},"source":{"ip":"127.0.0.1"}}',
-    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["session"],"type":["end"],"action":"state_change","outcome":"success","reason":"BAD_PROOF"},"jvpn":{"session_id":"00112233445566778899aabbccddeeff","from_state":"ATTACHED","to_state":"TERMINATED","state_version":9,"epoch":3}}',
-    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"alert","category":["intrusion_detection"],"type":["denied"],"action":"security_event","outcome":"failure","reason":"BAD_PROOF"},"jvpn":{"security_kind":"bad_proof","session_id":"00112233445566778899aabbccddeeff","nonce":"bc1443a0d17aab2d"},"source":{"ip":"::1"}}',
-    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11","y":2},"service":{"name":"jumping-vpn","node":{"name":"gw-1","role":"edge"},"extra":1},"event":{"dataset":"jvpn.events","kind":"event","category":["network"],"type":["end"],"action":"custom","outcome":"failure"},"jvpn":{"jvpn":"flat","z":3},"message":"hi","a":{"b":{"c":4}}}',
-    '{"@timestamp":"2025-12-01T14:40:00.123Z","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["network"],"type":["info"],"action":"lease_lapsed","outcome":"success"},"jvpn":{"bindings":3}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","log":{"level":"info"},"message":"session 001122334455 udp:a -> tcp:b: reattach","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["network","session"],"type":["info"],"action":"transport_switch","outcome":"success","reason":"reattach"},"jvpn":{"session_id":"00112233445566778899aabbccddeeff","from_transport":"udp:a","to_transport":"tcp:b","state_version":5,"epoch":4},"source":{"ip":"127.0.0.1"}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","log":{"level":"info"},"message":"session 001122334455 ATTACHED -> TERMINATED (v9): BAD_PROOF","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["session"],"type":["end"],"action":"state_change","outcome":"success","reason":"BAD_PROOF"},"jvpn":{"session_id":"00112233445566778899aabbccddeeff","from_state":"ATTACHED","to_state":"TERMINATED","state_version":9,"epoch":3}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","log":{"level":"warning"},"message":"security: bad_proof: BAD_PROOF session 001122334455","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"alert","category":["intrusion_detection"],"type":["denied"],"action":"security_event","outcome":"failure","reason":"BAD_PROOF"},"jvpn":{"security_kind":"bad_proof","session_id":"00112233445566778899aabbccddeeff","nonce":"bc1443a0d17aab2d"},"source":{"ip":"::1"}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","log":{"level":"info"},"message":"hi","ecs":{"version":"8.11","y":2},"service":{"name":"jumping-vpn","node":{"name":"gw-1","role":"edge"},"extra":1},"event":{"dataset":"jvpn.events","kind":"event","category":["network"],"type":["end"],"action":"custom","outcome":"failure"},"jvpn":{"jvpn":"flat","z":3},"a":{"b":{"c":4}}}',
+    '{"@timestamp":"2025-12-01T14:40:00.123Z","log":{"level":"info"},"message":"lease_lapsed success","ecs":{"version":"8.11"},"service":{"name":"jumping-vpn","node":{"name":"gw-1"}},"event":{"dataset":"jvpn.events","kind":"event","category":["network"],"type":["info"],"action":"lease_lapsed","outcome":"success"},"jvpn":{"bindings":3}}',
 ]
 
 
@@ -430,3 +430,26 @@ def test_documents_built_in_emit_are_the_lines_of_flat_fields_nested() -> None:
     assert last["ecs"] == {"version": ECS_VERSION}
     assert events[0].fields["event.action"] == events[0].action == "transport_switch"
     assert events[2].fields["jvpn.nonce"] == fingerprint(NONCE)  # never the nonce itself
+
+
+def test_every_event_type_is_one_ecs_expects_for_its_categories() -> None:
+    """The ECS reference lists, per event.category, the event.type values expected with it;
+    every action's pair (and the start/end a state change may carry) is one of them. Every
+    event carries log.level and message; durations are event.duration in nanoseconds."""
+    from gateway.events import _ACTIONS, _DEFAULT_ACTION, ECS_EXPECTED_TYPES
+
+    for action, (_, categories, types, _) in [*_ACTIONS.items(), ("other", _DEFAULT_ACTION)]:
+        for category in categories:
+            assert set(types) <= ECS_EXPECTED_TYPES[category], (action, category, types)
+    bus = EventBus("gw-1", queue_size=100)
+    bus.state_change(SID, SessionState.BIRTH, SessionState.ATTACHED, 1, 1, "handshake")
+    bus.state_change(SID, SessionState.ATTACHED, SessionState.RECOVERING, 2, 1, "silent")
+    bus.emit("handshake", outcome="success", session_id=SID, duration_ns=1_500_000)
+    docs = [bus._queue.popleft().document() for _ in range(3)]
+    assert [d["event"]["type"] for d in docs] == [["start"], ["info"], ["start"]]
+    assert all(set(d["event"]["type"]) <= ECS_EXPECTED_TYPES[c]
+               for d in docs for c in d["event"]["category"])
+    assert all(d["log"]["level"] == "info" and d["message"] for d in docs)
+    assert docs[1]["message"] == f"session {SID.hex()[:12]} ATTACHED -> RECOVERING (v2): silent"
+    assert docs[2]["event"]["duration"] == 1_500_000 and "jvpn" not in docs[2] or (
+        "duration_ns" not in docs[2].get("jvpn", {}))

@@ -51,6 +51,9 @@ async def test_handshake_and_reattach_spans(redis_url: str) -> None:
     sid_hash = hs[0].attributes[ATTR_SESSION_HASH]
     assert ra[0].attributes[ATTR_SESSION_HASH] == sid_hash
     assert sid_hash == session_hash(agent.machine.session_id)
+    # Found from the short id the CLI shows (jvpn status), the same on both spans.
+    short = agent.machine.session_id.hex()[:12]
+    assert hs[0].attributes["jvpn.session_short_id"] == ra[0].attributes["jvpn.session_short_id"] == short
     assert ra[0].attributes["jvpn.state_version"] > 1 and ra[0].attributes["jvpn.epoch"] > 1
 
     def children(top: object) -> set[str]:

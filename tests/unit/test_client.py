@@ -379,3 +379,74 @@ def test_a_refused_jump_stays_on_the_current_path() -> None:
     assert c.state is SessionState.ATTACHED and c.path == 1 and c.get_timer() is not None
     assert c.send(b"still here", 0.12)
     assert [p for p, _ in c.datagrams_to_send()] == [1]
+
+
+def test_authenticated_refusals_end_the_agent_after_a_bounded_backoff() -> None:
+    """A key the registry does not hold gets an authenticated UNKNOWN_CLIENT: the machine
+    retries with a growing delay, then, after ``refusals_final`` in a row, gives up for good
+    with advice; a connect() after that is local misuse."""
+    from session.client import HandshakeFailed, RefusedForGood
+    from session.errors import LocalProtocolError
+
+    stranger, _ = generate_keypair()
+    params = ClientParams(upstream=UPSTREAM, backoff_initial=0.1, backoff_max=5.0, refusals_final=4)
+    c = ClientSession(stranger, GW_PUB, params)
+    gw = gateway()
+    delays: list[float] = []
+    now = 0.0
+    for attempt in range(1, 5):
+        c.connect(now, WALL_MS + int(now * 1000), path=attempt, kind=wire.TransportKind.UDP)
+        [(_, init)] = c.datagrams_to_send()
+        [answer] = gw.answer(init, HOME, now)
+        c.receive(answer, attempt, now + 0.01)
+        evs = events(c)
+        [failed] = [e for e in evs if isinstance(e, HandshakeFailed)]
+        assert failed.reason is RejectReason.UNKNOWN_CLIENT and failed.authenticated
+        refused = [e for e in evs if isinstance(e, RefusedForGood)]
+        if attempt < 4:
+            assert not refused and c.refused is None
+            delays.append(failed.retry_in)
+            now += failed.retry_in + 0.01
+        else:
+            assert refused == [c.refused] and refused[0].attempts == 4
+            assert "jvpn clients add" in refused[0].advice
+    assert delays == [0.1, 0.2, 0.4]
+    with pytest.raises(LocalProtocolError):
+        c.connect(now, WALL_MS, path=9, kind=wire.TransportKind.UDP)
+
+
+def test_unauthenticated_refusals_and_timeouts_only_feed_the_backoff() -> None:
+    """An unauthenticated REJECT of a handshake (anyone can send one) neither fails nor ends
+    anything: it delays the retransmission. A timeout between authenticated refusals resets
+    their count, so only refusals in a row end the agent."""
+    from session.client import HandshakeFailed, RefusedForGood
+
+    stranger, _ = generate_keypair()
+    c = ClientSession(stranger, GW_PUB, ClientParams(upstream=UPSTREAM, refusals_final=2))
+    gw = gateway()
+    now = 0.0
+    c.connect(now, WALL_MS, path=1, kind=wire.TransportKind.UDP)
+    [(_, init)] = c.datagrams_to_send()
+    hid = wire.decode(init).handshake_id  # type: ignore[union-attr]
+    for _ in range(50):
+        c.receive(wire.encode(wire.Reject(hid, bytes(wire.NONCE_LEN), RejectReason.UNKNOWN_CLIENT,
+                                          0, 0)), 1, now)
+    assert not events(c) and c.refused is None
+    [answer] = gw.answer(init, HOME, now)  # one authenticated refusal
+    c.receive(answer, 1, now)
+    assert [type(e) for e in events(c)] == [HandshakeFailed]
+    c.connect(now, WALL_MS, path=2, kind=wire.TransportKind.UDP)  # then silence: a timeout
+    c.datagrams_to_send()
+    for _ in range(10):
+        t = c.get_timer()
+        if t is None:
+            break
+        c.handle_timer(t)
+    [timeout] = [e for e in events(c) if isinstance(e, HandshakeFailed)]
+    assert timeout.reason is None and not timeout.authenticated and timeout.retry_in > 0
+    c.datagrams_to_send()  # the retransmissions
+    c.connect(now, WALL_MS, path=3, kind=wire.TransportKind.UDP)  # one more refusal: not yet 2 in a row
+    [(_, init)] = c.datagrams_to_send()
+    [answer] = gw.answer(init, HOME, now)
+    c.receive(answer, 3, now)
+    assert not any(isinstance(e, RefusedForGood) for e in events(c)) and c.refused is None

@@ -932,3 +932,20 @@ def test_a_rekey_answer_lost_with_its_node_is_undone_by_the_next_reattach() -> N
     assert set(sent) <= set(c.received)
     # The secret is due for a rekey: it happens at once, on gw-b, and completes.
     assert [r.generation for r in c.of(Rekeyed)] == [1] and rec.kg == 1 and rec.wsp == b""
+
+
+def test_a_reattach_of_an_attached_session_is_a_switch_not_a_state_change() -> None:
+    """A proactive jump (the session stays ATTACHED) is counted as a transport switch; an
+    ATTACHED -> ATTACHED "state change" is no change and is not counted or emitted."""
+    net = Net(seed=131)
+    c, [gw] = setup(net)
+    net.run(0.5)
+    assert c.machine.state is SessionState.ATTACHED
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP, reason="jump")
+    net.run(net.now + 0.5)
+    assert c.of(Reattached)
+    changes = [a[:2] for a, _ in gw.metrics.named("state_change")]
+    assert changes and all(old != new for old, new in changes), changes
+    assert all(a[1] != a[2] for a, _ in gw.events.named("state_change"))
+    assert any(a[2] == "reattach" for a, _ in gw.metrics.named("transport_switch"))

@@ -16,6 +16,7 @@ from gateway.tracing import (
     ATTR_OUTCOME,
     ATTR_REASON,
     ATTR_SESSION_HASH,
+    ATTR_SESSION_SHORT_ID,
     ATTR_TRANSPORT,
     ATTR_VERSION,
     NOOP_SPAN,
@@ -196,7 +197,7 @@ def test_reattach_span_with_store_child(tracing: Tracing) -> None:
     assert store.start_time >= top.start_time and store.end_time <= top.end_time
     assert dict(top.attributes) == {
         ATTR_NODE: "gw-1", ATTR_TRANSPORT: "udp", ATTR_SESSION_HASH: session_hash(SID),
-        ATTR_OUTCOME: "ok", ATTR_VERSION: 7, ATTR_EPOCH: 3}
+        ATTR_SESSION_SHORT_ID: SID.hex()[:12], ATTR_OUTCOME: "ok", ATTR_VERSION: 7, ATTR_EPOCH: 3}
     assert len(top.attributes[ATTR_SESSION_HASH]) == 16
     assert store.attributes[ATTR_DB_OPERATION] == "reattach"
     assert store.attributes[ATTR_OUTCOME] == "OK"
@@ -228,6 +229,7 @@ def test_handshake_span_gets_the_session_on_success(tracing: Tracing) -> None:
     assert spans["jvpn.store.birth"].parent.span_id == top.context.span_id
     assert spans["jvpn.store.get_client"].parent.span_id == top.context.span_id
     assert top.attributes[ATTR_SESSION_HASH] == session_hash(SID)
+    assert top.attributes[ATTR_SESSION_SHORT_ID] == SID.hex()[:12]  # as `jvpn status` shows it
     assert top.attributes[ATTR_VERSION] == 1 and top.attributes[ATTR_EPOCH] == 1
     _assert_no_raw_session_id(_spans(tracing), SID)
 
