@@ -771,9 +771,9 @@ class ReattachLoad:
 
 
 def _reattach_args(version: int, nonce: bytes, now_ms: int, node: str, tag: str,
-                   cfg: StoreConfig) -> list[bytes | str | int]:
+                   cfg: StoreConfig, bid: bytes | None = None) -> list[bytes | str | int]:
     """ARGV of reattach.lua exactly as SessionStore.reattach builds them."""
-    return [version, nonce, now_ms, int(UDP), node, os.urandom(wire.BINDING_ID_LEN), tag,
+    return [version, nonce, now_ms, int(UDP), node, bid or os.urandom(wire.BINDING_ID_LEN), tag,
             cfg.timestamp_window_ms, cfg.dual_active_window_ms, int(cfg.tombstone_ttl_s * 1000),
             int(cfg.gc_slack_s * 1000)]  # fmt: skip
 
@@ -828,21 +828,30 @@ async def _read_replies(reader: asyncio.StreamReader, count: int) -> list[bytes]
 
 
 async def raw_pipelined(store: SessionStore, host: str, port: int, sids: Sequence[bytes],
-                        rounds: int, connections: int = RAW_CONNECTIONS) -> dict[str, Any]:
-    """reattach.lua as pre-packed EVALSHA pipelines over raw sockets: Redis's own rate."""
-    sha = load_scripts()["reattach"].sha
+                        rounds: int, connections: int = RAW_CONNECTIONS,
+                        activate: bool = False) -> dict[str, Any]:
+    """reattach.lua as pre-packed EVALSHA pipelines over raw sockets: Redis's own rate.
+    ``activate``: each reattach followed by the activate.lua call that makes its PENDING
+    grant ACTIVE (the store's whole work per reattach); the rate counts reattaches."""
+    scripts = load_scripts()
+    sha, act_sha = scripts["reattach"].sha, scripts["activate"].sha
     await store.load_scripts()
     now = await store.server_time_ms()
     cfg = store.config
+    tomb_ms = int(cfg.tombstone_ttl_s * 1000)
     payloads: list[tuple[bytes, int]] = []
     for c in range(connections):
         mine = sids[c::connections]
-        cmds = [
-            pack_evalsha(sha, session_keys(sid),
-                         _reattach_args(1 + r, os.urandom(16), now, "bench-raw",
-                                        f"udp:127.0.0.1:{20000 + i}", cfg))
-            for r in range(rounds) for i, sid in enumerate(mine)
-        ]  # fmt: skip
+        cmds = []
+        for r in range(rounds):
+            for i, sid in enumerate(mine):
+                bid = os.urandom(wire.BINDING_ID_LEN)
+                cmds.append(pack_evalsha(sha, session_keys(sid), _reattach_args(
+                    1 + r, os.urandom(16), now, "bench-raw", f"udp:127.0.0.1:{20000 + i}", cfg,
+                    bid)))
+                if activate:  # born at epoch 1: round r's grant is epoch r + 2
+                    cmds.append(pack_evalsha(act_sha, session_keys(sid),
+                                             [2 + r, bid, "bench-raw", tomb_ms, 0]))
         payloads.append((b"".join(cmds), len(cmds)))
     conns = [await asyncio.open_connection(host, port) for _ in range(connections)]
 
@@ -859,7 +868,8 @@ async def raw_pipelined(store: SessionStore, host: str, port: int, sids: Sequenc
         writer.close()
     total = sum(len(r) for r in replies)
     ok = sum(1 for rs in replies for r in rs if r[:1] != b"-" and _status_ok(r))
-    return {"rate": total / elapsed, "calls": total, "ok_fraction": ok / max(1, total)}
+    per = 2 if activate else 1
+    return {"rate": total / per / elapsed, "calls": total, "ok_fraction": ok / max(1, total)}
 
 
 def _status_ok(reply: bytes) -> bool:
@@ -994,6 +1004,10 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
             run["raw_pipelined"] = await raw_pipelined(store, env.redis.host, env.redis.port,
                                                        raw_sids, rounds)  # fmt: skip
             run["raw_pipelined"]["cpu"] = cpu.read()
+            # The store's whole work per reattach: the grant, then its activation.
+            both_sids = await _birth_sessions(store, opts.sessions, policy)
+            run["raw_with_activate"] = await raw_pipelined(
+                store, env.redis.host, env.redis.port, both_sids, rounds, activate=True)
             # The same script with one call per fresh session: a nonce hash as small as
             # at realistic per-session rates (the loop above makes it hold every call).
             fresh = await _birth_sessions(store, min(10_000, max(2_000, 20 * opts.sessions)),
@@ -1036,6 +1050,8 @@ def _summarize_reattach(opts: BenchOptions, runs: list[dict[str, Any]]) -> dict[
         "unloaded_p99_ms": med(lambda r: r["unloaded_p99_ms"]),
         "handshake_rate": med(lambda r: r["handshake_rate"]),
         "raw_pipelined_rate": raw,
+        "raw_with_activate_rate": med(lambda r: r["raw_with_activate"]["rate"]),
+        "ratio_with_activate": _ratio(rate, med(lambda r: r["raw_with_activate"]["rate"])),
         "raw_evalsha_rate": med(lambda r: r["raw_evalsha"]["rate"]),
         "raw_fresh_rate": med(lambda r: r["raw_fresh"]["rate"]),
         "redis_benchmark_rate": median(rb) if rb else None,
@@ -1605,6 +1621,8 @@ def format_report(report: dict[str, Any]) -> str:
             f" p99 {ra['unloaded_p99_ms']:.2f} ms)",
             f"  raw EVALSHA pipelines        {ra['raw_pipelined_rate']:>10,.0f} /s   "
             f"(same script, {ra['ops_per_session']:.0f} calls/session, {RAW_CONNECTIONS} sockets)",
+            f"  raw reattach + activate      {ra['raw_with_activate_rate']:>10,.0f} /s   "
+            "(the grant and its activation: the store's whole work per reattach)",
             f"  raw, 1 call per session      {ra['raw_fresh_rate']:>10,.0f} /s   "
             "(same script, small nonce hash: what Redis does at realistic rates)",
             f"  raw_evalsha, concurrent      {ra['raw_evalsha_rate']:>10,.0f} /s   "
@@ -1617,6 +1635,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"  ratio gateway/raw pipelines  {ra['ratio']:>10.1%}     target >= "
             f"{ra['target']:.0%}: {_mark(ra['met'])}   per run: "
             + ", ".join(f"{x:.1%}" for x in ra["ratio_runs"]),
+            f"  ratio gateway/raw + activate {ra['ratio_with_activate']:>10.1%}     (the same "
+            "work on both sides)",
             f"  handshakes                   {ra['handshake_rate']:>10,.0f} /s",
             f"  cpu (1.0 = one core)         {_cpu_text(ra['cpu'])}",
             f"  cpu per call                 gateway {ra['gateway_cpu_us']:.0f} us/reattach, redis "
