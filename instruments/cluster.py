@@ -1040,7 +1040,7 @@ def add_cluster_parser(sub: Any) -> None:
     g.add_argument("--max-age", type=float, default=None,
                    help="maximum session age, seconds, however often it reattaches (default 86400)")
     g.add_argument("--rate", type=int, default=30, help="reattach attempts per minute")
-    g.add_argument("--transports", default="udp,tcp", help="allowed transports")
+    g.add_argument("--transports", default="udp,tcp,quic", help="allowed transports")
     g.set_defaults(fn=cmd_add_client)
 
 

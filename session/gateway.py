@@ -496,6 +496,10 @@ class GatewayMachine:
                 DropReason.UNKNOWN_SESSION if b is None else DropReason.STALE_EPOCH, "DATA")
         if not self._leased(b, now):
             raise RemoteProtocolError(DropReason.LEASE_EXPIRED, "DATA")
+        if peer.kind is wire.TransportKind.QUIC and peer.conn != b.peer.conn:
+            # A new QUIC connection carries a session only through its reattach; QUIC's own
+            # migration (a new address, the same connection) is validated below like UDP's.
+            raise RemoteProtocolError(DropReason.UNEXPECTED, "DATA on another QUIC connection")
         plain = b.channel.open(msg, raw)  # replay window + AEAD; raises on failure
         inner = wire.decode_inner(plain)
         if peer is not b.peer and peer != b.peer:

@@ -73,6 +73,15 @@ class MessageType(IntEnum):
 class TransportKind(IntEnum):
     UDP = 1
     TCP = 2
+    QUIC = 3  # messages in QUIC DATAGRAM frames (RFC 9221); see QUIC_ALPN
+
+
+# The ALPN of a QUIC connection that carries session messages. QUIC is only a transport:
+# its TLS certificate authenticates nothing here, the pinned Noise key does.
+QUIC_ALPN = "jvpn/1"
+# The largest message sent in one DATAGRAM frame: what a 1500-byte path holds after the IP,
+# UDP and QUIC short-header overheads. A larger one rides the connection's stream, framed.
+QUIC_DATAGRAM_MAX = 1380
 
 
 class InnerType(IntEnum):
