@@ -180,8 +180,9 @@ class QuicListener(asyncio.DatagramProtocol):
             return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LEN)
-        except (ValueError, Exception):  # qh3 raises ValueError, or its own errors on garbage
-            self._drop(DropReason.MALFORMED)
+        except Exception:  # qh3 raises ValueError, or its own errors, on what is not QUIC
+            initial = bool(data) and data[0] & 0xF0 == 0xC0  # a cut long-header Initial
+            self._drop(DropReason.TRUNCATED if initial else DropReason.MALFORMED)
             return
         conn = self._by_cid.get(header.destination_cid)
         if conn is None:

@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 from gateway.quic import server_id_of
+from instruments.netsim import QuicShape, RelayStats, UdpRelay
 from session import wire
 from tests.support.harness import LIVE_STATES, echo_upstream, start_gateway, wait_for
 
@@ -141,3 +142,70 @@ def loop_now() -> float:
 def _drops(gw, key: tuple[str, str]) -> int:  # type: ignore[no-untyped-def]
     return sum(n for (r, t), n in gw.node.metrics.drops.items()
                if getattr(r, "name", r) == key[0] and getattr(t, "name", t) == key[1])
+
+
+async def _fallback(gw, upstream: str, priv: bytes, transports: list[str],  # type: ignore[no-untyped-def]
+                    ) -> tuple[float, str, RelayStats]:
+    """UDP to the session port turns QUIC-only (a firewall passing only QUIC): how long the
+    agent takes to be back (loss detected -> ACK), and on which transport."""
+    relay_udp = await UdpRelay(gw.udp).start()
+    relay_quic = await UdpRelay(gw.quic).start()
+    relay_quic.quic_only = QuicShape()
+    got: list[bytes] = []
+    agent = gw.agent(priv, upstream, transports=transports, gateways=[relay_udp.address],
+                     quic_gateways=[relay_quic.address], on_payload=got.append)
+    try:
+        await agent.start()
+        await agent.wait_connected(5)
+        assert agent.status()["transport"].startswith("udp")
+        relay_udp.quic_only = QuicShape()  # from now on only QUIC passes on UDP
+        await wait_for(lambda: len(agent.jumps) >= 1, 10, "a fallback")
+        jump = agent.jumps[0]
+        agent.send(b"after")
+        await wait_for(lambda: b"after" in got, 5, "traffic after the fallback")
+        return jump.latency, jump.to_transport, relay_udp.stats
+    finally:
+        await agent.stop()
+        relay_udp.close()
+        relay_quic.close()
+
+
+async def test_udp_blocked_but_quic_passes_falls_back_to_quic_before_tcp(redis_url: str) -> None:
+    gw = await start_gateway(redis_url)
+    echo, upstream = await echo_upstream()
+    priv, _ = await gw.add_client(upstream)
+    try:
+        latency, to, stats = await _fallback(gw, upstream, priv, ["udp", "quic", "tcp"])
+        print(f"UDP blocked, QUIC passes: fallback to {to} in {latency * 1000:.0f} ms")
+        assert to.startswith("quic"), to
+        assert stats.dropped > 0  # the session's own UDP datagrams were dropped
+        b = next(iter(gw.node.bindings.values()))
+        assert b.peer.kind is wire.TransportKind.QUIC
+        # A client whose policy has no QUIC goes on to TCP.
+        priv2, _ = await gw.add_client(upstream, transports=("udp", "tcp"))
+        latency2, to2, _ = await _fallback(gw, upstream, priv2, ["udp", "quic", "tcp"])
+        print(f"QUIC not allowed: fallback to {to2} in {latency2 * 1000:.0f} ms")
+        assert to2.startswith("tcp"), to2
+    finally:
+        echo.close()
+        await gw.app.stop()
+
+
+async def test_a_session_starts_on_quic_when_udp_is_blocked_from_the_start(
+        redis_url: str) -> None:
+    gw = await start_gateway(redis_url)
+    echo, upstream = await echo_upstream()
+    priv, _ = await gw.add_client(upstream)
+    relay_udp = await UdpRelay(gw.udp).start()
+    relay_udp.quic_only = QuicShape()
+    agent = gw.agent(priv, upstream, transports=["udp", "quic", "tcp"],
+                     gateways=[relay_udp.address])
+    try:
+        await agent.start()
+        await agent.wait_connected(10)
+        assert agent.status()["transport"].startswith("quic")
+    finally:
+        await agent.stop()
+        relay_udp.close()
+        echo.close()
+        await gw.app.stop()

@@ -68,13 +68,15 @@ class Gateway:
     def agent(self, priv: bytes, upstream: str, params: ClientParams = FAST,
               transports: list[str] | None = None, name: str = "agent",
               gateways: list[tuple[str, int]] | None = None,
+              quic_gateways: list[tuple[str, int]] | None = None,
               on_payload: Callable[[bytes], None] | None = None) -> Agent:
         from dataclasses import replace
 
         s = AgentSettings(
             private_key=priv, gateway_public_key=self.app.keys.public,
             gateways=gateways or [self.udp], tcp_gateways=[self.tcp], upstream=upstream,
-            quic_gateways=[self.quic] if self.node.quic_address else [],
+            quic_gateways=quic_gateways if quic_gateways is not None
+            else [self.quic] if self.node.quic_address else [],
             local_udp=None, transports=transports or ["udp", "tcp"],
             params=replace(params, upstream=upstream), name=name)
         return Agent(s, on_payload=on_payload)
