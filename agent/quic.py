@@ -40,7 +40,8 @@ def client_configuration(idle_timeout: float = IDLE_TIMEOUT_S) -> QuicConfigurat
     """Our ALPN, DATAGRAM frames on, and no certificate check (see the module docstring)."""
     return QuicConfiguration(is_client=True, alpn_protocols=[wire.QUIC_ALPN],
                              verify_mode=ssl.CERT_NONE, idle_timeout=idle_timeout,
-                             max_datagram_frame_size=65536)
+                             max_datagram_frame_size=65536,
+                             max_datagram_size=wire.QUIC_MAX_UDP_PAYLOAD, probe_datagram_size=False)
 
 
 class QuicPath(Path, asyncio.DatagramProtocol):

@@ -131,7 +131,8 @@ def server_configuration(cert_pem: bytes, key_pem: bytes, idle_timeout: float) -
     """The listener's QUIC settings: our ALPN, DATAGRAM frames on, connection IDs of CID_LEN."""
     cfg = QuicConfiguration(is_client=False, alpn_protocols=[wire.QUIC_ALPN],
                             connection_id_length=CID_LEN, idle_timeout=idle_timeout,
-                            max_datagram_frame_size=65536)
+                            max_datagram_frame_size=65536,
+                             max_datagram_size=wire.QUIC_MAX_UDP_PAYLOAD, probe_datagram_size=False)
     cfg.load_cert_chain(cert_pem, key_pem)  # PEM contents, not paths
     return cfg
 

@@ -79,9 +79,11 @@ class TransportKind(IntEnum):
 # The ALPN of a QUIC connection that carries session messages. QUIC is only a transport:
 # its TLS certificate authenticates nothing here, the pinned Noise key does.
 QUIC_ALPN = "jvpn/1"
-# The largest message sent in one DATAGRAM frame: what a 1500-byte path holds after the IP,
-# UDP and QUIC short-header overheads. A larger one rides the connection's stream, framed.
-QUIC_DATAGRAM_MAX = 1380
+# QUIC packets are at most this many bytes of UDP payload (a 1500-byte path over IPv6; fixed
+# from the first packet, no path MTU probing), so a DATAGRAM frame holds at most
+# QUIC_DATAGRAM_MAX bytes of message; a larger message rides the connection's stream, framed.
+QUIC_MAX_UDP_PAYLOAD = 1452
+QUIC_DATAGRAM_MAX = 1412  # measured 1422 with qh3 and 8-byte connection IDs; kept below
 
 
 class InnerType(IntEnum):
