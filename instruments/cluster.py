@@ -811,8 +811,8 @@ def summary(state: ClusterState) -> str:
         "  jvpn keys gen --out alice.key",
         f"  jvpn clients add <alice public key> --upstream 127.0.0.1:9000 --store-url {state.store_url}",
         f"  jvpn-agent --private-key-file alice.key --gateway-public-key {state.gateway_public_key} \\",
-        f"      --gateway {b['udp']} --tcp-gateway {b['tcp']} --upstream 127.0.0.1:9000 "
-        "--local-udp 127.0.0.1:5555",
+        f"      --gateway {b['udp']} --tcp-gateway {b['tcp']} --quic-gateway {b.get('quic', '?')} "
+        "--upstream 127.0.0.1:9000 --local-udp 127.0.0.1:5555",
         f"Status: jvpn-lab cluster status --run-dir {run}    stop: jvpn-lab cluster down --run-dir {run}",
     ]
     return "\n".join(out)
@@ -1176,6 +1176,7 @@ def cmd_add_client(args: argparse.Namespace) -> int:
           f"  jvpn-agent --private-key-file {key_file or '<private key file>'} "
           f"--gateway-public-key {state.gateway_public_key} \\\n"
           f"      --gateway {b.get('udp', '?')} --tcp-gateway {b.get('tcp', '?')} "
+          f"--quic-gateway {b.get('quic', '?')} "
           f"--upstream {args.upstream[0]} --local-udp 127.0.0.1:5555")
     return 0
 
