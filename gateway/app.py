@@ -184,7 +184,7 @@ class GatewayApp:
         sid = cfg.quic_server_id if cfg.quic_server_id >= 0 else default_server_id(cfg.node_id)
         limits = QuicLimits(
             max_connections=cfg.quic_max_connections, max_handshaking=cfg.quic_max_handshaking,
-            max_handshaking_per_source=cfg.quic_max_handshaking_per_source,
+            max_per_source=cfg.quic_max_per_source,
             retry_threshold=cfg.quic_retry_threshold,
             handshake_timeout=cfg.quic_handshake_timeout_s, idle_timeout=cfg.quic_idle_timeout_s)
         return QuicListener(self.node, server_configuration(cert, key, cfg.quic_idle_timeout_s),

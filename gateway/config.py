@@ -143,8 +143,9 @@ class GatewayConfig:
     quic_max_handshaking: int = setting(
         256, min=1, max=1_000_000, help="QUIC connections still in their handshake, at most"
     )
-    quic_max_handshaking_per_source: int = setting(
-        8, min=0, max=1_000_000, help="per source address; 0 = no limit"
+    quic_max_per_source: int = setting(
+        16, min=0, max=1_000_000,
+        help="open QUIC connections per client address (the balancer's carried one); 0 = no limit",
     )
     quic_retry_threshold: int = setting(
         64, min=0, max=1_000_000,

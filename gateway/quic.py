@@ -31,11 +31,12 @@ are routed by hash.
 
 Unauthenticated input is bounded (``QuicLimits``): a datagram that is not
 QUIC, an Initial under 1200 bytes (RFC 9000 section 14.1) or for an unknown
-version is dropped and counted; connections still handshaking are capped in
-total and per source, and past ``retry_threshold`` of them a new client must
+version is dropped and counted; open connections are capped in total and per
+source address (the client's, behind a trusted balancer), connections still
+handshaking in total, and past ``retry_threshold`` of those a new client must
 first echo a stateless Retry token (RFC 9000 section 8.1.2); a connection that
-has not completed its handshake by ``handshake_timeout`` is discarded; total
-connections are capped. Each refusal counts a ``QUIC_LIMIT`` drop.
+has not completed its handshake by ``handshake_timeout`` is discarded. Each
+refusal counts a ``QUIC_LIMIT`` drop.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class QuicLimits:
 
     max_connections: int = 1024
     max_handshaking: int = 256  # connections not yet through their handshake, all sources
-    max_handshaking_per_source: int = 8  # 0 = no per-source limit (behind a balancer)
+    max_per_source: int = 16  # open connections per source address; 0 = no limit
     retry_threshold: int = 64  # handshaking connections above which a Retry token is required
     handshake_timeout: float = 5.0
     idle_timeout: float = 60.0
@@ -151,7 +152,7 @@ class QuicListener(asyncio.DatagramProtocol):
         self._by_cid: dict[bytes, _Conn] = {}
         self.conns: dict[int, _Conn] = {}  # by connection number (Peer.conn)
         self._next_conn = 1 << 40  # apart from the TCP connection numbers
-        self._handshaking: dict[str, int] = {}  # by source address
+        self._per_source: dict[str, int] = {}  # open connections by source address
         self.handshaking = 0
         self._retry = QuicRetryTokenHandler()
 
@@ -214,8 +215,8 @@ class QuicListener(asyncio.DatagramProtocol):
         lim = self.limits
         source = client[0]
         if (len(self.conns) >= lim.max_connections or self.handshaking >= lim.max_handshaking
-                or (lim.max_handshaking_per_source and not via
-                    and self._handshaking.get(source, 0) >= lim.max_handshaking_per_source)):
+                or (lim.max_per_source
+                    and self._per_source.get(source, 0) >= lim.max_per_source)):
             self._drop(DropReason.QUIC_LIMIT)
             return None
         odcid: bytes = header.destination_cid
@@ -253,7 +254,7 @@ class QuicListener(asyncio.DatagramProtocol):
         self._by_cid[quic.host_cid] = conn
         conn.cids.update((header.destination_cid, quic.host_cid))
         self.handshaking += 1
-        self._handshaking[source] = self._handshaking.get(source, 0) + 1
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         conn.deadline = self.loop.call_later(lim.handshake_timeout, conn.handshake_late)
         return conn
 
@@ -274,19 +275,16 @@ class QuicListener(asyncio.DatagramProtocol):
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
-    def _handshake_done(self, conn: _Conn) -> None:
-        self.handshaking -= 1
-        n = self._handshaking.get(conn.source, 0) - 1
-        if n > 0:
-            self._handshaking[conn.source] = n
-        else:
-            self._handshaking.pop(conn.source, None)
-
     def _forget(self, conn: _Conn) -> None:
         if self.conns.pop(conn.number, None) is None:
             return
         if not conn.established:
-            self._handshake_done(conn)
+            self.handshaking -= 1
+        n = self._per_source.get(conn.source, 0) - 1
+        if n > 0:
+            self._per_source[conn.source] = n
+        else:
+            self._per_source.pop(conn.source, None)
         for cid in conn.cids:
             if self._by_cid.get(cid) is conn:
                 del self._by_cid[cid]
@@ -343,7 +341,7 @@ class _Conn:
                     self.shut("no jvpn ALPN")
                     return
                 self.established = True
-                lst._handshake_done(self)
+                lst.handshaking -= 1
                 if self.deadline is not None:
                     self.deadline.cancel()
                     self.deadline = None
