@@ -30,6 +30,9 @@ from session import wire
 from session.errors import DecodeError
 
 log = logging.getLogger("jvpn.agent")
+# qh3 logs every peer's close and every peer protocol error at WARNING: remote input must
+# not be able to flood our log (what we refuse is counted, in metrics or in our own log).
+logging.getLogger("quic").setLevel(logging.ERROR)
 
 HANDSHAKE_TIMEOUT_S = 2.0  # as a TCP connect: a QUIC path that cannot handshake is skipped
 IDLE_TIMEOUT_S = 60.0

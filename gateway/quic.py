@@ -76,6 +76,9 @@ if TYPE_CHECKING:
     from gateway.node import GatewayNode
 
 log = logging.getLogger("jvpn.gateway.quic")
+# qh3 logs every peer's close and every peer protocol error at WARNING: remote input must
+# not be able to flood our log (what we refuse is counted, in metrics or in our own log).
+logging.getLogger("quic").setLevel(logging.ERROR)
 
 QUIC = wire.TransportKind.QUIC
 CID_LEN = 8  # every connection ID this node chooses
