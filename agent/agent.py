@@ -199,7 +199,10 @@ class Agent:
         cls = _PATHS[kind]
         path = cls(pid, remote, self._on_receive, self._on_failed)
         try:
-            await path.open()
+            if isinstance(path, QuicPath):  # a QUIC handshake gets the session handshake's time
+                await path.open(self.settings.params.handshake_timeout)
+            else:
+                await path.open()
         except (OSError, TimeoutError) as exc:
             self._log(f"cannot open {kind} path to {remote[0]}:{remote[1]}: {exc}")
             return None

@@ -70,6 +70,7 @@ async def test_bench_smoke_runs_every_part() -> None:
         assert 0 < tr[kind]["rtt_p50_ms"] <= tr[kind]["rtt_p99_ms"]
     assert tr["payload"] <= 1400  # what one QUIC DATAGRAM frame carries
     assert tr["fallback_quic"]["to"] == ["quic"] and tr["fallback_tcp"]["to"] == ["tcp"]
+    assert tr["fallback_tcp_via_quic"]["to"] == ["tcp"]
     assert tr["fallback_quic"]["latency_s"] > 0 and tr["fallback_tcp"]["latency_s"] > 0
 
     me = report["memory"]
