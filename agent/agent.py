@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.quic import QuicPath
+from agent.quic import MIN_HANDSHAKE_TIMEOUT_S, QuicPath
 from agent.transports import Path, TcpPath, UdpPath
 from session import wire
 from session.client import (
@@ -200,7 +200,7 @@ class Agent:
         path = cls(pid, remote, self._on_receive, self._on_failed)
         try:
             if isinstance(path, QuicPath):  # a QUIC handshake gets the session handshake's time
-                await path.open(self.settings.params.handshake_timeout)
+                await path.open(max(MIN_HANDSHAKE_TIMEOUT_S, self.settings.params.handshake_timeout))
             else:
                 await path.open()
         except (OSError, TimeoutError) as exc:
