@@ -7,7 +7,8 @@ only performs. After every input (a datagram, a timer, a local payload) it
 or POLICY_DENIED, re-handshake after an authenticated TERMINATED) and re-arms
 the single timer. Candidates are tried in order: a fresh UDP socket to the
 same gateway (new source port: survives NAT rebinding and a blocked port), the
-other UDP gateway addresses, then TCP (UDP blocked). Every decision is logged.
+other UDP gateway addresses, then QUIC (UDP to the session port blocked, QUIC passes),
+then TCP (UDP blocked), in the order ``transports`` gives. Every decision is logged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.quic import MIN_HANDSHAKE_TIMEOUT_S, QuicPath
 from agent.transports import Path, TcpPath, UdpPath
 from session import wire
 from session.client import (
@@ -54,6 +56,13 @@ class AgentSettings:
     transports: list[str] = field(default_factory=lambda: ["udp", "tcp"])
     params: ClientParams = field(default_factory=ClientParams)
     name: str = "agent"
+    quic_gateways: list[tuple[str, int]] = field(default_factory=list)  # none: no QUIC candidate
+
+    def addresses(self, kind: str) -> list[tuple[str, int]]:
+        """The gateway addresses of one transport kind ("udp", "tcp", "quic")."""
+        if kind == "udp":
+            return self.gateways
+        return self.quic_gateways if kind == "quic" else self.tcp_gateways
 
 
 @dataclass
@@ -162,7 +171,7 @@ class Agent:
         if not self.machine.attached:
             return
         if remote is None:
-            remote = (self.settings.gateways if kind == "udp" else self.settings.tcp_gateways)[0]
+            remote = self.settings.addresses(kind)[0]
         path = await self._open_path(kind, remote)
         if path is None:
             return
@@ -184,17 +193,19 @@ class Agent:
     def _candidate_list(self) -> list[tuple[str, tuple[str, int]]]:
         out: list[tuple[str, tuple[str, int]]] = []
         for kind in self.settings.transports:
-            addrs = self.settings.gateways if kind == "udp" else self.settings.tcp_gateways
-            out.extend((kind, a) for a in addrs)
+            out.extend((kind, a) for a in self.settings.addresses(kind))
         return out
 
     async def _open_path(self, kind: str, remote: tuple[str, int]) -> Path | None:
         pid = self._next_path
         self._next_path += 1
-        cls = UdpPath if kind == "udp" else TcpPath
+        cls = _PATHS[kind]
         path = cls(pid, remote, self._on_receive, self._on_failed)
         try:
-            await path.open()
+            if isinstance(path, QuicPath):  # a QUIC handshake gets the session handshake's time
+                await path.open(max(MIN_HANDSHAKE_TIMEOUT_S, self.settings.params.handshake_timeout))
+            else:
+                await path.open()
         except (OSError, TimeoutError) as exc:
             self._log(f"cannot open {kind} path to {remote[0]}:{remote[1]}: {exc}")
             return None
@@ -377,6 +388,10 @@ class Agent:
     def local_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self._app_addr = addr
         self.send(data)
+
+
+_PATHS: dict[str, type[UdpPath] | type[TcpPath] | type[QuicPath]] = {
+    "udp": UdpPath, "tcp": TcpPath, "quic": QuicPath}
 
 
 class _LocalProtocol(asyncio.DatagramProtocol):

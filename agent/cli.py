@@ -47,6 +47,7 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
         private_key=priv, gateway_public_key=pub,
         gateways=[parse_address(a) for a in cfg.gateways],
         tcp_gateways=[parse_address(a) for a in cfg.tcp_gateways],
+        quic_gateways=[parse_address(a) for a in cfg.quic_gateways],
         upstream=cfg.upstream, local_udp=parse_address(cfg.local_udp),
         transports=list(cfg.transports), params=params, name=name,
     )
@@ -65,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key (repeatable), e.g. --set upstream=127.0.0.1:9000")
     p.add_argument("--gateway", action="append", help="gateway UDP host:port (repeatable)")
     p.add_argument("--tcp-gateway", action="append", help="gateway TCP host:port (repeatable)")
+    p.add_argument("--quic-gateway", action="append", help="gateway QUIC host:port (repeatable)")
     p.add_argument("--gateway-public-key", help="pinned gateway public key (hex or base64)")
     p.add_argument("--private-key-file", help="file holding this agent's private key")
     p.add_argument("--upstream", help="upstream host:port the gateway forwards to")
     p.add_argument("--local-udp", help="local UDP host:port for applications")
-    p.add_argument("--transports", help="comma-separated preference, e.g. udp,tcp")
+    p.add_argument("--transports", help="comma-separated preference, e.g. udp,quic,tcp")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     add_log_format(p)
     p.add_argument("--duration", type=float, default=0.0,
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
     out = parse_set_flags(args.set)
     for flag, key in (("gateway", "gateways"), ("tcp_gateway", "tcp_gateways"),
+                      ("quic_gateway", "quic_gateways"),
                       ("gateway_public_key", "gateway_public_key"),
                       ("private_key_file", "private_key_file"), ("upstream", "upstream"),
                       ("local_udp", "local_udp"), ("transports", "transports"),

@@ -23,7 +23,7 @@ from settings import (
 
 ENV_PREFIX = "JVPN_AGENT_"
 CONFIG_ENV = "JVPN_AGENT_CONFIG"
-TRANSPORTS = ("udp", "tcp")
+TRANSPORTS = ("udp", "tcp", "quic")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -33,13 +33,16 @@ class AgentConfig:
 
     gateways: list[str] = setting(["127.0.0.1:51820"], kind=PEER, min_items=1, help="UDP")
     tcp_gateways: list[str] = setting([], kind=PEER, help="[] = same as gateways")
+    quic_gateways: list[str] = setting(
+        [], kind=PEER, help="QUIC listeners of the gateways (listen_quic); [] = no QUIC candidate"
+    )
     gateway_public_key: str = setting("", kind=KEY32, allow_empty=True, help="pinned cluster key")
     private_key: str = setting("", kind=KEY32, allow_empty=True, secret=True)
     private_key_file: str = setting("")
     local_udp: str = setting("127.0.0.1:0", kind=ADDRESS, help="local app-facing UDP socket")
     upstream: str = setting("", kind=PEER, allow_empty=True, help="where the gateway forwards")
     transports: list[str] = setting(
-        ["udp", "tcp"],
+        ["udp", "quic", "tcp"],
         choices=TRANSPORTS,
         fold_case=True,
         min_items=1,

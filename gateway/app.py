@@ -32,6 +32,13 @@ from gateway.config import (
 from gateway.events import EventBus, sinks_from_config
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings, TcpLimits
+from gateway.quic import (
+    QuicLimits,
+    QuicListener,
+    default_server_id,
+    self_signed,
+    server_configuration,
+)
 from gateway.tracing import Tracing
 from session.keys import KekRing, fingerprint, registry_key
 from session.noise import generate_keypair, public_key
@@ -159,7 +166,10 @@ class GatewayApp:
         self.node.machine.keks = ring  # the current KEK (as given above) and the previous ones
         udp = parse_address(cfg.listen_udp) if cfg.listen_udp else None
         tcp = parse_address(cfg.listen_tcp) if cfg.listen_tcp else None
-        await self.node.start(udp, tcp)
+        quic = None
+        if cfg.listen_quic:
+            quic = (parse_address(cfg.listen_quic), self._quic_listener(cfg))
+        await self.node.start(udp, tcp, quic)
         if cfg.admin:
             host, port = parse_address(cfg.admin)
             serving = asyncio.Event()
@@ -178,10 +188,29 @@ class GatewayApp:
             self.admin_address = status.advertised_admin(cfg.admin, cfg.admin_advertise,
                                                          self.admin_port)
             serving.set()
-        log.info("gateway %s up: udp %s tcp %s admin %s public key %s", cfg.node_id,
-                 self.node.udp_address, self.node.tcp_address, self.admin_port,
-                 self.keys.public.hex())
+        log.info("gateway %s up: udp %s tcp %s quic %s admin %s public key %s", cfg.node_id,
+                 self.node.udp_address, self.node.tcp_address, self.node.quic_address,
+                 self.admin_port, self.keys.public.hex())
         return self
+
+    def _quic_listener(self, cfg: GatewayConfig) -> QuicListener:
+        """The QUIC listener: its certificate (configured, else self-signed), ids, limits."""
+        assert self.node is not None
+        if cfg.quic_cert_file:
+            with open(cfg.quic_cert_file, "rb") as f:
+                cert = f.read()
+            with open(cfg.quic_key_file, "rb") as f:
+                key = f.read()
+        else:
+            cert, key = self_signed(cfg.node_id)
+        sid = cfg.quic_server_id if cfg.quic_server_id >= 0 else default_server_id(cfg.node_id)
+        limits = QuicLimits(
+            max_connections=cfg.quic_max_connections, max_handshaking=cfg.quic_max_handshaking,
+            max_per_source=cfg.quic_max_per_source,
+            retry_threshold=cfg.quic_retry_threshold,
+            handshake_timeout=cfg.quic_handshake_timeout_s, idle_timeout=cfg.quic_idle_timeout_s)
+        return QuicListener(self.node, server_configuration(cert, key, cfg.quic_idle_timeout_s),
+                            sid, limits)
 
     def _registry_refused(self, public_key: bytes, why: str) -> None:
         """A client entry failed its MAC check: the client is refused as unknown; say so."""

@@ -53,6 +53,10 @@ class GatewayConfig:
     node_id: str = setting("", kind=IDENT, allow_empty=True, help="'' = <hostname>-<udp port>")
     listen_udp: str = setting("127.0.0.1:51820", kind=ADDRESS)
     listen_tcp: str = setting("127.0.0.1:51820", kind=ADDRESS, allow_empty=True, help="'' = off")
+    listen_quic: str = setting(
+        "", kind=ADDRESS, allow_empty=True,
+        help="QUIC listener (session messages in DATAGRAM frames, ALPN jvpn/1); '' = off",
+    )
     admin: str = setting("127.0.0.1:9100", kind=ADDRESS, allow_empty=True, help="'' = off")
     store_url: str = setting(
         "", kind=REDIS_URL, allow_empty=True, help="'' = start an embedded redis-server"
@@ -125,6 +129,32 @@ class GatewayConfig:
     tcp_write_stall_s: float = setting(
         10.0, min=0.01, max=3600.0, help="abort a connection kept above tcp_write_buffer this long"
     )
+    quic_cert_file: str = setting(
+        "", help="PEM certificate (chain) of the QUIC listener; '' = a self-signed one made at "
+        "start. It authenticates nothing: clients pin the Noise key, not this certificate",
+    )
+    quic_key_file: str = setting("", help="PEM private key of quic_cert_file")
+    quic_server_id: int = setting(
+        -1, min=-1, max=65535,
+        help="the node's id in its QUIC connection IDs, which the balancer routes by; "
+        "-1 = 16 bits of a hash of node_id (must differ between the nodes behind one balancer)",
+    )
+    quic_max_connections: int = setting(1024, min=1, max=1_000_000)
+    quic_max_handshaking: int = setting(
+        256, min=1, max=1_000_000, help="QUIC connections still in their handshake, at most"
+    )
+    quic_max_per_source: int = setting(
+        16, min=0, max=1_000_000,
+        help="open QUIC connections per client address (the balancer's carried one); 0 = no limit",
+    )
+    quic_retry_threshold: int = setting(
+        64, min=0, max=1_000_000,
+        help="handshaking QUIC connections above which new clients must echo a Retry token",
+    )
+    quic_handshake_timeout_s: float = setting(5.0, min=0.01, max=3600.0)
+    quic_idle_timeout_s: float = setting(
+        60.0, min=0.01, max=86400.0, help="QUIC's idle timeout (must exceed 3 keepalives)"
+    )
     events: EventsConfig = setting(default_factory=EventsConfig)
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
     log_format: str = setting("text", choices=("text", "json"), fold_case=True,
@@ -174,6 +204,12 @@ class GatewayConfig:
             yield "sweep_interval_s", "must not exceed tombstone_ttl_s"
         if self.tcp_idle_timeout_s <= 3 * self.keepalive_interval_s:  # clients are told it
             yield "tcp_idle_timeout_s", "must exceed 3 x keepalive_interval_s"
+        if self.quic_idle_timeout_s <= 3 * self.keepalive_interval_s:
+            yield "quic_idle_timeout_s", "must exceed 3 x keepalive_interval_s"
+        if bool(self.quic_cert_file) != bool(self.quic_key_file):
+            yield "quic_cert_file", "set quic_cert_file and quic_key_file together"
+        if self.listen_quic and self.listen_udp and _same_port(self.listen_quic, self.listen_udp):
+            yield "listen_quic", f"clashes with listen_udp {self.listen_udp}"
         for item in self.trusted_balancers:
             try:
                 ipaddress.ip_network(item.strip(), strict=False)

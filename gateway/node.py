@@ -56,6 +56,7 @@ from gateway.balancer import (
 )
 from gateway.events import EventBus
 from gateway.metrics import Metrics
+from gateway.quic import QuicListener
 from gateway.tracing import NOOP_SPAN, SpanCtx, Tracing
 from session import wire
 from session.binding import Binding, Peer
@@ -168,6 +169,8 @@ class GatewayNode:
         self._stopping = False
         self.udp_address: tuple[str, int] | None = None
         self.tcp_address: tuple[str, int] | None = None
+        self.quic: QuicListener | None = None  # gateway.quic, when a QUIC listener is asked for
+        self.quic_address: tuple[str, int] | None = None
         metrics.sessions_callback = self.machine.sessions_by_state
 
     # ---- what the app and the tests read ----------------------------------------------------
@@ -191,7 +194,8 @@ class GatewayNode:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, udp: tuple[str, int] | None, tcp: tuple[str, int] | None) -> None:
+    async def start(self, udp: tuple[str, int] | None, tcp: tuple[str, int] | None,
+                    quic: tuple[tuple[str, int], QuicListener] | None = None) -> None:
         """Check the store, open the listeners, start the timer and the move notices."""
         loop = asyncio.get_running_loop()
         self.machine.handle_timer(self.clock())  # the first health check, before listening
@@ -212,6 +216,12 @@ class GatewayNode:
                             self.tcp_limits.max_connections, self.tcp_cap)
             self._tcp = await loop.create_server(lambda: _TcpProtocol(self), tcp[0], tcp[1])
             self.tcp_address = self._tcp.sockets[0].getsockname()[:2]
+        if quic is not None:
+            addr, listener = quic
+            tx, _ = await loop.create_datagram_endpoint(lambda: listener, local_addr=addr)
+            self.quic = listener
+            self.quic_address = tx.get_extra_info("sockname")[:2]
+            _grow_buffers(tx)
         self._background = [
             asyncio.create_task(self._timer_loop(), name="jvpn-timer"),
             asyncio.create_task(self._move_notices(), name="jvpn-move-notices"),
@@ -226,6 +236,8 @@ class GatewayNode:
             self._tcp.close()
             for conn in list(self._conns.values()):
                 conn.shut()
+        if self.quic is not None:
+            self.quic.close()
         self._tcp_report.flush()
         await cancel_bounded([*self._background, *self._calls.values(), *self._opening_tasks])
         if self._tcp is not None:
@@ -318,6 +330,9 @@ class GatewayNode:
             if self._udp is None:
                 return
             self._udp.sendto(data, peer.send_addr)
+        elif peer.kind is wire.TransportKind.QUIC:
+            if self.quic is None or not self.quic.send(peer.conn, data):
+                return  # that connection closed meanwhile
         else:
             conn = self._conns.get(peer.conn)
             if conn is None or not conn.write_frame(data):

@@ -108,7 +108,8 @@ BENCH_TTL_S = 3600.0  # keeps the gateway's TTL refresh out of the measurement
 # between phases); handshakes are not asked for RETRY cookies. Everything
 # else is the gateway's default (events to the Redis audit stream included).
 GATEWAY_DEFAULTS: dict[str, object] = {
-    "node_id": "bench-gw", "listen_udp": "127.0.0.1:0", "listen_tcp": "", "admin": "",
+    "node_id": "bench-gw", "listen_udp": "127.0.0.1:0", "listen_tcp": "127.0.0.1:0",
+    "listen_quic": "127.0.0.1:0", "admin": "",
     "silence_keepalives": 1000, "handshake_retry_threshold": -1, "log_level": "WARNING",
     "source_rate": -1,  # every bench client is 127.0.0.1: one source budget would cap them all
 }  # fmt: skip
@@ -133,7 +134,7 @@ class BenchOptions:
     window: int = 64
     payload: int = PAYLOAD_SIZE
     memory_sessions: int = 100_000
-    only: tuple[str, ...] = ("reattach", "datagram", "memory")
+    only: tuple[str, ...] = ("reattach", "datagram", "transports", "memory")
     redis_benchmark: bool = True
     gateway_set: dict[str, object] = field(default_factory=dict)
     profile_dir: str | None = None  # py-spy flame graphs of the gateway (first repeat)
@@ -501,6 +502,9 @@ def _serve(role: str) -> int:
             await app.start()
             assert app.node is not None and app.node.udp_address is not None
             info: dict[str, Any] = {"udp": list(app.node.udp_address)}
+            for kind, addr in (("tcp", app.node.tcp_address), ("quic", app.node.quic_address)):
+                if addr is not None:
+                    info[kind] = list(addr)
             stop = app.stop
         elif role == "echo":
             from instruments.netsim import UdpEcho
@@ -1357,6 +1361,122 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
     return summary
 
 
+# ---- transports ------------------------------------------------------------------------------
+
+FALLBACK_TIMEOUT_S = 20.0
+
+
+async def bench_transports(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
+    """One session's datagram rate and RTT over each transport (UDP, TCP, QUIC) in the same
+    run, and the fallback time when UDP to the session port is blocked: to QUIC (only
+    QUIC-shaped datagrams pass on UDP) beside to TCP (UDP dropped whole), with the agent's
+    default timings."""
+    from agent.agent import Agent, AgentSettings
+    from instruments.netsim import QuicShape, UdpRelay
+
+    addrs = {k: await env.gateway_listener(k) for k in ("udp", "tcp", "quic")}
+    echo = await env.echo()
+    upstream = f"{echo[0]}:{echo[1]}"
+    client_priv, client_pub = generate_keypair()
+    await env.store.add_client(ClientPolicy(client_pub, name="bench-transports",
+                                            ttl_s=BENCH_TTL_S, upstreams=(upstream,),
+                                            reattach_rate=BENCH_RATE))
+    pids = {"gateway": env.gateway_pid, "echo": env.echo_pid, "loadgen": os.getpid()}
+
+    def settings(transports: list[str], udp: tuple[str, int],
+                 quic: tuple[str, int] = addrs["quic"]) -> AgentSettings:
+        return AgentSettings(
+            private_key=client_priv, gateway_public_key=env.gateway_pub, gateways=[udp],
+            tcp_gateways=[addrs["tcp"]], quic_gateways=[quic], upstream=upstream,
+            local_udp=None, transports=transports, params=ClientParams(upstream=upstream),
+            name="bench")
+
+    # The largest payload a QUIC DATAGRAM frame carries (larger ones take the stream), for all
+    # three: the same datagrams over each transport.
+    payload = min(opts.payload, wire.QUIC_DATAGRAM_MAX - wire.DATA_OVERHEAD)
+    runs: list[dict[str, Any]] = []
+    for rep_i in range(opts.repeat):
+        run: dict[str, Any] = {}
+        for kind in ("udp", "tcp", "quic"):
+            flow = Flow(payload, opts.window)
+            agent = Agent(settings([kind], addrs["udp"]), on_payload=flow.on_echo)
+            try:
+                await agent.start()
+                await agent.wait_connected(10)
+                cpu = CpuMeter(pids)
+                run[kind] = await flow.run(agent.send, opts.warmup, opts.seconds)
+                run[kind]["cpu"] = cpu.read()
+            finally:
+                await agent.stop()
+        for name, order, block in (("fallback_quic", ["udp", "quic", "tcp"], "quic_only"),
+                                   ("fallback_tcp", ["udp", "tcp"], "blackhole"),
+                                   ("fallback_tcp_via_quic", ["udp", "quic", "tcp"], "blackhole")):
+            run[name] = await _fallback(settings, order, block, addrs["udp"], addrs["quic"],
+                                        QuicShape, UdpRelay, Agent)
+        runs.append(run)
+        opts.say(f"  transports {rep_i + 1}/{opts.repeat}: "
+                 + ", ".join(f"{k} {run[k]['rate']:,.0f}/s p99 {run[k]['rtt_p99_ms']:.2f} ms"
+                             for k in ("udp", "tcp", "quic"))
+                 + f"; UDP blocked -> quic in {run['fallback_quic']['latency_s']:.2f} s, "
+                 f"-> tcp in {run['fallback_tcp']['latency_s']:.2f} s")
+
+    def med(path: str, key: str) -> float:
+        return median([r[path][key] for r in runs])
+
+    out: dict[str, Any] = {"payload": payload, "window": opts.window,
+                           "seconds": opts.seconds, "repeat": len(runs)}
+    for kind in ("udp", "tcp", "quic"):
+        out[kind] = {
+            "rate": med(kind, "rate"), "loss": med(kind, "loss"),
+            "rtt_p50_ms": med(kind, "rtt_p50_ms"), "rtt_p99_ms": med(kind, "rtt_p99_ms"),
+            "cpu_us": median([_per_op_us(_ours(r[kind]["cpu"]), r[kind]["rate"]) for r in runs]),
+            "gateway_cpu_us": median([_per_op_us(r[kind]["cpu"]["gateway"], r[kind]["rate"])
+                                      for r in runs]),
+        }
+    for name in ("fallback_quic", "fallback_tcp", "fallback_tcp_via_quic"):
+        out[name] = {
+            "latency_s": med(name, "latency_s"), "outage_s": med(name, "outage_s"),
+            "latency_runs": [r[name]["latency_s"] for r in runs],
+            "to": sorted({r[name]["to"] for r in runs}),
+        }
+    out["quic_vs_udp"] = _ratio(out["quic"]["rate"], out["udp"]["rate"])
+    out["tcp_vs_udp"] = _ratio(out["tcp"]["rate"], out["udp"]["rate"])
+    out["runs"] = runs
+    return out
+
+
+async def _fallback(settings: Callable[..., Any], order: list[str], block: str,
+                    udp: tuple[str, int], quic: tuple[str, int], shape: Any, relay_cls: Any,
+                    agent_cls: Any) -> dict[str, Any]:
+    """Attach over UDP through a relay (QUIC's port behind another), then block UDP on both:
+    all of it, or all but QUIC-shaped datagrams; time the agent's jump."""
+    relay = await relay_cls(udp).start()
+    quic_relay = await relay_cls(quic).start()
+    agent = agent_cls(settings(order, relay.address, quic_relay.address))
+    try:
+        await agent.start()
+        await agent.wait_connected(10)
+        await asyncio.sleep(0.3)  # a few keepalives: an RTT estimate, as a running session has
+        for r in (relay, quic_relay):
+            if block == "quic_only":
+                r.quic_only = shape()  # only QUIC passes on UDP now
+            else:
+                r.blackhole = True
+        deadline = _now() + FALLBACK_TIMEOUT_S
+        while not agent.jumps:
+            if _now() > deadline:
+                raise RuntimeError(f"no fallback within {FALLBACK_TIMEOUT_S:g} s "
+                                   f"({order}, {block}): {agent.log_lines[-3:]}")
+            await asyncio.sleep(0.01)
+        jump = agent.jumps[0]
+        return {"latency_s": jump.latency, "outage_s": jump.outage,
+                "to": jump.to_transport.split()[0]}
+    finally:
+        await agent.stop()
+        relay.close()
+        quic_relay.close()
+
+
 # ---- memory ----------------------------------------------------------------------------------
 
 
@@ -1477,6 +1597,13 @@ class BenchEnv:
         host, port = self._gateway.info["udp"]
         return str(host), int(port)
 
+    async def gateway_listener(self, kind: str) -> tuple[str, int]:
+        """The gateway's "udp", "tcp" or "quic" listener."""
+        await self.gateway()
+        assert self._gateway is not None
+        host, port = self._gateway.info[kind]
+        return str(host), int(port)
+
     async def relay(self, target: tuple[str, int]) -> tuple[str, int]:
         """A plain Python UDP relay process in front of ``target`` (no protocol at all)."""
         if self._relay is None:
@@ -1578,6 +1705,10 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
             opts.say(f"datagrams: {opts.payload} B, window {opts.window}, "
                      f"{opts.seconds:g} s x {opts.repeat}")
             report["datagram"] = await bench_datagram(opts, env)
+        if "transports" in opts.only:
+            opts.say(f"transports: UDP, TCP, QUIC, {opts.seconds:g} s x {opts.repeat}; "
+                     "fallbacks when UDP is blocked")
+            report["transports"] = await bench_transports(opts, env)
         report["machine"]["children_uvloop"] = env.children_uvloop
     finally:
         await env.close()
@@ -1679,6 +1810,33 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_ratio(dg['plain_cpu_us'], dg['cpu_us']):.1%}",
             f"  bottleneck                      {dg['bottleneck']}",
         ]
+    tr = report.get("transports")
+    if tr:
+        lines += [
+            "",
+            f"Transports: {tr['payload']} B payloads, window {tr['window']}, one session each, "
+            f"median of {tr['repeat']} x {tr['seconds']:g} s, same gateway and echo",
+        ]
+        for kind in ("udp", "tcp", "quic"):
+            t = tr[kind]
+            lines.append(
+                f"  {kind.upper():<5} {t['rate']:>9,.0f} /s  loss {t['loss']:.2%}  rtt p50 "
+                f"{t['rtt_p50_ms']:.2f} ms p99 {t['rtt_p99_ms']:.2f} ms  cpu {t['cpu_us']:.1f} "
+                f"us/datagram (gateway {t['gateway_cpu_us']:.1f})")
+        fq, ft, fv = tr["fallback_quic"], tr["fallback_tcp"], tr["fallback_tcp_via_quic"]
+        lines += [
+            f"  QUIC/UDP {tr['quic_vs_udp']:.0%}, TCP/UDP {tr['tcp_vs_udp']:.0%}",
+            f"  UDP blocked, QUIC passes: fallback to {'/'.join(fq['to'])} in "
+            f"{fq['latency_s']:.2f} s (loss detected -> ACK; outage {fq['outage_s']:.2f} s); "
+            "per run: " + ", ".join(f"{x:.2f}" for x in fq["latency_runs"]),
+            f"  UDP blocked whole:        fallback to {'/'.join(ft['to'])} in "
+            f"{ft['latency_s']:.2f} s (outage {ft['outage_s']:.2f} s); per run: "
+            + ", ".join(f"{x:.2f}" for x in ft["latency_runs"]),
+            f"  ... QUIC tried first:     fallback to {'/'.join(fv['to'])} in "
+            f"{fv['latency_s']:.2f} s (outage {fv['outage_s']:.2f} s; the default order "
+            "udp, quic, tcp pays the QUIC handshake timeout); per run: "
+            + ", ".join(f"{x:.2f}" for x in fv["latency_runs"]),
+        ]
     me = report.get("memory")
     if me:
         lines += [
@@ -1723,7 +1881,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="datagrams in flight (default 64)")
     p.add_argument("--payload", type=int, help=f"datagram payload bytes (default {PAYLOAD_SIZE})")
     p.add_argument("--memory-sessions", type=int, help="sessions for the memory figure (100000)")
-    p.add_argument("--only", action="append", choices=("reattach", "datagram", "memory"),
+    p.add_argument("--only", action="append",
+                   choices=("reattach", "datagram", "transports", "memory"),
                    help="run only this part (repeatable)")
     p.add_argument("--no-redis-benchmark", action="store_true",
                    help="skip the redis-benchmark ceiling")

@@ -113,6 +113,7 @@ def render_template(text: str, values: Mapping[str, str]) -> str:
 def nginx_values(
     *, listen: str, udp_servers: Sequence[str], tcp_servers: Sequence[str], modules: str,
     js_dir: str, pid: str, error_log: str, access_log: str, workers: str = "1",
+    quic_listen: str, quic_servers: Sequence[str], quic_nodes: Sequence[tuple[int, str]],
     resolver: str = "", udp_idle: str = UDP_IDLE_TIMEOUT, tcp_idle: str = TCP_IDLE_TIMEOUT,
     proxy_bind: str = BALANCER_SOURCE,
 ) -> dict[str, str]:
@@ -127,6 +128,8 @@ def nginx_values(
         "JVPN_UDP_SERVERS": servers(udp_servers), "JVPN_TCP_SERVERS": servers(tcp_servers),
         "JVPN_UDP_IDLE_TIMEOUT": udp_idle, "JVPN_TCP_IDLE_TIMEOUT": tcp_idle,
         "JVPN_NGINX_PROXY_BIND": f"proxy_bind {proxy_bind};" if proxy_bind else "",
+        "JVPN_QUIC_LISTEN": quic_listen, "JVPN_QUIC_SERVERS": servers(quic_servers),
+        "JVPN_QUIC_NODES": ",".join(f"{sid}={addr}" for sid, addr in quic_nodes),
     }  # fmt: skip
 
 
@@ -202,6 +205,8 @@ class GatewayInfo:
     tcp: str
     admin: str
     pid: int = 0
+    quic: str = ""  # its QUIC listener
+    quic_server_id: int = 0  # in its QUIC connection IDs (the balancer routes by it)
 
 
 @dataclass
@@ -693,9 +698,12 @@ class Launcher:
             node = f"gw-{i}"
             port = free_port(o.host, udp_too=True)
             admin = free_port(o.host)
-            info = GatewayInfo(node, f"{o.host}:{port}", f"{o.host}:{port}", f"{o.host}:{admin}")
+            quic = free_port(o.host, udp_too=True)
+            info = GatewayInfo(node, f"{o.host}:{port}", f"{o.host}:{port}", f"{o.host}:{admin}",
+                               quic=f"{o.host}:{quic}", quic_server_id=i)
             argv = [*base, "--config", str(self.deploy / GATEWAY_CONFIG), "--node-id", node,
                     "--listen-udp", info.udp, "--listen-tcp", info.tcp, "--admin", info.admin,
+                    "--set", f"listen_quic={info.quic}", "--set", f"quic_server_id={i}",
                     "--store-url", self.state.store_url, "--private-key-file", str(key),
                     "--kek-file", str(kek), "--set", "events.stdout=false",
                     "--set", f"events.file={self.logs / f'{node}.events.jsonl'}"]  # fmt: skip
@@ -715,11 +723,14 @@ class Launcher:
         o = self.o
         port = o.port or free_port(o.host, udp_too=True)
         listen = f"{o.host}:{port}"
+        quic_listen = f"{o.host}:{free_port(o.host, udp_too=True)}"
         conf_dir = self.run / "nginx"
         pid_file = conf_dir / "nginx.pid"
         values = nginx_values(
             listen=listen, udp_servers=[g.udp for g in self.state.gateways],
             tcp_servers=[g.tcp for g in self.state.gateways], modules=self.nginx_load,
+            quic_listen=quic_listen, quic_servers=[g.quic for g in self.state.gateways],
+            quic_nodes=[(g.quic_server_id, g.quic) for g in self.state.gateways],
             js_dir=str(self.deploy / "nginx"), pid=str(pid_file),
             error_log=str(self.logs / "nginx.error.log"),
             access_log=str(self.logs / "nginx.access.log"), workers=str(o.nginx_workers))
@@ -743,7 +754,7 @@ class Launcher:
             return ok and tcp_accepts(o.host, port)
 
         self._wait_ready(proc, "nginx", ready, time.monotonic() + o.timeout)
-        self.state.balancer = {"udp": listen, "tcp": listen}
+        self.state.balancer = {"udp": listen, "tcp": listen, "quic": quic_listen}
 
     def _start_prometheus(self) -> None:
         o = self.o
@@ -773,6 +784,7 @@ class Launcher:
             f"export JVPN_GATEWAY_PUBLIC_KEY={s.gateway_public_key}",
             f"export JVPN_CLUSTER_UDP={s.balancer.get('udp', '')}",
             f"export JVPN_CLUSTER_TCP={s.balancer.get('tcp', '')}",
+            f"export JVPN_CLUSTER_QUIC={s.balancer.get('quic', '')}",
         ]
         (self.run / ENV_FILE).write_text("\n".join(lines) + "\n")
 
@@ -783,9 +795,11 @@ def summary(state: ClusterState) -> str:
     nginx_pid = next((p.pid for p in state.processes if p.role == "balancer"), 0)
     out = [f"cluster up: {len(state.gateways)} gateways behind nginx, store {state.store_url} "
            f"(run dir {run})",
-           f"  balancer    udp {b['udp']}  tcp {b['tcp']}  (nginx pid {nginx_pid})"]
+           f"  balancer    udp {b['udp']}  tcp {b['tcp']}  quic {b.get('quic', '-')}  "
+           f"(nginx pid {nginx_pid})"]
     for g in state.gateways:
-        out.append(f"  {g.node_id:<10}  udp {g.udp}  admin http://{g.admin}/metrics  (pid {g.pid})")
+        out.append(f"  {g.node_id:<10}  udp {g.udp}  quic {g.quic or '-'}  "
+                   f"admin http://{g.admin}/metrics  (pid {g.pid})")
     if state.prometheus:
         out.append(f"  prometheus  {state.prometheus['url']}")
     out += [
@@ -797,8 +811,8 @@ def summary(state: ClusterState) -> str:
         "  jvpn keys gen --out alice.key",
         f"  jvpn clients add <alice public key> --upstream 127.0.0.1:9000 --store-url {state.store_url}",
         f"  jvpn-agent --private-key-file alice.key --gateway-public-key {state.gateway_public_key} \\",
-        f"      --gateway {b['udp']} --tcp-gateway {b['tcp']} --upstream 127.0.0.1:9000 "
-        "--local-udp 127.0.0.1:5555",
+        f"      --gateway {b['udp']} --tcp-gateway {b['tcp']} --quic-gateway {b.get('quic', '?')} "
+        "--upstream 127.0.0.1:9000 --local-udp 127.0.0.1:5555",
         f"Status: jvpn-lab cluster status --run-dir {run}    stop: jvpn-lab cluster down --run-dir {run}",
     ]
     return "\n".join(out)
@@ -1041,7 +1055,7 @@ def add_cluster_parser(sub: Any) -> None:
     g.add_argument("--max-age", type=float, default=None,
                    help="maximum session age, seconds, however often it reattaches (default 86400)")
     g.add_argument("--rate", type=int, default=30, help="reattach attempts per minute")
-    g.add_argument("--transports", default="udp,tcp", help="allowed transports")
+    g.add_argument("--transports", default="udp,tcp,quic", help="allowed transports")
     g.set_defaults(fn=cmd_add_client)
 
 
@@ -1163,6 +1177,7 @@ def cmd_add_client(args: argparse.Namespace) -> int:
           f"  jvpn-agent --private-key-file {key_file or '<private key file>'} "
           f"--gateway-public-key {state.gateway_public_key} \\\n"
           f"      --gateway {b.get('udp', '?')} --tcp-gateway {b.get('tcp', '?')} "
+          f"--quic-gateway {b.get('quic', '?')} "
           f"--upstream {args.upstream[0]} --local-udp 127.0.0.1:5555")
     return 0
 

@@ -12,7 +12,11 @@ own way, by user-space impairment (kernel netem is not available here):
   the gateway roams on the first authenticated packet, no reattach needed;
 - UDP blocked: the relay drops all UDP; the agent's UDP reattach gets no
   answer and it falls back to TCP;
-- proactive jumps: the agent moves to a fresh UDP port, then to TCP and back.
+- proactive jumps: the agent moves to a fresh UDP port, then to TCP, to QUIC
+  and back to UDP;
+- UDP blocked but QUIC passing: the relays in front of the agent pass only
+  QUIC-shaped datagrams; its UDP reattach gets no answer and it falls back
+  to QUIC before TCP.
 
 The summary is measured, not assumed: jumps and their reattach latencies,
 datagrams sent, echoed back and lost, and the final state, version and epoch.
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from agent.agent import Agent, AgentSettings
 from gateway.app import GatewayApp
 from gateway.config import load_gateway_config
-from instruments.netsim import UdpEcho, UdpRelay
+from instruments.netsim import QuicShape, UdpEcho, UdpRelay
 from session.client import ClientParams
 from session.noise import generate_keypair
 from store.policy import ClientPolicy
@@ -64,21 +68,24 @@ class DemoAgent:
     agent: Agent
     traffic: Traffic
     relay: UdpRelay | None = None
+    quic_relay: UdpRelay | None = None
 
 
 async def _build(n_agents: int, rate: float, payload: int, keepalive: float):  # type: ignore[no-untyped-def]
     cfg = load_gateway_config(None, env={}, overrides={
         "node_id": "gw-demo", "listen_udp": "127.0.0.1:0", "listen_tcp": "127.0.0.1:0",
-        "admin": "127.0.0.1:0", "store_url": "", "keepalive_interval_s": keepalive,
+        "listen_quic": "127.0.0.1:0", "admin": "127.0.0.1:0", "store_url": "", "keepalive_interval_s": keepalive,
         "handshake_retry_threshold": -1,
     })
     app = await GatewayApp(cfg).start()
     assert app.node is not None and app.store is not None
     node = app.node
     assert node.udp_address is not None and node.tcp_address is not None
+    assert node.quic_address is not None
     echo, echo_addr = await UdpEcho.start()
     upstream = f"{echo_addr[0]}:{echo_addr[1]}"
-    scenarios = ["silent death", "NAT rebinding", "UDP blocked -> TCP", "proactive jumps"]
+    scenarios = ["silent death", "NAT rebinding", "UDP blocked -> TCP", "proactive jumps",
+                 "UDP blocked -> QUIC"]
     agents: list[DemoAgent] = []
     params = ClientParams(keepalive_interval=keepalive, dead_after=3, handshake_timeout=1.0,
                           reattach_timeout=0.3, backoff_initial=0.1, backoff_max=1.0,
@@ -88,18 +95,23 @@ async def _build(n_agents: int, rate: float, payload: int, keepalive: float):  #
         priv, pub = generate_keypair()
         await app.store.add_client(ClientPolicy(pub, name=f"agent-{i + 1}", ttl_s=60,
                                                 reattach_rate=600, upstreams=(upstream,)))
-        relay = None
-        gateways = [node.udp_address]
-        if scenario in ("NAT rebinding", "UDP blocked -> TCP"):
+        relay = quic_relay = None
+        gateways, quic = [node.udp_address], [node.quic_address]
+        if scenario != "silent death" and scenario != "proactive jumps":
             relay = await UdpRelay(node.udp_address).start()
             gateways = [relay.address]
+        if scenario == "UDP blocked -> QUIC":  # QUIC's own port behind a QUIC-only path too
+            quic_relay = await UdpRelay(node.quic_address).start()
+            quic_relay.quic_only = QuicShape()
+            quic = [quic_relay.address]
         traffic = Traffic()
         settings = AgentSettings(
             private_key=priv, gateway_public_key=app.keys.public, gateways=gateways,
-            tcp_gateways=[node.tcp_address], upstream=upstream, local_udp=None,
-            transports=["udp", "tcp"], params=params, name=f"agent-{i + 1}")
+            tcp_gateways=[node.tcp_address], quic_gateways=quic, upstream=upstream,
+            local_udp=None, transports=["udp", "tcp"] if scenario == "UDP blocked -> TCP"
+            else ["udp", "quic", "tcp"], params=params, name=f"agent-{i + 1}")
         agents.append(DemoAgent(f"agent-{i + 1}", scenario, Agent(settings, traffic.on_echo),
-                                traffic, relay))
+                                traffic, relay, quic_relay))
     return app, echo, agents
 
 
@@ -131,9 +143,17 @@ def _actions(a: DemoAgent, t: float) -> list[tuple[float, str, Callable[[], Awai
         def block() -> None:
             relay.blackhole = True
         return [(t * 0.4, "UDP blocked", block)]
+    if a.scenario == "UDP blocked -> QUIC":  # only QUIC-shaped datagrams pass
+        quic_only = a.relay
+        assert quic_only is not None
+
+        def only_quic() -> None:
+            quic_only.quic_only = QuicShape()
+        return [(t * 0.4, "UDP blocked, QUIC passes", only_quic)]
     return [(t * 0.2, "jump to a new UDP port", lambda: ag.jump("udp", "port change")),
-            (t * 0.45, "jump to TCP", lambda: ag.jump("tcp", "to tcp")),
-            (t * 0.7, "jump back to UDP", lambda: ag.jump("udp", "back to udp"))]
+            (t * 0.4, "jump to TCP", lambda: ag.jump("tcp", "to tcp")),
+            (t * 0.6, "jump to QUIC", lambda: ag.jump("quic", "to quic")),
+            (t * 0.8, "jump back to UDP", lambda: ag.jump("udp", "back to udp"))]
 
 
 def _fmt_ms(xs: list[float]) -> str:
@@ -145,7 +165,7 @@ def _fmt_ms(xs: list[float]) -> str:
     return f"{ms[0]:.0f}/{statistics.median(ms):.0f}/{ms[-1]:.0f}"
 
 
-async def run_demo(duration: float = 20.0, n_agents: int = 4, rate: float = 50.0,
+async def run_demo(duration: float = 20.0, n_agents: int = 5, rate: float = 50.0,
                    payload: int = 200, keepalive: float = 0.2, out=print) -> dict[str, object]:  # type: ignore[no-untyped-def]
     """Run the demo; return the measured summary (also printed through ``out``)."""
     t_start = time.monotonic()
@@ -191,8 +211,9 @@ async def run_demo(duration: float = 20.0, n_agents: int = 4, rate: float = 50.0
     finally:
         for a in agents:
             await a.agent.stop()
-            if a.relay is not None:
-                a.relay.close()
+            for r in (a.relay, a.quic_relay):
+                if r is not None:
+                    r.close()
         echo.close()
         await app.stop()
     _print_summary(summary, out, time.monotonic() - t_start)
@@ -254,7 +275,7 @@ def _print_summary(summary: dict[str, object], out, elapsed: float) -> None:  # 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jvpn-lab demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
-    p.add_argument("--agents", type=int, default=4, help="number of agents (>= 3, default 4)")
+    p.add_argument("--agents", type=int, default=5, help="number of agents (>= 3, default 5)")
     p.add_argument("--rate", type=float, default=50.0, help="datagrams per second per agent")
     p.add_argument("--payload", type=int, default=200, help="datagram size in bytes")
     p.add_argument("--verbose", action="store_true", help="log every agent and gateway decision")

@@ -4,8 +4,9 @@ Kernel netem is not available here, so the demo and the tests put this relay
 between agents and a gateway. Each client source address gets its own
 outbound socket toward the target, as a NAT would; ``rebind()`` replaces those
 sockets (the gateway sees new source ports: NAT rebinding), ``blackhole`` drops
-everything in both directions (UDP blocked), ``loss`` drops a fraction.
-Only loopback targets are expected.
+everything in both directions (UDP blocked), ``loss`` drops a fraction, and
+``quic_only`` passes nothing but QUIC, as a firewall that allows only QUIC on
+UDP would (``QuicShape``). Only loopback targets are expected.
 """
 
 from __future__ import annotations
@@ -13,6 +14,52 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
+
+QUIC_V1 = 1
+MIN_INITIAL = 1200  # RFC 9000 section 14.1: a client's Initial datagram is at least this long
+SERVER_CID_LEN = 8  # the connection IDs the gateway chooses (gateway/quic.py CID_LEN)
+
+
+class QuicShape:
+    """Which datagrams are QUIC: a flow is admitted by a QUIC v1 long-header Initial of at
+    least 1200 bytes; then its long-header packets (version 1) and the short-header packets
+    addressed to a connection ID the server chose for it (learnt from its downlink long
+    headers) pass. Everything else is not QUIC, or not that connection's, and is dropped."""
+
+    def __init__(self) -> None:
+        self.cids: dict[tuple[str, int], set[bytes]] = {}  # admitted flow -> server CIDs
+
+    @staticmethod
+    def _long_v1(data: bytes) -> bool:
+        return (len(data) >= 7 and data[0] & 0xC0 == 0xC0
+                and int.from_bytes(data[1:5], "big") == QUIC_V1)
+
+    def up(self, data: bytes, client: tuple[str, int]) -> bool:
+        cids = self.cids.get(client)
+        if self._long_v1(data):
+            if cids is None:  # only an Initial (type bits 00) opens a flow
+                if data[0] & 0x30 != 0 or len(data) < MIN_INITIAL:
+                    return False
+                if len(self.cids) > 10_000:
+                    self.cids.clear()
+                self.cids[client] = set()
+            return True
+        if cids is None or not data or data[0] & 0xC0 != 0x40:
+            return False
+        return data[1:1 + SERVER_CID_LEN] in cids
+
+    def down(self, data: bytes, client: tuple[str, int]) -> bool:
+        cids = self.cids.get(client)
+        if cids is None:
+            return False
+        if self._long_v1(data):
+            dcid_len = data[5]
+            at = 6 + dcid_len
+            if len(data) > at and len(cids) < 64:
+                scid_len = data[at]
+                cids.add(data[at + 1:at + 1 + scid_len])
+            return True
+        return bool(data) and data[0] & 0xC0 == 0x40
 
 
 @dataclass
@@ -53,6 +100,7 @@ class UdpRelay:
         self.listen = listen
         self.loss = loss
         self.blackhole = False
+        self.quic_only: QuicShape | None = None  # set: only QUIC passes (see QuicShape)
         self.stats = RelayStats()
         self._rng = random.Random(seed)
         self._inside: asyncio.DatagramTransport | None = None
@@ -89,7 +137,7 @@ class UdpRelay:
         return self.loss > 0 and self._rng.random() < self.loss
 
     def _from_client(self, data: bytes, client: tuple[str, int]) -> None:
-        if self._lost():
+        if self._lost() or (self.quic_only is not None and not self.quic_only.up(data, client)):
             self.stats.dropped += 1
             return
         out = self._outside.get(client)
@@ -114,7 +162,8 @@ class UdpRelay:
                 self.stats.forwarded_up += 1
 
     def _from_target(self, data: bytes, client: tuple[str, int], out: _Outside) -> None:
-        if self._outside.get(client) is not out or self._lost():
+        if self._outside.get(client) is not out or self._lost() or (
+                self.quic_only is not None and not self.quic_only.down(data, client)):
             self.stats.dropped += 1
             return
         if self._inside is not None:

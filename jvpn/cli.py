@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
                    help="live sessions the key may hold at once (default 0: no quota)")
     g.add_argument("--rate", type=int, default=30, help="reattach attempts per minute")
-    g.add_argument("--transports", default="udp,tcp", help="allowed transports")
+    g.add_argument("--transports", default="udp,tcp,quic", help="allowed transports")
     g.set_defaults(afn=cmd_clients_add)
     g = with_kek(with_store(cs.add_parser("list", help="list registered clients (JSON lines); "
                                                        "entries failing their MAC on stderr")))

@@ -328,6 +328,14 @@ class Health:
     latency_s: float | None = None  # the last health check's round trip
 
 
+def _same_quic_connection(b: Binding, peer: Peer) -> None:
+    """DATA on a QUIC connection other than the binding's is dropped: a new QUIC connection
+    carries a session only through its reattach. (QUIC's own migration, a new address on the
+    same connection, is a new path of the binding, validated as UDP's is.)"""
+    if peer.kind is wire.TransportKind.QUIC and peer.conn != b.peer.conn:
+        raise RemoteProtocolError(DropReason.UNEXPECTED, "DATA on another QUIC connection")
+
+
 class GatewayMachine:
     """One gateway node's protocol logic, without I/O."""
 
@@ -498,6 +506,7 @@ class GatewayMachine:
                 DropReason.UNKNOWN_SESSION if b is None else DropReason.STALE_EPOCH, "DATA")
         if not self._leased(b, now):
             raise RemoteProtocolError(DropReason.LEASE_EXPIRED, "DATA")
+        _same_quic_connection(b, peer)
         plain = b.channel.open(msg, raw)  # replay window + AEAD; raises on failure
         inner = wire.decode_inner(plain)
         if peer is not b.peer and peer != b.peer:
@@ -664,6 +673,7 @@ class GatewayMachine:
         """A packet for a PENDING binding: it validates the path, then one store script makes
         the binding ACTIVE (``_activated``). Its packets wait for that (a few, bounded); it
         sends nothing but path challenges."""
+        _same_quic_connection(p, peer)
         plain = p.channel.open(msg, raw)  # replay window + AEAD; raises on failure
         inner = wire.decode_inner(plain)
         if peer != p.peer:

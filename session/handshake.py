@@ -26,6 +26,9 @@ PROLOGUE = b"jvpn/1\x00"
 MAX_UPSTREAM_LEN = 255
 
 
+_KIND_VALUES = frozenset(int(k) for k in wire.TransportKind)
+
+
 def _prologue(handshake_id: bytes) -> bytes:
     return PROLOGUE + handshake_id
 
@@ -95,7 +98,7 @@ def decode_client_hello(raw: bytes) -> ClientHello:
     if set(obj) != {"t", "k", "u"}:
         raise DecodeError(DropReason.MALFORMED, "ClientHello keys")
     kind = _field(obj, "k", int)
-    if kind not in (1, 2):
+    if kind not in _KIND_VALUES:
         raise DecodeError(DropReason.MALFORMED, "ClientHello kind")
     return ClientHello(_field(obj, "t", int), wire.TransportKind(kind), _field(obj, "u", str))
 

@@ -59,6 +59,7 @@ class DropReason(IntEnum):
     UNTRUSTED_PREFIX = 19  # a client-address prefix (or PROXY header) from a non-balancer source
     MISSING_PREFIX = 20  # from a trusted balancer without a valid client-address prefix
     KEYS_EXPIRED = 21  # data under a session secret older than its reject-after age: rekey first
+    QUIC_LIMIT = 22  # a QUIC datagram or connection refused by a limit (caps, deadlines, no ALPN)
 
 
 class NoticeKind(IntEnum):

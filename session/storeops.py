@@ -67,7 +67,7 @@ class ClientPolicy:
     name: str = ""
     ttl_s: float = 300.0
     reattach_rate: int = 30  # successful or refused reattach attempts per minute
-    transports: tuple[str, ...] = TRANSPORT_NAMES  # "udp", "tcp"
+    transports: tuple[str, ...] = TRANSPORT_NAMES  # "udp", "tcp", "quic"
     upstreams: tuple[str, ...] = ()  # "host:port" the client may reach
     quality: QualityThresholds | None = None
     created_ms: int = 0

@@ -73,6 +73,17 @@ class MessageType(IntEnum):
 class TransportKind(IntEnum):
     UDP = 1
     TCP = 2
+    QUIC = 3  # messages in QUIC DATAGRAM frames (RFC 9221); see QUIC_ALPN
+
+
+# The ALPN of a QUIC connection that carries session messages. QUIC is only a transport:
+# its TLS certificate authenticates nothing here, the pinned Noise key does.
+QUIC_ALPN = "jvpn/1"
+# QUIC packets are at most this many bytes of UDP payload (a 1500-byte path over IPv6; fixed
+# from the first packet, no path MTU probing), so a DATAGRAM frame holds at most
+# QUIC_DATAGRAM_MAX bytes of message; a larger message rides the connection's stream, framed.
+QUIC_MAX_UDP_PAYLOAD = 1452
+QUIC_DATAGRAM_MAX = 1412  # measured 1422 with qh3 and 8-byte connection IDs; kept below
 
 
 class InnerType(IntEnum):

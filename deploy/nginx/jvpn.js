@@ -169,4 +169,78 @@ function filter(s) {
     });
 }
 
-export default { preread, routeKey, filter, addressPrefix };
+// ---- QUIC (gateway/quic.py) ----------------------------------------------------------------
+//
+// Every connection ID a gateway chooses is 8 bytes, 0x07 | server id u16 BE | 5 random
+// bytes (QUIC-LB plaintext: config rotation 0, length 7). `quicPreread` reads the first
+// datagram of a flow: if its destination connection ID (short header: right after the
+// first byte; long header: after the version and its length byte) is one of those and
+// $jvpn_quic_nodes names the node with that server id, the flow goes to that node (a
+// NAT rebinding of a live connection, a client's Handshake packets, the Initial after
+// a Retry); otherwise (a new connection's Initial: a client-chosen ID, or a node that
+// is not listed) to the jvpn_gateways_quic group, hashed by that ID (by the source
+// address for what is too short to hold one).
+
+var QUIC_CID_LEN = 8;
+var QUIC_CID_FIRST = 0x07;
+var QUIC_GROUP = 'jvpn_gateways_quic';
+
+// The QUIC destination connection ID of datagram `buf`, or null.
+function quicDcid(buf) {
+    if (buf.length < 1) {
+        return null;
+    }
+    if (buf[0] & 0x80) {  // long header: flags, version 4, dcid length, dcid
+        if (buf.length < 6 || buf[5] < 1 || buf[5] > 20 || buf.length < 6 + buf[5]) {
+            return null;
+        }
+        return buf.slice(6, 6 + buf[5]);
+    }
+    if (buf.length < 1 + QUIC_CID_LEN) {
+        return null;
+    }
+    return buf.slice(1, 1 + QUIC_CID_LEN);
+}
+
+// The server id a connection ID of ours carries, or -1.
+function quicServerId(cid) {
+    if (cid === null || cid.length !== QUIC_CID_LEN || cid[0] !== QUIC_CID_FIRST) {
+        return -1;
+    }
+    return cid[1] * 256 + cid[2];
+}
+
+// "id=host:port,..." -> the address of server id `sid`, or null.
+function quicNode(nodes, sid) {
+    var list = nodes ? nodes.split(',') : [];
+    for (var i = 0; i < list.length; i++) {
+        var eq = list[i].indexOf('=');
+        if (eq > 0 && Number(list[i].slice(0, eq)) === sid) {
+            return list[i].slice(eq + 1);
+        }
+    }
+    return null;
+}
+
+// [proxy_pass target, hash key] for the first datagram `buf` of a QUIC flow.
+function quicRoute(s, buf, nodes) {
+    var cid = quicDcid(buf);
+    var sid = quicServerId(cid);
+    var node = sid >= 0 ? quicNode(nodes, sid) : null;
+    if (node !== null) {
+        return [node, 'n' + sid];
+    }
+    return [QUIC_GROUP, cid === null ? sourceKey(s) : 'q' + cid.toString('hex')];
+}
+
+function quicPreread(s) {
+    s.on('upstream', function (data, flags) {
+        var r = quicRoute(s, data, s.variables.jvpn_quic_nodes);
+        s.variables.jvpn_quic_target = r[0];
+        s.variables.jvpn_route = r[1];
+        s.off('upstream');
+        s.done();
+    });
+}
+
+export default { preread, routeKey, filter, addressPrefix, quicPreread, quicRoute };

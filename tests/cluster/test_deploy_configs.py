@@ -140,7 +140,7 @@ def test_gateway_service_scales(compose: dict[str, Any]) -> None:
         assert os.path.dirname(f) == target
         assert os.path.basename(f) in " ".join(compose["services"]["keys"]["command"])
     ports = {f"{parse_address(cfg.listen_udp)[1]}/udp", f"{parse_address(cfg.listen_tcp)[1]}/tcp",
-             f"{parse_address(cfg.admin)[1]}/tcp"}
+             f"{parse_address(cfg.listen_quic)[1]}/udp", f"{parse_address(cfg.admin)[1]}/tcp"}
     assert set(gw["expose"]) == ports
     assert gw["depends_on"]["keys"]["condition"] == "service_completed_successfully"
 
@@ -167,9 +167,12 @@ def test_nginx_service_renders_the_same_template(compose: dict[str, Any]) -> Non
     directives = [line.split("#", 1)[0] for line in conf.splitlines()]
     assert not any("proxy_responses" in d for d in directives)
     assert any("proxy_timeout" in d for d in directives)
+    assert f"server gateway:{parse_address(cfg.listen_quic)[1]} resolve;" in conf
+    assert "js_preread jvpn.quicPreread;" in conf and "proxy_pass $jvpn_quic_target;" in conf
     listen = parse_address(env["JVPN_LISTEN"])[1]
+    quic = parse_address(env["JVPN_QUIC_LISTEN"])[1]
     published = {(p["published"], p["protocol"]) for p in ng["ports"]}
-    assert published == {(listen, "udp"), (listen, "tcp")}
+    assert published == {(listen, "udp"), (listen, "tcp"), (quic, "udp")}
 
 
 def test_prometheus_service_discovers_every_replica(compose: dict[str, Any]) -> None:
@@ -274,7 +277,8 @@ def _render_local_nginx(run: Path, udp: list[str], tcp: list[str], listen: str) 
         listen=listen, udp_servers=udp, tcp_servers=tcp, modules=launcher.nginx_modules(nginx),
         js_dir=str(DEPLOY / "nginx"), pid=str(run / "nginx.pid"),
         error_log=str(run / "error.log"), access_log=str(run / "access.log"), udp_idle="5s",
-        tcp_idle="5s")
+        tcp_idle="5s", quic_listen=f"127.0.0.1:{launcher.free_port('127.0.0.1', udp_too=True)}",
+        quic_servers=udp, quic_nodes=[(i, a) for i, a in enumerate(udp, 1)])
     conf = run / "nginx.conf"
     conf.write_text(launcher.render_template((DEPLOY / launcher.NGINX_TEMPLATE).read_text(),
                                              values))

@@ -142,8 +142,12 @@ def test_up_renders_the_deploy_configs(cluster: LocalCluster) -> None:
         modules="\n".join(re.findall(r"^load_module .*;$", conf, re.M)),
         js_dir=str(deploy / "nginx"), pid=str(cluster.run_dir / "nginx" / "nginx.pid"),
         error_log=str(cluster.run_dir / "logs" / "nginx.error.log"),
-        access_log=str(cluster.run_dir / "logs" / "nginx.access.log"))
+        access_log=str(cluster.run_dir / "logs" / "nginx.access.log"),
+        quic_listen=s["balancer"]["quic"], quic_servers=[g["quic"] for g in s["gateways"]],
+        quic_nodes=[(g["quic_server_id"], g["quic"]) for g in s["gateways"]])
     assert conf == render_template(template, values)
+    # Each node's QUIC server id is distinct and in the balancer's map (QUIC-LB routing).
+    assert sorted(g["quic_server_id"] for g in s["gateways"]) == list(range(1, GATEWAYS + 1))
     directives = [line.split("#", 1)[0] for line in conf.splitlines()]
     assert any("hash $jvpn_route consistent;" in d for d in directives)
     assert not any("proxy_responses" in d for d in directives)  # docs/ARCHITECTURE.md, Cluster: leave it unset

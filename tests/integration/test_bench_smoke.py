@@ -65,6 +65,15 @@ async def test_bench_smoke_runs_every_part() -> None:
     assert dg["ratio"] == pytest.approx(dg["rate"] / dg["plain_rate"])
     assert dg["runs"][0]["tunnel"]["sent"] > 0
 
+    tr = report["transports"]
+    for kind in ("udp", "tcp", "quic"):
+        assert tr[kind]["rate"] > 0 and 0 <= tr[kind]["loss"] <= 1
+        assert 0 < tr[kind]["rtt_p50_ms"] <= tr[kind]["rtt_p99_ms"]
+    assert tr["payload"] <= 1400  # what one QUIC DATAGRAM frame carries
+    assert tr["fallback_quic"]["to"] == ["quic"] and tr["fallback_tcp"]["to"] == ["tcp"]
+    assert tr["fallback_tcp_via_quic"]["to"] == ["tcp"]
+    assert tr["fallback_quic"]["latency_s"] > 0 and tr["fallback_tcp"]["latency_s"] > 0
+
     me = report["memory"]
     assert me["sessions"] == 300
     assert me["bytes_per_session"] > 0 and me["sample_record_bytes"] > 0
@@ -72,7 +81,7 @@ async def test_bench_smoke_runs_every_part() -> None:
     assert me["record_encoding"] == "listpack"
 
     text = format_report(report)
-    for heading in ("Reattach:", "Datagrams:", "Redis memory:"):
+    for heading in ("Reattach:", "Datagrams:", "Transports:", "Redis memory:"):
         assert heading in text
     json.loads(json.dumps(report, default=str))  # --json output is valid JSON
 

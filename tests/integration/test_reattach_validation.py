@@ -63,14 +63,17 @@ class Env:
     upstream: str
     extra: list[Gateway] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
+    kind: wire.TransportKind = UDP  # the transport of endpoints a test does not name
 
-    async def ep(self, kind: wire.TransportKind = UDP, gw: Gateway | None = None) -> Endpoint:
+    async def ep(self, kind: wire.TransportKind | None = None,
+                 gw: Gateway | None = None) -> Endpoint:
         g = gw or self.gw
-        e = await Endpoint.open(kind, g.udp, g.tcp)
+        e = await Endpoint.open(kind or self.kind, g.udp, g.tcp, g.node.quic_address)
         self.endpoints.append(e)
         return e
 
-    async def session(self, kind: wire.TransportKind = UDP, **policy: object) -> RawSession:
+    async def session(self, kind: wire.TransportKind | None = None,
+                      **policy: object) -> RawSession:
         """Register a client with ``policy``, handshake on a fresh endpoint, validate it."""
         priv, _ = await self.gw.add_client(self.upstream, **policy)
         s = RawSession(priv, self.gw.app.keys.public, self.upstream)
@@ -88,8 +91,10 @@ Factory = Callable[..., Awaitable[Env]]
 
 
 @pytest.fixture
-async def make_env(redis_url: str) -> AsyncIterator[Factory]:
+async def make_env(redis_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
     made: list[tuple[Env, object]] = []
+    # A module that reuses these tests over another transport names it (test_quic_validation).
+    kind = getattr(request.module, "TRANSPORT", UDP)
 
     async def make(**overrides: object) -> Env:
         # No silence-driven TRANSPORT_LOST unless a test asks: versions move only
@@ -97,7 +102,7 @@ async def make_env(redis_url: str) -> AsyncIterator[Factory]:
         overrides.setdefault("silence_keepalives", 1000)
         gw = await start_gateway(redis_url, **overrides)
         echo, upstream = await echo_upstream()
-        env = Env(gw, upstream)
+        env = Env(gw, upstream, kind=kind)
         made.append((env, echo))
         return env
 

@@ -705,7 +705,7 @@ async def test_client_registry(session_store: SessionStore) -> None:
     assert not await session_store.remove_client(a.public_key)
     assert await session_store.get_client(a.public_key) is None
     with pytest.raises(ValueError):
-        make_policy(transports=("quic",))
+        make_policy(transports=("sctp",))
 
 
 async def test_list_sessions_pages_through_records_only(session_store: SessionStore) -> None:

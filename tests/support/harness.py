@@ -52,6 +52,11 @@ class Gateway:
         assert self.node.tcp_address is not None
         return self.node.tcp_address
 
+    @property
+    def quic(self) -> tuple[str, int]:
+        assert self.node.quic_address is not None
+        return self.node.quic_address
+
     def actions(self, action: str) -> list[dict]:  # type: ignore[type-arg]
         return [e.fields for e in self.events if e.action == action]
 
@@ -63,12 +68,15 @@ class Gateway:
     def agent(self, priv: bytes, upstream: str, params: ClientParams = FAST,
               transports: list[str] | None = None, name: str = "agent",
               gateways: list[tuple[str, int]] | None = None,
+              quic_gateways: list[tuple[str, int]] | None = None,
               on_payload: Callable[[bytes], None] | None = None) -> Agent:
         from dataclasses import replace
 
         s = AgentSettings(
             private_key=priv, gateway_public_key=self.app.keys.public,
             gateways=gateways or [self.udp], tcp_gateways=[self.tcp], upstream=upstream,
+            quic_gateways=quic_gateways if quic_gateways is not None
+            else [self.quic] if self.node.quic_address else [],
             local_udp=None, transports=transports or ["udp", "tcp"],
             params=replace(params, upstream=upstream), name=name)
         return Agent(s, on_payload=on_payload)
@@ -91,6 +99,7 @@ def shared_keys() -> Keys:
 async def start_gateway(redis_url: str, node_id: str = "gw-test", **overrides: object) -> Gateway:
     opts: dict[str, object] = {
         "node_id": node_id, "listen_udp": "127.0.0.1:0", "listen_tcp": "127.0.0.1:0",
+        "listen_quic": "127.0.0.1:0",
         "admin": "127.0.0.1:0", "store_url": redis_url, "keepalive_interval_s": 0.1,
         "sweep_interval_s": 0.1, "handshake_retry_threshold": -1,
         "events.redis_stream": False,

@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -69,6 +70,7 @@ class Endpoint:
         self._arrived = asyncio.Event()
         self._transport: asyncio.BaseTransport | None = None
         self._sock: socket.socket | None = None
+        self._quic: Any = None  # agent.quic.QuicPath, for a QUIC endpoint
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -93,10 +95,26 @@ class Endpoint:
         return ep
 
     @classmethod
+    async def quic(cls, remote: tuple[str, int]) -> Endpoint:
+        """A QUIC connection (the agent's own QuicPath): messages in DATAGRAM frames."""
+        from agent.quic import QuicPath
+
+        ep = cls(wire.TransportKind.QUIC, remote)
+        path = QuicPath(0, remote, lambda _, data: ep._deliver(data, len(data)),
+                        lambda *_: ep.eof.set())
+        await asyncio.wait_for(path.open(), 5.0)
+        ep._quic = path
+        ep.local = path.local or ("", 0)
+        return ep
+
+    @classmethod
     async def open(cls, kind: wire.TransportKind, gw_udp: tuple[str, int],
-                   gw_tcp: tuple[str, int]) -> Endpoint:
+                   gw_tcp: tuple[str, int], gw_quic: tuple[str, int] | None = None) -> Endpoint:
         if kind is wire.TransportKind.UDP:
             return await cls.udp(gw_udp)
+        if kind is wire.TransportKind.QUIC:
+            assert gw_quic is not None, "the gateway has no QUIC listener"
+            return await cls.quic(gw_quic)
         return await cls.tcp(gw_tcp)
 
     # ---- sending ---------------------------------------------------------------------------
@@ -107,7 +125,12 @@ class Endpoint:
         self.tx_messages += 1
 
     def write(self, data: bytes) -> None:
-        """Send bytes as they are: one datagram on UDP, raw stream bytes on TCP."""
+        """Send bytes as they are: one datagram on UDP (one DATAGRAM frame on QUIC), raw
+        stream bytes on TCP."""
+        if self._quic is not None:
+            self._quic.send(data)
+            self.tx_bytes += len(data)
+            return
         tr = self._transport
         assert tr is not None, "endpoint not connected"
         if self.kind is wire.TransportKind.UDP:
@@ -170,6 +193,8 @@ class Endpoint:
         return f"{self.kind.name.lower()}:{self.local[0]}:{self.local[1]}"
 
     def close(self) -> None:
+        if self._quic is not None:
+            self._quic.close()
         if self._transport is not None:
             self._transport.close()
 
@@ -279,11 +304,14 @@ class RawSession:
         return int(time.monotonic() * 1000 + self.offset_ms)
 
     def request(self, *, version: int | None = None, nonce: bytes | None = None,
-                timestamp_ms: int | None = None, kind: wire.TransportKind = wire.TransportKind.UDP,
+                timestamp_ms: int | None = None, kind: wire.TransportKind | None = None,
                 key: bytes | None = None, session_id: bytes | None = None,
                 ) -> tuple[bytes, wire.ReattachRequest]:
-        """A REATTACH_REQUEST, MAC'd under the proof key (or ``key``), and its fields."""
+        """A REATTACH_REQUEST, MAC'd under the proof key (or ``key``), and its fields (``kind``:
+        by default the transport the session is on)."""
         assert self.keys is not None, "no session"
+        if kind is None:
+            kind = self.endpoint.kind if self.endpoint is not None else wire.TransportKind.UDP
         req = wire.ReattachRequest(
             self.session_id if session_id is None else session_id,
             self.version if version is None else version,

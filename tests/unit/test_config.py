@@ -467,7 +467,8 @@ def test_gateway_errors(tmp_path) -> None:
 def test_agent_defaults_and_lists() -> None:
     cfg = load_agent_config(None, {}, {})
     assert cfg.gateways == ["127.0.0.1:51820"] and cfg.tcp_gateways == cfg.gateways
-    assert cfg.transports == ["udp", "tcp"] and cfg.local_udp == "127.0.0.1:0"
+    assert cfg.transports == ["udp", "quic", "tcp"] and cfg.local_udp == "127.0.0.1:0"
+    assert cfg.quic_gateways == []  # no QUIC address: no QUIC candidate
     assert (cfg.keepalive_interval_s, cfg.dead_after_keepalives) == (0.5, 3)
     assert (cfg.volatile_loss_pct, cfg.degraded_rtt_ms) == (5.0, 1000.0)
     env = {
@@ -485,7 +486,7 @@ def test_agent_errors() -> None:
     with pytest.raises(
         ConfigError, match=r"\[agent\] transports \(from env JVPN_AGENT_TRANSPORTS\)"
     ):
-        load_agent_config(None, {"JVPN_AGENT_TRANSPORTS": "udp,quic"}, {})
+        load_agent_config(None, {"JVPN_AGENT_TRANSPORTS": "udp,sctp"}, {})
     with pytest.raises(ConfigError, match="items must be unique"):
         load_agent_config(None, {"JVPN_AGENT_TRANSPORTS": "udp,UDP"}, {})
     with pytest.raises(
