@@ -4,12 +4,18 @@
 #
 # A replica of `docker compose up --scale gateway=N` has no name of its own
 # inside (its hostname is a random container id), so unless JVPN_GATEWAY_NODE_ID
-# (or --node-id) is set, the node id is the container's name, which is what
-# `docker ps` / `podman ps` show: <project>-gateway-<n> (Docker Compose v2) or
-# <project>_gateway_<n> (docker-compose v1, also on Podman). It is found where
-# each engine publishes it: Podman writes it beside the container's address in
-# /etc/hosts; Docker's embedded DNS answers the address's reverse lookup with
-# <name>.<network>. Neither: the gateway's own default, <hostname>-<udp port>.
+# (or --node-id) is set, the node id comes from the container's name, which is
+# what `docker ps` / `podman ps` show: <project>-gateway-<n> (Docker Compose v2)
+# or <project>_gateway_<n> (docker-compose v1, also on Podman). The node id is
+# "<service>-<n>" (gateway-2; the service is $JVPN_NODE_SERVICE, default
+# gateway): unique in the project, whose replicas share one store, and short
+# enough for the wire (a node's name travels in 23 bytes). A container name
+# without that ending is used whole.
+#
+# The name is found where each engine publishes it: Podman writes it beside the
+# container's address in /etc/hosts; Docker's embedded DNS answers the address's
+# reverse lookup with <name>.<network>. Neither: the gateway's own default,
+# <hostname>-<udp port>.
 set -eu
 
 container_name() {
@@ -30,6 +36,9 @@ container_name() {
 
 if [ -z "${JVPN_GATEWAY_NODE_ID:-}" ]; then
     name=$(container_name)
+    service=${JVPN_NODE_SERVICE:-gateway}
+    index=$(printf '%s' "$name" | sed -n "s/^.*[-_]$service[-_]\([0-9][0-9]*\)\$/\1/p")
+    [ -z "$index" ] || name=$service-$index
     if [ -n "$name" ] && [ "$name" != "$(cat /etc/hostname)" ]; then
         JVPN_GATEWAY_NODE_ID=$name
         export JVPN_GATEWAY_NODE_ID
