@@ -40,7 +40,7 @@ render() {
     nginx -t -q -c "$conf.new" && mv "$conf.new" "$conf"
 }
 
-current=$(addresses | tr '\n' ' ')
+current=$(addresses | paste -sd ' ' -)
 log "upstream $host: ${current:-none yet}"
 render "$current"
 nginx -g 'daemon off;' &
@@ -52,7 +52,7 @@ while kill -0 "$pid" 2>/dev/null; do
     sleep "$refresh" &
     wait $! || true
     kill -0 "$pid" 2>/dev/null || break
-    found=$(addresses | tr '\n' ' ')
+    found=$(addresses | paste -sd ' ' -)
     [ "$found" != "$current" ] || continue
     if render "$found"; then
         log "upstream $host: ${current:-none} -> ${found:-none}; reloading"
