@@ -61,6 +61,7 @@ RUN pip install --no-deps /src \
 
 COPY deploy/gateway.toml /etc/jvpn/gateway.toml
 COPY deploy/containers/gateway-entrypoint.sh /usr/local/bin/jvpn-gateway-entrypoint
+COPY deploy/containers/gateway-healthcheck.py /usr/local/bin/jvpn-gateway-healthcheck
 WORKDIR /
 USER jvpn
 ENV JVPN_GATEWAY_CONFIG=/etc/jvpn/gateway.toml
@@ -68,7 +69,7 @@ ENV JVPN_GATEWAY_CONFIG=/etc/jvpn/gateway.toml
 # UDP and TCP transports on one port; admin HTTP (/metrics /healthz /readyz).
 EXPOSE 51820/udp 51820/tcp 9100/tcp
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9100/readyz', timeout=2).status != 200)"]
+  CMD ["jvpn-gateway-healthcheck"]
 # Names the node after its container (deploy/containers/gateway-entrypoint.sh), then
 # runs jvpn-gateway with the arguments given.
 ENTRYPOINT ["jvpn-gateway-entrypoint"]

@@ -20,7 +20,7 @@ template=${JVPN_NGINX_TEMPLATE:-/etc/nginx/templates/nginx.conf.template}
 conf=${JVPN_NGINX_CONF:-/etc/nginx/nginx.conf}
 host=${JVPN_UPSTREAM_HOST:-gateway}
 port=${JVPN_UPSTREAM_PORT:-51820}
-refresh=${JVPN_UPSTREAM_REFRESH_S:-5}
+refresh=${JVPN_UPSTREAM_REFRESH_S:-1}
 
 log() { echo "jvpn-nginx-entrypoint: $*" >&2; }
 
@@ -48,11 +48,20 @@ pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
 trap 'kill -QUIT "$pid" 2>/dev/null || true' QUIT
 
+empty=0
 while kill -0 "$pid" 2>/dev/null; do
     sleep "$refresh" &
     wait $! || true
     kill -0 "$pid" 2>/dev/null || break
     found=$(addresses | paste -sd ' ' -)
+    # No address at all is believed only three times in a row: one lost DNS answer
+    # must not empty the upstreams (scaled to zero, the stack has none for real).
+    if [ -z "$found" ]; then
+        empty=$((empty + 1))
+        [ "$empty" -ge 3 ] || continue
+    else
+        empty=0
+    fi
     [ "$found" != "$current" ] || continue
     if render "$found"; then
         log "upstream $host: ${current:-none} -> ${found:-none}; reloading"

@@ -143,6 +143,7 @@ def test_gateway_service_scales(compose: dict[str, Any]) -> None:
              f"{parse_address(cfg.admin)[1]}/tcp"}
     assert set(gw["expose"]) == ports
     assert gw["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    assert gw["healthcheck"]["test"] == ["CMD", "jvpn-gateway-healthcheck"]
 
 
 def test_nginx_service_renders_the_same_template(compose: dict[str, Any]) -> None:
@@ -243,7 +244,11 @@ def test_dockerfile_matches_the_gateway_config() -> None:
     entrypoint = (DEPLOY / "containers" / "gateway-entrypoint.sh").read_text()
     assert "COPY deploy/containers/gateway-entrypoint.sh /usr/local/bin/jvpn-gateway-entrypoint" in text
     assert entrypoint.rstrip().endswith('exec jvpn-gateway "$@"')
-    assert "HEALTHCHECK" in text and "/readyz" in text
+    # The health check is one word, the same in the image and in compose (Podman's API
+    # splits an exec-form check's words at spaces); it asks the node's /readyz.
+    assert 'CMD ["jvpn-gateway-healthcheck"]' in text
+    assert "COPY deploy/containers/gateway-healthcheck.py /usr/local/bin/jvpn-gateway-healthcheck" in text
+    assert "/readyz" in (DEPLOY / "containers" / "gateway-healthcheck.py").read_text()
     assert "COPY deploy/gateway.toml /etc/jvpn/gateway.toml" in text
     assert "JVPN_GATEWAY_CONFIG=/etc/jvpn/gateway.toml" in text
     expose = re.search(r"^EXPOSE (.+)$", text, re.M)
