@@ -489,7 +489,9 @@ def test_stack_serves_agents_and_keeps_their_sessions_when_a_replica_dies(
                 env=stack.engine.env,
             )
             if res.returncode != 0:
-                print(f"podman healthcheck run {some.name}: {res.returncode} {res.stdout} {res.stderr}")
+                print(
+                    f"podman healthcheck run {some.name}: {res.returncode} {res.stdout} {res.stderr}"
+                )
             return res.returncode == 0
     else:
 
