@@ -146,6 +146,18 @@ def _stop_podman_service(engine: Engine) -> None:
     os.waitpid(engine.pid, 0)
 
 
+def _require_answer(docker_host: str) -> None:
+    """Skip unless the engine at ``docker_host`` answers the Docker API's ping."""
+    import docker
+
+    try:
+        client = docker.DockerClient(base_url=docker_host, timeout=10)
+        client.ping()
+        client.close()
+    except Exception as exc:  # the SDK raises several kinds; any means no engine here
+        pytest.skip(f"no container engine answers at {docker_host}: {exc}")
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
@@ -156,6 +168,7 @@ def engine() -> Iterator[Engine]:
                 "DOCKER_HOST is set but neither docker nor podman is installed "
                 "(the base image is imported with one)"
             )
+        _require_answer(os.environ["DOCKER_HOST"])
         yield Engine(os.environ["DOCKER_HOST"], cli, env)
         return
     if (
@@ -163,6 +176,7 @@ def engine() -> Iterator[Engine]:
         and os.path.exists("/var/run/docker.sock")
         and shutil.which("docker")
     ):
+        _require_answer("unix:///var/run/docker.sock")
         yield Engine("unix:///var/run/docker.sock", "docker", env)
         return
     podman = require_binary("podman", "podman")
