@@ -22,7 +22,7 @@
 #   prometheus  Prometheus
 ARG BASE_IMAGE=debian:bookworm-slim
 
-FROM ${BASE_IMAGE} AS debian
+FROM ${BASE_IMAGE} AS base
 ENV DEBIAN_FRONTEND=noninteractive \
     LANG=C.UTF-8
 RUN apt-get update \
@@ -30,7 +30,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 
-FROM debian AS gateway
+FROM base AS gateway
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -75,7 +75,7 @@ HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
 ENTRYPOINT ["jvpn-gateway-entrypoint"]
 
 
-FROM debian AS redis
+FROM base AS redis
 RUN groupadd --system --gid 999 redis \
  && useradd --system --uid 999 --gid redis --home-dir /var/lib/redis --shell /usr/sbin/nologin redis \
  && apt-get update \
@@ -89,7 +89,7 @@ EXPOSE 6379/tcp
 CMD ["redis-server"]
 
 
-FROM debian AS nginx
+FROM base AS nginx
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nginx libnginx-mod-stream libnginx-mod-stream-js gettext-base \
  && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/* \
@@ -99,7 +99,7 @@ EXPOSE 51820/udp 51820/tcp
 ENTRYPOINT ["jvpn-nginx-entrypoint"]
 
 
-FROM debian AS prometheus
+FROM base AS prometheus
 RUN apt-get update \
  && apt-get install -y --no-install-recommends prometheus \
  && rm -rf /var/lib/apt/lists/* \
