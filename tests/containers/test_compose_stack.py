@@ -663,6 +663,34 @@ def test_stack_serves_agents_and_keeps_their_sessions_when_a_replica_dies(
                 f"-> {survivors_ips}; reloading" in stack.run("logs", "--no-color", "nginx").stdout
             ),
         )
+
+        # A second `up` on the running project (with Podman, docker-compose v1 refuses it
+        # unless the file's network matches what Podman reports) brings the replica back:
+        # nginx and Prometheus take it in again, and the sessions stay.
+        stack.run("up", "-d", "--scale", f"gateway={GATEWAYS}", timeout=300)
+        back = {
+            n: stack.address(c)
+            for n, c in (
+                ("gateway-" + re.split(r"[-_]", c.name)[-1], c) for c in stack.containers("gateway")
+            )
+            if c.attrs["State"]["Running"]
+        }
+        assert set(back) == set(gateways), back
+        every = " ".join(sorted(back.values(), key=ipaddress.ip_address))
+        poll(
+            "nginx to take the replica in again",
+            30,
+            lambda: f"-> {every}; reloading" in stack.run("logs", "--no-color", "nginx").stdout,
+        )
+        want = {f"{ip}:{admin_port}" for ip in back.values()}
+        poll(
+            "Prometheus to scrape the three replicas again",
+            90,
+            lambda: (t := stack.targets()) and want <= set(t) and all(t[x] == "up" for x in want),
+        )
+        for i, a in enumerate(agents):
+            assert a.status["session_id"] in survivors and a.status["state"] == "ATTACHED"
+            assert a.echo(f"again-{i}".encode()), f"agent-{i}: no echo\n" + "\n".join(a.lines)
     finally:
         for a in agents:
             a.stop()
