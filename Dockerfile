@@ -9,7 +9,7 @@
 # or one made with debootstrap where no registry is reachable
 # (deploy/containers/debian-base.sh; README.md, "Containers without a registry").
 # Podman needs `--format docker` here: its default OCI image format drops
-# HEALTHCHECK (docker-compose.yml repeats the checks, so either way they run).
+# HEALTHCHECK (docker-compose.yml repeats the gateway's check, so it is defined either way).
 #
 # Targets:
 #   gateway     jvpn-gateway (also `jvpn` and `jvpn-agent`); reads
