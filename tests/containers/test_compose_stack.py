@@ -6,8 +6,10 @@ under a project name of its own, registers a client by `exec` in the admin
 service, runs agents on the host through the balancer's published UDP port (a
 UDP echo in the stack is their upstream), kills the replica that holds the most
 sessions, and checks that Prometheus discovered the three replicas, then no
-longer scrapes the killed one, and that every session survived on another
-replica with the same session id. `docker-compose down -v` removes what the
+longer scrapes the killed one, that nginx's entrypoint dropped it, and that
+every session survived on another replica with the same session id; a second
+`up` brings the replica back into nginx and Prometheus. The gateway image keeps
+its HEALTHCHECK, and the check passes. `docker-compose down -v` removes what the
 project made (containers, network, volumes); the built images stay, as the
 cache of the next run.
 
@@ -236,7 +238,7 @@ class Stack:
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(
-        self, *args: str, timeout: float = 120, check: bool = True, input: str | None = None
+        self, *args: str, timeout: float = 120, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         cmd = [self.compose, "-p", self.project, "-f", str(COMPOSE), "-f", str(ECHO), *args]
         res = subprocess.run(
@@ -246,8 +248,7 @@ class Stack:
             timeout=timeout,
             cwd=ROOT,
             env=self.env,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
         )
         if check:
             assert res.returncode == 0, (
