@@ -1,8 +1,10 @@
 # Jumping VPN developer entry points. From a fresh clone: `make test`.
 #   make venv   .venv with the project installed editable (+test, dev extras)
-#   make deps   Debian packages the tests and the demo need (redis, nginx+njs, prometheus, compose)
+#   make deps   Debian packages the tests and the demo need (redis, nginx+njs, prometheus, compose, podman)
 #   make demo   run the local demo         make bench   run the benchmark
 #   make bench-cluster   cluster benchmark (gateways, nginx, node death, WAIT)
+#   make base-image   a Debian base image made with debootstrap (no registry needed)
+#   make test-containers   only the container test (tests/containers: build, compose up, kill)
 #   make test   lint, then the test suite  make lint    ruff, import contracts, mypy
 #   make clean  caches and build output    make distclean   also the .venv
 # PYTHON=/path/to/python3.x picks the interpreter for a new .venv; ARGS=... is
@@ -22,22 +24,27 @@ STAMP := $(VENV)/.jvpn-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Debian packages as command:package (or /absolute/file:package for what has no
 # command, e.g. an nginx module); `deps` installs what is missing. nginx + njs,
-# Prometheus and docker-compose (only `docker-compose config`, no engine: the
-# install skips recommends) are for the cluster tests (tests/cluster).
+# Prometheus and docker-compose are for the cluster tests (tests/cluster); Podman
+# with runc, its network stack (netavark, aardvark-dns: the service names) and
+# debootstrap (the base image) for the container test (tests/containers). The
+# install skips recommends, so each of them is named here.
 NGINX_MODULES := /usr/lib/nginx/modules
+PODMAN_LIBEXEC := /usr/lib/podman
 DEB_DEPS := redis-server:redis-server nginx:nginx \
   $(NGINX_MODULES)/ngx_stream_module.so:libnginx-mod-stream \
   $(NGINX_MODULES)/ngx_stream_js_module.so:libnginx-mod-stream-js \
-  prometheus:prometheus promtool:prometheus docker-compose:docker-compose
+  prometheus:prometheus promtool:prometheus docker-compose:docker-compose \
+  podman:podman runc:runc $(PODMAN_LIBEXEC)/netavark:netavark \
+  $(PODMAN_LIBEXEC)/aardvark-dns:aardvark-dns debootstrap:debootstrap
 
 PYTHON ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv deps demo test lint bench bench-cluster clean distclean
+.PHONY: help venv deps demo test lint bench bench-cluster base-image test-containers clean distclean
 
 help:
-	@sed -n '2,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '2,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP)
 
@@ -101,6 +108,17 @@ bench: deps venv
 # Cluster figures (instruments/bench_cluster.py): reattach with 1-3 gateways, node death, nginx, WAIT.
 bench-cluster: deps venv
 	@$(BIN)/jvpn-lab bench-cluster $(ARGS)
+
+# The debootstrap base (cached in /var/tmp/jvpn-containers, made once per machine),
+# imported into Podman; prints its name, the Dockerfile's BASE_IMAGE (README.md,
+# "Containers without a registry"). ENGINE=docker imports it into Docker instead.
+ENGINE ?= podman
+base-image: deps
+	@CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CURDIR)/deploy/containers/containers.conf} \
+	  sh deploy/containers/debian-base.sh $(ENGINE)
+
+test-containers: deps venv
+	@$(BIN)/python -m pytest -q -s -m containers tests/containers $(PYTEST_ARGS)
 
 lint: venv
 	@echo "ruff"; $(BIN)/ruff check -q .

@@ -57,7 +57,7 @@ def _script_python(script: str) -> str:
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     dc = require_binary("docker-compose", "docker-compose")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_", "JVPN_"))}
     env.update(JVPN_REDIS_GATEWAY_PASSWORD="g" * 32, JVPN_REDIS_ADMIN_PASSWORD="a" * 32)
     res = subprocess.run([dc, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
                          timeout=60, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
@@ -143,31 +143,43 @@ def test_gateway_service_scales(compose: dict[str, Any]) -> None:
              f"{parse_address(cfg.listen_quic)[1]}/udp", f"{parse_address(cfg.admin)[1]}/tcp"}
     assert set(gw["expose"]) == ports
     assert gw["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    assert gw["healthcheck"]["test"] == ["CMD", "jvpn-gateway-healthcheck"]
 
 
 def test_nginx_service_renders_the_same_template(compose: dict[str, Any]) -> None:
     ng = compose["services"]["nginx"]
     env = {k: str(v) for k, v in ng["environment"].items()}
     mounts = _mounts(ng)
-    # The image's entrypoint renders $NGINX_ENVSUBST_TEMPLATE_DIR/<name>.template into
-    # $NGINX_ENVSUBST_OUTPUT_DIR/<name>: here /etc/nginx/nginx.conf.
-    assert mounts["deploy/" + launcher.NGINX_TEMPLATE] == env["NGINX_ENVSUBST_TEMPLATE_DIR"] + "/nginx.conf.template"
-    assert env["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"
+    # The image's entrypoint (deploy/containers/nginx-entrypoint.sh) renders
+    # /etc/nginx/templates/nginx.conf.template, filling the upstream servers itself
+    # from the addresses the gateway service's name resolves to.
+    entrypoint = (DEPLOY / "containers" / "nginx-entrypoint.sh").read_text()
+    assert mounts["deploy/" + launcher.NGINX_TEMPLATE] == "/etc/nginx/templates/nginx.conf.template"
+    assert "JVPN_NGINX_TEMPLATE:-/etc/nginx/templates/nginx.conf.template" in entrypoint
     assert mounts["deploy/" + launcher.NGINX_JS] == env["JVPN_NGINX_JS_DIR"] + "/jvpn.js"
-    template = (DEPLOY / "nginx" / "nginx.conf.template").read_text()
-    names = launcher.template_placeholders(template)
-    assert names <= set(env), f"compose leaves {names - set(env)} unset"
-    assert all(re.search(env["NGINX_ENVSUBST_FILTER"], n) for n in names)
-    conf = launcher.render_template(template, env)
+    assert env["JVPN_UPSTREAM_HOST"] == "gateway" and "gateway" in compose["services"]
     cfg = _gateway_toml_config()
     gw_port = parse_address(cfg.listen_udp)[1]
-    assert f"server gateway:{gw_port} resolve;" in conf
+    assert env["JVPN_UPSTREAM_PORT"] == str(gw_port)
+    template = (DEPLOY / "nginx" / "nginx.conf.template").read_text()
+    names = launcher.template_placeholders(template)
+    filled = {"JVPN_UDP_SERVERS", "JVPN_TCP_SERVERS", "JVPN_QUIC_SERVERS"}
+    assert filled <= names and all(f"{n}=" in entrypoint for n in filled)
+    assert names - filled <= set(env), f"compose leaves {names - filled - set(env)} unset"
+    quic_port = parse_address(cfg.listen_quic)[1]
+    assert env["JVPN_UPSTREAM_QUIC_PORT"] == str(quic_port)
+    servers = " ".join(f"server 172.31.251.{n}:{gw_port};" for n in (2, 3))
+    quic_servers = " ".join(f"server 172.31.251.{n}:{quic_port};" for n in (2, 3))
+    conf = launcher.render_template(template, {**env, "JVPN_UDP_SERVERS": servers,
+                                               "JVPN_TCP_SERVERS": servers,
+                                               "JVPN_QUIC_SERVERS": quic_servers})
+    # Neither Docker's resolver address nor `server ... resolve` (nginx >= 1.27.3).
+    assert "resolve" not in conf and "127.0.0.11" not in json.dumps(compose)
     assert "hash $jvpn_route consistent;" in conf and "js_preread jvpn.preread;" in conf
-    assert "resolver 127.0.0.11" in conf
     directives = [line.split("#", 1)[0] for line in conf.splitlines()]
     assert not any("proxy_responses" in d for d in directives)
     assert any("proxy_timeout" in d for d in directives)
-    assert f"server gateway:{parse_address(cfg.listen_quic)[1]} resolve;" in conf
+    assert quic_servers in conf
     assert "js_preread jvpn.quicPreread;" in conf and "proxy_pass $jvpn_quic_target;" in conf
     listen = parse_address(env["JVPN_LISTEN"])[1]
     quic = parse_address(env["JVPN_QUIC_LISTEN"])[1]
@@ -211,10 +223,39 @@ def test_launcher_uses_the_files_compose_mounts(compose: dict[str, Any]) -> None
     assert host == "otel-collector" and f"{port}/tcp" in otel["expose"]
 
 
-def test_dockerfile_matches_the_gateway_config() -> None:
+def _dockerfile_stages() -> dict[str, str]:
+    """Each ``FROM ... AS name`` stage of the Dockerfile: name -> its text."""
     text = (ROOT / "Dockerfile").read_text()
+    parts = re.split(r"^FROM ", text, flags=re.M)[1:]
+    return {m.group(1): part for part in parts if (m := re.match(r"\S+ AS (\S+)", part))}
+
+
+def test_dockerfile_base_image_is_a_build_argument(compose: dict[str, Any]) -> None:
+    """Every image starts from ARG BASE_IMAGE; compose builds each service's own target from
+    JVPN_BASE_IMAGE (debian:bookworm-slim unless set)."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=debian:bookworm-slim$", text, re.M)
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms[0] == "${BASE_IMAGE}" and all(f in _dockerfile_stages() for f in froms[1:])
+    built = {name: svc["build"] for name, svc in compose["services"].items() if "build" in svc}
+    assert {b["target"] for b in built.values()} == {"gateway", "redis", "nginx", "prometheus"}
+    for name, b in built.items():
+        assert b["target"] in _dockerfile_stages(), name
+        assert b["args"]["BASE_IMAGE"] == "debian:bookworm-slim", name
+
+
+def test_dockerfile_matches_the_gateway_config() -> None:
+    text = _dockerfile_stages()["gateway"]
     cfg = _gateway_toml_config()
-    assert 'ENTRYPOINT ["jvpn-gateway"]' in text
+    assert 'ENTRYPOINT ["jvpn-gateway-entrypoint"]' in text
+    entrypoint = (DEPLOY / "containers" / "gateway-entrypoint.sh").read_text()
+    assert "COPY deploy/containers/gateway-entrypoint.sh /usr/local/bin/jvpn-gateway-entrypoint" in text
+    assert entrypoint.rstrip().endswith('exec jvpn-gateway "$@"')
+    # The health check is one word, the same in the image and in compose (Podman's API
+    # splits an exec-form check's words at spaces); it asks the node's /readyz.
+    assert 'CMD ["jvpn-gateway-healthcheck"]' in text
+    assert "COPY deploy/containers/gateway-healthcheck.py /usr/local/bin/jvpn-gateway-healthcheck" in text
+    assert "/readyz" in (DEPLOY / "containers" / "gateway-healthcheck.py").read_text()
     assert "COPY deploy/gateway.toml /etc/jvpn/gateway.toml" in text
     assert "JVPN_GATEWAY_CONFIG=/etc/jvpn/gateway.toml" in text
     expose = re.search(r"^EXPOSE (.+)$", text, re.M)
