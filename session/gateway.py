@@ -121,6 +121,7 @@ REFRESHES_PER_TICK = 1024  # the rest wait for the next maintenance tick
 MAX_PATH_PROBES = 4  # new addresses challenged at once per binding
 PATH_CHALLENGE_INTERVAL_S = 0.1  # a challenge is repeated at most this often per address
 MAX_HELD = 16  # a PENDING binding's packets held until it is ACTIVE
+REKEY_MIN_INTERVAL_S = 1.0  # REKEYs a binding may ask at most this often (each one is a write)
 REREAD_INTERVAL_S = 1.0  # a cached secret a proof failed under is re-read at most this often
 
 
@@ -612,6 +613,11 @@ class GatewayMachine:
         s = b.secrets
         if not b.validated or inner.generation != s.generation:
             self.metrics.count_drop(DropReason.UNEXPECTED, b.peer.kind)
+            return
+        if self.store_ms(now) - s.made_ms < REKEY_MIN_INTERVAL_S * 1000:
+            # Each REKEY is a store write: a client (authenticated, but maybe hostile) gets
+            # at most one per interval (WireGuard: one handshake per REKEY_TIMEOUT).
+            self.metrics.count_drop(DropReason.RATE_LIMITED, b.peer.kind)
             return
         priv = self._random(32)
         pub = public_key(priv)

@@ -36,7 +36,14 @@ from session.handshake import ClientHello, Initiator
 from session.noise import generate_keypair
 from session.reasons import DropReason, RejectReason, TerminateReason
 from session.states import LIVE_STATES, SessionState
-from session.storeops import ClientPolicy, GetRecordOp, ReattachOp, RefreshOp, TransitionOp
+from session.storeops import (
+    ClientPolicy,
+    GetRecordOp,
+    ReattachOp,
+    RefreshOp,
+    RekeyOp,
+    TransitionOp,
+)
 from tests.support.memnet import WALL_MS, Cl, Gw, Net
 
 GW_PRIV, GW_PUB = generate_keypair()
@@ -865,7 +872,7 @@ def test_an_unvalidated_grant_lapses_and_changes_nothing() -> None:
     assert c.machine.state in LIVE_STATES
 
 
-REKEY_PARAMS = replace(PARAMS, rekey_after=1.0, reject_after=1.5, rekey_timeout=0.1)
+REKEY_PARAMS = replace(PARAMS, rekey_after=1.1, reject_after=1.6, rekey_timeout=0.1)
 
 
 def test_a_rekey_makes_a_fresh_secret_without_interrupting_traffic() -> None:
@@ -874,7 +881,7 @@ def test_a_rekey_makes_a_fresh_secret_without_interrupting_traffic() -> None:
     one once the client's first packet under the new keys arrives; 100 payloads a second
     meanwhile, none lost, none under keys past their reject-after age."""
     net = Net(seed=83)
-    gw = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS, keys_reject_after_s=1.5)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS, keys_reject_after_s=1.6)
     net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
     c = net.client(CL_PRIV, GW_PUB, REKEY_PARAMS)
     net.add_path(c, 1, HOME, "gw-a")
@@ -884,11 +891,12 @@ def test_a_rekey_makes_a_fresh_secret_without_interrupting_traffic() -> None:
     rec = net.store.records[sid]
     secrets_seen = {gw.machine.bindings[sid].secrets.secret}
     sent: list[bytes] = []
-    t_end = net.now + 3.6
+    t_end = net.now + 3.8
     while net.now < t_end:
         sent += pump(net, c, net.now + 0.1)
         secrets_seen.add(gw.machine.bindings[sid].secrets.secret)
     net.run(net.now + 0.2)
+    secrets_seen.add(gw.machine.bindings[sid].secrets.secret)
     rekeys = c.of(Rekeyed)
     assert len(rekeys) >= 3, rekeys
     assert [r.generation for r in rekeys] == list(range(1, len(rekeys) + 1))
@@ -907,7 +915,7 @@ def test_a_rekey_answer_lost_with_its_node_is_undone_by_the_next_reattach() -> N
     gwa = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
     gwb = net.gateway("gw-b", GW_PRIV, KEK, **GW_SETTINGS)
     net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
-    c = net.client(CL_PRIV, GW_PUB, REKEY_PARAMS)
+    c = net.client(CL_PRIV, GW_PUB, replace(REKEY_PARAMS, dead_after=10))  # no loss noticed
     net.add_path(c, 1, HOME, "gw-a")
     c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
     net.run(0.5)
@@ -925,8 +933,8 @@ def test_a_rekey_answer_lost_with_its_node_is_undone_by_the_next_reattach() -> N
     assert c.of(Reattached) and not c.of(Rekeyed)
     assert rec.kg == 0 and rec.wsp == b"" and rec.pnd == gwb.machine.instance_id
     assert gwb.machine.pending[sid].secrets.secret == old_secret
-    [proved] = [op for op in net.store.calls if isinstance(op, ReattachOp)]
-    assert proved.proof_generation == 0
+    proved = [op for op in net.store.calls if isinstance(op, ReattachOp)]
+    assert proved and {op.proof_generation for op in proved} == {0}
     sent = pump(net, c, net.now + 0.2)
     net.run(net.now + 0.1)
     assert set(sent) <= set(c.received)
@@ -949,3 +957,22 @@ def test_a_reattach_of_an_attached_session_is_a_switch_not_a_state_change() -> N
     assert changes and all(old != new for old, new in changes), changes
     assert all(a[1] != a[2] for a, _ in gw.events.named("state_change"))
     assert any(a[2] == "reattach" for a, _ in gw.metrics.named("transport_switch"))
+
+
+def test_a_client_cannot_make_the_gateway_rekey_more_than_once_a_second() -> None:
+    """Each REKEY is a store write: REKEYs from an authenticated client beyond one per
+    REKEY_MIN_INTERVAL_S are dropped and counted, with no store call."""
+    net = Net(seed=97)
+    c, [gw] = setup(net, **{"keys_reject_after_s": 180.0})
+    sid = c.machine.session_id
+    net.run(net.now + 0.2)
+    b = gw.machine.bindings[sid]
+    _, pub = generate_keypair()
+    calls = len(net.store.calls)
+    for seq in range(50):  # sealed under the client's own keys, as a hostile client would
+        raw = c.machine._seal(wire.inner_rekey(0, pub))  # noqa: SLF001
+        gw.machine.receive(raw, Peer(wire.TransportKind.UDP, HOME), net.now + seq * 0.001)
+    gw.flush()
+    assert not any(isinstance(op, RekeyOp) for op in net.store.calls[calls:])
+    limited = [a for a, _ in gw.metrics.named("count_drop") if a[0] is DropReason.RATE_LIMITED]
+    assert len(limited) == 50 and b.rekey is None
