@@ -81,8 +81,11 @@
 --            not checked). The current one (kg): the client holds it, so a previous
 --            secret kept since a REKEY (wsp) goes on success. kg - 1 while wsp is kept:
 --            the client never learned the REKEY (its node died first), and on success
---            the previous secret becomes the current one again (rekey.lua). Any other:
---            KEY_MOVED (the caller's cached secret is stale), recorded.
+--            the previous secret becomes the current one again (rekey.lua), but only
+--            for a request stamped at or after the REKEY's commit (kt): one made
+--            before it (withheld by an on-path attacker, or late) proves nothing about
+--            the REKEY's answer. Any other: KEY_MOVED (the caller's cached secret is
+--            stale, or the request predates the REKEY), recorded.
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, reason, version, epoch, binding_id, node, prev_node, server_ms,
 --          state, retry, expired_now, binding_current, terminate_reason,
@@ -110,7 +113,7 @@ local proof_gen = tonumber(ARGV[13]) or -1
 local now = now_ms()
 
 local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'bid', 'nd', 'k', 'dl', 'ttl', 'rr', 'tk',
-  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma', 'pep', 'pbid', 'kg', 'wsp')
+  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma', 'pep', 'pbid', 'kg', 'wsp', 'kt')
 if not f[1] then
   return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0, 0})
 end
@@ -264,7 +267,9 @@ end
 -- (the secret) a proof under the previous secret is good only while the store still has it
 local kg, rollback = num(f[22]), false
 if proof_gen >= 0 and proof_gen ~= kg then
-  if proof_gen ~= kg - 1 or not f[23] then
+  -- A request made before the REKEY was committed (kt) cannot say the client missed its
+  -- answer: an attacker who withheld it would put back the secret the client dropped.
+  if proof_gen ~= kg - 1 or not f[23] or client_ts < num(f[24]) then
     return refuse(ST.KEY_MOVED, R.STORE_UNAVAILABLE)
   end
   rollback = true

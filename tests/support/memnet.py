@@ -193,7 +193,7 @@ class MemStore:
         elif not is_allowed(r.state, SessionEvent.REATTACH):
             res = reject(StoreStatus.ILLEGAL_TRANSITION, RejectReason.POLICY_DENIED)
         elif op.proof_generation >= 0 and op.proof_generation != r.kg and (
-                op.proof_generation != r.kg - 1 or not r.wsp):
+                op.proof_generation != r.kg - 1 or not r.wsp or op.timestamp_ms < r.kt):
             res = reject(StoreStatus.KEY_MOVED, RejectReason.STORE_UNAVAILABLE)
         else:
             if op.proof_generation >= 0 and op.proof_generation != r.kg:  # a REKEY undone
