@@ -112,6 +112,7 @@ class RekeyState:
     client_pub: bytes
     answer: bytes = b""  # the REKEY_ACK plaintext (sealed again under prev_channel to repeat)
     confirming: bool = False
+    prev_made_ms: int = 0  # store ms when the previous secret (prev_channel's) was made
 
 
 @dataclass(slots=True)

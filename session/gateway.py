@@ -540,10 +540,20 @@ class GatewayMachine:
         b.last_rx = now
         b.rx_packets += 1
         b.rx_bytes += len(raw)
-        self._deliver(b, wire.decode_inner(plain), now)
+        self._deliver(b, wire.decode_inner(plain), now, self._tx_made_ms(b))
 
-    def _deliver(self, b: Binding, inner: wire.Inner, now: float) -> None:
-        """One authenticated packet of an ACTIVE binding: act on what it carries."""
+    def _tx_made_ms(self, b: Binding) -> int:
+        """When the secret of ``b.tx_channel`` was made (store ms): the previous one's while
+        a REKEY waits for the client's confirmation."""
+        rk = b.rekey
+        if b.prev_channel is not None and rk is not None:
+            return rk.prev_made_ms
+        return b.secrets.made_ms
+
+    def _deliver(self, b: Binding, inner: wire.Inner, now: float,
+                 made_ms: int | None = None) -> None:
+        """One authenticated packet of an ACTIVE binding (under the keys of a secret made at
+        ``made_ms``; default: the current one): act on what it carries."""
         b.lost = False
         if b.state is SessionState.RECOVERING and not b.transition_pending:
             # We had reported it lost on silence, but the same binding speaks again.
@@ -551,7 +561,9 @@ class GatewayMachine:
                              now)
         kind = inner.kind
         if kind is wire.InnerType.PAYLOAD:
-            if self.store_ms(now) - b.secrets.made_ms > self._reject_after_ms:
+            if made_ms is None:
+                made_ms = b.secrets.made_ms
+            if self.store_ms(now) - made_ms > self._reject_after_ms:
                 self.metrics.count_drop(DropReason.KEYS_EXPIRED, b.peer.kind)
                 return
             self._to_upstream(b, inner.payload)
@@ -648,6 +660,7 @@ class GatewayMachine:
                 self._refresh(b, now)  # we may not hold it any more: the store says
             return
         new.made_ms = res.server_ms
+        rk.prev_made_ms = b.secrets.made_ms
         b.prev_channel = b.channel
         b.epoch, b.binding_id, b.secrets, b._channel = res.epoch, bid, new, None
         self._cache(sid, new)
@@ -750,6 +763,10 @@ class GatewayMachine:
             return
         if not self._leased(b, now):
             self.metrics.count_drop(DropReason.LEASE_EXPIRED, wire.TransportKind.UDP)
+            return
+        if self.store_ms(now) - self._tx_made_ms(b) > self._reject_after_ms:
+            # Nothing tunnelled under a secret past reject-after (the client's REKEY is due).
+            self.metrics.count_drop(DropReason.KEYS_EXPIRED, b.peer.kind)
             return
         self._send(b, b.tx_channel.seal(wire.inner_payload(data)))
 

@@ -32,6 +32,7 @@ from tests.unit.test_machines import (
     HOME,
     KEK,
     OTHER,
+    PARAMS,
     REKEY_PARAMS,
     UPSTREAM,
     pump,
@@ -343,3 +344,42 @@ def test_after_a_confirmed_rekey_the_node_keeps_neither_the_old_secret_nor_its_c
     assert not any(isinstance(o, bytes) and o == old_secret for o in objs)
     assert not any(isinstance(o, bytes) and o in (old_keys.proof_key, old_keys.control_key)
                    for o in objs)
+
+
+def test_keys_past_reject_after_carry_no_payload_either_way() -> None:
+    """A client that never completes a REKEY (its answers are lost) keeps sending payloads
+    under its secret: past keys_reject_after_s after that secret was made the node drops
+    them (KEYS_EXPIRED), also under the previous keys of a REKEY the node committed, and
+    tunnels nothing back under them; keepalives and the REKEY itself still pass."""
+    net = Net(seed=151)
+    hostile = replace(PARAMS, rekey_after=1.0, reject_after=100.0, rekey_timeout=0.1,
+                      dead_after=100)
+    c, gw = _rekey_session(net, hostile, keys_reject_after_s=1.6)
+    sid = c.machine.session_id
+    b = gw.machine.bindings[sid]
+    made = b.secrets.made_ms
+    c.paths[1].downlink = False  # every answer is lost: the REKEY never completes
+    net.run(1.2)
+    assert b.secrets.generation == 1 and b.prev_channel is not None, "the node did not rekey"
+    while gw.machine.store_ms(net.now) - made < 1600 + 50:
+        pump(net, c, net.now + 0.05)
+    upstream = len(gw.upstream)
+    expired = _drops(gw, DropReason.KEYS_EXPIRED)
+    late = pump(net, c, net.now + 0.3)
+    net.run(net.now + 0.05)
+    assert late and len(gw.upstream) == upstream, "payloads under expired keys went upstream"
+    assert _drops(gw, DropReason.KEYS_EXPIRED) - expired >= len(late)
+    sent_before = len(gw.sent)
+    gw.machine.upstream_received(sid, b"down under expired keys", net.now)
+    gw.flush()
+    downlink = [d for _, d in gw.sent[sent_before:]]
+    assert not downlink, "a payload was sealed under keys past reject-after"
+    # keepalives are still answered, and the REKEY (answered again) still completes
+    c.paths[1].downlink = True
+    t_end = net.now + 0.5
+    while not c.of(Rekeyed) and net.now < t_end:
+        net.run(net.now + 0.005)
+    assert [r.generation for r in c.of(Rekeyed)] == [1]
+    sent = pump(net, c, net.now + 0.2)
+    net.run(net.now + 0.1)
+    assert set(sent) <= set(c.received)
