@@ -383,3 +383,45 @@ def test_keys_past_reject_after_carry_no_payload_either_way() -> None:
     sent = pump(net, c, net.now + 0.2)
     net.run(net.now + 0.1)
     assert set(sent) <= set(c.received)
+
+
+def test_a_reattach_request_withheld_across_a_rekey_cannot_undo_it() -> None:
+    """An on-path attacker swallows the client's REATTACH_REQUEST for a jump (the request
+    times out; the client stays on its path) and keeps it. The client REKEYs; the attacker
+    holds back its first packets under the new keys (so the store still keeps the previous
+    secret) and delivers the old request, proven under the previous secret. The node
+    verifies it (under the previous secret the record still has) but the store refuses it:
+    made before the REKEY, it cannot say the client missed the answer. The new secret stays
+    current, the client's packets confirm it, and the client's later reattach succeeds."""
+    net = Net(seed=157)
+    params = replace(REKEY_PARAMS, rekey_after=1.5, reject_after=100.0, dead_after=100)
+    c, gw = _rekey_session(net, params, keys_reject_after_s=180.0)
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    jump = net.add_path(c, 2, OTHER, "gw-a")
+    jump.up = False  # the attacker swallows everything on it
+    c.machine.reattach(net.now, 2, UDP)
+    withheld = c.machine._req.raw  # noqa: SLF001
+    t_end = net.now + 2.0
+    while c.machine._req is not None and net.now < t_end:  # noqa: SLF001
+        net.run(net.now + 0.01)
+    assert c.machine._req is None  # timed out; still on path 1  # noqa: SLF001
+    while rec.kg == 0 and net.now < 3.0:
+        net.run(net.now + 0.001)
+    c.paths[1].uplink = False  # the attacker holds back the client's packets from here on
+    assert rec.kg == 1 and rec.wsp, "no REKEY committed"
+    net.run(net.now + 0.02)
+    assert c.of(Rekeyed) and rec.wsp
+    net.inject("gw-a", ATTACKER, withheld)
+    net.run(net.now + 0.05)
+    assert rec.kg == 1 and rec.pnd == "", "the withheld request undid the REKEY"
+    c.paths[1].uplink = True
+    sent = pump(net, c, net.now + 0.3)
+    net.run(net.now + 0.1)
+    assert [r.generation for r in c.of(Rekeyed)] == [1]
+    assert rec.kg == 1 and rec.wsp == b"" and set(sent) <= set(c.received)
+    jump.up = True
+    c.machine.reattach(net.now, 2, UDP)
+    while not c.of(Reattached) and net.now < t_end + 3.0:
+        net.run(net.now + 0.01)
+    assert c.of(Reattached) and rec.kg == 1
