@@ -13,6 +13,8 @@ import gc
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from session import wire
 from session.binding import Peer
 from session.client import Reattached, Rekeyed
@@ -425,3 +427,34 @@ def test_a_reattach_request_withheld_across_a_rekey_cannot_undo_it() -> None:
     while not c.of(Reattached) and net.now < t_end + 3.0:
         net.run(net.now + 0.01)
     assert c.of(Reattached) and rec.kg == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "open: Rekey 'without interrupting traffic' - a REKEY the node committed, whose answer "
+    "the client dropped because it had started a reattach that then failed, wedges the "
+    "binding: the node repeats only that answer, the client's next REKEY (a new key) is "
+    "ignored, and payloads stop at reject-after until the client's next reattach"))
+def test_a_rekey_answer_dropped_for_a_failed_jump_does_not_wedge_the_binding() -> None:
+    """The client sends a REKEY, the node commits it, and just then the agent starts a
+    proactive jump (the client forgets its REKEY: a reattach proven under the previous
+    secret undoes it). The jump's path is dead: the request times out and the client stays
+    on its path, holding the previous secret. It must be able to REKEY again and keep
+    tunnelling past reject-after."""
+    net = Net(seed=163)
+    params = replace(REKEY_PARAMS, rekey_after=1.0, reject_after=1.6, dead_after=100)
+    c, gw = _rekey_session(net, params, keys_reject_after_s=1.6)
+    rec = net.store.records[c.machine.session_id]
+    jump = net.add_path(c, 2, OTHER, "gw-a")
+    jump.up = False
+    while rec.kg == 0 and net.now < 3.0:
+        net.run(net.now + 0.001)
+    assert rec.kg == 1 and not c.of(Rekeyed)
+    c.machine.reattach(net.now, 2, UDP)  # the REKEY_ACK is on its way: it will be dropped
+    while c.machine._req is not None and net.now < 5.0:  # noqa: SLF001
+        net.run(net.now + 0.01)
+    pump(net, c, net.now + 2.0)
+    net.run(net.now + 0.1)
+    assert c.of(Rekeyed), "the client never completed a REKEY again"
+    sent = pump(net, c, net.now + 0.3)
+    net.run(net.now + 0.1)
+    assert set(sent) <= set(c.received)
