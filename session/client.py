@@ -47,6 +47,7 @@ from session.states import LIVE_STATES, QUALITY_EVENTS, SessionEvent, SessionSta
 PENDING_MAX = 256  # payloads held while recovering, flushed after reattach
 HANDSHAKE_RETRIES = 3
 REATTACH_RETRIES = 3  # retransmissions of the same request bytes on one path
+REKEY_RETRIES = 5  # REKEYs sent unanswered on a live binding before it is rebound (reattach)
 STALE_RETRIES = 3  # immediate retries after an authenticated STALE_VERSION
 KEEPALIVE_TRACK = 64
 SENT_TAGS = 64  # AEAD tags of our latest DATA packets, which a NOT_BOUND_HERE must echo
@@ -469,6 +470,14 @@ class ClientSession:
         if rk is None:
             priv = self._random(32)
             rk = self._rekey = _Rekey(priv, public_key(priv), now)
+        elif rk.tries >= REKEY_RETRIES:
+            # The node may hold a REKEY it committed whose answer we dropped (it came while
+            # we were reattaching): it repeats only that answer and ignores our new key. A
+            # reattach on this path, proven under the secret we hold, undoes that REKEY
+            # (reattach.lua) and gives a fresh binding, where the next REKEY runs.
+            self.reattach(now, self.path, self.kind, reason="rekey")
+            return
+        rk.tries += 1
         rk.deadline = now + self.params.rekey_timeout
         self._out.append((self.path, self._seal(wire.inner_rekey(self._generation, rk.public))))
 
@@ -839,6 +848,7 @@ class _Rekey:
     public: bytes = b""
     started: float = 0.0
     deadline: float = 0.0
+    tries: int = 0  # sent so far (the same key each time)
 
 
 def _new_machine() -> StateMachine:

@@ -13,8 +13,6 @@ import gc
 from dataclasses import replace
 from typing import Any
 
-import pytest
-
 from session import wire
 from session.binding import Peer
 from session.client import Reattached, Rekeyed
@@ -376,9 +374,9 @@ def test_keys_past_reject_after_carry_no_payload_either_way() -> None:
     gw.flush()
     downlink = [d for _, d in gw.sent[sent_before:]]
     assert not downlink, "a payload was sealed under keys past reject-after"
-    # keepalives are still answered, and the REKEY (answered again) still completes
+    # keepalives are still answered, and the REKEY (or a rebinding reattach) still completes
     c.paths[1].downlink = True
-    t_end = net.now + 0.5
+    t_end = net.now + 3.0
     while not c.of(Rekeyed) and net.now < t_end:
         net.run(net.now + 0.005)
     assert [r.generation for r in c.of(Rekeyed)] == [1]
@@ -429,17 +427,14 @@ def test_a_reattach_request_withheld_across_a_rekey_cannot_undo_it() -> None:
     assert c.of(Reattached) and rec.kg == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: Rekey 'without interrupting traffic' - a REKEY the node committed, whose answer "
-    "the client dropped because it had started a reattach that then failed, wedges the "
-    "binding: the node repeats only that answer, the client's next REKEY (a new key) is "
-    "ignored, and payloads stop at reject-after until the client's next reattach"))
 def test_a_rekey_answer_dropped_for_a_failed_jump_does_not_wedge_the_binding() -> None:
     """The client sends a REKEY, the node commits it, and just then the agent starts a
     proactive jump (the client forgets its REKEY: a reattach proven under the previous
     secret undoes it). The jump's path is dead: the request times out and the client stays
     on its path, holding the previous secret. It must be able to REKEY again and keep
-    tunnelling past reject-after."""
+    tunnelling past reject-after: after REKEY_RETRIES unanswered REKEYs the client reattaches
+    on its path, proven under its secret, which undoes the node's REKEY (it was stamped after
+    it), and rekeys on the new binding."""
     net = Net(seed=163)
     params = replace(REKEY_PARAMS, rekey_after=1.0, reject_after=1.6, dead_after=100)
     c, gw = _rekey_session(net, params, keys_reject_after_s=1.6)
