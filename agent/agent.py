@@ -350,7 +350,8 @@ class Agent:
                 self._drop_path(ev.path)
         elif isinstance(ev, ReattachTimedOut):
             self._log(f"no answer to reattach on {self._desc(ev.path)}; next transport")
-            self._drop_path(ev.path)
+            if not (m.attached and ev.path == m.path):  # a rebind on the live path keeps it
+                self._drop_path(ev.path)
             if m.state is SessionState.RECOVERING:
                 self._task(self._recover(advance=True))
         elif isinstance(ev, SessionTerminated):
