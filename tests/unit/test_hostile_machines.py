@@ -453,3 +453,46 @@ def test_a_rekey_answer_dropped_for_a_failed_jump_does_not_wedge_the_binding() -
     sent = pump(net, c, net.now + 0.3)
     net.run(net.now + 0.1)
     assert set(sent) <= set(c.received)
+
+
+def test_a_copier_answered_first_and_relaying_loses_the_path_at_the_clients_next_packet() -> None:
+    """The hardest order for a PENDING grant: the attacker's copy of the REATTACH_REQUEST is
+    answered first (the grant's address is the attacker's), the attacker relays the ACK to
+    the client, and copies the client's first packet under the granted epoch to the node
+    from its own address before the genuine one arrives. That activates the binding at the
+    attacker's address, as a relay on the path could anyway (RFC 9000 section 9.3.3). The
+    client's very next packet, from its own address, is challenged; its PATH_RESPONSE moves
+    the binding home: the attacker keeps the downlink for one round trip, then nothing."""
+    net = Net(seed=167)
+    c, (gwa, gwb) = setup(net, ("gw-a", "gw-b"))
+    sid = c.machine.session_id
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, UDP)
+    [(_, raw)] = c.machine.datagrams_to_send()
+    net.inject("gw-b", ATTACKER, raw)  # the copy, answered at the attacker
+    while not any(a == ATTACKER for a, _ in net.injected) and net.now < 1.0:
+        net.run(net.now + 0.001)
+    ack = next(d for a, d in net.injected if a == ATTACKER)
+    c.machine.receive(ack, 2, net.now)  # the attacker relays the ACK
+    [(_, first)] = c.machine.datagrams_to_send()  # the client's first packet under the grant
+    gwb.machine.receive(first, Peer(UDP, ATTACKER), net.now)  # the copy, first
+    net.run(net.now + 0.02)
+    b = gwb.machine.bindings[sid]
+    assert b.peer.addr == ATTACKER  # activated at the relay's address
+    net.to_gateway(c.paths[2], first)  # the genuine one: a replay now
+    net.run(net.now + 0.01)
+    start = len(net.injected)
+    t0 = net.now
+    moved_at = None
+    for _ in range(100):
+        pump(net, c, net.now + 0.01)
+        if b.peer.addr == OTHER and moved_at is None:
+            moved_at = net.now
+    assert moved_at is not None and moved_at - t0 <= 2 * net.latency + 0.03, moved_at
+    after = [d for a, d in net.injected[start:] if a == ATTACKER]
+    net.injected.clear()
+    sent = pump(net, c, net.now + 0.3)
+    net.run(net.now + 0.1)
+    assert not any(a == ATTACKER for a, _ in net.injected)
+    assert b.peer.addr == OTHER and set(sent) <= set(c.received)
+    assert len(after) <= 10, len(after)
