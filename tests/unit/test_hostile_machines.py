@@ -496,3 +496,40 @@ def test_a_copier_answered_first_and_relaying_loses_the_path_at_the_clients_next
     assert not any(a == ATTACKER for a, _ in net.injected)
     assert b.peer.addr == OTHER and set(sent) <= set(c.received)
     assert len(after) <= 10, len(after)
+
+
+def test_an_activate_answer_that_arrives_after_a_newer_grant_is_ignored() -> None:
+    """activate.lua runs for the pending binding, but its answer reaches the node only after
+    the client's next reattach granted a newer binding there. The late answer installs
+    nothing (the node holds the newer grant, PENDING); the newer one activates with the
+    client's packets, the store and the node agree on it, and no epoch is used twice."""
+    net = Net(seed=173)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, UDP)
+    while sid not in gw.machine.pending and net.now < 1.0:
+        net.run(net.now + 0.001)
+    p1 = gw.machine.pending[sid]
+    net.store_latency = 0.3  # activate.lua's answer will come late
+    while not any(isinstance(op, ActivateOp) for op in net.store.calls) and net.now < 1.0:
+        net.run(net.now + 0.001)
+    net.store_latency = 0.001
+    assert rec.epoch == p1.epoch  # the store made p1 ACTIVE; the node does not know yet
+    net.add_path(c, 3, ("198.51.100.3", 40002), "gw-a")
+    c.machine.reattach(net.now, 3, UDP)
+    t_end = net.now + 0.25
+    while net.now < t_end:
+        net.run(net.now + 0.001)
+        assert gw.machine.bindings.get(sid) is not p1, "the late answer installed p1"
+    p2 = gw.machine.pending.get(sid) or gw.machine.bindings[sid]
+    assert p2.epoch > p1.epoch
+    pump(net, c, net.now + 0.3)
+    net.run(net.now + 0.1)
+    b = gw.machine.bindings[sid]
+    assert b is p2 and (rec.epoch, rec.bid) == (b.epoch, b.binding_id)
+    assert sid not in gw.machine.pending
+    sent = pump(net, c, net.now + 0.2)
+    net.run(net.now + 0.1)
+    assert set(sent) <= set(c.received)
