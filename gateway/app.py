@@ -40,6 +40,7 @@ from gateway.quic import (
     server_configuration,
 )
 from gateway.tracing import Tracing
+from session.inner import InnerPool
 from session.keys import KekRing, fingerprint, registry_key
 from session.noise import generate_keypair, public_key
 from settings import parse_address
@@ -150,6 +151,8 @@ class GatewayApp:
             source_rate=cfg.source_rate, source_burst=cfg.source_burst,
             registry_staleness_s=cfg.registry_staleness_s,
             keys_reject_after_s=cfg.keys_reject_after_s,
+            inner_pool=(InnerPool.parse(cfg.inner_pool_v4, cfg.inner_pool_v6)
+                        if cfg.inner_pool_v4 else None),
         )
         if self.tracing is None:
             self.tracing = Tracing.from_env(cfg.node_id)

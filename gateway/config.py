@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
+from session.inner import InnerPool
 from settings import (
     ADDRESS,
     IDENT,
@@ -155,6 +156,29 @@ class GatewayConfig:
     quic_idle_timeout_s: float = setting(
         60.0, min=0.01, max=86400.0, help="QUIC's idle timeout (must exceed 3 keepalives)"
     )
+    inner_pool_v4: str = setting(
+        "", help="L3 sessions: the cluster's inner IPv4 pool (a prefix, the same on every node; "
+        "'' = no L3 sessions); its first address is the gateways' own inner address",
+    )
+    inner_pool_v6: str = setting(
+        "", help="L3 sessions: the cluster's inner IPv6 pool (set with inner_pool_v4)",
+    )
+    tun_name: str = setting(
+        "jvpn0", kind=IDENT, help="L3: the node's TUN interface (created at start, removed at stop)",
+    )
+    tun_mtu: int = setting(1420, min=1280, max=9000, help="L3: the node TUN's MTU")
+    egress: str = setting(
+        "nat", choices=("nat", "routed"),
+        help="L3 egress: nat (nftables masquerade out of this node) or routed (the pools are "
+        "routed to the cluster; a node relays return traffic to the node holding the binding)",
+    )
+    egress_interface: str = setting(
+        "", help="L3 nat: masquerade only out of this interface ('' = any but the TUN)",
+    )
+    relay_listen: str = setting(
+        "", kind=ADDRESS, allow_empty=True,
+        help="L3 routed: this node's relay address (UDP) other nodes reach it on ('' = off)",
+    )
     events: EventsConfig = setting(default_factory=EventsConfig)
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
     log_format: str = setting("text", choices=("text", "json"), fold_case=True,
@@ -210,6 +234,15 @@ class GatewayConfig:
             yield "quic_cert_file", "set quic_cert_file and quic_key_file together"
         if self.listen_quic and self.listen_udp and _same_port(self.listen_quic, self.listen_udp):
             yield "listen_quic", f"clashes with listen_udp {self.listen_udp}"
+        if bool(self.inner_pool_v4) != bool(self.inner_pool_v6):
+            yield "inner_pool_v4", "set inner_pool_v4 and inner_pool_v6 together"
+        if self.inner_pool_v4:
+            try:
+                InnerPool.parse(self.inner_pool_v4, self.inner_pool_v6)
+            except ValueError as exc:
+                yield "inner_pool_v4", str(exc)
+        if self.egress == "routed" and self.inner_pool_v4 and not self.relay_listen:
+            yield "relay_listen", "routed egress needs a relay address"
         for item in self.trusted_balancers:
             try:
                 ipaddress.ip_network(item.strip(), strict=False)

@@ -73,6 +73,7 @@ from session.reasons import DropReason, TerminateReason
 from session.storeops import (
     ActivateOp,
     BirthOp,
+    ClaimAddressesOp,
     ClaimHandshakeOp,
     ClaimSlotOp,
     ConfirmKeyOp,
@@ -82,6 +83,7 @@ from session.storeops import (
     ReattachOp,
     RefreshOp,
     RekeyOp,
+    ReleaseAddressesOp,
     ReleaseSlotOp,
     ServerTimeOp,
     StoreFailure,
@@ -506,7 +508,7 @@ def _store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]
         BirthOp: lambda op: store.birth(
             op.session_id, wrapped_secret=op.wrapped_secret, client_id=op.client_id,
             node=op.node, binding_id=op.binding_id, kind=op.kind, upstream=op.upstream,
-            policy=op.policy, wrapped_control=op.wrapped_control),
+            policy=op.policy, wrapped_control=op.wrapped_control, inner=op.inner),
         RekeyOp: lambda op: store.rekey(
             op.session_id, epoch=op.epoch, binding_id=op.binding_id, node=op.node,
             generation=op.generation, wrapped_secret=op.wrapped_secret,
@@ -522,6 +524,8 @@ def _store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]
         ClaimSlotOp: lambda op: store.claim_slot(op.client_id, op.session_id, op.limit,
                                                  op.end_ms),
         ReleaseSlotOp: lambda op: store.release_slot(op.client_id, op.session_id),
+        ClaimAddressesOp: lambda op: store.claim_addresses(op.session_id, op.pool, op.size),
+        ReleaseAddressesOp: lambda op: store.release_addresses(op.session_id),
     }
 
 
@@ -531,6 +535,7 @@ _OP_NAMES: dict[type, str] = {
     RefreshOp: "refresh", ActivateOp: "activate", RekeyOp: "rekey",
     ConfirmKeyOp: "confirm_key", TerminateOp: "terminate", PublishMoveOp: "publish",
     ServerTimeOp: "time", SweepOp: "sweep", ClaimSlotOp: "slot", ReleaseSlotOp: "release_slot",
+    ClaimAddressesOp: "addr", ReleaseAddressesOp: "addr_free",
 }
 
 

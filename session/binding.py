@@ -42,6 +42,7 @@ from session import wire
 from session.framing import DataChannel
 from session.keys import SessionKeys
 from session.states import SessionState, StateMachine
+from session.tunnel import SessionRoute
 
 AMPLIFICATION_FACTOR = 3
 
@@ -128,6 +129,7 @@ class SessionSecrets:
     generation: int = 0  # REKEYs before this secret (the record's ``kg``)
     made_ms: int = 0  # store ms when this secret was made (birth or REKEY)
     _upstream_addr: tuple[str, int] | None = None
+    route: SessionRoute | None = None  # L3 sessions: inner addresses and allowed prefixes
 
     def upstream_address(self) -> tuple[str, int] | None:
         """The policy's upstream ``host:port`` as an address (parsed once); None if invalid."""

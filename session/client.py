@@ -38,6 +38,7 @@ from session import control, wire
 from session.errors import DecodeError, IllegalAdoption, LocalProtocolError, RemoteProtocolError
 from session.framing import DataChannel
 from session.handshake import ClientHello, Initiator, Refusal, ServerHello
+from session.inner import InnerAddresses, parse_prefixes
 from session.keys import SessionKeys, rekey_secret, traffic_keys
 from session.noise import dh, public_key
 from session.quality import PathQuality, QualityThresholds
@@ -73,6 +74,7 @@ class ClientParams:
     reject_after: float = 180.0
     rekey_after_messages: int = 2**60
     rekey_timeout: float = 1.0  # a REKEY unanswered this long is sent again
+    l3: bool = False  # ask for an L3 session: inner addresses and routes, IP packets as DATA
 
 
 # ---- actions and events ------------------------------------------------------------------
@@ -105,6 +107,8 @@ class HandshakeComplete:
     epoch: int
     node_id: bytes
     path: int
+    inner: InnerAddresses | None = None  # L3: the session's inner addresses (authenticated)
+    routes: tuple[str, ...] = ()  # L3: the prefixes to route into the tunnel
 
 
 @dataclass(frozen=True)
@@ -348,7 +352,7 @@ class ClientSession:
             raise LocalProtocolError(f"connect() after a final refusal ({self.refused.reason.name})")
         self._reset_session()
         hid = self._random(wire.SESSION_ID_LEN)
-        hello = ClientHello(wall_ms, kind, self.params.upstream)
+        hello = ClientHello(wall_ms, kind, self.params.upstream, l3=self.params.l3)
         self._initiator = Initiator(self._static, self._gateway_pub, hid, hello)
         raw = wire.encode(wire.HandshakeInit(hid, self._initiator.message1))
         self.kind = kind
@@ -513,6 +517,8 @@ class ClientSession:
         answer, secret = self._initiator.finish(msg.noise)
         if isinstance(answer, ServerHello) and answer.session_id != msg.session_id:
             raise DecodeError(DropReason.MALFORMED, "session_id mismatch")
+        if isinstance(answer, ServerHello) and self.params.l3:
+            _l3_fields(answer)  # an L3 answer without usable addresses is not ours to take
         self._hs = None
         self._initiator = None
         if isinstance(answer, Refusal):
@@ -535,7 +541,9 @@ class ClientSession:
         self.server_offset_ms = h.server_ms - now * 1000
         self._bind(h.epoch, h.binding_id, h.node_id, path, now)
         self._events.append(StateChanged(old, self.state, self.version, "handshake"))
-        self._events.append(HandshakeComplete(h.session_id, h.version, h.epoch, h.node_id, path))
+        inner, routes = _l3_fields(h) if self.params.l3 else (None, ())
+        self._events.append(HandshakeComplete(h.session_id, h.version, h.epoch, h.node_id, path,
+                                              inner, routes))
         self._send_keepalive(now)  # validates the path at the gateway
         self._flush_pending()
 
@@ -849,6 +857,19 @@ class _Rekey:
     started: float = 0.0
     deadline: float = 0.0
     tries: int = 0  # sent so far (the same key each time)
+
+
+def _l3_fields(h: ServerHello) -> tuple[InnerAddresses, tuple[str, ...]]:
+    """An L3 ServerHello's inner addresses and routes; DecodeError if missing or malformed."""
+    if not h.inner:
+        raise DecodeError(DropReason.MALFORMED, "ServerHello without inner addresses")
+    routes = tuple(r for r in h.routes.split(",") if r)
+    try:
+        inner = InnerAddresses.parse(h.inner)
+        parse_prefixes(routes)
+    except ValueError as exc:
+        raise DecodeError(DropReason.MALFORMED, f"ServerHello L3 fields: {exc}") from None
+    return inner, routes
 
 
 def _new_machine() -> StateMachine:

@@ -50,6 +50,7 @@ from session.binding import (
 from session.budget import Buckets, Recent, Throttle
 from session.errors import RemoteProtocolError, SessionError
 from session.handshake import Refusal, Responder, ServerHello
+from session.inner import InnerAddresses, InnerPool, parse_prefixes
 from session.keys import (
     WRAP_NONCE_LEN,
     KekRing,
@@ -76,6 +77,7 @@ from session.storeops import (
     ActivateResult,
     BirthOp,
     BirthResult,
+    ClaimAddressesOp,
     ClaimHandshakeOp,
     ClaimSlotOp,
     ClientPolicy,
@@ -90,6 +92,7 @@ from session.storeops import (
     RefreshResult,
     RekeyOp,
     RekeyResult,
+    ReleaseAddressesOp,
     ReleaseSlotOp,
     ServerTimeOp,
     SessionRecord,
@@ -103,6 +106,7 @@ from session.storeops import (
     TransitionOp,
     TransitionResult,
 )
+from session.tunnel import SessionRoute, TunnelDrop, TunnelRouter
 
 KEY_CACHE_SIZE = 200_000
 HANDSHAKE_WINDOW_MS = 120_000
@@ -153,6 +157,7 @@ class GatewaySettings:
     max_sessions: int = 1_000_000
     lease_s: float = 3.0  # forward only while the store answered within this
     keys_reject_after_s: float = 180.0  # no data under a session secret older than this
+    inner_pool: InnerPool | None = None  # L3 sessions: the cluster's inner-address pools
 
 
 
@@ -192,7 +197,25 @@ class CloseUpstream:
     session_id: bytes
 
 
-Effect = Send | StoreCall | ToUpstream | CloseUpstream
+@dataclass(slots=True)
+class ToTun:
+    """Write an L3 session's IP packet (checked: its source, an allowed destination) to the
+    node's TUN interface."""
+
+    session_id: bytes
+    data: bytes
+
+
+@dataclass(slots=True)
+class NotLocal:
+    """A packet from the TUN for inner address ``pool_index`` whose session is not bound
+    here: routed mode relays it to the node that holds the binding now, NAT mode drops it."""
+
+    pool_index: int
+    data: bytes
+
+
+Effect = Send | StoreCall | ToUpstream | CloseUpstream | ToTun | NotLocal
 
 
 # ---- the sinks it reports to (gateway/ supplies the real ones) -------------------------------
@@ -381,6 +404,9 @@ class GatewayMachine:
         # Answers to recent handshakes, so a retransmitted INIT (its answer was lost) from the
         # same address gets the same answer; from another address it is a replay.
         self._hs_answers: OrderedDict[bytes, tuple[tuple[int, str, int], bytes]] = OrderedDict()
+        pool = settings.inner_pool
+        self.tunnel = TunnelRouter(pool) if pool is not None else None
+        self.tunnel_drops: dict[TunnelDrop, int] = {}
 
     # ---- outputs ---------------------------------------------------------------------------
 
@@ -640,7 +666,7 @@ class GatewayMachine:
             return
         secret = rekey_secret(s.secret, shared, inner.payload, pub, s.generation + 1)
         new = SessionSecrets(secret, SessionKeys(secret), s.upstream, s.client_id, s.ttl_ms,
-                             s.policy, s.generation + 1, 0)
+                             s.policy, s.generation + 1, 0, route=s.route)
         wrapped, control_wrapped = self._wrap(b.session_id, new)
         bid = self._random(wire.BINDING_ID_LEN)
         rk = b.rekey = RekeyState(inner.payload)
@@ -740,6 +766,8 @@ class GatewayMachine:
         if self.bindings.pop(sid, None) is not None:
             self._out.append(CloseUpstream(sid))
         self.bindings[sid] = p
+        if p.secrets.route is not None and self.tunnel is not None:
+            self.tunnel.add(sid, p.secrets.route)
         p.confirmed_at = p.last_refresh = now
         self._announce(p, res.prev_node)
         held, p.held = p.held or [], None
@@ -749,6 +777,13 @@ class GatewayMachine:
             self._deliver(p, inner, now)
 
     def _to_upstream(self, b: Binding, payload: bytes) -> None:
+        route = b.secrets.route
+        if route is not None:  # L3: an IP packet, cryptokey-routed
+            why = route.check_uplink(payload)
+            if why is not None:
+                return self._tunnel_drop(why, b.peer.kind)
+            self._out.append(ToTun(b.session_id, payload))
+            return
         addr = b.secrets.upstream_address()
         if addr is None:
             self.metrics.count_drop(DropReason.POLICY, b.peer.kind)
@@ -769,6 +804,30 @@ class GatewayMachine:
             self.metrics.count_drop(DropReason.KEYS_EXPIRED, b.peer.kind)
             return
         self._send(b, b.tx_channel.seal(wire.inner_payload(data)))
+
+    def tun_received(self, packet: bytes, now: float, relayed: bool = False) -> None:
+        """An IP packet from the node's TUN (or, ``relayed``, from another node that does not
+        hold its session): tunnel it to the session owning its destination, only to it."""
+        tunnel = self.tunnel
+        if tunnel is None:
+            return self._tunnel_drop(TunnelDrop.NOT_L3, wire.TransportKind.UDP)
+        sid, dst, why = tunnel.owner(packet)
+        b = self.bindings.get(sid) if sid is not None else None
+        if b is None or b.secrets.route is None or dst is None or not b.secrets.route.owns(dst):
+            index = tunnel.pool_index(dst) if dst is not None else None
+            if index is not None and not relayed:
+                self._out.append(NotLocal(index, packet))
+                return
+            return self._tunnel_drop(why or TunnelDrop.NO_ROUTE, wire.TransportKind.UDP)
+        src = packet[12:16] if packet[0] >> 4 == 4 else packet[8:24]
+        if not b.secrets.route.allows(src):
+            return self._tunnel_drop(TunnelDrop.SOURCE_DENIED, b.peer.kind)
+        self.upstream_received(b.session_id, packet, now)
+
+    def _tunnel_drop(self, why: TunnelDrop, kind: wire.TransportKind) -> None:
+        self.tunnel_drops[why] = self.tunnel_drops.get(why, 0) + 1
+        self.metrics.count_drop(DropReason.SPOOFED_SOURCE if why is TunnelDrop.SPOOFED_SOURCE
+                                else DropReason.POLICY, kind)
 
     def _roam(self, b: Binding, peer: Peer) -> None:
         old = b.peer
@@ -970,7 +1029,11 @@ class GatewayMachine:
         if hello.kind.name.lower() not in policy.transports or hello.kind != hs.peer.kind:
             return self._hs_refuse(hs, RejectReason.POLICY_DENIED,
                                    f"transport {hello.kind.name} not allowed", now)
-        if hello.upstream not in policy.upstreams:
+        if hello.l3:
+            if self.tunnel is None or not policy.prefixes:
+                return self._hs_refuse(hs, RejectReason.POLICY_DENIED,
+                                       "L3 not offered here or not allowed to this client", now)
+        elif hello.upstream not in policy.upstreams:
             return self._hs_refuse(hs, RejectReason.POLICY_DENIED,
                                    f"upstream {hello.upstream!r} not allowed", now)
         hs.policy = policy
@@ -1003,30 +1066,65 @@ class GatewayMachine:
         if not got.ok:
             return self._hs_refuse(hs, RejectReason.POLICY_DENIED,
                                    f"the client holds {got.count} sessions, its quota", now)
+        if hs.responder.hello.l3 and self.tunnel is not None:
+            pool = self.tunnel.pool
+            self._call(ClaimAddressesOp(sid, pool.spec, pool.size),
+                       lambda a, t: self._hs_addresses(hs, sid, a, t), hs.span, control=True)
+            return
+        self._hs_accept(hs, sid, None, now)
+
+    def _hs_addresses(self, hs: _Handshake, sid: bytes, got: Any, now: float) -> None:
+        """The session's inner addresses are claimed (or the pools said no)."""
+        client = hs.responder.client_static.hex()
+        if isinstance(got, StoreFailure):
+            self._release(client, sid)
+            return self._hs_store_failed(hs, got)
+        if not got.ok or self.tunnel is None:
+            self._release(client, sid)
+            if got.status is StoreStatus.POOL_EXHAUSTED:
+                self._alert("pool_exhausted", "ADDRESS_POOL_EXHAUSTED", now, hs.peer.addr[0])
+                return self._hs_refuse(hs, RejectReason.ADDRESS_POOL_EXHAUSTED,
+                                       f"inner-address pools exhausted ({got.used} held)", now)
+            return self._hs_refuse(hs, RejectReason.STORE_UNAVAILABLE,
+                                   f"inner-address pools: {got.status.name}", now)
+        self._hs_accept(hs, sid, self.tunnel.pool.addresses(got.index), now)
+
+    def _hs_accept(self, hs: _Handshake, sid: bytes, inner: InnerAddresses | None,
+                   now: float) -> None:
+        """Write message 2 and the session's record (birth)."""
         policy = hs.policy
         assert policy is not None
         hello = hs.responder.hello
         bid = self._random(wire.BINDING_ID_LEN)
         ttl_ms = int(policy.ttl_s * 1000)
+        inner_text = inner.text() if inner is not None else ""
+        prefixes = ",".join(policy.prefixes) if inner is not None else ""
         server_hello = ServerHello(
             sid, BIRTH_VERSION, int(SessionState.ATTACHED), BIRTH_EPOCH, bid, self.node,
-            self.store_ms(now), ttl_ms, int(self.settings.keepalive_interval * 1000))
+            self.store_ms(now), ttl_ms, int(self.settings.keepalive_interval * 1000),
+            inner_text, prefixes)
         msg2, secret = hs.responder.accept(server_hello)
         client_hex = hs.responder.client_static.hex()
         bound = policy_binding(client_hex, hello.upstream, ttl_ms, policy.reattach_rate,
-                               policy.transport_mask, policy.max_age_ms)  # what BirthOp writes
+                               policy.transport_mask, policy.max_age_ms,
+                               inner_text, prefixes)  # what BirthOp writes
+        route = (SessionRoute(inner, parse_prefixes(policy.prefixes))
+                 if inner is not None else None)
         secrets = SessionSecrets(secret, SessionKeys(secret), hello.upstream, client_hex, ttl_ms,
-                                 bound, 0, self.store_ms(now))
+                                 bound, 0, self.store_ms(now), route=route)
         wrapped, control_wrapped = self._wrap(sid, secrets)
         op = BirthOp(sid, wrapped, client_hex, self.instance_id,
-                     bid, hs.peer.kind, hello.upstream, policy, control_wrapped)
+                     bid, hs.peer.kind, hello.upstream, policy, control_wrapped, inner_text)
         self._call(op, lambda born, t: self._hs_born(hs, op, secrets, msg2, now, born, t),
                    hs.span, control=True)
 
     def _release(self, client_id: str, sid: bytes) -> None:
         """The session ended: free its place in its client's quota (best effort: a slot
-        whose release is lost expires at the session's maximum age)."""
+        whose release is lost expires at the session's maximum age), and its inner addresses
+        (a lost release is reclaimed by ``SessionStore.reclaim_addresses``)."""
         self._call(ReleaseSlotOp(client_id, sid), _ignore)
+        if self.tunnel is not None:
+            self._call(ReleaseAddressesOp(sid), _ignore)
 
     def _hs_born(self, hs: _Handshake, op: BirthOp, secrets: SessionSecrets, msg2: bytes,
                  t1: float, born: Any, now: float) -> None:
@@ -1090,6 +1188,8 @@ class GatewayMachine:
             self._out.append(CloseUpstream(sid))
         b = self.bindings[sid] = self._new_binding(sid, epoch, bid, peer, secrets, version,
                                                    state, now)
+        if secrets.route is not None and self.tunnel is not None:
+            self.tunnel.add(sid, secrets.route)  # a stale entry is harmless: looked up, checked
         return b
 
     def _grant(self, sid: bytes, res: ReattachResult, peer: Peer, secrets: SessionSecrets,
@@ -1112,8 +1212,11 @@ class GatewayMachine:
         return max(b.epoch if b is not None else 0, p.epoch if p is not None else 0)
 
     def _drop_binding(self, sid: bytes) -> None:
-        if self.bindings.pop(sid, None) is not None:
+        b = self.bindings.pop(sid, None)
+        if b is not None:
             self._out.append(CloseUpstream(sid))
+            if b.secrets.route is not None and self.tunnel is not None:
+                self.tunnel.remove(sid, b.secrets.route)
 
     # ---- secrets ---------------------------------------------------------------------------
 
@@ -1151,7 +1254,8 @@ class GatewayMachine:
             self.metrics.security("unwrap_failed")
             return None
         return SessionSecrets(secret, SessionKeys(secret), rec.upstream, rec.client_id,
-                              rec.ttl_ms, policy, generation, made_ms)
+                              rec.ttl_ms, policy, generation, made_ms,
+                              route=_route_of(rec.inner, rec.prefixes))
 
     def _wrap(self, sid: bytes, secrets: SessionSecrets) -> tuple[bytes, bytes]:
         """The secret and its control key wrapped under the current KEK (what a record and
@@ -1572,7 +1676,19 @@ class GatewayMachine:
 def _policy_of(rec: SessionRecord) -> bytes:
     """The policy binding of a record's fields (what its secrets are wrapped with)."""
     return policy_binding(rec.client_id, rec.upstream, rec.ttl_ms, rec.reattach_rate,
-                          rec.transports_mask, rec.max_age_ms)
+                          rec.transports_mask, rec.max_age_ms, rec.inner, rec.prefixes)
+
+
+def _route_of(inner: str, prefixes: str) -> SessionRoute | None:
+    """An L3 record's route (None in UDP-forward mode, or if its fields do not parse: they
+    are bound into the secret, so that is a record this node cannot have unwrapped)."""
+    if not inner:
+        return None
+    try:
+        return SessionRoute(InnerAddresses.parse(inner),
+                            parse_prefixes(tuple(p for p in prefixes.split(",") if p)))
+    except ValueError:
+        return None
 
 
 def _ignore(answer: Any, now: float) -> None:

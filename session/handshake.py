@@ -24,6 +24,7 @@ from session.reasons import DropReason, RejectReason
 
 PROLOGUE = b"jvpn/1\x00"
 MAX_UPSTREAM_LEN = 255
+MAX_L3_TEXT_LEN = 1024  # inner addresses, routes (session.inner.MAX_PREFIXES prefixes)
 
 
 _KIND_VALUES = frozenset(int(k) for k in wire.TransportKind)
@@ -39,7 +40,8 @@ class ClientHello:
 
     wall_ms: int  # client clock, for handshake replay protection
     kind: wire.TransportKind
-    upstream: str
+    upstream: str  # UDP-forward mode: the target "host:port"; L3 mode: ""
+    l3: bool = False  # an L3 session: inner addresses and routes, IP packets as DATA
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ServerHello:
     server_ms: int
     ttl_ms: int
     keepalive_ms: int
+    inner: str = ""  # L3: the session's inner addresses (session.inner.InnerAddresses.text)
+    routes: str = ""  # L3: the prefixes it may reach, comma-separated (the agent's routes)
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class Refusal:
 def _unpack(raw: bytes) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, max_bin_len=64, max_str_len=MAX_UPSTREAM_LEN,
+            raw, raw=False, strict_map_key=True, max_bin_len=64, max_str_len=MAX_L3_TEXT_LEN,
             max_array_len=0, max_map_len=16, max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types
@@ -90,24 +94,40 @@ def _field(obj: dict[str, Any], key: str, typ: type, *, size: int | None = None)
 
 
 def encode_client_hello(h: ClientHello) -> bytes:
-    return msgpack.packb({"t": h.wall_ms, "k": int(h.kind), "u": h.upstream})
+    obj: dict[str, Any] = {"t": h.wall_ms, "k": int(h.kind), "u": h.upstream}
+    if h.l3:  # absent in UDP-forward mode: the same bytes as before L3 existed
+        obj["m"] = 1
+    return msgpack.packb(obj)
 
 
 def decode_client_hello(raw: bytes) -> ClientHello:
     obj = _unpack(raw)
-    if set(obj) != {"t", "k", "u"}:
+    if set(obj) not in ({"t", "k", "u"}, {"t", "k", "u", "m"}):
         raise DecodeError(DropReason.MALFORMED, "ClientHello keys")
     kind = _field(obj, "k", int)
     if kind not in _KIND_VALUES:
         raise DecodeError(DropReason.MALFORMED, "ClientHello kind")
-    return ClientHello(_field(obj, "t", int), wire.TransportKind(kind), _field(obj, "u", str))
+    mode = _field(obj, "m", int) if "m" in obj else 0
+    if mode not in (0, 1):
+        raise DecodeError(DropReason.MALFORMED, "ClientHello mode")
+    upstream = _field(obj, "u", str)
+    if len(upstream) > MAX_UPSTREAM_LEN:
+        raise DecodeError(DropReason.MALFORMED, "ClientHello upstream length")
+    return ClientHello(_field(obj, "t", int), wire.TransportKind(kind), upstream, l3=mode == 1)
+
+
+_SERVER_HELLO_KEYS = {"sid", "v", "st", "ep", "bid", "nd", "ms", "ttl", "ka"}
 
 
 def encode_server_hello(h: ServerHello) -> bytes:
-    return msgpack.packb({
+    obj: dict[str, Any] = {
         "sid": h.session_id, "v": h.version, "st": h.state, "ep": h.epoch, "bid": h.binding_id,
         "nd": h.node_id, "ms": h.server_ms, "ttl": h.ttl_ms, "ka": h.keepalive_ms,
-    })
+    }
+    if h.inner:  # L3 only: inside message 2, so as authenticated as the session itself
+        obj["ia"] = h.inner
+        obj["rt"] = h.routes
+    return msgpack.packb(obj)
 
 
 def encode_refusal(r: Refusal) -> bytes:
@@ -122,7 +142,8 @@ def decode_server_payload(raw: bytes) -> ServerHello | Refusal:
         except ValueError:
             raise DecodeError(DropReason.MALFORMED, "refusal reason") from None
         return Refusal(reason, _field(obj, "ms", int))
-    if set(obj) != {"sid", "v", "st", "ep", "bid", "nd", "ms", "ttl", "ka"}:
+    l3 = set(obj) == _SERVER_HELLO_KEYS | {"ia", "rt"}
+    if set(obj) != _SERVER_HELLO_KEYS and not l3:
         raise DecodeError(DropReason.MALFORMED, "ServerHello keys")
     node = _field(obj, "nd", bytes)
     if not 0 < len(node) <= wire.MAX_NODE_ID_LEN:
@@ -132,6 +153,7 @@ def decode_server_payload(raw: bytes) -> ServerHello | Refusal:
         _field(obj, "st", int), _field(obj, "ep", int),
         _field(obj, "bid", bytes, size=wire.BINDING_ID_LEN), node, _field(obj, "ms", int),
         _field(obj, "ttl", int), _field(obj, "ka", int),
+        _field(obj, "ia", str) if l3 else "", _field(obj, "rt", str) if l3 else "",
     )
 
 

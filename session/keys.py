@@ -146,7 +146,8 @@ def traffic_keys(secret: bytes, epoch: int, binding_id: bytes, node_id: bytes) -
 
 
 def policy_binding(client_id: str, upstream: str, ttl_ms: int, reattach_rate: int,
-                   transports_mask: int, max_age_ms: int | None) -> bytes:
+                   transports_mask: int, max_age_ms: int | None, inner: str = "",
+                   prefixes: str = "") -> bytes:
     """The canonical encoding of a session record's policy fields (``cid``, ``up``, ``ttl``,
     ``rr``, ``tk``, ``ma``), bound into the wrapped secret's associated data.
 
@@ -155,12 +156,17 @@ def policy_binding(client_id: str, upstream: str, ttl_ms: int, reattach_rate: in
     ``max_age_ms`` None (a record born before maximum ages, without ``ma``) encodes the five
     fields alone: such a record still unwraps, and removing ``ma`` from a newer record, or
     adding one to an older record, changes the encoding (so the secret does not unwrap).
+    An L3 session's inner addresses (``ia``) and allowed prefixes (``ap``) follow, behind
+    their own label, only when ``inner`` is set: changing either,
+    or adding or removing them, changes the encoding too.
     """
     out = [_LABEL_POLICY]
     fields = [client_id, upstream, str(int(ttl_ms)), str(int(reattach_rate)),
               str(int(transports_mask))]
     if max_age_ms is not None:
         fields.append(str(int(max_age_ms)))
+    if inner:  # "l3" is no decimal: never read as a maximum age
+        fields += ["l3", inner, prefixes]
     for value in fields:
         raw = value.encode("utf-8", "surrogatepass")
         out.append(struct.pack("!I", len(raw)) + raw)

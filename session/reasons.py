@@ -22,6 +22,7 @@ class RejectReason(IntEnum):
     UNKNOWN_CLIENT = 12  # handshake from a key not in the registry
     BAD_HANDSHAKE = 13
     OVERLOADED = 14
+    ADDRESS_POOL_EXHAUSTED = 15  # an L3 session asked for, no inner address left to give
 
 
 class TerminateReason(IntEnum):
@@ -60,6 +61,7 @@ class DropReason(IntEnum):
     MISSING_PREFIX = 20  # from a trusted balancer without a valid client-address prefix
     KEYS_EXPIRED = 21  # data under a session secret older than its reject-after age: rekey first
     QUIC_LIMIT = 22  # a QUIC datagram or connection refused by a limit (caps, deadlines, no ALPN)
+    SPOOFED_SOURCE = 23  # an L3 packet whose inner source is not its session's address
 
 
 class NoticeKind(IntEnum):

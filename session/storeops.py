@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from session.inner import parse_prefixes
 from session.quality import QualityThresholds
 from session.reasons import RejectReason, TerminateReason
 from session.states import SessionEvent, SessionState
@@ -48,6 +49,8 @@ class StoreStatus(IntEnum):
     EXISTS = 12  # birth of a session id that already exists
     GENERATION_MOVED = 13  # the record is of another store generation than the caller's
     KEY_MOVED = 14  # a proof under a session secret the store no longer holds (rekeyed)
+    POOL_EXHAUSTED = 15  # no inner address left in the cluster's pools
+    POOL_MISMATCH = 16  # the caller's pools are not the ones the store allocates from
 
 
 _TOMBSTONE_STATUSES = (StoreStatus.TERMINATED, StoreStatus.EXPIRED)
@@ -73,6 +76,9 @@ class ClientPolicy:
     created_ms: int = 0
     max_age_s: float = DEFAULT_MAX_AGE_S
     max_sessions: int = DEFAULT_MAX_SESSIONS  # live sessions this key may hold; 0: no quota
+    # L3 mode: the destination prefixes its sessions may reach (and the routes its agent
+    # installs); empty: no L3 session for this key
+    prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.public_key) != PUBLIC_KEY_LEN:
@@ -91,6 +97,7 @@ class ClientPolicy:
         for u in self.upstreams:
             if not u or "," in u or ":" not in u:
                 raise ValueError(f"upstream must be host:port, got {u!r}")
+        parse_prefixes(self.prefixes)
 
     @property
     def client_id(self) -> str:
@@ -326,6 +333,8 @@ class SessionRecord:
     keys_ms: int = 0  # when the current secret was made (``kt``; birth: ``cr``)
     previous_wrapped: bytes = field(default=b"", repr=False)  # ``wsp``: until the client confirms
     previous_keys_ms: int = 0
+    inner: str = ""  # ``ia``: the L3 session's inner addresses (InnerAddresses.text); '' in UDP mode
+    prefixes: str = ""  # ``ap``: its allowed destination prefixes, comma-separated
 
     @property
     def terminated(self) -> bool:
@@ -393,6 +402,7 @@ class BirthOp:
     upstream: str
     policy: ClientPolicy
     wrapped_control: bytes = field(default=b"", repr=False)
+    inner: str = ""  # the L3 session's inner addresses (InnerAddresses.text), claimed before
 
 
 @dataclass(slots=True)
@@ -505,6 +515,35 @@ class SlotResult:
 
 
 @dataclass(slots=True)
+class ClaimAddressesOp:
+    """Allocate the session's inner addresses from the cluster's pools (``AddressResult``).
+
+    Idempotent per session: a second claim returns the same index."""
+
+    session_id: bytes
+    pool: str  # InnerPool.spec
+    size: int  # InnerPool.size
+
+
+@dataclass(slots=True)
+class ReleaseAddressesOp:
+    """The session ended: its inner addresses go back to the pool (an int: 1 if freed)."""
+
+    session_id: bytes
+
+
+@dataclass(slots=True)
+class AddressResult:
+    status: StoreStatus  # OK | POOL_EXHAUSTED | POOL_MISMATCH
+    index: int  # the session's pool index (InnerPool.addresses); -1 unless OK
+    used: int  # addresses held after the call
+
+    @property
+    def ok(self) -> bool:
+        return self.status is StoreStatus.OK
+
+
+@dataclass(slots=True)
 class ServerTimeOp:
     """Read the store's clock (an int, ms): the health check and the lease."""
 
@@ -518,7 +557,7 @@ class SweepOp:
 
 StoreOp = (GetRecordOp | GetClientOp | ClaimHandshakeOp | BirthOp | ReattachOp | ActivateOp
            | RekeyOp | ConfirmKeyOp | TransitionOp | RefreshOp | TerminateOp | PublishMoveOp | ServerTimeOp | SweepOp | ClaimSlotOp
-           | ReleaseSlotOp)
+           | ReleaseSlotOp | ClaimAddressesOp | ReleaseAddressesOp)
 
 
 @dataclass(slots=True)

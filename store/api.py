@@ -59,6 +59,7 @@ from session.reasons import RejectReason, TerminateReason
 from session.states import TRANSITIONS, SessionEvent, SessionState
 from session.storeops import (
     ActivateResult,
+    AddressResult,
     BirthResult,
     ClientPolicy,
     ExpiredSession,
@@ -276,6 +277,7 @@ EXPIRE_REPLY = Reply("expire", ExpireResult, [
     ("client_id", _client_id)])
 SLOT_REPLY = Reply("slot", SlotResult, [("ok", lambda v: _status(v) is StoreStatus.OK),
                                          ("count", int)])
+ADDR_REPLY = Reply("addr", AddressResult, [("status", _status), ("index", int), ("used", int)])
 # transition.lua's reply; the event is the caller's (``decode(r, event)``).
 TRANSITION_REPLY = Reply("transition", TransitionResult, [
     ("status", _status), ("version", int), ("state", _state), ("prev_state", _state),
@@ -326,6 +328,8 @@ def decode_record(session_id: bytes, f: Mapping[bytes, bytes], server_ms: int) -
         keys_ms=i(b"kt", i(b"cr")),
         previous_wrapped=f.get(b"wsp", b""),
         previous_keys_ms=i(b"ktp", i(b"cr")),
+        inner=_text(f.get(b"ia", b"")),
+        prefixes=_text(f.get(b"ap", b"")),
     )
 
 
@@ -623,11 +627,13 @@ class SessionStore:
         ttl_ms: int | None = None,
         max_age_ms: int | None = None,
         wrapped_control: bytes = b"",
+        inner: str = "",
     ) -> BirthResult:
         """Create a session ATTACHED at version 1, epoch 1 (EXISTS if the id is taken).
 
         ``ttl_ms`` and ``max_age_ms`` default to the policy's; the session ends at its
-        birth + ``max_age_ms`` whatever renews it.
+        birth + ``max_age_ms`` whatever renews it. ``inner``: an L3 session's inner addresses
+        (claimed with ``claim_addresses``), written with the policy's prefixes.
         """
         _check_node(node)
         _check_len("binding_id", binding_id, BINDING_ID_LEN)
@@ -646,6 +652,8 @@ class SessionStore:
             upstream, ttl, policy.reattach_rate, policy.transport_mask, gen, self._slack_ms,
             max_age, wrapped_control,
         ]  # fmt: skip
+        if inner:
+            args += [inner, ",".join(policy.prefixes)]
         extras = [("ZADD", K.EXPIRY_INDEX, "LT", hint, K.session_hex(session_id))]
         try:
             r = await self._script("birth", keys, args, extras=extras)
@@ -1148,6 +1156,62 @@ class SessionStore:
         """The session ended: it no longer counts against its client's quota."""
         key = K.client_sessions_key(client_id)
         return int(await self._guard(self.redis.zrem(key, K.session_hex(session_id))))
+
+    async def claim_addresses(self, session_id: bytes, pool: str, size: int) -> AddressResult:
+        """Allocate the session's inner-address index (store/lua/addr.lua; idempotent)."""
+        args: list[Arg] = [K.session_hex(session_id), pool, int(size)]
+        try:
+            r = await self._script("addr", K.POOL_KEYS, args)
+        except StoreUnavailable as exc:
+            if not _outcome_unknown(exc):
+                raise
+            r = await self._script("addr", K.POOL_KEYS, args)  # idempotent: the same index
+        res: AddressResult = ADDR_REPLY.decode(r)
+        return res
+
+    async def release_addresses(self, session_id: bytes) -> int:
+        """The session ended: its inner addresses go back to the pool (1 if freed now)."""
+        r = await self._script("addr_free", K.POOL_KEYS[1:], [K.session_hex(session_id)])
+        return int(r[0])
+
+    async def address_owner(self, index: int) -> bytes | None:
+        """The session holding pool index ``index`` (None if free)."""
+        raw = await self._guard(self.redis.hget(K.POOL_KEYS[2], str(int(index))))
+        if not raw:
+            return None
+        try:
+            return bytes.fromhex(_text(raw))
+        except ValueError:
+            return None
+
+    async def reclaim_addresses(self, grace_ms: int = 60_000, limit: int = 1000) -> int:
+        """Free the inner addresses of sessions that ended without releasing them (a node
+        died between the end and the release): held longer than ``grace_ms`` (a claim
+        precedes its birth) by a session whose record is a tombstone or gone. Bounded by
+        ``limit`` entries per call; returns how many were freed."""
+        now = await self.server_time_ms()
+        freed, cursor = 0, 0
+        for _ in range(max(1, limit // 100)):  # pages of ~100, bounded
+            cursor, page = await self._guard(self.redis.hscan(K.POOL_KEYS[3], cursor, count=100))
+            freed += await self._reclaim_page(cast(Mapping[bytes, bytes], page), now, grace_ms)
+            if not cursor:
+                break
+        return freed
+
+    async def _reclaim_page(self, page: Mapping[bytes, bytes], now: int, grace_ms: int) -> int:
+        freed = 0
+        for sid_hex, held in page.items():
+            idx, _, since = _text(held).partition(":")
+            if not since.isdigit() or now - int(since) < grace_ms:
+                continue
+            try:
+                sid = bytes.fromhex(_text(sid_hex))
+                rec = await self.get(sid)
+            except ValueError:
+                continue
+            if rec is None or rec.terminated:
+                freed += await self.release_addresses(sid)
+        return freed
 
     async def claim_handshake(self, digest: bytes, ttl_ms: int) -> bool:
         """Record a handshake message digest once (replay guard); False if seen already."""

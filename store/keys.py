@@ -10,6 +10,10 @@
 - ``jvpn:node:<node>``    string: a gateway node's registration (admin address), expires
 - ``jvpn:bindings``       pub/sub channel: binding moved to another node
 - ``jvpn:audit``          stream: the cluster-wide audit log
+- ``jvpn:{pool}``         hash: the inner-address pools (``spec``, ``next`` unused index)
+- ``jvpn:{pool}:f``       set: freed pool indexes (taken before ``next`` grows)
+- ``jvpn:{pool}:o``       hash: pool index -> session id hex (who holds an inner address)
+- ``jvpn:{pool}:s``       hash: session id hex -> "index:claimed ms"
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ NODE_PREFIX = f"{PREFIX}:node:"
 NODE_MATCH = f"{NODE_PREFIX}*"
 SESSION_MATCH = f"{PREFIX}:{{*}}"  # SCAN pattern: records only (nonce keys end in ':n')
 CLIENT_MATCH = f"{CLIENT_PREFIX}*"
+
+POOL_KEYS = (f"{PREFIX}:{{pool}}", f"{PREFIX}:{{pool}}:f", f"{PREFIX}:{{pool}}:o",
+             f"{PREFIX}:{{pool}}:s")  # one slot: every allocation is one script
 
 SESSION_ID_LEN = 16
 

@@ -71,6 +71,8 @@ def encode_policy(policy: ClientPolicy, key: bytes) -> dict[str, str]:
         "max_age_s": repr(float(policy.max_age_s)),
         "max_sessions": str(policy.max_sessions),
     }
+    if policy.prefixes:  # absent unless set: entries written before L3 keep their MACs
+        fields["prefixes"] = ",".join(policy.prefixes)
     if policy.quality is not None:
         fields["quality"] = json.dumps(dataclasses.asdict(policy.quality), sort_keys=True)
     fields[MAC_FIELD] = entry_mac(key, policy.public_key, fields)
@@ -113,4 +115,5 @@ def decode_policy(public_key: bytes, raw: Mapping[bytes, bytes], key: bytes,
         # an entry written before maximum ages has none: the default (its MAC still holds)
         max_age_s=float(f.get("max_age_s", repr(DEFAULT_MAX_AGE_S))),
         max_sessions=int(f.get("max_sessions", str(DEFAULT_MAX_SESSIONS))),
+        prefixes=tuple(p for p in f.get("prefixes", "").split(",") if p),
     )

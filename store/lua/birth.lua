@@ -23,6 +23,9 @@
 --            created + max age whatever renews it (common.lua, end_ms)
 -- ARGV[13] - wrapped control key (optional): what a tombstone keeps, so a late request
 --            still gets an authenticated answer once the secret is gone
+-- ARGV[14] - inner addresses (optional; L3 sessions): "v4/len,v6/len", claimed before by
+--            addr.lua, never changed while the session lives
+-- ARGV[15] - allowed destination prefixes (optional; L3 sessions), comma-separated
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, version, epoch, state, server_ms, deadline_ms}
 --   deadline_ms: when the session ends unless renewed (end_ms: ttl capped by max age)
@@ -54,5 +57,8 @@ redis.call('HSET', key,
   'rr', tonumber(ARGV[8]), 'tk', mask, 'cr', now, 'gen', tonumber(ARGV[10]))
 if ma > 0 then redis.call('HSET', key, 'ma', ma) end
 if ARGV[13] and ARGV[13] ~= '' then redis.call('HSET', key, 'wc', ARGV[13]) end
+if ARGV[14] and ARGV[14] ~= '' then
+  redis.call('HSET', key, 'ia', ARGV[14], 'ap', ARGV[15] or '')
+end
 redis.call('PEXPIRE', key, ttl + tonumber(ARGV[11]))
 return reply({ST.OK, version, epoch, state, now, end_ms(deadline, now, ma)})

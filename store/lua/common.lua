@@ -16,7 +16,8 @@
 -- rl/rn rate window start ms and count, lv/lt version consumed by the last
 -- reattach and when, lost version before a gateway-observed TRANSPORT_LOST,
 -- cr created ms, ma maximum age ms (absent on records born before maximum
--- ages: no limit), gen store generation, tr/te terminate reason and time.
+-- ages: no limit), gen store generation, tr/te terminate reason and time,
+-- ia/ap an L3 session's inner addresses and allowed destination prefixes.
 
 local function now_ms()
   local t = redis.call('TIME')

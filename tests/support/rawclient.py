@@ -243,7 +243,9 @@ class _TcpProto(FramedStream, asyncio.Protocol):
 class RawSession:
     """One client session driven by hand: handshake, reattach requests, DATA."""
 
-    def __init__(self, static_priv: bytes, gateway_pub: bytes, upstream: str) -> None:
+    def __init__(self, static_priv: bytes, gateway_pub: bytes, upstream: str,
+                 l3: bool = False) -> None:
+        self.l3 = l3  # ask for an L3 session (inner addresses in the ServerHello)
         self.static_priv = static_priv
         self.gateway_pub = gateway_pub
         self.upstream = upstream
@@ -270,7 +272,7 @@ class RawSession:
         hid = os.urandom(wire.SESSION_ID_LEN)
         hello = ClientHello(int(time.time() * 1000) if wall_ms is None else wall_ms,
                             ep.kind if kind is None else kind,
-                            self.upstream if upstream is None else upstream)
+                            self.upstream if upstream is None else upstream, l3=self.l3)
         init = Initiator(self.static_priv, self.gateway_pub, hid, hello)
         self.handshake_init = wire.encode(wire.HandshakeInit(hid, init.message1))
         ep.send(self.handshake_init)
