@@ -35,7 +35,8 @@ DEB_DEPS := redis-server:redis-server nginx:nginx \
   $(NGINX_MODULES)/ngx_stream_js_module.so:libnginx-mod-stream-js \
   prometheus:prometheus promtool:prometheus docker-compose:docker-compose \
   podman:podman runc:runc $(PODMAN_LIBEXEC)/netavark:netavark \
-  $(PODMAN_LIBEXEC)/aardvark-dns:aardvark-dns debootstrap:debootstrap
+  $(PODMAN_LIBEXEC)/aardvark-dns:aardvark-dns debootstrap:debootstrap \
+  nft:nftables iperf3:iperf3
 
 PYTHON ?=
 ARGS ?=

@@ -17,8 +17,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from agent.l3 import L3Interface, L3Settings
 from agent.quic import MIN_HANDSHAKE_TIMEOUT_S, QuicPath
 from agent.transports import Path, TcpPath, UdpPath
 from session import wire
@@ -56,6 +57,7 @@ class AgentSettings:
     transports: list[str] = field(default_factory=lambda: ["udp", "tcp"])
     params: ClientParams = field(default_factory=ClientParams)
     name: str = "agent"
+    l3: L3Settings | None = None  # L3 mode: a TUN interface instead of the local UDP port
     quic_gateways: list[tuple[str, int]] = field(default_factory=list)  # none: no QUIC candidate
 
     def addresses(self, kind: str) -> list[tuple[str, int]]:
@@ -84,8 +86,14 @@ class Agent:
     def __init__(self, settings: AgentSettings,
                  on_payload: Callable[[bytes], None] | None = None) -> None:
         self.settings = settings
-        self.machine = ClientSession(settings.private_key, settings.gateway_public_key,
-                                     settings.params)
+        params = settings.params
+        if settings.l3 is not None and not params.l3:
+            params = replace(params, l3=True)
+        self.machine = ClientSession(settings.private_key, settings.gateway_public_key, params)
+        self.l3: L3Interface | None = None
+        if settings.l3 is not None:
+            kinds = [wire.TransportKind[t.upper()] for t in settings.transports]
+            self.l3 = L3Interface(settings.l3, kinds)
         self.paths: dict[int, Path] = {}
         self._next_path = 1
         self._timer: asyncio.Handle | None = None
@@ -113,7 +121,10 @@ class Agent:
     async def start(self) -> None:
         """Open the local port (if any) and start the handshake."""
         self._loop = asyncio.get_running_loop()
-        if self.settings.local_udp is not None:
+        if self.l3 is not None:
+            await asyncio.to_thread(self.l3.open)  # netlink: pyroute2 runs its own loop
+            self.l3.attach(self._loop, self._tun_packet)
+        elif self.settings.local_udp is not None:
             self._local, _ = await self._loop.create_datagram_endpoint(
                 lambda: _LocalProtocol(self), local_addr=self.settings.local_udp)
         await self._connect()
@@ -136,6 +147,10 @@ class Agent:
         self.paths.clear()
         if self._local is not None:
             self._local.close()
+        if self.l3 is not None:
+            if self.l3.tun is not None:
+                self.l3.tun.detach()
+            await asyncio.to_thread(self.l3.close)
 
     @property
     def local_address(self) -> tuple[str, int] | None:
@@ -200,7 +215,8 @@ class Agent:
         pid = self._next_path
         self._next_path += 1
         cls = _PATHS[kind]
-        path = cls(pid, remote, self._on_receive, self._on_failed)
+        mark = self.l3.mark if self.l3 is not None else 0
+        path = cls(pid, remote, self._on_receive, self._on_failed, mark)
         try:
             if isinstance(path, QuicPath):  # a QUIC handshake gets the session handshake's time
                 await path.open(max(MIN_HANDSHAKE_TIMEOUT_S, self.settings.params.handshake_timeout))
@@ -303,13 +319,18 @@ class Agent:
     def _handle_event(self, ev: object) -> None:
         m = self.machine
         if isinstance(ev, PayloadReceived):
+            if self.l3 is not None:
+                self.l3.write(ev.data)
             if self._on_payload is not None:
                 self._on_payload(ev.data)
             if self._local is not None and self._app_addr is not None:
                 self._local.sendto(ev.data, self._app_addr)
         elif isinstance(ev, HandshakeComplete):
             self._close_others(ev.path)
-            self.connected.set()
+            if self.l3 is not None and ev.inner is not None:
+                self._task(self._l3_up(ev))  # connected once the interface is configured
+            else:
+                self.connected.set()
             self.ever_attached = True
             self._log(f"session {ev.session_id.hex()[:12]} up: v{ev.version} epoch {ev.epoch} "
                       f"node {ev.node_id.decode(errors='replace')} via {self._desc(ev.path)}")
@@ -366,6 +387,23 @@ class Agent:
                 self._later(self.settings.params.backoff_initial, self._connect)
         elif isinstance(ev, SecurityNotice):
             self._log(f"SECURITY: {ev.kind}: {ev.detail}")
+
+    async def _l3_up(self, ev: HandshakeComplete) -> None:
+        l3 = self.l3
+        assert l3 is not None and ev.inner is not None
+        try:
+            changed = await asyncio.to_thread(l3.session_up, ev.inner, ev.routes)
+        except Exception as exc:  # a bad route, a clash with the host's own configuration
+            self._log(f"L3: cannot configure {l3.settings.tun_name}: {exc!r}")
+            return
+        if changed:
+            self._log(f"L3: {l3.settings.tun_name} mtu {l3.mtu} {ev.inner.text()} "
+                      f"routes {','.join(ev.routes) or '-'}")
+        self.connected.set()
+
+    def _tun_packet(self, packet: bytes) -> None:
+        if len(packet) <= wire.MAX_PAYLOAD_SIZE:  # the TUN's MTU is below it
+            self.send(packet)
 
     def _close_others(self, keep: int) -> None:
         for pid in [p for p in self.paths if p != keep]:

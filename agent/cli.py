@@ -10,6 +10,8 @@ import sys
 
 from agent.agent import Agent, AgentSettings
 from agent.config import AgentConfig, gateway_public_key, load_agent_config, load_private_key
+from agent.l3 import L3Settings
+from netdev.netconf import FullTunnel
 from session.client import ClientParams
 from session.quality import QualityThresholds
 from settings import ConfigError, parse_address, parse_set_flags
@@ -50,6 +52,9 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
         quic_gateways=[parse_address(a) for a in cfg.quic_gateways],
         upstream=cfg.upstream, local_udp=parse_address(cfg.local_udp),
         transports=list(cfg.transports), params=params, name=name,
+        l3=L3Settings(cfg.tun_name, cfg.path_mtu,
+                      FullTunnel(cfg.full_tunnel_table, cfg.full_tunnel_table,
+                                 cfg.full_tunnel_priority)) if cfg.mode == "l3" else None,
     )
 
 
@@ -101,8 +106,20 @@ async def run(cfg: AgentConfig, duration: float, as_json: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        return await _run(agent, cfg, stop, duration, as_json)
+    finally:
+        await agent.stop()  # also on SIGTERM and errors: the L3 interface's state goes
+
+
+async def _run(agent: Agent, cfg: AgentConfig, stop: asyncio.Event, duration: float,
+               as_json: bool) -> int:
+    loop = asyncio.get_running_loop()
     await agent.start()
-    print(f"local UDP port: {agent.local_address}", flush=True)
+    if agent.l3 is not None:
+        print(f"L3 interface: {cfg.tun_name} mtu {agent.l3.mtu}", flush=True)
+    else:
+        print(f"local UDP port: {agent.local_address}", flush=True)
     deadline = loop.time() + duration if duration > 0 else None
     interval = cfg.status_interval_s or 3600.0
     while not stop.is_set() and not agent.finished.is_set():

@@ -68,6 +68,23 @@ class AgentConfig:
     volatile_jitter_ms: float = setting(50.0, min=0.0, max=600_000.0)
     degraded_loss_pct: float = setting(20.0, min=0.0, max=100.0)
     degraded_rtt_ms: float = setting(1000.0, min=0.0, max=600_000.0)
+    mode: str = setting(
+        "udp", choices=("udp", "l3"),
+        help="udp: datagrams to local_udp go to the upstream; l3: a TUN interface with the "
+        "session's inner addresses and routes (needs CAP_NET_ADMIN)",
+    )
+    tun_name: str = setting("jvpn0", help="L3: the TUN interface's name")
+    path_mtu: int = setting(
+        1500, min=1400, max=9000,
+        help="L3: the outer path's MTU; the TUN's MTU is derived from it and the transports",
+    )
+    full_tunnel_table: int = setting(
+        51820, min=1, max=2**31 - 1,
+        help="L3 full tunnel: routing table and firewall mark (the gateway path stays outside)",
+    )
+    full_tunnel_priority: int = setting(
+        5200, min=1, max=32000, help="L3 full tunnel: priority of its two policy-routing rules",
+    )
     status_interval_s: float = setting(1.0, min=0.0, max=3600.0, help="0 = no status output")
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
     log_format: str = setting("text", choices=("text", "json"), fold_case=True,
@@ -81,6 +98,8 @@ class AgentConfig:
             yield "backoff_initial_s", "must not exceed backoff_max_s"
         if self.degraded_loss_pct < self.volatile_loss_pct:
             yield "degraded_loss_pct", "must be >= volatile_loss_pct"
+        if not 0 < len(self.tun_name.encode()) < 16:
+            yield "tun_name", "must be 1-15 bytes"
         if self.degraded_rtt_ms < self.volatile_rtt_ms:
             yield "degraded_rtt_ms", "must be >= volatile_rtt_ms"
 

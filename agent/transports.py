@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 from session import wire
@@ -28,8 +29,9 @@ class Path:
     kind: wire.TransportKind
 
     def __init__(self, path_id: int, remote: tuple[str, int], on_receive: Receive,
-                 on_failed: Failed) -> None:
+                 on_failed: Failed, mark: int = 0) -> None:
         self.path_id = path_id
+        self.mark = mark  # SO_MARK: an L3 full tunnel routes marked sockets outside itself
         self.remote = remote
         self._on_receive = on_receive
         self._on_failed = on_failed
@@ -47,6 +49,20 @@ class Path:
             self.closed = True
             self._on_failed(self.path_id, reason)
 
+    def _socket(self, kind: int) -> socket.socket | None:
+        """A socket carrying the mark, or None (no mark: asyncio makes its own)."""
+        if not self.mark:
+            return None
+        fam = socket.AF_INET6 if ":" in self.remote[0] else socket.AF_INET
+        sock = socket.socket(fam, kind)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def describe(self) -> str:
         local = f"{self.local[0]}:{self.local[1]}" if self.local else "?"
         return f"{self.kind.name.lower()} {local}->{self.remote[0]}:{self.remote[1]}"
@@ -61,7 +77,16 @@ class UdpPath(Path, asyncio.DatagramProtocol):
 
     async def open(self) -> UdpPath:
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, remote_addr=self.remote)
+        sock = self._socket(socket.SOCK_DGRAM)
+        if sock is None:
+            await loop.create_datagram_endpoint(lambda: self, remote_addr=self.remote)
+            return self
+        try:
+            sock.connect(self.remote)
+            await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         return self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -98,8 +123,17 @@ class TcpPath(Path, FramedStream, asyncio.Protocol):
 
     async def open(self, timeout: float = 2.0) -> TcpPath:
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(
-            loop.create_connection(lambda: self, self.remote[0], self.remote[1]), timeout)
+        sock = self._socket(socket.SOCK_STREAM)
+        if sock is None:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: self, self.remote[0], self.remote[1]), timeout)
+            return self
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, self.remote), timeout)
+            await loop.create_connection(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         return self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -30,6 +30,7 @@ from gateway.config import (
     load_status_token,
 )
 from gateway.events import EventBus, sinks_from_config
+from gateway.l3 import L3Config, L3Plane
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings, TcpLimits
 from gateway.quic import (
@@ -41,7 +42,7 @@ from gateway.quic import (
 )
 from gateway.tracing import Tracing
 from session.inner import InnerPool
-from session.keys import KekRing, fingerprint, registry_key
+from session.keys import KekRing, fingerprint, registry_key, relay_key
 from session.noise import generate_keypair, public_key
 from settings import parse_address
 from store.api import SessionStore, StoreConfig
@@ -173,6 +174,19 @@ class GatewayApp:
         if cfg.listen_quic:
             quic = (parse_address(cfg.listen_quic), self._quic_listener(cfg))
         await self.node.start(udp, tcp, quic)
+        if settings.inner_pool is not None and cfg.tun_name:
+            l3 = L3Config(
+                tun_name=cfg.tun_name, mtu=cfg.tun_mtu, pool=settings.inner_pool,
+                egress=cfg.egress, egress_interface=cfg.egress_interface,
+                relay_listen=parse_address(cfg.relay_listen) if cfg.relay_listen else None,
+                relay_advertise=cfg.relay_advertise, vip=cfg.routed_vip,
+                vip_interface=cfg.routed_vip_interface, lease_s=cfg.routed_lease_s)
+            self.node.l3 = L3Plane(self.node, l3, relay_key(self.keys.kek))
+            try:
+                await self.node.l3.start()
+            except BaseException:
+                await self.node.stop()
+                raise
         if cfg.admin:
             host, port = parse_address(cfg.admin)
             serving = asyncio.Event()
@@ -227,6 +241,8 @@ class GatewayApp:
             await stop_admin(self._admin)
             self._admin = None
         if self.node is not None:
+            if self.node.l3 is not None:
+                await self.node.l3.stop()
             await self.node.stop()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flush; bounded (5 s), off the loop

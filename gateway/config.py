@@ -164,7 +164,9 @@ class GatewayConfig:
         "", help="L3 sessions: the cluster's inner IPv6 pool (set with inner_pool_v4)",
     )
     tun_name: str = setting(
-        "jvpn0", kind=IDENT, help="L3: the node's TUN interface (created at start, removed at stop)",
+        "jvpn0", kind=IDENT, allow_empty=True,
+        help="L3: the node's TUN interface (created at start, removed at stop); '' = none "
+        "(sessions get their addresses, their packets are dropped and counted)",
     )
     tun_mtu: int = setting(1420, min=1280, max=9000, help="L3: the node TUN's MTU")
     egress: str = setting(
@@ -178,6 +180,20 @@ class GatewayConfig:
     relay_listen: str = setting(
         "", kind=ADDRESS, allow_empty=True,
         help="L3 routed: this node's relay address (UDP) other nodes reach it on ('' = off)",
+    )
+    relay_advertise: str = setting(
+        "", kind=PEER, allow_empty=True,
+        help="L3 routed: the relay address announced to the other nodes ('' = relay_listen)",
+    )
+    routed_vip: str = setting(
+        "", help="L3 routed: the cluster's return address (IPv4) the pools are routed to; one "
+        "node holds it at a time ('' = none: the outside routes the pools to every node)",
+    )
+    routed_vip_interface: str = setting(
+        "", help="L3 routed: the interface the holder announces routed_vip on (gratuitous ARP)",
+    )
+    routed_lease_s: float = setting(
+        1.0, min=0.1, max=60.0, help="L3 routed: the return address's lease in the store",
     )
     events: EventsConfig = setting(default_factory=EventsConfig)
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
@@ -243,6 +259,13 @@ class GatewayConfig:
                 yield "inner_pool_v4", str(exc)
         if self.egress == "routed" and self.inner_pool_v4 and not self.relay_listen:
             yield "relay_listen", "routed egress needs a relay address"
+        if self.routed_vip:
+            try:
+                ipaddress.IPv4Address(self.routed_vip)
+            except ValueError:
+                yield "routed_vip", f"{self.routed_vip!r} is not an IPv4 address"
+            if not self.routed_vip_interface:
+                yield "routed_vip_interface", "routed_vip needs the interface to announce it on"
         for item in self.trusted_balancers:
             try:
                 ipaddress.ip_network(item.strip(), strict=False)

@@ -45,7 +45,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway.balancer import (
     PROXY_V1_SIGNATURE,
@@ -65,8 +65,10 @@ from session.gateway import (
     CloseUpstream,
     GatewayMachine,
     GatewaySettings,
+    NotLocal,
     Send,
     StoreCall,
+    ToTun,
     ToUpstream,
 )
 from session.reasons import DropReason, TerminateReason
@@ -94,6 +96,9 @@ from session.storeops import (
 from session.stream import FramedStream
 from store.api import SessionStore
 from store.errors import StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from gateway.l3 import L3Plane
 
 log = logging.getLogger("jvpn.gateway")
 
@@ -169,6 +174,7 @@ class GatewayNode:
         self._store_was_ok: bool | None = None
         self._background: list[asyncio.Task[Any]] = []
         self._stopping = False
+        self.l3: L3Plane | None = None  # L3 mode: the node's TUN, egress and relay (gateway/l3.py)
         self.udp_address: tuple[str, int] | None = None
         self.tcp_address: tuple[str, int] | None = None
         self.quic: QuicListener | None = None  # gateway.quic, when a QUIC listener is asked for
@@ -326,6 +332,12 @@ class GatewayNode:
                 self._to_upstream(e)
             elif type(e) is CloseUpstream:
                 self._close_upstream(e.session_id)
+            elif type(e) is ToTun:
+                if self.l3 is not None:
+                    self.l3.to_tun(e)
+            elif type(e) is NotLocal:
+                if self.l3 is not None:
+                    self.l3.not_local(e)
 
     def _send(self, peer: Peer, data: bytes) -> None:
         if peer.kind is wire.TransportKind.UDP:

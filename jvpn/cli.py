@@ -108,7 +108,8 @@ def _policy_dict(p: Any) -> dict[str, Any]:
     return {"public_key": p.public_key.hex(), "name": p.name, "ttl_s": p.ttl_s,
             "max_age_s": p.max_age_s, "max_sessions": p.max_sessions,
             "reattach_rate": p.reattach_rate, "transports": list(p.transports),
-            "upstreams": list(p.upstreams), "created_ms": p.created_ms}
+            "upstreams": list(p.upstreams), "prefixes": list(p.prefixes),
+            "created_ms": p.created_ms}
 
 
 async def cmd_clients_add(args: argparse.Namespace) -> int:
@@ -118,7 +119,8 @@ async def cmd_clients_add(args: argparse.Namespace) -> int:
     policy = ClientPolicy(pub, name=args.name or "", ttl_s=args.ttl, reattach_rate=args.rate,
                           max_age_s=args.max_age, max_sessions=args.max_sessions,
                           transports=tuple(args.transports.split(",")),
-                          upstreams=tuple(args.upstream))
+                          upstreams=tuple(args.upstream or ()),
+                          prefixes=tuple(p for p in (args.prefixes or "").split(",") if p))
     store = _store(args, registry=True)
     try:
         saved = await store.add_client(policy)
@@ -385,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     cs = cl.add_subparsers(dest="sub", required=True, metavar="ACTION")
     g = with_kek(with_store(cs.add_parser("add", help="register (or replace) a client public key")))
     g.add_argument("public_key", help="hex/base64 key or a file holding it")
-    g.add_argument("--upstream", action="append", required=True, help="allowed host:port (repeat)")
+    g.add_argument("--upstream", action="append", help="UDP-forward mode: allowed host:port "
+                   "(repeat)")
+    g.add_argument("--prefixes", help="L3 mode: destination prefixes its sessions may reach, "
+                   "comma-separated (also its agent's routes; 0.0.0.0/0,::/0 = full tunnel)")
     g.add_argument("--name", help="a label")
     g.add_argument("--ttl", type=float, default=300.0, help="session TTL when detached, seconds")
     g.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_S,

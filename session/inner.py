@@ -16,14 +16,19 @@ Pure: ``ipaddress`` arithmetic only.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from session.wire import DATA_OVERHEAD, MAX_PAYLOAD_SIZE, TransportKind
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_POOL_SIZE = 1 << 20  # sessions per pool at most, whatever the prefixes allow
 MAX_PREFIXES = 32  # allowed destination prefixes per client
-DEFAULT_INNER_MTU = 1280  # the IPv6 minimum; the agent derives the real one per policy
+MIN_INNER_MTU = 1280  # the IPv6 minimum: an inner MTU below it cannot carry IPv6
+OUTER_IP_HEADER = 40  # the worst case (an IPv6 outer path)
+OUTER_TCP_HEADER = 32  # TCP with timestamps
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,23 @@ class InnerPool:
         a6 = self.v6.network_address + offset
         return InnerAddresses(ipaddress.IPv4Interface(f"{a4}/{self.v4.prefixlen}"),
                               ipaddress.IPv6Interface(f"{a6}/{self.v6.prefixlen}"))
+
+
+def inner_mtu(kinds: Iterable[TransportKind], path_mtu: int = 1500) -> int:
+    """The TUN MTU for a session that may use ``kinds``: the smallest inner MTU among them,
+    so no jump ever changes it. A UDP datagram must fit the path (no outer fragmentation);
+    a TCP frame is kept within one segment. Never above the largest tunnelled payload;
+    ValueError below the IPv6 minimum."""
+    per_kind = {
+        TransportKind.UDP: path_mtu - OUTER_IP_HEADER - 8 - DATA_OVERHEAD,
+        TransportKind.TCP: path_mtu - OUTER_IP_HEADER - OUTER_TCP_HEADER - 2 - DATA_OVERHEAD,
+    }
+    mtu = min([per_kind[k] for k in kinds] or [0])
+    mtu = min(mtu, MAX_PAYLOAD_SIZE)
+    if mtu < MIN_INNER_MTU:
+        raise ValueError(f"a path MTU of {path_mtu} leaves an inner MTU of {mtu}, "
+                         f"below {MIN_INNER_MTU}")
+    return mtu
 
 
 def parse_prefixes(items: tuple[str, ...] | list[str]) -> tuple[IPNetwork, ...]:

@@ -291,6 +291,13 @@ def unwrap_secret(kek: bytes | KekRing, blob: bytes, session_id: bytes, *, polic
 # ---- the client registry's MAC ----------------------------------------------------------
 
 
+def relay_key(kek: bytes) -> bytes:
+    """The key that MACs IP packets relayed between the nodes of a cluster (routed egress)."""
+    if len(kek) != KEK_LEN:
+        raise ValueError("KEK must be 32 bytes")
+    return _hkdf(kek, b"jvpn v1 node relay")
+
+
 def registry_key(kek: bytes) -> bytes:
     """The key that MACs client registry entries, derived from the cluster KEK."""
     if len(kek) != KEK_LEN:

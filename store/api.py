@@ -1213,6 +1213,24 @@ class SessionStore:
                 freed += await self.release_addresses(sid)
         return freed
 
+    async def set_relay(self, node: str, address: str | None) -> None:
+        """Announce (or, None, withdraw) this node's relay address for routed egress."""
+        if address is None:
+            await self._guard(self.redis.hdel(K.RELAYS, node))
+        else:
+            await self._guard(self.redis.hset(K.RELAYS, node, address))
+
+    async def relay_of(self, node: str) -> str | None:
+        """A node's relay address (None if it announced none)."""
+        raw = await self._guard(self.redis.hget(K.RELAYS, node))
+        return _text(raw) if raw else None
+
+    async def egress_lease(self, node: str, lease_ms: int) -> tuple[str, int]:
+        """Hold or take the routed egress lease (store/lua/lead.lua); 0 gives it up.
+        Returns (holder, its remaining ms)."""
+        r = await self._script("lead", (K.EGRESS_LEAD,), [node, int(lease_ms)])
+        return _text(r[0]), int(r[1])
+
     async def claim_handshake(self, digest: bytes, ttl_ms: int) -> bool:
         """Record a handshake message digest once (replay guard); False if seen already."""
         ok = await self._guard(self.redis.set(K.handshake_key(digest), b"1", nx=True,

@@ -14,6 +14,8 @@
 - ``jvpn:{pool}:f``       set: freed pool indexes (taken before ``next`` grows)
 - ``jvpn:{pool}:o``       hash: pool index -> session id hex (who holds an inner address)
 - ``jvpn:{pool}:s``       hash: session id hex -> "index:claimed ms"
+- ``jvpn:relays``         hash: node id -> its relay address "host:port" (routed egress)
+- ``jvpn:{egress}:lead``  string: the node answering for the routed return address (a lease)
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ CLIENT_MATCH = f"{CLIENT_PREFIX}*"
 
 POOL_KEYS = (f"{PREFIX}:{{pool}}", f"{PREFIX}:{{pool}}:f", f"{PREFIX}:{{pool}}:o",
              f"{PREFIX}:{{pool}}:s")  # one slot: every allocation is one script
+
+RELAYS = f"{PREFIX}:relays"
+EGRESS_LEAD = f"{PREFIX}:{{egress}}:lead"
 
 SESSION_ID_LEN = 16
 

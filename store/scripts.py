@@ -35,7 +35,7 @@ class NonceCache(IntEnum):
 
 
 OPERATIONS = ("birth", "reattach", "activate", "rekey", "confirm_key", "transition", "refresh",
-              "terminate", "expire", "read", "slot", "addr", "addr_free")
+              "terminate", "expire", "read", "slot", "addr", "addr_free", "lead")
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,8 @@ from tests.support.harness import Gateway, start_gateway, wait_for
 from tests.support.rawclient import Endpoint, RawSession
 
 POOL = InnerPool.parse("10.77.0.0/29", "fd77::/125")  # 5 addresses: exhaustion is cheap
-L3 = {"inner_pool_v4": "10.77.0.0/29", "inner_pool_v6": "fd77::/125"}
+# no TUN: the host's network is not the tests' to change (tests/netns does that)
+L3 = {"inner_pool_v4": "10.77.0.0/29", "inner_pool_v6": "fd77::/125", "tun_name": ""}
 PREFIXES = ("192.0.2.0/24", "2001:db8::/32")
 
 

@@ -1,0 +1,74 @@
+"""An L3 agent driven over stdin, for tests in network namespaces (run under ``ip netns exec``).
+
+Arguments: one JSON object (AgentSettings fields; keys hex). Commands on stdin, one per
+line, each answered by one JSON line: ``status``, ``jump udp|tcp [host:port]``, ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+from agent.agent import Agent, AgentSettings
+from agent.l3 import L3Settings
+from session.client import ClientParams
+
+
+def _settings(raw: dict) -> AgentSettings:  # type: ignore[type-arg]
+    def addr(s: str) -> tuple[str, int]:
+        host, _, port = s.rpartition(":")
+        return host, int(port)
+
+    params = ClientParams(keepalive_interval=raw.get("keepalive", 0.2), dead_after=3,
+                          handshake_timeout=0.5, reattach_timeout=0.4, backoff_initial=0.05,
+                          backoff_max=0.5, l3=True)
+    return AgentSettings(
+        private_key=bytes.fromhex(raw["private_key"]),
+        gateway_public_key=bytes.fromhex(raw["gateway_public_key"]),
+        gateways=[addr(a) for a in raw["gateways"]],
+        tcp_gateways=[addr(a) for a in raw["gateways"]], upstream="", local_udp=None,
+        transports=raw.get("transports", ["udp", "tcp"]), params=params, name="l3agent",
+        l3=L3Settings(tun_name=raw.get("tun", "jvpn0")))
+
+
+async def main() -> None:
+    agent = Agent(_settings(json.loads(sys.argv[1])))
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await agent.start()
+    try:
+        while True:
+            line = (await reader.readline()).decode().strip()
+            if not line or line == "stop":
+                break
+            cmd = line.split()
+            out: dict[str, object] = {}
+            if cmd[0] == "status":
+                st = agent.status()
+                l3 = agent.l3
+                out = {"state": str(st["state"]), "transport": st["transport"],
+                       "node": st["node"], "connected": agent.connected.is_set(),
+                       "session": agent.machine.session_id.hex(),
+                       "inner": l3.inner.text() if l3 and l3.inner else "",
+                       "mtu": l3.mtu if l3 else 0, "jumps": [j.__dict__ for j in agent.jumps],
+                       "handshakes": agent.handshakes}
+            elif cmd[0] == "jump":
+                remote = None
+                if len(cmd) > 2:
+                    host, _, port = cmd[2].rpartition(":")
+                    remote = (host, int(port))
+                await agent.jump(cmd[1], reason="test", remote=remote)
+                out = {"ok": True}
+            print(json.dumps(out, default=str), flush=True)
+    finally:
+        await agent.stop()
+        print(json.dumps({"stopped": True}), flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(main())

@@ -1,0 +1,303 @@
+"""A lab of network namespaces for the L3 tests: a client, N gateway nodes, a server side.
+
+Topology (every namespace and interface created here, every one removed by ``close``,
+also after a failure; processes are ended by their own pid)::
+
+    client 10.98.0.10 --+                       +-- in0 gw-i 10.99.0.i / fd99::i
+                        |  "out" bridge (core)  |   "in" bridge (core)
+    gw-i out0 10.98.0.i-+  redis 10.98.0.200    +-- server 10.99.0.100 / fd99::100
+
+The client reaches the server side only through the tunnel (it has no route to
+10.99.0.0/24 of its own). Routed egress: the server routes the inner pool to the
+cluster's return address 10.99.0.254, which one node at a time holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from session.noise import generate_keypair
+
+OUT_NET = "10.98.0"
+IN_NET = "10.99.0"
+IN_NET6 = "fd99::"
+POOL_V4 = "10.77.0.0/24"
+POOL_V6 = "fd77::/64"
+VIP = f"{IN_NET}.254"
+SERVER = f"{IN_NET}.100"
+SERVER6 = f"{IN_NET6}100"
+REDIS_PORT = 6390
+GW_PORT = 51820
+RELAY_PORT = 51830
+_COUNTER = itertools.count(1)
+
+
+def missing_prerequisites() -> str | None:
+    """Why the L3 lab cannot run here (None if it can)."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, TUN, nftables)"
+    for tool in ("ip", "nft", "redis-server"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing"
+    return None
+
+
+def sh(*args: str, check: bool = True, timeout: float = 20.0) -> str:
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+class Proc:
+    """A child process in a namespace with a line-oriented JSON stdin/stdout."""
+
+    def __init__(self, ns: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self._err = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self._err, env=env, text=True,
+                                  bufsize=1)
+        self.pid = self.p.pid
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self._lines.put(line)
+
+    def line(self, timeout: float = 10.0) -> dict[str, Any]:
+        try:
+            raw = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no answer within {timeout}s; log {self.log}:\n"
+                                 f"{self.tail()}") from None
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    def ask(self, command: str, timeout: float = 10.0) -> dict[str, Any]:
+        assert self.p.stdin is not None
+        self.p.stdin.write(command + "\n")
+        self.p.stdin.flush()
+        return self.line(timeout)
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, by pid (the ``ip netns exec`` child execs the program: same pid)."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.p.wait(5)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.alive():
+            try:
+                if self.p.stdin is not None:
+                    self.p.stdin.write("stop\n")
+                    self.p.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGTERM)
+                try:
+                    self.p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.kill()
+        self._err.close()
+
+
+class Lab:
+    """The namespaces, the store, the gateway nodes and the helpers of one test."""
+
+    def __init__(self, tmp: Path, gateways: int = 3, egress: str = "routed") -> None:
+        self.tmp = tmp
+        self.tag = f"jv{os.getpid() % 100000}n{next(_COUNTER)}"
+        self.egress = egress
+        self.n = gateways
+        self.core, self.client, self.server = (f"{self.tag}core", f"{self.tag}c",
+                                               f"{self.tag}s")
+        self.gws = [f"{self.tag}g{i}" for i in range(1, gateways + 1)]
+        self.namespaces: list[str] = []
+        self.procs: list[Proc] = []
+        self.gw_procs: dict[int, Proc] = {}
+        self.env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", os.getcwd()),
+                        PYTHONUNBUFFERED="1")
+        self.gw_priv, self.gw_pub = generate_keypair()
+        self.kek = secrets.token_bytes(32)
+        for name, key in (("gw.key", self.gw_priv), ("kek.key", self.kek)):
+            (tmp / name).write_text(key.hex())
+            (tmp / name).chmod(0o600)
+        self.store_url = f"redis://{OUT_NET}.200:{REDIS_PORT}/0"
+
+    # ---- topology --------------------------------------------------------------------------
+
+    def up(self) -> Lab:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ns(self, name: str) -> None:
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+
+    def _port(self, bridge: str, ns: str, ifname: str, short: str) -> None:
+        """A veth from ``bridge`` (in core, named ``short``) to ``ifname`` in ``ns``."""
+        sh("ip", "-n", self.core, "link", "add", "name", short, "type", "veth", "peer", "name",
+           ifname, "netns", ns)
+        sh("ip", "-n", self.core, "link", "set", short, "master", bridge, "up")
+        sh("ip", "-n", ns, "link", "set", ifname, "up")
+
+    def _build(self) -> None:
+        for ns in (self.core, self.client, self.server, *self.gws):
+            self._ns(ns)
+        for br in ("br-out", "br-in"):
+            sh("ip", "-n", self.core, "link", "add", "name", br, "type", "bridge")
+            sh("ip", "-n", self.core, "link", "set", br, "up")
+        sh("ip", "-n", self.core, "addr", "add", f"{OUT_NET}.200/24", "dev", "br-out")
+        self._port("br-out", self.client, "eth0", "o-c")
+        sh("ip", "-n", self.client, "addr", "add", f"{OUT_NET}.10/24", "dev", "eth0")
+        self._port("br-in", self.server, "eth0", "i-s")
+        sh("ip", "-n", self.server, "addr", "add", f"{SERVER}/24", "dev", "eth0")
+        sh("ip", "-n", self.server, "addr", "add", f"{SERVER6}/64", "dev", "eth0", "nodad")
+        if self.egress == "routed":
+            sh("ip", "-n", self.server, "route", "add", POOL_V4, "via", VIP)
+        for i, ns in enumerate(self.gws, 1):
+            self._port("br-out", ns, "out0", f"o-g{i}")
+            self._port("br-in", ns, "in0", f"i-g{i}")
+            sh("ip", "-n", ns, "addr", "add", f"{OUT_NET}.{i}/24", "dev", "out0")
+            sh("ip", "-n", ns, "addr", "add", f"{IN_NET}.{i}/24", "dev", "in0")
+            sh("ip", "-n", ns, "addr", "add", f"{IN_NET6}{i}/64", "dev", "in0", "nodad")
+        self.redis = self.spawn(self.core, ["redis-server", "--port", str(REDIS_PORT), "--bind",
+                                            f"{OUT_NET}.200", "--save", "", "--appendonly", "no",
+                                            "--protected-mode", "no"], "redis")
+        self.wait_tcp(self.core, f"{OUT_NET}.200", REDIS_PORT)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                p.stop(3)
+            except Exception:
+                p.kill()
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+        self.namespaces.clear()
+
+    # ---- processes -------------------------------------------------------------------------
+
+    def spawn(self, ns: str, argv: list[str], name: str) -> Proc:
+        p = Proc(ns, argv, self.tmp / f"{name}.log", self.env)
+        self.procs.append(p)
+        return p
+
+    def python(self, ns: str, module: str, *args: str, name: str) -> Proc:
+        return self.spawn(ns, [sys.executable, "-m", module, *args], name)
+
+    def run(self, ns: str, *argv: str, timeout: float = 20.0, check: bool = True) -> str:
+        return sh("ip", "netns", "exec", ns, *argv, timeout=timeout, check=check)
+
+    def wait_tcp(self, ns: str, host: str, port: int, timeout: float = 10.0) -> None:
+        code = (f"import socket,time\nt=time.monotonic()+{timeout}\n"
+                f"while True:\n try:\n  socket.create_connection(({host!r},{port}),1).close()\n"
+                f"  break\n except OSError:\n  assert time.monotonic()<t\n  time.sleep(0.05)\n")
+        self.run(ns, sys.executable, "-c", code, timeout=timeout + 5)
+
+    def add_client(self, prefixes: str) -> tuple[bytes, bytes]:
+        priv, pub = generate_keypair()
+        self.run(self.core, sys.executable, "-m", "jvpn.cli", "clients", "add", pub.hex(),
+                 "--prefixes", prefixes, "--kek-file", str(self.tmp / "kek.key"),
+                 "--store-url", self.store_url, "--ttl", "60")
+        return priv, pub
+
+    def start_gateway(self, i: int, keepalive: float = 0.2) -> Proc:
+        ns = self.gws[i - 1]
+        sets = {
+            "node_id": f"gw-{i}", "listen_udp": f"{OUT_NET}.{i}:{GW_PORT}",
+            "listen_tcp": f"{OUT_NET}.{i}:{GW_PORT}", "admin": f"{OUT_NET}.{i}:9100",
+            "keepalive_interval_s": keepalive, "inner_pool_v4": POOL_V4,
+            "inner_pool_v6": POOL_V6, "egress": self.egress, "tun_name": "jvpn0",
+            "events.redis_stream": "false", "handshake_retry_threshold": -1,
+            "lease_s": 3.0,
+        }
+        if self.egress == "routed":
+            sets.update({"relay_listen": f"{IN_NET}.{i}:{RELAY_PORT}", "routed_vip": VIP,
+                         "routed_vip_interface": "in0", "routed_lease_s": 0.6})
+        args = ["--private-key-file", str(self.tmp / "gw.key"), "--kek-file",
+                str(self.tmp / "kek.key"), "--store-url", self.store_url]
+        for k, v in sets.items():
+            args += ["--set", f"{k}={v}"]
+        p = self.python(ns, "gateway.cli", *args, name=f"gw-{i}")
+        self.gw_procs[i] = p
+        return p
+
+    def wait_gateways_ready(self, which: list[int], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        for i in which:
+            while True:
+                out = self.run(self.gws[i - 1], "curl", "-s", "-m", "1",
+                               f"http://{OUT_NET}.{i}:9100/readyz", check=False)
+                if "ok" in out:
+                    break
+                p = self.gw_procs[i]
+                assert p.alive(), f"gw-{i} exited:\n{p.tail()}"
+                assert time.monotonic() < deadline, f"gw-{i} not ready:\n{p.tail()}"
+                time.sleep(0.1)
+
+    def metric(self, i: int, name: str, **labels: str) -> float:
+        """One counter of gw-i's /metrics (0 if absent)."""
+        text = self.run(self.gws[i - 1], "curl", "-s", "-m", "2",
+                        f"http://{OUT_NET}.{i}:9100/metrics", check=False)
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def agent(self, priv: bytes, transports: tuple[str, ...] = ("udp", "tcp"),
+              gateways: list[int] | None = None) -> Proc:
+        cfg = {"private_key": priv.hex(), "gateway_public_key": self.gw_pub.hex(),
+               "gateways": [f"{OUT_NET}.{i}:{GW_PORT}" for i in (gateways or range(1, self.n + 1))],
+               "transports": list(transports), "tun": "jvpn0", "keepalive": 0.2}
+        return self.python(self.client, "tests.support.l3agent", json.dumps(cfg), name="agent")
+
+    def wait_agent(self, agent: Proc, timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = agent.ask("status")
+            if st.get("connected"):
+                return st
+            assert agent.alive() and time.monotonic() < deadline, f"agent not up:\n{agent.tail()}"
+            time.sleep(0.1)
+
+    def addresses(self, ns: str) -> Any:
+        return json.loads(self.run(ns, "ip", "-j", "addr", "show"))
