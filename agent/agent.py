@@ -371,8 +371,11 @@ class Agent:
                 self._drop_path(ev.path)
         elif isinstance(ev, ReattachTimedOut):
             self._log(f"no answer to reattach on {self._desc(ev.path)}; next transport")
+            udp = self._desc(ev.path).startswith("udp")
             if not (m.attached and ev.path == m.path):  # a rebind on the live path keeps it
                 self._drop_path(ev.path)
+            if udp:  # a fresh UDP socket got no answer: UDP is likely blocked, try TCP next
+                self._cursor = self._next_of("tcp") - 1  # _recover advances onto it
             if m.state is SessionState.RECOVERING:
                 self._task(self._recover(advance=True))
         elif isinstance(ev, SessionTerminated):
@@ -404,6 +407,15 @@ class Agent:
     def _tun_packet(self, packet: bytes) -> None:
         if len(packet) <= wire.MAX_PAYLOAD_SIZE:  # the TUN's MTU is below it
             self.send(packet)
+
+    def _next_of(self, kind: str) -> int:
+        """The cursor of the next candidate of ``kind`` after the current one (or the current
+        one if there is none)."""
+        n = len(self._candidates)
+        for step in range(1, n + 1):
+            if self._candidates[(self._cursor + step) % n][0] == kind:
+                return self._cursor + step
+        return self._cursor + 1
 
     def _close_others(self, keep: int) -> None:
         for pid in [p for p in self.paths if p != keep]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 
 from agent.agent import Agent, AgentSettings
@@ -39,36 +40,45 @@ async def main() -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     await agent.start()
+    term = asyncio.Event()  # SIGTERM: stop as the CLI does (everything installed goes)
+    loop.add_signal_handler(signal.SIGTERM, term.set)
+    commands = asyncio.ensure_future(_commands(agent, reader))
     try:
-        while True:
-            line = (await reader.readline()).decode().strip()
-            if not line or line == "stop":
-                break
-            cmd = line.split()
-            out: dict[str, object] = {}
-            if cmd[0] == "status":
-                st = agent.status()
-                l3 = agent.l3
-                out = {"state": str(st["state"]), "transport": st["transport"],
-                       "node": st["node"], "connected": agent.connected.is_set(),
-                       "session": agent.machine.session_id.hex(),
-                       "inner": l3.inner.text() if l3 and l3.inner else "",
-                       "mtu": l3.mtu if l3 else 0, "jumps": [j.__dict__ for j in agent.jumps],
-                       "handshakes": agent.handshakes}
-            elif cmd[0] == "jump":
-                remote = None
-                if len(cmd) > 2:
-                    host, _, port = cmd[2].rpartition(":")
-                    remote = (host, int(port))
-                await agent.jump(cmd[1], reason="test", remote=remote)
-                out = {"ok": True}
-            print(json.dumps(out, default=str), flush=True)
+        await asyncio.wait([commands, asyncio.ensure_future(term.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
     finally:
+        commands.cancel()
         await agent.stop()
         print(json.dumps({"stopped": True}), flush=True)
 
 
+async def _commands(agent: Agent, reader: asyncio.StreamReader) -> None:
+    while True:
+        line = (await reader.readline()).decode().strip()
+        if not line or line == "stop":
+            break
+        cmd = line.split()
+        out: dict[str, object] = {}
+        if cmd[0] == "status":
+            st = agent.status()
+            l3 = agent.l3
+            out = {"state": str(st["state"]), "transport": st["transport"],
+                   "node": st["node"], "connected": agent.connected.is_set(),
+                   "session": agent.machine.session_id.hex(),
+                   "inner": l3.inner.text() if l3 and l3.inner else "",
+                   "mtu": l3.mtu if l3 else 0, "jumps": [j.__dict__ for j in agent.jumps],
+                   "handshakes": agent.handshakes}
+        elif cmd[0] == "jump":
+            remote = None
+            if len(cmd) > 2:
+                host, _, port = cmd[2].rpartition(":")
+                remote = (host, int(port))
+            await agent.jump(cmd[1], reason="test", remote=remote)
+            out = {"ok": True}
+        print(json.dumps(out, default=str), flush=True)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+                    format="%(asctime)s %(levelname)s %(message)s")
     asyncio.run(main())

@@ -33,7 +33,8 @@ def serve(host: str, port: int) -> None:
 
     def handle(conn: socket.socket, peer: tuple[str, int]) -> None:
         st: dict[str, object] = {"peer": f"{peer[0]}:{peer[1]}", "bytes": 0, "errors": 0,
-                                 "max_gap_s": 0.0, "gap_at_byte": 0, "closed": False}
+                                 "max_gap_s": 0.0, "gap_at_byte": 0, "phase_gap_s": 0.0,
+                                 "closed": False}
         with lock:
             conns.append(st)
         n, last = 0, time.monotonic()
@@ -53,6 +54,8 @@ def serve(host: str, port: int) -> None:
                 if gap > float(st["max_gap_s"]):  # type: ignore[arg-type]
                     st["max_gap_s"] = gap
                     st["gap_at_byte"] = n
+                if gap > float(st["phase_gap_s"]):  # type: ignore[arg-type]
+                    st["phase_gap_s"] = gap
                 off = n % MOD
                 want = (PATTERN[off:] + PATTERN * (len(data) // len(PATTERN) + 2))[:len(data)]
                 if data != want:
@@ -69,20 +72,22 @@ def serve(host: str, port: int) -> None:
     threading.Thread(target=accept, daemon=True).start()
     print(json.dumps({"listening": f"{host}:{port}"}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "report":
+        if line.strip() in ("report", "phase"):
             with lock:
                 print(json.dumps({"connections": conns}), flush=True)
+                if line.strip() == "phase":  # the largest gap since the previous "phase"
+                    for c in conns:
+                        c["phase_gap_s"] = 0.0
         elif line.strip() == "stop":
             break
 
 
 def send(host: str, port: int, rate: float) -> None:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_connection((host, port), timeout=10)
     sock.settimeout(None)
-    st: dict[str, object] = {"local": "%s:%s" % sock.getsockname()[:2],
-                             "remote": "%s:%s" % sock.getpeername()[:2], "bytes": 0, "error": ""}
-    del fam
+    local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
+    st: dict[str, object] = {"local": f"{local[0]}:{local[1]}",
+                             "remote": f"{remote[0]}:{remote[1]}", "bytes": 0, "error": ""}
     stop = threading.Event()
 
     def pump() -> None:
@@ -115,6 +120,7 @@ def send(host: str, port: int, rate: float) -> None:
         elif cmd == "pause":
             stop.set()
             th.join(5)
+            print(json.dumps({"paused": True}), flush=True)
         elif cmd == "stop":
             break
     stop.set()
