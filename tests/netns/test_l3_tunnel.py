@@ -204,11 +204,11 @@ def test_full_tunnel_ipv6_mtu_over_tcp_and_nothing_left_behind(
         snd = lab.python(lab.client, "tests.support.seqcheck", "send", host, "7000", "0",
                          name=f"bulk-{host}")
         snd.line()
-        until(lambda: snd.ask("report")["bytes"] > 2_000_000, 20, f"2 MB to {host}")
+        until(lambda s=snd: s.ask("report")["bytes"] > 2_000_000, 20, f"2 MB to {host}")
         snd.ask("pause")
         sent = snd.ask("report")
         assert sent["error"] == ""
-        until(lambda: any(c["bytes"] == sent["bytes"] for c in conns(srv)), 10, "all bytes")
+        until(lambda n=sent["bytes"]: any(c["bytes"] == n for c in conns(srv)), 10, "all bytes")
         snd.stop()
     assert all(c["errors"] == 0 for c in conns(srv))
     peers = {c["peer"].rsplit(":", 1)[0] for c in conns(srv)}
