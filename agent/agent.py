@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -100,7 +101,10 @@ class Agent:
         self._timer_at = 0.0  # when self._timer fires
         self._loop: asyncio.AbstractEventLoop | None = None
         self._local: asyncio.DatagramTransport | None = None
-        self._app_addr: tuple[str, int] | None = None
+        # UDP-forward mode: one flow per local source address (replies kept apart); the
+        # least recently used flow id is reused when all are taken
+        self._flow_of: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._addr_of: dict[int, tuple[str, int]] = {}
         self._on_payload = on_payload
         self._candidates: list[tuple[str, tuple[str, int]]] = self._candidate_list()
         self._cursor = 0
@@ -323,8 +327,9 @@ class Agent:
                 self.l3.write(ev.data)
             if self._on_payload is not None:
                 self._on_payload(ev.data)
-            if self._local is not None and self._app_addr is not None:
-                self._local.sendto(ev.data, self._app_addr)
+            addr = self._addr_of.get(ev.flow)
+            if self._local is not None and addr is not None:
+                self._local.sendto(ev.data, addr)
         elif isinstance(ev, HandshakeComplete):
             self._close_others(ev.path)
             if self.l3 is not None and ev.inner is not None:
@@ -437,8 +442,19 @@ class Agent:
         log.info("[%s] %s", self.settings.name, line)
 
     def local_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self._app_addr = addr
-        self.send(data)
+        """A datagram from a local program: tunnelled as its own flow."""
+        flow = self._flow_of.get(addr)
+        if flow is None:
+            if len(self._flow_of) < wire.MAX_FLOWS:
+                flow = len(self._flow_of) + 1
+            else:  # every id taken: the least recently heard source gives its id up
+                old, flow = self._flow_of.popitem(last=False)
+            self._flow_of[addr] = flow
+            self._addr_of[flow] = addr
+        else:
+            self._flow_of.move_to_end(addr)
+        self.machine.send(data, self._now(), flow)
+        self._pump()
 
 
 _PATHS: dict[str, type[UdpPath] | type[TcpPath] | type[QuicPath]] = {

@@ -168,8 +168,10 @@ class GatewayNode:
         self.tcp_cap = self.tcp_limits.max_connections  # set from the fd limit by start()
         self._per_source: dict[str, int] = {}  # open connections by source address
         self._tcp_report = _LimitReport()
-        self._upstreams: dict[bytes, asyncio.DatagramTransport] = {}
-        self._opening: dict[bytes, list[bytes]] = {}
+        # one upstream socket per (session, flow): a flow is one local source at the agent
+        self._upstreams: dict[tuple[bytes, int], asyncio.DatagramTransport] = {}
+        self._opening: dict[tuple[bytes, int], list[bytes]] = {}
+        self._flows: dict[bytes, set[int]] = {}  # session -> its flows with a socket
         self._opening_tasks: set[asyncio.Future[Any]] = set()
         self._store_was_ok: bool | None = None
         self._background: list[asyncio.Task[Any]] = []
@@ -280,11 +282,11 @@ class GatewayNode:
             m.count_drop(DropReason.MALFORMED, peer.kind)
         self._flush()
 
-    def from_upstream(self, session_id: bytes, data: bytes) -> None:
-        """A reply from the session's upstream target."""
+    def from_upstream(self, session_id: bytes, data: bytes, flow: int = 0) -> None:
+        """A reply from the session's upstream target (to one flow of the agent)."""
         if self._stopping:
             return
-        self.machine.upstream_received(session_id, data, self.clock())
+        self.machine.upstream_received(session_id, data, self.clock(), flow)
         self._flush()
 
     def _answered(self, call_id: int, span: SpanCtx, fut: asyncio.Future[Any]) -> None:
@@ -368,7 +370,7 @@ class GatewayNode:
         fut.add_done_callback(partial(self._answered, call.call_id, span))
 
     def _to_upstream(self, e: ToUpstream) -> None:
-        sid = e.session_id
+        sid = (e.session_id, e.flow)
         transport = self._upstreams.get(sid)
         if transport is not None:
             transport.sendto(e.data)
@@ -380,6 +382,11 @@ class GatewayNode:
             else:
                 self.metrics.count_drop(DropReason.RATE_LIMITED, wire.TransportKind.UDP)
             return
+        flows = self._flows.setdefault(e.session_id, set())
+        if len(flows) >= wire.MAX_FLOWS + 1:  # flow ids are bounded on the wire too
+            self.metrics.count_drop(DropReason.RATE_LIMITED, wire.TransportKind.UDP)
+            return
+        flows.add(e.flow)
         self._opening[sid] = [e.data]
         task = asyncio.ensure_future(self._open_upstream(sid, e.upstream))
         self._opening_tasks.add(task)
@@ -390,11 +397,11 @@ class GatewayNode:
         if not task.cancelled() and task.exception() is not None:
             log.error("opening an upstream socket failed", exc_info=task.exception())
 
-    async def _open_upstream(self, sid: bytes, addr: tuple[str, int]) -> None:
+    async def _open_upstream(self, sid: tuple[bytes, int], addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UpstreamProtocol(self, sid), remote_addr=addr)
+                lambda: _UpstreamProtocol(self, sid[0], sid[1]), remote_addr=addr)
         except (OSError, ValueError, OverflowError) as exc:
             log.warning("upstream %s:%s unreachable: %s", addr[0], addr[1], exc)
             dropped = self._opening.pop(sid, None) or []
@@ -409,11 +416,13 @@ class GatewayNode:
         for data in backlog:
             transport.sendto(data)
 
-    def _close_upstream(self, sid: bytes) -> None:
-        self._opening.pop(sid, None)
-        transport = self._upstreams.pop(sid, None)
-        if transport is not None:
-            transport.close()
+    def _close_upstream(self, session_id: bytes) -> None:
+        for flow in self._flows.pop(session_id, ()):
+            sid = (session_id, flow)
+            self._opening.pop(sid, None)
+            transport = self._upstreams.pop(sid, None)
+            if transport is not None:
+                transport.close()
 
     # ---- background ------------------------------------------------------------------------
 
@@ -812,12 +821,13 @@ class _TcpProtocol(FramedStream, asyncio.Protocol):
 
 
 class _UpstreamProtocol(asyncio.DatagramProtocol):
-    def __init__(self, node: GatewayNode, session_id: bytes) -> None:
+    def __init__(self, node: GatewayNode, session_id: bytes, flow: int = 0) -> None:
         self.node = node
         self.session_id = session_id
+        self.flow = flow
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.node.from_upstream(self.session_id, data)
+        self.node.from_upstream(self.session_id, data, self.flow)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("upstream error: %s", exc)

@@ -142,6 +142,7 @@ class RefusedForGood:
 @dataclass(frozen=True)
 class PayloadReceived:
     data: bytes
+    flow: int = 0  # UDP-forward mode: the local source it answers (0: none)
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ class ClientSession:
         self._quality = PathQuality(min_grace=max(0.2, params.keepalive_interval))
         self._out: deque[tuple[int, bytes]] = deque()
         self._events: deque[Event] = deque()
-        self._pending_payloads: deque[bytes] = deque()
+        self._pending_payloads: deque[tuple[bytes, int]] = deque()  # (payload, flow)
         self._generation = 0  # REKEYs so far: the session secret's key generation
         self._keys_made = 0.0  # when the session secret was made (handshake or REKEY)
         self._rekey: _Rekey | None = None
@@ -359,8 +360,9 @@ class ClientSession:
         self._hs = _Pending(raw, path, hid, now, now + self.params.handshake_timeout)
         self._out.append((path, raw))
 
-    def send(self, payload: bytes, now: float) -> bool:
-        """Tunnel one datagram; held (bounded) while recovering. False if dropped."""
+    def send(self, payload: bytes, now: float, flow: int = 0) -> bool:
+        """Tunnel one datagram (of local source ``flow``, UDP-forward mode; 0: none, as L3
+        packets); held (bounded) while recovering. False if dropped."""
         # During a proactive jump the current path still carries data (make before break).
         if (self.attached and self._channel is not None and self.path is not None
                 and now - self._keys_made > self.params.reject_after):
@@ -368,15 +370,16 @@ class ClientSession:
             if self._rekey is None and self._req is None:
                 self._send_rekey(now)
             if len(self._pending_payloads) < PENDING_MAX:
-                self._pending_payloads.append(payload)
+                self._pending_payloads.append((payload, flow))
                 return True
         elif self.attached and self._channel is not None and self.path is not None:
-            self._out.append((self.path, self._seal(wire.inner_payload(payload))))
+            inner = wire.inner_flow_payload(flow, payload) if flow else wire.inner_payload(payload)
+            self._out.append((self.path, self._seal(inner)))
             self.stats["payloads_sent"] += 1
             return True
         if self.state in (SessionState.RECOVERING, SessionState.BIRTH):
             if len(self._pending_payloads) < PENDING_MAX:
-                self._pending_payloads.append(payload)
+                self._pending_payloads.append((payload, flow))
                 return True
         self.stats["payloads_dropped"] += 1
         return False
@@ -573,9 +576,9 @@ class ClientSession:
             self._drop(DropReason.UNEXPECTED)
             return
         self._last_rx = now
-        if inner.kind is wire.InnerType.PAYLOAD:
+        if inner.kind is wire.InnerType.PAYLOAD or inner.kind is wire.InnerType.FLOW_PAYLOAD:
             self.stats["payloads_received"] += 1
-            self._events.append(PayloadReceived(inner.payload))
+            self._events.append(PayloadReceived(inner.payload, inner.flow))
         elif inner.kind is wire.InnerType.KEEPALIVE_ACK:
             self._quality.on_probe_answered(inner.seq, now)
             if inner.version > self.version:  # an older ACK may arrive late: nothing to learn
@@ -820,7 +823,8 @@ class ClientSession:
 
     def _flush_pending(self) -> None:
         while self._pending_payloads and self.attached:
-            self.send(self._pending_payloads.popleft(), 0.0)
+            payload, flow = self._pending_payloads.popleft()
+            self.send(payload, 0.0, flow)
 
     def _server_ms(self, now: float) -> int:
         return max(0, int(now * 1000 + self.server_offset_ms))

@@ -188,6 +188,7 @@ class ToUpstream:
     session_id: bytes
     upstream: tuple[str, int]
     data: bytes
+    flow: int = 0  # the agent's local source (one upstream socket per flow); 0: none
 
 
 @dataclass(slots=True)
@@ -595,6 +596,11 @@ class GatewayMachine:
             self._to_upstream(b, inner.payload)
         elif kind is wire.InnerType.REKEY:
             self._rekey(b, inner, now)
+        elif kind is wire.InnerType.FLOW_PAYLOAD:
+            if b.secrets.route is not None:  # L3 carries IP packets, not flows
+                self._tunnel_drop(TunnelDrop.NOT_L3, b.peer.kind)
+            else:
+                self._to_upstream(b, inner.payload, inner.flow)
         elif kind is wire.InnerType.KEEPALIVE:
             ack = wire.inner_keepalive_ack(inner.seq, inner.echo_ms, b.version, int(b.state))
             self._send(b, b.tx_channel.seal(ack))
@@ -776,7 +782,7 @@ class GatewayMachine:
                 break
             self._deliver(p, inner, now)
 
-    def _to_upstream(self, b: Binding, payload: bytes) -> None:
+    def _to_upstream(self, b: Binding, payload: bytes, flow: int = 0) -> None:
         route = b.secrets.route
         if route is not None:  # L3: an IP packet, cryptokey-routed
             why = route.check_uplink(payload)
@@ -788,10 +794,11 @@ class GatewayMachine:
         if addr is None:
             self.metrics.count_drop(DropReason.POLICY, b.peer.kind)
             return
-        self._out.append(ToUpstream(b.session_id, addr, payload))
+        self._out.append(ToUpstream(b.session_id, addr, payload, flow))
 
-    def upstream_received(self, session_id: bytes, data: bytes, now: float) -> None:
-        """A reply from the session's upstream target: tunnel it back."""
+    def upstream_received(self, session_id: bytes, data: bytes, now: float,
+                          flow: int = 0) -> None:
+        """A reply from the session's upstream target (to ``flow``): tunnel it back."""
         b = self.bindings.get(session_id)
         if b is None or not b.validated or len(data) > wire.MAX_PAYLOAD_SIZE:
             self.metrics.count_drop(DropReason.NOT_VALIDATED, wire.TransportKind.UDP)
@@ -803,7 +810,8 @@ class GatewayMachine:
             # Nothing tunnelled under a secret past reject-after (the client's REKEY is due).
             self.metrics.count_drop(DropReason.KEYS_EXPIRED, b.peer.kind)
             return
-        self._send(b, b.tx_channel.seal(wire.inner_payload(data)))
+        inner = wire.inner_flow_payload(flow, data) if flow else wire.inner_payload(data)
+        self._send(b, b.tx_channel.seal(inner))
 
     def tun_received(self, packet: bytes, now: float, relayed: bool = False) -> None:
         """An IP packet from the node's TUN (or, ``relayed``, from another node that does not

@@ -97,6 +97,7 @@ class InnerType(IntEnum):
     PATH_RESPONSE = 6  # data 8: the client echoes it, from the address it reached
     REKEY = 7  # generation u32 | ephemeral X25519 public 32: a fresh DH (client -> gateway)
     REKEY_ACK = 8  # generation u32 | epoch u64 | binding id 16 | ephemeral public 32
+    FLOW_PAYLOAD = 9  # flow u16 | datagram: UDP-forward mode, one flow per local source
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +358,20 @@ def inner_payload(payload: bytes) -> bytes:
     return bytes([InnerType.PAYLOAD]) + payload
 
 
+MAX_FLOWS = 256  # flows (local source addresses) per UDP-forward session, ids 1..MAX_FLOWS
+_FLOW = struct.Struct("!BH")
+
+
+def inner_flow_payload(flow: int, payload: bytes) -> bytes:
+    """A datagram of one flow: the agent's local source ``flow`` (1..MAX_FLOWS); its
+    replies come back with the same id, so two programs never get each other's."""
+    if len(payload) > MAX_PAYLOAD_SIZE:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_SIZE}")
+    if not 0 < flow <= MAX_FLOWS:
+        raise ValueError(f"flow {flow} outside 1..{MAX_FLOWS}")
+    return _FLOW.pack(InnerType.FLOW_PAYLOAD, flow) + payload
+
+
 def inner_keepalive(seq: int, echo_ms: int, state: int) -> bytes:
     return _KEEPALIVE.pack(InnerType.KEEPALIVE, seq, echo_ms, state)
 
@@ -410,6 +425,7 @@ class Inner:
     generation: int = 0  # REKEY, REKEY_ACK
     epoch: int = 0  # REKEY_ACK
     binding_id: bytes = b""  # REKEY_ACK
+    flow: int = 0  # FLOW_PAYLOAD: the flow id (0: a plain PAYLOAD)
 
 
 def decode_inner(plain: bytes) -> Inner:
@@ -421,6 +437,15 @@ def decode_inner(plain: bytes) -> Inner:
         if len(plain) - 1 > MAX_PAYLOAD_SIZE:
             raise DecodeError(DropReason.OVERSIZED, "inner payload")
         return Inner(kind, payload=plain[1:])
+    if kind is InnerType.FLOW_PAYLOAD:
+        if len(plain) < _FLOW.size:
+            raise DecodeError(DropReason.TRUNCATED, "FLOW_PAYLOAD")
+        if len(plain) - _FLOW.size > MAX_PAYLOAD_SIZE:
+            raise DecodeError(DropReason.OVERSIZED, "inner flow payload")
+        _, flow = _FLOW.unpack_from(plain)
+        if not 0 < flow <= MAX_FLOWS:
+            raise DecodeError(DropReason.MALFORMED, "FLOW_PAYLOAD flow")
+        return Inner(kind, payload=plain[_FLOW.size:], flow=flow)
     if kind is InnerType.KEEPALIVE:
         _exact(plain, _KEEPALIVE.size, "KEEPALIVE")
         _, seq, echo, state = _KEEPALIVE.unpack(plain)
