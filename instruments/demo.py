@@ -20,6 +20,10 @@ own way, by user-space impairment (kernel netem is not available here):
 
 The summary is measured, not assumed: jumps and their reattach latencies,
 datagrams sent, echoed back and lost, and the final state, version and epoch.
+
+As root, an L3 part follows (``instruments.demo_l3``): a real TCP connection
+through the tunnel, in network namespaces the demo creates and removes, while the
+path jumps and the node carrying it is killed. Not root: it says so.
 """
 
 from __future__ import annotations
@@ -279,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=50.0, help="datagrams per second per agent")
     p.add_argument("--payload", type=int, default=200, help="datagram size in bytes")
     p.add_argument("--verbose", action="store_true", help="log every agent and gateway decision")
+    p.add_argument("--no-l3", action="store_true", help="skip the L3 part (namespaces, as root)")
     args = p.parse_args(argv)
     if args.agents < 3 or not 1 <= args.duration <= 600 or not 4 <= args.payload <= 1400:
         p.error("--agents must be >= 3, --duration 1..600, --payload 4..1400")
@@ -294,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary["agents"]
     assert isinstance(rows, list)
     ok = all(r["sessions"] == 1 and r["state"] == "ATTACHED" for r in rows)
+    if not args.no_l3:
+        from instruments.demo_l3 import run_l3_demo
+
+        print("", flush=True)
+        l3 = run_l3_demo(sys.stdout)
+        ok = ok and (l3 is None or bool(l3["survived"]))
     return 0 if ok else 1
 
 

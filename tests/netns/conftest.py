@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.netns import Lab, missing_prerequisites
+from instruments.netlab import Lab, missing_prerequisites
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

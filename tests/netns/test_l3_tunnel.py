@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.support.netns import OUT_NET, SERVER, SERVER6, VIP, Lab, Proc
+from instruments.netlab import OUT_NET, SERVER, SERVER6, VIP, Lab, Proc
 
 MAX_GAP_S = 5.0
 RATE = 200_000  # bytes/s of the checked stream
@@ -81,7 +81,7 @@ def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
     lab.wait_gateways_ready([1, 2, 3])
     until(lambda: vip_holder(lab), 10, "a node to hold the return address")
     priv, _ = lab.add_client(f"{SERVER}/32,fd99::/64")
-    srv = lab.python(lab.server, "tests.support.seqcheck", "serve", "::", "7000", name="srv")
+    srv = lab.python(lab.server, "instruments.seqcheck", "serve", "::", "7000", name="srv")
     srv.line()
     agent = lab.agent(priv)
     first = lab.wait_agent(agent)
@@ -90,7 +90,7 @@ def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
     addrs = tun_addresses(lab)
     assert addrs == sorted(inner.split(","))
 
-    snd = lab.python(lab.client, "tests.support.seqcheck", "send", SERVER, "7000", str(RATE),
+    snd = lab.python(lab.client, "instruments.seqcheck", "send", SERVER, "7000", str(RATE),
                      name="snd")
     local = snd.line()["connected"]
     assert local.startswith(inner.split("/")[0] + ":")
@@ -189,7 +189,7 @@ def test_full_tunnel_ipv6_mtu_over_tcp_and_nothing_left_behind(
     lab.start_gateway(1)
     lab.wait_gateways_ready([1])
     priv, _ = lab.add_client("0.0.0.0/0,::/0")
-    srv = lab.python(lab.server, "tests.support.seqcheck", "serve", "::", "7000", name="srv")
+    srv = lab.python(lab.server, "instruments.seqcheck", "serve", "::", "7000", name="srv")
     srv.line()
     before = _state(lab)
 
@@ -201,7 +201,7 @@ def test_full_tunnel_ipv6_mtu_over_tcp_and_nothing_left_behind(
     assert "suppress_prefixlength 0" in rules
     # full-size segments both families, as fast as it goes, over the TCP transport
     for host in (SERVER6, SERVER):
-        snd = lab.python(lab.client, "tests.support.seqcheck", "send", host, "7000", "0",
+        snd = lab.python(lab.client, "instruments.seqcheck", "send", host, "7000", "0",
                          name=f"bulk-{host}")
         snd.line()
         until(lambda s=snd: s.ask("report")["bytes"] > 2_000_000, 20, f"2 MB to {host}")

@@ -1,4 +1,6 @@
-"""A lab of network namespaces for the L3 tests: a client, N gateway nodes, a server side.
+"""A lab of network namespaces for the L3 tunnel (its tests and the demo).
+
+A client, N gateway nodes, a server side.
 
 Topology (every namespace and interface created here, every one removed by ``close``,
 also after a failure; processes are ended by their own pid)::
@@ -288,7 +290,7 @@ class Lab:
         cfg = {"private_key": priv.hex(), "gateway_public_key": self.gw_pub.hex(),
                "gateways": [f"{OUT_NET}.{i}:{GW_PORT}" for i in (gateways or range(1, self.n + 1))],
                "transports": list(transports), "tun": "jvpn0", "keepalive": 0.2}
-        return self.python(self.client, "tests.support.l3agent", json.dumps(cfg), name="agent")
+        return self.python(self.client, "instruments.l3agent", json.dumps(cfg), name="agent")
 
     def wait_agent(self, agent: Proc, timeout: float = 15.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
