@@ -42,5 +42,5 @@ else
 end
 if not f[1] then redis.call('HSET', pool, 'spec', spec) end
 redis.call('HSET', owners, idx, sid)
-redis.call('HSET', bysid, sid, idx .. ':' .. now)
+redis.call('HSET', bysid, sid, string.format('%d:%d', idx, now))
 return reply({ST.OK, idx, redis.call('HLEN', owners)})

@@ -11,7 +11,8 @@
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {holder, remaining ms}.
 
-local key, node, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local key = KEYS[1]
+local node, ttl = ARGV[1], tonumber(ARGV[2])
 local holder = redis.call('GET', key)
 if ttl == 0 then
   if holder == node then redis.call('DEL', key) end
