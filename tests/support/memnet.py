@@ -27,8 +27,10 @@ from session.gateway import (
     CloseUpstream,
     GatewayMachine,
     GatewaySettings,
+    NotLocal,
     Send,
     StoreCall,
+    ToTun,
     ToUpstream,
 )
 from session.reasons import RejectReason, TerminateReason
@@ -36,8 +38,10 @@ from session.states import SessionEvent, SessionState, is_allowed
 from session.storeops import (
     ActivateOp,
     ActivateResult,
+    AddressResult,
     BirthOp,
     BirthResult,
+    ClaimAddressesOp,
     ClaimHandshakeOp,
     ClaimSlotOp,
     ClientPolicy,
@@ -51,6 +55,7 @@ from session.storeops import (
     RefreshResult,
     RekeyOp,
     RekeyResult,
+    ReleaseAddressesOp,
     ReleaseSlotOp,
     ServerTimeOp,
     SessionRecord,
@@ -96,6 +101,8 @@ class _Rec:
     wsp: bytes = b""
     ktp: int = 0
     wc: bytes = b""
+    ia: str = ""  # an L3 session's inner addresses and prefixes, as birth wrote them
+    ap: str = ""
 
 
 class MemStore:
@@ -107,6 +114,7 @@ class MemStore:
         self.records: dict[bytes, _Rec] = {}
         self.claims: set[bytes] = set()
         self.slots: dict[str, dict[bytes, int]] = {}  # client -> session -> end ms (quotas)
+        self.addresses: dict[bytes, int] = {}  # session -> its inner-address pool index
         self.up = True
         self.calls: list[Any] = []
         # The next reattach's decision, forced (a rule the model does not keep, e.g. the rate).
@@ -140,7 +148,8 @@ class MemStore:
             SessionState.ATTACHED, 1, 1, op.binding_id, op.node, op.kind, op.upstream,
             op.client_id, op.wrapped_secret, op.policy.ttl_ms, rr=op.policy.reattach_rate,
             tk=op.policy.transport_mask, ma=op.policy.max_age_ms, kt=self.ms(),
-            wc=op.wrapped_control)
+            wc=op.wrapped_control, ia=op.inner,
+            ap=",".join(op.policy.prefixes) if op.inner else "")
         return BirthResult(StoreStatus.OK, 1, 1, SessionState.ATTACHED, self.ms(),
                            self.ms() + op.policy.ttl_ms)
 
@@ -151,7 +160,8 @@ class MemStore:
         return SessionRecord(op.session_id, r.state, r.version, r.epoch, r.bid, r.node, r.kind,
                              r.upstream, r.client_id, r.ws, r.ttl_ms, self.ms() + r.ttl_ms, 0,
                              self.ms(), r.rr, r.tk, 1, r.tr, None, None, None, r.ma, r.pep,
-                             r.pnd, r.pbid, r.wc, r.kg, r.kt, r.wsp, r.ktp)
+                             r.pnd, r.pbid, r.wc, r.kg, r.kt, r.wsp, r.ktp, inner=r.ia,
+                             prefixes=r.ap)
 
     def _ReattachOp(self, op: ReattachOp) -> ReattachResult:
         now = self.ms()
@@ -326,6 +336,19 @@ class MemStore:
     def _ReleaseSlotOp(self, op: ReleaseSlotOp) -> int:
         return int(self.slots.get(op.client_id, {}).pop(op.session_id, None) is not None)
 
+    def _ClaimAddressesOp(self, op: ClaimAddressesOp) -> AddressResult:
+        held = self.addresses.get(op.session_id)
+        if held is not None:
+            return AddressResult(StoreStatus.OK, held, len(self.addresses))
+        free = sorted(set(range(op.size)) - set(self.addresses.values()))
+        if not free:
+            return AddressResult(StoreStatus.POOL_EXHAUSTED, -1, len(self.addresses))
+        self.addresses[op.session_id] = free[0]
+        return AddressResult(StoreStatus.OK, free[0], len(self.addresses))
+
+    def _ReleaseAddressesOp(self, op: ReleaseAddressesOp) -> int:
+        return int(self.addresses.pop(op.session_id, None) is not None)
+
     def _ServerTimeOp(self, op: ServerTimeOp) -> int:
         return self.ms()
 
@@ -346,6 +369,8 @@ class Gw:
                                       events=self.events, random=net.rng.randbytes)
         self.upstream: list[bytes] = []
         self.sent: list[tuple[Peer, bytes]] = []
+        self.tun: list[bytes] = []  # L3: what the machine wrote to the node's TUN
+        self.not_local: list[tuple[int, bytes]] = []
 
     def flush(self) -> None:
         for e in self.machine.effects():
@@ -361,6 +386,10 @@ class Gw:
                 if self.net.echo:
                     self.net.at(0.0005, lambda s=e.session_id, d=e.data:
                                 self.machine.upstream_received(s, d, self.net.now))
+            elif isinstance(e, ToTun):
+                self.tun.append(e.data)
+            elif isinstance(e, NotLocal):
+                self.not_local.append((e.pool_index, e.data))
             elif isinstance(e, CloseUpstream):
                 pass
 

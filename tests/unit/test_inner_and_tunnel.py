@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from session import wire
+from session.client import ClientParams, HandshakeComplete, HandshakeFailed
 from session.errors import DecodeError
 from session.handshake import (
     ClientHello,
@@ -18,13 +19,16 @@ from session.handshake import (
 )
 from session.inner import InnerAddresses, InnerPool, parse_prefixes
 from session.keys import policy_binding
+from session.reasons import DropReason, RejectReason
+from session.storeops import ClientPolicy
 from session.tunnel import SessionRoute, TunnelDrop, TunnelRouter, addresses
+from tests.support.memnet import WALL_MS, Cl, Gw, Net
 
 POOL = InnerPool.parse("10.77.0.0/16", "fd77::/64")
 
 
 def ipv4(src: str, dst: str, size: int = 40) -> bytes:
-    head = bytes([0x45, 0, 0, size, 0, 0, 0, 0, 64, 6, 0, 0])
+    head = bytes([0x45, 0]) + size.to_bytes(2, "big") + bytes([0, 0, 0, 0, 64, 6, 0, 0])
     return (head + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
             + bytes(size - 20))
 
@@ -104,3 +108,80 @@ def test_cryptokey_routing_uplink_and_downlink() -> None:
     assert router.owner(ipv4("192.0.2.9", "10.77.0.2"))[0] is None
     assert addresses(ipv6("fd77::2", "::1")) == (ipaddress.IPv6Address("fd77::2").packed,
                                                 ipaddress.IPv6Address("::1").packed)
+
+
+# ---- the machines, in memory (tests/support/memnet.py) ------------------------------------
+
+
+def _l3_session(net: Net) -> tuple[Cl, Gw, InnerAddresses]:
+    from tests.unit.test_machines import CL_PRIV, CL_PUB, GW_PRIV, GW_PUB, GW_SETTINGS, HOME, KEK
+
+    gw = net.gateway("gw-a", GW_PRIV, KEK, inner_pool=POOL, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(
+        CL_PUB, prefixes=("192.0.2.0/24", "2001:db8::/32"))
+    c = net.client(CL_PRIV, GW_PUB, ClientParams(keepalive_interval=0.2, l3=True))
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    up = c.of(HandshakeComplete)
+    assert up and up[0].inner is not None, c.events
+    assert up[0].routes == ("192.0.2.0/24", "2001:db8::/32")
+    return c, gw, up[0].inner
+
+
+def test_an_l3_session_carries_checked_ip_packets_both_ways() -> None:
+    net = Net(seed=3)
+    net.echo = False
+    c, gw, inner = _l3_session(net)
+    assert inner == POOL.addresses(0)
+    sid = c.machine.session_id
+    good = ipv4("10.77.0.2", "192.0.2.9", 1200)
+    c.machine.send(good, net.now)
+    c.flush()
+    c.machine.send(ipv6("fd77::2", "2001:db8::1"), net.now)
+    c.flush()
+    spoofed = ipv4("10.77.0.3", "192.0.2.9")  # another session's address
+    denied = ipv4("10.77.0.2", "198.51.100.1")  # outside the client's prefixes
+    for p in (spoofed, denied):
+        c.machine.send(p, net.now)
+        c.flush()
+    net.run(net.now + 0.2)
+    assert gw.tun == [good, ipv6("fd77::2", "2001:db8::1")]  # unchanged, and only those
+    drops = [a[0] for a, _ in gw.metrics.named("count_drop")]
+    assert DropReason.SPOOFED_SOURCE in drops and DropReason.POLICY in drops
+    assert gw.machine.tunnel_drops[TunnelDrop.SPOOFED_SOURCE] == 1
+    assert gw.machine.tunnel_drops[TunnelDrop.PREFIX_DENIED] == 1
+
+    # downlink: only to the owner, only from an allowed source; others are not local
+    reply = ipv4("192.0.2.9", "10.77.0.2")
+    gw.machine.tun_received(reply, net.now)
+    gw.machine.tun_received(ipv4("198.51.100.1", "10.77.0.2"), net.now)  # source not allowed
+    gw.machine.tun_received(ipv4("192.0.2.9", "10.77.0.7"), net.now)  # index 5, not here
+    gw.machine.tun_received(ipv4("192.0.2.9", "10.0.0.1"), net.now)  # no session's at all
+    gw.flush()
+    net.run(net.now + 0.2)
+    assert c.received == [reply]
+    assert gw.not_local == [(5, ipv4("192.0.2.9", "10.77.0.7"))]
+    assert gw.machine.tunnel_drops[TunnelDrop.SOURCE_DENIED] == 1
+    assert gw.machine.tunnel_drops[TunnelDrop.NO_ROUTE] == 1
+    # relayed packets for a session not bound here are dropped, never relayed again
+    gw.machine.tun_received(ipv4("192.0.2.9", "10.77.0.7"), net.now, relayed=True)
+    gw.flush()
+    assert len(gw.not_local) == 1
+    assert net.store.addresses == {sid: 0}
+
+
+def test_an_exhausted_pool_is_an_explicit_refusal() -> None:
+    net = Net(seed=4)
+    net.store.addresses = {i.to_bytes(16, "big"): i for i in range(POOL.size)}
+    from tests.unit.test_machines import CL_PRIV, CL_PUB, GW_PRIV, GW_PUB, GW_SETTINGS, HOME, KEK
+
+    net.gateway("gw-a", GW_PRIV, KEK, inner_pool=POOL, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, prefixes=("0.0.0.0/0",))
+    c = net.client(CL_PRIV, GW_PUB, ClientParams(l3=True))
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    failed = c.of(HandshakeFailed)
+    assert failed and failed[0].reason is RejectReason.ADDRESS_POOL_EXHAUSTED
+    assert failed[0].authenticated
