@@ -4,7 +4,8 @@ death of the node that carried it.
 One long-lived TCP connection from the client's inner address to the server side's
 byte-sequence checker, 200 kB/s, while the path jumps: a new source port, the client's
 address replaced, UDP blocked (TCP fallback) and back to UDP, the owning node killed
-with SIGKILL (routed egress: the return path follows the binding through the store).
+with SIGKILL, a rolling restart of all three nodes (routed egress: the return path
+follows the binding through the store).
 After each: the same connection (one connection ever, same 4-tuple), every byte in
 order, the largest gap reported and under 5 s, the session's inner addresses
 unchanged. Also: a spoofed inner source and a disallowed prefix are dropped and
@@ -78,8 +79,9 @@ def send_from(lab: Lab, source: str, dest: str, port: int = 9999) -> None:
 @pytest.mark.parametrize("egress", ["routed", "nat"])
 def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
         lab_factory: Callable[..., Lab], egress: str) -> None:
-    """Routed: every jump and the owner's death. NAT: the jumps that stay on the node (a
-    move to another node keeps the session and its addresses, not the connection)."""
+    """Routed: every jump, the owner's death and a rolling restart of all three nodes.
+    NAT: the jumps that stay on the node (a move to another node keeps the session and its
+    addresses, not the connection)."""
     routed = egress == "routed"
     lab = lab_factory(gateways=3 if routed else 1, egress=egress)
     nodes = [1, 2, 3] if routed else [1]
@@ -150,6 +152,17 @@ def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
         until(lambda: agent.ask("status")["node"].split("#")[0] != f"gw-{owner}"
               and agent.ask("status")["state"] == "ATTACHED", 15, "a move to another node")
         phase(f"owner gw-{owner} killed")
+
+        # 5. a rolling restart of all three nodes (the killed one comes back first)
+        for i in (owner, *[n for n in nodes if n != owner]):
+            p = lab.gw_procs[i]
+            if p.alive():
+                os.kill(p.pid, signal.SIGTERM)
+                p.p.wait(15)
+            lab.start_gateway(i)
+            lab.wait_gateways_ready([i])
+            until(lambda: agent.ask("status")["state"] == "ATTACHED", 15, "the session attached")
+            phase(f"gw-{i} restarted")
 
     snd.ask("pause")
     sent = snd.ask("report")
