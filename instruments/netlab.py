@@ -138,7 +138,7 @@ class Lab:
 
     def __init__(self, tmp: Path, gateways: int = 3, egress: str = "routed") -> None:
         self.tmp = tmp
-        self.tag = f"jv{os.getpid() % 100000}n{next(_COUNTER)}"
+        self.tag = f"jv{os.getpid() % 100000}{secrets.token_hex(2)}n{next(_COUNTER)}"
         self.egress = egress
         self.n = gateways
         self.core, self.client, self.server = (f"{self.tag}core", f"{self.tag}c",
