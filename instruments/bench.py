@@ -134,7 +134,7 @@ class BenchOptions:
     window: int = 64
     payload: int = PAYLOAD_SIZE
     memory_sessions: int = 100_000
-    only: tuple[str, ...] = ("reattach", "datagram", "transports", "memory")
+    only: tuple[str, ...] = ("reattach", "datagram", "transports", "memory")  # the CLI adds "l3"
     redis_benchmark: bool = True
     gateway_set: dict[str, object] = field(default_factory=dict)
     profile_dir: str | None = None  # py-spy flame graphs of the gateway (first repeat)
@@ -1715,6 +1715,10 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if "memory" in opts.only:
         opts.say(f"memory: {opts.memory_sessions:,} sessions")
         report["memory"] = await bench_memory(opts)
+    if "l3" in opts.only:  # namespaces, as root (instruments/bench_l3.py); says why not
+        from instruments.bench_l3 import run_l3_bench
+
+        report["l3"] = await asyncio.to_thread(run_l3_bench, min(opts.seconds, 5.0), opts.say)
     report["elapsed_s"] = time.perf_counter() - t0
     return report
 
@@ -1882,7 +1886,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--payload", type=int, help=f"datagram payload bytes (default {PAYLOAD_SIZE})")
     p.add_argument("--memory-sessions", type=int, help="sessions for the memory figure (100000)")
     p.add_argument("--only", action="append",
-                   choices=("reattach", "datagram", "transports", "memory"),
+                   choices=("reattach", "datagram", "transports", "memory", "l3"),
                    help="run only this part (repeatable)")
     p.add_argument("--no-redis-benchmark", action="store_true",
                    help="skip the redis-benchmark ceiling")
@@ -1906,6 +1910,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
             setattr(opts, name, value)
     if args.only:
         opts.only = tuple(dict.fromkeys(args.only))
+    else:
+        opts.only = (*opts.only, "l3")  # as root; otherwise the report says why not
     opts.redis_benchmark = not args.no_redis_benchmark
     for item in args.gateway_set:
         key, sep, value = item.partition("=")
@@ -1931,6 +1937,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(format_report(report))
+        if "l3" in report:
+            from instruments.bench_l3 import format_l3
+
+            print(format_l3(report["l3"]))
     if args.check:
         missed = [k for k in ("reattach", "datagram", "memory") if k in report and not report[k]["met"]]
         return 1 if missed else 0

@@ -1,0 +1,176 @@
+"""``jvpn-lab bench --only l3``: iperf3 through the L3 tunnel, beside its baselines.
+
+In one namespace lab (``instruments.netlab``: client, one gateway node, server side),
+measured in the same run, on the same path:
+
+- **bare**: the client routed to the server through the gateway's namespace, no
+  tunnel (the kernel forwards; the ceiling of the topology);
+- **jvpn**: the client's TUN, the Python data plane, NAT egress on the node;
+- **wireguard-go**: Debian's userspace WireGuard between the same two namespaces.
+
+For each: iperf3 TCP (bits/s received) and the highest paced 1400-byte UDP rate,
+from a fixed ladder, with < 0.5% loss. Root only; iperf3, wireguard-go and
+wireguard-tools must be installed (the Makefile's deps).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from instruments.netlab import GW_PORT, OUT_NET, SERVER, Lab, missing_prerequisites
+
+UDP_LADDER_MBIT = (25, 50, 100, 200, 400, 800, 1600)
+MAX_LOSS_PCT = 0.5
+WG_PORT = 51900
+
+
+def _iperf(lab: Lab, seconds: float, udp_mbit: int | None = None) -> dict[str, Any]:
+    argv = ["iperf3", "-c", SERVER, "-t", f"{seconds:g}", "-J", "--connect-timeout", "5000"]
+    if udp_mbit is not None:
+        argv += ["-u", "-b", f"{udp_mbit}M", "-l", "1400", "-w", "4M"]
+    try:
+        out = lab.run(lab.client, *argv, timeout=seconds + 30, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"iperf3 did not finish within {seconds + 30:g} s"}
+    try:
+        result: dict[str, Any] = json.loads(out)
+    except ValueError:
+        return {"error": out[-200:]}
+    return result
+
+
+def _measure(lab: Lab, seconds: float) -> dict[str, Any]:
+    tcp = _iperf(lab, seconds)
+    tcp_bps = tcp.get("end", {}).get("sum_received", {}).get("bits_per_second", 0.0)
+    best, ladder, misses = 0, [], 0
+    for mbit in UDP_LADDER_MBIT:  # a miss can be the busy machine's: stop after two in a row
+        r = _iperf(lab, seconds, mbit)
+        s = r.get("end", {}).get("sum", {})
+        loss = float(s.get("lost_percent", 100.0))
+        ladder.append({"offered_mbit": mbit, "loss_pct": round(loss, 3),
+                       "received_mbit": round(float(s.get("bits_per_second", 0.0)) / 1e6, 1)})
+        if loss >= MAX_LOSS_PCT:
+            misses += 1
+            if misses == 2:
+                break
+            continue
+        misses = 0
+        best = mbit
+    return {"tcp_mbit": round(tcp_bps / 1e6, 1), "udp_mbit_under_0_5pct_loss": best,
+            "udp_ladder": ladder}
+
+
+def _wg_keys(lab: Lab, ns: str) -> tuple[str, str]:
+    priv = lab.run(ns, "wg", "genkey").strip()
+    pub = lab.run(ns, "sh", "-c", f"echo {priv} | wg pubkey").strip()
+    return priv, pub
+
+
+def run_l3_bench(seconds: float = 5.0, say: Any = print) -> dict[str, Any]:
+    why = missing_prerequisites()
+    if why is None:
+        for tool in ("iperf3", "wireguard-go", "wg"):
+            if shutil.which(tool) is None:
+                why = f"{tool} is not installed"
+    if why is not None:
+        say(f"l3: skipped ({why})")
+        return {"skipped": why}
+    with tempfile.TemporaryDirectory(prefix="jvpn-l3-bench-") as tmp:
+        lab = Lab(Path(tmp), gateways=1, egress="nat").up()
+        try:
+            return _run(lab, seconds, say)
+        finally:
+            lab.close()
+
+
+def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
+    gw = lab.gws[0]
+    lab.start_gateway(1)
+    lab.wait_gateways_ready([1])
+    lab.spawn(lab.server, ["iperf3", "-s", "-B", SERVER], "iperf3-server")
+    lab.wait_tcp(lab.server, SERVER, 5201)
+    report: dict[str, Any] = {"seconds": seconds}
+
+    # jvpn: the client's TUN through the gateway node (UDP transport)
+    priv, _ = lab.add_client("10.99.0.0/24")
+    agent = lab.agent(priv, transports=("udp",))
+    st = lab.wait_agent(agent)
+    say(f"l3: jvpn through {st['transport']} (mtu {st['mtu']})")
+    report["jvpn"] = _measure(lab, seconds)
+    agent.stop()
+
+    # bare: the same two namespaces, routed through the node, no tunnel
+    lab.run(lab.client, "ip", "route", "replace", "10.99.0.0/24", "via", f"{OUT_NET}.1")
+    lab.run(lab.server, "ip", "route", "replace", f"{OUT_NET}.0/24", "via", "10.99.0.1")
+    say("l3: bare path")
+    report["bare"] = _measure(lab, seconds)
+    lab.run(lab.client, "ip", "route", "del", "10.99.0.0/24")
+
+    # wireguard-go between the same namespaces
+    gpriv, gpub = _wg_keys(lab, gw)
+    cpriv, cpub = _wg_keys(lab, lab.client)
+    # distinct names: wireguard-go's control socket (/var/run/wireguard/<name>.sock) is
+    # in the file system, which namespaces share
+    wg = {gw: f"wg{lab.tag[-6:]}g", lab.client: f"wg{lab.tag[-6:]}c"}
+    for ns, name in wg.items():
+        lab.spawn(ns, ["wireguard-go", "-f", name], name)
+    for ns, name in wg.items():
+        _wait_link(lab, ns, name)
+    (lab.tmp / "g.key").write_text(gpriv)
+    (lab.tmp / "c.key").write_text(cpriv)
+    lab.run(gw, "wg", "set", wg[gw], "private-key", str(lab.tmp / "g.key"), "listen-port",
+            str(WG_PORT), "peer", cpub, "allowed-ips", "10.66.0.2/32")
+    lab.run(lab.client, "wg", "set", wg[lab.client], "private-key", str(lab.tmp / "c.key"), "peer", gpub,
+            "endpoint", f"{OUT_NET}.1:{WG_PORT}", "allowed-ips", "10.99.0.0/24")
+    for ns, addr in ((gw, "10.66.0.1/24"), (lab.client, "10.66.0.2/24")):
+        lab.run(ns, "ip", "addr", "add", addr, "dev", wg[ns])
+        lab.run(ns, "ip", "link", "set", wg[ns], "up")
+    lab.run(lab.client, "ip", "route", "replace", "10.99.0.0/24", "dev", wg[lab.client])
+    lab.run(lab.server, "ip", "route", "replace", "10.66.0.0/24", "via", "10.99.0.1")
+    say("l3: wireguard-go")
+    report["wireguard_go"] = _measure(lab, seconds)
+    report["ratios"] = {
+        "tcp_jvpn_vs_wireguard_go": _ratio(report["jvpn"]["tcp_mbit"],
+                                           report["wireguard_go"]["tcp_mbit"]),
+        "udp_jvpn_vs_wireguard_go": _ratio(report["jvpn"]["udp_mbit_under_0_5pct_loss"],
+                                           report["wireguard_go"]["udp_mbit_under_0_5pct_loss"]),
+    }
+    report["gateway_port"] = GW_PORT
+    return report
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else 0.0
+
+
+def _wait_link(lab: Lab, ns: str, name: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while lab.run(ns, "ip", "link", "show", name, check=False) == "":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not appear in {ns}")
+        time.sleep(0.05)
+
+
+def format_l3(report: dict[str, Any]) -> str:
+    if "skipped" in report:
+        return f"L3: skipped ({report['skipped']})"
+    lines = [f"L3 tunnel, iperf3 {report['seconds']:g} s each, one node (NAT egress):",
+             f"  {'path':14s} {'TCP Mbit/s':>11s} {'UDP 1400 B Mbit/s <0.5% loss':>30s}"]
+    for key, name in (("bare", "bare (routed)"), ("wireguard_go", "wireguard-go"),
+                      ("jvpn", "jvpn (Python)")):
+        r = report[key]
+        lines.append(f"  {name:14s} {r['tcp_mbit']:>11.1f} {r['udp_mbit_under_0_5pct_loss']:>30d}")
+    rt = report["ratios"]
+    lines.append(f"  jvpn / wireguard-go: TCP {rt['tcp_jvpn_vs_wireguard_go']:.2f}x, "
+                 f"UDP {rt['udp_jvpn_vs_wireguard_go']:.2f}x (target 0.5x)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_l3(run_l3_bench()))
