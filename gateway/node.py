@@ -109,6 +109,7 @@ TIMER_MAX_SLEEP_S = 0.5
 NodeSettings = GatewaySettings  # the name the app and the tests use
 FD_RESERVE = 64  # descriptors kept back from TCP: listeners, store, admin, logs, children
 FDS_PER_TCP = 2  # a TCP session's connection and its upstream socket
+RECLAIM_INTERVAL_S = 60.0  # inner addresses of ended sessions whose release was lost
 LIMIT_LOG_INTERVAL_S = 5.0  # TCP limit reports at most this often (with the counts)
 
 
@@ -236,6 +237,9 @@ class GatewayNode:
             asyncio.create_task(self._timer_loop(), name="jvpn-timer"),
             asyncio.create_task(self._move_notices(), name="jvpn-move-notices"),
         ]
+        if self.settings.inner_pool is not None:
+            self._background.append(asyncio.create_task(self._reclaim_loop(),
+                                                        name="jvpn-address-reclaim"))
 
     async def stop(self) -> None:
         """Close listeners, cancel loops and calls, drop bindings (no store writes)."""
@@ -439,6 +443,19 @@ class GatewayNode:
                 log.exception("gateway timer failed")
             self._flush()
             self._log_store_health()
+
+    async def _reclaim_loop(self) -> None:
+        """Free the inner addresses of sessions whose release was lost (a node died between
+        a session's end and its release); every node, idempotent, about once a minute."""
+        while True:
+            await asyncio.sleep(RECLAIM_INTERVAL_S * (0.5 + secrets.randbelow(1000) / 1000))
+            try:
+                freed = await self.store.reclaim_addresses(grace_ms=int(RECLAIM_INTERVAL_S * 1000))
+            except StoreError as exc:
+                log.debug("address reclaim: %s", exc)
+                continue
+            if freed:
+                log.info("reclaimed the inner addresses of %d ended sessions", freed)
 
     def _log_store_health(self) -> None:
         h = self.machine.health
