@@ -286,10 +286,11 @@ class Lab:
         return total
 
     def agent(self, priv: bytes, transports: tuple[str, ...] = ("udp", "tcp"),
-              gateways: list[int] | None = None) -> Proc:
+              gateways: list[int] | None = None, rekey_after: float = 120.0) -> Proc:
         cfg = {"private_key": priv.hex(), "gateway_public_key": self.gw_pub.hex(),
                "gateways": [f"{OUT_NET}.{i}:{GW_PORT}" for i in (gateways or range(1, self.n + 1))],
-               "transports": list(transports), "tun": "jvpn0", "keepalive": 0.2}
+               "transports": list(transports), "tun": "jvpn0", "keepalive": 0.2,
+               "rekey_after": rekey_after}
         return self.python(self.client, "instruments.l3agent", json.dumps(cfg), name="agent")
 
     def wait_agent(self, agent: Proc, timeout: float = 15.0) -> dict[str, Any]:
