@@ -65,8 +65,15 @@ def binding_status(b: Binding, now: float, pending: bool = False) -> dict[str, A
         "tx_packets": b.tx_packets,
         "last_packet_age_s": round(max(0.0, now - b.last_rx), 3),
         "upstream": b.secrets.upstream,
-        "inner_addresses": [],  # the L3 tunnel's addresses, once the session carries one
+        "inner_addresses": _inner(b),  # the L3 tunnel's addresses ([] in UDP-forward mode)
     }
+
+
+def _inner(b: Binding) -> list[str]:
+    route = b.secrets.route
+    if route is None:
+        return []
+    return [route.inner.v4.with_prefixlen, route.inner.v6.with_prefixlen]
 
 
 def node_status(node: GatewayNode) -> dict[str, Any]:
