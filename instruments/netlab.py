@@ -50,7 +50,7 @@ def missing_prerequisites() -> str | None:
     """Why the L3 lab cannot run here (None if it can)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, TUN, nftables)"
-    for tool in ("ip", "nft", "redis-server"):
+    for tool in ("ip", "nft", "redis-server", "curl"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     if not os.path.exists("/dev/net/tun"):

@@ -185,3 +185,20 @@ def test_an_exhausted_pool_is_an_explicit_refusal() -> None:
     failed = c.of(HandshakeFailed)
     assert failed and failed[0].reason is RejectReason.ADDRESS_POOL_EXHAUSTED
     assert failed[0].authenticated
+
+
+def test_relayed_packets_are_macd_and_the_nat_ruleset_is_one_atomic_table() -> None:
+    from gateway.l3 import L3Config, nat_ruleset, relay_tag
+
+    key = bytes(32)
+    pkt = ipv4("192.0.2.9", "10.77.0.2")
+    tag = relay_tag(key, pkt)
+    assert len(tag) == 16 and tag == relay_tag(key, pkt)
+    assert tag != relay_tag(bytes([1]) * 32, pkt) and tag != relay_tag(key, pkt[:-1] + b"\x01")
+    cfg = L3Config(tun_name="jvpn0", mtu=1420, pool=POOL)
+    rules = nat_ruleset("jvpn_jvpn0", cfg, delete_first=True)
+    assert rules.startswith("table inet jvpn_jvpn0\ndelete table inet jvpn_jvpn0\n")
+    assert 'ip saddr 10.77.0.0/16 oifname != "jvpn0" masquerade' in rules
+    assert 'ip6 saddr fd77::/64 oifname != "jvpn0" masquerade' in rules
+    out = nat_ruleset("t", L3Config("jvpn0", 1420, POOL, egress_interface="eth1"), False)
+    assert 'oifname "eth1" masquerade' in out and "delete" not in out
