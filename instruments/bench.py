@@ -1716,9 +1716,10 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
         opts.say(f"memory: {opts.memory_sessions:,} sessions")
         report["memory"] = await bench_memory(opts)
     if "l3" in opts.only:  # namespaces, as root (instruments/bench_l3.py); says why not
-        from instruments.bench_l3 import run_l3_bench
+        from instruments.bench_l3 import run_l3_bench, run_stall_bench
 
         report["l3"] = await asyncio.to_thread(run_l3_bench, min(opts.seconds, 5.0), opts.say)
+        report["l3_stalls"] = await asyncio.to_thread(run_stall_bench, opts.repeat, opts.say)
     report["elapsed_s"] = time.perf_counter() - t0
     return report
 
@@ -1938,9 +1939,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_report(report))
         if "l3" in report:
-            from instruments.bench_l3 import format_l3
+            from instruments.bench_l3 import format_l3, format_stalls
 
             print(format_l3(report["l3"]))
+            print(format_stalls(report["l3_stalls"]))
     if args.check:
         missed = [k for k in ("reattach", "datagram", "memory") if k in report and not report[k]["met"]]
         return 1 if missed else 0

@@ -172,5 +172,126 @@ def format_l3(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+
+
+# ---- per-jump stalls ------------------------------------------------------------------------
+
+STALL_RATE = 200_000  # bytes/s of the checked stream
+
+
+def _conns(srv: Any, phase: bool = False) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = srv.ask("phase" if phase else "report")["connections"]
+    return out
+
+
+def _until(cond: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_stall_bench(runs: int = 5, say: Any = print) -> dict[str, Any]:
+    """The largest gap an inner TCP stream's byte checker sees, per jump kind, ``runs`` times
+    each (routed egress, three nodes); medians and maxima."""
+    why = missing_prerequisites()
+    if why is not None:
+        say(f"l3 stalls: skipped ({why})")
+        return {"skipped": why}
+    with tempfile.TemporaryDirectory(prefix="jvpn-l3-stalls-") as tmp:
+        lab = Lab(Path(tmp), gateways=3, egress="routed").up()
+        try:
+            return _stalls(lab, runs, say)
+        finally:
+            lab.close()
+
+
+def _stalls(lab: Lab, runs: int, say: Any) -> dict[str, Any]:
+    for i in (1, 2, 3):
+        lab.start_gateway(i)
+    lab.wait_gateways_ready([1, 2, 3])
+    priv, _ = lab.add_client(f"{SERVER}/32")
+    srv = lab.python(lab.server, "instruments.seqcheck", "serve", "::", "7000", name="srv")
+    srv.line()
+    agent = lab.agent(priv)
+    lab.wait_agent(agent)
+    snd = lab.python(lab.client, "instruments.seqcheck", "send", SERVER, "7000",
+                     str(STALL_RATE), name="snd")
+    snd.line()
+    _until(lambda: _conns(srv) and _conns(srv)[0]["bytes"] > 50_000, 10, "the stream")
+
+    def node() -> int:
+        return int(str(agent.ask("status")["node"]).split("#")[0].rsplit("-", 1)[1])
+
+    def measure() -> float:
+        start = _conns(srv)[0]["bytes"]
+        _until(lambda: _conns(srv)[0]["bytes"] > start + STALL_RATE // 2, 20, "traffic")
+        time.sleep(0.5)
+        return float(_conns(srv, phase=True)[0]["phase_gap_s"])
+
+    addr = [f"{OUT_NET}.10", f"{OUT_NET}.11"]
+    gaps: dict[str, list[float]] = {k: [] for k in (
+        "new source port", "client address change", "UDP blocked -> TCP", "TCP -> UDP",
+        "owning node killed")}
+    _conns(srv, phase=True)
+    for n in range(runs):
+        agent.ask("jump udp")
+        gaps["new source port"].append(measure())
+        old, new = addr[n % 2], addr[(n + 1) % 2]
+        lab.run(lab.client, "ip", "addr", "del", f"{old}/24", "dev", "eth0")
+        lab.run(lab.client, "ip", "addr", "add", f"{new}/24", "dev", "eth0")
+        gaps["client address change"].append(measure())
+        lab.run(lab.client, "nft", "add table inet stall")
+        lab.run(lab.client, "nft",
+                "add chain inet stall out { type filter hook output priority 0 ; }")
+        lab.run(lab.client, "nft", "add rule inet stall out udp dport 51820 drop")
+        _until(lambda: str(agent.ask("status")["transport"]).startswith("tcp"), 15, "TCP")
+        gaps["UDP blocked -> TCP"].append(measure())
+        lab.run(lab.client, "nft", "delete table inet stall")
+        agent.ask("jump udp")
+        gaps["TCP -> UDP"].append(measure())
+        dead = node()
+        lab.gw_procs[dead].kill()
+        _until(lambda d=dead: node() != d and agent.ask("status")["state"] == "ATTACHED", 15,
+               "a move")
+        gaps["owning node killed"].append(measure())
+        lab.start_gateway(dead)
+        lab.wait_gateways_ready([dead])
+        _conns(srv, phase=True)
+        say(f"l3 stalls: run {n + 1}/{runs}: " + ", ".join(
+            f"{k} {v[-1]:.3f}" for k, v in gaps.items()))
+    final = _conns(srv)
+    out: dict[str, Any] = {"runs": runs, "connections": len(final),
+                           "order_errors": final[0]["errors"], "rate_bytes_s": STALL_RATE}
+    for k, v in gaps.items():
+        s = sorted(v)
+        out[k] = {"median_s": round(s[len(s) // 2], 3), "max_s": round(s[-1], 3)}
+    return out
+
+
+def format_stalls(r: dict[str, Any]) -> str:
+    if "skipped" in r:
+        return f"L3 stalls: skipped ({r['skipped']})"
+    lines = [f"L3 per-jump stall of one inner TCP stream ({r['rate_bytes_s'] // 1000} kB/s, "
+             f"routed, 3 nodes), largest gap the byte checker saw, {r['runs']} runs each "
+             f"({r['connections']} connection, {r['order_errors']} order errors):"]
+    for k in ("new source port", "client address change", "UDP blocked -> TCP", "TCP -> UDP",
+              "owning node killed"):
+        target = 0.5 if k == "owning node killed" else 0.3
+        m = r[k]["median_s"]
+        lines.append(f"  {k:24s} median {m:6.3f} s  max {r[k]['max_s']:6.3f} s  "
+                     f"(target {target} s: {'met' if m <= target else 'missed'})")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(format_l3(run_l3_bench()))
+    import sys
+
+    if sys.argv[1:] == ["stalls"]:
+        print(format_stalls(run_stall_bench()))
+    else:
+        print(format_l3(run_l3_bench()))
