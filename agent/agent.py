@@ -379,8 +379,9 @@ class Agent:
             udp = self._desc(ev.path).startswith("udp")
             if not (m.attached and ev.path == m.path):  # a rebind on the live path keeps it
                 self._drop_path(ev.path)
-            if udp:  # a fresh UDP socket got no answer: UDP is likely blocked, try TCP next
-                self._cursor = self._next_of("tcp") - 1  # _recover advances onto it
+            if udp:  # a fresh UDP socket got no answer: UDP is likely blocked, so the next
+                # candidate of another kind (QUIC or TCP, in the configured order) comes next
+                self._cursor = self._next_not("udp") - 1  # _recover advances onto it
             if m.state is SessionState.RECOVERING:
                 self._task(self._recover(advance=True))
         elif isinstance(ev, SessionTerminated):
@@ -413,12 +414,12 @@ class Agent:
         if len(packet) <= wire.MAX_PAYLOAD_SIZE:  # the TUN's MTU is below it
             self.send(packet)
 
-    def _next_of(self, kind: str) -> int:
-        """The cursor of the next candidate of ``kind`` after the current one (or the current
-        one if there is none)."""
+    def _next_not(self, kind: str) -> int:
+        """The cursor of the next candidate not of ``kind`` after the current one (the next
+        one if every candidate is of ``kind``)."""
         n = len(self._candidates)
         for step in range(1, n + 1):
-            if self._candidates[(self._cursor + step) % n][0] == kind:
+            if self._candidates[(self._cursor + step) % n][0] != kind:
                 return self._cursor + step
         return self._cursor + 1
 

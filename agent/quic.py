@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 
 from qh3.quic import events
@@ -70,7 +71,16 @@ class QuicPath(Path, asyncio.DatagramProtocol):
         """Connect and complete the QUIC handshake (TimeoutError if it does not in time)."""
         loop = self.loop = asyncio.get_running_loop()
         self._connected = loop.create_future()
-        await loop.create_datagram_endpoint(lambda: self, remote_addr=self.remote)
+        sock = self._socket(socket.SOCK_DGRAM)  # marked in an L3 full tunnel (agent/l3.py)
+        if sock is None:
+            await loop.create_datagram_endpoint(lambda: self, remote_addr=self.remote)
+        else:
+            try:
+                sock.connect(self.remote)
+                await loop.create_datagram_endpoint(lambda: self, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         self.quic.connect(self.remote, now=loop.time())
         self._transmit()
         try:
