@@ -36,7 +36,7 @@ DEB_DEPS := redis-server:redis-server nginx:nginx \
   prometheus:prometheus promtool:prometheus docker-compose:docker-compose \
   podman:podman runc:runc $(PODMAN_LIBEXEC)/netavark:netavark \
   $(PODMAN_LIBEXEC)/aardvark-dns:aardvark-dns debootstrap:debootstrap \
-  nft:nftables iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools
+  nft:nftables iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ping:iputils-ping
 
 PYTHON ?=
 ARGS ?=

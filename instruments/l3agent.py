@@ -31,6 +31,7 @@ def _settings(raw: dict) -> AgentSettings:  # type: ignore[type-arg]
         gateway_public_key=bytes.fromhex(raw["gateway_public_key"]),
         gateways=[addr(a) for a in raw["gateways"]],
         tcp_gateways=[addr(a) for a in raw["gateways"]], upstream="", local_udp=None,
+        quic_gateways=[addr(a) for a in raw.get("quic_gateways", [])],
         transports=raw.get("transports", ["udp", "tcp"]), params=params, name="l3agent",
         l3=L3Settings(tun_name=raw.get("tun", "jvpn0")))
 

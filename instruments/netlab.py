@@ -42,6 +42,7 @@ SERVER = f"{IN_NET}.100"
 SERVER6 = f"{IN_NET6}100"
 REDIS_PORT = 6390
 GW_PORT = 51820
+QUIC_PORT = 51821
 RELAY_PORT = 51830
 _COUNTER = itertools.count(1)
 
@@ -50,7 +51,7 @@ def missing_prerequisites() -> str | None:
     """Why the L3 lab cannot run here (None if it can)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, TUN, nftables)"
-    for tool in ("ip", "nft", "redis-server", "curl"):
+    for tool in ("ip", "nft", "redis-server", "curl", "ping"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     if not os.path.exists("/dev/net/tun"):
@@ -239,10 +240,11 @@ class Lab:
                  "--store-url", self.store_url, "--ttl", "60")
         return priv, pub
 
-    def start_gateway(self, i: int, keepalive: float = 0.2) -> Proc:
+    def start_gateway(self, i: int, keepalive: float = 0.2, quic: bool = False) -> Proc:
         ns = self.gws[i - 1]
         sets = {
             "node_id": f"gw-{i}", "listen_udp": f"{OUT_NET}.{i}:{GW_PORT}",
+            "listen_quic": f"{OUT_NET}.{i}:{QUIC_PORT}" if quic else "",
             "listen_tcp": f"{OUT_NET}.{i}:{GW_PORT}", "admin": f"{OUT_NET}.{i}:9100",
             "keepalive_interval_s": keepalive, "inner_pool_v4": POOL_V4,
             "inner_pool_v6": POOL_V6, "egress": self.egress, "tun_name": "jvpn0",
@@ -287,8 +289,11 @@ class Lab:
 
     def agent(self, priv: bytes, transports: tuple[str, ...] = ("udp", "tcp"),
               gateways: list[int] | None = None, rekey_after: float = 120.0) -> Proc:
+        nodes = gateways or range(1, self.n + 1)
         cfg = {"private_key": priv.hex(), "gateway_public_key": self.gw_pub.hex(),
-               "gateways": [f"{OUT_NET}.{i}:{GW_PORT}" for i in (gateways or range(1, self.n + 1))],
+               "gateways": [f"{OUT_NET}.{i}:{GW_PORT}" for i in nodes],
+               "quic_gateways": ([f"{OUT_NET}.{i}:{QUIC_PORT}" for i in nodes]
+                                 if "quic" in transports else []),
                "transports": list(transports), "tun": "jvpn0", "keepalive": 0.2,
                "rekey_after": rekey_after}
         return self.python(self.client, "instruments.l3agent", json.dumps(cfg), name="agent")

@@ -19,7 +19,13 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from session.wire import DATA_OVERHEAD, MAX_PAYLOAD_SIZE, TransportKind
+from session.wire import (
+    DATA_OVERHEAD,
+    MAX_PAYLOAD_SIZE,
+    QUIC_DATAGRAM_MAX,
+    QUIC_MAX_UDP_PAYLOAD,
+    TransportKind,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -118,11 +124,15 @@ class InnerPool:
 def inner_mtu(kinds: Iterable[TransportKind], path_mtu: int = 1500) -> int:
     """The TUN MTU for a session that may use ``kinds``: the smallest inner MTU among them,
     so no jump ever changes it. A UDP datagram must fit the path (no outer fragmentation);
-    a TCP frame is kept within one segment. Never above the largest tunnelled payload;
-    ValueError below the IPv6 minimum."""
+    a TCP frame is kept within one segment; over QUIC a packet stays in one DATAGRAM frame
+    (no head-of-line blocking), whose QUIC packet fits the path. Never above the largest
+    tunnelled payload; ValueError below the IPv6 minimum."""
+    quic_udp = min(QUIC_MAX_UDP_PAYLOAD, path_mtu - OUTER_IP_HEADER - 8)
     per_kind = {
         TransportKind.UDP: path_mtu - OUTER_IP_HEADER - 8 - DATA_OVERHEAD,
         TransportKind.TCP: path_mtu - OUTER_IP_HEADER - OUTER_TCP_HEADER - 2 - DATA_OVERHEAD,
+        TransportKind.QUIC: (QUIC_DATAGRAM_MAX - (QUIC_MAX_UDP_PAYLOAD - quic_udp)
+                             - DATA_OVERHEAD),
     }
     mtu = min([per_kind[k] for k in kinds] or [0])
     mtu = min(mtu, MAX_PAYLOAD_SIZE)

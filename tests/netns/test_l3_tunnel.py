@@ -251,3 +251,60 @@ def test_full_tunnel_ipv6_mtu_over_tcp_and_nothing_left_behind(
     lab.wait_agent(agent3)
     agent3.stop()
     assert _state(lab) == before
+
+
+def test_an_inner_tcp_connection_survives_udp_to_quic_to_tcp(
+        lab_factory: Callable[..., Lab]) -> None:
+    """The three transports in turn under one inner TCP connection: UDP to the session port
+    blocked (QUIC on its own port passes: the agent falls back to QUIC before TCP), then
+    QUIC blocked too (TCP). On QUIC a full-size inner packet (the TUN's MTU, don't-fragment)
+    crosses in one DATAGRAM frame. Same connection, every byte in order, addresses kept."""
+    lab = lab_factory(gateways=1, egress="nat")
+    lab.start_gateway(1, quic=True)
+    lab.wait_gateways_ready([1])
+    priv, _ = lab.add_client(f"{SERVER}/32,fd99::/64")
+    srv = lab.python(lab.server, "instruments.seqcheck", "serve", "::", "7000", name="srv")
+    srv.line()
+    agent = lab.agent(priv, transports=("udp", "quic", "tcp"))
+    first = lab.wait_agent(agent)
+    inner, mtu = first["inner"], first["mtu"]
+    assert mtu == 1363, f"the MTU of a session that may use QUIC: {mtu}"
+    snd = lab.python(lab.client, "instruments.seqcheck", "send", SERVER, "7000", str(RATE),
+                     name="snd")
+    local = snd.line()["connected"]
+    until(lambda: conns(srv) and conns(srv)[0]["bytes"] > 50_000, 10, "the stream to start")
+    conns(srv, phase=True)
+    stalls: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        flowing(srv, RATE // 2)
+        c = conns(srv, phase=True)
+        assert len(c) == 1, f"{name}: the connection was re-opened: {c}"
+        stalls[name] = c[0]["phase_gap_s"]
+        assert agent.ask("status")["inner"] == inner, f"{name}: addresses moved"
+
+    lab.run(lab.client, "nft", "add table inet l3quic")
+    lab.run(lab.client, "nft", "add chain inet l3quic out { type filter hook output priority 0 ; }")
+    lab.run(lab.client, "nft", "add rule inet l3quic out udp dport 51820 drop")
+    until(lambda: agent.ask("status")["transport"].startswith("quic"), 15, "QUIC fallback")
+    phase("UDP blocked -> QUIC")
+    payload = mtu - 28  # IPv4 and ICMP headers: the packet is exactly the TUN's MTU
+    out = lab.run(lab.client, "ping", "-M", "do", "-c", "3", "-W", "2", "-s", str(payload),
+                  SERVER, check=False)
+    assert " 0% packet loss" in out, f"a full-size inner packet over QUIC:\n{out}"
+    lab.run(lab.client, "nft", "add rule inet l3quic out udp dport 51821 drop")
+    until(lambda: agent.ask("status")["transport"].startswith("tcp"), 20, "TCP fallback")
+    phase("QUIC blocked -> TCP")
+    lab.run(lab.client, "nft", "delete table inet l3quic")
+
+    snd.ask("pause")
+    sent = snd.ask("report")
+    assert sent["error"] == "" and sent["local"] == local
+    until(lambda: conns(srv)[0]["bytes"] == sent["bytes"], 10, "every byte sent to arrive")
+    final = conns(srv)
+    assert len(final) == 1 and final[0]["errors"] == 0, final
+    print("\nstalls (largest gap the byte checker saw per jump):")
+    for name, gap in stalls.items():
+        print(f"  {name:28s} {gap:6.3f} s")
+    assert final[0]["max_gap_s"] < MAX_GAP_S, stalls
+    agent.stop()

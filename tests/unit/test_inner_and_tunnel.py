@@ -202,3 +202,13 @@ def test_relayed_packets_are_macd_and_the_nat_ruleset_is_one_atomic_table() -> N
     assert 'ip6 saddr fd77::/64 oifname != "jvpn0" masquerade' in rules
     out = nat_ruleset("t", L3Config("jvpn0", 1420, POOL, egress_interface="eth1"), False)
     assert 'oifname "eth1" masquerade' in out and "delete" not in out
+
+
+def test_the_inner_mtu_keeps_a_packet_in_one_quic_datagram_frame() -> None:
+    from session.inner import inner_mtu
+    from session.wire import DATA_OVERHEAD, QUIC_DATAGRAM_MAX, TransportKind
+
+    quic = inner_mtu([TransportKind.QUIC])
+    assert quic + DATA_OVERHEAD == QUIC_DATAGRAM_MAX
+    assert inner_mtu([TransportKind.UDP, TransportKind.TCP, TransportKind.QUIC]) == quic
+    assert inner_mtu([TransportKind.QUIC], path_mtu=1460) < quic  # a smaller path: smaller
