@@ -53,6 +53,7 @@ COPY store /src/store
 COPY gateway /src/gateway
 COPY agent /src/agent
 COPY jvpn /src/jvpn
+COPY netdev /src/netdev
 RUN pip install --no-deps /src \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin jvpn \
  && mkdir -p /etc/jvpn /run/secrets \

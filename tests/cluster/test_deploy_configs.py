@@ -736,3 +736,17 @@ def test_systemd_units_verify_and_run_what_exists(tmp_path: Path) -> None:
                                  "--kek-file", "k", "--check-config"])
     agent_parser().parse_args(["--log-format", "json", "--private-key-file", "k",
                                "--set", "status_interval_s=0"])
+
+
+def test_the_gateway_image_carries_every_product_package() -> None:
+    """Every package the product installs (pyproject's find include, the lab instruments
+    aside) is copied into the image before `pip install /src`: a missing one is an image
+    whose gateway cannot even import."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include} - {"instruments"}
+    text = (ROOT / "Dockerfile").read_text()
+    missing = {p for p in packages if f"COPY {p} /src/{p}" not in text}
+    assert not missing, f"the Dockerfile does not copy {sorted(missing)}"

@@ -44,6 +44,7 @@ from typing import Any
 
 import pytest
 
+from store.embedded import free_port as embedded_free_port
 from tests.support.local_cluster import ROOT, require_binary
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(1500)]
@@ -76,18 +77,10 @@ def poll(what: str, timeout: float, check: Callable[[], Any], interval: float = 
 
 
 def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (the balancer publishes both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return int(port)
-    raise RuntimeError("no port free for both UDP and TCP")
+    """A port free for both UDP and TCP on every address (the balancer publishes both on
+    0.0.0.0), below the kernel's ephemeral range so no outgoing socket takes it before the
+    engine binds it."""
+    return embedded_free_port("0.0.0.0", udp_too=True)
 
 
 # ---- the engine ------------------------------------------------------------------------------
@@ -312,6 +305,7 @@ def stack(engine: Engine, base_image: str) -> Iterator[Stack]:
         JVPN_IMAGE_TAG=IMAGE_TAG,
         JVPN_PORT=str(free_port()),
         JVPN_PROMETHEUS_PORT=str(free_port()),
+        JVPN_QUIC_PORT=str(free_port()),
         JVPN_SUBNET_PREFIX=_free_subnet_prefix(client),
         JVPN_REDIS_GATEWAY_PASSWORD=secrets.token_hex(24),
         JVPN_REDIS_ADMIN_PASSWORD=secrets.token_hex(24),
