@@ -1,0 +1,228 @@
+//! The Python face: `DataChannel` and `ReplayWindow` with the API of their references in
+//! `session/framing.py` and `session/replay.py`, raising the core's own exceptions
+//! (`session.errors`) with the same `DropReason`. No panic crosses this boundary: every
+//! input a caller or the network controls is checked, and errors become exceptions.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::PyBytes;
+
+use crate::channel::{Channel, SealError, REJECT_AFTER_MESSAGES};
+use crate::reasons::{DropReason, ErrorKind};
+use crate::replay;
+use crate::wire::{self, AEAD_TAG_LEN, DATA_PREFIX_LEN, MAX_INNER_LEN, MAX_MESSAGE_SIZE};
+
+struct Errors {
+    decode: PyObject,
+    auth: PyObject,
+    replay: PyObject,
+    local: PyObject,
+    reason: PyObject,
+}
+
+static ERRORS: GILOnceCell<Errors> = GILOnceCell::new();
+
+fn errors(py: Python<'_>) -> PyResult<&Errors> {
+    ERRORS.get_or_try_init(py, || {
+        let e = py.import("session.errors")?;
+        let r = py.import("session.reasons")?;
+        Ok(Errors {
+            decode: e.getattr("DecodeError")?.unbind(),
+            auth: e.getattr("AuthError")?.unbind(),
+            replay: e.getattr("ReplayError")?.unbind(),
+            local: e.getattr("LocalProtocolError")?.unbind(),
+            reason: r.getattr("DropReason")?.unbind(),
+        })
+    })
+}
+
+/// The core's exception for a drop reason: DecodeError, AuthError or ReplayError.
+fn drop_error(py: Python<'_>, reason: DropReason, detail: String) -> PyErr {
+    match errors(py) {
+        Ok(e) => {
+            let cls = match reason.kind() {
+                ErrorKind::Decode => &e.decode,
+                ErrorKind::Auth => &e.auth,
+                ErrorKind::Replay => &e.replay,
+            };
+            match e.reason.call1(py, (reason.code(),)).and_then(|r| cls.call1(py, (r, detail))) {
+                Ok(obj) => PyErr::from_value(obj.into_bound(py)),
+                Err(err) => err,
+            }
+        }
+        Err(err) => err,
+    }
+}
+
+fn session_id(raw: &[u8]) -> PyResult<wire::SessionId> {
+    raw.try_into().map_err(|_| PyValueError::new_err("session_id must be 16 bytes"))
+}
+
+fn key(raw: &[u8]) -> PyResult<[u8; 32]> {
+    raw.try_into().map_err(|_| PyValueError::new_err("traffic keys must be 32 bytes"))
+}
+
+/// Seal and open DATA packets of one binding, for one side (`session.framing.DataChannel`).
+#[pyclass(module = "jvpn_dataplane", frozen)]
+pub struct DataChannel {
+    inner: Arc<Mutex<Channel>>,
+    #[pyo3(get)]
+    session_id: Py<PyBytes>,
+    #[pyo3(get)]
+    epoch: u32,
+}
+
+impl DataChannel {
+    fn lock(&self) -> PyResult<MutexGuard<'_, Channel>> {
+        self.inner.lock().map_err(|_| PyRuntimeError::new_err("data channel poisoned"))
+    }
+}
+
+#[pymethods]
+impl DataChannel {
+    #[new]
+    fn new(py: Python<'_>, send_key: &[u8], recv_key: &[u8], session_id_: &[u8], epoch: i64) -> PyResult<Self> {
+        let (s, r) = (key(send_key)?, key(recv_key)?);
+        let sid = session_id(session_id_)?;
+        let epoch = u32::try_from(epoch).map_err(|_| PyValueError::new_err("epoch out of range"))?;
+        let ch = Channel::new(&s, &r, sid, epoch).map_err(|_| {
+            PyValueError::new_err("send and receive keys must differ (nonce reuse across directions)")
+        })?;
+        Ok(DataChannel { inner: Arc::new(Mutex::new(ch)), session_id: PyBytes::new(py, &sid).unbind(), epoch })
+    }
+
+    /// The counter the next sealed packet will carry.
+    #[getter]
+    fn next_send_counter(&self) -> PyResult<u64> {
+        Ok(self.lock()?.next_send_counter())
+    }
+
+    /// The highest counter accepted so far.
+    #[getter]
+    fn highest_received(&self) -> PyResult<Option<u64>> {
+        Ok(self.lock()?.highest_received())
+    }
+
+    #[getter]
+    fn packets_sent(&self) -> PyResult<u64> {
+        Ok(self.lock()?.packets_sent)
+    }
+
+    #[getter]
+    fn bytes_sent(&self) -> PyResult<u64> {
+        Ok(self.lock()?.bytes_sent)
+    }
+
+    #[getter]
+    fn packets_received(&self) -> PyResult<u64> {
+        Ok(self.lock()?.packets_received)
+    }
+
+    #[getter]
+    fn bytes_received(&self) -> PyResult<u64> {
+        Ok(self.lock()?.bytes_received)
+    }
+
+    /// Encrypt one inner message into a complete encoded DATA packet.
+    fn seal<'py>(&self, py: Python<'py>, inner: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let len = inner.len();
+        if len == 0 || len > MAX_INNER_LEN {
+            return Err(PyValueError::new_err(format!("inner message of {len} bytes (1..{MAX_INNER_LEN})")));
+        }
+        let mut ch = self.lock()?;
+        if ch.next_send_counter() >= REJECT_AFTER_MESSAGES {
+            let e = errors(py)?;
+            return Err(PyErr::from_value(
+                e.local.call1(py, ("send counter exhausted: start a new epoch",))?.into_bound(py),
+            ));
+        }
+        PyBytes::new_with(py, DATA_PREFIX_LEN + len + AEAD_TAG_LEN, |out| {
+            ch.seal_into(inner, out).map(|_| ()).map_err(|e| match e {
+                SealError::Exhausted | SealError::BadLength(_) | SealError::NoRoom => {
+                    PyRuntimeError::new_err(format!("seal failed: {e:?}"))
+                }
+            })
+        })
+    }
+
+    /// Authenticate and decrypt a decoded DATA packet (``raw`` is its encoding; the header
+    /// fields are read from it, as the codec decoded them).
+    fn open<'py>(&self, py: Python<'py>, msg: &Bound<'py, PyAny>, raw: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let _ = msg;
+        self.open_raw(py, raw)
+    }
+
+    /// Decode and open a DATA packet in one call.
+    fn open_raw<'py>(&self, py: Python<'py>, raw: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        if raw.len() > MAX_MESSAGE_SIZE {
+            return Err(drop_error(py, DropReason::Oversized, format!("{} bytes", raw.len())));
+        }
+        let mut buf = [0u8; MAX_MESSAGE_SIZE];
+        let pkt = &mut buf[..raw.len()];
+        pkt.copy_from_slice(raw);
+        let h = wire::parse_data(pkt).map_err(|r| drop_error(py, r, "DATA".into()))?;
+        let range = self
+            .lock()?
+            .open_parsed(&h, pkt, true)
+            .map_err(|r| drop_error(py, r, format!("counter {}", h.counter)))?;
+        Ok(PyBytes::new(py, &pkt[range]))
+    }
+}
+
+/// Accepts each counter at most once, and none older than the window (`session.replay`).
+#[pyclass(module = "jvpn_dataplane", name = "ReplayWindow")]
+#[derive(Default)]
+pub struct PyReplayWindow {
+    w: replay::ReplayWindow,
+}
+
+#[pymethods]
+impl PyReplayWindow {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    #[getter]
+    fn highest(&self) -> Option<u64> {
+        self.w.highest()
+    }
+
+    /// Would ``update(counter)`` accept it? Changes nothing.
+    fn check(&self, counter: &Bound<'_, PyAny>) -> bool {
+        match counter.extract::<u64>() {
+            Ok(c) => self.w.check(c),
+            Err(_) => false, // negative or beyond u64: never acceptable
+        }
+    }
+
+    /// Mark ``counter`` as seen; False if it is a duplicate, too old or out of range.
+    fn update(&mut self, counter: &Bound<'_, PyAny>) -> bool {
+        match counter.extract::<u64>() {
+            Ok(c) => self.w.update(c),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Parse a DATA packet's cleartext prefix: (session_id, epoch, counter), or the core's
+/// DecodeError with the codec's reason.
+#[pyfunction]
+fn parse_data<'py>(py: Python<'py>, raw: &[u8]) -> PyResult<(Bound<'py, PyBytes>, u32, u64)> {
+    let h = wire::parse_data(raw).map_err(|r| drop_error(py, r, "DATA".into()))?;
+    Ok((PyBytes::new(py, &h.session_id), h.epoch, h.counter))
+}
+
+#[pymodule]
+fn jvpn_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<DataChannel>()?;
+    m.add_class::<PyReplayWindow>()?;
+    m.add_function(wrap_pyfunction!(parse_data, m)?)?;
+    m.add("REPLAY_WINDOW", replay::REPLAY_WINDOW)?;
+    m.add("MAX_INNER_LEN", MAX_INNER_LEN)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
