@@ -12,6 +12,7 @@ from agent.agent import Agent, AgentSettings
 from agent.config import AgentConfig, gateway_public_key, load_agent_config, load_private_key
 from agent.l3 import L3Settings
 from netdev.netconf import FullTunnel
+from session import dataplane
 from session.client import ClientParams
 from session.quality import QualityThresholds
 from settings import ConfigError, parse_address, parse_set_flags
@@ -159,10 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_agent_config(args.config, overrides=overrides_from_args(args))
         settings_from_config(cfg)  # fail fast on missing keys
+        dataplane.select(cfg.data_plane)
+    except LookupError as exc:
+        print(f"config error: [agent] data_plane: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
     configure_logging(cfg.log_level, cfg.log_format, "jvpn-agent")
+    logging.getLogger("jvpn.agent").info("%s", dataplane.describe())
     try:
         import uvloop
 

@@ -41,6 +41,7 @@ from gateway.quic import (
     server_configuration,
 )
 from gateway.tracing import Tracing
+from session import dataplane
 from session.inner import InnerPool
 from session.keys import KekRing, fingerprint, registry_key, relay_key
 from session.noise import generate_keypair, public_key
@@ -118,6 +119,8 @@ class GatewayApp:
 
     async def start(self) -> GatewayApp:
         cfg = self.cfg
+        dataplane.select(cfg.data_plane)  # LookupError when "compiled" is asked for and missing
+        log.info("%s", dataplane.describe())
         if not cfg.store_url:
             self.embedded = await EmbeddedRedis().astart()
             log.info("no store_url configured: started an embedded redis-server at %s (pid %s)",
