@@ -204,6 +204,12 @@ class GatewayConfig:
         help="who seals and opens DATA packets: the compiled module (jvpn_dataplane), the "
         "Python reference, or auto (compiled when installed); said at start",
     )
+    udp_engine: str = setting(
+        "auto", choices=("auto", "on", "off"), fold_case=True,
+        help="the compiled UDP data path: a Rust thread reads the UDP socket and the upstreams "
+        "in batches and forwards plain DATA itself (needs the compiled data plane; not behind "
+        "trusted_balancers); auto = on when possible; said at start",
+    )
     gc_gen0_threshold: int = setting(
         20_000, min=0, max=10_000_000,
         help="allocations between young-generation GC passes (process-wide, set by "

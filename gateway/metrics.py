@@ -158,10 +158,10 @@ class Metrics:
 
     # ---- data path ----------------------------------------------------------------------
 
-    def count_drop(self, reason: object, transport: object) -> None:
-        """Count one dropped datagram/frame (malformed or rejected input)."""
+    def count_drop(self, reason: object, transport: object, n: int = 1) -> None:
+        """Count ``n`` dropped datagrams/frames (malformed or rejected input)."""
         key = (reason, transport)
-        self.drops[key] = self.drops.get(key, 0) + 1
+        self.drops[key] = self.drops.get(key, 0) + n
 
     # ---- exposition ---------------------------------------------------------------------
 

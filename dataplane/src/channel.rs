@@ -145,28 +145,57 @@ impl Channel {
         }
         let total = buf.len();
         let end = total - AEAD_TAG_LEN;
-        let tag = *Tag::from_slice(&buf[end..]);
-        let (prefix, rest) = buf.split_at_mut(DATA_PREFIX_LEN);
-        let body = &mut rest[..end - DATA_PREFIX_LEN];
         if commit {
+            let tag = *Tag::from_slice(&buf[end..]);
+            let (prefix, rest) = buf.split_at_mut(DATA_PREFIX_LEN);
             self.recv
-                .decrypt_in_place_detached(&nonce(n), prefix, body, &tag)
+                .decrypt_in_place_detached(&nonce(n), prefix, &mut rest[..end - DATA_PREFIX_LEN], &tag)
                 .map_err(|_| DropReason::BadAead)?;
-            if !self.window.update(n) {
+            if !self.accept(n, total) {
                 return Err(DropReason::Replayed); // unreachable: check() passed just above
             }
-            self.packets_received += 1;
-            self.bytes_received += total as u64;
         } else {
             // verify on a copy: the caller hands the packet on unchanged
             let mut scratch = [0u8; wire::MAX_MESSAGE_SIZE];
-            let copy = &mut scratch[..body.len()];
-            copy.copy_from_slice(body);
-            self.recv
-                .decrypt_in_place_detached(&nonce(n), prefix, copy, &tag)
-                .map_err(|_| DropReason::BadAead)?;
+            self.open_into(h, buf, &mut scratch)?;
         }
         Ok(DATA_PREFIX_LEN..end)
+    }
+
+    /// Verify and decrypt the DATA packet `pkt` (header `h`) into `out[..len]`, changing
+    /// nothing: the window is marked only by `accept`, once the caller keeps the packet.
+    /// Returns the plaintext's length.
+    pub fn open_into(&self, h: &wire::DataHeader, pkt: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+        if h.epoch != self.epoch {
+            return Err(DropReason::StaleEpoch);
+        }
+        if h.session_id != self.session_id {
+            return Err(DropReason::UnknownSession);
+        }
+        if h.counter >= REJECT_AFTER_MESSAGES || !self.window.check(h.counter) {
+            return Err(DropReason::Replayed);
+        }
+        let end = pkt.len() - AEAD_TAG_LEN;
+        let len = end - DATA_PREFIX_LEN;
+        if out.len() < len {
+            return Err(DropReason::Oversized);
+        }
+        let tag = Tag::from_slice(&pkt[end..]);
+        out[..len].copy_from_slice(&pkt[DATA_PREFIX_LEN..end]);
+        self.recv
+            .decrypt_in_place_detached(&nonce(h.counter), &pkt[..DATA_PREFIX_LEN], &mut out[..len], tag)
+            .map_err(|_| DropReason::BadAead)?;
+        Ok(len)
+    }
+
+    /// Mark an authenticated packet's counter seen and count it; false if already seen.
+    pub fn accept(&mut self, counter: u64, wire_len: usize) -> bool {
+        if !self.window.update(counter) {
+            return false;
+        }
+        self.packets_received += 1;
+        self.bytes_received += wire_len as u64;
+        true
     }
 }
 

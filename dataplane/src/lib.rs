@@ -5,7 +5,9 @@
 //! `session/`. The PyO3 bindings (`py`) exist only with the `python` feature, so
 //! `cargo test` and the fuzz targets need no Python.
 
+pub mod batch;
 pub mod channel;
+pub mod engine;
 pub mod reasons;
 pub mod replay;
 pub mod wire;

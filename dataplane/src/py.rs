@@ -220,9 +220,162 @@ fn parse_data<'py>(py: Python<'py>, raw: &[u8]) -> PyResult<(Bound<'py, PyBytes>
 fn jvpn_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataChannel>()?;
     m.add_class::<PyReplayWindow>()?;
+    m.add_class::<GatewayEngine>()?;
     m.add_function(wrap_pyfunction!(parse_data, m)?)?;
     m.add("REPLAY_WINDOW", replay::REPLAY_WINDOW)?;
     m.add("MAX_INNER_LEN", MAX_INNER_LEN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
+}
+
+fn peer_addr(addr: &Bound<'_, PyAny>) -> PyResult<std::net::SocketAddr> {
+    let (host, port): (String, u16) = (addr.get_item(0)?.extract()?, addr.get_item(1)?.extract()?);
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| PyValueError::new_err(format!("not an IP address: {host:?}")))?;
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
+fn py_addr(py: Python<'_>, addr: &std::net::SocketAddr) -> PyResult<PyObject> {
+    Ok((addr.ip().to_string(), addr.port()).into_pyobject(py)?.into_any().unbind())
+}
+
+/// The gateway's UDP data path on a Rust thread (`engine.rs`): the machine installs
+/// bindings; everything that is not plain forwarding comes back through ``drain``.
+#[pyclass(module = "jvpn_dataplane", frozen)]
+pub struct GatewayEngine {
+    engine: Mutex<Option<crate::engine::Engine>>,
+    notify: i32,
+}
+
+impl GatewayEngine {
+    fn with<T>(&self, f: impl FnOnce(&crate::engine::Engine) -> PyResult<T>) -> PyResult<T> {
+        let g = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?;
+        match g.as_ref() {
+            Some(e) => f(e),
+            None => Err(PyRuntimeError::new_err("the data plane engine is stopped")),
+        }
+    }
+}
+
+#[pymethods]
+impl GatewayEngine {
+    /// Start reading the bound UDP socket ``fd`` (the engine reads a duplicate; the caller
+    /// keeps sending on its own). ``queue_max``: items waiting for the machine at most.
+    #[new]
+    #[pyo3(signature = (fd, queue_max = 8192))]
+    fn new(fd: i32, queue_max: usize) -> PyResult<Self> {
+        let e = crate::engine::Engine::new(fd, queue_max.max(1))
+            .map_err(|e| PyRuntimeError::new_err(format!("data plane engine: {e}")))?;
+        let notify = e.notify_fd();
+        Ok(GatewayEngine { engine: Mutex::new(Some(e)), notify })
+    }
+
+    /// The descriptor that is readable while handed-up items wait (an eventfd).
+    fn fileno(&self) -> i32 {
+        self.notify
+    }
+
+    /// Install or update a binding: its channel (a compiled DataChannel: the engine and the
+    /// machine share its replay window and send counter), epoch, peer, whether the engine
+    /// may forward for it alone, and until when (monotonic seconds) its lease holds.
+    fn install(&self, session_id_: &[u8], channel: &DataChannel, peer: &Bound<'_, PyAny>, fast: bool, lease_until: f64) -> PyResult<()> {
+        let sid = session_id(session_id_)?;
+        let peer = peer_addr(peer)?;
+        self.with(|e| {
+            e.install(sid, channel.inner.clone(), channel.epoch, peer, fast, lease_until);
+            Ok(())
+        })
+    }
+
+    /// Remove a binding (and close its upstream socket); False if it was not installed.
+    fn remove(&self, session_id_: &[u8]) -> PyResult<bool> {
+        let sid = session_id(session_id_)?;
+        self.with(|e| Ok(e.remove(&sid)))
+    }
+
+    /// The session ids installed.
+    fn installed<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        self.with(|e| Ok(e.installed().iter().map(|s| PyBytes::new(py, s)).collect()))
+    }
+
+    /// Send a payload to an installed binding's upstream (its socket opened on first use).
+    fn to_upstream(&self, session_id_: &[u8], upstream: &Bound<'_, PyAny>, data: &[u8]) -> PyResult<()> {
+        let sid = session_id(session_id_)?;
+        let addr = peer_addr(upstream)?;
+        self.with(|e| e.to_upstream(&sid, addr, data).map_err(|err| pyo3::exceptions::PyOSError::new_err(err.to_string())))
+    }
+
+    fn close_upstream(&self, session_id_: &[u8]) -> PyResult<()> {
+        let sid = session_id(session_id_)?;
+        self.with(|e| {
+            e.close_upstream(&sid);
+            Ok(())
+        })
+    }
+
+    /// (packets received, packets sent, last receive time) the engine forwarded for a
+    /// binding since the last call; None if it is not installed.
+    fn take_stats(&self, session_id_: &[u8]) -> PyResult<Option<(u64, u64, f64)>> {
+        let sid = session_id(session_id_)?;
+        self.with(|e| Ok(e.take_stats(&sid)))
+    }
+
+    /// Up to ``max`` handed-up items: ``(0, data, (host, port))`` a datagram from the
+    /// listener, ``(1, session_id, data)`` a reply from that binding's upstream.
+    #[pyo3(signature = (max = 256))]
+    fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<(u8, PyObject, PyObject)>> {
+        let items = self.with(|e| Ok(e.drain(max)))?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(match item {
+                crate::engine::HandUp::Datagram { data, from } => {
+                    (0u8, PyBytes::new(py, &data).into_any().unbind(), py_addr(py, &from)?)
+                }
+                crate::engine::HandUp::Upstream { session_id, data } => (
+                    1u8,
+                    PyBytes::new(py, &session_id).into_any().unbind(),
+                    PyBytes::new(py, &data).into_any().unbind(),
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The engine's counters since it started (packets, bytes, system calls, drops by
+    /// DropReason value).
+    fn counters(&self) -> PyResult<std::collections::HashMap<String, u64>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.with(|e| {
+            let c = &e.shared.counters;
+            let mut m = std::collections::HashMap::new();
+            for (k, v) in [
+                ("rx_packets", &c.rx_packets),
+                ("rx_bytes", &c.rx_bytes),
+                ("tx_packets", &c.tx_packets),
+                ("tx_bytes", &c.tx_bytes),
+                ("forwarded", &c.forwarded),
+                ("returned", &c.returned),
+                ("handed_up", &c.handed_up),
+                ("handed_up_bytes", &c.handed_up_bytes),
+                ("handed_up_datagrams", &c.handed_up_datagrams),
+                ("upstream_tx_drops", &c.upstream_tx_drops),
+                ("recv_calls", &c.recv_calls),
+                ("send_calls", &c.send_calls),
+            ] {
+                m.insert(k.to_string(), v.load(Relaxed));
+            }
+            for r in DropReason::ALL {
+                m.insert(format!("drop_{}", r.code()), c.drops[r.code() as usize].load(Relaxed));
+            }
+            Ok(m)
+        })
+    }
+
+    /// Stop the thread and close the engine's descriptors (idempotent).
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let taken = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?.take();
+        py.allow_threads(move || drop(taken)); // joins the thread, which may wait on the table
+        Ok(())
+    }
 }
