@@ -514,6 +514,7 @@ class GatewayNode:
         m.tx_bytes += delta["tx_bytes"]
         for reason, n in udp_engine.drop_reasons(delta):
             m.count_drop(reason, wire.TransportKind.UDP, n)
+        m.engine = mirror.totals
 
     # ---- background ------------------------------------------------------------------------
 

@@ -140,6 +140,11 @@ class EngineMirror:
         for sid in list(self.installed):
             self.pull(sid)
 
+    @property
+    def totals(self) -> dict[str, int]:
+        """The engine's counters as of the last ``counters_delta``."""
+        return self._counters
+
     def counters_delta(self) -> dict[str, int]:
         """The engine's counters since the last call."""
         now = self.engine.counters()

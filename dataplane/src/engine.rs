@@ -68,6 +68,7 @@ pub struct Counters {
     pub upstream_tx_drops: AtomicU64,
     pub recv_calls: AtomicU64,
     pub send_calls: AtomicU64,
+    pub poll_calls: AtomicU64,
     pub drops: [AtomicU64; 32],
 }
 
@@ -359,6 +360,7 @@ impl Shared {
             // SAFETY: events has room for its length; epoll is ours. 200 ms bound: stop is
             // also seen without the wake descriptor.
             let n = unsafe { libc::epoll_wait(self.epoll, events.as_mut_ptr(), events.len() as libc::c_int, 200) };
+            self.counters.poll_calls.fetch_add(1, Ordering::Relaxed);
             if n < 0 {
                 continue; // EINTR
             }

@@ -362,6 +362,7 @@ impl GatewayEngine {
                 ("upstream_tx_drops", &c.upstream_tx_drops),
                 ("recv_calls", &c.recv_calls),
                 ("send_calls", &c.send_calls),
+                ("poll_calls", &c.poll_calls),
             ] {
                 m.insert(k.to_string(), v.load(Relaxed));
             }

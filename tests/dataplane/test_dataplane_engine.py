@@ -51,6 +51,11 @@ async def test_engine_forwards_refuses_and_hands_up(redis_url: str, compiled: Mo
         assert sorted(got) == sorted(b"p%03d" % i for i in range(100))
         c = engine.counters()
         assert c["forwarded"] == 100 and c["returned"] >= 100, c  # and the first reply
+        # the engine's work reaches the node's metrics (copied in at the next timer)
+        await wait_for(lambda: gw.app.metrics.engine.get("forwarded", 0) >= 100, 5, "metrics")
+        text = gw.app.metrics.exposition().decode()
+        assert 'jvpn_engine_packets_total{path="forwarded"}' in text
+        assert 'jvpn_engine_syscalls_total{call="recvmmsg"}' in text
 
         # refusals: a replay and a forgery, counted by the same reasons as the machine's
         before = (drops(gw, DropReason.REPLAYED), drops(gw, DropReason.BAD_AEAD))
