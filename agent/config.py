@@ -94,6 +94,12 @@ class AgentConfig:
         help="who seals and opens DATA packets: the compiled module (jvpn_dataplane), the "
         "Python reference, or auto (compiled when installed); said at start",
     )
+    udp_engine: str = setting(
+        "auto", choices=("auto", "on", "off"), fold_case=True,
+        help="the compiled UDP data path: a Rust thread reads the local port and the UDP "
+        "paths in batches and forwards plain payloads itself (needs the compiled data "
+        "plane); auto = on when possible; said at start",
+    )
 
     def check_config(self) -> Iterator[tuple[str, str]]:
         """Cross-field rules: (key, problem) for each violation."""

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = resolve_keys(cfg)
         dataplane.select(cfg.data_plane)
     except LookupError as exc:
-        print(f"config error: [gateway] data_plane: {exc}", file=sys.stderr)
+        print(f"config error: [gateway] {exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)

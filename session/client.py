@@ -322,6 +322,11 @@ class ClientSession:
         return self._machine.state in LIVE_STATES
 
     @property
+    def channel(self) -> DataChannel | None:
+        """The current binding's DATA channel (None before the first handshake)."""
+        return self._channel
+
+    @property
     def quality(self) -> PathQuality:
         return self._quality
 

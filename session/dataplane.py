@@ -49,7 +49,8 @@ def select(choice: DataPlane | str = DataPlane.AUTO) -> DataPlane:
     module = compiled_module() if choice is not DataPlane.PYTHON else None
     if module is None:
         if choice is DataPlane.COMPILED:
-            raise LookupError("the compiled data plane (jvpn_dataplane) is not installed")
+            raise LookupError("data_plane = compiled, but the compiled data plane "
+                              "(jvpn_dataplane) is not installed")
         _channel_class, _active = framing.DataChannel, DataPlane.PYTHON
     else:
         _channel_class, _active = module.DataChannel, DataPlane.COMPILED

@@ -73,7 +73,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn drop(&self, r: DropReason) {
+    pub(crate) fn drop(&self, r: DropReason) {
         self.drops[r.code() as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -102,7 +102,7 @@ pub fn monotonic() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+pub(crate) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -110,13 +110,13 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn epoll_add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+pub(crate) fn epoll_add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
     let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
     // SAFETY: ev is a valid epoll_event; epoll and fd are descriptors this engine owns.
     cvt(unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(|_| ())
 }
 
-fn close(fd: RawFd) {
+pub(crate) fn close(fd: RawFd) {
     // SAFETY: fd is a descriptor this engine opened (or dup'ed) and closes exactly once.
     unsafe { libc::close(fd) };
 }

@@ -5,6 +5,7 @@
 //! `session/`. The PyO3 bindings (`py`) exist only with the `python` feature, so
 //! `cargo test` and the fuzz targets need no Python.
 
+pub mod agent_engine;
 pub mod batch;
 pub mod channel;
 pub mod engine;

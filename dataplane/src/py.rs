@@ -221,6 +221,7 @@ fn jvpn_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataChannel>()?;
     m.add_class::<PyReplayWindow>()?;
     m.add_class::<GatewayEngine>()?;
+    m.add_class::<AgentEngine>()?;
     m.add_function(wrap_pyfunction!(parse_data, m)?)?;
     m.add("REPLAY_WINDOW", replay::REPLAY_WINDOW)?;
     m.add("MAX_INNER_LEN", MAX_INNER_LEN)?;
@@ -377,6 +378,119 @@ impl GatewayEngine {
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
         let taken = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?.take();
         py.allow_threads(move || drop(taken)); // joins the thread, which may wait on the table
+        Ok(())
+    }
+}
+
+/// The agent's UDP data path on a Rust thread (`agent_engine.rs`): the client machine
+/// says which path is current and whether it is fast; the rest comes back through ``drain``.
+#[pyclass(module = "jvpn_dataplane", frozen)]
+pub struct AgentEngine {
+    engine: Mutex<Option<crate::agent_engine::ClientEngine>>,
+    notify: i32,
+}
+
+impl AgentEngine {
+    fn with<T>(&self, f: impl FnOnce(&crate::agent_engine::ClientEngine) -> PyResult<T>) -> PyResult<T> {
+        let g = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?;
+        match g.as_ref() {
+            Some(e) => f(e),
+            None => Err(PyRuntimeError::new_err("the data plane engine is stopped")),
+        }
+    }
+}
+
+#[pymethods]
+impl AgentEngine {
+    /// Start reading the application's bound UDP socket ``fd`` (a duplicate; the caller
+    /// keeps sending on its own).
+    #[new]
+    #[pyo3(signature = (fd, queue_max = 8192))]
+    fn new(fd: i32, queue_max: usize) -> PyResult<Self> {
+        let e = crate::agent_engine::ClientEngine::new(fd, queue_max.max(1))
+            .map_err(|e| PyRuntimeError::new_err(format!("data plane engine: {e}")))?;
+        let notify = e.notify_fd();
+        Ok(AgentEngine { engine: Mutex::new(Some(e)), notify })
+    }
+
+    fn fileno(&self) -> i32 {
+        self.notify
+    }
+
+    /// Read a path's connected UDP socket ``fd`` from now on (a duplicate).
+    fn add_path(&self, path_id: u64, fd: i32) -> PyResult<()> {
+        self.with(|e| e.add_path(path_id, fd).map_err(|err| pyo3::exceptions::PyOSError::new_err(err.to_string())))
+    }
+
+    fn remove_path(&self, path_id: u64) -> PyResult<()> {
+        self.with(|e| {
+            e.remove_path(path_id);
+            Ok(())
+        })
+    }
+
+    /// The machine's current path and channel and whether the engine may forward alone;
+    /// ``None`` for no current path.
+    #[pyo3(signature = (path_id = None, channel = None, fast = false))]
+    fn set_current(&self, path_id: Option<u64>, channel: Option<&DataChannel>, fast: bool) -> PyResult<()> {
+        let cur = match (path_id, channel) {
+            (Some(p), Some(ch)) => Some((p, ch.inner.clone(), fast)),
+            _ => None,
+        };
+        self.with(|e| {
+            e.set_current(cur);
+            Ok(())
+        })
+    }
+
+    /// Up to ``max`` items: ``(0, data, (host, port))`` from the application, ``(1, path_id,
+    /// data)`` from a path.
+    #[pyo3(signature = (max = 256))]
+    fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<(u8, PyObject, PyObject)>> {
+        let items = self.with(|e| Ok(e.drain(max)))?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(match item {
+                crate::agent_engine::ClientHandUp::Local { data, from } => {
+                    (0u8, PyBytes::new(py, &data).into_any().unbind(), py_addr(py, &from)?)
+                }
+                crate::agent_engine::ClientHandUp::Path { path_id, data } => (
+                    1u8,
+                    path_id.into_pyobject(py)?.into_any().unbind(),
+                    PyBytes::new(py, &data).into_any().unbind(),
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    fn counters(&self) -> PyResult<std::collections::HashMap<String, u64>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.with(|e| {
+            let c = &e.shared.counters;
+            let mut m = std::collections::HashMap::new();
+            for (k, v) in [
+                ("rx_packets", &c.rx_packets),
+                ("tx_packets", &c.tx_packets),
+                ("forwarded", &c.forwarded),
+                ("returned", &c.returned),
+                ("handed_up", &c.handed_up),
+                ("recv_calls", &c.recv_calls),
+                ("send_calls", &c.send_calls),
+                ("poll_calls", &c.poll_calls),
+            ] {
+                m.insert(k.to_string(), v.load(Relaxed));
+            }
+            for r in DropReason::ALL {
+                m.insert(format!("drop_{}", r.code()), c.drops[r.code() as usize].load(Relaxed));
+            }
+            Ok(m)
+        })
+    }
+
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let taken = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?.take();
+        py.allow_threads(move || drop(taken));
         Ok(())
     }
 }
