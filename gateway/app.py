@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway import status
-from gateway import udp_engine
+from gateway import status, udp_engine
 from gateway.admin_http import bound_port, make_admin_app, start_admin, stop_admin
 from gateway.balancer import TrustedBalancers, parse_networks
 from gateway.config import (
