@@ -497,6 +497,11 @@ class GatewayNode:
         for sid in touched:
             self._mirror.sync(sid)
 
+    def engine_stats(self) -> None:
+        """Bring what the compiled engine forwarded into the bindings (before reading them)."""
+        if self._mirror is not None:
+            self._mirror.pull_all()
+
     def _mirror_sync(self, sid: bytes | None = None) -> None:
         """Refresh the engine's bindings: one session's, or all (and the engine's counters)."""
         mirror = self._mirror

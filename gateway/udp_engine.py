@@ -128,13 +128,15 @@ class EngineMirror:
         b = self.machine.bindings.get(sid)
         if stats is None or b is None:
             return
-        rx, tx, last_rx = stats
+        rx, tx, last_rx, rx_bytes, tx_bytes = stats
         if rx:
             b.rx_packets += rx
+            b.rx_bytes += rx_bytes
             b.lost = False
             if last_rx > b.last_rx:
                 b.last_rx = last_rx
         b.tx_packets += tx
+        b.tx_bytes += tx_bytes
 
     def pull_all(self) -> None:
         for sid in list(self.installed):

@@ -51,6 +51,17 @@ pub struct Binding {
     upstream: Option<RawFd>,
     pub rx_packets: u64,
     pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub last_rx: f64,
+}
+
+/// What the engine forwarded for one binding since the machine last asked.
+pub struct BindingStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
     pub last_rx: f64,
 }
 
@@ -190,7 +201,19 @@ impl Engine {
             None => {
                 t.bindings.insert(
                     sid,
-                    Binding { channel, epoch, peer, fast, lease_until, upstream: None, rx_packets: 0, tx_packets: 0, last_rx: 0.0 },
+                    Binding {
+                        channel,
+                        epoch,
+                        peer,
+                        fast,
+                        lease_until,
+                        upstream: None,
+                        rx_packets: 0,
+                        tx_packets: 0,
+                        rx_bytes: 0,
+                        tx_bytes: 0,
+                        last_rx: 0.0,
+                    },
                 );
             }
         }
@@ -211,13 +234,18 @@ impl Engine {
         }
     }
 
-    /// (rx_packets, tx_packets, last_rx) the engine forwarded for a binding, then zeroed.
-    pub fn take_stats(&self, sid: &SessionId) -> Option<(u64, u64, f64)> {
+    /// What the engine forwarded for a binding since the last call (the counts restart).
+    pub fn take_stats(&self, sid: &SessionId) -> Option<BindingStats> {
         let mut t = self.shared.table.lock().expect("table");
         t.bindings.get_mut(sid).map(|b| {
-            let out = (b.rx_packets, b.tx_packets, b.last_rx);
-            b.rx_packets = 0;
-            b.tx_packets = 0;
+            let out = BindingStats {
+                rx_packets: b.rx_packets,
+                tx_packets: b.tx_packets,
+                rx_bytes: b.rx_bytes,
+                tx_bytes: b.tx_bytes,
+                last_rx: b.last_rx,
+            };
+            (b.rx_packets, b.tx_packets, b.rx_bytes, b.tx_bytes) = (0, 0, 0, 0);
             out
         })
     }
@@ -442,6 +470,7 @@ impl Shared {
         slot.copy_within(1..len, 0);
         out.batch.push(len - 1, None);
         b.rx_packets += 1;
+        b.rx_bytes += pkt.len() as u64;
         b.last_rx = now;
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -486,6 +515,7 @@ impl Shared {
                         debug_assert_eq!(len, DATA_PREFIX_LEN + data.len() + 1 + AEAD_TAG_LEN);
                         out.push(len, Some(&b.peer));
                         b.tx_packets += 1;
+                        b.tx_bytes += len as u64;
                         c.returned.fetch_add(1, Ordering::Relaxed);
                         c.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
                     }

@@ -315,11 +315,13 @@ impl GatewayEngine {
         })
     }
 
-    /// (packets received, packets sent, last receive time) the engine forwarded for a
-    /// binding since the last call; None if it is not installed.
-    fn take_stats(&self, session_id_: &[u8]) -> PyResult<Option<(u64, u64, f64)>> {
+    /// (packets received, packets sent, last receive time, bytes received, bytes sent) the
+    /// engine forwarded for a binding since the last call; None if it is not installed.
+    fn take_stats(&self, session_id_: &[u8]) -> PyResult<Option<(u64, u64, f64, u64, u64)>> {
         let sid = session_id(session_id_)?;
-        self.with(|e| Ok(e.take_stats(&sid)))
+        self.with(|e| {
+            Ok(e.take_stats(&sid).map(|s| (s.rx_packets, s.tx_packets, s.last_rx, s.rx_bytes, s.tx_bytes)))
+        })
     }
 
     /// Up to ``max`` handed-up items: ``(0, data, (host, port))`` a datagram from the
