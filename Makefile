@@ -167,6 +167,7 @@ base-image: deps
 	  sh deploy/containers/debian-base.sh $(ENGINE)
 
 test-containers: deps venv
+	@if [ -n "$(HAVE_CARGO)" ]; then $(MAKE) dataplane-wheel; fi
 	@$(BIN)/python -m pytest -q -s -m containers tests/containers $(PYTEST_ARGS)
 
 lint: venv
@@ -181,6 +182,7 @@ lint: venv
 test: deps venv
 	@$(MAKE) lint
 	@$(MAKE) dataplane-test
+	@if [ -n "$(HAVE_CARGO)" ]; then $(MAKE) dataplane-wheel; fi  # for the image tests/containers builds
 	@rc=0; req=0; [ -f $(DATAPLANE_STAMP) ] && req=1; \
 	JVPN_REQUIRE_COMPILED=$$req $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
