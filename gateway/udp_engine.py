@@ -11,7 +11,7 @@ the same socket.
 
 This module decides nothing: it mirrors the machine's bindings into the engine. A binding
 is *fast* while the machine would forward its payloads without a decision: validated,
-no new address under validation, a live state, a plain UDP peer (not through a
+no new address under validation, no REKEY in flight, a live state, a plain UDP peer (not through a
 balancer), a compiled channel (which the engine and the machine then share: one replay
 window, one send counter). Its lease deadline is the machine's own (``_leased``): the
 store's last answer plus ``lease_s`` when the binding was confirmed since the node last
@@ -88,7 +88,9 @@ class EngineMirror:
     def fast(self, b: Binding) -> bool:
         """Whether the engine may forward ``b``'s payloads without asking the machine."""
         p = b.peer
-        return (b.validated and not b.probes and b.state in LIVE_STATES
+        # prev_channel: a REKEY in flight, the downlink still under the previous keys
+        return (b.validated and not b.probes and b.prev_channel is None
+                and b.state in LIVE_STATES
                 and p.kind is wire.TransportKind.UDP and p.via is None
                 and type(b.channel) is self.channel_class)
 
