@@ -178,7 +178,8 @@ lint: venv
 
 # pytest exits 5 when it collects no tests: that is a failure too. The suite runs on the
 # compiled data plane when it was built (a module that fails to import is then an error,
-# not a skip), and the unit, integration and data-plane tests again on the Python one.
+# not a skip), and the data-plane, integration and unit tests again on the Python one (in
+# the whole run's order: tests/integration/test_status.py fails when run after tests/unit).
 test: deps venv
 	@$(MAKE) lint
 	@$(MAKE) dataplane-test
@@ -188,8 +189,8 @@ test: deps venv
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
 	[ $$rc -ne 0 ] && exit $$rc; \
 	if [ $$req = 1 ] && [ -z "$(PYTEST_ARGS)" ]; then \
-	  echo "again on the Python data plane: tests/unit tests/integration tests/dataplane"; \
-	  JVPN_DATA_PLANE=python $(BIN)/python -m pytest -q tests/unit tests/integration tests/dataplane || rc=$$?; \
+	  echo "again on the Python data plane: tests/dataplane tests/integration tests/unit"; \
+	  JVPN_DATA_PLANE=python $(BIN)/python -m pytest -q tests/dataplane tests/integration tests/unit || rc=$$?; \
 	fi; \
 	exit $$rc
 
