@@ -24,6 +24,9 @@ from session import wire
 
 log = logging.getLogger("jvpn.agent")
 
+# The engine seals the application's datagrams as plain PAYLOADs; UDP-forward mode sends
+# each local source as its own flow (FLOW_PAYLOAD), which it does not carry yet.
+CARRIES_FLOWS = False
 DRAIN_MAX = 512
 QUEUE_MAX = 16384
 
