@@ -54,7 +54,12 @@ COPY gateway /src/gateway
 COPY agent /src/agent
 COPY jvpn /src/jvpn
 COPY netdev /src/netdev
-RUN pip install --no-deps /src \
+# The compiled data plane: the abi3 wheel `make dataplane-wheel` built on the host
+# beforehand (dataplane/wheels/; README.md, "Containers"); without one the image runs
+# the Python data plane, and the gateway says which at start.
+COPY dataplane/wheels/ /src/wheels/
+RUN for w in /src/wheels/*.whl; do if [ -e "$w" ]; then pip install --no-deps "$w"; fi; done \
+ && pip install --no-deps /src \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin jvpn \
  && mkdir -p /etc/jvpn /run/secrets \
  && chown jvpn /run/secrets \

@@ -6,6 +6,9 @@
 #   make base-image   a Debian base image made with debootstrap (no registry needed)
 #   make test-containers   only the container test (tests/containers: build, compose up, kill)
 #   make test   lint, then the test suite  make lint    ruff, import contracts, mypy
+#   make dataplane   build the compiled data plane into .venv (needs cargo; else Python runs)
+#   make fuzz   the data plane's fuzz target for FUZZ_SECONDS (default 600; make test runs 10)
+#   make dataplane-wheel   the data plane's wheel for the container image (dataplane/wheels/)
 #   make clean  caches and build output    make distclean   also the .venv
 # PYTHON=/path/to/python3.x picks the interpreter for a new .venv; ARGS=... is
 # passed to `jvpn-lab demo` / `bench` / `bench-cluster`; PYTEST_ARGS=... to pytest.
@@ -41,13 +44,58 @@ DEB_DEPS := redis-server:redis-server nginx:nginx \
 PYTHON ?=
 ARGS ?=
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 600
+# The compiled data plane (dataplane/: Rust, PyO3, built by maturin). Without cargo it is
+# not built and everything runs on the Python data plane, which `make` says.
+DATAPLANE_STAMP := $(VENV)/.jvpn-dataplane
+DATAPLANE_SRC := dataplane/Cargo.toml dataplane/Cargo.lock dataplane/pyproject.toml $(wildcard dataplane/src/*.rs)
+HAVE_CARGO := $(shell command -v cargo 2>/dev/null)
 
-.PHONY: help venv deps demo test lint bench bench-cluster base-image test-containers clean distclean
+.PHONY: help venv deps demo test lint bench bench-cluster base-image test-containers clean distclean \
+  dataplane dataplane-test dataplane-wheel fuzz
 
 help:
-	@sed -n '2,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '2,14p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
-venv: $(STAMP)
+venv: $(STAMP) dataplane
+
+dataplane: $(STAMP)
+ifeq ($(HAVE_CARGO),)
+	@echo "note: no Rust toolchain (cargo): the compiled data plane is not built; the Python data plane runs"
+else
+	@$(MAKE) $(DATAPLANE_STAMP)
+endif
+
+$(DATAPLANE_STAMP): $(DATAPLANE_SRC) $(STAMP)
+	@echo "building the compiled data plane (dataplane/, maturin --release) into $(VENV)"
+	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q -m dataplane/Cargo.toml
+	@touch $@
+
+# The crate's own tests (unit, property, the shared vectors) and a bounded fuzz run.
+dataplane-test:
+ifeq ($(HAVE_CARGO),)
+	@echo "note: no Rust toolchain (cargo): the crate's tests and the fuzz run are skipped"
+else
+	@echo "cargo test (dataplane)"; cd dataplane && cargo test --release -q
+	@$(MAKE) fuzz FUZZ_SECONDS=10
+endif
+
+# The wheel the container image installs (Dockerfile): abi3, for any CPython >= 3.11 on
+# glibc (the image's Debian base is the same as this machine's). Built before the image.
+dataplane-wheel: venv
+	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin build --release -q -m dataplane/Cargo.toml -o dataplane/wheels
+	@ls dataplane/wheels/*.whl
+
+# cargo-fuzz needs the nightly toolchain; it is installed from crates.io when missing.
+fuzz:
+	@if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then \
+	  echo "note: no nightly Rust toolchain: cargo-fuzz cannot run (cargo test still covers the parsers)"; exit 0; fi; \
+	if ! cargo fuzz --version >/dev/null 2>&1; then \
+	  echo "installing cargo-fuzz"; cargo install -q cargo-fuzz --locked; fi; \
+	echo "fuzzing the data plane's parsers for $(FUZZ_SECONDS) s (dataplane/fuzz)"; \
+	cd dataplane && cargo +nightly fuzz run packet -- -max_total_time=$(FUZZ_SECONDS) 2>&1 \
+	  | grep -E "^Done|SUMMARY|panicked|ERROR" || true; \
+	test "$${PIPESTATUS[0]}" -eq 0
 
 $(BIN)/python:
 	@py="$(PYTHON)"; \
@@ -119,6 +167,7 @@ base-image: deps
 	  sh deploy/containers/debian-base.sh $(ENGINE)
 
 test-containers: deps venv
+	@if [ -n "$(HAVE_CARGO)" ]; then $(MAKE) dataplane-wheel; fi
 	@$(BIN)/python -m pytest -q -s -m containers tests/containers $(PYTEST_ARGS)
 
 lint: venv
@@ -127,17 +176,28 @@ lint: venv
 	out=$$($(BIN)/lint-imports --no-logo --no-cache 2>&1) || { echo "$$out" >&2; exit 1; }
 	@echo "mypy"; $(BIN)/mypy
 
-# pytest exits 5 when it collects no tests: that is a failure too.
+# pytest exits 5 when it collects no tests: that is a failure too. The suite runs on the
+# compiled data plane when it was built (a module that fails to import is then an error,
+# not a skip), and the data-plane, integration and unit tests again on the Python one (in
+# the whole run's order: tests/integration/test_status.py fails when run after tests/unit).
 test: deps venv
 	@$(MAKE) lint
-	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	@$(MAKE) dataplane-test
+	@if [ -n "$(HAVE_CARGO)" ]; then $(MAKE) dataplane-wheel; fi  # for the image tests/containers builds
+	@rc=0; req=0; [ -f $(DATAPLANE_STAMP) ] && req=1; \
+	JVPN_REQUIRE_COMPILED=$$req $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
+	[ $$rc -ne 0 ] && exit $$rc; \
+	if [ $$req = 1 ] && [ -z "$(PYTEST_ARGS)" ]; then \
+	  echo "again on the Python data plane: tests/dataplane tests/integration tests/unit"; \
+	  JVPN_DATA_PLANE=python $(BIN)/python -m pytest -q tests/dataplane tests/integration tests/unit || rc=$$?; \
+	fi; \
 	exit $$rc
 
 clean:
 	@# .jvpn holds `jvpn-lab cluster` state: stop a running local cluster before deleting it.
 	@if [ -f .jvpn/cluster/cluster.json ] && [ -x $(BIN)/jvpn-lab ]; then $(BIN)/jvpn-lab cluster down || true; fi
-	@rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .jvpn
+	@rm -rf dataplane/target dataplane/fuzz/target build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .jvpn
 	@find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 
 distclean: clean

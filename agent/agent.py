@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
+from agent import udp_engine
 from agent.l3 import L3Interface, L3Settings
 from agent.quic import MIN_HANDSHAKE_TIMEOUT_S, QuicPath
 from agent.transports import Path, TcpPath, UdpPath
@@ -60,6 +63,7 @@ class AgentSettings:
     name: str = "agent"
     l3: L3Settings | None = None  # L3 mode: a TUN interface instead of the local UDP port
     quic_gateways: list[tuple[str, int]] = field(default_factory=list)  # none: no QUIC candidate
+    engine: bool = False  # the compiled UDP data path (agent/udp_engine.py), with local_udp
 
     def addresses(self, kind: str) -> list[tuple[str, int]]:
         """The gateway addresses of one transport kind ("udp", "tcp", "quic")."""
@@ -119,6 +123,9 @@ class Agent:
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._path_desc: dict[int, str] = {}
+        self.engine: Any = None
+        self._channel_class: Any = None
+        self._engine_state: tuple[Any, ...] | None = None  # what the engine was last told
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -128,6 +135,8 @@ class Agent:
         if self.l3 is not None:
             await asyncio.to_thread(self.l3.open)  # netlink: pyroute2 runs its own loop
             self.l3.attach(self._loop, self._tun_packet)
+        if self.settings.local_udp is not None and self.settings.engine:
+            self._start_engine(self._loop, self.settings.local_udp)
         elif self.settings.local_udp is not None:
             self._local, _ = await self._loop.create_datagram_endpoint(
                 lambda: _LocalProtocol(self), local_addr=self.settings.local_udp)
@@ -149,6 +158,10 @@ class Agent:
         for p in list(self.paths.values()):
             p.close()
         self.paths.clear()
+        if self.engine is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self.engine.fileno())
+            self.engine.stop()
         if self._local is not None:
             self._local.close()
         if self.l3 is not None:
@@ -218,9 +231,13 @@ class Agent:
     async def _open_path(self, kind: str, remote: tuple[str, int]) -> Path | None:
         pid = self._next_path
         self._next_path += 1
-        cls = _PATHS[kind]
         mark = self.l3.mark if self.l3 is not None else 0
-        path = cls(pid, remote, self._on_receive, self._on_failed, mark)
+        path: Path
+        if kind == "udp" and self.engine is not None and not mark:
+            path = udp_engine.EngineUdpPath(pid, remote, self._on_receive, self._on_failed,
+                                            self.engine)
+        else:
+            path = _PATHS[kind](pid, remote, self._on_receive, self._on_failed, mark)
         try:
             if isinstance(path, QuicPath):  # a QUIC handshake gets the session handshake's time
                 await path.open(max(MIN_HANDSHAKE_TIMEOUT_S, self.settings.params.handshake_timeout))
@@ -308,6 +325,8 @@ class Agent:
             self._handle_event(ev)
         if self._stopped:
             return
+        if self.engine is not None:
+            self._engine_sync()
         # Re-arm only for an earlier deadline: a timer that fires early is harmless
         # (handle_timer acts only on what is due, and the pump re-arms), while
         # cancel + call_at on every datagram is not. (uvloop's call_at for a past
@@ -441,6 +460,55 @@ class Agent:
         if len(self.log_lines) > 1000:
             del self.log_lines[:500]
         log.info("[%s] %s", self.settings.name, line)
+
+    # ---- the compiled UDP data path (agent/udp_engine.py) -----------------------------------
+
+    def _start_engine(self, loop: asyncio.AbstractEventLoop, local: tuple[str, int]) -> None:
+        import jvpn_dataplane
+
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(local)
+            self.engine = jvpn_dataplane.AgentEngine(sock.fileno(), udp_engine.QUEUE_MAX)
+        except BaseException:
+            sock.close()
+            raise
+        self._channel_class = jvpn_dataplane.DataChannel
+        self._local = cast(asyncio.DatagramTransport, udp_engine.LocalSocket(sock))
+        loop.add_reader(self.engine.fileno(), self._engine_ready)
+        self._log("udp data path: compiled engine (batched system calls on its own thread)")
+
+    def _engine_ready(self) -> None:
+        """What the engine handed up: to the machine, as from the sockets."""
+        for kind, a, b in self.engine.drain(udp_engine.DRAIN_MAX):
+            if self._stopped:
+                return
+            if kind == 0:
+                if len(a) <= wire.MAX_PAYLOAD_SIZE:
+                    self.local_received(a, b)
+            elif a in self.paths:
+                self._on_receive(a, b)
+
+    def _engine_sync(self) -> None:
+        """Tell the engine the machine's current path and channel, and whether it is fast."""
+        m = self.machine
+        ch = m.channel
+        path = self.paths.get(m.path) if m.path is not None else None
+        # Never fast for now: the application's datagrams travel as flows (one per local
+        # source, FLOW_PAYLOAD), which the engine does not carry yet; it reads the sockets in
+        # batches and the machine does the rest.
+        fast = (udp_engine.CARRIES_FLOWS and m.attached
+                and isinstance(path, udp_engine.EngineUdpPath) and type(ch) is self._channel_class)
+        state = (m.path, ch, fast)
+        if state != self._engine_state:
+            self._engine_state = state
+            if isinstance(path, udp_engine.EngineUdpPath) and ch is not None \
+                    and type(ch) is self._channel_class:
+                self.engine.set_current(m.path, ch, fast)
+            else:
+                self.engine.set_current(None, None, False)
 
     def local_received(self, data: bytes, addr: tuple[str, int]) -> None:
         """A datagram from a local program: tunnelled as its own flow."""

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 
+from agent import udp_engine
 from agent.agent import Agent, AgentSettings
 from agent.config import AgentConfig, gateway_public_key, load_agent_config, load_private_key
 from agent.l3 import L3Settings
 from netdev.netconf import FullTunnel
+from session import dataplane
 from session.client import ClientParams
 from session.quality import QualityThresholds
 from settings import ConfigError, parse_address, parse_set_flags
@@ -55,7 +58,22 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
         l3=L3Settings(cfg.tun_name, cfg.path_mtu,
                       FullTunnel(cfg.full_tunnel_table, cfg.full_tunnel_table,
                                  cfg.full_tunnel_priority)) if cfg.mode == "l3" else None,
+        engine=_engine_wanted(cfg),
     )
+
+
+def _engine_wanted(cfg: AgentConfig) -> bool:
+    """Whether the agent's UDP data path runs in the compiled engine (``udp_engine``)."""
+    if cfg.udp_engine != "on":
+        return False  # auto: off while the engine does not carry flows (agent/udp_engine.py)
+    why = ""
+    if dataplane.active() is not dataplane.DataPlane.COMPILED:
+        why = "the data plane is not the compiled one"
+    elif not udp_engine.available():
+        why = "the compiled module has no engine"
+    if why and cfg.udp_engine == "on":
+        raise LookupError(f"udp_engine = on, but {why}")
+    return not why
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_agent_config(args.config, overrides=overrides_from_args(args))
-        settings_from_config(cfg)  # fail fast on missing keys
+        dataplane.select(cfg.data_plane)
+        settings_from_config(cfg)  # fail fast on missing keys (and an impossible udp_engine)
+    except LookupError as exc:
+        print(f"config error: [agent] {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
     configure_logging(cfg.log_level, cfg.log_format, "jvpn-agent")
+    logging.getLogger("jvpn.agent").info("%s", dataplane.describe())
     try:
         import uvloop
 

@@ -89,6 +89,17 @@ class AgentConfig:
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
     log_format: str = setting("text", choices=("text", "json"), fold_case=True,
                               help="ordinary logs on stderr: text, or ECS JSON lines")
+    data_plane: str = setting(
+        "auto", choices=("auto", "compiled", "python"), fold_case=True,
+        help="who seals and opens DATA packets: the compiled module (jvpn_dataplane), the "
+        "Python reference, or auto (compiled when installed); said at start",
+    )
+    udp_engine: str = setting(
+        "auto", choices=("auto", "on", "off"), fold_case=True,
+        help="the compiled UDP data path: a Rust thread reads the local port and the UDP "
+        "paths in batches and forwards plain payloads itself (needs the compiled data "
+        "plane); auto = on when possible; said at start",
+    )
 
     def check_config(self) -> Iterator[tuple[str, str]]:
         """Cross-field rules: (key, problem) for each violation."""

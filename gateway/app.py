@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway import status
+from gateway import status, udp_engine
 from gateway.admin_http import bound_port, make_admin_app, start_admin, stop_admin
 from gateway.balancer import TrustedBalancers, parse_networks
 from gateway.config import (
@@ -41,6 +41,7 @@ from gateway.quic import (
     server_configuration,
 )
 from gateway.tracing import Tracing
+from session import dataplane
 from session.inner import InnerPool
 from session.keys import KekRing, fingerprint, registry_key, relay_key
 from session.noise import generate_keypair, public_key
@@ -116,8 +117,29 @@ class GatewayApp:
         assert self.embedded is not None
         return self.embedded.url
 
+    def _udp_engine_wanted(self) -> bool:
+        """Whether the UDP data path runs in the compiled engine (config ``udp_engine``)."""
+        cfg = self.cfg
+        why = ""
+        if cfg.udp_engine == "off":
+            return False
+        if dataplane.active() is not dataplane.DataPlane.COMPILED:
+            why = "the data plane is not the compiled one"
+        elif not udp_engine.available():
+            why = "the compiled module has no engine"
+        elif cfg.trusted_balancers:
+            why = "behind trusted_balancers (client-address prefixes are read in Python)"
+        if why and cfg.udp_engine == "on":
+            raise LookupError(f"udp_engine = on, but {why}")
+        if why:
+            log.info("udp data path: asyncio (%s)", why)
+        return not why
+
     async def start(self) -> GatewayApp:
         cfg = self.cfg
+        dataplane.select(cfg.data_plane)  # LookupError when "compiled" is asked for and missing
+        log.info("%s", dataplane.describe())
+        engine = self._udp_engine_wanted()
         if not cfg.store_url:
             self.embedded = await EmbeddedRedis().astart()
             log.info("no store_url configured: started an embedded redis-server at %s (pid %s)",
@@ -166,7 +188,8 @@ class GatewayApp:
                                 self.events, self.metrics, tracing=self.tracing,
                                 tcp_limits=tcp_limits,
                                 trusted_balancers=TrustedBalancers(
-                                    parse_networks(cfg.trusted_balancers)))
+                                    parse_networks(cfg.trusted_balancers)),
+                                engine=engine)
         self.node.machine.keks = ring  # the current KEK (as given above) and the previous ones
         udp = parse_address(cfg.listen_udp) if cfg.listen_udp else None
         tcp = parse_address(cfg.listen_tcp) if cfg.listen_tcp else None

@@ -10,6 +10,7 @@ import sys
 
 from gateway.app import GatewayApp, resolve_keys, tune_gc
 from gateway.config import GatewayConfig, load_gateway_config
+from session import dataplane
 from settings import ConfigError, parse_set_flags
 from settings.cli import add_log_format, configure_logging, finish_parser
 
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_gateway_config(args.config, overrides=overrides_from_args(args))
         keys = resolve_keys(cfg)
+        dataplane.select(cfg.data_plane)
+    except LookupError as exc:
+        print(f"config error: [gateway] {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

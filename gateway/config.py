@@ -199,6 +199,17 @@ class GatewayConfig:
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
     log_format: str = setting("text", choices=("text", "json"), fold_case=True,
                               help="ordinary logs on stderr: text, or ECS JSON lines")
+    data_plane: str = setting(
+        "auto", choices=("auto", "compiled", "python"), fold_case=True,
+        help="who seals and opens DATA packets: the compiled module (jvpn_dataplane), the "
+        "Python reference, or auto (compiled when installed); said at start",
+    )
+    udp_engine: str = setting(
+        "auto", choices=("auto", "on", "off"), fold_case=True,
+        help="the compiled UDP data path: a Rust thread reads the UDP socket and the upstreams "
+        "in batches and forwards plain DATA itself (needs the compiled data plane; not behind "
+        "trusted_balancers); auto = on when possible; said at start",
+    )
     gc_gen0_threshold: int = setting(
         20_000, min=0, max=10_000_000,
         help="allocations between young-generation GC passes (process-wide, set by "

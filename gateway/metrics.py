@@ -83,6 +83,9 @@ class Metrics:
         self.tx_packets = 0
         self.drops: dict[tuple[object, object], int] = {}  # (reason, transport) -> count
         self.events_dropped = 0
+        # The compiled UDP engine's own counters (cumulative, copied in by the node): packets
+        # it forwarded, returned and handed to the machine; its system calls by kind.
+        self.engine: dict[str, int] = {}
         # Returns {state name: count}; set by the node (read at scrape time).
         self.sessions_callback: SessionsCallback | None = sessions_callback
 
@@ -158,10 +161,10 @@ class Metrics:
 
     # ---- data path ----------------------------------------------------------------------
 
-    def count_drop(self, reason: object, transport: object) -> None:
-        """Count one dropped datagram/frame (malformed or rejected input)."""
+    def count_drop(self, reason: object, transport: object, n: int = 1) -> None:
+        """Count ``n`` dropped datagrams/frames (malformed or rejected input)."""
         key = (reason, transport)
-        self.drops[key] = self.drops.get(key, 0) + 1
+        self.drops[key] = self.drops.get(key, 0) + n
 
     # ---- exposition ---------------------------------------------------------------------
 
@@ -227,6 +230,8 @@ class _HotPathCollector(Collector):
             CounterMetricFamily("jvpn_packets", "", labels=["direction"]),
             CounterMetricFamily("jvpn_dropped", "", labels=["reason", "transport"]),
             CounterMetricFamily("jvpn_events_dropped", ""),
+            CounterMetricFamily("jvpn_engine_packets", "", labels=["path"]),
+            CounterMetricFamily("jvpn_engine_syscalls", "", labels=["call"]),
             GaugeMetricFamily("jvpn_sessions", "", labels=["state"]),
             CounterMetricFamily("jvpn_transport_switch", "", labels=["from", "to", "reason"]),
             CounterMetricFamily("jvpn_state_change", "", labels=["from", "to"]),
@@ -257,6 +262,21 @@ class _HotPathCollector(Collector):
         yield CounterMetricFamily(
             "jvpn_events_dropped", "Events lost to a full event queue", value=m.events_dropped
         )
+        if m.engine:
+            e = m.engine
+            paths = CounterMetricFamily(
+                "jvpn_engine_packets", "Packets the compiled UDP engine forwarded to upstreams, "
+                "returned to clients, and handed to the machine", labels=["path"])
+            for path in ("forwarded", "returned", "handed_up"):
+                paths.add_metric([path], e.get(path, 0))
+            yield paths
+            calls = CounterMetricFamily(
+                "jvpn_engine_syscalls", "System calls of the compiled UDP engine's thread",
+                labels=["call"])
+            for call, key in (("recvmmsg", "recv_calls"), ("sendmmsg", "send_calls"),
+                              ("epoll_wait", "poll_calls")):
+                calls.add_metric([call], e.get(key, 0))
+            yield calls
         sessions = GaugeMetricFamily(
             "jvpn_sessions", "Sessions bound here, by state", labels=["state"]
         )

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
+from gateway import udp_engine
 from gateway.balancer import (
     PROXY_V1_SIGNATURE,
     TrustedBalancers,
@@ -148,7 +149,8 @@ class GatewayNode:
                  kek: bytes, events: EventBus, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic,
                  tracing: Tracing | None = None, tcp_limits: TcpLimits | None = None,
-                 trusted_balancers: TrustedBalancers | None = None) -> None:
+                 trusted_balancers: TrustedBalancers | None = None,
+                 engine: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.events = events
@@ -182,6 +184,11 @@ class GatewayNode:
         self.tcp_address: tuple[str, int] | None = None
         self.quic: QuicListener | None = None  # gateway.quic, when a QUIC listener is asked for
         self.quic_address: tuple[str, int] | None = None
+        # the compiled UDP data path (gateway/udp_engine.py), when asked for and possible
+        self.want_engine = engine
+        self.engine: Any = None
+        self._mirror: udp_engine.EngineMirror | None = None
+        self._udp_proto: _UdpProtocol | None = None
         metrics.sessions_callback = self.machine.sessions_by_state
 
     # ---- what the app and the tests read ----------------------------------------------------
@@ -214,7 +221,9 @@ class GatewayNode:
         first = next(iter(self._calls.values()), None)
         if first is not None:
             await asyncio.wait([first], timeout=self.store.config.call_timeout_s * 2)
-        if udp is not None:
+        if udp is not None and self.want_engine:
+            self._start_engine(loop, udp)
+        elif udp is not None:
             self._udp, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpProtocol(self), local_addr=udp)
             self.udp_address = self._udp.get_extra_info("sockname")[:2]
@@ -244,6 +253,10 @@ class GatewayNode:
     async def stop(self) -> None:
         """Close listeners, cancel loops and calls, drop bindings (no store writes)."""
         self._stopping = True  # from here on no input reaches the machine
+        if self.engine is not None:
+            asyncio.get_running_loop().remove_reader(self.engine.fileno())
+            self._mirror = None  # nothing reaches the stopped engine any more
+            self.engine.stop()
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
@@ -266,6 +279,7 @@ class GatewayNode:
         before = set(self._calls)
         self.machine.terminate(sid, reason)
         self._flush()
+        self._mirror_sync(sid)
         mine = [f for cid, f in self._calls.items() if cid not in before]
         if mine:
             await asyncio.wait(mine, timeout=self.store.config.call_timeout_s * 2)
@@ -324,6 +338,7 @@ class GatewayNode:
         except Exception:
             log.exception("store answer handling failed")
         self._flush()
+        self._mirror_sync()
 
     # ---- effects ---------------------------------------------------------------------------
 
@@ -374,6 +389,18 @@ class GatewayNode:
         fut.add_done_callback(partial(self._answered, call.call_id, span))
 
     def _to_upstream(self, e: ToUpstream) -> None:
+        if self._mirror is not None and e.flow == 0:
+            # the engine opens and reads installed bindings' upstreams (plain PAYLOADs: it does
+            # not carry flows, whose FLOW_PAYLOADs it hands to the machine)
+            self._mirror.sync(e.session_id)
+            try:
+                self.engine.to_upstream(e.session_id, e.upstream, e.data)
+                return
+            except (OSError, ValueError) as exc:
+                if e.session_id in self._mirror.installed:  # else TCP/QUIC: the asyncio path below
+                    log.warning("upstream %s:%s unreachable: %s", e.upstream[0], e.upstream[1], exc)
+                    self.metrics.count_drop(DropReason.POLICY, wire.TransportKind.UDP)
+                    return
         sid = (e.session_id, e.flow)
         transport = self._upstreams.get(sid)
         if transport is not None:
@@ -421,12 +448,78 @@ class GatewayNode:
             transport.sendto(data)
 
     def _close_upstream(self, session_id: bytes) -> None:
+        if self._mirror is not None:
+            self.engine.close_upstream(session_id)
         for flow in self._flows.pop(session_id, ()):
             sid = (session_id, flow)
             self._opening.pop(sid, None)
             transport = self._upstreams.pop(sid, None)
             if transport is not None:
                 transport.close()
+
+    # ---- the compiled UDP data path (gateway/udp_engine.py) -----------------------------------
+
+    def _start_engine(self, loop: asyncio.AbstractEventLoop, udp: tuple[str, int]) -> None:
+        import jvpn_dataplane
+
+        family = socket.AF_INET6 if ":" in udp[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(udp)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
+            self.engine = jvpn_dataplane.GatewayEngine(sock.fileno(), udp_engine.QUEUE_MAX)
+        except BaseException:
+            sock.close()
+            raise
+        self._udp = cast(asyncio.DatagramTransport, udp_engine.UdpSender(
+            sock, lambda: self.metrics.count_drop(DropReason.QUEUE_FULL, wire.TransportKind.UDP)))
+        self._udp_proto = _UdpProtocol(self)
+        self._mirror = udp_engine.EngineMirror(self.engine, self.machine,
+                                               jvpn_dataplane.DataChannel)
+        self.udp_address = sock.getsockname()[:2]
+        loop.add_reader(self.engine.fileno(), self._engine_ready)
+        log.info("udp data path: compiled engine (batched system calls on its own thread)")
+
+    def _engine_ready(self) -> None:
+        """Items the engine handed up: to the machine, as from the socket or an upstream."""
+        assert self._mirror is not None and self._udp_proto is not None
+        touched: set[bytes] = set()
+        for kind, a, b in self.engine.drain(udp_engine.DRAIN_MAX):
+            if kind == 0:
+                self._udp_proto.datagram_received(a, b)
+                if len(a) >= wire.HEADER_LEN:
+                    touched.add(a[4:wire.HEADER_LEN])
+            else:
+                self.from_upstream(a, b)
+                touched.add(a)
+        for sid in touched:
+            self._mirror.sync(sid)
+
+    def engine_stats(self) -> None:
+        """Bring what the compiled engine forwarded into the bindings (before reading them)."""
+        if self._mirror is not None:
+            self._mirror.pull_all()
+
+    def _mirror_sync(self, sid: bytes | None = None) -> None:
+        """Refresh the engine's bindings: one session's, or all (and the engine's counters)."""
+        mirror = self._mirror
+        if mirror is None:
+            return
+        if sid is not None:
+            mirror.sync(sid)
+            return
+        mirror.sync_all()
+        delta = mirror.counters_delta()
+        m = self.metrics
+        m.rx_packets += delta["rx_packets"] - delta["handed_up_datagrams"]  # those: on_message
+        m.rx_bytes += delta["rx_bytes"] - delta["handed_up_bytes"]
+        m.tx_packets += delta["tx_packets"]
+        m.tx_bytes += delta["tx_bytes"]
+        for reason, n in udp_engine.drop_reasons(delta):
+            m.count_drop(reason, wire.TransportKind.UDP, n)
+        m.engine = mirror.totals
 
     # ---- background ------------------------------------------------------------------------
 
@@ -437,11 +530,14 @@ class GatewayNode:
             now = self.clock()
             if now < self.machine.get_timer():
                 continue
+            if self._mirror is not None:
+                self._mirror.pull_all()  # what the engine forwarded: the silence timers see it
             try:  # the health check, the lease and the sweeper live here: never die
                 self.machine.handle_timer(now)
             except Exception:
                 log.exception("gateway timer failed")
             self._flush()
+            self._mirror_sync()
             self._log_store_health()
 
     async def _reclaim_loop(self) -> None:
@@ -477,6 +573,7 @@ class GatewayNode:
                     except Exception:
                         log.exception("move notice handling failed")
                     self._flush()
+                    self._mirror_sync(sid)
             except StoreUnavailable:
                 await asyncio.sleep(1.0)
 

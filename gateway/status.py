@@ -78,6 +78,7 @@ def _inner(b: Binding) -> list[str]:
 
 def node_status(node: GatewayNode) -> dict[str, Any]:
     """The node's snapshot: itself, the store as it sees it, and every binding."""
+    node.engine_stats()  # the compiled UDP engine's share of the bindings' counters
     m = node.machine
     now = node.clock()
     h = m.health

@@ -481,7 +481,7 @@ class AeadHop:
 
 
 def _serve(role: str) -> int:
-    """Child entry point: run a gateway, a UDP echo, a relay or an AEAD hop until stdin
+    """Child entry point: run a gateway, an agent, a UDP echo, a relay or an AEAD hop until stdin
     closes."""
     spec = json.loads(sys.stdin.readline() or "{}")
 
@@ -506,6 +506,30 @@ def _serve(role: str) -> int:
                 if addr is not None:
                     info[kind] = list(addr)
             stop = app.stop
+        elif role == "agent":
+            import logging
+
+            from agent.agent import Agent, AgentSettings
+            from session import dataplane
+
+            logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+            dataplane.select(spec["data_plane"])
+            agent = Agent(AgentSettings(
+                private_key=bytes.fromhex(spec["private_key"]),
+                gateway_public_key=bytes.fromhex(spec["gateway_public_key"]),
+                gateways=[(spec["gateway"][0], int(spec["gateway"][1]))], tcp_gateways=[],
+                upstream=spec["upstream"], local_udp=("127.0.0.1", 0), transports=["udp"],
+                params=ClientParams(upstream=spec["upstream"]), name="bench",
+                engine=bool(spec["engine"])))
+            await agent.start()
+            await agent.wait_connected(10)
+            assert agent.local_address is not None
+            info = {"udp": list(agent.local_address), "engine": agent.engine is not None}
+
+            async def stop_agent() -> None:
+                await agent.stop()
+
+            stop = stop_agent
         elif role == "echo":
             from instruments.netsim import UdpEcho
 
@@ -1085,6 +1109,15 @@ def _per_op_us(cpu_share: float, rate: float) -> float:
     return cpu_share * 1e6 / rate if rate > 0 else 0.0
 
 
+def _compiled_available() -> bool:
+    """Whether the compiled data plane (and its engines) is installed."""
+    try:
+        import jvpn_dataplane
+    except ImportError:
+        return False
+    return hasattr(jvpn_dataplane, "AgentEngine")
+
+
 def _ours(cpu: dict[str, float]) -> float:
     return sum(v for k, v in cpu.items() if k != "other")
 
@@ -1266,6 +1299,13 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
                                             upstreams=(upstream,)))  # fmt: skip
     runs: list[dict[str, Any]] = []
     pids = {"gateway": env.gateway_pid, "echo": env.echo_pid, "loadgen": os.getpid()}
+    # The data planes side by side: a gateway and an agent process each, the load generator
+    # at the agent's local port (as an application is), compiled (both engines) and Python.
+    planes: dict[str, tuple[tuple[str, int], dict[str, int]]] = {}
+    for plane in ("compiled", "python"):
+        if plane == "compiled" and not _compiled_available():
+            continue
+        planes[plane] = await env.data_plane_pair(plane, upstream, client_priv)
     for rep in range(opts.repeat):
         run: dict[str, Any] = {}
         flow = Flow(opts.payload, opts.window)
@@ -1286,6 +1326,9 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
         finally:
             await agent.stop()
 
+        for plane, (local, plane_pids) in planes.items():
+            run[f"plane_{plane}"] = await _direct_flow(
+                opts, local, {**plane_pids, "echo": env.echo_pid, "loadgen": os.getpid()})
         run["plain"] = await _direct_flow(opts, echo, pids, kernel_drops=True)
         run["relay"] = await _direct_flow(
             opts, relay, {"relay": env.relay_pid, "echo": env.echo_pid, "loadgen": os.getpid()})
@@ -1355,6 +1398,19 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
         "target": TARGET_DATAGRAM_RATIO,
         "target_loss": TARGET_LOSS,
         "bottleneck": _bottleneck(shares),
+    }
+    summary["planes"] = {
+        plane: {
+            "rate": med(f"plane_{plane}", "rate"),
+            "loss": med(f"plane_{plane}", "loss"),
+            "rtt_p50_ms": med(f"plane_{plane}", "rtt_p50_ms"),
+            "ratio": _ratio(med(f"plane_{plane}", "rate"), plain),
+            "gateway_cpu_us": median([_per_op_us(r[f"plane_{plane}"]["cpu"]["gateway"],
+                                                 r[f"plane_{plane}"]["rate"]) for r in runs]),
+            "agent_cpu_us": median([_per_op_us(r[f"plane_{plane}"]["cpu"]["agent"],
+                                               r[f"plane_{plane}"]["rate"]) for r in runs]),
+        }
+        for plane in planes
     }
     summary["met"] = summary["ratio"] >= TARGET_DATAGRAM_RATIO and loss < TARGET_LOSS
     summary["runs"] = runs
@@ -1556,6 +1612,7 @@ class BenchEnv:
         self._aead_hop: Child | None = None
         self._aead_client: AeadClient | None = None
         self._echo_asyncio: Child | None = None
+        self.extra: list[Child] = []  # the data-plane A/B's gateways and agents
         self.gateway_set: dict[str, object] = {}
         self.children_uvloop: dict[str, bool] = {}
 
@@ -1680,7 +1737,34 @@ class BenchEnv:
         for proc in procs:
             await asyncio.to_thread(proc.wait, 60)
 
+    async def child(self, role: str, spec: dict[str, Any]) -> Child:
+        """One more helper process, stopped with the others."""
+        child = Child(role, spec)
+        await child.start()
+        self.extra.append(child)
+        return child
+
+    async def data_plane_pair(self, plane: str, upstream: str, client_priv: bytes
+                              ) -> tuple[tuple[str, int], dict[str, int]]:
+        """A gateway and an agent process on one data plane (``compiled``: both engines on;
+        ``python``: the reference, asyncio paths): the agent's local port, and the pids."""
+        overrides = dict(GATEWAY_DEFAULTS, store_url=self.redis.url, data_plane=plane,
+                         udp_engine="on" if plane == "compiled" else "off")
+        overrides.update(self.gateway_set)
+        gw = await self.child("gateway", {"overrides": overrides,
+                                          "private_key": self.gateway_priv.hex(),
+                                          "kek": self.kek.hex()})
+        agent = await self.child("agent", {
+            "private_key": client_priv.hex(), "gateway_public_key": self.gateway_pub.hex(),
+            "gateway": gw.info["udp"], "upstream": upstream, "data_plane": plane,
+            "engine": plane == "compiled"})
+        host, port = agent.info["udp"]
+        return (str(host), int(port)), {"gateway": gw.pid, "agent": agent.pid}
+
     async def close(self) -> None:
+        for extra in self.extra:
+            await asyncio.to_thread(extra.stop)
+        self.extra = []
         for child in (self._gateway, self._echo, self._relay, self._aead_hop, self._echo_asyncio):
             if child is not None:
                 await asyncio.to_thread(child.stop)
@@ -1815,6 +1899,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_ratio(dg['plain_cpu_us'], dg['cpu_us']):.1%}",
             f"  bottleneck                      {dg['bottleneck']}",
         ]
+        for plane, pl in dg.get("planes", {}).items():
+            lines.append(
+                f"  app port->agent->gw->echo, {plane:8} {pl['rate']:>9,.0f} /s  loss "
+                f"{pl['loss']:.2%}  rtt p50 {pl['rtt_p50_ms']:.2f} ms  {pl['ratio']:.0%} of the "
+                f"echo; cpu per datagram gateway {pl['gateway_cpu_us']:.1f} us, agent "
+                f"{pl['agent_cpu_us']:.1f} us")
     tr = report.get("transports")
     if tr:
         lines += [
@@ -1897,7 +1987,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="py-spy the gateway and the load generator during the first run: collapsed stacks into DIR")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    p.add_argument("--serve", choices=("gateway", "echo", "relay", "aead-hop"),
+    p.add_argument("--serve", choices=("gateway", "agent", "echo", "relay", "aead-hop"),
                    help=argparse.SUPPRESS)
     return p
 

@@ -42,6 +42,7 @@ from agent.agent import Agent, AgentSettings
 from gateway.app import GatewayApp
 from gateway.config import load_gateway_config
 from instruments.netsim import QuicShape, UdpEcho, UdpRelay
+from session import dataplane
 from session.client import ClientParams
 from session.noise import generate_keypair
 from store.policy import ClientPolicy
@@ -248,7 +249,8 @@ def _summary(app: GatewayApp, agents: list[DemoAgent]) -> dict[str, object]:
             labels, value = line.rsplit(" ", 1)
             reason = labels.split('reason="', 1)[1].split('"', 1)[0]
             switches[reason] = switches.get(reason, 0) + int(float(value))
-    return {"agents": rows, "gateway_switches": switches}
+    return {"agents": rows, "gateway_switches": switches, "data_plane": dataplane.describe(),
+            "udp_engine": app.node is not None and app.node.engine is not None}
 
 
 def _print_summary(summary: dict[str, object], out, elapsed: float) -> None:  # type: ignore[no-untyped-def]
@@ -269,6 +271,8 @@ def _print_summary(summary: dict[str, object], out, elapsed: float) -> None:  # 
             f"{r['state']:9} {r['version']:>4} {r['epoch']:>5} {r['transport']:9} {r['sessions']:>8}")
     sw = summary["gateway_switches"]
     assert isinstance(sw, dict)
+    out(f"{summary['data_plane']} (gateway and agents); gateway UDP path: "
+        f"{'the compiled engine' if summary['udp_engine'] else 'asyncio'}")
     out("gateway TRANSPORT_SWITCH by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(sw.items())))
     out("reattach ms: from the detected loss (or the jump request) to the authenticated ACK;")
     out("outage ms: from the last packet heard on a dead path to the ACK (detection included).")

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from session import wire
+from session import dataplane, wire
 from session.framing import DataChannel
 from session.keys import SessionKeys
 from session.states import SessionState, StateMachine
@@ -191,7 +191,7 @@ class Binding:
         pays for the HKDF and the two cipher contexts."""
         ch = self._channel
         if ch is None:
-            ch = self._channel = DataChannel.from_secret(
+            ch = self._channel = dataplane.channel_from_secret(
                 self.secrets.secret, session_id=self.session_id, epoch=self.epoch,
                 binding_id=self.binding_id, node_id=self.node_id, is_gateway=True)
         return ch

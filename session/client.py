@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from session import control, wire
+from session import control, dataplane, wire
 from session.errors import DecodeError, IllegalAdoption, LocalProtocolError, RemoteProtocolError
 from session.framing import DataChannel
 from session.handshake import ClientHello, Initiator, Refusal, ServerHello
@@ -320,6 +320,11 @@ class ClientSession:
     @property
     def attached(self) -> bool:
         return self._machine.state in LIVE_STATES
+
+    @property
+    def channel(self) -> DataChannel | None:
+        """The current binding's DATA channel (None before the first handshake)."""
+        return self._channel
 
     @property
     def quality(self) -> PathQuality:
@@ -710,7 +715,7 @@ class ClientSession:
 
     def _bind(self, epoch: int, binding_id: bytes, node_id: bytes, path: int, now: float) -> None:
         c2g, g2c = traffic_keys(self._secret, epoch, binding_id, node_id)
-        self._channel = DataChannel(c2g, g2c, self.session_id, epoch)
+        self._channel = dataplane.new_channel(c2g, g2c, self.session_id, epoch)
         self._prev_channel = None
         self.epoch = epoch
         self.node_id = node_id

@@ -42,6 +42,37 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_plane() -> Iterator[str]:
+    """The data plane of this run (``JVPN_DATA_PLANE``: auto, compiled or python; default
+    auto), for the machines driven in memory and, through the environment, for the
+    gateways and agents the tests start as processes."""
+    from session import dataplane
+
+    choice = os.environ.get("JVPN_DATA_PLANE", "auto")
+    active = dataplane.select(choice)
+    saved = {k: os.environ.get(k) for k in ("JVPN_GATEWAY_DATA_PLANE", "JVPN_AGENT_DATA_PLANE")}
+    if "JVPN_DATA_PLANE" in os.environ:
+        for key in saved:
+            os.environ[key] = choice
+    try:
+        yield active.value
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from session import dataplane
+
+    choice = os.environ.get("JVPN_DATA_PLANE", "auto")
+    built = "installed" if dataplane.compiled_module() is not None else "not installed"
+    return f"data plane: {choice} (the compiled module jvpn_dataplane is {built})"
+
+
 def _start_server() -> RedisServer:
     try:
         return RedisServer().start()

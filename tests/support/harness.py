@@ -85,6 +85,14 @@ class Gateway:
 _KEYS: Keys | None = None
 
 
+def test_data_plane() -> str:
+    """The data plane this test run uses: ``JVPN_DATA_PLANE`` (auto, compiled, python),
+    else auto; ``make test`` runs the suite on both (tests/conftest.py)."""
+    import os
+
+    return os.environ.get("JVPN_DATA_PLANE", "auto")
+
+
 def shared_keys() -> Keys:
     """One static key and KEK for every gateway of a test run (a cluster shares them)."""
     global _KEYS
@@ -103,6 +111,7 @@ async def start_gateway(redis_url: str, node_id: str = "gw-test", **overrides: o
         "admin": "127.0.0.1:0", "store_url": redis_url, "keepalive_interval_s": 0.1,
         "sweep_interval_s": 0.1, "handshake_retry_threshold": -1,
         "events.redis_stream": False,
+        "data_plane": test_data_plane(),
     }
     opts.update(overrides)
     cfg = load_gateway_config(None, env={}, overrides=opts)

@@ -1,0 +1,106 @@
+"""The compiled UDP data path of the agent (``jvpn_dataplane.AgentEngine``), seen from asyncio.
+
+With the engine on, a Rust thread reads the local application's socket and every UDP
+path's socket in batches. It seals and sends the application's datagrams, and delivers
+the gateway's payloads to the application, by itself only while the client machine's
+current path is *fast*: attached (a live state), a UDP path the engine reads, a compiled
+channel (shared by the engine and the machine: one replay window, one send counter).
+Everything else comes back through ``drain`` exactly as from the sockets: the
+application's datagrams while not fast (the machine holds or drops them), and every
+packet on a path that is not a payload of the current binding (handshake and reattach
+answers, notices, keepalive answers, challenges, other paths). This module decides
+nothing: after every input the agent tells the engine what the machine now holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from agent.transports import Path
+from session import wire
+
+log = logging.getLogger("jvpn.agent")
+
+# The engine seals the application's datagrams as plain PAYLOADs; UDP-forward mode sends
+# each local source as its own flow (FLOW_PAYLOAD), which it does not carry yet.
+CARRIES_FLOWS = False
+DRAIN_MAX = 512
+QUEUE_MAX = 16384
+
+
+def available() -> bool:
+    """Whether the compiled module carries the agent's engine."""
+    try:
+        import jvpn_dataplane
+    except ImportError:
+        return False
+    return hasattr(jvpn_dataplane, "AgentEngine")
+
+
+class LocalSocket:
+    """The application-facing socket the agent sends on while the engine reads it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as exc:  # a full buffer or a vanished application: UDP drops
+            log.debug("local send to %s failed: %s", addr, exc)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sockname":
+            return self.sock.getsockname()
+        if name == "socket":
+            return self.sock
+        return default
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class EngineUdpPath(Path):
+    """A UDP path whose socket the engine reads (the agent still sends its own packets)."""
+
+    kind = wire.TransportKind.UDP
+
+    def __init__(self, path_id: int, remote: tuple[str, int], on_receive: Any,
+                 on_failed: Callable[[int, str], None], engine: Any = None) -> None:
+        super().__init__(path_id, remote, on_receive, on_failed)
+        self.engine = engine
+        self.sock: socket.socket | None = None
+
+    async def open(self) -> EngineUdpPath:
+        family = socket.AF_INET6 if ":" in self.remote[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.remote)
+            self.engine.add_path(self.path_id, sock.fileno())
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.local = sock.getsockname()[:2]
+        return self
+
+    def send(self, data: bytes) -> None:
+        if self.sock is not None and not self.closed:
+            try:
+                self.sock.send(data)
+            except OSError as exc:  # ICMP unreachable, a full buffer: the machine decides
+                log.debug("path %d udp error: %s", self.path_id, exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.sock is not None:
+            try:
+                self.engine.remove_path(self.path_id)
+            except RuntimeError:
+                pass  # the engine stopped first
+            self.sock.close()
+            self.sock = None

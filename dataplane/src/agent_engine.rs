@@ -1,0 +1,343 @@
+//! The agent's UDP data path on its own thread: the local application's socket and the
+//! session's UDP path sockets, read in batches.
+//!
+//! Theory of operation. As the gateway's engine (`engine.rs`), it forwards only the plain
+//! case and hands everything else to the client machine unchanged: a datagram from the
+//! local application is sealed as a PAYLOAD and sent on the current path when the machine
+//! marked that path fast (attached, a live state, a compiled channel); a DATA packet on
+//! the current path that opens under the current channel and carries a PAYLOAD goes to the
+//! application (the last address it sent from). Everything else (handshake answers,
+//! reattach answers, notices, keepalive answers, challenges, packets on other paths, local
+//! datagrams while not fast) goes up, and a DATA packet that goes up is verified only, never
+//! marked: the machine opens it through the same channel.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::batch::{RecvBatch, SendBatch};
+use crate::channel::Channel;
+use crate::engine::{close, cvt, epoll_add, Counters, MAX_PAYLOAD_SIZE};
+use crate::reasons::DropReason;
+use crate::wire::{self, DATA_PREFIX_LEN, INNER_PAYLOAD, TYPE_DATA};
+
+const LOCAL_TOKEN: u64 = u64::MAX;
+const WAKE_TOKEN: u64 = u64::MAX - 1;
+const ROUNDS_PER_WAKE: usize = 8;
+
+pub enum ClientHandUp {
+    Local { data: Vec<u8>, from: SocketAddr },
+    Path { path_id: u64, data: Vec<u8> },
+}
+
+struct Current {
+    path_id: u64,
+    fd: RawFd,
+    channel: Arc<Mutex<Channel>>,
+    fast: bool,
+}
+
+struct State {
+    paths: HashMap<RawFd, u64>,
+    by_id: HashMap<u64, RawFd>,
+    current: Option<Current>,
+    app: Option<SocketAddr>,
+}
+
+pub struct ClientShared {
+    state: Mutex<State>,
+    queue: Mutex<VecDeque<ClientHandUp>>,
+    queue_max: usize,
+    pub counters: Counters,
+    local: RawFd,
+    epoll: RawFd,
+    notify: RawFd,
+    wake: RawFd,
+    stop: AtomicBool,
+}
+
+pub struct ClientEngine {
+    pub shared: Arc<ClientShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn dup(fd: RawFd) -> io::Result<RawFd> {
+    // SAFETY: dup of a descriptor the caller holds open; the copy is ours to close.
+    cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })
+}
+
+impl ClientEngine {
+    /// An engine reading `local` (the application's bound UDP socket; a duplicate).
+    pub fn new(local: RawFd, queue_max: usize) -> io::Result<ClientEngine> {
+        let local = dup(local)?;
+        // SAFETY: plain system calls creating descriptors this engine owns.
+        let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        let notify = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        let wake = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        epoll_add(epoll, local, LOCAL_TOKEN)?;
+        epoll_add(epoll, wake, WAKE_TOKEN)?;
+        let shared = Arc::new(ClientShared {
+            state: Mutex::new(State { paths: HashMap::new(), by_id: HashMap::new(), current: None, app: None }),
+            queue: Mutex::new(VecDeque::new()),
+            queue_max,
+            counters: Counters::default(),
+            local,
+            epoll,
+            notify,
+            wake,
+            stop: AtomicBool::new(false),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new().name("jvpn-dataplane".into()).spawn(move || worker.run())?;
+        Ok(ClientEngine { shared, thread: Some(thread) })
+    }
+
+    pub fn notify_fd(&self) -> RawFd {
+        self.shared.notify
+    }
+
+    /// Read a path's connected UDP socket from now on (a duplicate of `fd`).
+    pub fn add_path(&self, path_id: u64, fd: RawFd) -> io::Result<()> {
+        let fd = dup(fd)?;
+        if let Err(e) = epoll_add(self.shared.epoll, fd, fd as u64) {
+            close(fd);
+            return Err(e);
+        }
+        let mut s = self.shared.state.lock().expect("state");
+        s.paths.insert(fd, path_id);
+        if let Some(old) = s.by_id.insert(path_id, fd) {
+            s.paths.remove(&old);
+            close(old);
+        }
+        Ok(())
+    }
+
+    /// Stop reading a path (closes the engine's duplicate; the caller closes its own).
+    pub fn remove_path(&self, path_id: u64) {
+        let mut s = self.shared.state.lock().expect("state");
+        if let Some(fd) = s.by_id.remove(&path_id) {
+            s.paths.remove(&fd);
+            if s.current.as_ref().is_some_and(|c| c.path_id == path_id) {
+                s.current = None;
+            }
+            close(fd);
+        }
+    }
+
+    /// The machine's current path and channel, and whether the engine may forward alone.
+    pub fn set_current(&self, current: Option<(u64, Arc<Mutex<Channel>>, bool)>) {
+        let mut s = self.shared.state.lock().expect("state");
+        s.current = current.and_then(|(path_id, channel, fast)| {
+            s.by_id.get(&path_id).map(|&fd| Current { path_id, fd, channel, fast })
+        });
+    }
+
+    pub fn drain(&self, max: usize) -> Vec<ClientHandUp> {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading an eventfd into an 8-byte buffer resets its count; nonblocking.
+        unsafe { libc::read(self.shared.notify, buf.as_mut_ptr().cast(), 8) };
+        let mut q = self.shared.queue.lock().expect("queue");
+        let n = q.len().min(max);
+        let out: Vec<ClientHandUp> = q.drain(..n).collect();
+        if !q.is_empty() {
+            self.shared.signal();
+        }
+        out
+    }
+
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes to an eventfd this engine owns.
+        unsafe { libc::write(self.shared.wake, (&one as *const u64).cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ClientEngine {
+    fn drop(&mut self) {
+        self.stop();
+        let s = self.shared.state.lock().expect("state");
+        for fd in s.paths.keys() {
+            close(*fd);
+        }
+        for fd in [self.shared.local, self.shared.epoll, self.shared.notify, self.shared.wake] {
+            close(fd);
+        }
+    }
+}
+
+impl ClientShared {
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes to an eventfd this engine owns (nonblocking).
+        unsafe { libc::write(self.notify, (&one as *const u64).cast(), 8) };
+    }
+
+    fn publish(&self, pending: &mut Vec<ClientHandUp>) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut q = self.queue.lock().expect("queue");
+        let was_empty = q.is_empty();
+        for item in pending.drain(..) {
+            if q.len() >= self.queue_max {
+                self.counters.drop(DropReason::QueueFull);
+                continue;
+            }
+            self.counters.handed_up.fetch_add(1, Ordering::Relaxed);
+            q.push_back(item);
+        }
+        drop(q);
+        if was_empty {
+            self.signal();
+        }
+    }
+
+    fn run(self: Arc<Self>) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+        let mut rx = RecvBatch::new();
+        let mut out = SendBatch::new();
+        let mut pending = Vec::with_capacity(64);
+        while !self.stop.load(Ordering::SeqCst) {
+            // SAFETY: events has room for its length; epoll is ours; 200 ms bound.
+            let n = unsafe { libc::epoll_wait(self.epoll, events.as_mut_ptr(), events.len() as libc::c_int, 200) };
+            self.counters.poll_calls.fetch_add(1, Ordering::Relaxed);
+            if n < 0 {
+                continue;
+            }
+            for ev in &events[..n as usize] {
+                match ev.u64 {
+                    WAKE_TOKEN => {}
+                    LOCAL_TOKEN => self.read_local(&mut rx, &mut out, &mut pending),
+                    fd => self.read_path(fd as RawFd, &mut rx, &mut out, &mut pending),
+                }
+                self.publish(&mut pending);
+            }
+        }
+    }
+
+    fn flush(&self, out: &mut SendBatch, fd: RawFd) {
+        if out.count == 0 {
+            return;
+        }
+        let (sent, dropped, calls) = out.flush(fd);
+        let c = &self.counters;
+        c.tx_packets.fetch_add(sent as u64, Ordering::Relaxed);
+        c.send_calls.fetch_add(calls as u64, Ordering::Relaxed);
+        c.upstream_tx_drops.fetch_add(dropped as u64, Ordering::Relaxed);
+    }
+
+    /// From the application: seal and send on the current path, or hand up.
+    fn read_local(&self, rx: &mut RecvBatch, out: &mut SendBatch, pending: &mut Vec<ClientHandUp>) {
+        let c = &self.counters;
+        for _ in 0..ROUNDS_PER_WAKE {
+            let n = match rx.recv(self.local) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            c.recv_calls.fetch_add(1, Ordering::Relaxed);
+            if n == 0 {
+                return;
+            }
+            let mut s = self.state.lock().expect("state");
+            let mut fd = -1;
+            for i in 0..n {
+                let (data, from, truncated) = rx.get(i);
+                c.rx_packets.fetch_add(1, Ordering::Relaxed);
+                let Some(from) = from else { continue };
+                if truncated || data.len() > MAX_PAYLOAD_SIZE {
+                    c.drop(DropReason::Oversized);
+                    continue;
+                }
+                s.app = Some(from);
+                let Some(cur) = s.current.as_ref().filter(|c| c.fast) else {
+                    pending.push(ClientHandUp::Local { data: data.to_vec(), from });
+                    continue;
+                };
+                fd = cur.fd;
+                let slot = out.slot();
+                slot[DATA_PREFIX_LEN] = INNER_PAYLOAD;
+                slot[DATA_PREFIX_LEN + 1..DATA_PREFIX_LEN + 1 + data.len()].copy_from_slice(data);
+                match cur.channel.lock().expect("channel").seal_in_place(&mut slot[..], data.len() + 1) {
+                    Ok(len) => {
+                        out.push(len, None);
+                        c.forwarded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => pending.push(ClientHandUp::Local { data: data.to_vec(), from }),
+                }
+                if out.is_full() {
+                    self.flush(out, fd);
+                }
+            }
+            drop(s);
+            self.flush(out, fd);
+        }
+    }
+
+    /// From a gateway: the current path's payloads to the application, the rest up.
+    fn read_path(&self, fd: RawFd, rx: &mut RecvBatch, out: &mut SendBatch, pending: &mut Vec<ClientHandUp>) {
+        let c = &self.counters;
+        for _ in 0..ROUNDS_PER_WAKE {
+            let n = match rx.recv(fd) {
+                Ok(n) => n,
+                Err(_) => return, // ECONNREFUSED (ICMP): the machine notices silence
+            };
+            c.recv_calls.fetch_add(1, Ordering::Relaxed);
+            if n == 0 {
+                return;
+            }
+            let s = self.state.lock().expect("state");
+            let Some(&path_id) = s.paths.get(&fd) else { return };
+            let cur = s.current.as_ref().filter(|c| c.fast && c.path_id == path_id);
+            for i in 0..n {
+                let (pkt, _, truncated) = rx.get(i);
+                let pkt: &[u8] = pkt;
+                c.rx_packets.fetch_add(1, Ordering::Relaxed);
+                if truncated {
+                    c.drop(DropReason::Oversized);
+                    continue;
+                }
+                let (Some(cur), Some(app)) = (cur, s.app) else {
+                    pending.push(ClientHandUp::Path { path_id, data: pkt.to_vec() });
+                    continue;
+                };
+                if pkt.len() < wire::HEADER_LEN || pkt[1] != TYPE_DATA {
+                    pending.push(ClientHandUp::Path { path_id, data: pkt.to_vec() });
+                    continue;
+                }
+                let Ok(h) = wire::parse_data(pkt) else {
+                    pending.push(ClientHandUp::Path { path_id, data: pkt.to_vec() });
+                    continue;
+                };
+                let mut ch = cur.channel.lock().expect("channel");
+                let slot = out.slot();
+                match ch.open_into(&h, pkt, &mut slot[..]) {
+                    Ok(len) if slot[0] == INNER_PAYLOAD && len - 1 <= MAX_PAYLOAD_SIZE => {
+                        if ch.accept(h.counter, pkt.len()) {
+                            drop(ch);
+                            slot.copy_within(1..len, 0);
+                            out.push(len - 1, Some(&app));
+                            c.returned.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(_) | Err(DropReason::StaleEpoch) | Err(DropReason::UnknownSession) => {
+                        pending.push(ClientHandUp::Path { path_id, data: pkt.to_vec() });
+                    }
+                    Err(reason) => c.drop(reason),
+                }
+                if out.is_full() {
+                    self.flush(out, self.local);
+                }
+            }
+            drop(s);
+            self.flush(out, self.local);
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! The gateway's UDP data path on its own thread: bindings installed by the machine.
+//!
+//! Theory of operation. The engine reads the gateway's UDP socket and every binding's
+//! upstream socket in batches (epoll, `recvmmsg`), and forwards on its own only the plain
+//! case: a DATA packet of an installed binding marked `fast` (the machine marks a binding
+//! fast only while it is validated, has no new address under validation and is in a live
+//! state), of the binding's epoch, from the binding's own peer, within its lease, that
+//! passes the replay window and the AEAD and carries a PAYLOAD: the payload goes to the
+//! upstream socket. A reply from the upstream of a fast binding within its lease is
+//! sealed and sent to the peer (`sendmmsg`). Everything else is handed to the machine
+//! unchanged, through a bounded queue whose eventfd the asyncio adapter watches: every
+//! non-DATA message, unknown sessions, other epochs, new addresses (roaming is the
+//! machine's decision), unvalidated bindings, keepalives and every other inner message,
+//! and upstream replies of bindings that are not fast. A handed-up DATA packet is only
+//! verified here, never marked: the machine opens it through the same channel (the
+//! same replay window and send counter), so each counter is accepted exactly once
+//! whichever path took it. What the engine refuses itself (replays, forgeries, expired
+//! leases, a full queue) is dropped and counted by reason. The engine decides nothing:
+//! where the machine would refuse or must decide, the machine is asked.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::batch::{to_sockaddr, RecvBatch, SendBatch};
+use crate::channel::Channel;
+use crate::reasons::DropReason;
+use crate::wire::{self, SessionId, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, TYPE_DATA};
+
+pub const MAX_PAYLOAD_SIZE: usize = 1500;
+const LISTEN_TOKEN: u64 = u64::MAX;
+const WAKE_TOKEN: u64 = u64::MAX - 1;
+const ROUNDS_PER_WAKE: usize = 8; // batches per ready socket before the others get a turn
+
+/// What the machine must see: a datagram from the listener, or an upstream's reply.
+pub enum HandUp {
+    Datagram { data: Vec<u8>, from: SocketAddr },
+    Upstream { session_id: SessionId, data: Vec<u8> },
+}
+
+pub struct Binding {
+    pub channel: Arc<Mutex<Channel>>,
+    pub epoch: u32,
+    pub peer: SocketAddr,
+    pub fast: bool,
+    pub lease_until: f64,
+    upstream: Option<RawFd>,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub last_rx: f64,
+}
+
+/// What the engine forwarded for one binding since the machine last asked.
+pub struct BindingStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub last_rx: f64,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub returned: AtomicU64,
+    pub handed_up: AtomicU64,
+    pub handed_up_datagrams: AtomicU64,
+    pub handed_up_bytes: AtomicU64,
+    pub upstream_tx_drops: AtomicU64,
+    pub recv_calls: AtomicU64,
+    pub send_calls: AtomicU64,
+    pub poll_calls: AtomicU64,
+    pub drops: [AtomicU64; 32],
+}
+
+impl Counters {
+    pub(crate) fn drop(&self, r: DropReason) {
+        self.drops[r.code() as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Table {
+    bindings: HashMap<SessionId, Binding>,
+    upstreams: HashMap<RawFd, SessionId>,
+}
+
+pub struct Shared {
+    table: Mutex<Table>,
+    queue: Mutex<VecDeque<HandUp>>,
+    queue_max: usize,
+    pub counters: Counters,
+    listen: RawFd,
+    epoll: RawFd,
+    notify: RawFd, // eventfd: the adapter's readiness for the queue
+    wake: RawFd,   // eventfd: stop
+    stop: AtomicBool,
+}
+
+pub fn monotonic() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write into; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+pub(crate) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub(crate) fn epoll_add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+    // SAFETY: ev is a valid epoll_event; epoll and fd are descriptors this engine owns.
+    cvt(unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(|_| ())
+}
+
+pub(crate) fn close(fd: RawFd) {
+    // SAFETY: fd is a descriptor this engine opened (or dup'ed) and closes exactly once.
+    unsafe { libc::close(fd) };
+}
+
+/// Payloads for upstream sockets, batched while consecutive packets share one socket.
+struct Upstreams {
+    batch: SendBatch,
+    fd: RawFd,
+}
+
+impl Upstreams {
+    fn flush(&mut self, c: &Counters) {
+        if self.batch.count == 0 {
+            return;
+        }
+        let (_, dropped, calls) = self.batch.flush(self.fd);
+        c.send_calls.fetch_add(calls as u64, Ordering::Relaxed);
+        c.upstream_tx_drops.fetch_add(dropped as u64, Ordering::Relaxed);
+    }
+}
+
+pub struct Engine {
+    pub shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// An engine reading `listen` (a bound UDP socket; the engine uses its own duplicate).
+    pub fn new(listen: RawFd, queue_max: usize) -> io::Result<Engine> {
+        // SAFETY: dup of a descriptor the caller holds open; the copy is ours to close.
+        let listen = cvt(unsafe { libc::fcntl(listen, libc::F_DUPFD_CLOEXEC, 0) })?;
+        // SAFETY: plain system calls creating descriptors this engine owns.
+        let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        let notify = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        let wake = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        epoll_add(epoll, listen, LISTEN_TOKEN)?;
+        epoll_add(epoll, wake, WAKE_TOKEN)?;
+        let shared = Arc::new(Shared {
+            table: Mutex::new(Table { bindings: HashMap::new(), upstreams: HashMap::new() }),
+            queue: Mutex::new(VecDeque::new()),
+            queue_max,
+            counters: Counters::default(),
+            listen,
+            epoll,
+            notify,
+            wake,
+            stop: AtomicBool::new(false),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("jvpn-dataplane".into())
+            .spawn(move || worker.run())?;
+        Ok(Engine { shared, thread: Some(thread) })
+    }
+
+    pub fn notify_fd(&self) -> RawFd {
+        self.shared.notify
+    }
+
+    /// Install or replace a binding (its upstream socket, if any, is kept).
+    pub fn install(&self, sid: SessionId, channel: Arc<Mutex<Channel>>, epoch: u32, peer: SocketAddr, fast: bool, lease_until: f64) {
+        let mut t = self.shared.table.lock().expect("table");
+        match t.bindings.get_mut(&sid) {
+            Some(b) => {
+                b.channel = channel;
+                b.epoch = epoch;
+                b.peer = peer;
+                b.fast = fast;
+                b.lease_until = lease_until;
+            }
+            None => {
+                t.bindings.insert(
+                    sid,
+                    Binding {
+                        channel,
+                        epoch,
+                        peer,
+                        fast,
+                        lease_until,
+                        upstream: None,
+                        rx_packets: 0,
+                        tx_packets: 0,
+                        rx_bytes: 0,
+                        tx_bytes: 0,
+                        last_rx: 0.0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Remove a binding and close its upstream socket; false if it was not installed.
+    pub fn remove(&self, sid: &SessionId) -> bool {
+        let mut t = self.shared.table.lock().expect("table");
+        match t.bindings.remove(sid) {
+            Some(b) => {
+                if let Some(fd) = b.upstream {
+                    t.upstreams.remove(&fd);
+                    close(fd); // closing also removes it from the epoll set
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What the engine forwarded for a binding since the last call (the counts restart).
+    pub fn take_stats(&self, sid: &SessionId) -> Option<BindingStats> {
+        let mut t = self.shared.table.lock().expect("table");
+        t.bindings.get_mut(sid).map(|b| {
+            let out = BindingStats {
+                rx_packets: b.rx_packets,
+                tx_packets: b.tx_packets,
+                rx_bytes: b.rx_bytes,
+                tx_bytes: b.tx_bytes,
+                last_rx: b.last_rx,
+            };
+            (b.rx_packets, b.tx_packets, b.rx_bytes, b.tx_bytes) = (0, 0, 0, 0);
+            out
+        })
+    }
+
+    pub fn installed(&self) -> Vec<SessionId> {
+        self.shared.table.lock().expect("table").bindings.keys().copied().collect()
+    }
+
+    /// Send a payload to a binding's upstream, opening its connected socket on first use.
+    pub fn to_upstream(&self, sid: &SessionId, upstream: SocketAddr, data: &[u8]) -> io::Result<()> {
+        let mut t = self.shared.table.lock().expect("table");
+        let fd = match t.bindings.get(sid).and_then(|b| b.upstream) {
+            Some(fd) => fd,
+            None => {
+                if !t.bindings.contains_key(sid) {
+                    return Err(io::Error::new(io::ErrorKind::NotFound, "no such binding"));
+                }
+                let fd = open_upstream(&upstream)?;
+                if let Err(e) = epoll_add(self.shared.epoll, fd, fd as u64) {
+                    close(fd);
+                    return Err(e);
+                }
+                t.upstreams.insert(fd, *sid);
+                t.bindings.get_mut(sid).expect("checked above").upstream = Some(fd);
+                fd
+            }
+        };
+        // SAFETY: data is a valid slice; fd is a connected UDP socket this engine owns.
+        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            self.shared.counters.upstream_tx_drops.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Close a binding's upstream socket (the binding stays).
+    pub fn close_upstream(&self, sid: &SessionId) {
+        let mut t = self.shared.table.lock().expect("table");
+        if let Some(fd) = t.bindings.get_mut(sid).and_then(|b| b.upstream.take()) {
+            t.upstreams.remove(&fd);
+            close(fd);
+        }
+    }
+
+    /// Up to `max` handed-up items, oldest first.
+    pub fn drain(&self, max: usize) -> Vec<HandUp> {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading an eventfd into an 8-byte buffer resets its count; nonblocking.
+        unsafe { libc::read(self.shared.notify, buf.as_mut_ptr().cast(), 8) };
+        let mut q = self.shared.queue.lock().expect("queue");
+        let n = q.len().min(max);
+        let out: Vec<HandUp> = q.drain(..n).collect();
+        if !q.is_empty() {
+            self.shared.signal(); // more than max waited: stay readable
+        }
+        out
+    }
+
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes to an eventfd this engine owns.
+        unsafe { libc::write(self.shared.wake, (&one as *const u64).cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+        let t = self.shared.table.lock().expect("table");
+        for fd in t.upstreams.keys() {
+            close(*fd);
+        }
+        for fd in [self.shared.listen, self.shared.epoll, self.shared.notify, self.shared.wake] {
+            close(fd);
+        }
+    }
+}
+
+fn open_upstream(addr: &SocketAddr) -> io::Result<RawFd> {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: creating a socket; the descriptor is ours.
+    let fd = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+    let (ss, len) = to_sockaddr(addr);
+    // SAFETY: ss holds a valid sockaddr of length len for fd's family.
+    if let Err(e) = cvt(unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }) {
+        close(fd);
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+impl Shared {
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes to an eventfd this engine owns (nonblocking; a saturated
+        // counter only means the adapter is already signalled).
+        unsafe { libc::write(self.notify, (&one as *const u64).cast(), 8) };
+    }
+
+    fn hand_up(&self, item: HandUp, pending: &mut Vec<HandUp>) {
+        let _ = self;
+        pending.push(item);
+    }
+
+    fn publish(&self, pending: &mut Vec<HandUp>) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut q = self.queue.lock().expect("queue");
+        let was_empty = q.is_empty();
+        for item in pending.drain(..) {
+            if q.len() >= self.queue_max {
+                self.counters.drop(DropReason::QueueFull);
+                continue;
+            }
+            self.counters.handed_up.fetch_add(1, Ordering::Relaxed);
+            if let HandUp::Datagram { data, .. } = &item {
+                self.counters.handed_up_datagrams.fetch_add(1, Ordering::Relaxed);
+                self.counters.handed_up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            q.push_back(item);
+        }
+        drop(q);
+        if was_empty {
+            self.signal();
+        }
+    }
+
+    fn run(self: Arc<Self>) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+        let mut rx = RecvBatch::new();
+        let mut to_peer = SendBatch::new();
+        let mut to_upstream = Upstreams { batch: SendBatch::new(), fd: -1 };
+        let mut pending: Vec<HandUp> = Vec::with_capacity(64);
+        while !self.stop.load(Ordering::SeqCst) {
+            // SAFETY: events has room for its length; epoll is ours. 200 ms bound: stop is
+            // also seen without the wake descriptor.
+            let n = unsafe { libc::epoll_wait(self.epoll, events.as_mut_ptr(), events.len() as libc::c_int, 200) };
+            self.counters.poll_calls.fetch_add(1, Ordering::Relaxed);
+            if n < 0 {
+                continue; // EINTR
+            }
+            for ev in &events[..n as usize] {
+                match ev.u64 {
+                    WAKE_TOKEN => {}
+                    LISTEN_TOKEN => self.read_peers(&mut rx, &mut to_upstream, &mut pending),
+                    fd => self.read_upstream(fd as RawFd, &mut rx, &mut to_peer, &mut pending),
+                }
+                self.publish(&mut pending);
+            }
+        }
+    }
+
+    /// Datagrams from clients: forward the plain case, hand up the rest.
+    fn read_peers(&self, rx: &mut RecvBatch, up: &mut Upstreams, pending: &mut Vec<HandUp>) {
+        let c = &self.counters;
+        for _ in 0..ROUNDS_PER_WAKE {
+            let n = match rx.recv(self.listen) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            c.recv_calls.fetch_add(1, Ordering::Relaxed);
+            if n == 0 {
+                return;
+            }
+            let now = monotonic();
+            let mut t = self.table.lock().expect("table");
+            for i in 0..n {
+                let (pkt, from, truncated) = rx.get(i);
+                let pkt: &[u8] = pkt;
+                c.rx_packets.fetch_add(1, Ordering::Relaxed);
+                c.rx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                let Some(from) = from else { continue };
+                if truncated {
+                    c.drop(DropReason::Oversized);
+                    continue;
+                }
+                match self.forward(&mut t, pkt, &from, now, up) {
+                    Ok(()) => {}
+                    Err(Some(reason)) => c.drop(reason),
+                    Err(None) => self.hand_up(HandUp::Datagram { data: pkt.to_vec(), from }, pending),
+                }
+            }
+            up.flush(c); // before the table lock goes: a removed binding's socket stays open till then
+        }
+    }
+
+    /// The plain case, or why not: Err(None) = the machine must see it.
+    fn forward(&self, t: &mut Table, pkt: &[u8], from: &SocketAddr, now: f64, out: &mut Upstreams) -> Result<(), Option<DropReason>> {
+        if pkt.len() < wire::HEADER_LEN || pkt[1] != TYPE_DATA {
+            return Err(None);
+        }
+        let h = wire::parse_data(pkt).map_err(|_| None)?; // the machine counts malformed input
+        let b = t.bindings.get_mut(&h.session_id).ok_or(None)?;
+        if !b.fast || h.epoch != b.epoch || from.ip() != b.peer.ip() || from.port() != b.peer.port() {
+            return Err(None);
+        }
+        if now >= b.lease_until {
+            return Err(Some(DropReason::LeaseExpired));
+        }
+        let Some(up) = b.upstream else { return Err(None) }; // the machine opens it
+        let mut ch = b.channel.lock().expect("channel");
+        // Decrypt into the upstream batch's next slot, changing nothing yet: only a PAYLOAD
+        // forwarded here is marked; anything else goes up intact for the machine to open.
+        if up != out.fd || out.batch.is_full() {
+            out.flush(&self.counters);
+            out.fd = up;
+        }
+        let slot = out.batch.slot();
+        let len = ch.open_into(&h, pkt, &mut slot[..]).map_err(Some)?;
+        if slot[0] != INNER_PAYLOAD || len - 1 > MAX_PAYLOAD_SIZE {
+            return Err(None);
+        }
+        if !ch.accept(h.counter, pkt.len()) {
+            return Err(Some(DropReason::Replayed)); // unreachable: the lock is held since the check
+        }
+        drop(ch);
+        slot.copy_within(1..len, 0);
+        out.batch.push(len - 1, None);
+        b.rx_packets += 1;
+        b.rx_bytes += pkt.len() as u64;
+        b.last_rx = now;
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Replies from a binding's upstream: seal and send them in one batch, or hand up.
+    fn read_upstream(&self, fd: RawFd, rx: &mut RecvBatch, out: &mut SendBatch, pending: &mut Vec<HandUp>) {
+        let c = &self.counters;
+        for _ in 0..ROUNDS_PER_WAKE {
+            let n = match rx.recv(fd) {
+                Ok(n) => n,
+                Err(_) => return, // ECONNREFUSED from an ICMP: the next datagram may pass
+            };
+            c.recv_calls.fetch_add(1, Ordering::Relaxed);
+            if n == 0 {
+                return;
+            }
+            let now = monotonic();
+            let mut t = self.table.lock().expect("table");
+            let Some(sid) = t.upstreams.get(&fd).copied() else { return };
+            let Some(b) = t.bindings.get_mut(&sid) else { return };
+            for i in 0..n {
+                let (data, _, truncated) = rx.get(i);
+                if truncated || data.len() > MAX_PAYLOAD_SIZE {
+                    c.drop(DropReason::NotValidated); // as the machine counts an oversized reply
+                    continue;
+                }
+                if !b.fast {
+                    self.hand_up(HandUp::Upstream { session_id: sid, data: data.to_vec() }, pending);
+                    continue;
+                }
+                if now >= b.lease_until {
+                    c.drop(DropReason::LeaseExpired);
+                    continue;
+                }
+                let slot = out.slot();
+                slot[DATA_PREFIX_LEN] = INNER_PAYLOAD;
+                slot[DATA_PREFIX_LEN + 1..DATA_PREFIX_LEN + 1 + data.len()].copy_from_slice(data);
+                let sealed = b.channel.lock().expect("channel").seal_in_place(&mut slot[..], data.len() + 1);
+                match sealed {
+                    Ok(len) => {
+                        debug_assert_eq!(len, DATA_PREFIX_LEN + data.len() + 1 + AEAD_TAG_LEN);
+                        out.push(len, Some(&b.peer));
+                        b.tx_packets += 1;
+                        b.tx_bytes += len as u64;
+                        c.returned.fetch_add(1, Ordering::Relaxed);
+                        c.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        // counter exhausted: the machine must rekey; it sees the reply
+                        self.hand_up(HandUp::Upstream { session_id: sid, data: data.to_vec() }, pending);
+                    }
+                }
+                if out.is_full() {
+                    self.flush_to_peers(out);
+                }
+            }
+            drop(t);
+            self.flush_to_peers(out);
+        }
+    }
+
+    fn flush_to_peers(&self, out: &mut SendBatch) {
+        if out.count == 0 {
+            return;
+        }
+        let (sent, dropped, calls) = out.flush(self.listen);
+        let c = &self.counters;
+        c.tx_packets.fetch_add(sent as u64, Ordering::Relaxed);
+        c.send_calls.fetch_add(calls as u64, Ordering::Relaxed);
+        if dropped > 0 {
+            c.drops[DropReason::QueueFull.code() as usize].fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! The Python face: `DataChannel` and `ReplayWindow` with the API of their references in
+//! `session/framing.py` and `session/replay.py`, raising the core's own exceptions
+//! (`session.errors`) with the same `DropReason`. No panic crosses this boundary: every
+//! input a caller or the network controls is checked, and errors become exceptions.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::PyBytes;
+
+use crate::channel::{Channel, SealError, REJECT_AFTER_MESSAGES};
+use crate::reasons::{DropReason, ErrorKind};
+use crate::replay;
+use crate::wire::{self, AEAD_TAG_LEN, DATA_PREFIX_LEN, MAX_INNER_LEN, MAX_MESSAGE_SIZE};
+
+struct Errors {
+    decode: PyObject,
+    auth: PyObject,
+    replay: PyObject,
+    local: PyObject,
+    reason: PyObject,
+}
+
+static ERRORS: GILOnceCell<Errors> = GILOnceCell::new();
+
+fn errors(py: Python<'_>) -> PyResult<&Errors> {
+    ERRORS.get_or_try_init(py, || {
+        let e = py.import("session.errors")?;
+        let r = py.import("session.reasons")?;
+        Ok(Errors {
+            decode: e.getattr("DecodeError")?.unbind(),
+            auth: e.getattr("AuthError")?.unbind(),
+            replay: e.getattr("ReplayError")?.unbind(),
+            local: e.getattr("LocalProtocolError")?.unbind(),
+            reason: r.getattr("DropReason")?.unbind(),
+        })
+    })
+}
+
+/// The core's exception for a drop reason: DecodeError, AuthError or ReplayError.
+fn drop_error(py: Python<'_>, reason: DropReason, detail: String) -> PyErr {
+    match errors(py) {
+        Ok(e) => {
+            let cls = match reason.kind() {
+                ErrorKind::Decode => &e.decode,
+                ErrorKind::Auth => &e.auth,
+                ErrorKind::Replay => &e.replay,
+            };
+            match e.reason.call1(py, (reason.code(),)).and_then(|r| cls.call1(py, (r, detail))) {
+                Ok(obj) => PyErr::from_value(obj.into_bound(py)),
+                Err(err) => err,
+            }
+        }
+        Err(err) => err,
+    }
+}
+
+fn session_id(raw: &[u8]) -> PyResult<wire::SessionId> {
+    raw.try_into().map_err(|_| PyValueError::new_err("session_id must be 16 bytes"))
+}
+
+fn key(raw: &[u8]) -> PyResult<[u8; 32]> {
+    raw.try_into().map_err(|_| PyValueError::new_err("traffic keys must be 32 bytes"))
+}
+
+/// Seal and open DATA packets of one binding, for one side (`session.framing.DataChannel`).
+#[pyclass(module = "jvpn_dataplane", frozen)]
+pub struct DataChannel {
+    inner: Arc<Mutex<Channel>>,
+    #[pyo3(get)]
+    session_id: Py<PyBytes>,
+    #[pyo3(get)]
+    epoch: u32,
+}
+
+impl DataChannel {
+    fn lock(&self) -> PyResult<MutexGuard<'_, Channel>> {
+        self.inner.lock().map_err(|_| PyRuntimeError::new_err("data channel poisoned"))
+    }
+}
+
+#[pymethods]
+impl DataChannel {
+    #[new]
+    fn new(py: Python<'_>, send_key: &[u8], recv_key: &[u8], session_id_: &[u8], epoch: i64) -> PyResult<Self> {
+        let (s, r) = (key(send_key)?, key(recv_key)?);
+        let sid = session_id(session_id_)?;
+        let epoch = u32::try_from(epoch).map_err(|_| PyValueError::new_err("epoch out of range"))?;
+        let ch = Channel::new(&s, &r, sid, epoch).map_err(|_| {
+            PyValueError::new_err("send and receive keys must differ (nonce reuse across directions)")
+        })?;
+        Ok(DataChannel { inner: Arc::new(Mutex::new(ch)), session_id: PyBytes::new(py, &sid).unbind(), epoch })
+    }
+
+    /// The counter the next sealed packet will carry.
+    #[getter]
+    fn next_send_counter(&self) -> PyResult<u64> {
+        Ok(self.lock()?.next_send_counter())
+    }
+
+    /// The highest counter accepted so far.
+    #[getter]
+    fn highest_received(&self) -> PyResult<Option<u64>> {
+        Ok(self.lock()?.highest_received())
+    }
+
+    #[getter]
+    fn packets_sent(&self) -> PyResult<u64> {
+        Ok(self.lock()?.packets_sent)
+    }
+
+    #[getter]
+    fn bytes_sent(&self) -> PyResult<u64> {
+        Ok(self.lock()?.bytes_sent)
+    }
+
+    #[getter]
+    fn packets_received(&self) -> PyResult<u64> {
+        Ok(self.lock()?.packets_received)
+    }
+
+    #[getter]
+    fn bytes_received(&self) -> PyResult<u64> {
+        Ok(self.lock()?.bytes_received)
+    }
+
+    /// Encrypt one inner message into a complete encoded DATA packet.
+    fn seal<'py>(&self, py: Python<'py>, inner: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let len = inner.len();
+        if len == 0 || len > MAX_INNER_LEN {
+            return Err(PyValueError::new_err(format!("inner message of {len} bytes (1..{MAX_INNER_LEN})")));
+        }
+        let mut ch = self.lock()?;
+        if ch.next_send_counter() >= REJECT_AFTER_MESSAGES {
+            let e = errors(py)?;
+            return Err(PyErr::from_value(
+                e.local.call1(py, ("send counter exhausted: start a new epoch",))?.into_bound(py),
+            ));
+        }
+        PyBytes::new_with(py, DATA_PREFIX_LEN + len + AEAD_TAG_LEN, |out| {
+            ch.seal_into(inner, out).map(|_| ()).map_err(|e| match e {
+                SealError::Exhausted | SealError::BadLength(_) | SealError::NoRoom => {
+                    PyRuntimeError::new_err(format!("seal failed: {e:?}"))
+                }
+            })
+        })
+    }
+
+    /// Authenticate and decrypt a decoded DATA packet (``raw`` is its encoding; the header
+    /// fields are read from it, as the codec decoded them).
+    fn open<'py>(&self, py: Python<'py>, msg: &Bound<'py, PyAny>, raw: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let _ = msg;
+        self.open_raw(py, raw)
+    }
+
+    /// Decode and open a DATA packet in one call.
+    fn open_raw<'py>(&self, py: Python<'py>, raw: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        if raw.len() > MAX_MESSAGE_SIZE {
+            return Err(drop_error(py, DropReason::Oversized, format!("{} bytes", raw.len())));
+        }
+        let mut buf = [0u8; MAX_MESSAGE_SIZE];
+        let pkt = &mut buf[..raw.len()];
+        pkt.copy_from_slice(raw);
+        let h = wire::parse_data(pkt).map_err(|r| drop_error(py, r, "DATA".into()))?;
+        let range = self
+            .lock()?
+            .open_parsed(&h, pkt, true)
+            .map_err(|r| drop_error(py, r, format!("counter {}", h.counter)))?;
+        Ok(PyBytes::new(py, &pkt[range]))
+    }
+}
+
+/// Accepts each counter at most once, and none older than the window (`session.replay`).
+#[pyclass(module = "jvpn_dataplane", name = "ReplayWindow")]
+#[derive(Default)]
+pub struct PyReplayWindow {
+    w: replay::ReplayWindow,
+}
+
+#[pymethods]
+impl PyReplayWindow {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    #[getter]
+    fn highest(&self) -> Option<u64> {
+        self.w.highest()
+    }
+
+    /// Would ``update(counter)`` accept it? Changes nothing.
+    fn check(&self, counter: &Bound<'_, PyAny>) -> bool {
+        match counter.extract::<u64>() {
+            Ok(c) => self.w.check(c),
+            Err(_) => false, // negative or beyond u64: never acceptable
+        }
+    }
+
+    /// Mark ``counter`` as seen; False if it is a duplicate, too old or out of range.
+    fn update(&mut self, counter: &Bound<'_, PyAny>) -> bool {
+        match counter.extract::<u64>() {
+            Ok(c) => self.w.update(c),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Parse a DATA packet's cleartext prefix: (session_id, epoch, counter), or the core's
+/// DecodeError with the codec's reason.
+#[pyfunction]
+fn parse_data<'py>(py: Python<'py>, raw: &[u8]) -> PyResult<(Bound<'py, PyBytes>, u32, u64)> {
+    let h = wire::parse_data(raw).map_err(|r| drop_error(py, r, "DATA".into()))?;
+    Ok((PyBytes::new(py, &h.session_id), h.epoch, h.counter))
+}
+
+#[pymodule]
+fn jvpn_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<DataChannel>()?;
+    m.add_class::<PyReplayWindow>()?;
+    m.add_class::<GatewayEngine>()?;
+    m.add_class::<AgentEngine>()?;
+    m.add_function(wrap_pyfunction!(parse_data, m)?)?;
+    m.add("REPLAY_WINDOW", replay::REPLAY_WINDOW)?;
+    m.add("MAX_INNER_LEN", MAX_INNER_LEN)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
+
+fn peer_addr(addr: &Bound<'_, PyAny>) -> PyResult<std::net::SocketAddr> {
+    let (host, port): (String, u16) = (addr.get_item(0)?.extract()?, addr.get_item(1)?.extract()?);
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| PyValueError::new_err(format!("not an IP address: {host:?}")))?;
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
+fn py_addr(py: Python<'_>, addr: &std::net::SocketAddr) -> PyResult<PyObject> {
+    Ok((addr.ip().to_string(), addr.port()).into_pyobject(py)?.into_any().unbind())
+}
+
+/// The gateway's UDP data path on a Rust thread (`engine.rs`): the machine installs
+/// bindings; everything that is not plain forwarding comes back through ``drain``.
+#[pyclass(module = "jvpn_dataplane", frozen)]
+pub struct GatewayEngine {
+    engine: Mutex<Option<crate::engine::Engine>>,
+    notify: i32,
+}
+
+impl GatewayEngine {
+    fn with<T>(&self, f: impl FnOnce(&crate::engine::Engine) -> PyResult<T>) -> PyResult<T> {
+        let g = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?;
+        match g.as_ref() {
+            Some(e) => f(e),
+            None => Err(PyRuntimeError::new_err("the data plane engine is stopped")),
+        }
+    }
+}
+
+#[pymethods]
+impl GatewayEngine {
+    /// Start reading the bound UDP socket ``fd`` (the engine reads a duplicate; the caller
+    /// keeps sending on its own). ``queue_max``: items waiting for the machine at most.
+    #[new]
+    #[pyo3(signature = (fd, queue_max = 8192))]
+    fn new(fd: i32, queue_max: usize) -> PyResult<Self> {
+        let e = crate::engine::Engine::new(fd, queue_max.max(1))
+            .map_err(|e| PyRuntimeError::new_err(format!("data plane engine: {e}")))?;
+        let notify = e.notify_fd();
+        Ok(GatewayEngine { engine: Mutex::new(Some(e)), notify })
+    }
+
+    /// The descriptor that is readable while handed-up items wait (an eventfd).
+    fn fileno(&self) -> i32 {
+        self.notify
+    }
+
+    /// Install or update a binding: its channel (a compiled DataChannel: the engine and the
+    /// machine share its replay window and send counter), epoch, peer, whether the engine
+    /// may forward for it alone, and until when (monotonic seconds) its lease holds.
+    fn install(&self, session_id_: &[u8], channel: &DataChannel, peer: &Bound<'_, PyAny>, fast: bool, lease_until: f64) -> PyResult<()> {
+        let sid = session_id(session_id_)?;
+        let peer = peer_addr(peer)?;
+        self.with(|e| {
+            e.install(sid, channel.inner.clone(), channel.epoch, peer, fast, lease_until);
+            Ok(())
+        })
+    }
+
+    /// Remove a binding (and close its upstream socket); False if it was not installed.
+    fn remove(&self, session_id_: &[u8]) -> PyResult<bool> {
+        let sid = session_id(session_id_)?;
+        self.with(|e| Ok(e.remove(&sid)))
+    }
+
+    /// The session ids installed.
+    fn installed<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        self.with(|e| Ok(e.installed().iter().map(|s| PyBytes::new(py, s)).collect()))
+    }
+
+    /// Send a payload to an installed binding's upstream (its socket opened on first use).
+    fn to_upstream(&self, session_id_: &[u8], upstream: &Bound<'_, PyAny>, data: &[u8]) -> PyResult<()> {
+        let sid = session_id(session_id_)?;
+        let addr = peer_addr(upstream)?;
+        self.with(|e| e.to_upstream(&sid, addr, data).map_err(|err| pyo3::exceptions::PyOSError::new_err(err.to_string())))
+    }
+
+    fn close_upstream(&self, session_id_: &[u8]) -> PyResult<()> {
+        let sid = session_id(session_id_)?;
+        self.with(|e| {
+            e.close_upstream(&sid);
+            Ok(())
+        })
+    }
+
+    /// (packets received, packets sent, last receive time, bytes received, bytes sent) the
+    /// engine forwarded for a binding since the last call; None if it is not installed.
+    fn take_stats(&self, session_id_: &[u8]) -> PyResult<Option<(u64, u64, f64, u64, u64)>> {
+        let sid = session_id(session_id_)?;
+        self.with(|e| {
+            Ok(e.take_stats(&sid).map(|s| (s.rx_packets, s.tx_packets, s.last_rx, s.rx_bytes, s.tx_bytes)))
+        })
+    }
+
+    /// Up to ``max`` handed-up items: ``(0, data, (host, port))`` a datagram from the
+    /// listener, ``(1, session_id, data)`` a reply from that binding's upstream.
+    #[pyo3(signature = (max = 256))]
+    fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<(u8, PyObject, PyObject)>> {
+        let items = self.with(|e| Ok(e.drain(max)))?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(match item {
+                crate::engine::HandUp::Datagram { data, from } => {
+                    (0u8, PyBytes::new(py, &data).into_any().unbind(), py_addr(py, &from)?)
+                }
+                crate::engine::HandUp::Upstream { session_id, data } => (
+                    1u8,
+                    PyBytes::new(py, &session_id).into_any().unbind(),
+                    PyBytes::new(py, &data).into_any().unbind(),
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The engine's counters since it started (packets, bytes, system calls, drops by
+    /// DropReason value).
+    fn counters(&self) -> PyResult<std::collections::HashMap<String, u64>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.with(|e| {
+            let c = &e.shared.counters;
+            let mut m = std::collections::HashMap::new();
+            for (k, v) in [
+                ("rx_packets", &c.rx_packets),
+                ("rx_bytes", &c.rx_bytes),
+                ("tx_packets", &c.tx_packets),
+                ("tx_bytes", &c.tx_bytes),
+                ("forwarded", &c.forwarded),
+                ("returned", &c.returned),
+                ("handed_up", &c.handed_up),
+                ("handed_up_bytes", &c.handed_up_bytes),
+                ("handed_up_datagrams", &c.handed_up_datagrams),
+                ("upstream_tx_drops", &c.upstream_tx_drops),
+                ("recv_calls", &c.recv_calls),
+                ("send_calls", &c.send_calls),
+                ("poll_calls", &c.poll_calls),
+            ] {
+                m.insert(k.to_string(), v.load(Relaxed));
+            }
+            for r in DropReason::ALL {
+                m.insert(format!("drop_{}", r.code()), c.drops[r.code() as usize].load(Relaxed));
+            }
+            Ok(m)
+        })
+    }
+
+    /// Stop the thread and close the engine's descriptors (idempotent).
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let taken = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?.take();
+        py.allow_threads(move || drop(taken)); // joins the thread, which may wait on the table
+        Ok(())
+    }
+}
+
+/// The agent's UDP data path on a Rust thread (`agent_engine.rs`): the client machine
+/// says which path is current and whether it is fast; the rest comes back through ``drain``.
+#[pyclass(module = "jvpn_dataplane", frozen)]
+pub struct AgentEngine {
+    engine: Mutex<Option<crate::agent_engine::ClientEngine>>,
+    notify: i32,
+}
+
+impl AgentEngine {
+    fn with<T>(&self, f: impl FnOnce(&crate::agent_engine::ClientEngine) -> PyResult<T>) -> PyResult<T> {
+        let g = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?;
+        match g.as_ref() {
+            Some(e) => f(e),
+            None => Err(PyRuntimeError::new_err("the data plane engine is stopped")),
+        }
+    }
+}
+
+#[pymethods]
+impl AgentEngine {
+    /// Start reading the application's bound UDP socket ``fd`` (a duplicate; the caller
+    /// keeps sending on its own).
+    #[new]
+    #[pyo3(signature = (fd, queue_max = 8192))]
+    fn new(fd: i32, queue_max: usize) -> PyResult<Self> {
+        let e = crate::agent_engine::ClientEngine::new(fd, queue_max.max(1))
+            .map_err(|e| PyRuntimeError::new_err(format!("data plane engine: {e}")))?;
+        let notify = e.notify_fd();
+        Ok(AgentEngine { engine: Mutex::new(Some(e)), notify })
+    }
+
+    fn fileno(&self) -> i32 {
+        self.notify
+    }
+
+    /// Read a path's connected UDP socket ``fd`` from now on (a duplicate).
+    fn add_path(&self, path_id: u64, fd: i32) -> PyResult<()> {
+        self.with(|e| e.add_path(path_id, fd).map_err(|err| pyo3::exceptions::PyOSError::new_err(err.to_string())))
+    }
+
+    fn remove_path(&self, path_id: u64) -> PyResult<()> {
+        self.with(|e| {
+            e.remove_path(path_id);
+            Ok(())
+        })
+    }
+
+    /// The machine's current path and channel and whether the engine may forward alone;
+    /// ``None`` for no current path.
+    #[pyo3(signature = (path_id = None, channel = None, fast = false))]
+    fn set_current(&self, path_id: Option<u64>, channel: Option<&DataChannel>, fast: bool) -> PyResult<()> {
+        let cur = match (path_id, channel) {
+            (Some(p), Some(ch)) => Some((p, ch.inner.clone(), fast)),
+            _ => None,
+        };
+        self.with(|e| {
+            e.set_current(cur);
+            Ok(())
+        })
+    }
+
+    /// Up to ``max`` items: ``(0, data, (host, port))`` from the application, ``(1, path_id,
+    /// data)`` from a path.
+    #[pyo3(signature = (max = 256))]
+    fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<(u8, PyObject, PyObject)>> {
+        let items = self.with(|e| Ok(e.drain(max)))?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(match item {
+                crate::agent_engine::ClientHandUp::Local { data, from } => {
+                    (0u8, PyBytes::new(py, &data).into_any().unbind(), py_addr(py, &from)?)
+                }
+                crate::agent_engine::ClientHandUp::Path { path_id, data } => (
+                    1u8,
+                    path_id.into_pyobject(py)?.into_any().unbind(),
+                    PyBytes::new(py, &data).into_any().unbind(),
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    fn counters(&self) -> PyResult<std::collections::HashMap<String, u64>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.with(|e| {
+            let c = &e.shared.counters;
+            let mut m = std::collections::HashMap::new();
+            for (k, v) in [
+                ("rx_packets", &c.rx_packets),
+                ("tx_packets", &c.tx_packets),
+                ("forwarded", &c.forwarded),
+                ("returned", &c.returned),
+                ("handed_up", &c.handed_up),
+                ("recv_calls", &c.recv_calls),
+                ("send_calls", &c.send_calls),
+                ("poll_calls", &c.poll_calls),
+            ] {
+                m.insert(k.to_string(), v.load(Relaxed));
+            }
+            for r in DropReason::ALL {
+                m.insert(format!("drop_{}", r.code()), c.drops[r.code() as usize].load(Relaxed));
+            }
+            Ok(m)
+        })
+    }
+
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let taken = self.engine.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned"))?.take();
+        py.allow_threads(move || drop(taken));
+        Ok(())
+    }
+}

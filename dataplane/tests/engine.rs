@@ -1,0 +1,159 @@
+//! The gateway engine on real loopback sockets: what it forwards, refuses and hands up.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jvpn_dataplane::channel::Channel;
+use jvpn_dataplane::engine::{monotonic, Engine, HandUp};
+use jvpn_dataplane::reasons::DropReason;
+
+const SID: [u8; 16] = [7; 16];
+const EPOCH: u32 = 3;
+
+fn socket() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    s
+}
+
+/// Poll `f` until it is true, for at most 5 s.
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn recv(s: &UdpSocket) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 4096];
+    s.recv_from(&mut buf).ok().map(|(n, _)| buf[..n].to_vec())
+}
+
+fn recv_within(s: &UdpSocket, what: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(v) = recv(s) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "nothing received: {what}");
+    }
+}
+
+fn seal(ch: &mut Channel, inner: &[u8]) -> Vec<u8> {
+    let mut out = [0u8; 2048];
+    let n = ch.seal_into(inner, &mut out).unwrap();
+    out[..n].to_vec()
+}
+
+fn drained(e: &Engine, n: usize) -> Vec<HandUp> {
+    let mut got = Vec::new();
+    until("hand-ups", || {
+        got.extend(e.drain(64));
+        got.len() >= n
+    });
+    got
+}
+
+#[test]
+fn forwards_refuses_and_hands_up() {
+    let listener = socket();
+    let client = socket();
+    let upstream = socket();
+    let engine = Engine::new(listener.as_raw_fd(), 64).unwrap();
+    let (c2g, g2c) = ([1u8; 32], [2u8; 32]);
+    let mut cli = Channel::new(&c2g, &g2c, SID, EPOCH).unwrap();
+    let gw = Arc::new(Mutex::new(Channel::new(&g2c, &c2g, SID, EPOCH).unwrap()));
+    let peer = client.local_addr().unwrap();
+    let up = upstream.local_addr().unwrap();
+    client.connect(listener.local_addr().unwrap()).unwrap();
+    let counters = &engine.shared.counters;
+
+    // unknown session: handed up unchanged
+    let first = seal(&mut cli, b"\x01hello");
+    client.send(&first).unwrap();
+    match &drained(&engine, 1)[0] {
+        HandUp::Datagram { data, from } => assert!(data == &first && *from == peer),
+        HandUp::Upstream { .. } => panic!("expected a datagram"),
+    }
+
+    // installed and fast: the machine opens the upstream, then the engine forwards alone
+    engine.install(SID, gw.clone(), EPOCH, peer, true, monotonic() + 60.0);
+    engine.to_upstream(&SID, up, b"hello").unwrap();
+    let (_, from_engine) = {
+        let mut buf = [0u8; 64];
+        let (n, a) = upstream.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        ((), a)
+    };
+    let pkt = seal(&mut cli, b"\x01payload");
+    client.send(&pkt).unwrap();
+    assert_eq!(recv_within(&upstream, "the forwarded payload"), b"payload");
+    upstream.send_to(b"reply", from_engine).unwrap();
+    let mut back = recv_within(&client, "the sealed reply");
+    let r = cli.open_in_place(&mut back, true).unwrap();
+    assert_eq!(&back[r], b"\x01reply");
+    assert_eq!(gw.lock().unwrap().highest_received(), Some(1));
+
+    // a replay and a forgery are dropped with the machine's reasons
+    client.send(&pkt).unwrap();
+    let mut forged = seal(&mut cli, b"\x01forged");
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    client.send(&forged).unwrap();
+    until("the replay and the forgery counted", || {
+        counters.drops[DropReason::Replayed.code() as usize].load(Ordering::Relaxed) == 1
+            && counters.drops[DropReason::BadAead.code() as usize].load(Ordering::Relaxed) == 1
+    });
+    assert!(recv(&upstream).is_none());
+
+    // a keepalive goes up intact and unmarked: the machine opens it through the same channel
+    let ka = seal(&mut cli, b"\x02keepalive");
+    client.send(&ka).unwrap();
+    match &drained(&engine, 1)[0] {
+        HandUp::Datagram { data, .. } => assert_eq!(data, &ka),
+        HandUp::Upstream { .. } => panic!("expected a datagram"),
+    }
+    let mut ka2 = ka.clone();
+    assert!(gw.lock().unwrap().open_in_place(&mut ka2, true).is_ok());
+
+    // not fast: payloads and replies go to the machine
+    engine.install(SID, gw.clone(), EPOCH, peer, false, monotonic() + 60.0);
+    let slow = seal(&mut cli, b"\x01slow");
+    client.send(&slow).unwrap();
+    assert!(matches!(&drained(&engine, 1)[0], HandUp::Datagram { data, .. } if data == &slow));
+    upstream.send_to(b"slow reply", from_engine).unwrap();
+    assert!(matches!(&drained(&engine, 1)[0], HandUp::Upstream { session_id, data } if *session_id == SID && data == b"slow reply"));
+
+    // a lapsed lease: dropped, counted, nothing forwarded
+    engine.install(SID, gw.clone(), EPOCH, peer, true, monotonic() - 1.0);
+    client.send(&seal(&mut cli, b"\x01late")).unwrap();
+    until("LEASE_EXPIRED", || counters.drops[DropReason::LeaseExpired.code() as usize].load(Ordering::Relaxed) == 1);
+    assert!(recv(&upstream).is_none());
+
+    // removed: the machine's again
+    assert!(engine.remove(&SID));
+    let gone = seal(&mut cli, b"\x01gone");
+    client.send(&gone).unwrap();
+    assert!(matches!(&drained(&engine, 1)[0], HandUp::Datagram { data, .. } if data == &gone));
+}
+
+#[test]
+fn a_full_queue_drops_and_counts() {
+    let listener = socket();
+    let client = socket();
+    client.connect(listener.local_addr().unwrap()).unwrap();
+    let engine = Engine::new(listener.as_raw_fd(), 4).unwrap();
+    for i in 0..10u8 {
+        client.send(&[1, 1, 0, 0, i]).unwrap(); // not DATA: always the machine's
+    }
+    let c = &engine.shared.counters;
+    until("ten datagrams read, six of them past the queue", || {
+        c.rx_packets.load(Ordering::Relaxed) == 10
+            && c.drops[DropReason::QueueFull.code() as usize].load(Ordering::Relaxed) == 6
+    });
+    assert_eq!(engine.drain(100).len(), 4);
+}

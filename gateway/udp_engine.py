@@ -1,0 +1,166 @@
+"""The compiled UDP data path, seen from the asyncio adapter (``jvpn_dataplane.GatewayEngine``).
+
+Theory of operation. With the engine on, a Rust thread owns the reading of the gateway's
+UDP socket and of every session's upstream socket (batched system calls) and forwards the
+plain case itself: DATA carrying a payload, on a binding the machine marked fast, from
+its peer, within its lease, passing the replay window and the AEAD; and upstream replies
+back, sealed. Everything else arrives here through ``drain`` and goes to the machine
+exactly as a datagram from the socket would (``_UdpProtocol.datagram_received``) or as
+an upstream reply (``GatewayNode.from_upstream``). Python keeps sending its own answers on
+the same socket.
+
+This module decides nothing: it mirrors the machine's bindings into the engine. A binding
+is *fast* while the machine would forward its payloads without a decision: validated,
+no new address under validation, no REKEY in flight, a live state, a plain UDP peer (not through a
+balancer), a compiled channel (which the engine and the machine then share: one replay
+window, one send counter). Its lease deadline is the machine's own (``_leased``): the
+store's last answer plus ``lease_s`` when the binding was confirmed since the node last
+trusted the store, else already past, so the engine stops forwarding on its own when the
+store goes silent (fail closed). The mirror is refreshed for the session of every item
+handed up, after every store answer, move notice and timer, and a binding the machine
+dropped is removed from the engine at the next refresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from session import wire
+from session.binding import Binding
+from session.gateway import GatewayMachine
+from session.reasons import DropReason
+from session.states import LIVE_STATES
+
+log = logging.getLogger("jvpn.gateway")
+
+DRAIN_MAX = 512  # items handed to the machine per loop wake-up
+QUEUE_MAX = 16384  # items the engine keeps waiting for the machine before it drops (QUEUE_FULL)
+
+
+def available() -> bool:
+    """Whether the compiled module carries the engine."""
+    try:
+        import jvpn_dataplane
+    except ImportError:
+        return False
+    return hasattr(jvpn_dataplane, "GatewayEngine")
+
+
+class UdpSender:
+    """What the node sends with while the engine reads: the socket itself, nonblocking."""
+
+    def __init__(self, sock: socket.socket, on_drop: Callable[[], None]) -> None:
+        self.sock = sock
+        self._on_drop = on_drop
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._on_drop()  # a full socket buffer: UDP drops, and we count it
+        except OSError as exc:
+            log.debug("udp send to %s failed: %s", addr, exc)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sockname":
+            return self.sock.getsockname()
+        if name == "socket":
+            return self.sock
+        return default
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class EngineMirror:
+    """The machine's bindings, mirrored into the engine."""
+
+    def __init__(self, engine: Any, machine: GatewayMachine, channel_class: type) -> None:
+        self.engine = engine
+        self.machine = machine
+        self.channel_class = channel_class
+        self.installed: dict[bytes, tuple[Any, ...]] = {}  # what the engine was last told, by session
+        self._counters: dict[str, int] = {}
+
+    def fast(self, b: Binding) -> bool:
+        """Whether the engine may forward ``b``'s payloads without asking the machine."""
+        p = b.peer
+        # prev_channel: a REKEY in flight, the downlink still under the previous keys
+        return (b.validated and not b.probes and b.prev_channel is None
+                and b.state in LIVE_STATES
+                and p.kind is wire.TransportKind.UDP and p.via is None
+                and type(b.channel) is self.channel_class)
+
+    def lease_until(self, b: Binding) -> float:
+        """The machine's lease for ``b`` as a deadline (GatewayMachine._leased)."""
+        h = self.machine.health
+        if b.confirmed_at < h.trust_since:
+            return float("-inf")
+        return h.ok_at + self.machine.settings.lease_s
+
+    def sync(self, sid: bytes) -> None:
+        """Tell the engine what the machine now holds for one session."""
+        b = self.machine.bindings.get(sid)
+        if b is None or b.peer.kind is not wire.TransportKind.UDP:
+            if self.installed.pop(sid, None) is not None:
+                self.pull(sid)
+                self.engine.remove(sid)
+            return
+        if type(b.channel) is not self.channel_class:
+            return  # a channel made before the engine: the machine keeps the whole binding
+        state = (b.channel, b.peer.addr, self.fast(b), self.lease_until(b))
+        if self.installed.get(sid) != state:
+            self.engine.install(sid, b.channel, b.peer.send_addr, state[2], state[3])
+            self.installed[sid] = state
+
+    def sync_all(self) -> None:
+        """Refresh every binding, and remove the ones the machine no longer holds."""
+        bindings = self.machine.bindings
+        for sid in [s for s in self.installed if s not in bindings]:
+            self.sync(sid)
+        for sid in bindings:
+            self.sync(sid)
+
+    def pull(self, sid: bytes) -> None:
+        """What the engine forwarded for ``sid``, into the machine's binding."""
+        stats = self.engine.take_stats(sid)
+        b = self.machine.bindings.get(sid)
+        if stats is None or b is None:
+            return
+        rx, tx, last_rx, rx_bytes, tx_bytes = stats
+        if rx:
+            b.rx_packets += rx
+            b.rx_bytes += rx_bytes
+            b.lost = False
+            if last_rx > b.last_rx:
+                b.last_rx = last_rx
+        b.tx_packets += tx
+        b.tx_bytes += tx_bytes
+
+    def pull_all(self) -> None:
+        for sid in list(self.installed):
+            self.pull(sid)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """The engine's counters as of the last ``counters_delta``."""
+        return self._counters
+
+    def counters_delta(self) -> dict[str, int]:
+        """The engine's counters since the last call."""
+        now = self.engine.counters()
+        delta = {k: v - self._counters.get(k, 0) for k, v in now.items()}
+        self._counters = now
+        return delta
+
+
+def drop_reasons(delta: dict[str, int]) -> list[tuple[DropReason, int]]:
+    """The engine's drops in ``delta``, by reason."""
+    out = []
+    for key, n in delta.items():
+        if key.startswith("drop_") and n:
+            out.append((DropReason(int(key[5:])), n))
+    return out
