@@ -14,6 +14,7 @@ then TCP (UDP blocked), in the order ``transports`` gives. Every decision is log
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -43,6 +44,8 @@ from session.client import (
     StateChanged,
     TransportLost,
 )
+from session.reasons import DropReason
+from session.records import AGENT_SUMMARY_ACTION, EPOCH_INSTALL_ACTION
 from session.states import SessionState
 
 log = logging.getLogger("jvpn.agent")
@@ -64,6 +67,7 @@ class AgentSettings:
     l3: L3Settings | None = None  # L3 mode: a TUN interface instead of the local UDP port
     quic_gateways: list[tuple[str, int]] = field(default_factory=list)  # none: no QUIC candidate
     engine: bool = False  # the compiled UDP data path (agent/udp_engine.py), with local_udp
+    records_file: str | None = None  # JSONL: each epoch installed, stale-epoch drops apart
 
     def addresses(self, kind: str) -> list[tuple[str, int]]:
         """The gateway addresses of one transport kind ("udp", "tcp", "quic")."""
@@ -126,6 +130,9 @@ class Agent:
         self.engine: Any = None
         self._channel_class: Any = None
         self._engine_state: tuple[Any, ...] | None = None  # what the engine was last told
+        self._records: Any = None  # the open records file, if any (line-buffered)
+        if settings.records_file:
+            self._records = open(settings.records_file, "a", buffering=1)  # noqa: SIM115
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -168,6 +175,29 @@ class Agent:
             if self.l3.tun is not None:
                 self.l3.tun.detach()
             await asyncio.to_thread(self.l3.close)
+        if self._records is not None:
+            drops = {r.name: n for r, n in self.machine.drops.items()}
+            self._record(AGENT_SUMMARY_ACTION, drops=drops, handshakes=self.handshakes,
+                         reattaches=len(self.jumps))
+            self._records.close()
+            self._records = None
+
+    def _record(self, action: str, **fields: object) -> None:
+        """One line of the agent's records (the document shape the gateways' events have)."""
+        if self._records is None:
+            return
+        m = self.machine
+        doc = {"@timestamp": time.time(), "service": {"name": "jumping-vpn-agent",
+                                                     "node": {"name": self.settings.name}},
+               "event": {"action": action},
+               "jvpn": {"session_id": m.session_id.hex(), "state_version": m.version,
+                        "epoch": m.epoch, "node": m.node_id.decode(errors="replace"),
+                        "stale_epoch_drops": m.drops.get(DropReason.STALE_EPOCH, 0),
+                        **fields}}
+        try:
+            self._records.write(json.dumps(doc, separators=(",", ":")) + "\n")
+        except (OSError, ValueError) as exc:
+            log.warning("[%s] agent records: %s", self.settings.name, exc)
 
     @property
     def local_address(self) -> tuple[str, int] | None:
@@ -350,6 +380,7 @@ class Agent:
             if self._local is not None and addr is not None:
                 self._local.sendto(ev.data, addr)
         elif isinstance(ev, HandshakeComplete):
+            self._record(EPOCH_INSTALL_ACTION, reason="handshake")
             self._close_others(ev.path)
             if self.l3 is not None and ev.inner is not None:
                 self._task(self._l3_up(ev))  # connected once the interface is configured
@@ -382,6 +413,7 @@ class Agent:
         elif isinstance(ev, Reattached):
             old = self._desc(ev.old_path) if ev.old_path is not None else "-"
             new = self._desc(ev.path)
+            self._record(EPOCH_INSTALL_ACTION, reason=ev.reason)
             self.jumps.append(JumpRecord(self._now(), ev.reason, old, new, ev.latency, ev.outage,
                                          ev.version, ev.epoch, ev.node_id.decode(errors="replace")))
             outage = f", outage {ev.outage * 1000:.0f} ms" if ev.outage else ""

@@ -59,6 +59,7 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
                       FullTunnel(cfg.full_tunnel_table, cfg.full_tunnel_table,
                                  cfg.full_tunnel_priority)) if cfg.mode == "l3" else None,
         engine=_engine_wanted(cfg),
+        records_file=cfg.records_file or None,
     )
 
 

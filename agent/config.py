@@ -86,6 +86,7 @@ class AgentConfig:
         5200, min=1, max=32000, help="L3 full tunnel: priority of its two policy-routing rules",
     )
     status_interval_s: float = setting(1.0, min=0.0, max=3600.0, help="0 = no status output")
+    records_file: str = setting("", help="append epoch installs and stale-epoch drops (JSONL)")
     log_level: str = setting("INFO", choices=LOG_LEVELS, fold_case=True)
     log_format: str = setting("text", choices=("text", "json"), fold_case=True,
                               help="ordinary logs on stderr: text, or ECS JSON lines")

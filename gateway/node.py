@@ -269,7 +269,7 @@ class GatewayNode:
         await cancel_bounded([*self._background, *self._calls.values(), *self._opening_tasks])
         if self._tcp is not None:
             await self._tcp.wait_closed()
-        self.machine.stop()
+        self.machine.stop(self.clock())
         self._flush()
         self._calls.clear()
 

@@ -64,6 +64,7 @@ from session.keys import (
 )
 from session.noise import dh, public_key
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
+from session.records import BINDING_ACTION, BindingStatus, RecordPhase, RecordReason
 from session.states import (
     QUALITY_EVENTS,
     TRANSITIONS,
@@ -408,6 +409,7 @@ class GatewayMachine:
         pool = settings.inner_pool
         self.tunnel = TunnelRouter(pool) if pool is not None else None
         self.tunnel_drops: dict[TunnelDrop, int] = {}
+        self._record(RecordPhase.NODE_STARTED, None, 0, RecordReason.STARTED, 0, status=None)
 
     # ---- outputs ---------------------------------------------------------------------------
 
@@ -433,6 +435,19 @@ class GatewayMachine:
     def store_ms(self, now: float) -> int:
         """The store's clock, estimated from ours (the clock every node shares)."""
         return int(now * 1000 + self.health.offset_ms)
+
+    def _record(self, phase: RecordPhase, sid: bytes | None, epoch: int, reason: RecordReason,
+                store_ms: int, *, holder: str | None = None, version: int | None = None,
+                binding_id: bytes | None = None,
+                status: BindingStatus | None = BindingStatus.ACTIVE) -> None:
+        """One control-plane history record (session.records): every binding begin and end,
+        every release from this node's table, lease lapses and re-confirmations. The one
+        place they are written, so the history checker sees all of them alike."""
+        self.events.emit(BINDING_ACTION, session_id=sid, phase=phase.value, reason=reason.value,
+                         epoch=epoch, holder=holder if holder is not None else self.instance_id,
+                         incarnation=self.instance_id, store_ms=store_ms, state_version=version,
+                         binding_id=binding_id.hex() if binding_id is not None else None,
+                         binding_status=status.value if status is not None else None)
 
     def sessions_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {s.name: 0 for s in SessionState}
@@ -687,11 +702,24 @@ class GatewayMachine:
             return
         if not isinstance(res, RekeyResult) or not res.ok:
             b.rekey = None  # the client asks again
+            if isinstance(res, RekeyResult) and res.expired_now:  # this call ended it
+                self._release(b.secrets.client_id, sid)
+                self._state_changed(sid, b.state, SessionState.TERMINATED, res.version,
+                                    res.epoch, "EXPIRED")
+                self._record(RecordPhase.END, sid, res.epoch, RecordReason.EXPIRED,
+                             res.server_ms, holder=res.node, version=res.version, status=None)
             if isinstance(res, RekeyResult) and res.status in (
                     StoreStatus.NOT_OWNER, StoreStatus.TERMINATED, StoreStatus.EXPIRED):
                 self._refresh(b, now)  # we may not hold it any more: the store says
             return
         new.made_ms = res.server_ms
+        # One write replaced the binding (same node, new epoch and keys): its records.
+        self._record(RecordPhase.END, sid, b.epoch, RecordReason.REKEYED, res.server_ms,
+                     status=None)
+        self._record(RecordPhase.RELEASE, sid, b.epoch, RecordReason.REKEYED, res.server_ms,
+                     status=None)
+        self._record(RecordPhase.BEGIN, sid, res.epoch, RecordReason.REKEYED, res.server_ms,
+                     binding_id=bid)
         rk.prev_made_ms = b.secrets.made_ms
         b.prev_channel = b.channel
         b.epoch, b.binding_id, b.secrets, b._channel = res.epoch, bid, new, None
@@ -760,17 +788,30 @@ class GatewayMachine:
         if isinstance(res, StoreFailure):
             return  # the client's next packet asks again
         assert isinstance(res, ActivateResult)
-        del self.pending[sid]
         if not res.ok:  # a newer reattach superseded it, or the session ended
+            self._drop_pending(sid, RecordReason.SUPERSEDED if res.status is StoreStatus.NOT_OWNER
+                               else _ended_elsewhere(res.status), res.server_ms)
             self.events.emit("binding_superseded", outcome="failure", session_id=sid,
                              reason=res.status.name, epoch=p.epoch, current_epoch=res.epoch,
                              current_node=res.node or None)
+            if res.expired_now:  # this call wrote the EXPIRED tombstone: its event, its record
+                self._release(p.secrets.client_id, sid)
+                self._state_changed(sid, p.state, SessionState.TERMINATED, res.version,
+                                    res.epoch, "EXPIRED")
+                self._record(RecordPhase.END, sid, res.epoch, RecordReason.EXPIRED,
+                             res.server_ms, holder=res.node, version=res.version, status=None)
+                self._tell_holder(sid, res.node)
             b = self.bindings.get(sid)
             if b is not None and res.status in (StoreStatus.TERMINATED, StoreStatus.EXPIRED):
                 self._refresh(b, now)  # ends it, tells the client
             return
-        if self.bindings.pop(sid, None) is not None:
-            self._out.append(CloseUpstream(sid))
+        del self.pending[sid]
+        if res.prev_node:  # this write made it ACTIVE and ended the previous binding
+            self._record(RecordPhase.END, sid, res.prev_epoch, RecordReason.MOVED,
+                         res.server_ms, holder=res.prev_node, status=None)
+            self._record(RecordPhase.BEGIN, sid, p.epoch, RecordReason.VALIDATED,
+                         res.server_ms, binding_id=p.binding_id)
+        self._drop_binding(sid, RecordReason.MOVED, res.server_ms)
         self.bindings[sid] = p
         if p.secrets.route is not None and self.tunnel is not None:
             self.tunnel.add(sid, p.secrets.route)
@@ -904,17 +945,38 @@ class GatewayMachine:
         if not isinstance(res, TransitionResult):
             return
         self.metrics.store_latency("transition", max(0.0, now - t0))
-        if self.bindings.get(b.session_id) is not b or res.state is None:
+        sid = b.session_id
+        current = self.bindings.get(sid) is b
+        if res.status in (StoreStatus.TERMINATED, StoreStatus.EXPIRED):
+            # The session is over (this call wrote the EXPIRED tombstone, or it was one).
+            if current and b.validated:
+                why_end = res.terminate_reason or TerminateReason.EXPIRED
+                self._send(b, b.tx_channel.seal(wire.inner_close(int(why_end))))
+            if res.expired_now:
+                self._release(b.secrets.client_id, sid)
+                self._state_changed(sid, res.prev_state or b.state, SessionState.TERMINATED,
+                                    res.version, res.epoch, "EXPIRED")
+                self._record(RecordPhase.END, sid, res.epoch, RecordReason.EXPIRED,
+                             res.server_ms, version=res.version, status=None,
+                             holder=self.instance_id if res.epoch == b.epoch else "")
+            if current:
+                self._drop_binding(sid, RecordReason.EXPIRED if res.expired_now
+                                   else _ended_elsewhere(res.status), res.server_ms)
+            return
+        if res.state is None:
             return
         if res.ok:
-            old = b.state
-            if TRANSITIONS[old].get(res.event) is res.state and res.version > b.version:
-                b.sm.adopt(res.version, res.event)  # the store applied the table's edge
-            elif res.version > b.version:
-                b.sm.resync(res.state, res.version)  # our copy had fallen behind
-            self._state_changed(b.session_id, old, res.state, res.version, b.epoch, why,
+            # The store changed: its event is emitted even if the binding here changed
+            # meanwhile (then only the binding's copy of the state is left alone).
+            old = b.state if current else (res.prev_state or b.state)
+            if current:
+                if TRANSITIONS[old].get(res.event) is res.state and res.version > b.version:
+                    b.sm.adopt(res.version, res.event)  # the store applied the table's edge
+                elif res.version > b.version:
+                    b.sm.resync(res.state, res.version)  # our copy had fallen behind
+            self._state_changed(sid, old, res.state, res.version, res.epoch, why,
                                 b.peer.addr[0])
-        elif res.version > b.version:
+        elif current and res.version > b.version:
             b.sm.resync(res.state, res.version)
 
     def _state_changed(self, sid: bytes, old: SessionState, new: SessionState, version: int,
@@ -1148,7 +1210,7 @@ class GatewayMachine:
         sid = op.session_id
         self._cache(sid, secrets)
         b = self._bind(sid, BIRTH_EPOCH, op.binding_id, hs.peer, secrets, born.version,
-                       SessionState.ATTACHED, now)
+                       SessionState.ATTACHED, now, born.server_ms)
         b.rx_unvalidated = len(hs.raw)
         answer = wire.encode(wire.HandshakeResp(sid, hs.msg.handshake_id, msg2))
         self._hs_answers[hs.digest] = (hs.peer.key, answer)
@@ -1190,27 +1252,33 @@ class GatewayMachine:
                        last_refresh=now, confirmed_at=now)
 
     def _bind(self, sid: bytes, epoch: int, bid: bytes, peer: Peer, secrets: SessionSecrets,
-              version: int, state: SessionState, now: float) -> Binding:
-        """Install an ACTIVE binding (a birth, or a grant the store already made ACTIVE)."""
-        if self.bindings.pop(sid, None) is not None:
-            self._out.append(CloseUpstream(sid))
+              version: int, state: SessionState, now: float, store_ms: int) -> Binding:
+        """Install an ACTIVE binding (a birth, or a grant the store already made ACTIVE);
+        ``store_ms``: the write's time."""
+        self._drop_binding(sid, RecordReason.MOVED, store_ms)
         b = self.bindings[sid] = self._new_binding(sid, epoch, bid, peer, secrets, version,
                                                    state, now)
         if secrets.route is not None and self.tunnel is not None:
             self.tunnel.add(sid, secrets.route)  # a stale entry is harmless: looked up, checked
+        self._record(RecordPhase.BEGIN, sid, epoch, RecordReason.GRANTED, store_ms,
+                     version=version, binding_id=bid)
         return b
 
     def _grant(self, sid: bytes, res: ReattachResult, peer: Peer, secrets: SessionSecrets,
-               request_size: int, now: float) -> Binding:
+               request_size: int, now: float, store_ms: int) -> Binding:
         """Hold the binding a reattach granted here: PENDING (until ``_activated``) or, for
         a decision the store already made ACTIVE, installed."""
         if not res.binding_pending:
             b = self._bind(sid, res.epoch, res.binding_id, peer, secrets, res.version,
-                           res.state or SessionState.ATTACHED, now)
+                           res.state or SessionState.ATTACHED, now, store_ms)
         else:
+            self._drop_pending(sid, RecordReason.SUPERSEDED, store_ms)
             b = self.pending[sid] = self._new_binding(
                 sid, res.epoch, res.binding_id, peer, secrets, res.version,
                 res.state or SessionState.ATTACHED, now)
+            self._record(RecordPhase.BEGIN, sid, res.epoch, RecordReason.GRANTED, store_ms,
+                         version=res.version, binding_id=res.binding_id,
+                         status=BindingStatus.PENDING)
         b.rx_unvalidated = request_size
         return b
 
@@ -1219,10 +1287,20 @@ class GatewayMachine:
         b, p = self.bindings.get(sid), self.pending.get(sid)
         return max(b.epoch if b is not None else 0, p.epoch if p is not None else 0)
 
-    def _drop_binding(self, sid: bytes) -> None:
+    def _drop_pending(self, sid: bytes, reason: RecordReason, store_ms: int) -> None:
+        """Forget ``sid``'s PENDING binding here (if any), with its record."""
+        p = self.pending.pop(sid, None)
+        if p is not None:
+            self._record(RecordPhase.RELEASE, sid, p.epoch, reason, store_ms, version=p.version,
+                         status=BindingStatus.PENDING)
+
+    def _drop_binding(self, sid: bytes, reason: RecordReason, store_ms: int) -> None:
+        """Remove ``sid``'s ACTIVE binding from this node's table (if held), with its record."""
         b = self.bindings.pop(sid, None)
         if b is not None:
             self._out.append(CloseUpstream(sid))
+            self._record(RecordPhase.RELEASE, sid, b.epoch, reason, store_ms, version=b.version,
+                         status=None)
             if b.secrets.route is not None and self.tunnel is not None:
                 self.tunnel.remove(sid, b.secrets.route)
 
@@ -1413,17 +1491,25 @@ class GatewayMachine:
         self._answer(r.peer, len(r.raw), out)  # the path is unvalidated
 
     def _reattach_reject(self, r: _Reattach, reason: RejectReason, key: bytes | None,
-                         now: float, version: int = 0) -> None:
+                         now: float, version: int = 0,
+                         res: ReattachResult | None = None) -> None:
+        """Refuse ``r``; ``res``: the store's decision, whose current version, epoch and node
+        the event records beside the version the request expected."""
         req, peer = r.req, r.peer
         self._reattach_answer(r, wire.Reject(req.session_id, req.nonce, reason,
                                              version if key else 0, self.store_ms(now)), key)
         self.metrics.reattach(Outcome.REJECTED, reason.name, max(0.0, now - r.t0))
         r.span.set(outcome=Outcome.REJECTED, reason=reason)
         r.span.end()
+        current: dict[str, Any] = {}
+        if res is not None:
+            current = {"current_version": res.version, "current_epoch": res.epoch,
+                       "current_node": res.node or None, "store_ms": res.server_ms}
         self.events.emit("reattach", outcome="failure", reason=reason.name,
                          session_id=req.session_id, source_ip=peer.addr[0],
                          nonce=fingerprint(req.nonce), transport=peer.describe(),
-                         trace_id=r.span.trace_id, duration_ns=int(max(0.0, now - r.t0) * 1e9))
+                         trace_id=r.span.trace_id, duration_ns=int(max(0.0, now - r.t0) * 1e9),
+                         expected_version=req.expected_version, **current)
 
     def _reattach_decided(self, r: _Reattach, res: Any, now: float) -> None:
         """Reattach steps 3-5 after the CAS: bind, tell, answer, record."""
@@ -1446,7 +1532,10 @@ class GatewayMachine:
                 self._release(r.secrets.client_id, sid)
                 self._state_changed(sid, res.prev_state or SessionState.ATTACHED,
                                     SessionState.TERMINATED, res.version, res.epoch, "EXPIRED")
-                self._drop_binding(sid)
+                self._record(RecordPhase.END, sid, res.epoch, RecordReason.EXPIRED, res.server_ms,
+                             holder=res.node, version=res.version, status=None)
+                self._drop_binding(sid, RecordReason.EXPIRED, res.server_ms)
+                self._tell_holder(sid, res.node)
             if reason in (RejectReason.REPLAYED_NONCE, RejectReason.DUAL_ACTIVE_CONFLICT):
                 self._alert(reason.name.lower(), reason.name, now, peer.addr[0], session_id=sid,
                             nonce=fingerprint(req.nonce), transport=peer.describe())
@@ -1455,7 +1544,7 @@ class GatewayMachine:
                 # An old request replayed: its sender learns nothing of the session now. (A
                 # request raced by a copy that just won is told, so the client can retry.)
                 version = 0
-            return self._reattach_reject(r, reason, keys.control_key, now, version)
+            return self._reattach_reject(r, reason, keys.control_key, now, version, res)
         if self._secrets.get(sid) is not r.secrets:
             self._cache(sid, r.secrets)  # read, or given back by the store (a REKEY undone)
         node_id = res.node.encode()[: wire.MAX_NODE_ID_LEN]
@@ -1467,7 +1556,10 @@ class GatewayMachine:
             # and the CAS applied late), we do not hold the binding this ACK grants: adopt it.
             if (res.binding_current and res.node == self.instance_id
                     and self._held_epoch(sid) < res.epoch):
-                b = self._grant(sid, res, peer, r.secrets, len(raw), now)
+                if not res.binding_pending:  # granted ACTIVE: it ended the previous one
+                    self._record(RecordPhase.END, sid, res.epoch - 1, RecordReason.MOVED,
+                                 res.server_ms, holder="", version=res.version, status=None)
+                b = self._grant(sid, res, peer, r.secrets, len(raw), now, res.server_ms)
                 b.origin = (f"node:{res.prev_node or '-'}", "unknown")
                 if not res.binding_pending:
                     self.metrics.transport_switch("unknown", peer.kind.name.lower(), "reattach")
@@ -1493,7 +1585,11 @@ class GatewayMachine:
                 span.set(outcome=Outcome.RETRY, version=res.version, epoch=res.epoch)
                 span.end()
                 return
-            b = self._grant(sid, res, peer, r.secrets, len(raw), now)
+            if res.prev_node and not res.binding_pending:  # granted ACTIVE: it ended that
+                self._record(RecordPhase.END, sid, res.epoch - 1, RecordReason.MOVED,
+                             res.server_ms, holder=res.prev_node, version=res.version,
+                             status=None)
+            b = self._grant(sid, res, peer, r.secrets, len(raw), now, res.server_ms)
             b.tx_unvalidated = len(control.seal(ack, keys.control_key))  # the ACK below
             b.origin = (old_desc, old_kind)
             if not res.binding_pending:  # a store that grants ACTIVE at once
@@ -1519,13 +1615,20 @@ class GatewayMachine:
                     res: Any) -> None:
         if not isinstance(res, TerminateResult):
             return  # the store is away: the session lives on until it answers
-        self.pending.pop(sid, None)
+        self._drop_pending(sid, RecordReason.TERMINATED if res.ok and not res.already
+                           else _ended_elsewhere(res.status), res.server_ms)
         b = self.bindings.get(sid)
         if b is not None and notify and b.validated:
             self._send(b, b.tx_channel.seal(wire.inner_close(int(reason))))
         if b is not None and res.ok and not res.already:
             self._release(b.secrets.client_id, sid)
-        self._drop_binding(sid)
+        if res.ok and not res.already:
+            self._record(RecordPhase.END, sid, res.epoch, RecordReason.TERMINATED, res.server_ms,
+                         holder=res.node, version=res.version, status=None)
+            self._drop_binding(sid, RecordReason.TERMINATED, res.server_ms)
+            self._tell_holder(sid, res.node)
+        else:
+            self._drop_binding(sid, _ended_elsewhere(res.status), res.server_ms)
         if res.ok and not res.already and res.prev_state is not None:
             self._state_changed(sid, res.prev_state, SessionState.TERMINATED, res.version,
                                 res.epoch, why)
@@ -1551,6 +1654,10 @@ class GatewayMachine:
                     b.sm.resync(res.state, res.version)
                 else:
                     b.sm.adopt(res.version)
+            if b.confirmed_at < self.health.trust_since <= t0:
+                self._record(RecordPhase.LEASE_CONFIRMED, b.session_id, b.epoch,
+                             RecordReason.GRANTED, res.server_ms, version=res.version,
+                             status=None)
             b.confirmed_at = max(b.confirmed_at, t0)
             self.health.ok_at = max(self.health.ok_at, t0)
             return
@@ -1559,7 +1666,12 @@ class GatewayMachine:
             # Ended elsewhere (admin, sweeper): tell the client, authenticated, in band.
             why = res.terminate_reason or TerminateReason.ADMIN
             self._send(b, b.tx_channel.seal(wire.inner_close(int(why))))
-        self._drop_binding(b.session_id)
+        if res.status is StoreStatus.EXPIRED and res.expired_now:
+            self._record(RecordPhase.END, b.session_id, b.epoch, RecordReason.EXPIRED,
+                         res.server_ms, version=res.version, status=None)
+            self._drop_binding(b.session_id, RecordReason.EXPIRED, res.server_ms)
+        else:
+            self._drop_binding(b.session_id, _ended_elsewhere(res.status), res.server_ms)
         self.events.emit("binding_revoked", outcome="success", session_id=b.session_id,
                          reason=res.status.name, epoch=b.epoch, new_node=res.node or None)
         if res.status is StoreStatus.EXPIRED and res.expired_now:
@@ -1604,6 +1716,9 @@ class GatewayMachine:
             h.trust_since = t0
             for b in self.bindings.values():
                 b.last_refresh = float("-inf")
+                self._record(RecordPhase.LEASE_LAPSED, b.session_id, b.epoch,
+                             RecordReason.LEASE_LAPSED, int(server_ms), version=b.version,
+                             status=None)
             self.events.emit("lease_lapsed", outcome="success", bindings=len(self.bindings))
         h.ok_at = t0
         h.ok, h.error = True, ""
@@ -1618,7 +1733,7 @@ class GatewayMachine:
         for p in [p for p in self.pending.values() if now - p.last_rx > silence]:
             # Granted, never validated (its client went elsewhere, or a copier asked): it
             # carried nothing; the store's record still names the binding it replaced.
-            del self.pending[p.session_id]
+            self._drop_pending(p.session_id, RecordReason.NOT_VALIDATED, self.store_ms(now))
             self.events.emit("binding_superseded", outcome="failure", session_id=p.session_id,
                              reason="NOT_VALIDATED", epoch=p.epoch)
         for b in list(self.bindings.values()):
@@ -1629,7 +1744,13 @@ class GatewayMachine:
                                      now)
             refresh_every = max(interval, b.secrets.ttl_ms / 1000 / 4)
             unconfirmed = b.confirmed_at < self.health.trust_since
-            if (budget > 0 and (not b.lost or unconfirmed)
+            if budget > 0 and b.lost and not unconfirmed and now - b.last_refresh >= refresh_every:
+                # A silent binding is not refreshed (that would keep a dead session alive),
+                # but still checked: one read, so it is let go once ended or moved elsewhere.
+                budget -= 1
+                b.last_refresh = now
+                self._call(GetRecordOp(b.session_id), partial(self._still_held, b))
+            elif (budget > 0 and (not b.lost or unconfirmed)
                     and now - b.last_refresh >= refresh_every):
                 budget -= 1
                 b.last_refresh = now
@@ -1638,6 +1759,26 @@ class GatewayMachine:
                 if not self._registry_fresh(client, now) and client not in asking:
                     asking.add(client)
                     self._call(GetClientOp(client), partial(self._registry_checked, client))
+
+    def _still_held(self, b: Binding, rec: Any, now: float) -> None:
+        """A silent binding's record, read: let it go if the session ended or moved on."""
+        if not isinstance(rec, SessionRecord) and rec is not None:
+            return  # the store is away: the lease decides
+        if self.bindings.get(b.session_id) is not b:
+            return
+        if rec is None:
+            status = StoreStatus.UNKNOWN_SESSION
+        elif rec.terminated:
+            status = (StoreStatus.EXPIRED if rec.terminate_reason is TerminateReason.EXPIRED
+                      else StoreStatus.TERMINATED)
+        elif rec.epoch != b.epoch or rec.node != self.instance_id:
+            status = StoreStatus.NOT_OWNER
+        else:
+            return
+        self._drop_binding(b.session_id, _ended_elsewhere(status), rec.server_ms if rec else 0)
+        self.events.emit("binding_revoked", outcome="success", session_id=b.session_id,
+                         reason=status.name, epoch=b.epoch,
+                         new_node=rec.node if rec is not None else None)
 
     def _registry_checked(self, client: str, policy: Any, now: float) -> None:
         """A refresh-time registry read: a removed client's sessions here end now."""
@@ -1662,18 +1803,28 @@ class GatewayMachine:
             b = self.bindings.get(item.session_id)
             if b is not None and b.validated:
                 self._send(b, b.tx_channel.seal(wire.inner_close(int(TerminateReason.EXPIRED))))
-            elif b is None and item.node and item.node != self.instance_id:
-                self._call(PublishMoveOp(item.session_id, "-", 0), _ignore)
-            self._drop_binding(item.session_id)
-            self.pending.pop(item.session_id, None)
+            elif b is None:
+                self._tell_holder(item.session_id, item.node)
+            self._record(RecordPhase.END, item.session_id, item.epoch, RecordReason.EXPIRED,
+                         item.server_ms, holder=item.node, version=item.version, status=None)
+            self._drop_binding(item.session_id, RecordReason.EXPIRED, item.server_ms)
+            self._drop_pending(item.session_id, RecordReason.EXPIRED_ELSEWHERE, item.server_ms)
             self._state_changed(item.session_id, item.prev_state, SessionState.TERMINATED,
                                 item.version, item.epoch, "EXPIRED")
 
-    def stop(self) -> None:
+    def _tell_holder(self, sid: bytes, holder: str) -> None:
+        """This node ended a session another node holds: wake the holder (pub/sub, a hint),
+        whose refresh then answers TERMINATED or EXPIRED and closes its client."""
+        if holder and holder != self.instance_id:
+            self._call(PublishMoveOp(sid, "-", 0), _ignore)
+
+    def stop(self, now: float | None = None) -> None:
         """Forget every binding and call in flight (no store writes: the store keeps them)."""
+        store_ms = self.store_ms(now) if now is not None else 0
         for sid in list(self.bindings):
-            self._drop_binding(sid)
-        self.pending.clear()
+            self._drop_binding(sid, RecordReason.NODE_STOPPED, store_ms)
+        for sid in list(self.pending):
+            self._drop_pending(sid, RecordReason.NODE_STOPPED, store_ms)
         self._calls.clear()
         self._control_calls = 0
         self._unauth_calls = 0
@@ -1701,3 +1852,12 @@ def _route_of(inner: str, prefixes: str) -> SessionRoute | None:
 
 def _ignore(answer: Any, now: float) -> None:
     return None
+
+
+def _ended_elsewhere(status: StoreStatus) -> RecordReason:
+    """Why a node lets go of a binding the store no longer has as its own."""
+    if status is StoreStatus.EXPIRED:
+        return RecordReason.EXPIRED_ELSEWHERE
+    if status is StoreStatus.TERMINATED:
+        return RecordReason.TERMINATED_ELSEWHERE
+    return RecordReason.REVOKED
