@@ -378,7 +378,7 @@ def _since(text: str) -> str:
 
 def add_audit_parser(sub: Any, with_store: Callable[[argparse.ArgumentParser],
                                                     argparse.ArgumentParser]) -> None:
-    """Register ``jvpn audit tail`` on the top-level subparsers."""
+    """Register ``jvpn audit tail`` and ``jvpn audit check`` on the top-level subparsers."""
     au = sub.add_parser("audit", help="the cluster-wide audit log (Redis stream)")
     aus = au.add_subparsers(dest="sub", required=True, metavar="ACTION")
     g = with_store(aus.add_parser(
@@ -399,3 +399,6 @@ def add_audit_parser(sub: Any, with_store: Callable[[argparse.ArgumentParser],
     g.add_argument("--stream", default=os.environ.get("JVPN_AUDIT_STREAM", AUDIT_STREAM),
                    help=f"stream key (default $JVPN_AUDIT_STREAM or {AUDIT_STREAM})")
     g.set_defaults(afn=cmd_audit_tail)
+    from jvpn.check import add_check_parser
+
+    add_check_parser(aus, with_store)

@@ -1,0 +1,189 @@
+"""The history check (history/): what the machines record passes it, and each injected
+fault (a dual binding, a dropped end, a reused version, an agent going backwards, a
+holder that never lets go) is caught."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from gateway.events import EventBus
+from history.check import StoreView, Violation, check
+from history.records import parse
+from jvpn.check import Loaded
+from session import wire
+from session.client import HandshakeComplete, Reattached
+from session.records import EPOCH_INSTALL_ACTION
+from tests.support.memnet import Gw, Net
+from tests.unit.test_machines import OTHER, setup
+
+
+def node_docs(gw: Gw) -> list[dict[str, Any]]:
+    """The gateway machine's events as the sinks get them (its calls replayed on a bus)."""
+    bus = EventBus(gw.name)
+    docs: list[dict[str, Any]] = []
+    bus.subscribe(lambda ev: docs.append(copy.deepcopy(ev.doc)))
+    for method, args, kwargs in gw.events.calls:
+        getattr(bus, method)(*args, **kwargs)
+    return docs
+
+
+def agent_doc(name: str, ev: Any, sid: bytes) -> dict[str, Any]:
+    return {"@timestamp": 0, "service": {"node": {"name": name}},
+            "event": {"action": EPOCH_INSTALL_ACTION},
+            "jvpn": {"session_id": sid.hex(), "state_version": ev.version, "epoch": ev.epoch,
+                     "node": ev.node_id.decode(), "stale_epoch_drops": 0}}
+
+
+def history_of_a_move() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]],
+                                 bytes, Net, list[Gw]]:
+    """A handshake on gw-a, a reattach through gw-b (gw-a fenced), then a client close."""
+    net = Net(seed=71)
+    c, gws = setup(net, ("gw-a", "gw-b"))
+    sid = c.machine.session_id
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    net.run(net.now + 0.2)
+    assert c.of(Reattached)
+    installs = [agent_doc("agent-1", ev, sid) for ev in c.events
+                if isinstance(ev, HandshakeComplete | Reattached)]
+    c.machine.close(net.now)
+    net.run(net.now + 0.2)
+    return node_docs(gws[0]), node_docs(gws[1]), installs, sid, net, gws
+
+
+def run(*streams: list[dict[str, Any]], **kw: Any) -> Any:
+    loaded = Loaded()
+    for i, docs in enumerate(streams):
+        for seq, doc in enumerate(docs):
+            loaded.add(doc, f"s{i}", seq)
+    return check(loaded.records, bad_records=loaded.bad, **kw)
+
+
+def binding(docs: list[dict[str, Any]], phase: str, epoch: int | None = None) -> dict[str, Any]:
+    return next(d for d in docs if d["event"]["action"] == "binding"
+                and d["jvpn"]["phase"] == phase
+                and (epoch is None or d["jvpn"]["epoch"] == epoch))
+
+
+def test_the_machines_records_of_a_move_and_a_close_pass() -> None:
+    a, b, agents, sid, net, gws = history_of_a_move()
+    report = run(a, b, agents)
+    assert report.ok, report.summary()
+    c = report.counts
+    assert (c["begin"], c["end"], c["release"], c["node_started"]) == (2, 2, 2, 2)
+    assert c["agent_installs"] == 2
+    # gw-a's begin carries the birth's store time, its end the reattach's: the same write
+    # that began epoch 2 on gw-b.
+    begin1, end1, begin2 = binding(a, "begin", 1), binding(b, "end", 1), binding(b, "begin", 2)
+    assert begin1["jvpn"]["holder"] == gws[0].machine.instance_id
+    assert end1["event"]["reason"] == "moved" and end1["jvpn"]["holder"] == begin1["jvpn"]["holder"]
+    assert end1["jvpn"]["store_ms"] == begin2["jvpn"]["store_ms"] > begin1["jvpn"]["store_ms"]
+    assert binding(a, "release")["event"]["reason"] == "revoked"
+    assert binding(b, "end", 2)["event"]["reason"] == "terminated"
+    # The store agrees with the history's end.
+    rec = net.store.records[sid]
+    full = check(_records(a, b, agents),
+                 {sid.hex(): StoreView(True, rec.epoch, rec.node)})
+    assert full.ok, full.summary()
+    live = check(_records(a, b, agents), {sid.hex(): StoreView(False, rec.epoch, rec.node)})
+    assert live.violations[Violation.STORE_MISMATCH] == 1
+
+
+def _records(*streams: list[dict[str, Any]]) -> list[Any]:
+    out = []
+    for i, docs in enumerate(streams):
+        for seq, doc in enumerate(docs):
+            r = parse(doc, f"s{i}", seq)
+            if r is not None:
+                out.append(r)
+    return out
+
+
+def test_a_dual_binding_is_caught() -> None:
+    """A second node granted an epoch while the first binding was still ACTIVE."""
+    a, b, agents, *_ = history_of_a_move()
+    end1 = binding(b, "end", 1)
+    b.remove(end1)  # as if the grant of epoch 2 had not ended epoch 1
+    report = run(a, b, agents)
+    assert report.violations[Violation.DUAL_BINDING] == 1, report.summary()
+
+
+def test_a_dropped_end_record_is_caught() -> None:
+    a, b, agents, *_ = history_of_a_move()
+    b.remove(binding(b, "end", 2))  # the tombstone's record lost
+    report = run(a, b, agents)
+    assert report.violations[Violation.RELEASE_WITHOUT_STORE_END] == 1, report.summary()
+
+
+def test_a_grant_without_its_record_is_caught() -> None:
+    a, b, agents, *_ = history_of_a_move()
+    b.remove(binding(b, "begin", 2))
+    report = run(a, b, agents)
+    assert report.violations[Violation.END_WITHOUT_BEGIN] == 1
+    assert report.violations[Violation.AGENT_UNKNOWN_BINDING] == 1
+    assert report.violations[Violation.RELEASE_WITHOUT_BEGIN] == 1
+
+
+def test_a_reused_version_is_caught() -> None:
+    a, b, agents, *_ = history_of_a_move()
+    begin2 = binding(b, "begin", 2)
+    begin2["jvpn"]["state_version"] = binding(a, "begin", 1)["jvpn"]["state_version"]
+    binding(b, "end", 1)["jvpn"]["state_version"] = begin2["jvpn"]["state_version"]
+    report = run(a, b, agents)
+    assert report.violations[Violation.VERSION_REUSED] >= 1, report.summary()
+
+
+def test_a_version_going_back_is_caught() -> None:
+    a, b, agents, *_ = history_of_a_move()
+    binding(b, "end", 2)["jvpn"]["state_version"] = 1
+    report = run(a, b, agents)
+    assert report.violations[Violation.VERSION_REUSED] + \
+        report.violations[Violation.VERSION_BACKWARDS] >= 1, report.summary()
+
+
+def test_an_agent_going_backwards_is_caught() -> None:
+    a, b, agents, *_ = history_of_a_move()
+    report = run(a, b, list(reversed(agents)))
+    assert report.violations[Violation.AGENT_BACKWARDS] == 1, report.summary()
+
+
+def test_a_holder_that_never_lets_go_is_caught() -> None:
+    """The store ended gw-a's binding (moved) but gw-a, still running, never released it."""
+    a, b, agents, *_ = history_of_a_move()
+    a.remove(binding(a, "release"))
+    report = run(a, b, agents)
+    assert report.violations[Violation.NOT_RELEASED] == 1, report.summary()
+    # ... unless its process ended: a newer incarnation of gw-a started.
+    restarted = copy.deepcopy(binding(a, "node_started"))
+    restarted["jvpn"]["incarnation"] = "gw-a#ffffffff"
+    restarted["@timestamp"] = "2030-01-01T00:00:00.000Z"
+    assert run(a + [restarted], b, agents).ok
+
+
+def test_a_late_release_is_caught_only_with_a_bound() -> None:
+    a, b, agents, *_ = history_of_a_move()
+    binding(a, "release")["jvpn"]["store_ms"] += 60_000
+    assert run(a, b, agents).ok
+    report = run(a, b, agents, max_release_lag_ms=5_000)
+    assert report.violations[Violation.RELEASE_LATE] == 1
+
+
+def test_a_release_that_contradicts_the_store_is_caught() -> None:
+    a, b, agents, *_ = history_of_a_move()
+    binding(a, "release")["event"]["reason"] = "expired_elsewhere"
+    report = run(a, b, agents)
+    assert report.violations[Violation.RELEASE_MISMATCH] == 1
+
+
+def test_an_unreadable_record_fails_the_check() -> None:
+    loaded = Loaded()
+    lines = [json.dumps({"event": {"action": "binding"}, "jvpn": {"phase": "sideways"}}), "{",
+             json.dumps({"event": {"action": "state_change"}})]
+    loaded.add_lines(lines, "f")
+    report = check(loaded.records, bad_records=loaded.bad)
+    assert report.violations[Violation.BAD_RECORD] == 2
+    torn = Loaded()
+    torn.add_lines([json.dumps({"event": {"action": "x"}}), '{"torn'], "f")
+    assert torn.bad == 0  # a killed writer's last line
