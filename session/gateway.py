@@ -128,6 +128,11 @@ PATH_CHALLENGE_INTERVAL_S = 0.1  # a challenge is repeated at most this often pe
 MAX_HELD = 16  # a PENDING binding's packets held until it is ACTIVE
 REKEY_MIN_INTERVAL_S = 1.0  # REKEYs a binding may ask at most this often (each one is a write)
 REREAD_INTERVAL_S = 1.0  # a cached secret a proof failed under is re-read at most this often
+# A reattach request made this much earlier than one already seen for its session was
+# superseded (the client moved on): it must not win. Below it, two requests cannot be
+# ordered by their timestamps (the client's estimate of the store's clock moves a little).
+SUPERSEDED_MARGIN_MS = 250
+REQUEST_TABLE_MAX = 100_000  # sessions whose newest request time a node remembers
 
 
 class Outcome(StrEnum):
@@ -297,7 +302,8 @@ class _NoTracer:
 class _Handshake:
     """One HANDSHAKE_INIT being answered: what every step needs."""
 
-    __slots__ = ("msg", "raw", "peer", "span", "t0", "responder", "digest", "policy")
+    __slots__ = ("msg", "raw", "peer", "span", "t0", "responder", "digest", "policy",
+                 "claimed_before")
 
     def __init__(self, msg: wire.HandshakeInit, raw: bytes, peer: Peer, span: Span,
                  t0: float, responder: Responder, digest: bytes) -> None:
@@ -309,6 +315,7 @@ class _Handshake:
         self.responder = responder
         self.digest = digest
         self.policy: ClientPolicy | None = None
+        self.claimed_before = False  # an earlier copy's claim had an unknown outcome
 
 
 class _Reattach:
@@ -395,6 +402,12 @@ class GatewayMachine:
         self._used_tokens = Recent(2 * RETRY_TOKEN_LIFETIME_S)
         self._alerts = Throttle(ALERT_INTERVAL_S)
         self._reject_after_ms = settings.keys_reject_after_s * 1000
+        # Requests already reported (one alert per refused request, not per copy of it).
+        self._alerted = Recent(2 * settings.reattach_window_ms / 1000)
+        self._newest_request: dict[bytes, int] = {}  # session -> newest proof timestamp seen
+        # Handshakes this node is answering or whose claim's outcome it never learned, by
+        # digest: a copy of one from the same address is the client's retransmission.
+        self._hs_mine: OrderedDict[bytes, list[Any]] = OrderedDict()  # [peer, busy, claimed]
         # Is each client key still in the registry, and when we last asked (bounded staleness:
         # a revoked client's sessions end within registry_staleness_s plus a refresh period).
         self._registered: dict[str, tuple[bool, float]] = {}
@@ -1013,10 +1026,16 @@ class GatewayMachine:
                 and self._sources.take(peer.addr[0], now))
 
     def _alert(self, kind: str, reason: str, now: float, source_ip: str | None = None,
-               **fields: Any) -> None:
+               request: bytes | None = None, **fields: Any) -> None:
         """A security event, counted always, emitted at most once per kind, source and
-        second (with how many it folds in): a flood cannot roll the audit log over."""
+        second (with how many it folds in): a flood cannot roll the audit log over.
+        ``request``: what identifies the refused request (its nonce or proof); its copies
+        (retransmissions, duplicates) are counted, not reported again."""
         self.metrics.security(kind)
+        if request is not None:
+            if self._alerted.seen((kind, request), now):
+                return
+            self._alerted.add((kind, request), now)
         folded = self._alerts.admit((kind, source_ip), now)
         if folded is None:
             return
@@ -1050,17 +1069,42 @@ class GatewayMachine:
             else:
                 self._handshake_replay(peer, now)
             return
+        mine = self._hs_mine.get(digest)
+        if mine is not None and mine[1]:  # being answered: a copy (retransmission or replay)
+            if mine[0] == peer.key:
+                self.metrics.handshake(Outcome.RETRANSMIT, "")
+            else:
+                self._handshake_replay(peer, now)
+            return
+        claimed_before = mine is not None and mine[0] == peer.key and mine[2]
+        self._hs_mine[digest] = [peer.key, True, claimed_before]
+        self._hs_mine.move_to_end(digest)
+        while len(self._hs_mine) > HANDSHAKE_ANSWER_CACHE:
+            self._hs_mine.popitem(last=False)
         if msg.token:  # a token buys one handshake, not many
             if self._used_tokens.seen(msg.token, now):
                 return self._handshake_replay(peer, now)
             self._used_tokens.add(msg.token, now)
         span = self.tracer.handshake(peer)
         hs = _Handshake(msg, raw, peer, span, now, responder, digest)
+        hs.claimed_before = claimed_before
         self._call(GetClientOp(responder.client_static.hex()),
                    lambda policy, t: self._hs_client(hs, policy, t), span, control=True,
                    unauth=True)
 
+    def _hs_done(self, hs: _Handshake, outcome_known: bool) -> None:
+        """The handshake was answered: forget it, unless its claim's outcome is unknown (then
+        a retransmission of it from the same address is not a replay)."""
+        mine = self._hs_mine.get(hs.digest)
+        if mine is None or mine[0] != hs.peer.key:
+            return
+        if outcome_known:
+            del self._hs_mine[hs.digest]
+        else:
+            mine[1] = False
+
     def _hs_refuse(self, hs: _Handshake, reason: RejectReason, detail: str, now: float) -> None:
+        self._hs_done(hs, True)
         out = wire.encode(wire.HandshakeResp(
             hs.msg.handshake_id, hs.msg.handshake_id,
             hs.responder.refuse(Refusal(reason, self.store_ms(now)))))
@@ -1073,6 +1117,7 @@ class GatewayMachine:
                          **{"jvpn.client": fingerprint(hs.responder.client_static)})
 
     def _hs_store_failed(self, hs: _Handshake, failure: StoreFailure) -> None:
+        self._hs_done(hs, False)
         self.metrics.handshake(Outcome.REFUSED, "STORE_UNAVAILABLE")
         hs.span.set(outcome=Outcome.REFUSED, reason=RejectReason.STORE_UNAVAILABLE)
         hs.span.end()
@@ -1107,6 +1152,9 @@ class GatewayMachine:
             return self._hs_refuse(hs, RejectReason.POLICY_DENIED,
                                    f"upstream {hello.upstream!r} not allowed", now)
         hs.policy = policy
+        mine = self._hs_mine.get(hs.digest)
+        if mine is not None and mine[0] == hs.peer.key:
+            mine[2] = True  # from here the claim may apply even if its answer is lost
         self._call(ClaimHandshakeOp(hs.digest, HANDSHAKE_WINDOW_MS * 2),
                    lambda fresh, t: self._hs_claimed(hs, fresh, t), hs.span, control=True)
 
@@ -1114,6 +1162,10 @@ class GatewayMachine:
         if isinstance(fresh, StoreFailure):
             return self._hs_store_failed(hs, fresh)
         if not fresh:
+            if hs.claimed_before:  # our own earlier claim applied after all (a store stall)
+                return self._hs_store_failed(hs, StoreFailure("handshake claimed by a copy "
+                                                              "whose answer was lost"))
+            self._hs_done(hs, True)
             hs.span.set(outcome=Outcome.DROPPED, reason=DropReason.REPLAYED)
             hs.span.end()
             return self._handshake_replay(hs.peer, now)
@@ -1214,6 +1266,7 @@ class GatewayMachine:
         b.rx_unvalidated = len(hs.raw)
         answer = wire.encode(wire.HandshakeResp(sid, hs.msg.handshake_id, msg2))
         self._hs_answers[hs.digest] = (hs.peer.key, answer)
+        self._hs_done(hs, True)
         while len(self._hs_answers) > HANDSHAKE_ANSWER_CACHE:
             self._hs_answers.popitem(last=False)
         if b.may_send(len(answer)):
@@ -1429,7 +1482,8 @@ class GatewayMachine:
                 return
             if r.previous is None or not control.verify(raw, r.previous.keys.proof_key):
                 self._alert("bad_proof", "BAD_PROOF", now, peer.addr[0],
-                            session_id=req.session_id, proof=fingerprint(raw[-wire.MAC_LEN:]))
+                            session_id=req.session_id, proof=fingerprint(raw[-wire.MAC_LEN:]),
+                            request=raw[-wire.MAC_LEN:])
                 return self._reattach_reject(r, RejectReason.BAD_PROOF, None, now)
             # The client never learned a REKEY its node committed (the node died first): its
             # proof is under the previous secret, which the store gives back (reattach.lua).
@@ -1441,6 +1495,17 @@ class GatewayMachine:
             return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, keys.control_key, now)
         if abs(req.timestamp_ms - self.store_ms(now)) > self.settings.reattach_window_ms:
             return self._reattach_reject(r, RejectReason.CLOCK_SKEW, keys.control_key, now)
+        if now - self.health.ok_at >= self.settings.lease_s:
+            # No store answer within the lease: this node may have been paused, and what its
+            # sockets held meanwhile are requests the client has given up on. Only requests
+            # that arrive once the store answered again may bind.
+            return self._reattach_reject(r, RejectReason.STORE_UNAVAILABLE, keys.control_key,
+                                         now)
+        if self._superseded(req):
+            self.metrics.reattach(Outcome.DROPPED, "SUPERSEDED", max(0.0, now - r.t0))
+            r.span.set(outcome=Outcome.DROPPED, reason="SUPERSEDED")
+            r.span.end()
+            return self._drop(DropReason.SUPERSEDED, peer)
         client = r.secrets.client_id
         if not self._registry_fresh(client, now):  # rarely: the registry, then the CAS
             self._call(GetClientOp(client),
@@ -1449,6 +1514,19 @@ class GatewayMachine:
         if not self._registered.get(client, (False, 0.0))[0]:
             return self._revoked(r, now)
         self._reattach_cas(r, now)
+
+    def _superseded(self, req: wire.ReattachRequest) -> bool:
+        """Whether a newer request of the session was seen here (then ``req`` must not win);
+        remembers ``req``'s time otherwise. Called for authenticated requests only."""
+        sid, ts = req.session_id, req.timestamp_ms
+        newest = self._newest_request.get(sid)
+        if newest is not None and ts < newest - SUPERSEDED_MARGIN_MS:
+            return True
+        if newest is None or ts > newest:
+            if newest is None and len(self._newest_request) >= REQUEST_TABLE_MAX:
+                self._newest_request.pop(next(iter(self._newest_request)))
+            self._newest_request[sid] = ts
+        return False
 
     def _reattach_registry(self, r: _Reattach, policy: Any, now: float) -> None:
         assert r.secrets is not None
@@ -1536,9 +1614,11 @@ class GatewayMachine:
                              holder=res.node, version=res.version, status=None)
                 self._drop_binding(sid, RecordReason.EXPIRED, res.server_ms)
                 self._tell_holder(sid, res.node)
-            if reason in (RejectReason.REPLAYED_NONCE, RejectReason.DUAL_ACTIVE_CONFLICT):
+            if (reason in (RejectReason.REPLAYED_NONCE, RejectReason.DUAL_ACTIVE_CONFLICT)
+                    and not res.retry):  # a retry's refusal was reported when decided
                 self._alert(reason.name.lower(), reason.name, now, peer.addr[0], session_id=sid,
-                            nonce=fingerprint(req.nonce), transport=peer.describe())
+                            nonce=fingerprint(req.nonce), transport=peer.describe(),
+                            request=req.nonce)
             version = res.version
             if reason is RejectReason.REPLAYED_NONCE and req.expected_version + 1 != version:
                 # An old request replayed: its sender learns nothing of the session now. (A

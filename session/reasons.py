@@ -62,6 +62,7 @@ class DropReason(IntEnum):
     KEYS_EXPIRED = 21  # data under a session secret older than its reject-after age: rekey first
     QUIC_LIMIT = 22  # a QUIC datagram or connection refused by a limit (caps, deadlines, no ALPN)
     SPOOFED_SOURCE = 23  # an L3 packet whose inner source is not its session's address
+    SUPERSEDED = 24  # a reattach request older than one its session already sent here
 
 
 class NoticeKind(IntEnum):

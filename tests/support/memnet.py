@@ -103,6 +103,7 @@ class _Rec:
     wc: bytes = b""
     ia: str = ""  # an L3 session's inner addresses and prefixes, as birth wrote them
     ap: str = ""
+    lost: int | None = None  # the version before a gateway-observed TRANSPORT_LOST
 
 
 class MemStore:
@@ -121,6 +122,8 @@ class MemStore:
         self.force: tuple[StoreStatus, RejectReason] | None = None
         # Change an answer on its way back (an outcome that was unknown, then recovered).
         self.rewrite: Callable[[Any, Any], Any] | None = None
+        # Extra seconds before an answer reaches its gateway (a slow call), per operation.
+        self.delay: Callable[[Any], float] | None = None
 
     def ms(self) -> int:
         return WALL_MS + int(self.net.now * 1000)
@@ -195,7 +198,8 @@ class MemStore:
                                   decision.epoch, decision.binding_id, decision.node, "", now,
                                   r.state, True, False, active or pending, None, r.state, r.kind,
                                   pending)
-        if op.expected_version != r.version:
+        lost_ok = r.state is SessionState.RECOVERING and op.expected_version == r.lost
+        if op.expected_version != r.version and not lost_ok:
             dual = op.expected_version == r.lv and now - r.lt < op.dual_active_window_ms
             res = reject(StoreStatus.DUAL_ACTIVE_CONFLICT if dual else StoreStatus.STALE_VERSION,
                          RejectReason.DUAL_ACTIVE_CONFLICT if dual
@@ -211,7 +215,8 @@ class MemStore:
             if op.proof_generation >= 0:
                 r.wsp = b""
             prev_state = r.state
-            r.lv, r.lt = r.version, now
+            r.lv, r.lt = op.expected_version, now
+            r.lost = None
             r.version += 1
             r.pep = max(r.epoch, r.pep) + 1
             r.pbid, r.pnd, r.pk, r.state = op.binding_id, op.node, op.kind, SessionState.ATTACHED
@@ -233,6 +238,8 @@ class MemStore:
             status = StoreStatus.ILLEGAL_TRANSITION
         else:
             status = StoreStatus.OK
+            if op.event is SessionEvent.TRANSPORT_LOST:
+                r.lost = r.version
             r.state = {SessionEvent.TRANSPORT_LOST: SessionState.RECOVERING,
                        SessionEvent.TRANSPORT_RESTORED: SessionState.ATTACHED,
                        SessionEvent.QUALITY_RECOVERED: SessionState.ATTACHED,
@@ -371,6 +378,21 @@ class Gw:
         self.sent: list[tuple[Peer, bytes]] = []
         self.tun: list[bytes] = []  # L3: what the machine wrote to the node's TUN
         self.not_local: list[tuple[int, bytes]] = []
+        self.paused = False  # SIGSTOP: no timers, what arrives waits in its socket
+        self.buffered: list[tuple[bytes, Peer]] = []
+
+    def deliver(self, data: bytes, peer: Peer) -> None:
+        if self.paused:
+            self.buffered.append((data, peer))
+        else:
+            self.machine.receive(data, peer, self.net.now)
+
+    def resume(self) -> None:
+        """SIGCONT: the datagrams its sockets buffered are read first, then its timers run."""
+        self.paused = False
+        buffered, self.buffered = self.buffered, []
+        for data, peer in buffered:
+            self.machine.receive(data, peer, self.net.now)
 
     def flush(self) -> None:
         for e in self.machine.effects():
@@ -379,7 +401,8 @@ class Gw:
                 self.net.from_gateway(self, e.peer, e.data)
             elif isinstance(e, StoreCall):
                 answer = self.net.store.answer(e.op)
-                self.net.at(self.net.store_latency, lambda c=e.call_id, a=answer:
+                slow = self.net.store.delay(e.op) if self.net.store.delay is not None else 0.0
+                self.net.at(self.net.store_latency + slow, lambda c=e.call_id, a=answer:
                             self.machine.store_answered(c, a, self.net.now))
             elif isinstance(e, ToUpstream):
                 self.upstream.append(e.data)
@@ -501,12 +524,12 @@ class Net:
         peer = Peer(UDP, p.addr)
         self.uplink_log.append((p.addr, data))
         for d in self._delays():
-            self.at(d, lambda: p.up and p.uplink and gw.machine.receive(data, peer, self.now))
+            self.at(d, lambda: p.up and p.uplink and gw.deliver(data, peer))
 
     def inject(self, gateway: str, addr: tuple[str, int], data: bytes) -> None:
         """An attacker's datagram from ``addr`` to ``gateway`` (delivered, never lost)."""
         gw = self.gateways[gateway]
-        self.at(self.latency, lambda: gw.machine.receive(data, Peer(UDP, addr), self.now))
+        self.at(self.latency, lambda: gw.deliver(data, Peer(UDP, addr)))
 
     def from_gateway(self, gw: Gw, peer: Peer, data: bytes) -> None:
         dest = self.by_addr.get(peer.addr)
@@ -540,7 +563,8 @@ class Net:
                 if ct is not None:
                     t = min(t, ct)
             for gw in self.gateways.values():
-                t = min(t, gw.machine.get_timer())
+                if not gw.paused:
+                    t = min(t, gw.machine.get_timer())
             self.now = max(self.now, t)
             if self.now >= until and not (self._q and self._q[0][0] <= until):
                 self._flush_all()
@@ -552,7 +576,7 @@ class Net:
                 if ct is not None and ct <= self.now:
                     c.machine.handle_timer(self.now)
             for gw in self.gateways.values():
-                if gw.machine.get_timer() <= self.now:
+                if not gw.paused and gw.machine.get_timer() <= self.now:
                     gw.machine.handle_timer(self.now)
         raise AssertionError(f"run({until}) did not finish in {max_steps} steps")
 

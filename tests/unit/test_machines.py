@@ -297,10 +297,10 @@ def test_unauthenticated_work_in_flight_is_bounded() -> None:
     and the slots of authenticated work stay free."""
     net = Net(seed=31, store_latency=10.0)  # a store that answers very late
     gws = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
-    c = net.client(CL_PRIV, GW_PUB, PARAMS)
-    c.machine.connect(0.0, WALL_MS, 1, wire.TransportKind.UDP)
-    [(_, init)] = c.machine.datagrams_to_send()
-    for i in range(MAX_UNAUTH_CALLS + 50):
+    for i in range(MAX_UNAUTH_CALLS + 50):  # distinct INITs (a copy of one in flight is free)
+        c = net.client(CL_PRIV, GW_PUB, PARAMS)
+        c.machine.connect(0.0, WALL_MS, 1, wire.TransportKind.UDP)
+        [(_, init)] = c.machine.datagrams_to_send()
         gws.machine.receive(init, _peer(i), net.now)
     assert gws.machine.control_calls_in_flight == MAX_UNAUTH_CALLS < MAX_CONTROL_CALLS
     limited = [a for a, _ in gws.metrics.named("count_drop") if a[0] is DropReason.RATE_LIMITED]
@@ -377,18 +377,22 @@ def test_security_events_are_aggregated_per_source() -> None:
     c, [gw] = setup(net)
     c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
     raw = c.machine.datagrams_to_send()[-1][1]
-    forged = raw[:-1] + bytes([raw[-1] ^ 1])
-    for _ in range(1000):
-        gw.machine.receive(forged, Peer(wire.TransportKind.UDP, ATTACKER), net.now)
+    def forged(i: int) -> bytes:  # distinct forgeries (copies of one are reported once)
+        return raw[:-2] + (int.from_bytes(raw[-2:], "big") ^ (i + 1)).to_bytes(2, "big")
+
+    for i in range(1000):
+        gw.machine.receive(forged(i), Peer(wire.TransportKind.UDP, ATTACKER), net.now)
     net.run(net.now + 0.01)
     counted = [a for a, _ in gw.metrics.named("security") if a[0] == "bad_proof"]
     events = [(a, k) for a, k in gw.events.named("security_event") if a[0] == "bad_proof"]
     assert len(counted) == 1000 and len(events) == 1
     net.run(net.now + 1.1)
-    gw.machine.receive(forged, Peer(wire.TransportKind.UDP, ATTACKER), net.now)
+    gw.machine.receive(forged(0), Peer(wire.TransportKind.UDP, ATTACKER), net.now)  # a copy
+    gw.machine.receive(forged(1000), Peer(wire.TransportKind.UDP, ATTACKER), net.now)
     net.run(net.now + 0.01)  # (a cached secret a proof fails under is re-read once a second)
     events = [(a, k) for a, k in gw.events.named("security_event") if a[0] == "bad_proof"]
     assert len(events) == 2 and events[-1][1]["suppressed"] == 999
+    assert len([a for a, _ in gw.metrics.named("security") if a[0] == "bad_proof"]) == 1002
 
 
 def test_client_close_ends_the_session_in_the_store() -> None:
