@@ -130,6 +130,7 @@ class Agent:
         self.engine: Any = None
         self._channel_class: Any = None
         self._engine_state: tuple[Any, ...] | None = None  # what the engine was last told
+        self._route = 0  # the route hint of the next reattach (wire.ROUTE_MAX)
         self._records: Any = None  # the open records file, if any (line-buffered)
         if settings.records_file:
             self._records = open(settings.records_file, "a", buffering=1)  # noqa: SIM115
@@ -310,7 +311,8 @@ class Agent:
                 self._later(self.settings.params.backoff_initial, lambda: self._recover(False))
                 return
             if self.machine.state is SessionState.RECOVERING:
-                self.machine.reattach(self._now(), path.path_id, path.kind, reason="recover")
+                self.machine.reattach(self._now(), path.path_id, path.kind, reason="recover",
+                                      route=self._route)
                 self._pump()
         finally:
             self._opening = False
@@ -413,6 +415,7 @@ class Agent:
         elif isinstance(ev, Reattached):
             old = self._desc(ev.old_path) if ev.old_path is not None else "-"
             new = self._desc(ev.path)
+            self._route = 0
             self._record(EPOCH_INSTALL_ACTION, reason=ev.reason)
             self.jumps.append(JumpRecord(self._now(), ev.reason, old, new, ev.latency, ev.outage,
                                          ev.version, ev.epoch, ev.node_id.decode(errors="replace")))
@@ -426,7 +429,11 @@ class Agent:
             if ev.action is ReattachAction.NEXT_TRANSPORT:
                 self._drop_path(ev.path)
         elif isinstance(ev, ReattachTimedOut):
-            self._log(f"no answer to reattach on {self._desc(ev.path)}; next transport")
+            # Behind a balancer the next request carries the next route hint: it reaches
+            # another node if the usual one does not answer (paused, overloaded, dead).
+            self._route = self._route % wire.ROUTE_MAX + 1
+            self._log(f"no answer to reattach on {self._desc(ev.path)}; next transport "
+                      f"(route {self._route})")
             udp = self._desc(ev.path).startswith("udp")
             if not (m.attached and ev.path == m.path):  # a rebind on the live path keeps it
                 self._drop_path(ev.path)

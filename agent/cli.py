@@ -36,6 +36,7 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
         dead_after=cfg.dead_after_keepalives,
         handshake_timeout=cfg.handshake_timeout_s,
         reattach_timeout=cfg.reattach_timeout_s,
+        reattach_retries=cfg.reattach_retries,
         backoff_initial=cfg.backoff_initial_s,
         backoff_max=cfg.backoff_max_s,
         refusals_final=cfg.refusals_final,

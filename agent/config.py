@@ -53,6 +53,8 @@ class AgentConfig:
     dead_after_keepalives: int = setting(3, min=1, max=1000)
     handshake_timeout_s: float = setting(1.0, min=0.01, max=120.0)
     reattach_timeout_s: float = setting(0.5, min=0.01, max=120.0)
+    reattach_retries: int = setting(3, min=0, max=100,
+                                    help="retransmissions on one path before the next one")
     backoff_initial_s: float = setting(0.1, min=0.001, max=3600.0)
     backoff_max_s: float = setting(5.0, min=0.001, max=3600.0)
     rekey_after_s: float = setting(

@@ -25,8 +25,12 @@ session in store order and asks:
    order with versions that never decrease, and each epoch it installs was
    granted, by the node it names.
 
-Records that are missing make one of these fail: that is the point. The
-check is pure (records in, a ``Report`` out); reading files and the audit
+Records that are missing make one of these fail: that is the point. One
+gap is a fact rather than a fault: a process killed with SIGKILL loses the
+records still queued for its sinks (a few milliseconds' worth), so a grant by
+an incarnation known to have ended (a newer one of its node started) that
+only later records show is counted as ``lost_with_crash``, and the epochs it
+superseded count as ended no later than its own end. The check is pure (records in, a ``Report`` out); reading files and the audit
 stream is ``jvpn.audit``'s.
 """
 
@@ -126,6 +130,8 @@ class Report:
             f"stale-epoch drops; security alerts: {sum(self.security.values())}"
             + (f" ({dict(self.security)})" if self.security else ""),
         ]
+        if c["lost_with_crash"]:
+            lines.append(f"records lost with a killed process: {c['lost_with_crash']}")
         if self.release_lag_ms:
             lag = sorted(self.release_lag_ms)
             lines.append(f"store end -> holder release: median {lag[len(lag) // 2]} ms, "
@@ -183,10 +189,11 @@ def check(records: Iterable[Record], store: Mapping[str, StoreView | None] | Non
             _count_other(rec, rep)
     sessions = {sid for sid, _ in bindings}
     rep.sessions = len(sessions)
-    _check_store_order(bindings, rep)
+    ended = _ended_incarnations(incarnations)
+    _check_store_order(bindings, ended, rep)
     _check_versions(bindings, rep)
-    _check_releases(bindings, releases, incarnations, rep, max_release_lag_ms)
-    _check_agents(agents, bindings, rep)
+    _check_releases(bindings, releases, ended, rep, max_release_lag_ms)
+    _check_agents(agents, bindings, ended, rep)
     if store is not None:
         _check_against_store(bindings, store, rep)
     return rep
@@ -232,7 +239,17 @@ def _count_other(rec: OtherRecord, rep: Report) -> None:
         rep.reject_reasons[rec.reason] += 1
 
 
-def _check_store_order(bindings: dict[tuple[str, int], _Binding], rep: Report) -> None:
+def _ended_incarnations(incarnations: dict[str, list[tuple[float, int, str]]]) -> set[str]:
+    """Incarnations whose node started again later (their process ended)."""
+    ended: set[str] = set()
+    for starts in incarnations.values():
+        starts.sort()
+        ended.update(inc for _, _, inc in starts[:-1])
+    return ended
+
+
+def _check_store_order(bindings: dict[tuple[str, int], _Binding], ended: set[str],
+                       rep: Report) -> None:
     """Replay begins and ends per session in store order: at most one open at a time."""
     per_session: dict[str, list[tuple[int, int, int, str]]] = defaultdict(list)
     for (sid, epoch), b in bindings.items():
@@ -243,6 +260,10 @@ def _check_store_order(bindings: dict[tuple[str, int], _Binding], rep: Report) -
             per_session[sid].append((b.begin.store_ms, 2 * epoch, 1, b.begin.holder))
         if b.end is not None:
             if b.begin is None:
+                if b.end.holder in ended:  # granted by a process killed before it wrote
+                    rep.counts["lost_with_crash"] += 1
+                    per_session[sid].append((b.end.store_ms, 2 * epoch + 1, -2, ""))
+                    continue
                 rep.add(Violation.END_WITHOUT_BEGIN,
                         f"{where}: ended ({b.end.reason.value}, by {b.end.node}) but its "
                         f"grant was never recorded")
@@ -256,6 +277,10 @@ def _check_store_order(bindings: dict[tuple[str, int], _Binding], rep: Report) -
         open_: dict[int, str] = {}
         for ms, key, delta, holder in events:
             epoch = key // 2
+            if delta == -2:  # the end of a grant lost with a crash: what it superseded ended
+                for e in [e for e in open_ if e < epoch]:
+                    del open_[e]
+                continue
             if delta > 0:
                 if open_:
                     others = ", ".join(f"epoch {e} on {h}" for e, h in sorted(open_.items()))
@@ -290,8 +315,7 @@ def _check_versions(bindings: dict[tuple[str, int], _Binding], rep: Report) -> N
 
 
 def _check_releases(bindings: dict[tuple[str, int], _Binding], releases: list[BindingRecord],
-                    incarnations: dict[str, list[tuple[float, int, str]]], rep: Report,
-                    max_lag_ms: int | None) -> None:
+                    ended: set[str], rep: Report, max_lag_ms: int | None) -> None:
     released: set[tuple[str, str, int]] = set()
     for rel in releases:
         key = (rel.session_id, rel.epoch)
@@ -324,11 +348,6 @@ def _check_releases(bindings: dict[tuple[str, int], _Binding], releases: list[Bi
             if max_lag_ms is not None and lag > max_lag_ms:
                 rep.add(Violation.RELEASE_LATE, f"{where}: held {lag} ms after the store "
                                                 f"ended it ({b.end.reason.value})")
-    # Which incarnations ended (a newer one of the same node started).
-    ended: set[str] = set()
-    for starts in incarnations.values():
-        starts.sort()
-        ended.update(inc for _, _, inc in starts[:-1])
     for (sid, epoch), b in bindings.items():
         if b.begin is None or b.end is None:
             continue  # still current: compared with the store, if given
@@ -341,7 +360,8 @@ def _check_releases(bindings: dict[tuple[str, int], _Binding], releases: list[Bi
 
 
 def _check_agents(agents: dict[tuple[str, str], list[AgentRecord]],
-                  bindings: dict[tuple[str, int], _Binding], rep: Report) -> None:
+                  bindings: dict[tuple[str, int], _Binding], ended: set[str],
+                  rep: Report) -> None:
     for (agent, sid), installs in agents.items():
         installs.sort(key=lambda r: (r.source, r.seq))
         prev: AgentRecord | None = None
@@ -353,7 +373,9 @@ def _check_agents(agents: dict[tuple[str, str], list[AgentRecord]],
                         f"v{prev.version} epoch {prev.epoch}")
             prev = rec
             b = bindings.get((sid, rec.epoch))
-            if b is None or b.begin is None:
+            if (b is None or b.begin is None) and rec.node in ended:
+                rep.counts["lost_with_crash"] += 1  # its grant's record died with the node
+            elif b is None or b.begin is None:
                 rep.add(Violation.AGENT_UNKNOWN_BINDING,
                         f"{where}: installed epoch {rec.epoch} from {rec.node}, never granted")
             elif rec.node and b.begin.holder[:len(rec.node)] != rec.node:

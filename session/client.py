@@ -62,6 +62,7 @@ class ClientParams:
     dead_after: int = 3
     handshake_timeout: float = 1.0
     reattach_timeout: float = 0.5
+    reattach_retries: int = REATTACH_RETRIES  # retransmissions of one request on its path before giving up
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     refusals_final: int = 5  # authenticated refusals in a row that end the agent (bounded backoff)
@@ -389,8 +390,10 @@ class ClientSession:
         self.stats["payloads_dropped"] += 1
         return False
 
-    def reattach(self, now: float, path: int, kind: wire.TransportKind, reason: str = "jump") -> None:
-        """Ask the cluster to bind the session to ``path`` (a fresh request, new nonce)."""
+    def reattach(self, now: float, path: int, kind: wire.TransportKind, reason: str = "jump",
+                 route: int = 0) -> None:
+        """Ask the cluster to bind the session to ``path`` (a fresh request, new nonce);
+        ``route``: the balancer's route hint (wire.ROUTE_MAX), 0 for the usual node."""
         if self._keys is None or self.state in (SessionState.BIRTH, SessionState.TERMINATED):
             raise LocalProtocolError(f"reattach() in state {self.state.name}")
         if self._recovery_start is None:
@@ -398,7 +401,7 @@ class ClientSession:
         self._retry_at = None
         nonce = self._random(wire.NONCE_LEN)
         req = wire.ReattachRequest(
-            self.session_id, self.version, nonce, self._server_ms(now), kind,
+            self.session_id, self.version, nonce, self._server_ms(now), kind, route=route,
         )
         raw = control.seal(req, self._keys.proof_key)
         self._rekey = None  # a REKEY the gateway committed unanswered is undone by this proof
@@ -782,7 +785,7 @@ class ClientSession:
     def _reattach_timeout(self, now: float) -> None:
         req = self._req
         assert req is not None
-        if req.tries > REATTACH_RETRIES:
+        if req.tries > self.params.reattach_retries:
             self._req = None
             self._events.append(ReattachTimedOut(req.path))
             return

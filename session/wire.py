@@ -59,6 +59,13 @@ HEADER = struct.Struct("!BBH16s")
 HEADER_LEN = HEADER.size  # 20
 
 
+# A REATTACH_REQUEST's flags carry a route hint: the balancer routes a request with hint
+# k > 0 by (session id, k) instead of the session id alone, so a client whose usual node
+# does not answer (paused, overloaded) reaches another one by asking again with k + 1.
+# Routing only: any node accepts any reattach, and the hint is under the request's MAC.
+ROUTE_MAX = 0xFF
+
+
 class MessageType(IntEnum):
     HANDSHAKE_INIT = 1
     HANDSHAKE_RESP = 2
@@ -140,6 +147,7 @@ class ReattachRequest:
     timestamp_ms: int
     kind: TransportKind
     mac: bytes = b"\x00" * MAC_LEN
+    route: int = 0  # the route hint in the header's flags (0..ROUTE_MAX; 0: the usual node)
     TYPE = MessageType.REATTACH_REQUEST
 
 
@@ -203,10 +211,10 @@ _MESSAGE_TYPES = {int(t): t for t in MessageType}
 _ENUM_TABLES: dict[type[IntEnum], dict[int, IntEnum]] = {}  # for _enum: a dict hit per lookup
 
 
-def _header(mtype: MessageType, sid: bytes) -> bytes:
+def _header(mtype: MessageType, sid: bytes, flags: int = 0) -> bytes:
     if len(sid) != SESSION_ID_LEN:
         raise ValueError("session_id must be 16 bytes")
-    return HEADER.pack(PROTOCOL_VERSION, mtype, 0, sid)
+    return HEADER.pack(PROTOCOL_VERSION, mtype, flags, sid)
 
 
 def encode(msg: Message) -> bytes:
@@ -214,7 +222,9 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Data):
         out = _header(msg.TYPE, msg.session_id) + _DATA_HEAD.pack(msg.epoch, msg.counter) + msg.ciphertext
     elif isinstance(msg, ReattachRequest):
-        out = _header(msg.TYPE, msg.session_id) + _REQ.pack(
+        if not 0 <= msg.route <= ROUTE_MAX:
+            raise ValueError(f"route hint {msg.route} out of range")
+        out = _header(msg.TYPE, msg.session_id, msg.route) + _REQ.pack(
             msg.expected_version, msg.nonce, msg.timestamp_ms, msg.kind, msg.mac
         )
     elif isinstance(msg, ReattachAck):
@@ -261,7 +271,7 @@ def peek_header(data: bytes) -> tuple[MessageType, bytes]:
     version, mtype, flags, sid = HEADER.unpack_from(data)
     if version != PROTOCOL_VERSION:
         raise DecodeError(DropReason.BAD_VERSION, f"version {version}")
-    if flags != 0:
+    if flags != 0 and (mtype != MessageType.REATTACH_REQUEST or flags > ROUTE_MAX):
         raise DecodeError(DropReason.MALFORMED, "reserved flags set")
     member = _MESSAGE_TYPES.get(mtype)  # a dict hit: MessageType(x) costs ~0.3 us per packet
     if member is None:
@@ -289,7 +299,8 @@ def decode(data: bytes) -> Message:
     if mtype is MessageType.REATTACH_REQUEST:
         _exact(body, _REQ.size, "REATTACH_REQUEST")
         ver, nonce, ts, kind, mac = _REQ.unpack(body)
-        return ReattachRequest(sid, ver, nonce, ts, _enum(TransportKind, kind), mac)
+        return ReattachRequest(sid, ver, nonce, ts, _enum(TransportKind, kind), mac,
+                               HEADER.unpack_from(data)[2])
     if mtype is MessageType.REATTACH_ACK:
         if len(body) < _ACK_HEAD.size + _ACK_TAIL.size:
             raise DecodeError(DropReason.TRUNCATED, "REATTACH_ACK")

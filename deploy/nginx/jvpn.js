@@ -13,6 +13,11 @@
 //   - any other type: "s" + the session id in hex, so every transport of one
 //     session (new source port, NAT rebinding, UDP -> TCP) lands on the same
 //     node while the node set is stable.
+//   - a REATTACH_REQUEST (type 5) with a route hint k > 0 in its flags (their
+//     low byte; the client sets it when its usual node did not answer): the
+//     session key + "/" + k, another point on the ring, so the client reaches
+//     another node (paused, overloaded or dead ones are not waited for). The
+//     flow it opens stays there.
 //   - too short to hold a header: the source address, like a handshake; the
 //     node drops and counts it (jvpn_dropped_total), which keeps it visible.
 // A consequence of flows: a datagram from an address:port whose flow is still
@@ -23,6 +28,7 @@
 
 var HEADER_LEN = 20;
 var HANDSHAKE_INIT = 1;
+var REATTACH_REQUEST = 5;
 var TCP_LENGTH_PREFIX = 2;
 
 function sourceKey(s) {
@@ -37,7 +43,12 @@ function routeKey(s, buf, off) {
     if (buf[off + 1] === HANDSHAKE_INIT) {
         return sourceKey(s);
     }
-    return 's' + buf.slice(off + 4, off + HEADER_LEN).toString('hex');
+    var key = 's' + buf.slice(off + 4, off + HEADER_LEN).toString('hex');
+    var route = buf[off + 3];  // the flags' low byte (big-endian u16 at offset 2)
+    if (buf[off + 1] === REATTACH_REQUEST && buf[off + 2] === 0 && route > 0) {
+        key += '/' + route;
+    }
+    return key;
 }
 
 function preread(s) {

@@ -187,3 +187,21 @@ def test_an_unreadable_record_fails_the_check() -> None:
     torn = Loaded()
     torn.add_lines([json.dumps({"event": {"action": "x"}}), '{"torn'], "f")
     assert torn.bad == 0  # a killed writer's last line
+
+
+def test_a_grant_lost_with_a_killed_process_is_counted_not_a_violation() -> None:
+    """gw-b was killed (SIGKILL) before its grant's records reached its sink: once a newer
+    gw-b process has started, what only later records show is ``lost_with_crash``."""
+    a, b, agents, *_ = history_of_a_move()
+    b.remove(binding(b, "begin", 2))
+    b.remove(binding(b, "end", 1))
+    b.remove(binding(b, "release"))
+    b.remove(binding(b, "end", 2))
+    a.remove(binding(a, "release"))  # its refresh said NOT_OWNER: it let go, recorded below
+    restarted = copy.deepcopy(binding(b, "node_started"))
+    restarted["jvpn"]["incarnation"] = "gw-b#ffffffff"
+    restarted["@timestamp"] = "2030-01-01T00:00:00.000Z"
+    assert not run(a, b, agents).ok  # with gw-b's process still the newest: missing records
+    report = run(a, b + [restarted], agents)
+    assert report.ok, report.summary()
+    assert report.counts["lost_with_crash"] == 1
