@@ -9,6 +9,7 @@
 #   make dataplane   build the compiled data plane into .venv (needs cargo; else Python runs)
 #   make fuzz   the data plane's fuzz target for FUZZ_SECONDS (default 600; make test runs 10)
 #   make dataplane-wheel   the data plane's wheel for the container image (dataplane/wheels/)
+#   make test-long   the long runs (-m long: the randomized fault run of >= 10^4 decisions)
 #   make clean  caches and build output    make distclean   also the .venv
 # PYTHON=/path/to/python3.x picks the interpreter for a new .venv; ARGS=... is
 # passed to `jvpn-lab demo` / `bench` / `bench-cluster`; PYTEST_ARGS=... to pytest.
@@ -51,11 +52,11 @@ DATAPLANE_STAMP := $(VENV)/.jvpn-dataplane
 DATAPLANE_SRC := dataplane/Cargo.toml dataplane/Cargo.lock dataplane/pyproject.toml $(wildcard dataplane/src/*.rs)
 HAVE_CARGO := $(shell command -v cargo 2>/dev/null)
 
-.PHONY: help venv deps demo test lint bench bench-cluster base-image test-containers clean distclean \
-  dataplane dataplane-test dataplane-wheel fuzz
+.PHONY: help venv deps demo test test-long lint bench bench-cluster base-image test-containers clean \
+  distclean dataplane dataplane-test dataplane-wheel fuzz
 
 help:
-	@sed -n '2,14p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '2,15p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 venv: $(STAMP) dataplane
 
@@ -193,6 +194,10 @@ test: deps venv
 	  JVPN_DATA_PLANE=python $(BIN)/python -m pytest -q tests/dataplane tests/integration tests/unit || rc=$$?; \
 	fi; \
 	exit $$rc
+
+# Many minutes each (tests marked long; JVPN_HISTORY_LONG_S sets the fault run's length).
+test-long: deps venv
+	@$(BIN)/python -m pytest -q -m long $(PYTEST_ARGS)
 
 clean:
 	@# .jvpn holds `jvpn-lab cluster` state: stop a running local cluster before deleting it.

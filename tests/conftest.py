@@ -73,6 +73,16 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"data plane: {choice} (the compiled module jvpn_dataplane is {built})"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``long`` tests (many minutes) run only when asked for: ``-m long`` (make test-long)."""
+    if "long" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="a long run: make test-long (pytest -m long)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 def _start_server() -> RedisServer:
     try:
         return RedisServer().start()

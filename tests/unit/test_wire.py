@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -126,3 +127,21 @@ def test_inner_round_trips() -> None:
     assert wire.decode_inner(wire.inner_close(3)).reason == 3
     with pytest.raises(ValueError):
         wire.inner_payload(b"x" * (wire.MAX_PAYLOAD_SIZE + 1))
+
+
+def test_a_reattach_request_carries_a_route_hint_in_its_flags() -> None:
+    """The balancer reads the hint at a fixed offset (deploy/nginx/jvpn.js); the MAC covers it."""
+    req = wire.ReattachRequest(b"s" * 16, 7, b"n" * 16, 123, wire.TransportKind.UDP, route=3)
+    raw = wire.encode(req)
+    assert raw[2:4] == b"\x00\x03"
+    assert wire.decode(raw) == req
+    assert wire.decode(wire.encode(dataclasses.replace(req, route=0))).route == 0
+    with pytest.raises(ValueError):
+        wire.encode(dataclasses.replace(req, route=wire.ROUTE_MAX + 1))
+    too_big = raw[:2] + b"\x01\x00" + raw[4:]
+    with pytest.raises(DecodeError):
+        wire.decode(too_big)
+    data = bytearray(wire.encode(wire.Data(b"s" * 16, 1, 0, b"c" * 17)))
+    data[3] = 1  # no other message carries flags
+    with pytest.raises(DecodeError):
+        wire.decode(bytes(data))
