@@ -47,6 +47,10 @@ from session.states import LIVE_STATES, QUALITY_EVENTS, SessionEvent, SessionSta
 
 PENDING_MAX = 256  # payloads held while recovering, flushed after reattach
 HANDSHAKE_RETRIES = 3
+# A request's nonce starts with a claim id, the same for every request for one version:
+# the store tells this client's own superseded attempts (STALE_VERSION) from another
+# claimant's (DUAL_ACTIVE_CONFLICT). The other 8 bytes keep each nonce unique.
+CLAIM_ID_LEN = 8
 REATTACH_RETRIES = 3  # retransmissions of the same request bytes on one path
 REKEY_RETRIES = 5  # REKEYs sent unanswered on a live binding before it is rebound (reattach)
 STALE_RETRIES = 3  # immediate retries after an authenticated STALE_VERSION
@@ -268,6 +272,8 @@ class ClientSession:
         self._connect_backoff = params.backoff_initial  # survives connect(): reset by a session
         self._refusals = 0  # authenticated final refusals in a row
         self.refused: RefusedForGood | None = None
+        self._claim = b""  # the claim id of this client's requests for _claim_version
+        self._claim_version = -1
         self._last_rx = 0.0
         self._next_keepalive: float | None = None
         self._ka_seq = 0
@@ -399,7 +405,9 @@ class ClientSession:
         if self._recovery_start is None:
             self._recovery_start = now
         self._retry_at = None
-        nonce = self._random(wire.NONCE_LEN)
+        if self._claim_version != self.version:  # one claim id per version claimed
+            self._claim, self._claim_version = self._random(CLAIM_ID_LEN), self.version
+        nonce = self._claim + self._random(wire.NONCE_LEN - CLAIM_ID_LEN)
         req = wire.ReattachRequest(
             self.session_id, self.version, nonce, self._server_ms(now), kind, route=route,
         )

@@ -1628,6 +1628,7 @@ class GatewayMachine:
         if self._secrets.get(sid) is not r.secrets:
             self._cache(sid, r.secrets)  # read, or given back by the store (a REKEY undone)
         node_id = res.node.encode()[: wire.MAX_NODE_ID_LEN]
+        write_ms = res.decided_ms or res.server_ms  # when the store decided (a retry: first)
         ack = wire.ReattachAck(sid, req.nonce, res.version, res.epoch, res.binding_id, node_id,
                                self.store_ms(now))
         if res.retry:
@@ -1638,8 +1639,8 @@ class GatewayMachine:
                     and self._held_epoch(sid) < res.epoch):
                 if not res.binding_pending:  # granted ACTIVE: it ended the previous one
                     self._record(RecordPhase.END, sid, res.epoch - 1, RecordReason.MOVED,
-                                 res.server_ms, holder="", version=res.version, status=None)
-                b = self._grant(sid, res, peer, r.secrets, len(raw), now, res.server_ms)
+                                 write_ms, holder="", version=res.version, status=None)
+                b = self._grant(sid, res, peer, r.secrets, len(raw), now, write_ms)
                 b.origin = (f"node:{res.prev_node or '-'}", "unknown")
                 if not res.binding_pending:
                     self.metrics.transport_switch("unknown", peer.kind.name.lower(), "reattach")
@@ -1665,11 +1666,26 @@ class GatewayMachine:
                 span.set(outcome=Outcome.RETRY, version=res.version, epoch=res.epoch)
                 span.end()
                 return
-            if res.prev_node and not res.binding_pending:  # granted ACTIVE: it ended that
+            if (res.prev_node or res.recovered) and not res.binding_pending:
+                # granted ACTIVE (a store without PENDING grants): it ended the previous one
                 self._record(RecordPhase.END, sid, res.epoch - 1, RecordReason.MOVED,
-                             res.server_ms, holder=res.prev_node, version=res.version,
+                             write_ms, holder=res.prev_node, version=res.version,
                              status=None)
-            b = self._grant(sid, res, peer, r.secrets, len(raw), now, res.server_ms)
+            if res.recovered and not res.binding_current:
+                # Granted (its answer was lost, then re-read), but the session has moved on
+                # since: recorded as it happened, not installed.
+                self._record(RecordPhase.BEGIN, sid, res.epoch, RecordReason.GRANTED, write_ms,
+                             version=res.version, binding_id=res.binding_id,
+                             status=BindingStatus.PENDING if res.binding_pending
+                             else BindingStatus.ACTIVE)
+                self._record(RecordPhase.RELEASE, sid, res.epoch, RecordReason.REVOKED,
+                             res.server_ms, version=res.version, status=None)
+                self._reattach_answer(r, ack, keys.control_key)
+                self.metrics.reattach(Outcome.RETRY, "", max(0.0, now - r.t0))
+                span.set(outcome=Outcome.RETRY, version=res.version, epoch=res.epoch)
+                span.end()
+                return
+            b = self._grant(sid, res, peer, r.secrets, len(raw), now, write_ms)
             b.tx_unvalidated = len(control.seal(ack, keys.control_key))  # the ACK below
             b.origin = (old_desc, old_kind)
             if not res.binding_pending:  # a store that grants ACTIVE at once

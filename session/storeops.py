@@ -160,6 +160,7 @@ class ReattachResult:
     prev_state: SessionState | None  # before the call
     prev_kind: TransportKind | None  # transport kind of the previous binding
     binding_pending: bool = False  # the returned binding is PENDING (activate.lua makes it ACTIVE)
+    decided_ms: int = 0  # the store's TIME of the decision (a retry's: the first run's)
     recovered: bool = False  # outcome was unknown and re-read from the store
 
     @property

@@ -255,7 +255,7 @@ REATTACH_REPLY = Reply("reattach", ReattachResult, [
     ("binding_id", bytes), ("node", _text), ("prev_node", _text), ("server_ms", int),
     ("state", _state), ("retry", _flag), ("expired_now", _flag), ("binding_current", _flag),
     ("terminate_reason", _treason), ("prev_state", _state), ("prev_kind", _KINDS.get),
-    ("binding_pending", _flag)])
+    ("binding_pending", _flag), ("decided_ms", int)])
 REKEY_REPLY = Reply("rekey", RekeyResult, [
     ("status", _status), ("version", int), ("state", _state), ("epoch", int), ("node", _text),
     ("generation", int), ("server_ms", int), ("expired_now", _flag),

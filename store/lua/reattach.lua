@@ -89,14 +89,16 @@
 --
 -- Returns (msgpack-encoded, see reply() in common.lua) {status, reason, version, epoch, binding_id, node, prev_node, server_ms,
 --          state, retry, expired_now, binding_current, terminate_reason,
---          prev_state, prev_kind, binding_pending}
+--          prev_state, prev_kind, binding_pending, decided_ms}
 --   reason: RejectReason (0 on success). On success binding_id/node are the new
 --   binding and prev_node/prev_kind the previous owner; on a rejection
 --   version/epoch/node are the current ones and binding_id is empty. A retry
 --   returns the recorded version/epoch/binding/node (prev_node empty: the retry
 --   moved nothing) and binding_current says whether that binding still holds.
 --   state/prev_state: after/before this call (-1: no record). binding_pending: the
---   returned binding is the session's PENDING one (always on success).
+--   returned binding is the session's PENDING one (always on success). decided_ms: the
+--   store's TIME of the decision (a retry's: when it was first decided, so a write whose
+--   answer was lost is still recorded at the time it was made).
 
 local key, nkey, tkey = KEYS[1], KEYS[2], KEYS[3]
 local expected = tonumber(ARGV[1])
@@ -113,13 +115,13 @@ local proof_gen = tonumber(ARGV[13]) or -1
 local now = now_ms()
 
 local f = redis.call('HMGET', key, 'st', 'v', 'ep', 'bid', 'nd', 'k', 'dl', 'ttl', 'rr', 'tk',
-  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma', 'pep', 'pbid', 'kg', 'wsp', 'kt')
+  'rl', 'rn', 'lv', 'lt', 'lost', 'tr', 'gen', 'cr', 'ma', 'pep', 'pbid', 'kg', 'wsp', 'kt', 'lc')
 if not f[1] then
-  return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0, 0})
+  return reply({ST.UNKNOWN_SESSION, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0, 0, now})
 end
 -- 1. (generation) a record of an older store generation does not exist any more
 if want_gen ~= 0 and num(f[17]) ~= want_gen then
-  return reply({ST.GENERATION_MOVED, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0, 0})
+  return reply({ST.GENERATION_MOVED, R.UNKNOWN_SESSION, 0, 0, '', '', '', now, -1, 0, 0, 0, 0, -1, 0, 0, now})
 end
 local st, v, ep = tonumber(f[1]), num(f[2]), num(f[3])
 local bid, nd, k = f[4] or '', f[5] or '', num(f[6])
@@ -127,7 +129,7 @@ local pep, pbid = num(f[20]), f[21] or ''
 
 -- A rejection that reports the current record and changes nothing.
 local function reject(status, reason, state, tr, expired_now)
-  return reply({status, reason, v, ep, '', nd, '', now, state, 0, expired_now, 0, tr, st, k, 0})
+  return reply({status, reason, v, ep, '', nd, '', now, state, 0, expired_now, 0, tr, st, k, 0, now})
 end
 
 -- 2. tombstone
@@ -163,7 +165,7 @@ if seen and cmsgpack.unpack(seen) < horizon then
   seen = nil
 end
 if seen then
-  local _, dstatus, dreason, dv, dep, dbid, dnd, dtag = cmsgpack.unpack(seen)
+  local dts, dstatus, dreason, dv, dep, dbid, dnd, dtag = cmsgpack.unpack(seen)
   if dtag ~= tag then
     return reject(ST.REPLAYED_NONCE, R.REPLAYED_NONCE, st, 0, 0)
   end
@@ -174,7 +176,7 @@ if seen then
   local keep = math.max(redis.call('PTTL', nkey), 1000)
   redis.call('PEXPIRE', nkey, keep)
   if redis.call('EXISTS', tkey) == 1 then redis.call('PEXPIRE', tkey, keep) end
-  return reply({dstatus, dreason, dv, dep, dbid, dnd, '', now, st, 1, 0, current, 0, st, k, pending})
+  return reply({dstatus, dreason, dv, dep, dbid, dnd, '', now, st, 1, 0, current, 0, st, k, pending, dts})
 end
 
 -- 6. prune the nonce cache (bounded); refuse a flood without recording it
@@ -253,6 +255,12 @@ local lost = tonumber(f[15])
 if expected ~= v and not (st == S.RECOVERING and lost ~= nil and expected == lost) then
   local lv, lt = tonumber(f[13]), num(f[14])
   if lv ~= nil and expected == lv and now - lt < dual_window then
+    -- The nonce's first 8 bytes are the client's claim id, the same for every request it
+    -- makes for one version: a request of the claim that consumed it is the same client's
+    -- superseded attempt (its earlier one won), just stale; another claim is a conflict.
+    if f[25] and string.sub(nonce, 1, 8) == f[25] then
+      return refuse(ST.STALE_VERSION, R.STALE_VERSION)
+    end
     return refuse(ST.DUAL_ACTIVE_CONFLICT, R.DUAL_ACTIVE_CONFLICT)
   end
   return refuse(ST.STALE_VERSION, R.STALE_VERSION)
@@ -282,7 +290,7 @@ end
 local nv, nep = v + 1, math.max(ep, pep) + 1
 local ttl = num(f[8])
 redis.call('HSET', key, 'st', to, 'v', nv, 'pep', nep, 'pbid', new_bid, 'pnd', new_node,
-  'pk', kind, 'dl', now + ttl, 'lv', expected, 'lt', now)
+  'pk', kind, 'dl', now + ttl, 'lv', expected, 'lt', now, 'lc', string.sub(nonce, 1, 8))
 redis.call('HDEL', key, 'lost')
 if rollback then
   local p = redis.call('HMGET', key, 'wsp', 'ktp', 'wcp')
@@ -293,4 +301,4 @@ if proof_gen >= 0 then redis.call('HDEL', key, 'wsp', 'ktp', 'wcp') end
 redis.call('PEXPIRE', key, ttl + slack_ms)
 gc_ms = ttl + slack_ms
 decide(ST.OK, 0, nv, nep, new_bid, new_node)
-return reply({ST.OK, 0, nv, nep, new_bid, new_node, nd, now, to, 0, 0, 1, 0, st, k, 1})
+return reply({ST.OK, 0, nv, nep, new_bid, new_node, nd, now, to, 0, 0, 1, 0, st, k, 1, now})

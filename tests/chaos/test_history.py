@@ -96,6 +96,7 @@ class ChaosRun:
         self.agents: list[tuple[Agent, Echoes]] = []
         self.retired: list[tuple[Agent, Echoes]] = []
         self.crashes = 0
+        self.lifetimes: dict[int, tuple[float, float]] = {}  # id(echoes) -> its agent's life
 
     async def start(self, n: int) -> None:
         self.agents = await start_agents(self.cluster, self.upstream, n,
@@ -110,6 +111,7 @@ class ChaosRun:
         i = self.rng.randrange(len(self.agents))
         old, got = self.agents[i]
         await old.stop(close_session=False)  # a crash: no CLOSE, the session is left behind
+        self.lifetimes[id(got)] = (self.lifetimes.get(id(got), (0.0, 0.0))[0], time.monotonic())
         self.crashes += 1
         settings = replace(old.settings, name=f"{old.settings.name.split('.')[0]}.{self.crashes}",
                            records_file=None)
@@ -119,6 +121,7 @@ class ChaosRun:
         self.retired.append((old, got))
         self.agents[i] = (fresh, echoes)
         await fresh.wait_connected(10.0)
+        self.lifetimes[id(echoes)] = (time.monotonic(), float("inf"))
 
     async def fault(self) -> None:
         """One fault, chosen by the seed, bounded in time; gateways are back at the end."""
@@ -226,7 +229,10 @@ async def _run(chaos_cluster: Callable[..., LocalCluster], echo: tuple[UdpEcho, 
     await asyncio.sleep(1.0)  # the gateways' last records reach their files
     report = await _history(cluster, records)
     print(report.summary())
-    gaps = [g for _, got in run.agents + run.retired for g in _gaps(got, t0, t1)]
+    gaps = []
+    for _, got in run.agents + run.retired:
+        born, died = run.lifetimes.get(id(got), (t0, t1))
+        gaps += _gaps(got, max(t0, born), min(t1, died))
     waits = run.waits_for_a_healthy_node()
     kinds: dict[str, int] = {}
     for f in run.faults:

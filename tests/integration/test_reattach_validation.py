@@ -657,3 +657,23 @@ async def test_a_new_store_generation_voids_a_cached_session(env: Env) -> None:
     # authenticated: the gateway still held the session's keys when the store said so
     assert_reject(s, got, RejectReason.UNKNOWN_SESSION, authenticated=True)
     assert env.gw.store.reattach_paths["resumed"] == resumed + 1
+
+
+async def test_the_same_clients_superseded_attempt_is_stale_not_a_conflict(env: Env) -> None:
+    """Two requests for one version with one claim id (the nonce's first 8 bytes: one
+    client's first attempt and the one it made when that went unanswered): the loser is
+    STALE_VERSION with the current version, no DUAL_ACTIVE_CONFLICT and no alert."""
+    s = await env.session()
+    a, b = await env.ep(), await env.ep()
+    claim = os.urandom(8)
+    raw_a, req_a = s.request(nonce=claim + os.urandom(8))
+    raw_b, req_b = s.request(nonce=claim + os.urandom(8))
+    a.send(raw_a)
+    b.send(raw_b)
+    got_a, got_b = await s.answer(a, req_a.nonce), await s.answer(b, req_b.nonce)
+    acks = [g for g in (got_a, got_b) if isinstance(g.msg, wire.ReattachAck)]
+    assert len(acks) == 1
+    lost = got_b if acks[0] is got_a else got_a
+    ack = assert_ack(s, acks[0])
+    assert_reject(s, lost, RejectReason.STALE_VERSION, authenticated=True, version=ack.version)
+    assert not events_for(env.gw, "security_event", s)

@@ -88,6 +88,7 @@ class _Rec:
     nonces: dict[bytes, tuple[str, ReattachResult]] = field(default_factory=dict)
     lv: int = -1  # the version the last successful reattach consumed
     lt: int = 0
+    lc: bytes = b""  # the claim id (nonce prefix) of the request that consumed lv
     tr: TerminateReason | None = None
     rr: int = 100  # reattach rate and transports mask, as birth wrote them
     tk: int = 0b110
@@ -197,10 +198,11 @@ class MemStore:
             return ReattachResult(decision.status, decision.reason, decision.version,
                                   decision.epoch, decision.binding_id, decision.node, "", now,
                                   r.state, True, False, active or pending, None, r.state, r.kind,
-                                  pending)
+                                  pending, decided_ms=decision.server_ms)
         lost_ok = r.state is SessionState.RECOVERING and op.expected_version == r.lost
         if op.expected_version != r.version and not lost_ok:
-            dual = op.expected_version == r.lv and now - r.lt < op.dual_active_window_ms
+            dual = (op.expected_version == r.lv and now - r.lt < op.dual_active_window_ms
+                    and op.nonce[:8] != r.lc)
             res = reject(StoreStatus.DUAL_ACTIVE_CONFLICT if dual else StoreStatus.STALE_VERSION,
                          RejectReason.DUAL_ACTIVE_CONFLICT if dual
                          else RejectReason.STALE_VERSION)
@@ -215,7 +217,7 @@ class MemStore:
             if op.proof_generation >= 0:
                 r.wsp = b""
             prev_state = r.state
-            r.lv, r.lt = op.expected_version, now
+            r.lv, r.lt, r.lc = op.expected_version, now, op.nonce[:8]
             r.lost = None
             r.version += 1
             r.pep = max(r.epoch, r.pep) + 1

@@ -150,6 +150,7 @@ def test_a_refused_request_is_reported_once_not_per_copy() -> None:
     c, (gwa, gwb) = setup(net, ("gw-a", "gw-b"))
     c.machine.reattach(net.now, 1, UDP)
     [(_, raw_a)] = c.machine.datagrams_to_send()
+    c.machine._claim_version = -1  # the clone's request: another claim id
     c.machine.reattach(net.now, 1, UDP)
     [(_, raw_b)] = c.machine.datagrams_to_send()
     net.inject("gw-a", ("198.51.100.7", 1), raw_a)

@@ -228,6 +228,7 @@ def test_two_claimants_for_one_version_have_exactly_one_winner() -> None:
     sid = c.machine.session_id
     c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
     [(_, raw_a)] = c.machine.datagrams_to_send()
+    c.machine._claim_version = -1  # the clone's request: another claim id
     c.machine.reattach(net.now, 1, wire.TransportKind.UDP)
     [(_, raw_b)] = c.machine.datagrams_to_send()
     net.inject("gw-a", ("198.51.100.7", 1), raw_a)
