@@ -10,6 +10,9 @@ Shared pieces:
   ``$JVPN_CHAOS_FIGURES`` if set), so BENCHMARKS.md can quote it.
 - ``Traffic``: numbered datagrams from each agent every ``interval`` seconds,
   echoed back; records when each echo arrived, to measure interruptions.
+- After every test, once its cluster is down, the history check (``history``,
+  ``jvpn audit check``) runs over every gateway's events file: a chaos test
+  passes only if the binding decisions it caused form a correct history.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import pytest
 from agent.agent import Agent, AgentSettings
 from instruments.cluster import is_alive
 from instruments.netsim import UdpEcho
+from jvpn.check import check_files
 from session.client import ClientParams
 from session.noise import generate_keypair
 from store.api import SessionStore
@@ -67,6 +71,10 @@ def chaos_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
                     except ProcessLookupError:
                         pass
             c.down()
+    for c in made:  # the gateways stopped: their records are all in their files
+        report = check_files([str(p) for p in (c.run_dir / "logs").glob("*.events.jsonl")])
+        print(f"history check ({c.run_dir.name}): {report.summary()}")
+        assert report.ok, f"the history of this run is not correct:\n{report.summary()}"
 
 
 @pytest.fixture
