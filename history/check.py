@@ -2,10 +2,12 @@
 
 Theory of operation. The store decides every binding, by compare-and-set, and
 the node that ran the script records the decision with the script's own TIME
-(session.records): a ``begin`` when a binding becomes current, an ``end`` when
-a write replaces it (``moved``) or ends the session (``terminated``,
-``expired``). Those records alone give each binding its life in the store,
-[begin, end), on the one clock every node shares. The check replays them per
+(session.records): a ``begin`` PENDING when a reattach grants a binding, a
+``begin`` ACTIVE when its path validated and the store made it the session's
+(or at birth), an ``end`` when a write replaces it (``moved``) or ends the
+session (``terminated``, ``expired``). Those records alone give each binding
+its ACTIVE life in the store, [ACTIVE begin, end), on the one clock every node
+shares. The check replays them per
 session in store order and asks:
 
 1. At most one binding ACTIVE at any instant: a ``begin`` while another
@@ -56,6 +58,7 @@ _STORE_SAYS: dict[RecordReason, frozenset[RecordReason]] = {
 }
 _STORE_END_REASONS = frozenset({RecordReason.MOVED, RecordReason.EXPIRED,
                                 RecordReason.TERMINATED})
+PENDING = "PENDING"
 MAX_EXAMPLES = 20  # violations listed per kind (all are counted)
 
 
@@ -123,7 +126,8 @@ class Report:
         lines = [
             f"{'OK' if self.ok else 'VIOLATIONS'}: {sum(self.violations.values())} violations "
             f"in {self.sessions} sessions, {self.decisions} binding decisions "
-            f"({c['begin']} grants, {c['end']} ends, {c['store_refusals']} refusals), "
+            f"({c['begin']} begins of which {c['pending']} PENDING grants, {c['end']} ends, "
+            f"{c['store_refusals']} refusals), "
             f"{c['release']} releases, {c['lease_lapsed']} lease lapses / "
             f"{c['lease_confirmed']} confirmations",
             f"agents: {c['agent_installs']} epoch installs, {c['stale_epoch_drops']} "
@@ -156,8 +160,14 @@ class Report:
 
 @dataclass
 class _Binding:
-    begin: BindingRecord | None = None
+    begin: BindingRecord | None = None  # ACTIVE from here
     end: BindingRecord | None = None
+    pending: BindingRecord | None = None  # granted PENDING here
+
+    @property
+    def granted(self) -> BindingRecord | None:
+        """The grant: PENDING (a reattach's), else the ACTIVE begin (a birth's)."""
+        return self.pending if self.pending is not None else self.begin
 
 
 def _short(sid: str) -> str:
@@ -215,10 +225,14 @@ def _collect(rec: BindingRecord, bindings: dict[tuple[str, int], _Binding],
     b = bindings[(rec.session_id, rec.epoch)]
     where = f"session {_short(rec.session_id)} epoch {rec.epoch}"
     if phase is RecordPhase.BEGIN:
-        if b.begin is None:
-            b.begin = rec
-        elif (b.begin.holder, b.begin.binding_id) != (rec.holder, rec.binding_id):
-            rep.add(Violation.BEGUN_TWICE, f"{where}: granted to {b.begin.holder} and to "
+        if rec.status == PENDING:
+            rep.counts["pending"] += 1
+        slot = "pending" if rec.status == PENDING else "begin"
+        first = getattr(b, slot)
+        if first is None:
+            setattr(b, slot, rec)
+        elif (first.holder, first.binding_id) != (rec.holder, rec.binding_id):
+            rep.add(Violation.BEGUN_TWICE, f"{where}: granted to {first.holder} and to "
                                            f"{rec.holder}")
         return
     if rec.reason not in _STORE_END_REASONS:
@@ -296,7 +310,7 @@ def _check_versions(bindings: dict[tuple[str, int], _Binding], rep: Report) -> N
     """Every store write has one version; per session they strictly increase in time."""
     writes: dict[str, set[tuple[int, int]]] = defaultdict(set)  # sid -> {(store_ms, version)}
     for (sid, _), b in bindings.items():
-        for rec in (b.begin, b.end):
+        for rec in (b.pending, b.begin, b.end):
             if rec is not None and rec.version is not None:
                 writes[sid].add((rec.store_ms, rec.version))  # one write may have two records
     for sid, pairs in writes.items():
@@ -321,11 +335,13 @@ def _check_releases(bindings: dict[tuple[str, int], _Binding], releases: list[Bi
         key = (rel.session_id, rel.epoch)
         where = f"session {_short(rel.session_id)} epoch {rel.epoch} on {rel.incarnation}"
         b = bindings.get(key)
-        if b is None or b.begin is None or b.begin.holder != rel.incarnation:
+        if b is None or b.granted is None or b.granted.holder != rel.incarnation:
             rep.add(Violation.RELEASE_WITHOUT_BEGIN,
                     f"{where}: released ({rel.reason.value}) but never granted to it")
             continue
         released.add((rel.incarnation, rel.session_id, rel.epoch))
+        if b.begin is None:
+            continue  # never ACTIVE: the store never had it to end
         wanted = _STORE_SAYS.get(rel.reason)
         if wanted is None:
             continue  # node stopped, lease lapsed: the store may still hold it
@@ -351,7 +367,7 @@ def _check_releases(bindings: dict[tuple[str, int], _Binding], releases: list[Bi
     for (sid, epoch), b in bindings.items():
         if b.begin is None or b.end is None:
             continue  # still current: compared with the store, if given
-        holder = b.begin.holder
+        holder = b.granted.holder if b.granted is not None else b.begin.holder
         if (holder, sid, epoch) in released or holder in ended:
             continue
         rep.add(Violation.NOT_RELEASED,
@@ -373,15 +389,16 @@ def _check_agents(agents: dict[tuple[str, str], list[AgentRecord]],
                         f"v{prev.version} epoch {prev.epoch}")
             prev = rec
             b = bindings.get((sid, rec.epoch))
-            if (b is None or b.begin is None) and rec.node in ended:
+            grant = b.granted if b is not None else None
+            if grant is None and rec.node in ended:
                 rep.counts["lost_with_crash"] += 1  # its grant's record died with the node
-            elif b is None or b.begin is None:
+            elif grant is None:
                 rep.add(Violation.AGENT_UNKNOWN_BINDING,
                         f"{where}: installed epoch {rec.epoch} from {rec.node}, never granted")
-            elif rec.node and b.begin.holder[:len(rec.node)] != rec.node:
+            elif rec.node and grant.holder[:len(rec.node)] != rec.node:
                 rep.add(Violation.AGENT_UNKNOWN_BINDING,
                         f"{where}: installed epoch {rec.epoch} from {rec.node}, granted to "
-                        f"{b.begin.holder}")
+                        f"{grant.holder}")
 
 
 def _check_against_store(bindings: dict[tuple[str, int], _Binding],

@@ -48,6 +48,7 @@ class BindingRecord:
     version: int | None
     binding_id: str | None
     wall_s: float  # @timestamp, seconds
+    status: str = "ACTIVE"  # a begin's: PENDING (granted, not validated yet) or ACTIVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,8 @@ def parse(doc: dict[str, Any], source: str, seq: int) -> Record | None:
             str(get(doc, "jvpn.session_id") or ""), _int(doc, "jvpn.epoch", 0),
             str(get(doc, "jvpn.holder") or ""), _int(doc, "jvpn.store_ms", 0),
             version if isinstance(version, int) else None,
-            get(doc, "jvpn.binding_id"), _wall(get(doc, "@timestamp")))
+            get(doc, "jvpn.binding_id"), _wall(get(doc, "@timestamp")),
+            str(get(doc, "jvpn.binding_status") or "ACTIVE"))
     if action in (EPOCH_INSTALL_ACTION, AGENT_SUMMARY_ACTION):
         drops = get(doc, "jvpn.drops")
         return AgentRecord(

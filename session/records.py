@@ -5,12 +5,15 @@ one ACTIVE binding per session at any instant" can be checked from records
 rather than hoped (``history.check``). A node emits one ``binding`` event per
 record through its event sink (``GatewayMachine._record``, the one place):
 
-- ``begin``: the store made a binding current (``granted``). Its time is the
+- ``begin``: the store granted a binding, with its status: ``PENDING`` (a
+  reattach's grant, ``granted``, until its path validates) or ``ACTIVE`` (a
+  birth's grant; a pending binding made ACTIVE, ``validated``). Its time is the
   store's ``TIME`` inside the script that wrote it (``store_ms``), its node the
   binding's holder (a node instance, ``gw-1#1a2b3c4d``: a restarted process is
-  another holder).
-- ``end``: the store write that ended a binding: a newer binding replaced it
-  (``moved``, at the new grant's time, recorded by the node that wrote it), or
+  another holder). Only grants carry the version they wrote (an activation
+  writes none).
+- ``end``: the store write that ended an ACTIVE binding: a newer one became
+  ACTIVE (``moved``, at the activation's time, recorded by the node that made it), or
   the session's tombstone (``terminated``, ``expired``), recorded by whichever
   node wrote that. A binding has at most one end.
 - ``release``: a holder removed the binding from its local table, and why
