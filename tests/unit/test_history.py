@@ -61,10 +61,19 @@ def run(*streams: list[dict[str, Any]], **kw: Any) -> Any:
     return check(loaded.records, bad_records=loaded.bad, **kw)
 
 
-def binding(docs: list[dict[str, Any]], phase: str, epoch: int | None = None) -> dict[str, Any]:
+def binding(docs: list[dict[str, Any]], phase: str, epoch: int | None = None,
+            status: str | None = None) -> dict[str, Any]:
     return next(d for d in docs if d["event"]["action"] == "binding"
                 and d["jvpn"]["phase"] == phase
-                and (epoch is None or d["jvpn"]["epoch"] == epoch))
+                and (epoch is None or d["jvpn"]["epoch"] == epoch)
+                and (status is None or d["jvpn"].get("binding_status") == status))
+
+
+def drop_begins(docs: list[dict[str, Any]], epoch: int) -> None:
+    """Both begins of a reattach's binding: its PENDING grant and its activation."""
+    docs[:] = [d for d in docs if not (d["event"]["action"] == "binding"
+                                       and d["jvpn"]["phase"] == "begin"
+                                       and d["jvpn"]["epoch"] == epoch)]
 
 
 def test_the_machines_records_of_a_move_and_a_close_pass() -> None:
@@ -72,11 +81,15 @@ def test_the_machines_records_of_a_move_and_a_close_pass() -> None:
     report = run(a, b, agents)
     assert report.ok, report.summary()
     c = report.counts
-    assert (c["begin"], c["end"], c["release"], c["node_started"]) == (2, 2, 2, 2)
-    assert c["agent_installs"] == 2
-    # gw-a's begin carries the birth's store time, its end the reattach's: the same write
-    # that began epoch 2 on gw-b.
-    begin1, end1, begin2 = binding(a, "begin", 1), binding(b, "end", 1), binding(b, "begin", 2)
+    assert (c["begin"], c["pending"], c["end"], c["release"]) == (3, 1, 2, 2)
+    assert c["node_started"] == 2 and c["agent_installs"] == 2
+    # gw-a's begin carries the birth's store time; gw-b's grant of epoch 2 is PENDING, and
+    # its activation (when the new path validated) is the write that ended epoch 1.
+    begin1, end1 = binding(a, "begin", 1), binding(b, "end", 1)
+    granted2 = binding(b, "begin", 2, "PENDING")
+    begin2 = binding(b, "begin", 2, "ACTIVE")
+    assert begin2["event"]["reason"] == "validated" and granted2["event"]["reason"] == "granted"
+    assert granted2["jvpn"]["store_ms"] <= begin2["jvpn"]["store_ms"]
     assert begin1["jvpn"]["holder"] == gws[0].machine.instance_id
     assert end1["event"]["reason"] == "moved" and end1["jvpn"]["holder"] == begin1["jvpn"]["holder"]
     assert end1["jvpn"]["store_ms"] == begin2["jvpn"]["store_ms"] > begin1["jvpn"]["store_ms"]
@@ -119,7 +132,7 @@ def test_a_dropped_end_record_is_caught() -> None:
 
 def test_a_grant_without_its_record_is_caught() -> None:
     a, b, agents, *_ = history_of_a_move()
-    b.remove(binding(b, "begin", 2))
+    drop_begins(b, 2)
     report = run(a, b, agents)
     assert report.violations[Violation.END_WITHOUT_BEGIN] == 1
     assert report.violations[Violation.AGENT_UNKNOWN_BINDING] == 1
@@ -128,9 +141,8 @@ def test_a_grant_without_its_record_is_caught() -> None:
 
 def test_a_reused_version_is_caught() -> None:
     a, b, agents, *_ = history_of_a_move()
-    begin2 = binding(b, "begin", 2)
+    begin2 = binding(b, "begin", 2, "PENDING")  # the reattach's write: a version reused
     begin2["jvpn"]["state_version"] = binding(a, "begin", 1)["jvpn"]["state_version"]
-    binding(b, "end", 1)["jvpn"]["state_version"] = begin2["jvpn"]["state_version"]
     report = run(a, b, agents)
     assert report.violations[Violation.VERSION_REUSED] >= 1, report.summary()
 
@@ -193,7 +205,7 @@ def test_a_grant_lost_with_a_killed_process_is_counted_not_a_violation() -> None
     """gw-b was killed (SIGKILL) before its grant's records reached its sink: once a newer
     gw-b process has started, what only later records show is ``lost_with_crash``."""
     a, b, agents, *_ = history_of_a_move()
-    b.remove(binding(b, "begin", 2))
+    drop_begins(b, 2)
     b.remove(binding(b, "end", 1))
     b.remove(binding(b, "release"))
     b.remove(binding(b, "end", 2))
