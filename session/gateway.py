@@ -819,11 +819,12 @@ class GatewayMachine:
                 self._refresh(b, now)  # ends it, tells the client
             return
         del self.pending[sid]
-        if res.prev_node:  # this write made it ACTIVE and ended the previous binding
-            self._record(RecordPhase.END, sid, res.prev_epoch, RecordReason.MOVED,
-                         res.server_ms, holder=res.prev_node, status=None)
-            self._record(RecordPhase.BEGIN, sid, p.epoch, RecordReason.VALIDATED,
-                         res.server_ms, binding_id=p.binding_id)
+        if res.prev_node:  # the write that made it ACTIVE ended the previous binding
+            at = res.activated_ms or res.server_ms  # (a repeated call: the first one's)
+            self._record(RecordPhase.END, sid, res.prev_epoch, RecordReason.MOVED, at,
+                         holder=res.prev_node, status=None)
+            self._record(RecordPhase.BEGIN, sid, p.epoch, RecordReason.VALIDATED, at,
+                         binding_id=p.binding_id)
         self._drop_binding(sid, RecordReason.MOVED, res.server_ms)
         self.bindings[sid] = p
         if p.secrets.route is not None and self.tunnel is not None:

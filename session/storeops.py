@@ -227,6 +227,7 @@ class ActivateResult:
     server_ms: int
     expired_now: bool
     terminate_reason: TerminateReason | None
+    activated_ms: int = 0  # the store's TIME of the activation (a repeated call: the first's)
 
     @property
     def ok(self) -> bool:

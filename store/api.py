@@ -263,7 +263,7 @@ REKEY_REPLY = Reply("rekey", RekeyResult, [
 ACTIVATE_REPLY = Reply("activate", ActivateResult, [
     ("status", _status), ("version", int), ("state", _state), ("epoch", int), ("node", _text),
     ("prev_epoch", int), ("prev_node", _text), ("server_ms", int), ("expired_now", _flag),
-    ("terminate_reason", _treason)])
+    ("terminate_reason", _treason), ("activated_ms", int)])
 REFRESH_REPLY = Reply("refresh", RefreshResult, [
     ("status", _status), ("version", int), ("state", _state), ("epoch", int), ("node", _text),
     ("deadline_ms", int), ("server_ms", int), ("expired_now", _flag),

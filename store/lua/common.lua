@@ -64,7 +64,7 @@ local function write_tombstone(key, nkey, tkey, v, reason, now, tomb_ms)
   -- No secret outlives the session: the wrapped secrets go, the wrapped control key (wc,
   -- which derives nothing) stays to authenticate a late TERMINATED (store/README.md).
   redis.call('HDEL', key, 'lost', 'lv', 'lt', 'lc', 'rl', 'rn', 'pbid', 'pnd', 'pk', 'ws', 'wsp',
-    'ktp', 'wcp')
+    'ktp', 'wcp', 'act')
   redis.call('PEXPIRE', key, tomb_ms)
   redis.call('DEL', nkey, tkey)
   return nv

@@ -146,8 +146,9 @@ async def test_reattach_grants_a_pending_binding_that_activate_makes_active(
     assert rec is not None
     assert (rec.version, rec.epoch, rec.binding_id, rec.node, rec.kind) == (2, 2, bid, "n2", TCP)
     assert (rec.pending_epoch, rec.pending_node) == (0, "")
-    again = await session_store.activate(sid, 2, bid, "n2")  # idempotent
-    assert again.ok and (again.prev_epoch, again.prev_node) == (0, "")
+    again = await session_store.activate(sid, 2, bid, "n2")  # idempotent, and it says what
+    assert again.ok and (again.prev_epoch, again.prev_node) == (1, "n1")  # the first did, when
+    assert again.activated_ms == act.activated_ms == act.server_ms <= again.server_ms
 
 
 async def test_reattach_nowait_queues_the_same_cas(session_store: SessionStore,

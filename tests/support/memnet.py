@@ -105,6 +105,7 @@ class _Rec:
     ia: str = ""  # an L3 session's inner addresses and prefixes, as birth wrote them
     ap: str = ""
     lost: int | None = None  # the version before a gateway-observed TRANSPORT_LOST
+    act: tuple[int, str, int] | None = None  # the last activation: (prev epoch, node, ms)
 
 
 class MemStore:
@@ -273,18 +274,20 @@ class MemStore:
         if r.state is SessionState.TERMINATED:
             return ActivateResult(StoreStatus.TERMINATED, r.version, r.state, r.epoch, r.node, 0,
                                   "", self.ms(), False, r.tr)
-        prev_epoch, prev_node = 0, ""
+        prev_epoch, prev_node, at = 0, "", self.ms()
         if (r.epoch, r.bid, r.node) == (op.epoch, op.binding_id, op.node):
             status = StoreStatus.OK
+            prev_epoch, prev_node, at = r.act or (0, "", at)
         elif (r.pep, r.pbid, r.pnd) == (op.epoch, op.binding_id, op.node):
             status, prev_epoch, prev_node = StoreStatus.OK, r.epoch, r.node
+            r.act = (r.epoch, r.node, at)
             r.epoch, r.bid, r.node = r.pep, r.pbid, r.pnd
             r.kind = r.pk or r.kind
             r.pbid, r.pnd, r.pk = b"", "", None  # (pep = epoch now)
         else:
             status = StoreStatus.NOT_OWNER
         return ActivateResult(status, r.version, r.state, r.epoch, r.node, prev_epoch,
-                              prev_node, self.ms(), False, None)
+                              prev_node, self.ms(), False, None, at)
 
     def _RekeyOp(self, op: RekeyOp) -> RekeyResult:
         r = self.records.get(op.session_id)
