@@ -38,6 +38,7 @@ from session.client import (
     Reattached,
     ReattachRejected,
     ReattachTimedOut,
+    Rekeyed,
     RefusedForGood,
     SecurityNotice,
     SessionTerminated,
@@ -452,6 +453,8 @@ class Agent:
                     p.close()
                 self.paths.clear()
                 self._later(self.settings.params.backoff_initial, self._connect)
+        elif isinstance(ev, Rekeyed):  # a new binding (epoch) on the same node, new keys
+            self._record(EPOCH_INSTALL_ACTION, reason="rekey")
         elif isinstance(ev, SecurityNotice):
             self._log(f"SECURITY: {ev.kind}: {ev.detail}")
 

@@ -49,15 +49,16 @@ from session.records import EPOCH_INSTALL_ACTION, RecordPhase, RecordReason
 # What a release says about the store, and the store end it must match.
 _STORE_SAYS: dict[RecordReason, frozenset[RecordReason]] = {
     RecordReason.MOVED: frozenset({RecordReason.MOVED}),
-    RecordReason.REVOKED: frozenset({RecordReason.MOVED, RecordReason.EXPIRED,
-                                     RecordReason.TERMINATED}),
+    RecordReason.REKEYED: frozenset({RecordReason.REKEYED}),
+    RecordReason.REVOKED: frozenset({RecordReason.MOVED, RecordReason.REKEYED,
+                                     RecordReason.EXPIRED, RecordReason.TERMINATED}),
     RecordReason.EXPIRED: frozenset({RecordReason.EXPIRED}),
     RecordReason.EXPIRED_ELSEWHERE: frozenset({RecordReason.EXPIRED}),
     RecordReason.TERMINATED: frozenset({RecordReason.TERMINATED}),
     RecordReason.TERMINATED_ELSEWHERE: frozenset({RecordReason.TERMINATED}),
 }
-_STORE_END_REASONS = frozenset({RecordReason.MOVED, RecordReason.EXPIRED,
-                                RecordReason.TERMINATED})
+_STORE_END_REASONS = frozenset({RecordReason.MOVED, RecordReason.REKEYED,
+                                RecordReason.EXPIRED, RecordReason.TERMINATED})
 PENDING = "PENDING"
 MAX_EXAMPLES = 20  # violations listed per kind (all are counted)
 
