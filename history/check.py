@@ -176,9 +176,11 @@ def _short(sid: str) -> str:
 
 
 def check(records: Iterable[Record], store: Mapping[str, StoreView | None] | None = None, *,
-          bad_records: int = 0, max_release_lag_ms: int | None = None) -> Report:
+          bad_records: int = 0, max_release_lag_ms: int | None = None,
+          down: Iterable[str] = ()) -> Report:
     """Check a history (every node's and agent's records, any order); ``store``: the
-    store's sessions now (a missing key: not looked up; None: no record), when known."""
+    store's sessions now (a missing key: not looked up; None: no record), when known;
+    ``down``: nodes whose last process is known to have died (killed, not restarted)."""
     rep = Report()
     if bad_records:
         rep.violations[Violation.BAD_RECORD] += bad_records
@@ -201,6 +203,8 @@ def check(records: Iterable[Record], store: Mapping[str, StoreView | None] | Non
     sessions = {sid for sid, _ in bindings}
     rep.sessions = len(sessions)
     ended = _ended_incarnations(incarnations)
+    for node in down:  # its newest incarnation died too
+        ended.update(inc for _, _, inc in incarnations.get(node, []))
     _check_store_order(bindings, ended, rep)
     _check_versions(bindings, rep)
     _check_releases(bindings, releases, ended, rep, max_release_lag_ms)

@@ -120,17 +120,20 @@ async def cmd_audit_check(args: argparse.Namespace) -> int:
         finally:
             await store.close()
     lag = int(args.max_release_lag * 1000) if args.max_release_lag is not None else None
-    report = check(loaded.records, store_view, bad_records=loaded.bad, max_release_lag_ms=lag)
+    report = check(loaded.records, store_view, bad_records=loaded.bad, max_release_lag_ms=lag,
+                   down=args.down)
     for why in loaded.bad_examples:
         print(f"unreadable record: {why}", file=sys.stderr)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
     return 0 if report.ok else 1
 
 
-def check_files(paths: Iterable[str], max_release_lag_ms: int | None = None) -> Report:
+def check_files(paths: Iterable[str], max_release_lag_ms: int | None = None,
+                down: Iterable[str] = ()) -> Report:
     """The check over event and record files (what the chaos tests call)."""
     loaded = load_files(paths)
-    return check(loaded.records, bad_records=loaded.bad, max_release_lag_ms=max_release_lag_ms)
+    return check(loaded.records, bad_records=loaded.bad, max_release_lag_ms=max_release_lag_ms,
+                 down=down)
 
 
 def add_check_parser(aus: Any, with_store: Any) -> None:
@@ -149,5 +152,8 @@ def add_check_parser(aus: Any, with_store: Any) -> None:
     g.add_argument("--max-release-lag", type=float, metavar="SECONDS",
                    help="a node holding a binding this long after the store ended it is a "
                         "violation (default: only never letting go is)")
+    g.add_argument("--down", action="append", default=[], metavar="NODE",
+                   help="a node whose last process died (killed, not restarted): what it "
+                        "held ended with it (repeat)")
     g.add_argument("--json", action="store_true", help="the report as JSON")
     g.set_defaults(afn=cmd_audit_check)

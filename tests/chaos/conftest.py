@@ -60,10 +60,14 @@ def chaos_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
         c.up("--gateways", str(n), "--port", "0", "--timeout", "30", *sets, *extra, timeout=90)
         return c
 
+    down: dict[int, list[str]] = {}
     try:
         yield make
     finally:
         for c in made:
+            down[id(c)] = [p["name"] for p in c.state.get("processes", [])  # killed, not back
+                           if p.get("role") == "gateway"
+                           and not is_alive(p["pid"], p["start_ticks"])]
             for p in c.state.get("processes", []):  # a paused process cannot stop: resume it
                 if is_alive(p["pid"], p["start_ticks"]):
                     try:
@@ -72,7 +76,8 @@ def chaos_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
                         pass
             c.down()
     for c in made:  # the gateways stopped: their records are all in their files
-        report = check_files([str(p) for p in (c.run_dir / "logs").glob("*.events.jsonl")])
+        report = check_files([str(p) for p in (c.run_dir / "logs").glob("*.events.jsonl")],
+                             down=down.get(id(c), []))
         print(f"history check ({c.run_dir.name}): {report.summary()}")
         assert report.ok, f"the history of this run is not correct:\n{report.summary()}"
 

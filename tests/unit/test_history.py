@@ -167,7 +167,8 @@ def test_a_holder_that_never_lets_go_is_caught() -> None:
     a.remove(binding(a, "release"))
     report = run(a, b, agents)
     assert report.violations[Violation.NOT_RELEASED] == 1, report.summary()
-    # ... unless its process ended: a newer incarnation of gw-a started.
+    assert run(a, b, agents, down=["gw-a"]).ok  # ... unless its process died (killed)
+    # ... or ended: a newer incarnation of gw-a started.
     restarted = copy.deepcopy(binding(a, "node_started"))
     restarted["jvpn"]["incarnation"] = "gw-a#ffffffff"
     restarted["@timestamp"] = "2030-01-01T00:00:00.000Z"
