@@ -656,6 +656,10 @@ def test_a_lapsed_lease_is_reconfirmed_before_the_binding_carries_data() -> None
     assert len(gw.upstream) > before
     assert c.machine.epoch == epoch and gw.machine.bindings[sid].epoch == epoch
     assert not c.of(Reattached)
+    # Both recorded for the session (session.records): the lapse, then the re-confirmation.
+    phases = [k["phase"] for a, k in gw.events.named("emit")
+              if a == ("binding",) and k["session_id"] == sid]
+    assert phases.index("lease_lapsed") < phases.index("lease_confirmed")
 
 
 def test_a_restarted_node_never_rebuilds_keys_it_may_have_used() -> None:
