@@ -168,6 +168,7 @@ class Binding:
     # session's ACTIVE one; meanwhile the client's packets wait here (a few, bounded).
     held: list[wire.Inner] | None = None
     activating: bool = False  # activate.lua is running for it
+    activation_unknown: bool = False  # a call's answer was lost: it may be ACTIVE already
     origin: tuple[str, str] = ("", "")  # what it replaces: (describe(), transport kind)
     # A REKEY in progress or just done: the channel of the previous secret's binding stays
     # to open packets still in flight (and to repeat the answer) until the client's first

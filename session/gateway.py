@@ -799,7 +799,8 @@ class GatewayMachine:
             return
         p.activating = False
         if isinstance(res, StoreFailure):
-            return  # the client's next packet asks again
+            p.activation_unknown = True  # the client's next packet asks again, or upkeep does
+            return
         assert isinstance(res, ActivateResult)
         if not res.ok:  # a newer reattach superseded it, or the session ended
             self._drop_pending(sid, RecordReason.SUPERSEDED if res.status is StoreStatus.NOT_OWNER
@@ -1638,9 +1639,6 @@ class GatewayMachine:
             # and the CAS applied late), we do not hold the binding this ACK grants: adopt it.
             if (res.binding_current and res.node == self.instance_id
                     and self._held_epoch(sid) < res.epoch):
-                if not res.binding_pending:  # granted ACTIVE: it ended the previous one
-                    self._record(RecordPhase.END, sid, res.epoch - 1, RecordReason.MOVED,
-                                 write_ms, holder="", version=res.version, status=None)
                 b = self._grant(sid, res, peer, r.secrets, len(raw), now, write_ms)
                 b.origin = (f"node:{res.prev_node or '-'}", "unknown")
                 if not res.binding_pending:
@@ -1667,11 +1665,6 @@ class GatewayMachine:
                 span.set(outcome=Outcome.RETRY, version=res.version, epoch=res.epoch)
                 span.end()
                 return
-            if (res.prev_node or res.recovered) and not res.binding_pending:
-                # granted ACTIVE (a store without PENDING grants): it ended the previous one
-                self._record(RecordPhase.END, sid, res.epoch - 1, RecordReason.MOVED,
-                             write_ms, holder=res.prev_node, version=res.version,
-                             status=None)
             if res.recovered and not res.binding_current:
                 # Granted (its answer was lost, then re-read), but the session has moved on
                 # since: recorded as it happened, not installed.
@@ -1828,6 +1821,12 @@ class GatewayMachine:
         budget = REFRESHES_PER_TICK
         asking: set[str] = set()
         for p in [p for p in self.pending.values() if now - p.last_rx > silence]:
+            if p.activation_unknown:  # it may be ACTIVE: ask again (idempotent) before letting go
+                if not p.activating:
+                    p.activating = True
+                    self._call(ActivateOp(p.session_id, p.epoch, p.binding_id, self.instance_id),
+                               partial(self._activated, p))
+                continue
             # Granted, never validated (its client went elsewhere, or a copier asked): it
             # carried nothing; the store's record still names the binding it replaced.
             self._drop_pending(p.session_id, RecordReason.NOT_VALIDATED, self.store_ms(now))

@@ -15,6 +15,7 @@ from jvpn.check import Loaded
 from session import wire
 from session.client import HandshakeComplete, Reattached
 from session.records import EPOCH_INSTALL_ACTION
+from session.storeops import ActivateOp, StoreFailure
 from tests.support.memnet import Gw, Net
 from tests.unit.test_machines import OTHER, setup
 
@@ -218,3 +219,32 @@ def test_a_grant_lost_with_a_killed_process_is_counted_not_a_violation() -> None
     report = run(a, b + [restarted], agents)
     assert report.ok, report.summary()
     assert report.counts["lost_with_crash"] == 1
+
+
+def test_an_activation_whose_answer_was_lost_is_recorded_as_it_happened() -> None:
+    """activate.lua applied but its answer was lost, and the client then went quiet: the
+    node asks again before letting the pending binding go, learns (from the record's
+    ``act``) what the activation ended and when, and records it; the history checks."""
+    net = Net(seed=73)
+    c, gws = setup(net, ("gw-a", "gw-b"))
+    lost: list[Any] = []
+
+    def lose_first_activation(op: Any, answer: Any) -> Any:
+        if isinstance(op, ActivateOp) and not lost:
+            lost.append(answer)
+            c.paths[2].uplink = False  # and the client goes quiet: nothing asks again but upkeep
+            return StoreFailure("answer lost (test)")
+        return answer
+
+    net.store.rewrite = lose_first_activation
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    net.run(net.now + 0.3)
+    assert lost and lost[0].ok  # applied in the store
+    net.run(net.now + 2.0)
+    a, b = node_docs(gws[0]), node_docs(gws[1])
+    began = binding(b, "begin", 2, "ACTIVE")
+    assert binding(b, "end", 1)["jvpn"]["store_ms"] == began["jvpn"]["store_ms"]
+    assert began["jvpn"]["store_ms"] == lost[0].activated_ms
+    report = run(a, b)
+    assert report.ok, report.summary()
