@@ -47,15 +47,18 @@ from history.records import AgentRecord, BindingRecord, OtherRecord, Record
 from session.records import EPOCH_INSTALL_ACTION, RecordPhase, RecordReason
 
 # What a release says about the store, and the store end it must match.
+# (A node that learns late may find the session ended after it moved on: "elsewhere" and
+# "revoked" releases accept any end of the binding; a node's own write has its own kind.)
+_ANY_END = frozenset({RecordReason.MOVED, RecordReason.REKEYED, RecordReason.EXPIRED,
+                      RecordReason.TERMINATED})
 _STORE_SAYS: dict[RecordReason, frozenset[RecordReason]] = {
     RecordReason.MOVED: frozenset({RecordReason.MOVED}),
     RecordReason.REKEYED: frozenset({RecordReason.REKEYED}),
-    RecordReason.REVOKED: frozenset({RecordReason.MOVED, RecordReason.REKEYED,
-                                     RecordReason.EXPIRED, RecordReason.TERMINATED}),
+    RecordReason.REVOKED: _ANY_END,
     RecordReason.EXPIRED: frozenset({RecordReason.EXPIRED}),
-    RecordReason.EXPIRED_ELSEWHERE: frozenset({RecordReason.EXPIRED}),
+    RecordReason.EXPIRED_ELSEWHERE: _ANY_END,
     RecordReason.TERMINATED: frozenset({RecordReason.TERMINATED}),
-    RecordReason.TERMINATED_ELSEWHERE: frozenset({RecordReason.TERMINATED}),
+    RecordReason.TERMINATED_ELSEWHERE: _ANY_END,
 }
 _STORE_END_REASONS = frozenset({RecordReason.MOVED, RecordReason.REKEYED,
                                 RecordReason.EXPIRED, RecordReason.TERMINATED})

@@ -186,7 +186,7 @@ def test_a_late_release_is_caught_only_with_a_bound() -> None:
 
 def test_a_release_that_contradicts_the_store_is_caught() -> None:
     a, b, agents, *_ = history_of_a_move()
-    binding(a, "release")["event"]["reason"] = "expired_elsewhere"
+    binding(b, "release", 2)["event"]["reason"] = "expired"  # its own tombstone was TERMINATED
     report = run(a, b, agents)
     assert report.violations[Violation.RELEASE_MISMATCH] == 1
 
