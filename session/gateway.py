@@ -1668,10 +1668,10 @@ class GatewayMachine:
             if res.recovered and not res.binding_current:
                 # Granted (its answer was lost, then re-read), but the session has moved on
                 # since: recorded as it happened, not installed.
+                # (A reattach grants PENDING; not current, it never became ACTIVE.)
                 self._record(RecordPhase.BEGIN, sid, res.epoch, RecordReason.GRANTED, write_ms,
                              version=res.version, binding_id=res.binding_id,
-                             status=BindingStatus.PENDING if res.binding_pending
-                             else BindingStatus.ACTIVE)
+                             status=BindingStatus.PENDING)
                 self._record(RecordPhase.RELEASE, sid, res.epoch, RecordReason.REVOKED,
                              res.server_ms, version=res.version, status=None)
                 self._reattach_answer(r, ack, keys.control_key)
