@@ -796,6 +796,16 @@ class GatewayMachine:
         """activate.lua's answer: the binding is ACTIVE, or it was superseded or ended."""
         sid = p.session_id
         if self.pending.get(sid) is not p:
+            if isinstance(res, ActivateResult) and res.ok and res.prev_node:
+                # Made ACTIVE after this node let it go (a newer grant here replaced it):
+                # the store's write is recorded all the same, and the binding released.
+                at = res.activated_ms or res.server_ms
+                self._record(RecordPhase.END, sid, res.prev_epoch, RecordReason.MOVED, at,
+                             holder=res.prev_node, status=None)
+                self._record(RecordPhase.BEGIN, sid, p.epoch, RecordReason.VALIDATED, at,
+                             binding_id=p.binding_id)
+                self._record(RecordPhase.RELEASE, sid, p.epoch, RecordReason.SUPERSEDED,
+                             res.server_ms, status=None)
             return
         p.activating = False
         if isinstance(res, StoreFailure):
@@ -1821,6 +1831,8 @@ class GatewayMachine:
         budget = REFRESHES_PER_TICK
         asking: set[str] = set()
         for p in [p for p in self.pending.values() if now - p.last_rx > silence]:
+            if p.activating:
+                continue  # its activation's answer decides
             if p.activation_unknown:  # it may be ACTIVE: ask again (idempotent) before letting go
                 if not p.activating:
                     p.activating = True
