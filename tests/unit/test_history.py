@@ -248,3 +248,20 @@ def test_an_activation_whose_answer_was_lost_is_recorded_as_it_happened() -> Non
     assert began["jvpn"]["store_ms"] == lost[0].activated_ms
     report = run(a, b)
     assert report.ok, report.summary()
+
+
+def test_an_activation_answered_late_is_recorded() -> None:
+    """The store is slow to answer activate.lua, longer than the silence that lets a
+    quiet pending binding go: the binding is kept until the answer, which is recorded."""
+    net = Net(seed=75)
+    c, gws = setup(net, ("gw-a", "gw-b"))
+    net.store.delay = lambda op: 1.5 if isinstance(op, ActivateOp) else 0.0
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    net.run(net.now + 0.1)
+    c.paths[2].uplink = False  # quiet after its first packets: only the answer decides
+    net.run(net.now + 2.5)
+    a, b = node_docs(gws[0]), node_docs(gws[1])
+    assert binding(b, "begin", 2, "ACTIVE")["event"]["reason"] == "validated"
+    report = run(a, b)
+    assert report.ok, report.summary()
