@@ -307,7 +307,8 @@ class GatewayNode:
         self.machine.upstream_received(session_id, data, self.clock(), flow)
         self._flush()
 
-    def _answered(self, call_id: int, span: SpanCtx, fut: asyncio.Future[Any]) -> None:
+    def _answered(self, call_id: int, span: SpanCtx, sid: bytes | None,
+                  fut: asyncio.Future[Any]) -> None:
         """A store call completed: its answer (or a StoreFailure) goes to the machine."""
         self._calls.pop(call_id, None)
         if self._stopping:
@@ -338,7 +339,8 @@ class GatewayNode:
         except Exception:
             log.exception("store answer handling failed")
         self._flush()
-        self._mirror_sync()
+        if self._mirror is not None:
+            self._mirror_sync(sid)
 
     # ---- effects ---------------------------------------------------------------------------
 
@@ -386,7 +388,10 @@ class GatewayNode:
             fut = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
         self._calls[call.call_id] = fut
-        fut.add_done_callback(partial(self._answered, call.call_id, span))
+        # The engine is told of the one session the answer concerns; an answer about no
+        # session (the health check: the lease moves for all; the sweeper) refreshes them all.
+        sid: bytes | None = getattr(op, "session_id", None)
+        fut.add_done_callback(partial(self._answered, call.call_id, span, sid))
 
     def _to_upstream(self, e: ToUpstream) -> None:
         if self._mirror is not None and e.flow == 0:
