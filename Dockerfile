@@ -54,6 +54,7 @@ COPY gateway /src/gateway
 COPY agent /src/agent
 COPY jvpn /src/jvpn
 COPY netdev /src/netdev
+COPY history /src/history
 # The compiled data plane: the abi3 wheel `make dataplane-wheel` built on the host
 # beforehand (dataplane/wheels/; README.md, "Containers"); without one the image runs
 # the Python data plane, and the gateway says which at start.
