@@ -27,6 +27,7 @@ from agent import udp_engine
 from agent.l3 import L3Interface, L3Settings
 from agent.quic import MIN_HANDSHAKE_TIMEOUT_S, QuicPath
 from agent.transports import Path, TcpPath, UdpPath
+from netdev.sender import SocketSender
 from session import wire
 from session.client import (
     ClientParams,
@@ -518,7 +519,7 @@ class Agent:
             sock.close()
             raise
         self._channel_class = jvpn_dataplane.DataChannel
-        self._local = cast(asyncio.DatagramTransport, udp_engine.LocalSocket(sock))
+        self._local = cast(asyncio.DatagramTransport, SocketSender(sock))
         loop.add_reader(self.engine.fileno(), self._engine_ready)
         self._log("udp data path: compiled engine (batched system calls on its own thread)")
 

@@ -40,27 +40,6 @@ def available() -> bool:
     return hasattr(jvpn_dataplane, "AgentEngine")
 
 
-class LocalSocket:
-    """The application-facing socket the agent sends on while the engine reads it."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            self.sock.sendto(data, addr)
-        except OSError as exc:  # a full buffer or a vanished application: UDP drops
-            log.debug("local send to %s failed: %s", addr, exc)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "sockname":
-            return self.sock.getsockname()
-        if name == "socket":
-            return self.sock
-        return default
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class EngineUdpPath(Path):

@@ -59,6 +59,7 @@ from gateway.events import EventBus
 from gateway.metrics import Metrics
 from gateway.quic import QuicListener
 from gateway.tracing import NOOP_SPAN, SpanCtx, Tracing
+from netdev.sender import SocketSender
 from session import wire
 from session.binding import Binding, Peer
 from session.errors import DecodeError
@@ -478,7 +479,7 @@ class GatewayNode:
         except BaseException:
             sock.close()
             raise
-        self._udp = cast(asyncio.DatagramTransport, udp_engine.UdpSender(
+        self._udp = cast(asyncio.DatagramTransport, SocketSender(
             sock, lambda: self.metrics.count_drop(DropReason.QUEUE_FULL, wire.TransportKind.UDP)))
         self._udp_proto = _UdpProtocol(self)
         self._mirror = udp_engine.EngineMirror(self.engine, self.machine,

@@ -24,8 +24,6 @@ dropped is removed from the engine at the next refresh.
 from __future__ import annotations
 
 import logging
-import socket
-from collections.abc import Callable
 from typing import Any
 
 from session import wire
@@ -49,30 +47,6 @@ def available() -> bool:
     return hasattr(jvpn_dataplane, "GatewayEngine")
 
 
-class UdpSender:
-    """What the node sends with while the engine reads: the socket itself, nonblocking."""
-
-    def __init__(self, sock: socket.socket, on_drop: Callable[[], None]) -> None:
-        self.sock = sock
-        self._on_drop = on_drop
-
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            self.sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self._on_drop()  # a full socket buffer: UDP drops, and we count it
-        except OSError as exc:
-            log.debug("udp send to %s failed: %s", addr, exc)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "sockname":
-            return self.sock.getsockname()
-        if name == "socket":
-            return self.sock
-        return default
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class EngineMirror:

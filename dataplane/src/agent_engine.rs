@@ -151,9 +151,7 @@ impl ClientEngine {
 
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes to an eventfd this engine owns.
-        unsafe { libc::write(self.shared.wake, (&one as *const u64).cast(), 8) };
+        crate::batch::poke(self.shared.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -175,9 +173,7 @@ impl Drop for ClientEngine {
 
 impl ClientShared {
     fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes to an eventfd this engine owns (nonblocking).
-        unsafe { libc::write(self.notify, (&one as *const u64).cast(), 8) };
+        crate::batch::poke(self.notify);
     }
 
     fn publish(&self, pending: &mut Vec<ClientHandUp>) {

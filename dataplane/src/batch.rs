@@ -8,6 +8,14 @@ use std::os::fd::RawFd;
 
 use crate::wire::MAX_MESSAGE_SIZE;
 
+/// Add one to an eventfd (wakes whoever waits on it). Nonblocking: a saturated counter
+/// only means the waiter is already woken.
+pub fn poke(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd the caller owns.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
 /// Datagrams per system call.
 pub const BATCH: usize = 64;
 /// Receive room per datagram: a datagram longer than any message is truncated by the

@@ -306,9 +306,7 @@ impl Engine {
 
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes to an eventfd this engine owns.
-        unsafe { libc::write(self.shared.wake, (&one as *const u64).cast(), 8) };
+        crate::batch::poke(self.shared.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -343,10 +341,7 @@ fn open_upstream(addr: &SocketAddr) -> io::Result<RawFd> {
 
 impl Shared {
     fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes to an eventfd this engine owns (nonblocking; a saturated
-        // counter only means the adapter is already signalled).
-        unsafe { libc::write(self.notify, (&one as *const u64).cast(), 8) };
+        crate::batch::poke(self.notify);
     }
 
     fn hand_up(&self, item: HandUp, pending: &mut Vec<HandUp>) {
