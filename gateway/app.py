@@ -202,7 +202,7 @@ class GatewayApp:
                 tun_name=cfg.tun_name, mtu=cfg.tun_mtu, pool=settings.inner_pool,
                 egress=cfg.egress, egress_interface=cfg.egress_interface,
                 relay_listen=parse_address(cfg.relay_listen) if cfg.relay_listen else None,
-                relay_advertise=cfg.relay_advertise, vip=cfg.routed_vip,
+                relay_advertise=cfg.relay_advertise, vip=cfg.routed_vip, vip6=cfg.routed_vip6,
                 vip_interface=cfg.routed_vip_interface, lease_s=cfg.routed_lease_s)
             self.node.l3 = L3Plane(self.node, l3, relay_key(self.keys.kek))
             try:

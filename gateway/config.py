@@ -189,8 +189,13 @@ class GatewayConfig:
         "", help="L3 routed: the cluster's return address (IPv4) the pools are routed to; one "
         "node holds it at a time ('' = none: the outside routes the pools to every node)",
     )
+    routed_vip6: str = setting(
+        "", help="L3 routed: the cluster's IPv6 return address the IPv6 pool is routed to; "
+        "held with routed_vip ('' = none: IPv6 return traffic is not routed to the cluster)",
+    )
     routed_vip_interface: str = setting(
-        "", help="L3 routed: the interface the holder announces routed_vip on (gratuitous ARP)",
+        "", help="L3 routed: the interface the holder announces routed_vip on (gratuitous ARP) "
+        "and answers neighbour solicitations for routed_vip6 on",
     )
     routed_lease_s: float = setting(
         1.0, min=0.1, max=60.0, help="L3 routed: the return address's lease in the store",
@@ -277,6 +282,13 @@ class GatewayConfig:
                 yield "routed_vip", f"{self.routed_vip!r} is not an IPv4 address"
             if not self.routed_vip_interface:
                 yield "routed_vip_interface", "routed_vip needs the interface to announce it on"
+        if self.routed_vip6:
+            try:
+                ipaddress.IPv6Address(self.routed_vip6)
+            except ValueError:
+                yield "routed_vip6", f"{self.routed_vip6!r} is not an IPv6 address"
+            if not self.routed_vip:
+                yield "routed_vip6", "routed_vip6 is held with routed_vip: set both"
         for item in self.trusted_balancers:
             try:
                 ipaddress.ip_network(item.strip(), strict=False)

@@ -12,13 +12,16 @@ Egress, per node (docs/L3.md says what each guarantees):
 - ``nat``: an nftables masquerade for the pools out of every interface but the TUN,
   loaded as one ruleset (``nft -f``, atomic) and removed at stop. Return traffic comes
   back to the node that sent it; a packet for a session bound elsewhere is dropped.
-- ``routed``: the pools are routed, once, to one return address of the cluster (``vip``).
-  One node at a time holds it, by a lease in the store (``store/lua/lead.lua``): the
-  holder puts the address on its TUN (so it vanishes if the process dies) and announces
-  it with gratuitous ARP; the others take over when the lease lapses. Whatever reaches
-  a node for a session bound elsewhere is relayed, MAC'd under a KEK-derived key, over
-  UDP to the node that holds the binding now: found in the store (pool index -> session
-  -> its record's node -> that node's announced relay address), cached briefly.
+- ``routed``: the pools are routed, once, to the cluster's return addresses (``vip``,
+  and ``vip6`` for the IPv6 pool). One node at a time holds them, by a lease in the
+  store (``store/lua/lead.lua``): the holder puts them on its TUN (so they vanish if
+  the process dies), announces them (gratuitous ARP; an unsolicited neighbour
+  advertisement) and answers neighbour solicitations for the IPv6 one from a socket
+  that also dies with the process; the others take over when the lease lapses.
+  Whatever reaches a node for a session bound elsewhere is relayed, MAC'd under a
+  KEK-derived key and replay-protected (``RelayCodec``), over UDP to the node that
+  holds the binding now: found in the store (pool index -> session -> its record's
+  node -> that node's announced relay address), cached briefly.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import secrets
 import socket
 import struct
 import subprocess
@@ -43,6 +47,7 @@ from netdev.tun import TunDevice
 from session.gateway import NotLocal, ToTun
 from session.inner import InnerPool
 from session.reasons import DropReason
+from session.replay import ReplayWindow
 from session.wire import TransportKind
 
 if TYPE_CHECKING:
@@ -74,12 +79,76 @@ class L3Config:
     relay_listen: tuple[str, int] | None = None
     relay_advertise: str = ""  # "host:port" other nodes send to ('' = relay_listen)
     vip: str = ""  # routed: the cluster's return address (IPv4)
+    vip6: str = ""  # routed: its IPv6 return address (held with ``vip``; '' = none)
     vip_interface: str = ""  # where the holder announces it
     lease_s: float = 1.0
 
 
 def relay_tag(key: bytes, packet: bytes) -> bytes:
     return hmac.new(key, packet, hashlib.blake2s).digest()[:RELAY_TAG_LEN]
+
+
+RELAY_HEAD = struct.Struct("!8sQQ")  # sender id, counter, sender's wall clock (ms)
+RELAY_OVERHEAD = RELAY_TAG_LEN + RELAY_HEAD.size
+RELAY_MAX_AGE_MS = 2000  # a relayed packet older than this (or from the future) is refused
+RELAY_SENDERS_MAX = 256  # replay windows kept (one per sending node process)
+
+
+class RelayCodec:
+    """The node-to-node relay datagram, MAC'd and replay-protected.
+
+    ``tag(16) | sender id(8) | counter u64 | sent at, wall ms u64 | packet``; the tag is
+    a MAC over everything after it under a KEK-derived key. Each node process picks a
+    random sender id at start and counts up. The receiver keeps one replay window
+    (``session.replay``, 4096 counters, RFC 6479) per sender and refuses a packet sent
+    more than ``RELAY_MAX_AGE_MS`` before (or after) its own clock, or before it started.
+    The age bound is what lets the windows be bounded: a sender's window is forgotten
+    only once it has been idle longer than the bound, so whatever it accepted is too old
+    by then to be accepted again; a receiver that restarted refuses everything sent
+    before its start. The nodes' clocks are kept close (the reattach proof's timestamp
+    needs it too)."""
+
+    def __init__(self, key: bytes, wall_ms: Callable[[], int], sender: bytes | None = None
+                 ) -> None:
+        self.key = key
+        self.wall_ms = wall_ms
+        self.sender = sender if sender is not None else secrets.token_bytes(8)
+        self.started_ms = wall_ms()
+        self._counter = 0
+        self._windows: OrderedDict[bytes, tuple[ReplayWindow, int]] = OrderedDict()
+
+    def seal(self, packet: bytes) -> bytes:
+        self._counter += 1
+        body = RELAY_HEAD.pack(self.sender, self._counter, self.wall_ms()) + packet
+        return relay_tag(self.key, body) + body
+
+    def open(self, data: bytes) -> tuple[bytes | None, str]:
+        """(the packet, "") or (None, why: "bad_tag" | "replayed" | "too_old" | "busy")."""
+        if len(data) <= RELAY_OVERHEAD:
+            return None, "bad_tag"
+        tag, body = data[:RELAY_TAG_LEN], data[RELAY_TAG_LEN:]
+        if not hmac.compare_digest(tag, relay_tag(self.key, body)):
+            return None, "bad_tag"
+        sender, counter, sent_ms = RELAY_HEAD.unpack_from(body)
+        now = self.wall_ms()
+        if abs(now - sent_ms) > RELAY_MAX_AGE_MS or sent_ms < self.started_ms:
+            return None, "too_old"
+        entry = self._windows.get(sender)
+        if entry is None:
+            while self._windows:  # forget windows idle past the age bound (oldest first)
+                _, (_, seen) = next(iter(self._windows.items()))
+                if now - seen <= RELAY_MAX_AGE_MS:
+                    break
+                self._windows.popitem(last=False)
+            if len(self._windows) >= RELAY_SENDERS_MAX:
+                return None, "busy"
+            entry = (ReplayWindow(), now)
+        window = entry[0]
+        if not window.update(counter):
+            return None, "replayed"
+        self._windows[sender] = (window, now)
+        self._windows.move_to_end(sender)
+        return body[RELAY_HEAD.size:], ""
 
 
 def nat_ruleset(table: str, cfg: L3Config, delete_first: bool) -> str:
@@ -126,6 +195,76 @@ def gratuitous_arp(ifname: str, address: str) -> None:
         s.send(eth + arp)
 
 
+ICMP6_NS, ICMP6_NA = 135, 136
+ICMP6_FILTER = 1  # <netinet/icmp6.h>, level IPPROTO_ICMPV6
+NA_ROUTER, NA_SOLICITED, NA_OVERRIDE = 0x80000000, 0x40000000, 0x20000000
+ALL_NODES = "ff02::1"
+
+
+def neighbor_advertisement(target: bytes, mac: bytes, solicited: bool) -> bytes:
+    """An ICMPv6 NA for ``target`` at ``mac`` (RFC 4861 4.4; the kernel fills the checksum),
+    override set: neighbours replace the entry they hold."""
+    flags = NA_ROUTER | NA_OVERRIDE | (NA_SOLICITED if solicited else 0)
+    return struct.pack("!BBHI16sBB6s", ICMP6_NA, 0, 0, flags, target, 2, 1, mac)
+
+
+class NeighborResponder:
+    """Answers neighbour solicitations for one IPv6 address on one interface while it is open
+    (IPv6's gratuitous ARP and ARP reply: Linux answers solicitations only for the addresses
+    of the receiving interface, and the return address lives on the TUN so that it vanishes
+    with the process; this socket vanishes with it too)."""
+
+    def __init__(self, ifname: str, address: str) -> None:
+        self.target = ipaddress.IPv6Address(address).packed
+        with open(f"/sys/class/net/{ifname}/address") as f:
+            self.mac = bytes.fromhex(f.read().strip().replace(":", ""))
+        index = socket.if_nametoindex(ifname)
+        s = self.sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+            solicited_node = ipaddress.IPv6Address("ff02::1:ff00:0").packed[:13] + self.target[13:]
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+                         solicited_node + struct.pack("@I", index))
+            words = [0xFFFFFFFF] * 8  # a set bit blocks its type: pass only solicitations
+            words[ICMP6_NS >> 5] &= ~(1 << (ICMP6_NS & 31))
+            s.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("@8I", *words))
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            raise
+        self.answered = 0
+
+    def announce(self) -> None:
+        """An unsolicited advertisement to all nodes (after taking the address over)."""
+        self.sock.sendto(neighbor_advertisement(self.target, self.mac, False), (ALL_NODES, 0))
+
+    def readable(self) -> None:
+        for _ in range(64):  # bounded per wake-up
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("neighbour solicitation socket: %s", exc)
+                return
+            if len(data) < 24 or data[0] != ICMP6_NS or data[8:24] != self.target:
+                continue
+            src = addr[0].split("%", 1)[0]
+            dad = src == "::"  # a duplicate address probe: answer to all nodes, unsolicited
+            try:
+                self.sock.sendto(neighbor_advertisement(self.target, self.mac, not dad),
+                                 (ALL_NODES if dad else src, 0, 0, addr[3] if len(addr) > 3 else 0))
+                self.answered += 1
+            except OSError as exc:
+                log.debug("neighbour advertisement to %s: %s", src, exc)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class _RelayProtocol(asyncio.DatagramProtocol):
     def __init__(self, plane: L3Plane) -> None:
         self.plane = plane
@@ -138,10 +277,11 @@ class L3Plane:
     """The node's TUN, egress and relay (see the module's theory of operation)."""
 
     def __init__(self, node: GatewayNode, cfg: L3Config, relay_key: bytes,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.node = node
         self.cfg = cfg
-        self.key = relay_key
+        self.codec = RelayCodec(relay_key, wall_ms)
         self.clock = clock
         self.tun: TunDevice | None = None
         self._net: NetConfig | None = None
@@ -154,14 +294,17 @@ class L3Plane:
         self._pending: dict[int, list[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease_task: asyncio.Task[None] | None = None
+        self._ndp: NeighborResponder | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.vip_held = False
         self.counts = {"relayed_out": 0, "relayed_in": 0, "relay_bad_tag": 0,
+                       "relay_replayed": 0, "relay_too_old": 0, "relay_busy": 0,
                        "not_local_dropped": 0, "tun_write_errors": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         cfg = self.cfg
         try:
             # netlink (pyroute2's synchronous API runs its own loop) and nft: off our loop
@@ -277,7 +420,7 @@ class L3Plane:
         if addr is None or self._relay is None:
             self.counts["not_local_dropped"] += 1
             return
-        self._relay.sendto(relay_tag(self.key, packet) + packet, addr)
+        self._relay.sendto(self.codec.seal(packet), addr)
         self.counts["relayed_out"] += 1
 
     async def _look_up(self, index: int) -> None:
@@ -310,12 +453,14 @@ class L3Plane:
         return (host.strip("[]"), int(port)) if port.isdigit() else None
 
     def relay_received(self, data: bytes) -> None:
-        """A packet another node relayed: MAC checked, then as if read from our TUN (never
-        relayed again)."""
-        tag, packet = data[:RELAY_TAG_LEN], data[RELAY_TAG_LEN:]
-        if len(data) <= RELAY_TAG_LEN or not hmac.compare_digest(tag, relay_tag(self.key, packet)):
-            self.counts["relay_bad_tag"] += 1
-            self.node.metrics.count_drop(DropReason.BAD_MAC, TransportKind.UDP)
+        """A packet another node relayed: MAC, age and replay window checked (each refusal
+        dropped and counted), then as if read from our TUN (never relayed again)."""
+        packet, why = self.codec.open(data)
+        if packet is None:
+            self.counts[f"relay_{why}"] += 1
+            reason = {"bad_tag": DropReason.BAD_MAC, "busy": DropReason.QUEUE_FULL}.get(
+                why, DropReason.REPLAYED)  # replayed, or too old to tell
+            self.node.metrics.count_drop(reason, TransportKind.UDP)
             return
         self.counts["relayed_in"] += 1
         node = self.node
@@ -359,9 +504,20 @@ class L3Plane:
         if self.tun is None or self._net is None:
             return
         net = self._vip_net = NetConfig(self._net.ipr)
-        net.add_address(net.index(self.tun.name), ipaddress.IPv4Interface(f"{self.cfg.vip}/32"))
+        idx = net.index(self.tun.name)
+        net.add_address(idx, ipaddress.IPv4Interface(f"{self.cfg.vip}/32"))
+        if self.cfg.vip6:
+            # on the TUN, as the IPv4 one: a neighbour's unicast probe is delivered locally
+            net.add_address(idx, ipaddress.IPv6Interface(f"{self.cfg.vip6}/128"))
+            self._ndp = NeighborResponder(self.cfg.vip_interface, self.cfg.vip6)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._watch_ndp, self._ndp)
         self.vip_held = True
-        log.info("egress: holding %s", self.cfg.vip)
+        log.info("egress: holding %s%s", self.cfg.vip, f" and {self.cfg.vip6}" * bool(self.cfg.vip6))
+
+    def _watch_ndp(self, ndp: NeighborResponder) -> None:
+        if self._loop is not None and ndp is self._ndp:
+            self._loop.add_reader(ndp.sock.fileno(), ndp.readable)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -374,12 +530,30 @@ class L3Plane:
                 return
             try:
                 gratuitous_arp(self.cfg.vip_interface, self.cfg.vip)
+                if self._ndp is not None:
+                    self._ndp.announce()
             except OSError as exc:
-                log.warning("gratuitous ARP on %s: %s", self.cfg.vip_interface, exc)
+                log.warning("announcing the return address on %s: %s", self.cfg.vip_interface,
+                            exc)
                 return
             await asyncio.sleep(0.05 * (i + 1))
 
     def _drop_vip(self) -> None:
+        ndp, self._ndp = self._ndp, None
+        if ndp is not None:
+            if self._loop is not None:
+                loop = self._loop
+                fd = ndp.sock.fileno()
+
+                def unwatch() -> None:
+                    loop.remove_reader(fd)
+                    ndp.close()
+                if loop.is_running():
+                    loop.call_soon_threadsafe(unwatch)
+                else:
+                    ndp.close()
+            else:
+                ndp.close()
         if self._vip_net is not None:
             self._vip_net.undo()
             self._vip_net = None

@@ -82,7 +82,7 @@ def run_l3_bench(seconds: float = 5.0, say: Any = print) -> dict[str, Any]:
         say(f"l3: skipped ({why})")
         return {"skipped": why}
     with tempfile.TemporaryDirectory(prefix="jvpn-l3-bench-") as tmp:
-        lab = Lab(Path(tmp), gateways=1, egress="nat").up()
+        lab = Lab(Path(tmp), gateways=1, egress="nat", balancer=False).up()
         try:
             return _run(lab, seconds, say)
         finally:

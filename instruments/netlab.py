@@ -1,17 +1,23 @@
 """A lab of network namespaces for the L3 tunnel (its tests and the demo).
 
-A client, N gateway nodes, a server side.
+A client, the nginx balancer, N gateway nodes, a server side.
 
 Topology (every namespace and interface created here, every one removed by ``close``,
 also after a failure; processes are ended by their own pid)::
 
-    client 10.98.0.10 --+                       +-- in0 gw-i 10.99.0.i / fd99::i
-                        |  "out" bridge (core)  |   "in" bridge (core)
-    gw-i out0 10.98.0.i-+  redis 10.98.0.200    +-- server 10.99.0.100 / fd99::100
+    client 10.97.0.10 -- "front" -- nginx 10.97.0.250 | 10.98.0.250 --+
+                                                                        | "out" bridge
+                        +-- in0 gw-i 10.99.0.i / fd99::i                 | redis 10.98.0.200
+    "in" bridge (core)  |                             gw-i out0 10.98.0.i --+
+                        +-- server 10.99.0.100 / fd99::100
 
-The client reaches the server side only through the tunnel (it has no route to
-10.99.0.0/24 of its own). Routed egress: the server routes the inner pool to the
-cluster's return address 10.99.0.254, which one node at a time holds.
+The client knows one gateway address, the balancer's (the real nginx with the
+deploy template and ``jvpn.js``, as ``jvpn-lab cluster up`` runs it: UDP, TCP and
+QUIC on 51820/51821, session-affine); it reaches neither the nodes nor the server
+side but through nginx and the tunnel. The nodes believe the client's address only
+from nginx (``trusted_balancers``). Routed egress: the server routes the inner pools
+to the cluster's return addresses 10.99.0.254 and fd99::254, which one node at a
+time holds.
 """
 
 from __future__ import annotations
@@ -32,12 +38,16 @@ from typing import Any
 
 from session.noise import generate_keypair
 
+FRONT_NET = "10.97.0"
+BALANCER = f"{FRONT_NET}.250"
+BALANCER_BACK = "10.98.0.250"
 OUT_NET = "10.98.0"
 IN_NET = "10.99.0"
 IN_NET6 = "fd99::"
 POOL_V4 = "10.77.0.0/24"
 POOL_V6 = "fd77::/64"
 VIP = f"{IN_NET}.254"
+VIP6 = f"{IN_NET6}254"
 SERVER = f"{IN_NET}.100"
 SERVER6 = f"{IN_NET6}100"
 REDIS_PORT = 6390
@@ -51,11 +61,17 @@ def missing_prerequisites() -> str | None:
     """Why the L3 lab cannot run here (None if it can)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, TUN, nftables)"
-    for tool in ("ip", "nft", "redis-server", "curl", "ping"):
+    for tool in ("ip", "nft", "redis-server", "curl", "ping", "nginx"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     if not os.path.exists("/dev/net/tun"):
         return "/dev/net/tun is missing"
+    from instruments.cluster import ClusterError, find_binary, nginx_modules
+
+    try:
+        nginx_modules(find_binary("nginx"))
+    except (ClusterError, OSError, subprocess.SubprocessError) as exc:
+        return f"nginx cannot run the balancer: {exc}"
     return None
 
 
@@ -70,8 +86,10 @@ def sh(*args: str, check: bool = True, timeout: float = 20.0) -> str:
 class Proc:
     """A child process in a namespace with a line-oriented JSON stdin/stdout."""
 
-    def __init__(self, ns: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
+    def __init__(self, ns: str, argv: list[str], log: Path, env: dict[str, str],
+                 stop_signal: int | None = None) -> None:
         self.log = log
+        self.stop_signal = stop_signal  # ended by this signal, not by "stop" on its stdin
         self._err = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=self._err, env=env, text=True,
@@ -116,6 +134,8 @@ class Proc:
             self.p.wait(5)
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self.alive() and self.stop_signal is not None:
+            os.kill(self.pid, self.stop_signal)
         if self.alive():
             try:
                 if self.p.stdin is not None:
@@ -137,13 +157,20 @@ class Proc:
 class Lab:
     """The namespaces, the store, the gateway nodes and the helpers of one test."""
 
-    def __init__(self, tmp: Path, gateways: int = 3, egress: str = "routed") -> None:
+    def __init__(self, tmp: Path, gateways: int = 3, egress: str = "routed",
+                 balancer: bool = True) -> None:
+        """``balancer=False``: no nginx; the client sits on the nodes' own segment
+        (10.98.0.10) and knows every node's address (the throughput bench's bare path)."""
         self.tmp = tmp
+        self.with_balancer = balancer
+        self.client_net = FRONT_NET if balancer else OUT_NET
+        self.client_ip = f"{self.client_net}.10"
         self.tag = f"jv{os.getpid() % 100000}{secrets.token_hex(2)}n{next(_COUNTER)}"
         self.egress = egress
         self.n = gateways
         self.core, self.client, self.server = (f"{self.tag}core", f"{self.tag}c",
                                                f"{self.tag}s")
+        self.balancer = f"{self.tag}b"
         self.gws = [f"{self.tag}g{i}" for i in range(1, gateways + 1)]
         self.namespaces: list[str] = []
         self.procs: list[Proc] = []
@@ -180,19 +207,28 @@ class Lab:
         sh("ip", "-n", ns, "link", "set", ifname, "up")
 
     def _build(self) -> None:
-        for ns in (self.core, self.client, self.server, *self.gws):
+        spaces = [self.core, self.client, self.server, *self.gws]
+        for ns in spaces + ([self.balancer] if self.with_balancer else []):
             self._ns(ns)
-        for br in ("br-out", "br-in"):
+        for br in ("br-front", "br-out", "br-in"):
             sh("ip", "-n", self.core, "link", "add", "name", br, "type", "bridge")
             sh("ip", "-n", self.core, "link", "set", br, "up")
         sh("ip", "-n", self.core, "addr", "add", f"{OUT_NET}.200/24", "dev", "br-out")
-        self._port("br-out", self.client, "eth0", "o-c")
-        sh("ip", "-n", self.client, "addr", "add", f"{OUT_NET}.10/24", "dev", "eth0")
+        if self.with_balancer:
+            self._port("br-front", self.client, "eth0", "f-c")
+            self._port("br-front", self.balancer, "eth0", "f-b")
+            sh("ip", "-n", self.balancer, "addr", "add", f"{BALANCER}/24", "dev", "eth0")
+            self._port("br-out", self.balancer, "eth1", "o-b")
+            sh("ip", "-n", self.balancer, "addr", "add", f"{BALANCER_BACK}/24", "dev", "eth1")
+        else:
+            self._port("br-out", self.client, "eth0", "o-c")
+        sh("ip", "-n", self.client, "addr", "add", f"{self.client_ip}/24", "dev", "eth0")
         self._port("br-in", self.server, "eth0", "i-s")
         sh("ip", "-n", self.server, "addr", "add", f"{SERVER}/24", "dev", "eth0")
         sh("ip", "-n", self.server, "addr", "add", f"{SERVER6}/64", "dev", "eth0", "nodad")
         if self.egress == "routed":
             sh("ip", "-n", self.server, "route", "add", POOL_V4, "via", VIP)
+            sh("ip", "-n", self.server, "-6", "route", "add", POOL_V6, "via", VIP6)
         for i, ns in enumerate(self.gws, 1):
             self._port("br-out", ns, "out0", f"o-g{i}")
             self._port("br-in", ns, "in0", f"i-g{i}")
@@ -203,6 +239,53 @@ class Lab:
                                             f"{OUT_NET}.200", "--save", "", "--appendonly", "no",
                                             "--protected-mode", "no"], "redis")
         self.wait_tcp(self.core, f"{OUT_NET}.200", REDIS_PORT)
+        if self.with_balancer:
+            self._start_nginx()
+
+    def _start_nginx(self) -> None:
+        """The deploy template's nginx in its own namespace, in front of every node."""
+        from instruments.cluster import (
+            DEPLOY_DIR_ENV,
+            NGINX_TEMPLATE,
+            find_binary,
+            nginx_modules,
+            nginx_values,
+            render_template,
+        )
+
+        deploy = Path(os.environ.get(DEPLOY_DIR_ENV) or Path(__file__).parent.parent / "deploy")
+        nginx = find_binary("nginx")
+        conf_dir = self.tmp / "nginx"
+        conf_dir.mkdir(exist_ok=True)
+        pid_file = conf_dir / "nginx.pid"
+        nodes = range(1, self.n + 1)
+        values = nginx_values(
+            listen=f"{BALANCER}:{GW_PORT}", quic_listen=f"{BALANCER}:{QUIC_PORT}",
+            udp_servers=[f"{OUT_NET}.{i}:{GW_PORT}" for i in nodes],
+            tcp_servers=[f"{OUT_NET}.{i}:{GW_PORT}" for i in nodes],
+            quic_servers=[f"{OUT_NET}.{i}:{QUIC_PORT}" for i in nodes],
+            quic_nodes=[(i, f"{OUT_NET}.{i}:{QUIC_PORT}") for i in nodes],
+            modules=nginx_modules(nginx), js_dir=str(deploy / "nginx"), pid=str(pid_file),
+            error_log=str(self.tmp / "nginx.error.log"),
+            access_log=str(self.tmp / "nginx.access.log"), proxy_bind="")
+        conf = conf_dir / "nginx.conf"
+        conf.write_text(render_template((deploy / NGINX_TEMPLATE).read_text(), values))
+        base = [nginx, "-p", str(conf_dir), "-c", str(conf), "-e",
+                str(self.tmp / "nginx.error.log")]
+        self.run(self.balancer, *base, "-t", "-q")
+        self.nginx = self.spawn(self.balancer, [*base, "-g", "daemon off;"], "nginx",
+                                stop_signal=signal.SIGTERM)  # fast shutdown, workers too
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if int(pid_file.read_text().strip()) == self.nginx.pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            assert self.nginx.alive(), f"nginx exited:\n{self.nginx.tail()}"
+            assert time.monotonic() < deadline, f"nginx not up:\n{self.nginx.tail()}"
+            time.sleep(0.05)
+        self.wait_tcp(self.client, BALANCER, GW_PORT)
 
     def close(self) -> None:
         for p in reversed(self.procs):
@@ -216,8 +299,9 @@ class Lab:
 
     # ---- processes -------------------------------------------------------------------------
 
-    def spawn(self, ns: str, argv: list[str], name: str) -> Proc:
-        p = Proc(ns, argv, self.tmp / f"{name}.log", self.env)
+    def spawn(self, ns: str, argv: list[str], name: str,
+              stop_signal: int | None = None) -> Proc:
+        p = Proc(ns, argv, self.tmp / f"{name}.log", self.env, stop_signal)
         self.procs.append(p)
         return p
 
@@ -249,10 +333,13 @@ class Lab:
             "keepalive_interval_s": keepalive, "inner_pool_v4": POOL_V4,
             "inner_pool_v6": POOL_V6, "egress": self.egress, "tun_name": "jvpn0",
             "events.redis_stream": "false", "handshake_retry_threshold": -1,
-            "lease_s": 3.0,
+            "lease_s": 3.0, "quic_server_id": i,
         }
+        if self.with_balancer:
+            sets["trusted_balancers"] = BALANCER_BACK
         if self.egress == "routed":
             sets.update({"relay_listen": f"{IN_NET}.{i}:{RELAY_PORT}", "routed_vip": VIP,
+                         "routed_vip6": VIP6,
                          "routed_vip_interface": "in0", "routed_lease_s": 0.6})
         args = ["--private-key-file", str(self.tmp / "gw.key"), "--kek-file",
                 str(self.tmp / "kek.key"), "--store-url", self.store_url]
@@ -288,12 +375,15 @@ class Lab:
         return total
 
     def agent(self, priv: bytes, transports: tuple[str, ...] = ("udp", "tcp"),
-              gateways: list[int] | None = None, rekey_after: float = 120.0) -> Proc:
-        nodes = gateways or range(1, self.n + 1)
+              rekey_after: float = 120.0) -> Proc:
+        """An L3 agent in the client namespace; its one gateway address is the balancer's
+        (without one: every node's)."""
+        hosts = [BALANCER] if self.with_balancer else [f"{OUT_NET}.{i}"
+                                                       for i in range(1, self.n + 1)]
         cfg = {"private_key": priv.hex(), "gateway_public_key": self.gw_pub.hex(),
-               "gateways": [f"{OUT_NET}.{i}:{GW_PORT}" for i in nodes],
-               "quic_gateways": ([f"{OUT_NET}.{i}:{QUIC_PORT}" for i in nodes]
-                                 if "quic" in transports else []),
+               "gateways": [f"{h}:{GW_PORT}" for h in hosts],
+               "quic_gateways": [f"{h}:{QUIC_PORT}" for h in hosts] if "quic" in transports
+               else [],
                "transports": list(transports), "tun": "jvpn0", "keepalive": 0.2,
                "rekey_after": rekey_after}
         return self.python(self.client, "instruments.l3agent", json.dumps(cfg), name="agent")

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from instruments.netlab import OUT_NET, SERVER, SERVER6, VIP, Lab, Proc
+from instruments.netlab import SERVER, SERVER6, VIP, Lab, Proc
 
 MAX_GAP_S = 5.0
 RATE = 200_000  # bytes/s of the checked stream
@@ -125,10 +125,10 @@ def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
     phase("source port change")
 
     # 2. the client's address replaced under the agent
-    lab.run(lab.client, "ip", "addr", "del", f"{OUT_NET}.10/24", "dev", "eth0")
-    lab.run(lab.client, "ip", "addr", "add", f"{OUT_NET}.11/24", "dev", "eth0")
+    lab.run(lab.client, "ip", "addr", "del", f"{lab.client_ip}/24", "dev", "eth0")
+    lab.run(lab.client, "ip", "addr", "add", f"{lab.client_net}.11/24", "dev", "eth0")
     until(jumped(2), 15, "a reattach from the new address")
-    assert f"{OUT_NET}.11:" in agent.ask("status")["transport"]
+    assert f"{lab.client_net}.11:" in agent.ask("status")["transport"]
     phase("client address change")
 
     # 3. UDP blocked: the agent falls back to TCP; then back to UDP

@@ -212,3 +212,56 @@ def test_the_inner_mtu_keeps_a_packet_in_one_quic_datagram_frame() -> None:
     assert quic + DATA_OVERHEAD == QUIC_DATAGRAM_MAX
     assert inner_mtu([TransportKind.UDP, TransportKind.TCP, TransportKind.QUIC]) == quic
     assert inner_mtu([TransportKind.QUIC], path_mtu=1460) < quic  # a smaller path: smaller
+
+
+def test_a_replayed_or_stale_relayed_packet_is_dropped_and_counted() -> None:
+    from gateway.l3 import RELAY_MAX_AGE_MS, L3Config, L3Plane, RelayCodec
+    from gateway.metrics import Metrics
+
+    clock = [1_000_000]
+    key = bytes(range(32))
+    sender = RelayCodec(key, lambda: clock[0])
+    delivered: list[bytes] = []
+
+    class Machine:  # the node's machine: what the plane hands a relayed packet to
+        def tun_received(self, packet: bytes, now: float, relayed: bool = False) -> None:
+            assert relayed
+            delivered.append(packet)
+
+    class Node:
+        _stopping = False
+        machine = Machine()
+        metrics = Metrics("gw-test")
+
+        def _flush(self) -> None:
+            pass
+
+    node = Node()
+    plane = L3Plane(node, L3Config("jvpn0", 1420, POOL, egress="routed"),  # type: ignore[arg-type]
+                    key, wall_ms=lambda: clock[0])
+    pkt = ipv4("192.0.2.9", "10.77.0.2")
+    first, second = sender.seal(pkt), sender.seal(pkt)
+    plane.relay_received(first)
+    plane.relay_received(first)  # the same datagram again: refused
+    plane.relay_received(second)  # the same packet relayed anew: a new counter, accepted
+    assert delivered == [pkt, pkt]
+    assert plane.counts["relay_replayed"] == 1 and plane.counts["relayed_in"] == 2
+    assert node.metrics.drops[(DropReason.REPLAYED, wire.TransportKind.UDP)] == 1
+    # out of order within the window is fine; a forged tag is not
+    third, fourth = sender.seal(pkt), sender.seal(pkt)
+    plane.relay_received(fourth)
+    plane.relay_received(third)
+    assert len(delivered) == 4
+    plane.relay_received(third[:-1] + bytes([third[-1] ^ 1]))
+    assert plane.counts["relay_bad_tag"] == 1 and len(delivered) == 4
+    # too old to tell (its window may be forgotten by then): refused, counted
+    late = sender.seal(pkt)
+    clock[0] += RELAY_MAX_AGE_MS + 1
+    plane.relay_received(late)
+    assert plane.counts["relay_too_old"] == 1 and len(delivered) == 4
+    # a receiver that restarted refuses what was sent before it started
+    early = sender.seal(pkt)
+    clock[0] += 1
+    fresh = RelayCodec(key, lambda: clock[0])
+    assert fresh.open(early) == (None, "too_old")
+    assert fresh.open(sender.seal(pkt)) == (pkt, "")
