@@ -27,6 +27,7 @@ from agent import udp_engine
 from agent.l3 import L3Interface, L3Settings
 from agent.quic import MIN_HANDSHAKE_TIMEOUT_S, QuicPath
 from agent.transports import Path, TcpPath, UdpPath
+from netdev.netwatch import AddressEvent, AddressWatch
 from netdev.sender import SocketSender
 from session import wire
 from session.client import (
@@ -70,6 +71,7 @@ class AgentSettings:
     quic_gateways: list[tuple[str, int]] = field(default_factory=list)  # none: no QUIC candidate
     engine: bool = False  # the compiled UDP data path (agent/udp_engine.py), with local_udp
     records_file: str | None = None  # JSONL: each epoch installed, stale-epoch drops apart
+    watch_addresses: bool = True  # netlink: a transport whose source address goes is lost at once
 
     def addresses(self, kind: str) -> list[tuple[str, int]]:
         """The gateway addresses of one transport kind ("udp", "tcp", "quic")."""
@@ -133,6 +135,7 @@ class Agent:
         self._channel_class: Any = None
         self._engine_state: tuple[Any, ...] | None = None  # what the engine was last told
         self._route = 0  # the route hint of the next reattach (wire.ROUTE_MAX)
+        self._watch: AddressWatch | None = None
         self._records: Any = None  # the open records file, if any (line-buffered)
         if settings.records_file:
             self._records = open(settings.records_file, "a", buffering=1)  # noqa: SIM115
@@ -145,6 +148,11 @@ class Agent:
         if self.l3 is not None:
             await asyncio.to_thread(self.l3.open)  # netlink: pyroute2 runs its own loop
             self.l3.attach(self._loop, self._tun_packet)
+        if self.settings.watch_addresses:
+            ignore = [self.settings.l3.tun_name] if self.settings.l3 is not None else []
+            watch = AddressWatch(self._address_event, ignore)
+            if watch.start(self._loop):
+                self._watch = watch
         if self.settings.local_udp is not None and self.settings.engine:
             self._start_engine(self._loop, self.settings.local_udp)
         elif self.settings.local_udp is not None:
@@ -163,6 +171,9 @@ class Agent:
             self._pump()
         if self._timer is not None:
             self._timer.cancel()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         for t in list(self._tasks):
             t.cancel()
         for p in list(self.paths.values()):
@@ -344,6 +355,21 @@ class Agent:
         self.machine.transport_failed(self._now(), path_id, reason)
         self._pump()
 
+    def _address_event(self, ev: AddressEvent) -> None:
+        """The host's addresses changed (netlink). The current transport's source address
+        gone: that path is dead now, not after its keepalives go unanswered. An address
+        added while recovering: try again at once (a replaced address comes back)."""
+        if self._stopped:
+            return
+        m = self.machine
+        path = self.paths.get(m.path or -1)
+        if (not ev.added and m.attached and path is not None and path.local is not None
+                and path.local[0] == ev.address):
+            self._log(f"local address {ev.address} removed under {path.describe()}")
+            self._on_failed(path.path_id, f"local address {ev.address} removed")
+        elif ev.added and m.state is SessionState.RECOVERING and not self._opening:
+            self._task(self._recover(advance=False))
+
     def _on_timer(self) -> None:
         self._timer = None
         self.machine.handle_timer(self._now())
@@ -432,11 +458,15 @@ class Agent:
                 self._drop_path(ev.path)
         elif isinstance(ev, ReattachTimedOut):
             # Behind a balancer the next request carries the next route hint: it reaches
-            # another node if the usual one does not answer (paused, overloaded, dead).
-            self._route = self._route % wire.ROUTE_MAX + 1
+            # another node if the usual one does not answer (paused, overloaded, dead). Not
+            # when UDP goes unanswered: UDP is likely blocked, not the node, and the next
+            # kind is tried on the usual node first (nginx's TCP proxy skips a dead node by
+            # itself; a move would cost a NAT-egress session its connections).
+            udp = self._desc(ev.path).startswith("udp")
+            if not udp or all(kind == "udp" for kind, _ in self._candidates):
+                self._route = self._route % wire.ROUTE_MAX + 1
             self._log(f"no answer to reattach on {self._desc(ev.path)}; next transport "
                       f"(route {self._route})")
-            udp = self._desc(ev.path).startswith("udp")
             if not (m.attached and ev.path == m.path):  # a rebind on the live path keeps it
                 self._drop_path(ev.path)
             if udp:  # a fresh UDP socket got no answer: UDP is likely blocked, so the next

@@ -34,6 +34,7 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
     params = ClientParams(
         keepalive_interval=cfg.keepalive_interval_s,
         dead_after=cfg.dead_after_keepalives,
+        probe_silence=cfg.probe_silence_s,
         handshake_timeout=cfg.handshake_timeout_s,
         reattach_timeout=cfg.reattach_timeout_s,
         reattach_retries=cfg.reattach_retries,

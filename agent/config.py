@@ -51,6 +51,11 @@ class AgentConfig:
     )
     keepalive_interval_s: float = setting(0.5, min=0.01, max=3600.0)
     dead_after_keepalives: int = setting(3, min=1, max=1000)
+    probe_silence_s: float = setting(
+        0.25, min=0.0, max=60.0,
+        help="data sent and nothing heard this long (+4 RTTs): probe at once, and the path is "
+        "lost after as long again; 0 = off (dead_after_keepalives alone)",
+    )
     handshake_timeout_s: float = setting(1.0, min=0.01, max=120.0)
     reattach_timeout_s: float = setting(0.5, min=0.01, max=120.0)
     reattach_retries: int = setting(3, min=0, max=100,

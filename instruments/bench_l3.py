@@ -233,7 +233,7 @@ def _stalls(lab: Lab, runs: int, say: Any) -> dict[str, Any]:
         time.sleep(0.5)
         return float(_conns(srv, phase=True)[0]["phase_gap_s"])
 
-    addr = [f"{OUT_NET}.10", f"{OUT_NET}.11"]
+    addr = [f"{lab.client_net}.10", f"{lab.client_net}.11"]
     gaps: dict[str, list[float]] = {k: [] for k in (
         "new source port", "client address change", "UDP blocked -> TCP", "TCP -> UDP",
         "owning node killed")}

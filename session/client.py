@@ -64,6 +64,11 @@ class ClientParams:
 
     keepalive_interval: float = 0.5
     dead_after: int = 3
+    # DATA sent and nothing heard for this long (plus 4 smoothed RTTs): a keepalive probe
+    # goes at once, and the path is lost if nothing is heard for as long again; 0 = off
+    # (only ``dead_after`` silent intervals). A busy flow learns of a dead path in two of
+    # these instead of ``dead_after`` intervals; an idle one sends nothing more.
+    probe_silence: float = 0.0
     handshake_timeout: float = 1.0
     reattach_timeout: float = 0.5
     reattach_retries: int = REATTACH_RETRIES  # retransmissions of one request on its path before giving up
@@ -275,6 +280,8 @@ class ClientSession:
         self._claim = b""  # the claim id of this client's requests for _claim_version
         self._claim_version = -1
         self._last_rx = 0.0
+        self._unanswered: float | None = None  # first DATA sent since we last heard anything
+        self._probed: float | None = None  # when the silence probe went
         self._next_keepalive: float | None = None
         self._ka_seq = 0
         self._quality = PathQuality(min_grace=max(0.2, params.keepalive_interval))
@@ -308,7 +315,7 @@ class ClientSession:
         """When ``handle_timer`` must next be called (None: nothing pending)."""
         # Called after every datagram by the agent: no temporary list.
         best = self._dead_at()
-        for t in (self._hs.deadline if self._hs else None,
+        for t in (self._probe_at(), self._hs.deadline if self._hs else None,
                   self._req.deadline if self._req else None,
                   self._retry_at, self._next_keepalive, self._rekey_due()):
             if t is not None and (best is None or t < best):
@@ -388,6 +395,8 @@ class ClientSession:
             inner = wire.inner_flow_payload(flow, payload) if flow else wire.inner_payload(payload)
             self._out.append((self.path, self._seal(inner)))
             self.stats["payloads_sent"] += 1
+            if self._unanswered is None:
+                self._unanswered = now
             return True
         if self.state in (SessionState.RECOVERING, SessionState.BIRTH):
             if len(self._pending_payloads) < PENDING_MAX:
@@ -465,9 +474,15 @@ class ClientSession:
             self._retry_at = None
             if self._req is None and self._retry_path is not None and self.state is SessionState.RECOVERING:
                 self.reattach(now, self._retry_path, self._req_kind, reason="retry")
+        probe_at = self._probe_at()
+        if probe_at is not None and now >= probe_at:
+            self._probed = now  # the data went unanswered: ask at once, not at the next interval
+            self._send_keepalive(now)
         dead_at = self._dead_at()
         if dead_at is not None and now >= dead_at:
-            self._lose_transport(now, f"no answer for {self.params.dead_after} keepalive intervals")
+            why = (f"no answer for {self.params.dead_after} keepalive intervals"
+                   if self._probed is None else "data and a probe unanswered")
+            self._lose_transport(now, why)
         if self._next_keepalive is not None and now >= self._next_keepalive:
             self._send_keepalive(now)
         due = self._rekey_due()
@@ -592,6 +607,7 @@ class ClientSession:
             self._drop(DropReason.UNEXPECTED)
             return
         self._last_rx = now
+        self._unanswered = self._probed = None
         if inner.kind is wire.InnerType.PAYLOAD or inner.kind is wire.InnerType.FLOW_PAYLOAD:
             self.stats["payloads_received"] += 1
             self._events.append(PayloadReceived(inner.payload, inner.flow))
@@ -732,6 +748,7 @@ class ClientSession:
         self.node_id = node_id
         self.path = path
         self._last_rx = now
+        self._unanswered = self._probed = None
         self._quality = PathQuality(min_grace=max(0.2, self.params.keepalive_interval))
 
     def _seal(self, inner: bytes) -> bytes:
@@ -764,15 +781,29 @@ class ClientSession:
         # The gateway records the change and returns the new version in its next ACK.
         self._events.append(StateChanged(old, self.state, self.version, "quality"))
 
+    def _silence_grace(self) -> float:
+        return self.params.probe_silence + 4 * (self._quality.srtt or 0.0)
+
+    def _probe_at(self) -> float | None:
+        """When unanswered DATA calls for a probe (None: none due)."""
+        if (self._unanswered is None or self._probed is not None or not self.attached
+                or self.params.probe_silence <= 0 or self._channel is None):
+            return None
+        return max(self._unanswered, self._last_rx) + self._silence_grace()
+
     def _dead_at(self) -> float | None:
         if not self.attached or self._channel is None:
             return None
-        return self._last_rx + self.params.dead_after * self.params.keepalive_interval
+        dead = self._last_rx + self.params.dead_after * self.params.keepalive_interval
+        if self._probed is not None:
+            dead = min(dead, self._probed + self._silence_grace())
+        return dead
 
     def _lose_transport(self, now: float, reason: str) -> None:
         old = self.state
         self._machine.apply(SessionEvent.TRANSPORT_LOST)
         self._next_keepalive = None
+        self._unanswered = self._probed = None
         self._recovery_start = now
         self._outage_start = self._last_rx
         self._events.append(StateChanged(old, self.state, self.version, reason))

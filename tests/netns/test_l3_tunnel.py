@@ -69,6 +69,13 @@ def vip_holder(lab: Lab) -> int | None:
     return None
 
 
+def ipv6_answers(lab: Lab, what: str) -> None:
+    """The server side answers the client's inner IPv6 address through the tunnel (routed:
+    the IPv6 pool's return address, the relay if its holder is not the owner)."""
+    until(lambda: " 0% packet loss" in lab.run(lab.client, "ping", "-6", "-c", "1", "-W", "1",
+                                                 SERVER6, check=False), 10, f"IPv6 {what}")
+
+
 def send_from(lab: Lab, source: str, dest: str, port: int = 9999) -> None:
     """One UDP datagram from ``source`` (an address on the client's TUN) to ``dest``."""
     code = (f"import socket\ns=socket.socket()\ns=socket.socket(socket.AF_INET,"
@@ -100,6 +107,7 @@ def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
     addrs = tun_addresses(lab)
     assert addrs == sorted(inner.split(","))
 
+    ipv6_answers(lab, "at start")
     snd = lab.python(lab.client, "instruments.seqcheck", "send", SERVER, "7000", str(RATE),
                      name="snd")
     local = snd.line()["connected"]
@@ -152,6 +160,7 @@ def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
         until(lambda: agent.ask("status")["node"].split("#")[0] != f"gw-{owner}"
               and agent.ask("status")["state"] == "ATTACHED", 15, "a move to another node")
         phase(f"owner gw-{owner} killed")
+        ipv6_answers(lab, "after the owner's death")
 
         # 5. a rolling restart of all three nodes (the killed one comes back first)
         for i in (owner, *[n for n in nodes if n != owner]):
