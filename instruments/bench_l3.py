@@ -237,14 +237,26 @@ def _stalls(lab: Lab, runs: int, say: Any) -> dict[str, Any]:
     gaps: dict[str, list[float]] = {k: [] for k in (
         "new source port", "client address change", "UDP blocked -> TCP", "TCP -> UDP",
         "owning node killed")}
+    def on_udp() -> None:
+        """Back on UDP before a jump that starts from it (a recovery after the TCP fallback
+        stays on TCP), the phase restarted after it."""
+        if not str(agent.ask("status")["transport"]).startswith("udp"):
+            n = len(agent.ask("status")["jumps"])
+            agent.ask("jump udp")
+            _until(lambda: len(agent.ask("status")["jumps"]) > n, 10, "a jump back to UDP")
+            measure()
+
     _conns(srv, phase=True)
     for n in range(runs):
+        on_udp()
         agent.ask("jump udp")
         gaps["new source port"].append(measure())
+        on_udp()
         old, new = addr[n % 2], addr[(n + 1) % 2]
         lab.run(lab.client, "ip", "addr", "del", f"{old}/24", "dev", "eth0")
         lab.run(lab.client, "ip", "addr", "add", f"{new}/24", "dev", "eth0")
         gaps["client address change"].append(measure())
+        on_udp()
         lab.run(lab.client, "nft", "add table inet stall")
         lab.run(lab.client, "nft",
                 "add chain inet stall out { type filter hook output priority 0 ; }")

@@ -282,6 +282,7 @@ class ClientSession:
         self._last_rx = 0.0
         self._unanswered: float | None = None  # first DATA sent since we last heard anything
         self._probed: float | None = None  # when the silence probe went
+        self._after_probe = False  # the path was lost to an unanswered probe (see reattach)
         self._next_keepalive: float | None = None
         self._ka_seq = 0
         self._quality = PathQuality(min_grace=max(0.2, params.keepalive_interval))
@@ -423,6 +424,13 @@ class ClientSession:
         raw = control.seal(req, self._keys.proof_key)
         self._rekey = None  # a REKEY the gateway committed unanswered is undone by this proof
         self._req = _Pending(raw, path, nonce, now, now + self.params.reattach_timeout, reason=reason)
+        if self._after_probe:
+            # The path went silent under a probe: a fresh socket of the same kind gets one
+            # short try (a rebinding middlebox answers at once), then the agent moves on to
+            # the next kind instead of retransmitting into what is likely blocked or dead.
+            self._after_probe = False
+            self._req.deadline = now + self._silence_grace()
+            self._req.tries = self.params.reattach_retries + 1
         self._req_kind = kind
         self._out.append((path, raw))
 
@@ -803,6 +811,7 @@ class ClientSession:
         old = self.state
         self._machine.apply(SessionEvent.TRANSPORT_LOST)
         self._next_keepalive = None
+        self._after_probe = self._probed is not None
         self._unanswered = self._probed = None
         self._recovery_start = now
         self._outage_start = self._last_rx

@@ -1,7 +1,9 @@
 """The L3 tunnel in real namespaces: an inner TCP connection survives every jump and the
 death of the node that carried it.
 
-One long-lived TCP connection from the client's inner address to the server side's
+The client reaches the nodes only through the nginx balancer in its own namespace
+(``instruments.netlab``: the deploy template, real nginx). One long-lived TCP
+connection from the client's inner address to the server side's
 byte-sequence checker, 200 kB/s, while the path jumps: a new source port, the client's
 address replaced, UDP blocked (TCP fallback) and back to UDP, the owning node killed
 with SIGKILL, a rolling restart of all three nodes (routed egress: the return path
@@ -9,8 +11,9 @@ follows the binding through the store).
 After each: the same connection (one connection ever, same 4-tuple), every byte in
 order, the largest gap reported and under 5 s, the session's inner addresses
 unchanged. Also: a spoofed inner source and a disallowed prefix are dropped and
-counted; IPv6 and a full-size TCP transfer over the TCP transport (full tunnel, NAT
-egress); the agent leaves the client's addresses, routes and rules as it found them,
+counted; IPv6 through the tunnel in routed egress (the IPv6 pool's return address),
+also after the owner's death; IPv6 and a full-size TCP transfer over the TCP transport
+(full tunnel, NAT egress); the agent leaves the client's addresses, routes and rules as it found them,
 after a SIGTERM and after a SIGKILL (the next start cleans up).
 """
 
