@@ -19,9 +19,11 @@ after a SIGTERM and after a SIGKILL (the next start cleans up).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +31,9 @@ from typing import Any
 
 import pytest
 
-from instruments.netlab import SERVER, SERVER6, VIP, Lab, Proc
+from gateway.l3 import RelayCodec
+from instruments.netlab import IN_NET, RELAY_PORT, SERVER, SERVER6, VIP, Lab, Proc
+from session.keys import relay_key
 
 MAX_GAP_S = 5.0
 RATE = 200_000  # bytes/s of the checked stream
@@ -77,6 +81,39 @@ def ipv6_answers(lab: Lab, what: str) -> None:
     the IPv6 pool's return address, the relay if its holder is not the owner)."""
     until(lambda: " 0% packet loss" in lab.run(lab.client, "ping", "-6", "-c", "1", "-W", "1",
                                                  SERVER6, check=False), 10, f"IPv6 {what}")
+
+
+def ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4/UDP packet (header checksum set; UDP checksum 0: none, allowed in IPv4)."""
+    total = 28 + len(payload)
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0,
+                       ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    words = sum(struct.unpack("!10H", head))
+    while words >> 16:
+        words = (words & 0xFFFF) + (words >> 16)
+    head = head[:10] + struct.pack("!H", ~words & 0xFFFF) + head[12:]
+    return head + struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def replayed_relay_is_dropped(lab: Lab, node: int, inner_v4: str) -> None:
+    """A relayed packet sent twice to the owner's relay port (as another node would, under
+    the KEK-derived key): the client receives it once, the copy is dropped and counted."""
+    rx = lab.spawn(lab.client, [sys.executable, "-u", "-c", (
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        f"s.bind(({inner_v4!r},9999))\ns.settimeout(0.2)\nprint('{{}}')\nn=0\n"
+        "t=time.monotonic()+3\nwhile time.monotonic()<t:\n try:\n  s.recv(2048);n+=1\n"
+        " except OSError:\n  pass\nprint('{\"received\": %d}' % n)\n")], "relay-rx")
+    rx.line()  # bound
+    before = lab.metric(node, "jvpn_dropped_total", reason="REPLAYED")
+    codec = RelayCodec(relay_key(lab.kek), lambda: time.time_ns() // 1_000_000)
+    datagram = codec.seal(ipv4_udp(SERVER, inner_v4, 5555, 9999, b"relayed once"))
+    code = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            "d=bytes.fromhex(sys.argv[1])\n"
+            f"[s.sendto(d,('{IN_NET}.{node}',{RELAY_PORT})) for _ in range(2)]\n")
+    lab.run(lab.server, sys.executable, "-c", code, datagram.hex())
+    until(lambda: lab.metric(node, "jvpn_dropped_total", reason="REPLAYED") >= before + 1, 5,
+          "the replayed relay datagram counted")
+    assert rx.line(10)["received"] == 1, "the relayed packet arrives exactly once"
 
 
 def send_from(lab: Lab, source: str, dest: str, port: int = 9999) -> None:
@@ -203,6 +240,8 @@ def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
           5, "the spoofed packets counted")
     until(lambda: lab.metric(node, "jvpn_dropped_total", reason="POLICY") >= denied + 3, 5,
           "the disallowed packets counted")
+    if routed:
+        replayed_relay_is_dropped(lab, node, inner.split("/")[0])
     agent.stop()
 
 
@@ -235,6 +274,10 @@ def test_full_tunnel_ipv6_mtu_over_tcp_and_nothing_left_behind(
     rules = lab.run(lab.client, "ip", "rule")
     assert "not from all fwmark 0xca6c lookup 51820" in rules
     assert "suppress_prefixlength 0" in rules
+    # a packet of exactly the TUN's MTU, don't-fragment, both ways over the TCP transport
+    out = lab.run(lab.client, "ping", "-M", "do", "-c", "3", "-W", "2", "-s", str(st["mtu"] - 28),
+                  SERVER, check=False)
+    assert " 0% packet loss" in out, f"a full-size inner packet over TCP:\n{out}"
     # full-size segments both families, as fast as it goes, over the TCP transport
     for host in (SERVER6, SERVER):
         snd = lab.python(lab.client, "instruments.seqcheck", "send", host, "7000", "0",
