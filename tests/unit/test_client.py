@@ -70,9 +70,10 @@ def events(c: ClientSession) -> list[object]:
     return out
 
 
-def connected() -> tuple[ClientSession, GatewayPeer]:
+def connected(probe_silence: float = 0.0) -> tuple[ClientSession, GatewayPeer]:
     c = ClientSession(CL_PRIV, GW_PUB, ClientParams(keepalive_interval=0.5, dead_after=3,
-                                                    upstream=UPSTREAM))
+                                                    upstream=UPSTREAM,
+                                                    probe_silence=probe_silence))
     gw = gateway()
     c.connect(0.0, WALL_MS, path=1, kind=wire.TransportKind.UDP)
     [(path, init)] = c.datagrams_to_send()
@@ -137,6 +138,49 @@ def test_silence_moves_to_recovering_after_dead_after_intervals() -> None:
     assert c.state is SessionState.RECOVERING
     assert 1.5 <= t <= 1.6  # 3 x 0.5 s of silence
     assert any(isinstance(e, TransportLost) for e in events(c))
+
+
+def test_unanswered_data_probes_at_once_and_loses_the_path_sooner() -> None:
+    c, gw = connected(probe_silence=0.1)
+    assert c.send(b"x", 0.02)
+    c.datagrams_to_send()
+    probe_at = c.get_timer()
+    assert probe_at is not None and 0.119 <= probe_at <= 0.121  # no RTT measured yet
+    c.handle_timer(probe_at)
+    [(_, probe)] = c.datagrams_to_send()  # a keepalive, at once
+    assert isinstance(wire.decode(probe), wire.Data) and c.state is SessionState.ATTACHED
+    # anything heard ends the suspicion: no loss, the next probe waits for new data
+    c.receive(gw.data(b"ack"), 1, 0.15)
+    t = 0.15
+    while t < 0.6:
+        t = min(c.get_timer() or 0.6, 0.6)
+        c.handle_timer(t)
+    assert c.state is SessionState.ATTACHED
+    c.datagrams_to_send()
+    events(c)
+    # silence under data: probe, then lost after one more period (not 3 x 0.5 s)
+    assert c.send(b"y", 0.6)
+    t = 0.6
+    while c.state is not SessionState.RECOVERING and t < 2:
+        t = c.get_timer() or t + 0.1
+        c.handle_timer(t)
+    assert c.state is SessionState.RECOVERING and t <= 0.85
+    lost = [e for e in events(c) if isinstance(e, TransportLost)]
+    assert lost and "probe" in lost[0].reason
+    # the first reattach gets one short try (no retransmission), then the next transport
+    c.datagrams_to_send()
+    c.reattach(t, path=2, kind=wire.TransportKind.UDP, reason="recover")
+    c.datagrams_to_send()
+    deadline = c.get_timer()
+    assert deadline is not None and deadline - t <= 0.15
+    c.handle_timer(deadline)
+    assert not c.datagrams_to_send()
+    assert any(isinstance(e, ReattachTimedOut) for e in events(c))
+    # the next one has the usual timeout and retransmissions
+    c.reattach(deadline, path=3, kind=wire.TransportKind.TCP, reason="recover")
+    c.datagrams_to_send()
+    c.handle_timer(deadline + 0.5)
+    assert [p for p, _ in c.datagrams_to_send()] == [3]
 
 
 def lose(c: ClientSession) -> float:
