@@ -2,11 +2,12 @@
 the node carrying it is killed.
 
 In network namespaces it creates and removes (``instruments.netlab``): three gateway
-nodes with routed egress, a client whose agent owns a TUN interface, a server side
-with a byte-sequence checker. One TCP connection from the client's inner address sends
-a checked byte stream at a steady rate while the agent moves to a new source port, its
-UDP is blocked (TCP fallback), it jumps back to UDP, and the node holding its binding is
-killed with SIGKILL. The summary shows, measured by the checker: one connection from
+nodes with routed egress behind the nginx balancer, a client whose agent owns a TUN
+interface, a server side with a byte-sequence checker. One TCP connection from the
+client's inner address sends a checked byte stream at a steady rate while the agent
+moves to a new source port, the client's address is replaced, its UDP is blocked (TCP
+fallback), it jumps back to UDP, and the node holding its binding is killed with
+SIGKILL. The summary shows, measured by the checker: one connection from
 start to end (same 4-tuple), every byte in order, and the largest gap at each jump.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from instruments.netlab import SERVER, VIP, Lab, Proc, missing_prerequisites
+from instruments.netlab import BALANCER, SERVER, VIP, Lab, Proc, missing_prerequisites
 
 RATE = 200_000  # bytes/s
 
@@ -69,7 +70,8 @@ def _run(lab: Lab, out: TextIO, settle_s: float) -> dict[str, Any]:
     snd = lab.python(lab.client, "instruments.seqcheck", "send", SERVER, "7000", str(RATE),
                      name="snd")
     local = snd.line()["connected"]
-    print(f"L3: session {first['session'][:12]} inner {first['inner']} mtu {first['mtu']} "
+    print(f"L3: client -> nginx ({BALANCER}) -> 3 nodes, routed egress; "
+          f"session {first['session'][:12]} inner {first['inner']} mtu {first['mtu']} "
           f"via {first['transport']} ({_node(agent)}); TCP {local} -> {SERVER}:7000 at "
           f"{RATE // 1000} kB/s", file=out)
     _until(lambda: _conns(srv) and _conns(srv)[0]["bytes"] > 50_000, 10, "the stream")
@@ -89,6 +91,11 @@ def _run(lab: Lab, out: TextIO, settle_s: float) -> dict[str, Any]:
     time.sleep(settle_s)
     agent.ask("jump udp")
     settle("new source port")
+    lab.run(lab.client, "ip", "addr", "del", f"{lab.client_ip}/24", "dev", "eth0")
+    lab.run(lab.client, "ip", "addr", "add", f"{lab.client_net}.11/24", "dev", "eth0")
+    _until(lambda: f"{lab.client_net}.11:" in str(agent.ask("status")["transport"]), 15,
+           "a reattach from the new address")
+    settle("client address replaced")
     lab.run(lab.client, "nft", "add table inet demo")
     lab.run(lab.client, "nft", "add chain inet demo out { type filter hook output priority 0 ; }")
     lab.run(lab.client, "nft", "add rule inet demo out udp dport 51820 drop")
