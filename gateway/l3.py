@@ -291,6 +291,8 @@ class L3Plane:
         self._nat = False
         self._relay: asyncio.DatagramTransport | None = None
         self._owners: OrderedDict[int, tuple[float, tuple[str, int] | None]] = OrderedDict()
+        self._index_of: OrderedDict[bytes, int] = OrderedDict()  # session -> its cached index
+        self._moved: OrderedDict[bytes, float] = OrderedDict()  # move notices, recent ones
         self._pending: dict[int, list[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease_task: asyncio.Task[None] | None = None
@@ -425,32 +427,56 @@ class L3Plane:
 
     async def _look_up(self, index: int) -> None:
         addr: tuple[str, int] | None = None
+        sid: bytes | None = None
+        started = self.clock()
         try:
-            addr = await asyncio.wait_for(self._owner_address(index), 2.0)
+            sid, addr = await asyncio.wait_for(self._owner_address(index), 2.0)
         except Exception as exc:  # the store is away: drop (TCP retransmits), look again later
             log.debug("owner of pool index %d not found: %r", index, exc)
-        self._owners[index] = (self.clock(), addr)
+        # an answer that a move notice overtook is used once, for the waiting packets
+        stale = sid is not None and self._moved.get(sid, float("-inf")) >= started
+        self._owners[index] = (float("-inf") if stale else self.clock(), addr)
         self._owners.move_to_end(index)
         while len(self._owners) > OWNER_CACHE_MAX:
             self._owners.popitem(last=False)
+        if sid is not None:
+            self._index_of[sid] = index
+            self._index_of.move_to_end(sid)
+            while len(self._index_of) > OWNER_CACHE_MAX:
+                self._index_of.popitem(last=False)
         for packet in self._pending.pop(index, []):
             self._relay_to(addr, packet)
 
-    async def _owner_address(self, index: int) -> tuple[str, int] | None:
+    async def _owner_address(self, index: int) -> tuple[bytes | None, tuple[str, int] | None]:
         store = self.node.store
         sid = await store.address_owner(index)
         if sid is None:
-            return None
+            return None, None
         rec = await store.get(sid)
         if rec is None or rec.terminated or not rec.node:
-            return None
+            return sid, None
         if rec.node == self.node.machine.instance_id:
-            return None  # ours by the store, not bound here (yet): nothing to relay to
+            return sid, None  # ours by the store, not bound here (yet): nothing to relay to
         relay = await store.relay_of(rec.node)
         if not relay:
-            return None
+            return sid, None
         host, _, port = relay.rpartition(":")
-        return (host.strip("[]"), int(port)) if port.isdigit() else None
+        return sid, ((host.strip("[]"), int(port)) if port.isdigit() else None)
+
+    def binding_moved(self, sid: bytes) -> None:
+        """Another node took ``sid``'s binding (the store's move notice, which every node
+        hears): what this node cached about its owner is stale, look it up again at the
+        next packet rather than relay to the old owner (perhaps dead) until the cache
+        expires."""
+        now = self.clock()
+        self._moved[sid] = now
+        self._moved.move_to_end(sid)
+        while self._moved and (len(self._moved) > OWNER_CACHE_MAX
+                               or now - next(iter(self._moved.values())) > OWNER_CACHE_S * 4):
+            self._moved.popitem(last=False)
+        index = self._index_of.pop(sid, None)
+        if index is not None:
+            self._owners.pop(index, None)
 
     def relay_received(self, data: bytes) -> None:
         """A packet another node relayed: MAC, age and replay window checked (each refusal
@@ -468,9 +494,6 @@ class L3Plane:
             return
         node.machine.tun_received(packet, self.clock(), relayed=True)
         node._flush()
-
-    def forget_owner(self, index: int) -> None:
-        self._owners.pop(index, None)
 
     # ---- the routed return address ---------------------------------------------------------
 

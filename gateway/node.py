@@ -576,6 +576,8 @@ class GatewayNode:
                 async for sid, node, epoch in self.store.binding_changes():
                     try:
                         self.machine.binding_moved(sid, node, epoch, self.clock())
+                        if self.l3 is not None:
+                            self.l3.binding_moved(sid)  # its owner cache (routed relay)
                     except Exception:
                         log.exception("move notice handling failed")
                     self._flush()
