@@ -52,6 +52,7 @@ from session.records import AGENT_SUMMARY_ACTION, EPOCH_INSTALL_ACTION
 from session.states import SessionState
 
 log = logging.getLogger("jvpn.agent")
+QUIC_QUICK_TRY_S = 0.3  # a fresh QUIC handshake's time after a path went silent under a probe
 
 
 @dataclass
@@ -272,7 +273,11 @@ class Agent:
             out.extend((kind, a) for a in self.settings.addresses(kind))
         return out
 
-    async def _open_path(self, kind: str, remote: tuple[str, int]) -> Path | None:
+    async def _open_path(self, kind: str, remote: tuple[str, int],
+                         quick: bool = False) -> Path | None:
+        """Open one transport; ``quick``: a QUIC handshake gets QUIC_QUICK_TRY_S only (the
+        previous path went silent under a probe: QUIC is likely blocked, and the next
+        kind should not wait a full handshake timeout)."""
         pid = self._next_path
         self._next_path += 1
         mark = self.l3.mark if self.l3 is not None else 0
@@ -284,7 +289,8 @@ class Agent:
             path = _PATHS[kind](pid, remote, self._on_receive, self._on_failed, mark)
         try:
             if isinstance(path, QuicPath):  # a QUIC handshake gets the session handshake's time
-                await path.open(max(MIN_HANDSHAKE_TIMEOUT_S, self.settings.params.handshake_timeout))
+                await path.open(QUIC_QUICK_TRY_S if quick else max(
+                    MIN_HANDSHAKE_TIMEOUT_S, self.settings.params.handshake_timeout))
             else:
                 await path.open()
         except (OSError, TimeoutError) as exc:
@@ -314,9 +320,10 @@ class Agent:
         try:
             if advance:
                 self._cursor += 1
+            quick = self.machine.lost_to_probe
             for _ in range(len(self._candidates)):
                 kind, remote = self._candidates[self._cursor % len(self._candidates)]
-                path = await self._open_path(kind, remote)
+                path = await self._open_path(kind, remote, quick)
                 if path is not None:
                     break
                 self._cursor += 1

@@ -283,6 +283,7 @@ class ClientSession:
         self._unanswered: float | None = None  # first DATA sent since we last heard anything
         self._probed: float | None = None  # when the silence probe went
         self._after_probe = False  # the path was lost to an unanswered probe (see reattach)
+        self._lost_kind: wire.TransportKind | None = None  # that path's kind
         self._next_keepalive: float | None = None
         self._ka_seq = 0
         self._quality = PathQuality(min_grace=max(0.2, params.keepalive_interval))
@@ -331,6 +332,12 @@ class ClientSession:
     def version(self) -> int:
         """The last ``state_version`` the gateway reported (the client never counts its own)."""
         return self._machine.version
+
+    @property
+    def lost_to_probe(self) -> bool:
+        """The path was lost to an unanswered probe and no reattach has gone since: the
+        agent gives a fresh path of the same kind a short try only (see ``reattach``)."""
+        return self._after_probe
 
     @property
     def attached(self) -> bool:
@@ -429,8 +436,9 @@ class ClientSession:
             # short try (a rebinding middlebox answers at once), then the agent moves on to
             # the next kind instead of retransmitting into what is likely blocked or dead.
             self._after_probe = False
-            self._req.deadline = now + self._silence_grace()
-            self._req.tries = self.params.reattach_retries + 1
+            if kind == self._lost_kind:
+                self._req.deadline = now + self._silence_grace()
+                self._req.tries = self.params.reattach_retries + 1
         self._req_kind = kind
         self._out.append((path, raw))
 
@@ -812,6 +820,7 @@ class ClientSession:
         self._machine.apply(SessionEvent.TRANSPORT_LOST)
         self._next_keepalive = None
         self._after_probe = self._probed is not None
+        self._lost_kind = self.kind
         self._unanswered = self._probed = None
         self._recovery_start = now
         self._outage_start = self._last_rx
