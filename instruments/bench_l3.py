@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from instruments.netlab import GW_PORT, OUT_NET, SERVER, Lab, missing_prerequisites
+from instruments.netlab import GW_PORT, OUT_NET, SERVER, VIP, Lab, missing_prerequisites
 
 UDP_LADDER_MBIT = (25, 50, 100, 200, 400, 800, 1600)
 MAX_LOSS_PCT = 0.5
@@ -240,12 +240,24 @@ def _stalls(lab: Lab, runs: int, say: Any) -> dict[str, Any]:
     def on_udp() -> None:
         """Back on UDP before a jump that starts from it (a recovery after the TCP fallback
         stays on TCP), the phase restarted after it."""
-        if not str(agent.ask("status")["transport"]).startswith("udp"):
-            n = len(agent.ask("status")["jumps"])
-            agent.ask("jump udp")
-            _until(lambda: len(agent.ask("status")["jumps"]) > n, 10, "a jump back to UDP")
-            measure()
+        def on() -> bool:
+            st = agent.ask("status")
+            return str(st["transport"]).startswith("udp") and st["state"] == "ATTACHED"
 
+        if on():
+            return
+        for _ in range(5):  # a jump asked while the agent is between paths does nothing
+            agent.ask("jump udp")
+            try:
+                _until(on, 3, "a jump back to UDP")
+                break
+            except RuntimeError:
+                continue
+        else:
+            raise RuntimeError(f"the agent does not go back to UDP: {agent.ask('status')}")
+        measure()
+
+    held: list[bool] = []  # per run: the killed owner held the return addresses too
     _conns(srv, phase=True)
     for n in range(runs):
         on_udp()
@@ -267,6 +279,8 @@ def _stalls(lab: Lab, runs: int, say: Any) -> dict[str, Any]:
         agent.ask("jump udp")
         gaps["TCP -> UDP"].append(measure())
         dead = node()
+        held.append(VIP in lab.run(lab.gws[dead - 1], "ip", "-o", "addr", "show", "dev",
+                                   "jvpn0", check=False))
         lab.gw_procs[dead].kill()
         _until(lambda d=dead: node() != d and agent.ask("status")["state"] == "ATTACHED", 15,
                "a move")
@@ -278,10 +292,12 @@ def _stalls(lab: Lab, runs: int, say: Any) -> dict[str, Any]:
             f"{k} {v[-1]:.3f}" for k, v in gaps.items()))
     final = _conns(srv)
     out: dict[str, Any] = {"runs": runs, "connections": len(final),
-                           "order_errors": final[0]["errors"], "rate_bytes_s": STALL_RATE}
+                           "order_errors": final[0]["errors"], "rate_bytes_s": STALL_RATE,
+                           "killed_held_return_address": held}
     for k, v in gaps.items():
         s = sorted(v)
-        out[k] = {"median_s": round(s[len(s) // 2], 3), "max_s": round(s[-1], 3)}
+        out[k] = {"median_s": round(s[len(s) // 2], 3), "max_s": round(s[-1], 3),
+                  "runs_s": [round(g, 3) for g in v]}
     return out
 
 
@@ -297,6 +313,11 @@ def format_stalls(r: dict[str, Any]) -> str:
         m = r[k]["median_s"]
         lines.append(f"  {k:24s} median {m:6.3f} s  max {r[k]['max_s']:6.3f} s  "
                      f"(target {target} s: {'met' if m <= target else 'missed'})")
+    if r.get("killed_held_return_address"):
+        lines.append("  (owning node killed, per run: " + ", ".join(
+            f"{g:.3f} s{' (it held the return addresses)' if h else ''}" for g, h in
+            zip(r["owning node killed"]["runs_s"], r["killed_held_return_address"],
+                strict=True)) + ")")
     return "\n".join(lines)
 
 

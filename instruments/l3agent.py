@@ -23,7 +23,7 @@ def _settings(raw: dict) -> AgentSettings:  # type: ignore[type-arg]
         return host, int(port)
 
     params = ClientParams(keepalive_interval=raw.get("keepalive", 0.2), dead_after=3,
-                          probe_silence=raw.get("probe_silence", 0.1),
+                          probe_silence=raw.get("probe_silence", 0.08),
                           handshake_timeout=0.5, reattach_timeout=0.2, backoff_initial=0.05,
                           backoff_max=0.5, l3=True,
                           rekey_after=raw.get("rekey_after", 120.0))

@@ -54,6 +54,7 @@ REDIS_PORT = 6390
 GW_PORT = 51820
 QUIC_PORT = 51821
 RELAY_PORT = 51830
+NGINX_FAIL = "max_fails=1 fail_timeout=2s"
 _COUNTER = itertools.count(1)
 
 
@@ -261,9 +262,12 @@ class Lab:
         nodes = range(1, self.n + 1)
         values = nginx_values(
             listen=f"{BALANCER}:{GW_PORT}", quic_listen=f"{BALANCER}:{QUIC_PORT}",
-            udp_servers=[f"{OUT_NET}.{i}:{GW_PORT}" for i in nodes],
-            tcp_servers=[f"{OUT_NET}.{i}:{GW_PORT}" for i in nodes],
-            quic_servers=[f"{OUT_NET}.{i}:{QUIC_PORT}" for i in nodes],
+            # nginx's passive health marks a node it got an error from down for
+            # fail_timeout (10 s by default); the lab restarts killed nodes within a second
+            # and kills the next one seconds later, so it gives a node back sooner
+            udp_servers=[f"{OUT_NET}.{i}:{GW_PORT} {NGINX_FAIL}" for i in nodes],
+            tcp_servers=[f"{OUT_NET}.{i}:{GW_PORT} {NGINX_FAIL}" for i in nodes],
+            quic_servers=[f"{OUT_NET}.{i}:{QUIC_PORT} {NGINX_FAIL}" for i in nodes],
             quic_nodes=[(i, f"{OUT_NET}.{i}:{QUIC_PORT}") for i in nodes],
             modules=nginx_modules(nginx), js_dir=str(deploy / "nginx"), pid=str(pid_file),
             error_log=str(self.tmp / "nginx.error.log"),
@@ -317,11 +321,13 @@ class Lab:
                 f"  break\n except OSError:\n  assert time.monotonic()<t\n  time.sleep(0.05)\n")
         self.run(ns, sys.executable, "-c", code, timeout=timeout + 5)
 
-    def add_client(self, prefixes: str) -> tuple[bytes, bytes]:
+    def add_client(self, prefixes: str, rate: int = 600) -> tuple[bytes, bytes]:
+        """A client key allowed ``prefixes``; ``rate``: reattaches per minute (the policy's
+        default, 30, is a real client's; the lab's agents jump every second or so)."""
         priv, pub = generate_keypair()
         self.run(self.core, sys.executable, "-m", "jvpn.cli", "clients", "add", pub.hex(),
                  "--prefixes", prefixes, "--kek-file", str(self.tmp / "kek.key"),
-                 "--store-url", self.store_url, "--ttl", "60")
+                 "--store-url", self.store_url, "--ttl", "60", "--rate", str(rate))
         return priv, pub
 
     def start_gateway(self, i: int, keepalive: float = 0.2, quic: bool = False) -> Proc:
