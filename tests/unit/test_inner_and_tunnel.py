@@ -265,3 +265,15 @@ def test_a_replayed_or_stale_relayed_packet_is_dropped_and_counted() -> None:
     fresh = RelayCodec(key, lambda: clock[0])
     assert fresh.open(early) == (None, "too_old")
     assert fresh.open(sender.seal(pkt)) == (pkt, "")
+
+
+def test_the_return_address_neighbour_advertisement_is_rfc_4861_shaped() -> None:
+    from gateway.l3 import neighbor_advertisement
+
+    target = ipaddress.IPv6Address("fd99::254").packed
+    mac = bytes.fromhex("0200000000aa")
+    na = neighbor_advertisement(target, mac, solicited=True)
+    assert len(na) == 32 and na[0] == 136 and na[1] == 0  # type NA, code 0
+    assert na[4] == 0x80 | 0x40 | 0x20  # router, solicited, override
+    assert na[8:24] == target and na[24:26] == b"\x02\x01" and na[26:32] == mac
+    assert neighbor_advertisement(target, mac, solicited=False)[4] == 0x80 | 0x20
