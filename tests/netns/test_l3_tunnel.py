@@ -189,7 +189,8 @@ def test_an_inner_tcp_connection_survives_every_jump_and_the_owners_death(
     n = len(agent.ask("status")["jumps"])
     agent.ask("jump udp")
     until(jumped(n + 1), 10, "the jump back to UDP")
-    assert agent.ask("status")["transport"].startswith("udp")
+    # the jump went to UDP (a later reattach of the agent's own may have followed it)
+    assert any(j["to_transport"].startswith("udp") for j in agent.ask("status")["jumps"][n:])
     phase("TCP -> UDP")
 
     # 4. the node carrying the session dies (SIGKILL): another takes it, the return path
