@@ -562,3 +562,24 @@ def test_previous_keks_load_like_the_kek_and_are_redacted(tmp_path, capsys) -> N
         load_gateway_config(None, {}, {"kek_previous": [KEY_HEX]})  # no current KEK
     with pytest.raises(ConfigError, match="kek_previous"):
         load_gateway_config(None, {}, {"kek": KEY_HEX, "kek_previous": ["not a key"]})
+
+
+def test_the_ipv6_return_address_is_checked_and_needs_the_ipv4_one() -> None:
+    base = {"routed_vip": "10.99.0.254", "routed_vip_interface": "in0"}
+    cfg = load_gateway_config(None, {}, {**base, "routed_vip6": "fd99::254"})
+    assert cfg.routed_vip6 == "fd99::254"
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(None, {}, {**base, "routed_vip6": "10.99.0.253"})
+    assert "routed_vip6" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(None, {}, {"routed_vip6": "fd99::254"})
+    assert "routed_vip6" in str(info.value) and "routed_vip" in str(info.value)
+
+
+def test_the_agents_silence_probe_is_a_setting() -> None:
+    from agent.config import load_agent_config
+
+    assert load_agent_config(None, {}, {}).probe_silence_s == 0.25
+    assert load_agent_config(None, {}, {"probe_silence_s": 0}).probe_silence_s == 0
+    with pytest.raises(ConfigError):
+        load_agent_config(None, {}, {"probe_silence_s": -1})
