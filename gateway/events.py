@@ -41,6 +41,7 @@ from gateway.sinks import (  # noqa: F401  (the sinks' names, where the bus is)
     SyslogSink,
 )
 from session.keys import fingerprint
+from session.records import BINDING_ACTION
 from settings import parse_address
 
 log = logging.getLogger("jvpn.events")
@@ -81,6 +82,11 @@ _ACTIONS: dict[str, tuple[str, list[str], list[str], str]] = {
     "binding_revoked": ("event", ["session"], ["end"], "success"),
 }
 _DEFAULT_ACTION = ("event", ["network"], ["info"], "unknown")
+# A history record's fields (GatewayMachine._record): bare names, all under jvpn.* but
+# the reason (event.reason); its action has no entry above, so the default's kind.
+_RECORD_FIELDS = frozenset({"session_id", "phase", "reason", "epoch", "holder", "incarnation",
+                            "store_ms", "state_version", "binding_id", "binding_status"})
+_RECORD_CATEGORY, _RECORD_TYPE = _DEFAULT_ACTION[1], _DEFAULT_ACTION[2]
 # Allowed (category -> event types), as the ECS reference lists them, for the categories used.
 ECS_EXPECTED_TYPES: dict[str, frozenset[str]] = {
     "authentication": frozenset({"start", "end", "info"}),
@@ -279,6 +285,8 @@ class EventBus:
         trace_id, ...) or else to ``jvpn.<name>``; dotted names are used as is.
         None values are omitted.
         """
+        if action == BINDING_ACTION and fields.keys() <= _RECORD_FIELDS:
+            return self._enqueue(Event(self._record_document(fields)))
         kind, category, type_, outcome = _ACTIONS.get(action, _DEFAULT_ACTION)
         # The nested document is built here, in the order the flat keys would have
         # (to_document of the flat fields gives the same document): a reattach emits
@@ -317,7 +325,44 @@ class EventBus:
             if shared is self._ecs or shared is self._service:
                 doc[parts[0]] = copy.deepcopy(shared)  # never change the shared ones
             _place(doc, parts, value)
-        ev = Event(doc)
+        return self._enqueue(Event(doc))
+
+    def _record_document(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A control-plane history record's document (``session.records``), the same
+        document the general path below builds, without its per-field lookups: a node
+        writes two to four of these per reattach, and they cost more than all its other
+        events together. Every field is a bare name under ``jvpn.*`` but the reason."""
+        jvpn: dict[str, Any] = {}
+        reason = None
+        for key, value in fields.items():
+            if value is None:
+                continue
+            if type(value) not in _PLAIN:
+                value = _field_value(key, value)
+            if key == "reason":
+                reason = value
+            else:
+                jvpn[key] = value
+        sid = fields.get("session_id")
+        why = fields.get("reason")
+        if type(sid) is bytes and type(why) is str and why:
+            message = f"binding unknown: {why} session {sid[:6].hex()}"
+        else:
+            message = _message(BINDING_ACTION, "unknown", fields)
+        event = {"dataset": EVENT_DATASET, "kind": "event", "category": _RECORD_CATEGORY,
+                 "type": _RECORD_TYPE, "action": BINDING_ACTION, "outcome": "unknown"}
+        if reason is not None:
+            event["reason"] = reason
+        doc: dict[str, Any] = {
+            "@timestamp": _timestamp(self._clock()), "log": {"level": "info"},
+            "message": message, "ecs": self._ecs, "service": self._service, "event": event,
+        }
+        if jvpn:
+            doc["jvpn"] = jvpn
+        return doc
+
+    def _enqueue(self, ev: Event) -> bool:
+        """Hand ``ev`` to the subscribers and queue it for the sinks (or drop and count it)."""
         for callback in self._subscribers:
             try:
                 callback(ev)

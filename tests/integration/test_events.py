@@ -432,6 +432,42 @@ def test_documents_built_in_emit_are_the_lines_of_flat_fields_nested() -> None:
     assert events[2].fields["jvpn.nonce"] == fingerprint(NONCE)  # never the nonce itself
 
 
+def test_history_records_are_the_documents_the_general_path_builds(monkeypatch) -> None:
+    """A history record (GatewayMachine._record) takes emit()'s short path: the same line,
+    byte for byte, as the general path gives the same fields, and a record with a field
+    outside its set takes the general path."""
+    import gateway.events as events_module
+    from session.records import BINDING_ACTION
+
+    records = [
+        dict(session_id=SID, phase="begin", reason="granted", epoch=5, holder="gw-1#0a0b0c0d",
+             incarnation="gw-1#0a0b0c0d", store_ms=1764600000100, state_version=7,
+             binding_id="00112233aabbccdd", binding_status="PENDING"),
+        dict(session_id=None, phase="node_started", reason="started", epoch=0, holder="gw-1#e",
+             incarnation="gw-1#e", store_ms=0, state_version=None, binding_id=None,
+             binding_status=None),
+        dict(session_id=SID, phase="release", reason=RejectReason.BAD_PROOF, epoch=5,
+             holder='gw "1"', incarnation="gw-1#e", store_ms=1, state_version=3,
+             binding_id=None, binding_status=None),
+        dict(session_id=SID, phase="end", reason="moved", epoch=2, holder="x", incarnation="y",
+             store_ms=2, state_version=None, binding_id=None, binding_status=None, extra=1),
+    ]
+
+    def lines() -> list[str]:
+        bus = EventBus("gw-1", queue_size=100, clock=lambda: 1764600000.123)
+        for fields in records:
+            bus.emit(BINDING_ACTION, **fields)
+        return [bus._queue.popleft().serialize() for _ in records]
+
+    short = lines()
+    monkeypatch.setattr(events_module, "_RECORD_FIELDS", frozenset())  # the general path only
+    assert short == lines()
+    doc = json.loads(short[0])
+    assert doc["event"]["action"] == BINDING_ACTION and doc["event"]["reason"] == "granted"
+    assert doc["jvpn"]["session_id"] == SID.hex() and doc["jvpn"]["binding_status"] == "PENDING"
+    assert "state_version" not in json.loads(short[1])["jvpn"]
+
+
 def test_every_event_type_is_one_ecs_expects_for_its_categories() -> None:
     """The ECS reference lists, per event.category, the event.type values expected with it;
     every action's pair (and the start/end a state change may carry) is one of them. Every
