@@ -1665,6 +1665,7 @@ class GatewayMachine:
         old_desc = old.peer.describe() if old is not None else f"node:{res.prev_node or '-'}"
         old_kind = (old.peer.kind.name.lower() if old is not None
                     else res.prev_kind.name.lower() if res.prev_kind is not None else "none")
+        answer = control.seal(ack, keys.control_key)  # sealed once: the binding counts its size
         if res.node == self.instance_id:
             if self._held_epoch(sid) >= res.epoch:
                 # A late answer (its outcome was unknown, then recovered) for an epoch this
@@ -1690,11 +1691,11 @@ class GatewayMachine:
                 span.end()
                 return
             b = self._grant(sid, res, peer, r.secrets, len(raw), now, write_ms)
-            b.tx_unvalidated = len(control.seal(ack, keys.control_key))  # the ACK below
+            b.tx_unvalidated = len(answer)  # the ACK below
             b.origin = (old_desc, old_kind)
             if not res.binding_pending:  # a store that grants ACTIVE at once
                 self._announce(b, res.prev_node)
-        self._reattach_answer(r, ack, keys.control_key)
+        self._answer(peer, len(raw), answer)  # as _reattach_answer would
         self.metrics.reattach(Outcome.OK, "", max(0.0, now - r.t0))
         span.set(outcome=Outcome.OK, version=res.version, epoch=res.epoch)
         span.end()
