@@ -599,18 +599,25 @@ class _ClientAdapter(asyncio.DatagramProtocol):
     A handshake, then back-to-back proactive reattaches on the same path: each ACK
     installs the new binding and the next request goes out at once. The machine
     proves every new binding with a keepalive (DATA); this adapter does not transmit
-    DATA, so that the gateway does the reattach work alone, as the raw baselines do.
+    DATA, so that the gateway does the grant's work alone, as the raw baseline of
+    ``reattach.lua`` does. With ``load.complete`` it does: a reattach is then complete
+    when the gateway's answer to that keepalive arrives, which it sends only once the
+    binding is ACTIVE (the path validated, ``activate.lua`` run): the next request goes
+    out then, and the raw baseline is a grant and its activation.
     """
 
-    __slots__ = ("load", "machine", "transport", "connected", "waiting", "dead")
+    __slots__ = ("load", "machine", "transport", "connected", "waiting", "dead", "asked_at",
+                 "activating_since")
 
     def __init__(self, load: ReattachLoad) -> None:
         self.load = load
         self.machine = ClientSession(load.client_priv, load.gateway_pub, load.params)
         self.transport: asyncio.DatagramTransport | None = None
         self.connected: asyncio.Future[bool] = load.loop.create_future()
-        self.waiting = False  # a reattach request of ours is unanswered
+        self.waiting = False  # a reattach request of ours is unanswered (or not complete)
         self.dead = False
+        self.asked_at = 0.0  # when the current request went out
+        self.activating_since: float | None = None  # complete mode: ACK in, keepalive out
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -628,17 +635,39 @@ class _ClientAdapter(asyncio.DatagramProtocol):
     def request(self) -> None:
         """A fresh REATTACH_REQUEST for the current version (the machine's own)."""
         self.waiting = True
-        self.machine.reattach(_now(), PATH, UDP, reason="bench")
+        self.asked_at = _now()
+        self.machine.reattach(self.asked_at, PATH, UDP, reason="bench")
         self._transmit()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = _now()
+        dropped = self.machine.stats["dropped_input"]
         self.machine.receive(data, PATH, now)
+        if (self.activating_since is not None and len(data) > 1 and data[1] == DATA
+                and self.machine.stats["dropped_input"] == dropped):
+            # authenticated DATA on the new binding: the answer to its keepalive
+            self.activating_since = None
+            self._complete(now, now - self.asked_at)
         self._handle_events(now)
         self._transmit()
 
+    def _complete(self, now: float, latency: float) -> None:
+        load = self.load
+        self.waiting = False
+        load.done_at.append(now)
+        load.latency.append(latency)
+        if load.running:
+            self.request()
+
     def check_timer(self, now: float) -> None:
         """Run the machine's timer if due: what it sends then are retransmissions."""
+        since = self.activating_since
+        if since is not None and now - since > RETRANSMIT_S and not self.dead:
+            # the keepalive or its answer was lost (nothing retransmits it): ask again
+            self.activating_since = None
+            self.load.count("activation_timeouts")
+            self.waiting = False
+            self._again()
         due = self.machine.get_timer()
         if due is None or due > now or self.dead:
             return
@@ -649,7 +678,7 @@ class _ClientAdapter(asyncio.DatagramProtocol):
     def _transmit(self) -> int:
         sent = 0
         for _, raw in self.machine.datagrams_to_send():
-            if raw[1] == DATA:  # keepalives: see the class docstring
+            if raw[1] == DATA and not self.load.complete:  # keepalives: see the class docstring
                 continue
             if self.transport is not None:
                 self.transport.sendto(raw)
@@ -660,11 +689,10 @@ class _ClientAdapter(asyncio.DatagramProtocol):
         load = self.load
         while (ev := self.machine.next_event()) is not None:
             if isinstance(ev, Reattached):
-                self.waiting = False
-                load.done_at.append(now)
-                load.latency.append(ev.latency)
-                if load.running:
-                    self.request()
+                if load.complete:  # its keepalive goes out now; complete when answered
+                    self.activating_since = now
+                else:
+                    self._complete(now, ev.latency)
             elif isinstance(ev, ReattachRejected):
                 load.count(f"reject_{ev.reason.name}")
                 if ev.action is ReattachAction.STAY:  # the bench asks again, after a pause
@@ -702,8 +730,9 @@ class ReattachLoad:
     """The reattach load generator: N sessions, one outstanding request each."""
 
     def __init__(self, gateway: tuple[str, int], gateway_pub: bytes, client_priv: bytes,
-                 upstream: str) -> None:
+                 upstream: str, complete: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
+        self.complete = complete  # each reattach completed: its binding made ACTIVE
         self.gateway = gateway
         self.gateway_pub = gateway_pub
         self.client_priv = client_priv
@@ -1025,6 +1054,20 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
                 run["unloaded_p99_ms"] = one["p99_ms"]
             finally:
                 single.close()
+            # Completed reattaches: each grant's keepalive sent, its binding made ACTIVE.
+            full = ReattachLoad(gw, env.gateway_pub, client_priv, policy.upstreams[0],
+                                complete=True)
+            try:
+                await full.open(opts.sessions)
+                cpu = CpuMeter({"gateway": env.gateway_pid, "redis": env.redis_pid,
+                                "loadgen": os.getpid()})  # fmt: skip
+                prof = env.profile(opts, "reattach-completed", rep, opts.warmup + opts.seconds)
+                run["completed"] = await full.run(opts.warmup, opts.seconds)
+                run["completed"]["cpu"] = cpu.read()
+                await env.finish_profile(prof)
+                run["completed"]["errors"] = full.error_counts()
+            finally:
+                full.close()
 
             rounds = max(1, round(run["ops_per_session"]))
             raw_sids = await _birth_sessions(store, opts.sessions, policy)
@@ -1032,10 +1075,14 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
             run["raw_pipelined"] = await raw_pipelined(store, env.redis.host, env.redis.port,
                                                        raw_sids, rounds)  # fmt: skip
             run["raw_pipelined"]["cpu"] = cpu.read()
-            # The store's whole work per reattach: the grant, then its activation.
+            # The store's whole work per completed reattach: the grant, then its activation
+            # (as many per session as the completed run made).
             both_sids = await _birth_sessions(store, opts.sessions, policy)
+            cpu = CpuMeter({"redis": env.redis_pid, "loadgen": os.getpid()})
             run["raw_with_activate"] = await raw_pipelined(
-                store, env.redis.host, env.redis.port, both_sids, rounds, activate=True)
+                store, env.redis.host, env.redis.port, both_sids,
+                max(1, round(run["completed"]["ops_per_session"])), activate=True)
+            run["raw_with_activate"]["cpu"] = cpu.read()
             # The same script with one call per fresh session: a nonce hash as small as
             # at realistic per-session rates (the loop above makes it hold every call).
             fresh = await _birth_sessions(store, min(10_000, max(2_000, 20 * opts.sessions)),
@@ -1049,11 +1096,17 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
                     store, env.redis.host, env.redis.port, opts.sessions,
                     max(10_000, min(300_000, rounds * opts.sessions)), policy)
             run["ratio"] = _ratio(run["rate"], run["raw_pipelined"]["rate"])
+            run["completed_ratio"] = _ratio(run["completed"]["rate"],
+                                            run["raw_with_activate"]["rate"])
             runs.append(run)
+            done = run["completed"]
             opts.say(
                 f"  reattach {rep + 1}/{opts.repeat}: gateway {run['rate']:,.0f}/s "
                 f"(p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms), raw pipelined "
-                f"{run['raw_pipelined']['rate']:,.0f}/s -> {run['ratio']:.0%}; cpu {run['cpu']}")
+                f"{run['raw_pipelined']['rate']:,.0f}/s -> {run['ratio']:.0%}; cpu {run['cpu']}\n"
+                f"    completed: gateway {done['rate']:,.0f}/s (p50 {done['p50_ms']:.1f} ms), "
+                f"raw grant + activate {run['raw_with_activate']['rate']:,.0f}/s -> "
+                f"{run['completed_ratio']:.0%}; cpu {done['cpu']}")
     finally:
         await direct.close()
     return _summarize_reattach(opts, runs)
@@ -1079,7 +1132,22 @@ def _summarize_reattach(opts: BenchOptions, runs: list[dict[str, Any]]) -> dict[
         "handshake_rate": med(lambda r: r["handshake_rate"]),
         "raw_pipelined_rate": raw,
         "raw_with_activate_rate": med(lambda r: r["raw_with_activate"]["rate"]),
-        "ratio_with_activate": _ratio(rate, med(lambda r: r["raw_with_activate"]["rate"])),
+        # Completed reattaches (grant, the client's first packet on the new path, activation)
+        # against the store's grant + activate pipeline: two scripts per reattach.
+        "completed_rate": med(lambda r: r["completed"]["rate"]),
+        "completed_p50_ms": med(lambda r: r["completed"]["p50_ms"]),
+        "completed_p99_ms": med(lambda r: r["completed"]["p99_ms"]),
+        "completed_ratio": _ratio(med(lambda r: r["completed"]["rate"]),
+                                  med(lambda r: r["raw_with_activate"]["rate"])),
+        "completed_ratio_runs": [r["completed_ratio"] for r in runs],
+        "completed_cpu": {k: med(lambda r, k=k: r["completed"]["cpu"][k])  # type: ignore[misc]
+                          for k in runs[0]["completed"]["cpu"]},
+        "completed_gateway_cpu_us": med(lambda r: _per_op_us(r["completed"]["cpu"]["gateway"],
+                                                             r["completed"]["rate"])),
+        "completed_loadgen_cpu_us": med(lambda r: _per_op_us(r["completed"]["cpu"]["loadgen"],
+                                                             r["completed"]["rate"])),
+        "raw_with_activate_redis_cpu_us": med(lambda r: _per_op_us(
+            r["raw_with_activate"]["cpu"]["redis"], r["raw_with_activate"]["rate"])),
         "raw_evalsha_rate": med(lambda r: r["raw_evalsha"]["rate"]),
         "raw_fresh_rate": med(lambda r: r["raw_fresh"]["rate"]),
         "redis_benchmark_rate": median(rb) if rb else None,
@@ -1087,6 +1155,7 @@ def _summarize_reattach(opts: BenchOptions, runs: list[dict[str, Any]]) -> dict[
         "cpu": cpu,
         # CPU cost per call: robust to a noisy machine (what one core would sustain).
         "gateway_cpu_us": med(lambda r: _per_op_us(r["cpu"]["gateway"], r["rate"])),
+        "loadgen_cpu_us": med(lambda r: _per_op_us(r["cpu"]["loadgen"], r["rate"])),
         "raw_redis_cpu_us": med(lambda r: _per_op_us(r["raw_pipelined"]["cpu"]["redis"],
                                                      r["raw_pipelined"]["rate"])),
         "ratio": _ratio(rate, raw),
@@ -1842,8 +1911,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"  raw EVALSHA pipelines        {ra['raw_pipelined_rate']:>10,.0f} /s   "
             f"(same script, {ra['ops_per_session']:.0f} calls/session, {RAW_CONNECTIONS} sockets)",
             f"  raw reattach + activate      {ra['raw_with_activate_rate']:>10,.0f} /s   "
-            "(a grant and its activation: the store's work per completed reattach; the bench's "
-            "sessions send no DATA, so the gateway above grants only)",
+            "(a grant and its activation: the store's work per completed reattach)",
             f"  raw, 1 call per session      {ra['raw_fresh_rate']:>10,.0f} /s   "
             "(same script, small nonce hash: what Redis does at realistic rates)",
             f"  raw_evalsha, concurrent      {ra['raw_evalsha_rate']:>10,.0f} /s   "
@@ -1860,7 +1928,17 @@ def format_report(report: dict[str, Any]) -> str:
             f"  cpu (1.0 = one core)         {_cpu_text(ra['cpu'])}",
             f"  cpu per call                 gateway {ra['gateway_cpu_us']:.0f} us/reattach, redis "
             f"{ra['raw_redis_cpu_us']:.0f} us/script call -> one core each: "
-            f"{ra['cpu_ratio']:.1%} (noise-robust ratio)",
+            f"{ra['cpu_ratio']:.1%} (noise-robust ratio); load generator "
+            f"{ra['loadgen_cpu_us']:.0f} us/reattach",
+            f"  completed reattaches         {ra['completed_rate']:>10,.0f} /s   "
+            f"p50 {ra['completed_p50_ms']:.1f} ms  p99 {ra['completed_p99_ms']:.1f} ms  "
+            "(grant, the keepalive on the new path, activation, its answer)",
+            f"  ratio completed/raw g+a      {ra['completed_ratio']:>10.1%}     per run: "
+            + ", ".join(f"{x:.1%}" for x in ra["completed_ratio_runs"]),
+            f"  completed: cpu               {_cpu_text(ra['completed_cpu'])}",
+            f"  completed: cpu per reattach  gateway {ra['completed_gateway_cpu_us']:.0f} us, "
+            f"load generator {ra['completed_loadgen_cpu_us']:.0f} us; redis "
+            f"{ra['raw_with_activate_redis_cpu_us']:.0f} us per grant + activate",
             f"  bottleneck                   {ra['bottleneck']}",
             f"  gateway memory               {ra['gateway_rss_bytes_per_session']:,.0f} B RSS "
             f"growth per session (first run; an upper bound)",
