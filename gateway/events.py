@@ -82,11 +82,27 @@ _ACTIONS: dict[str, tuple[str, list[str], list[str], str]] = {
     "binding_revoked": ("event", ["session"], ["end"], "success"),
 }
 _DEFAULT_ACTION = ("event", ["network"], ["info"], "unknown")
-# A history record's fields (GatewayMachine._record): bare names, all under jvpn.* but
-# the reason (event.reason); its action has no entry above, so the default's kind.
-_RECORD_FIELDS = frozenset({"session_id", "phase", "reason", "epoch", "holder", "incarnation",
-                            "store_ms", "state_version", "binding_id", "binding_status"})
+# A history record's fields (GatewayMachine._record), in its order: bare names, all under
+# jvpn.* but the reason (event.reason); its action has no entry above: the default's kind.
+_RECORD_ORDER = ("session_id", "phase", "reason", "epoch", "holder", "incarnation", "store_ms",
+                 "state_version", "binding_id", "binding_status")
 _RECORD_CATEGORY, _RECORD_TYPE = _DEFAULT_ACTION[1], _DEFAULT_ACTION[2]
+_JSON_TEXT: dict[str, str] = {}  # a string -> its JSON text (a record's few distinct strings)
+
+
+def _json_text(value: str) -> str:
+    """``value`` as JSON text, as orjson writes it (hex ids need no escaping; the phases,
+    reasons and node names repeat: cached)."""
+    if value.isascii() and value.isalnum():
+        return f'"{value}"'
+    text = _JSON_TEXT.get(value)
+    if text is None:
+        text = orjson.dumps(value).decode()
+        if len(_JSON_TEXT) < 4096:
+            _JSON_TEXT[value] = text
+    return text
+
+
 # Allowed (category -> event types), as the ECS reference lists them, for the categories used.
 ECS_EXPECTED_TYPES: dict[str, frozenset[str]] = {
     "authentication": frozenset({"start", "end", "info"}),
@@ -202,14 +218,23 @@ class Event:
     """One event: the nested ECS document, and its JSON line once serialized.
 
     ``fields`` is the same event as flat dotted ECS keys (``"event.action"``), made on
-    first use: subscribers and tests read it; the sinks only need the document."""
+    first use: subscribers and tests read it; the sinks only need the document. A history
+    record is made as its line (``EventBus.emit``): its document is read from the line
+    when asked for."""
 
-    __slots__ = ("doc", "line", "_fields")
+    __slots__ = ("_doc", "line", "_fields", "_action")
 
-    def __init__(self, doc: dict[str, Any]) -> None:
-        self.doc = doc
-        self.line = ""
+    def __init__(self, doc: dict[str, Any] | None, line: str = "", action: str = "") -> None:
+        self._doc = doc
+        self.line = line
         self._fields: dict[str, Any] | None = None
+        self._action = action
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        if self._doc is None:
+            self._doc = orjson.loads(self.line)
+        return self._doc
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -220,6 +245,8 @@ class Event:
     @property
     def action(self) -> str:
         """event.action, e.g. "state_change"."""
+        if self._action:
+            return self._action
         event = self.doc.get("event")
         return str(event.get("action", "")) if type(event) is dict else ""
 
@@ -275,6 +302,14 @@ class EventBus:
         # service.* gets its own copy first, see emit).
         self._ecs = {"version": ECS_VERSION}
         self._service = {"name": SERVICE_NAME, "node": {"name": node}}
+        # A history record's line between its message and its reason (_record_line).
+        head = encode_json({
+            "ecs": self._ecs, "service": self._service,
+            "event": {"dataset": EVENT_DATASET, "kind": "event", "category": _RECORD_CATEGORY,
+                      "type": _RECORD_TYPE, "action": BINDING_ACTION, "outcome": "unknown",
+                      "reason": ""}})
+        assert head.endswith('"reason":""}}')
+        self._record_head = "," + head[1:-4]
 
     # ---- producer side (synchronous, O(1), never blocks) ---------------------------------
 
@@ -285,8 +320,10 @@ class EventBus:
         trace_id, ...) or else to ``jvpn.<name>``; dotted names are used as is.
         None values are omitted.
         """
-        if action == BINDING_ACTION and fields.keys() <= _RECORD_FIELDS:
-            return self._enqueue(Event(self._record_document(fields)))
+        if action == BINDING_ACTION:
+            line = self._record_line(fields)
+            if line:
+                return self._enqueue(Event(None, line, BINDING_ACTION))
         kind, category, type_, outcome = _ACTIONS.get(action, _DEFAULT_ACTION)
         # The nested document is built here, in the order the flat keys would have
         # (to_document of the flat fields gives the same document): a reattach emits
@@ -327,39 +364,47 @@ class EventBus:
             _place(doc, parts, value)
         return self._enqueue(Event(doc))
 
-    def _record_document(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """A control-plane history record's document (``session.records``), the same
-        document the general path below builds, without its per-field lookups: a node
-        writes two to four of these per reattach, and they cost more than all its other
-        events together. Every field is a bare name under ``jvpn.*`` but the reason."""
-        jvpn: dict[str, Any] = {}
-        reason = None
-        for key, value in fields.items():
-            if value is None:
-                continue
-            if type(value) not in _PLAIN:
-                value = _field_value(key, value)
-            if key == "reason":
-                reason = value
-            else:
-                jvpn[key] = value
-        sid = fields.get("session_id")
-        why = fields.get("reason")
-        if type(sid) is bytes and type(why) is str and why:
-            message = f"binding unknown: {why} session {sid[:6].hex()}"
+    def _record_line(self, fields: dict[str, Any]) -> str:
+        """A control-plane history record (``session.records``) as its JSON line, made from
+        pre-encoded parts: the same line, byte for byte, as the general path below gives
+        the same fields (a test compares them), without building the document (a node
+        writes two to four records per reattach: building and serializing their documents
+        cost more than all its other events). "" for fields not in the order and of the
+        types ``GatewayMachine._record`` gives them (then the general path does)."""
+        if tuple(fields) != _RECORD_ORDER:
+            return ""
+        sid, phase, reason, epoch, holder, inc, store_ms, version, bid, status = fields.values()
+        if not (type(phase) is str and type(reason) is str and reason
+                and type(epoch) is int and type(holder) is str and type(inc) is str
+                and type(store_ms) is int):
+            return ""
+        why = _json_text(reason)
+        if type(sid) is bytes:
+            hexed = sid.hex()
+            head = f'"binding unknown: {why[1:-1]} session {hexed[:12]}"'
+            jvpn = f'"session_id":"{hexed}","phase":'
+        elif sid is None:
+            head = f'"binding unknown: {why[1:-1]}"'
+            jvpn = '"phase":'
         else:
-            message = _message(BINDING_ACTION, "unknown", fields)
-        event = {"dataset": EVENT_DATASET, "kind": "event", "category": _RECORD_CATEGORY,
-                 "type": _RECORD_TYPE, "action": BINDING_ACTION, "outcome": "unknown"}
-        if reason is not None:
-            event["reason"] = reason
-        doc: dict[str, Any] = {
-            "@timestamp": _timestamp(self._clock()), "log": {"level": "info"},
-            "message": message, "ecs": self._ecs, "service": self._service, "event": event,
-        }
-        if jvpn:
-            doc["jvpn"] = jvpn
-        return doc
+            return ""
+        tail = []
+        if version is not None:
+            if type(version) is not int:
+                return ""
+            tail.append(f',"state_version":{version}')
+        if bid is not None:
+            if type(bid) is not str:
+                return ""
+            tail.append(f',"binding_id":{_json_text(bid)}')
+        if status is not None:
+            if type(status) is not str:
+                return ""
+            tail.append(f',"binding_status":{_json_text(status)}')
+        return (f'{{"@timestamp":"{_timestamp(self._clock())}","log":{{"level":"info"}},'
+                f'"message":{head}{self._record_head}{why}}},"jvpn":{{{jvpn}'
+                f'{_json_text(phase)},"epoch":{epoch},"holder":{_json_text(holder)},'
+                f'"incarnation":{_json_text(inc)},"store_ms":{store_ms}{"".join(tail)}}}}}')
 
     def _enqueue(self, ev: Event) -> bool:
         """Hand ``ev`` to the subscribers and queue it for the sinks (or drop and count it)."""

@@ -441,7 +441,7 @@ def test_history_records_are_the_documents_the_general_path_builds(monkeypatch) 
 
     records = [
         dict(session_id=SID, phase="begin", reason="granted", epoch=5, holder="gw-1#0a0b0c0d",
-             incarnation="gw-1#0a0b0c0d", store_ms=1764600000100, state_version=7,
+             incarnation='gw "\u00e9"\\\n', store_ms=1764600000100, state_version=7,
              binding_id="00112233aabbccdd", binding_status="PENDING"),
         dict(session_id=None, phase="node_started", reason="started", epoch=0, holder="gw-1#e",
              incarnation="gw-1#e", store_ms=0, state_version=None, binding_id=None,
@@ -457,11 +457,18 @@ def test_history_records_are_the_documents_the_general_path_builds(monkeypatch) 
         bus = EventBus("gw-1", queue_size=100, clock=lambda: 1764600000.123)
         for fields in records:
             bus.emit(BINDING_ACTION, **fields)
-        return [bus._queue.popleft().serialize() for _ in records]
+        events = [bus._queue.popleft() for _ in records]
+        made_as_lines.append([ev._doc is None for ev in events])
+        for ev in events:
+            assert ev.action == BINDING_ACTION
+            assert ev.document() == json.loads(ev.serialize())
+        return [ev.serialize() for ev in events]
 
+    made_as_lines: list[list[bool]] = []
     short = lines()
-    monkeypatch.setattr(events_module, "_RECORD_FIELDS", frozenset())  # the general path only
+    monkeypatch.setattr(events_module, "_RECORD_ORDER", ())  # the general path only
     assert short == lines()
+    assert made_as_lines == [[True, True, False, False], [False] * 4]
     doc = json.loads(short[0])
     assert doc["event"]["action"] == BINDING_ACTION and doc["event"]["reason"] == "granted"
     assert doc["jvpn"]["session_id"] == SID.hex() and doc["jvpn"]["binding_status"] == "PENDING"
