@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import secrets
 import socket
@@ -158,8 +159,9 @@ class GatewayNode:
         self.metrics = metrics
         self.clock = clock
         self.tracing = tracing or Tracing.disabled(settings.node_id)
+        # os.urandom: what secrets.token_bytes calls, without its two Python frames per call
         self.machine = GatewayMachine(settings, static_priv, kek, metrics=metrics, events=events,
-                                      tracer=self.tracing, random=secrets.token_bytes)
+                                      tracer=self.tracing, random=os.urandom)
         self._ops = _store_ops(store)
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._udp: asyncio.DatagramTransport | None = None
