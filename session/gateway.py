@@ -411,6 +411,9 @@ class GatewayMachine:
         # Is each client key still in the registry, and when we last asked (bounded staleness:
         # a revoked client's sessions end within registry_staleness_s plus a refresh period).
         self._registered: dict[str, tuple[bool, float]] = {}
+        # Reattaches waiting for their client's registry read, by client (one read in flight
+        # per client: when a client's entry goes stale, each of its reattaches needs it).
+        self._registry_waiters: dict[str, list[_Reattach]] = {}
         self._sweeping = False
         self._next_call = 1
         self._timers = _Timers()
@@ -1520,8 +1523,19 @@ class GatewayMachine:
             return self._drop(DropReason.SUPERSEDED, peer)
         client = r.secrets.client_id
         if not self._registry_fresh(client, now):  # rarely: the registry, then the CAS
-            self._call(GetClientOp(client),
-                       lambda pol, t: self._reattach_registry(r, pol, t), r.span, control=True)
+            waiters = self._registry_waiters.get(client)
+            if waiters is not None and len(waiters) < MAX_CONTROL_CALLS:
+                waiters.append(r)  # the read in flight answers it too
+                return
+            if waiters is None:
+                self._registry_waiters[client] = [r]
+                self._call(GetClientOp(client),
+                           lambda pol, t: self._registry_read(client, pol, t), r.span,
+                           control=True)
+            else:  # beyond the bound: a read of its own
+                self._call(GetClientOp(client),
+                           lambda pol, t: self._reattach_registry(r, pol, t), r.span,
+                           control=True)
             return
         if not self._registered.get(client, (False, 0.0))[0]:
             return self._revoked(r, now)
@@ -1539,6 +1553,12 @@ class GatewayMachine:
                 self._newest_request.pop(next(iter(self._newest_request)))
             self._newest_request[sid] = ts
         return False
+
+    def _registry_read(self, client: str, policy: Any, now: float) -> None:
+        """The registry read of ``client``'s waiting reattaches: each goes on as if it had
+        read it itself."""
+        for r in self._registry_waiters.pop(client, []):
+            self._reattach_registry(r, policy, now)
 
     def _reattach_registry(self, r: _Reattach, policy: Any, now: float) -> None:
         assert r.secrets is not None

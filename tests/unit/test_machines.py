@@ -748,6 +748,31 @@ def test_a_revoked_client_cannot_reattach() -> None:
     assert c.machine.state is SessionState.TERMINATED
 
 
+def test_a_stale_registry_view_is_read_once_for_all_of_a_clients_reattaches() -> None:
+    """When the node's view of a client's registry entry goes stale, its reattaches in
+    flight wait for one read of it (not one each), then each goes on to its CAS."""
+    net = Net(seed=117, store_latency=0.05)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, **dict(GW_SETTINGS, registry_staleness_s=0.5))
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,), ttl_s=300.0)
+    clients = []
+    for i in range(4):
+        c = net.client(CL_PRIV, GW_PUB, PARAMS)
+        net.add_path(c, 1, (HOME[0], HOME[1] + i), "gw-a")
+        c.machine.connect(net.now, WALL_MS + int(net.now * 1000), 1, wire.TransportKind.UDP)
+        clients.append(c)
+    net.run(1.0)
+    assert all(c.of(HandshakeComplete) for c in clients)
+    net.run(1.6)  # the view of the registry is stale now
+    reads = sum(type(op).__name__ == "GetClientOp" for op in net.store.calls)
+    for i, c in enumerate(clients):
+        net.add_path(c, 2, (OTHER[0], OTHER[1] + i), "gw-a")
+        c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    net.run(net.now + 0.5)
+    assert all(c.of(Reattached) for c in clients)
+    assert sum(type(op).__name__ == "GetClientOp" for op in net.store.calls) == reads + 1
+    assert not gw.machine._registry_waiters
+
+
 def test_a_revoked_clients_quiet_session_ends_at_its_next_refresh() -> None:
     """A session that never reattaches is ended at its next refresh after the registry
     view goes stale, and the client is told in band (authenticated CLOSE)."""
