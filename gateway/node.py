@@ -191,6 +191,7 @@ class GatewayNode:
         self.want_engine = engine
         self.engine: Any = None
         self._mirror: udp_engine.EngineMirror | None = None
+        self._mirror_all_due = False  # a refresh of every binding is scheduled (_mirror_sync_soon)
         self._udp_proto: _UdpProtocol | None = None
         metrics.sessions_callback = self.machine.sessions_by_state
 
@@ -343,7 +344,10 @@ class GatewayNode:
             log.exception("store answer handling failed")
         self._flush()
         if self._mirror is not None:
-            self._mirror_sync(sid)
+            if sid is not None:
+                self._mirror.sync(sid)
+            else:
+                self._mirror_sync_soon()
 
     # ---- effects ---------------------------------------------------------------------------
 
@@ -509,6 +513,19 @@ class GatewayNode:
         """Bring what the compiled engine forwarded into the bindings (before reading them)."""
         if self._mirror is not None:
             self._mirror.pull_all()
+
+    def _mirror_sync_soon(self) -> None:
+        """Refresh every binding once the answers of this loop iteration are in, not once
+        per answer about no session (the health check, the registry, the sweeper): when a
+        client's registry entry goes stale, each of its reattaches in flight reads it, and a
+        walk of every binding per answer made that herd cost seconds of CPU."""
+        if not self._mirror_all_due:
+            self._mirror_all_due = True
+            asyncio.get_running_loop().call_soon(self._mirror_sync_due)
+
+    def _mirror_sync_due(self) -> None:
+        self._mirror_all_due = False
+        self._mirror_sync()
 
     def _mirror_sync(self, sid: bytes | None = None) -> None:
         """Refresh the engine's bindings: one session's, or all (and the engine's counters)."""
