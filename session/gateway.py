@@ -414,6 +414,7 @@ class GatewayMachine:
         # Reattaches waiting for their client's registry read, by client (one read in flight
         # per client: when a client's entry goes stale, each of its reattaches needs it).
         self._registry_waiters: dict[str, list[_Reattach]] = {}
+        self._registry_waiting = 0  # all clients' waiters: at most MAX_CONTROL_CALLS
         self._sweeping = False
         self._next_call = 1
         self._timers = _Timers()
@@ -1524,8 +1525,9 @@ class GatewayMachine:
         client = r.secrets.client_id
         if not self._registry_fresh(client, now):  # rarely: the registry, then the CAS
             waiters = self._registry_waiters.get(client)
-            if waiters is not None and len(waiters) < MAX_CONTROL_CALLS:
+            if waiters is not None and self._registry_waiting < MAX_CONTROL_CALLS:
                 waiters.append(r)  # the read in flight answers it too
+                self._registry_waiting += 1
                 return
             if waiters is None:
                 self._registry_waiters[client] = [r]
@@ -1557,7 +1559,9 @@ class GatewayMachine:
     def _registry_read(self, client: str, policy: Any, now: float) -> None:
         """The registry read of ``client``'s waiting reattaches: each goes on as if it had
         read it itself."""
-        for r in self._registry_waiters.pop(client, []):
+        waiters = self._registry_waiters.pop(client, [])
+        self._registry_waiting -= len(waiters) - 1  # the first one made the read
+        for r in waiters:
             self._reattach_registry(r, policy, now)
 
     def _reattach_registry(self, r: _Reattach, policy: Any, now: float) -> None:
