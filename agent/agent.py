@@ -148,13 +148,17 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         if self.l3 is not None:
             await asyncio.to_thread(self.l3.open)  # netlink: pyroute2 runs its own loop
-            self.l3.attach(self._loop, self._tun_packet)
+            if self.settings.engine:
+                assert self.l3.tun is not None
+                self._start_engine(self._loop, tun=self.l3.tun.fd)  # it reads the TUN
+            else:
+                self.l3.attach(self._loop, self._tun_packet)
         if self.settings.watch_addresses:
             ignore = [self.settings.l3.tun_name] if self.settings.l3 is not None else []
             watch = AddressWatch(self._address_event, ignore)
             if watch.start(self._loop):
                 self._watch = watch
-        if self.settings.local_udp is not None and self.settings.engine:
+        if self.settings.local_udp is not None and self.settings.engine and self.engine is None:
             self._start_engine(self._loop, self.settings.local_udp)
         elif self.settings.local_udp is not None:
             self._local, _ = await self._loop.create_datagram_endpoint(
@@ -282,9 +286,9 @@ class Agent:
         self._next_path += 1
         mark = self.l3.mark if self.l3 is not None else 0
         path: Path
-        if kind == "udp" and self.engine is not None and not mark:
+        if kind == "udp" and self.engine is not None:
             path = udp_engine.EngineUdpPath(pid, remote, self._on_receive, self._on_failed,
-                                            self.engine)
+                                            self.engine, mark)
         else:
             path = _PATHS[kind](pid, remote, self._on_receive, self._on_failed, mark)
         try:
@@ -543,9 +547,19 @@ class Agent:
 
     # ---- the compiled UDP data path (agent/udp_engine.py) -----------------------------------
 
-    def _start_engine(self, loop: asyncio.AbstractEventLoop, local: tuple[str, int]) -> None:
+    def _start_engine(self, loop: asyncio.AbstractEventLoop, local: tuple[str, int] | None = None,
+                      tun: int | None = None) -> None:
+        """The engine on the local UDP port ``local``, or on the L3 interface's TUN ``tun``."""
         import jvpn_dataplane
 
+        self._channel_class = jvpn_dataplane.DataChannel
+        if tun is not None:
+            self.engine = jvpn_dataplane.AgentEngine(tun, udp_engine.QUEUE_MAX, tun=True)
+            loop.add_reader(self.engine.fileno(), self._engine_ready)
+            self._log("L3 data path: compiled engine (the TUN and the UDP paths on its own "
+                      "thread)")
+            return
+        assert local is not None
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -568,7 +582,11 @@ class Agent:
             if kind == 0:
                 if len(a) <= wire.MAX_PAYLOAD_SIZE:
                     self.local_received(a, b)
+            elif kind == 2:
+                self._tun_packet(a)
             elif a in self.paths:
+                if udp_engine.is_notice(b):  # a hint may echo a packet the engine sealed
+                    self.machine.sealed_elsewhere(self.engine.recent_tags())
                 self._on_receive(a, b)
 
     def _engine_sync(self) -> None:
@@ -576,17 +594,18 @@ class Agent:
         m = self.machine
         ch = m.channel
         path = self.paths.get(m.path) if m.path is not None else None
-        # Never fast for now: the application's datagrams travel as flows (one per local
-        # source, FLOW_PAYLOAD), which the engine does not carry yet; it reads the sockets in
-        # batches and the machine does the rest.
-        fast = (udp_engine.CARRIES_FLOWS and m.attached
+        # UDP-forward mode is never fast for now: the application's datagrams travel as
+        # flows (one per local source, FLOW_PAYLOAD), which the engine does not carry yet; it
+        # reads the sockets in batches and the machine does the rest. L3 packets travel as
+        # plain PAYLOADs.
+        fast = ((self.l3 is not None or udp_engine.CARRIES_FLOWS) and m.attached
                 and isinstance(path, udp_engine.EngineUdpPath) and type(ch) is self._channel_class)
-        state = (m.path, ch, fast)
+        state = (m.path, ch, fast, m.keys_until)
         if state != self._engine_state:
             self._engine_state = state
             if isinstance(path, udp_engine.EngineUdpPath) and ch is not None \
                     and type(ch) is self._channel_class:
-                self.engine.set_current(m.path, ch, fast)
+                self.engine.set_current(m.path, ch, fast, m.keys_until)
             else:
                 self.engine.set_current(None, None, False)
 

@@ -1,4 +1,4 @@
-"""The compiled UDP data path of the agent (``jvpn_dataplane.AgentEngine``), seen from asyncio.
+"""The compiled data path of the agent (``jvpn_dataplane.AgentEngine``), seen from asyncio.
 
 With the engine on, a Rust thread reads the local application's socket and every UDP
 path's socket in batches. It seals and sends the application's datagrams, and delivers
@@ -10,6 +10,13 @@ application's datagrams while not fast (the machine holds or drops them), and ev
 packet on a path that is not a payload of the current binding (handshake and reattach
 answers, notices, keepalive answers, challenges, other paths). This module decides
 nothing: after every input the agent tells the engine what the machine now holds.
+
+In L3 mode the engine reads the agent's TUN instead of a local port: it seals the IP
+packets applications send into the interface and writes the gateway's payloads to it,
+under the same conditions, until the current secret reaches its reject-after age (the
+machine then holds packets and rekeys); packets it does not carry come back as from the
+TUN. The engine keeps the AEAD tags of the packets it sealed, which the agent hands to
+the machine before a NOTICE: a NOT_BOUND_HERE hint about one of them is the client's.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ DRAIN_MAX = 512
 QUEUE_MAX = 16384
 
 
+def is_notice(packet: bytes) -> bool:
+    """Whether a packet from a path is a NOTICE (a NOT_BOUND_HERE hint among them)."""
+    return len(packet) > 1 and packet[1] == wire.MessageType.NOTICE
+
+
 def available() -> bool:
     """Whether the compiled module carries the agent's engine."""
     try:
@@ -48,14 +60,15 @@ class EngineUdpPath(Path):
     kind = wire.TransportKind.UDP
 
     def __init__(self, path_id: int, remote: tuple[str, int], on_receive: Any,
-                 on_failed: Callable[[int, str], None], engine: Any = None) -> None:
-        super().__init__(path_id, remote, on_receive, on_failed)
+                 on_failed: Callable[[int, str], None], engine: Any = None,
+                 mark: int = 0) -> None:
+        super().__init__(path_id, remote, on_receive, on_failed, mark)
         self.engine = engine
         self.sock: socket.socket | None = None
 
     async def open(self) -> EngineUdpPath:
         family = socket.AF_INET6 if ":" in self.remote[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = self._socket(socket.SOCK_DGRAM) or socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             sock.connect(self.remote)

@@ -299,6 +299,7 @@ class L3Plane:
         self._ndp: NeighborResponder | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.vip_held = False
+        self._engine_tun = False  # the compiled engine holds a duplicate of the TUN
         self.counts = {"relayed_out": 0, "relayed_in": 0, "relay_bad_tag": 0,
                        "relay_replayed": 0, "relay_too_old": 0, "relay_busy": 0,
                        "not_local_dropped": 0, "tun_write_errors": 0}
@@ -323,9 +324,17 @@ class L3Plane:
             await self.stop()
             raise
         assert self.tun is not None
-        self.tun.attach(loop, self._from_tun)
-        log.info("L3: %s mtu %d, gateway %s, egress %s", self.tun.name, cfg.mtu,
-                 cfg.pool.gateway.text(), cfg.egress)
+        engine = self.node.engine
+        if engine is not None:
+            # the compiled engine reads and writes the TUN for the bindings it carries and
+            # hands every other packet read from it to _from_tun (gateway/udp_engine.py)
+            engine.set_tun(self.tun.fd)
+            self._engine_tun = True
+        else:
+            self.tun.attach(loop, self._from_tun)
+        log.info("L3: %s mtu %d, gateway %s, egress %s, TUN read by %s", self.tun.name, cfg.mtu,
+                 cfg.pool.gateway.text(), cfg.egress,
+                 "the compiled engine" if engine is not None else "asyncio")
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -365,6 +374,10 @@ class L3Plane:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self.node.store.set_relay(self.node.machine.instance_id, None), 1.0)
+        if self._engine_tun:
+            self._engine_tun = False
+            with contextlib.suppress(RuntimeError, OSError):  # stopped first: closed it
+                self.node.engine.set_tun(None)
         if self.tun is not None:
             self.tun.detach()
         await asyncio.to_thread(self._teardown)
@@ -388,6 +401,8 @@ class L3Plane:
     # ---- packets ---------------------------------------------------------------------------
 
     def _from_tun(self, packet: bytes) -> None:
+        """A packet the kernel routed into the TUN (read by asyncio, or handed up by the
+        compiled engine: one no binding it carries owns)."""
         node = self.node
         if node._stopping:
             return

@@ -274,7 +274,8 @@ class _HotPathCollector(Collector):
                 "jvpn_engine_syscalls", "System calls of the compiled UDP engine's thread",
                 labels=["call"])
             for call, key in (("recvmmsg", "recv_calls"), ("sendmmsg", "send_calls"),
-                              ("epoll_wait", "poll_calls")):
+                              ("epoll_wait", "poll_calls"), ("tun_read", "tun_reads"),
+                              ("tun_write", "tun_writes")):
                 calls.add_metric([call], e.get(key, 0))
             yield calls
         sessions = GaugeMetricFamily(

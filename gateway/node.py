@@ -503,6 +503,9 @@ class GatewayNode:
                 self._udp_proto.datagram_received(a, b)
                 if len(a) >= wire.HEADER_LEN:
                     touched.add(a[4:wire.HEADER_LEN])
+            elif kind == 2:  # from the TUN, for no binding the engine carries
+                if self.l3 is not None:
+                    self.l3._from_tun(a)
             else:
                 self.from_upstream(a, b)
                 touched.add(a)
@@ -544,6 +547,10 @@ class GatewayNode:
         m.tx_bytes += delta["tx_bytes"]
         for reason, n in udp_engine.drop_reasons(delta):
             m.count_drop(reason, wire.TransportKind.UDP, n)
+        for why, n in udp_engine.tunnel_drops(delta):
+            self.machine.tunnel_dropped(why, wire.TransportKind.UDP, n)
+        if self.l3 is not None and delta.get("tun_write_errors"):
+            self.l3.counts["tun_write_errors"] += delta["tun_write_errors"]
         m.engine = mirror.totals
 
     # ---- background ------------------------------------------------------------------------

@@ -19,6 +19,13 @@ trusted the store, else already past, so the engine stops forwarding on its own 
 store goes silent (fail closed). The mirror is refreshed for the session of every item
 handed up, after every store answer, move notice and timer, and a binding the machine
 dropped is removed from the engine at the next refresh.
+
+L3 sessions are installed with their route (inner addresses and allowed prefixes, in the
+engine's form ``CryptokeyRoute``), and the node's L3 plane hands the engine its TUN: the
+engine then carries a fast binding's IP packets between the tunnel and the TUN itself,
+with the machine's cryptokey routing, and hands up what it does not carry (packets for a
+session bound elsewhere, or not fast). Its refusals come back as counters, folded into
+the machine's ``tunnel_drops`` and the drop metrics by the node.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from session.binding import Binding
 from session.gateway import GatewayMachine
 from session.reasons import DropReason
 from session.states import LIVE_STATES
+from session.tunnel import SessionRoute, TunnelDrop
 
 log = logging.getLogger("jvpn.gateway")
 
@@ -56,7 +64,8 @@ class EngineMirror:
         self.engine = engine
         self.machine = machine
         self.channel_class = channel_class
-        self.installed: dict[bytes, tuple[Any, ...]] = {}  # what the engine was last told, by session
+        # what the engine was last told, by session (and the compiled form of its route)
+        self.installed: dict[bytes, tuple[Any, ...]] = {}
         self._counters: dict[str, int] = {}
 
     def fast(self, b: Binding) -> bool:
@@ -85,10 +94,15 @@ class EngineMirror:
             return
         if type(b.channel) is not self.channel_class:
             return  # a channel made before the engine: the machine keeps the whole binding
-        state = (b.channel, b.peer.addr, self.fast(b), self.lease_until(b))
-        if self.installed.get(sid) != state:
-            self.engine.install(sid, b.channel, b.peer.send_addr, state[2], state[3])
-            self.installed[sid] = state
+        route = b.secrets.route
+        state = (b.channel, b.peer.addr, self.fast(b), self.lease_until(b), route)
+        old = self.installed.get(sid)
+        if old != state:
+            compiled = None
+            if route is not None:
+                compiled = old[5] if old is not None and old[4] is route else compiled_route(route)
+            self.engine.install(sid, b.channel, b.peer.send_addr, state[2], state[3], compiled)
+            self.installed[sid] = (*state, compiled)
 
     def sync_all(self) -> None:
         """Refresh every binding, and remove the ones the machine no longer holds."""
@@ -131,10 +145,29 @@ class EngineMirror:
         return delta
 
 
+def compiled_route(route: SessionRoute) -> Any:
+    """An L3 session's addresses and prefixes in the engine's form (``CryptokeyRoute``)."""
+    import jvpn_dataplane
+
+    inner = route.inner
+    return jvpn_dataplane.CryptokeyRoute(
+        inner.v4.ip.packed, inner.v6.ip.packed,
+        [(n.network_address.packed, n.prefixlen) for n in route.prefixes])
+
+
 def drop_reasons(delta: dict[str, int]) -> list[tuple[DropReason, int]]:
     """The engine's drops in ``delta``, by reason."""
     out = []
     for key, n in delta.items():
         if key.startswith("drop_") and n:
             out.append((DropReason(int(key[5:])), n))
+    return out
+
+
+def tunnel_drops(delta: dict[str, int]) -> list[tuple[TunnelDrop, int]]:
+    """The engine's L3 refusals in ``delta``, by reason (as ``GatewayMachine.tunnel_drops``)."""
+    out = []
+    for key, n in delta.items():
+        if key.startswith("tunnel_drop_") and n:
+            out.append((TunnelDrop(int(key[12:])), n))
     return out

@@ -1,6 +1,8 @@
 """An L3 agent driven over stdin, for tests in network namespaces (run under ``ip netns exec``).
 
-Arguments: one JSON object (AgentSettings fields; keys hex). Commands on stdin, one per
+Arguments: one JSON object (AgentSettings fields; keys hex). The data plane is
+``data_plane`` in it, else ``JVPN_AGENT_DATA_PLANE`` / ``JVPN_DATA_PLANE``, else auto; on the
+compiled one the compiled engine carries the TUN (``engine``: false turns it off). Commands on stdin, one per
 line, each answered by one JSON line: ``status``, ``jump udp|tcp [host:port]``, ``stop``.
 """
 
@@ -9,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
+from agent import udp_engine
 from agent.agent import Agent, AgentSettings
 from agent.l3 import L3Settings
+from session import dataplane
 from session.client import ClientParams
 
 
@@ -34,11 +39,17 @@ def _settings(raw: dict) -> AgentSettings:  # type: ignore[type-arg]
         tcp_gateways=[addr(a) for a in raw["gateways"]], upstream="", local_udp=None,
         quic_gateways=[addr(a) for a in raw.get("quic_gateways", [])],
         transports=raw.get("transports", ["udp", "tcp"]), params=params, name="l3agent",
-        l3=L3Settings(tun_name=raw.get("tun", "jvpn0")))
+        l3=L3Settings(tun_name=raw.get("tun", "jvpn0")),
+        engine=raw.get("engine", True) and dataplane.active() is dataplane.DataPlane.COMPILED
+        and udp_engine.available())
 
 
 async def main() -> None:
-    agent = Agent(_settings(json.loads(sys.argv[1])))
+    raw = json.loads(sys.argv[1])
+    dataplane.select(raw.get("data_plane") or os.environ.get("JVPN_AGENT_DATA_PLANE")
+                     or os.environ.get("JVPN_DATA_PLANE", "auto"))
+    logging.getLogger("jvpn.agent").info("%s", dataplane.describe())
+    agent = Agent(_settings(raw))
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -70,7 +81,8 @@ async def _commands(agent: Agent, reader: asyncio.StreamReader) -> None:
                    "session": agent.machine.session_id.hex(),
                    "inner": l3.inner.text() if l3 and l3.inner else "",
                    "mtu": l3.mtu if l3 else 0, "jumps": [j.__dict__ for j in agent.jumps],
-                   "handshakes": agent.handshakes}
+                   "handshakes": agent.handshakes,
+                   "engine": agent.engine.counters() if agent.engine is not None else {}}
         elif cmd[0] == "jump":
             remote = None
             if len(cmd) > 2:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -342,6 +342,17 @@ class ClientSession:
     @property
     def attached(self) -> bool:
         return self._machine.state in LIVE_STATES
+
+    @property
+    def keys_until(self) -> float:
+        """Until when the current secret may seal payloads (then: held, and a REKEY)."""
+        return self._keys_made + self.params.reject_after
+
+    def sealed_elsewhere(self, tags: Iterable[bytes]) -> None:
+        """AEAD tags of DATA packets sealed on the current binding outside the machine (the
+        compiled data path): a NOT_BOUND_HERE hint echoing one of them is about our packet."""
+        known = set(self._sent_tags)
+        self._sent_tags.extend(t for t in tags if t not in known)
 
     @property
     def channel(self) -> DataChannel | None:

@@ -245,7 +245,7 @@ class Tracer(Protocol):
 
 
 class Metrics(Protocol):
-    def count_drop(self, reason: object, transport: object) -> None: ...
+    def count_drop(self, reason: object, transport: object, n: int = 1) -> None: ...
 
     def transport_switch(self, from_: Any, to: Any, reason: Any) -> None: ...
 
@@ -903,9 +903,13 @@ class GatewayMachine:
         self.upstream_received(b.session_id, packet, now)
 
     def _tunnel_drop(self, why: TunnelDrop, kind: wire.TransportKind) -> None:
-        self.tunnel_drops[why] = self.tunnel_drops.get(why, 0) + 1
+        self.tunnel_dropped(why, kind)
+
+    def tunnel_dropped(self, why: TunnelDrop, kind: wire.TransportKind, n: int = 1) -> None:
+        """Count ``n`` IP packets refused for ``why`` (here, or by the compiled engine)."""
+        self.tunnel_drops[why] = self.tunnel_drops.get(why, 0) + n
         self.metrics.count_drop(DropReason.SPOOFED_SOURCE if why is TunnelDrop.SPOOFED_SOURCE
-                                else DropReason.POLICY, kind)
+                                else DropReason.POLICY, kind, n)
 
     def _roam(self, b: Binding, peer: Peer) -> None:
         old = b.peer

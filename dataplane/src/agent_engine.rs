@@ -10,6 +10,12 @@
 //! reattach answers, notices, keepalive answers, challenges, packets on other paths, local
 //! datagrams while not fast) goes up, and a DATA packet that goes up is verified only, never
 //! marked: the machine opens it through the same channel.
+//!
+//! In L3 mode the local side is the agent's TUN instead of a socket: IP packets read from
+//! it are sealed and sent on the current path, and payloads of the current path are
+//! written to it, by the same rules; what the engine does not carry goes up as a TUN
+//! packet. The engine stops forwarding alone when the current secret reaches its
+//! reject-after age (`keys_until`): the machine then holds the packets and rekeys.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -21,9 +27,9 @@ use std::thread::JoinHandle;
 
 use crate::batch::{RecvBatch, SendBatch};
 use crate::channel::Channel;
-use crate::engine::{close, cvt, epoll_add, Counters, MAX_PAYLOAD_SIZE};
+use crate::engine::{close, cvt, epoll_add, monotonic, Counters, TunBatch, MAX_PAYLOAD_SIZE};
 use crate::reasons::DropReason;
-use crate::wire::{self, DATA_PREFIX_LEN, INNER_PAYLOAD, TYPE_DATA};
+use crate::wire::{self, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, TYPE_DATA};
 
 const LOCAL_TOKEN: u64 = u64::MAX;
 const WAKE_TOKEN: u64 = u64::MAX - 1;
@@ -32,6 +38,8 @@ const ROUNDS_PER_WAKE: usize = 8;
 pub enum ClientHandUp {
     Local { data: Vec<u8>, from: SocketAddr },
     Path { path_id: u64, data: Vec<u8> },
+    /// An IP packet read from the TUN while the engine does not carry it (L3).
+    Tun { data: Vec<u8> },
 }
 
 struct Current {
@@ -39,6 +47,7 @@ struct Current {
     fd: RawFd,
     channel: Arc<Mutex<Channel>>,
     fast: bool,
+    keys_until: f64,
 }
 
 struct State {
@@ -46,6 +55,22 @@ struct State {
     by_id: HashMap<u64, RawFd>,
     current: Option<Current>,
     app: Option<SocketAddr>,
+    /// AEAD tags of the latest packets the engine sealed (a ring): a gateway's NOT_BOUND_HERE
+    /// hint echoes one, and the machine believes only hints about its own packets.
+    tags: Vec<[u8; AEAD_TAG_LEN]>,
+    next_tag: usize,
+}
+
+/// Tags the ring keeps: the machine's own ring is as long (session/client.py SENT_TAGS).
+pub const SENT_TAGS: usize = 64;
+
+fn push_tag(tags: &mut Vec<[u8; AEAD_TAG_LEN]>, next: &mut usize, tag: [u8; AEAD_TAG_LEN]) {
+    if tags.len() < SENT_TAGS {
+        tags.push(tag);
+    } else {
+        tags[*next] = tag;
+    }
+    *next = (*next + 1) % SENT_TAGS;
 }
 
 pub struct ClientShared {
@@ -54,6 +79,7 @@ pub struct ClientShared {
     queue_max: usize,
     pub counters: Counters,
     local: RawFd,
+    tun: bool, // local is the agent's TUN (L3), not a UDP socket
     epoll: RawFd,
     notify: RawFd,
     wake: RawFd,
@@ -71,9 +97,14 @@ fn dup(fd: RawFd) -> io::Result<RawFd> {
 }
 
 impl ClientEngine {
-    /// An engine reading `local` (the application's bound UDP socket; a duplicate).
-    pub fn new(local: RawFd, queue_max: usize) -> io::Result<ClientEngine> {
+    /// An engine reading `local` (the application's bound UDP socket, or with `tun` the
+    /// agent's TUN; a duplicate).
+    pub fn new(local: RawFd, queue_max: usize, tun: bool) -> io::Result<ClientEngine> {
         let local = dup(local)?;
+        if let Err(e) = crate::engine::set_nonblocking(local) {
+            close(local);
+            return Err(e);
+        }
         // SAFETY: plain system calls creating descriptors this engine owns.
         let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let notify = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
@@ -81,11 +112,19 @@ impl ClientEngine {
         epoll_add(epoll, local, LOCAL_TOKEN)?;
         epoll_add(epoll, wake, WAKE_TOKEN)?;
         let shared = Arc::new(ClientShared {
-            state: Mutex::new(State { paths: HashMap::new(), by_id: HashMap::new(), current: None, app: None }),
+            state: Mutex::new(State {
+                paths: HashMap::new(),
+                by_id: HashMap::new(),
+                current: None,
+                app: None,
+                tags: Vec::with_capacity(SENT_TAGS),
+                next_tag: 0,
+            }),
             queue: Mutex::new(VecDeque::new()),
             queue_max,
             counters: Counters::default(),
             local,
+            tun,
             epoll,
             notify,
             wake,
@@ -129,11 +168,24 @@ impl ClientEngine {
     }
 
     /// The machine's current path and channel, and whether the engine may forward alone.
-    pub fn set_current(&self, current: Option<(u64, Arc<Mutex<Channel>>, bool)>) {
+    pub fn set_current(&self, current: Option<(u64, Arc<Mutex<Channel>>, bool, f64)>) {
         let mut s = self.shared.state.lock().expect("state");
-        s.current = current.and_then(|(path_id, channel, fast)| {
-            s.by_id.get(&path_id).map(|&fd| Current { path_id, fd, channel, fast })
+        s.current = current.and_then(|(path_id, channel, fast, keys_until)| {
+            s.by_id.get(&path_id).map(|&fd| Current { path_id, fd, channel, fast, keys_until })
         });
+    }
+
+    /// The AEAD tags of the latest packets the engine sealed, oldest first.
+    pub fn recent_tags(&self) -> Vec<[u8; AEAD_TAG_LEN]> {
+        let s = self.shared.state.lock().expect("state");
+        let mut out = Vec::with_capacity(s.tags.len());
+        if s.tags.len() < SENT_TAGS {
+            out.extend_from_slice(&s.tags);
+        } else {
+            out.extend_from_slice(&s.tags[s.next_tag..]);
+            out.extend_from_slice(&s.tags[..s.next_tag]);
+        }
+        out
     }
 
     pub fn drain(&self, max: usize) -> Vec<ClientHandUp> {
@@ -201,6 +253,7 @@ impl ClientShared {
         let mut rx = RecvBatch::new();
         let mut out = SendBatch::new();
         let mut pending = Vec::with_capacity(64);
+        let mut tun_rx = TunBatch::new();
         while !self.stop.load(Ordering::SeqCst) {
             // SAFETY: events has room for its length; epoll is ours; 200 ms bound.
             let n = unsafe { libc::epoll_wait(self.epoll, events.as_mut_ptr(), events.len() as libc::c_int, 200) };
@@ -211,6 +264,7 @@ impl ClientShared {
             for ev in &events[..n as usize] {
                 match ev.u64 {
                     WAKE_TOKEN => {}
+                    LOCAL_TOKEN if self.tun => self.read_tun(&mut tun_rx, &mut out, &mut pending),
                     LOCAL_TOKEN => self.read_local(&mut rx, &mut out, &mut pending),
                     fd => self.read_path(fd as RawFd, &mut rx, &mut out, &mut pending),
                 }
@@ -230,6 +284,66 @@ impl ClientShared {
         c.upstream_tx_drops.fetch_add(dropped as u64, Ordering::Relaxed);
     }
 
+    fn write_tun(&self, packet: &[u8]) {
+        let c = &self.counters;
+        // SAFETY: packet is a valid slice; local is the engine's open TUN descriptor.
+        let n = unsafe { libc::write(self.local, packet.as_ptr().cast(), packet.len()) };
+        if n < 0 {
+            c.tun_write_errors.fetch_add(1, Ordering::Relaxed);
+        } else {
+            c.tun_writes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// From the TUN (L3): each IP packet sealed and sent on the current path, or handed up.
+    fn read_tun(&self, rx: &mut TunBatch, out: &mut SendBatch, pending: &mut Vec<ClientHandUp>) {
+        let c = &self.counters;
+        for _ in 0..ROUNDS_PER_WAKE {
+            let n = rx.read(self.local, c);
+            if n == 0 {
+                return;
+            }
+            let now = monotonic();
+            let mut guard = self.state.lock().expect("state");
+            let s = &mut *guard;
+            let cur = s.current.as_ref().filter(|c| c.fast && now < c.keys_until);
+            let mut fd = -1;
+            for i in 0..n {
+                let data = rx.get(i);
+                c.rx_packets.fetch_add(1, Ordering::Relaxed);
+                if data.len() > MAX_PAYLOAD_SIZE {
+                    c.drop(DropReason::Oversized);
+                    continue;
+                }
+                let Some(cur) = cur else {
+                    pending.push(ClientHandUp::Tun { data: data.to_vec() });
+                    continue;
+                };
+                fd = cur.fd;
+                let slot = out.slot();
+                slot[DATA_PREFIX_LEN] = INNER_PAYLOAD;
+                slot[DATA_PREFIX_LEN + 1..DATA_PREFIX_LEN + 1 + data.len()].copy_from_slice(data);
+                match cur.channel.lock().expect("channel").seal_in_place(&mut slot[..], data.len() + 1) {
+                    Ok(len) => {
+                        let tag: [u8; AEAD_TAG_LEN] = slot[len - AEAD_TAG_LEN..len].try_into().expect("tag length");
+                        push_tag(&mut s.tags, &mut s.next_tag, tag);
+                        out.push(len, None);
+                        c.forwarded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => pending.push(ClientHandUp::Tun { data: data.to_vec() }),
+                }
+                if out.is_full() {
+                    self.flush(out, fd);
+                }
+            }
+            drop(guard);
+            self.flush(out, fd);
+            if n < rx.capacity() {
+                return;
+            }
+        }
+    }
+
     /// From the application: seal and send on the current path, or hand up.
     fn read_local(&self, rx: &mut RecvBatch, out: &mut SendBatch, pending: &mut Vec<ClientHandUp>) {
         let c = &self.counters;
@@ -242,7 +356,9 @@ impl ClientShared {
             if n == 0 {
                 return;
             }
-            let mut s = self.state.lock().expect("state");
+            let now = monotonic();
+            let mut guard = self.state.lock().expect("state");
+            let s = &mut *guard;
             let mut fd = -1;
             for i in 0..n {
                 let (data, from, truncated) = rx.get(i);
@@ -253,7 +369,7 @@ impl ClientShared {
                     continue;
                 }
                 s.app = Some(from);
-                let Some(cur) = s.current.as_ref().filter(|c| c.fast) else {
+                let Some(cur) = s.current.as_ref().filter(|c| c.fast && now < c.keys_until) else {
                     pending.push(ClientHandUp::Local { data: data.to_vec(), from });
                     continue;
                 };
@@ -263,6 +379,8 @@ impl ClientShared {
                 slot[DATA_PREFIX_LEN + 1..DATA_PREFIX_LEN + 1 + data.len()].copy_from_slice(data);
                 match cur.channel.lock().expect("channel").seal_in_place(&mut slot[..], data.len() + 1) {
                     Ok(len) => {
+                        let tag: [u8; AEAD_TAG_LEN] = slot[len - AEAD_TAG_LEN..len].try_into().expect("tag length");
+                        push_tag(&mut s.tags, &mut s.next_tag, tag);
                         out.push(len, None);
                         c.forwarded.fetch_add(1, Ordering::Relaxed);
                     }
@@ -272,7 +390,7 @@ impl ClientShared {
                     self.flush(out, fd);
                 }
             }
-            drop(s);
+            drop(guard);
             self.flush(out, fd);
         }
     }
@@ -300,7 +418,7 @@ impl ClientShared {
                     c.drop(DropReason::Oversized);
                     continue;
                 }
-                let (Some(cur), Some(app)) = (cur, s.app) else {
+                let Some(cur) = cur.filter(|_| self.tun || s.app.is_some()) else {
                     pending.push(ClientHandUp::Path { path_id, data: pkt.to_vec() });
                     continue;
                 };
@@ -318,8 +436,12 @@ impl ClientShared {
                     Ok(len) if slot[0] == INNER_PAYLOAD && len - 1 <= MAX_PAYLOAD_SIZE => {
                         if ch.accept(h.counter, pkt.len()) {
                             drop(ch);
-                            slot.copy_within(1..len, 0);
-                            out.push(len - 1, Some(&app));
+                            if self.tun {
+                                self.write_tun(&slot[1..len]);
+                            } else if let Some(app) = s.app {
+                                slot.copy_within(1..len, 0);
+                                out.push(len - 1, Some(&app));
+                            }
                             c.returned.fetch_add(1, Ordering::Relaxed);
                         }
                     }

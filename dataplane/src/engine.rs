@@ -17,6 +17,17 @@
 //! whichever path took it. What the engine refuses itself (replays, forgeries, expired
 //! leases, a full queue) is dropped and counted by reason. The engine decides nothing:
 //! where the machine would refuse or must decide, the machine is asked.
+//!
+//! L3. A binding installed with a route (the session's inner addresses and allowed
+//! prefixes) carries IP packets, and the engine owns the node's TUN once the adapter hands
+//! it over (`set_tun`). An uplink PAYLOAD of a fast L3 binding is checked by cryptokey
+//! routing (`route`: the inner source must be the session's, the destination within its
+//! prefixes; refusals dropped and counted by `TunnelDrop`, the counter spent as in the
+//! machine) and written to the TUN. A packet read from the TUN goes to the binding that
+//! owns its destination (a map from inner address to session, kept with the bindings),
+//! if its source lies in that session's prefixes, sealed and sent in a batch; one that
+//! no installed binding owns, or whose binding is not fast, goes up unchanged (the
+//! machine relays it to the node holding the session, or drops it).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -26,20 +37,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::batch::{to_sockaddr, RecvBatch, SendBatch};
+use crate::batch::{to_sockaddr, RecvBatch, SendBatch, BATCH, SLOT};
 use crate::channel::Channel;
 use crate::reasons::DropReason;
+use crate::route::{Downlink, Owners, Route, TunnelDrop};
 use crate::wire::{self, SessionId, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, TYPE_DATA};
 
 pub const MAX_PAYLOAD_SIZE: usize = 1500;
 const LISTEN_TOKEN: u64 = u64::MAX;
 const WAKE_TOKEN: u64 = u64::MAX - 1;
+const TUN_TOKEN: u64 = u64::MAX - 2;
 const ROUNDS_PER_WAKE: usize = 8; // batches per ready socket before the others get a turn
 
 /// What the machine must see: a datagram from the listener, or an upstream's reply.
 pub enum HandUp {
     Datagram { data: Vec<u8>, from: SocketAddr },
     Upstream { session_id: SessionId, data: Vec<u8> },
+    /// An IP packet read from the node's TUN that the engine does not route itself.
+    Tun { data: Vec<u8> },
 }
 
 pub struct Binding {
@@ -48,6 +63,8 @@ pub struct Binding {
     pub peer: SocketAddr,
     pub fast: bool,
     pub lease_until: f64,
+    /// L3: the session's inner addresses and allowed prefixes (cryptokey routing).
+    pub route: Option<Arc<Route>>,
     upstream: Option<RawFd>,
     pub rx_packets: u64,
     pub tx_packets: u64,
@@ -80,18 +97,28 @@ pub struct Counters {
     pub recv_calls: AtomicU64,
     pub send_calls: AtomicU64,
     pub poll_calls: AtomicU64,
+    pub tun_reads: AtomicU64,
+    pub tun_writes: AtomicU64,
+    pub tun_write_errors: AtomicU64,
     pub drops: [AtomicU64; 32],
+    /// L3 refusals, by `TunnelDrop` value.
+    pub tunnel_drops: [AtomicU64; 8],
 }
 
 impl Counters {
     pub(crate) fn drop(&self, r: DropReason) {
         self.drops[r.code() as usize].fetch_add(1, Ordering::Relaxed);
     }
+
+    pub(crate) fn tunnel_drop(&self, r: TunnelDrop) {
+        self.tunnel_drops[r.code() as usize].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 struct Table {
     bindings: HashMap<SessionId, Binding>,
     upstreams: HashMap<RawFd, SessionId>,
+    owners: Owners,
 }
 
 pub struct Shared {
@@ -103,6 +130,7 @@ pub struct Shared {
     epoll: RawFd,
     notify: RawFd, // eventfd: the adapter's readiness for the queue
     wake: RawFd,   // eventfd: stop
+    tun: Mutex<RawFd>, // the node's TUN (L3), a duplicate; -1 without
     stop: AtomicBool,
 }
 
@@ -127,6 +155,15 @@ pub(crate) fn epoll_add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
     cvt(unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(|_| ())
 }
 
+/// Never block the engine's thread on a descriptor (a TUN opened blocking: its file
+/// status is shared with the caller's copy, which the adapters open non-blocking anyway).
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(|_| ())
+}
+
 pub(crate) fn close(fd: RawFd) {
     // SAFETY: fd is a descriptor this engine opened (or dup'ed) and closes exactly once.
     unsafe { libc::close(fd) };
@@ -149,6 +186,54 @@ impl Upstreams {
     }
 }
 
+/// Where an L3 uplink packet goes: the TUN, through a scratch buffer for the plaintext.
+struct L3Out {
+    tun: RawFd,
+    buf: [u8; SLOT],
+}
+
+/// Packets read from a TUN, one `read` each (a TUN without offloads gives one per call).
+pub(crate) struct TunBatch {
+    bufs: Vec<[u8; SLOT]>,
+    lens: Vec<usize>,
+}
+
+impl TunBatch {
+    pub(crate) fn new() -> Self {
+        TunBatch { bufs: vec![[0u8; SLOT]; BATCH], lens: vec![0; BATCH] }
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        BATCH
+    }
+
+    /// Read up to a batch of packets without blocking; how many arrived. A packet larger
+    /// than a slot is truncated by the kernel and dropped as OVERSIZED.
+    pub(crate) fn read(&mut self, fd: RawFd, c: &Counters) -> usize {
+        let mut n = 0;
+        while n < BATCH {
+            // SAFETY: the buffer is ours and SLOT bytes long; fd is an open TUN descriptor.
+            let r = unsafe { libc::read(fd, self.bufs[n].as_mut_ptr().cast(), SLOT) };
+            c.tun_reads.fetch_add(1, Ordering::Relaxed);
+            if r < 0 {
+                break; // EAGAIN: drained (or an error: the next wake-up tries again)
+            }
+            let r = r as usize;
+            if r >= SLOT {
+                c.drop(DropReason::Oversized);
+                continue;
+            }
+            self.lens[n] = r;
+            n += 1;
+        }
+        n
+    }
+
+    pub(crate) fn get(&self, i: usize) -> &[u8] {
+        &self.bufs[i][..self.lens[i]]
+    }
+}
+
 pub struct Engine {
     pub shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -166,7 +251,7 @@ impl Engine {
         epoll_add(epoll, listen, LISTEN_TOKEN)?;
         epoll_add(epoll, wake, WAKE_TOKEN)?;
         let shared = Arc::new(Shared {
-            table: Mutex::new(Table { bindings: HashMap::new(), upstreams: HashMap::new() }),
+            table: Mutex::new(Table { bindings: HashMap::new(), upstreams: HashMap::new(), owners: Owners::default() }),
             queue: Mutex::new(VecDeque::new()),
             queue_max,
             counters: Counters::default(),
@@ -174,6 +259,7 @@ impl Engine {
             epoll,
             notify,
             wake,
+            tun: Mutex::new(-1),
             stop: AtomicBool::new(false),
         });
         let worker = shared.clone();
@@ -188,8 +274,19 @@ impl Engine {
     }
 
     /// Install or replace a binding (its upstream socket, if any, is kept).
-    pub fn install(&self, sid: SessionId, channel: Arc<Mutex<Channel>>, epoch: u32, peer: SocketAddr, fast: bool, lease_until: f64) {
-        let mut t = self.shared.table.lock().expect("table");
+    #[allow(clippy::too_many_arguments)]
+    pub fn install(
+        &self,
+        sid: SessionId,
+        channel: Arc<Mutex<Channel>>,
+        epoch: u32,
+        peer: SocketAddr,
+        fast: bool,
+        lease_until: f64,
+        route: Option<Arc<Route>>,
+    ) {
+        let mut guard = self.shared.table.lock().expect("table");
+        let t = &mut *guard;
         match t.bindings.get_mut(&sid) {
             Some(b) => {
                 b.channel = channel;
@@ -197,8 +294,20 @@ impl Engine {
                 b.peer = peer;
                 b.fast = fast;
                 b.lease_until = lease_until;
+                if b.route != route {
+                    if let Some(old) = &b.route {
+                        t.owners.remove(&sid, old);
+                    }
+                    if let Some(new) = &route {
+                        t.owners.add(sid, new);
+                    }
+                    b.route = route;
+                }
             }
             None => {
+                if let Some(r) = &route {
+                    t.owners.add(sid, r);
+                }
                 t.bindings.insert(
                     sid,
                     Binding {
@@ -207,6 +316,7 @@ impl Engine {
                         peer,
                         fast,
                         lease_until,
+                        route,
                         upstream: None,
                         rx_packets: 0,
                         tx_packets: 0,
@@ -224,6 +334,9 @@ impl Engine {
         let mut t = self.shared.table.lock().expect("table");
         match t.bindings.remove(sid) {
             Some(b) => {
+                if let Some(r) = &b.route {
+                    t.owners.remove(sid, r);
+                }
                 if let Some(fd) = b.upstream {
                     t.upstreams.remove(&fd);
                     close(fd); // closing also removes it from the epoll set
@@ -290,6 +403,35 @@ impl Engine {
         }
     }
 
+    /// Read and write the node's TUN from now on (a duplicate of `fd`), or stop (`None`:
+    /// the duplicate is closed, so the interface goes when its owner closes its own).
+    pub fn set_tun(&self, fd: Option<RawFd>) -> io::Result<()> {
+        let new = match fd {
+            // SAFETY: dup of a descriptor the caller holds open; the copy is ours to close.
+            Some(fd) => cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?,
+            None => -1,
+        };
+        if new >= 0 {
+            if let Err(e) = set_nonblocking(new) {
+                close(new);
+                return Err(e);
+            }
+        }
+        if new >= 0 {
+            if let Err(e) = epoll_add(self.shared.epoll, new, TUN_TOKEN) {
+                close(new);
+                return Err(e);
+            }
+        }
+        // the worker reads the descriptor under this lock: it is never closed under it
+        let mut tun = self.shared.tun.lock().expect("tun");
+        if *tun >= 0 {
+            close(*tun); // also leaves the epoll set
+        }
+        *tun = new;
+        Ok(())
+    }
+
     /// Up to `max` handed-up items, oldest first.
     pub fn drain(&self, max: usize) -> Vec<HandUp> {
         let mut buf = [0u8; 8];
@@ -322,6 +464,10 @@ impl Drop for Engine {
         }
         for fd in [self.shared.listen, self.shared.epoll, self.shared.notify, self.shared.wake] {
             close(fd);
+        }
+        let tun = *self.shared.tun.lock().expect("tun");
+        if tun >= 0 {
+            close(tun);
         }
     }
 }
@@ -379,6 +525,7 @@ impl Shared {
         let mut to_peer = SendBatch::new();
         let mut to_upstream = Upstreams { batch: SendBatch::new(), fd: -1 };
         let mut pending: Vec<HandUp> = Vec::with_capacity(64);
+        let mut tun_rx = TunBatch::new();
         while !self.stop.load(Ordering::SeqCst) {
             // SAFETY: events has room for its length; epoll is ours. 200 ms bound: stop is
             // also seen without the wake descriptor.
@@ -391,6 +538,7 @@ impl Shared {
                 match ev.u64 {
                     WAKE_TOKEN => {}
                     LISTEN_TOKEN => self.read_peers(&mut rx, &mut to_upstream, &mut pending),
+                    TUN_TOKEN => self.read_tun(&mut tun_rx, &mut to_peer, &mut pending),
                     fd => self.read_upstream(fd as RawFd, &mut rx, &mut to_peer, &mut pending),
                 }
                 self.publish(&mut pending);
@@ -411,7 +559,9 @@ impl Shared {
                 return;
             }
             let now = monotonic();
+            let tun = self.tun.lock().expect("tun"); // held: the descriptor stays open meanwhile
             let mut t = self.table.lock().expect("table");
+            let mut l3 = L3Out { tun: *tun, buf: [0u8; SLOT] };
             for i in 0..n {
                 let (pkt, from, truncated) = rx.get(i);
                 let pkt: &[u8] = pkt;
@@ -422,7 +572,7 @@ impl Shared {
                     c.drop(DropReason::Oversized);
                     continue;
                 }
-                match self.forward(&mut t, pkt, &from, now, up) {
+                match self.forward(&mut t, pkt, &from, now, up, &mut l3) {
                     Ok(()) => {}
                     Err(Some(reason)) => c.drop(reason),
                     Err(None) => self.hand_up(HandUp::Datagram { data: pkt.to_vec(), from }, pending),
@@ -433,7 +583,15 @@ impl Shared {
     }
 
     /// The plain case, or why not: Err(None) = the machine must see it.
-    fn forward(&self, t: &mut Table, pkt: &[u8], from: &SocketAddr, now: f64, out: &mut Upstreams) -> Result<(), Option<DropReason>> {
+    fn forward(
+        &self,
+        t: &mut Table,
+        pkt: &[u8],
+        from: &SocketAddr,
+        now: f64,
+        out: &mut Upstreams,
+        l3: &mut L3Out,
+    ) -> Result<(), Option<DropReason>> {
         if pkt.len() < wire::HEADER_LEN || pkt[1] != TYPE_DATA {
             return Err(None);
         }
@@ -444,6 +602,9 @@ impl Shared {
         }
         if now >= b.lease_until {
             return Err(Some(DropReason::LeaseExpired));
+        }
+        if let Some(route) = b.route.clone() {
+            return self.forward_l3(b, &route, &h, pkt, now, l3);
         }
         let Some(up) = b.upstream else { return Err(None) }; // the machine opens it
         let mut ch = b.channel.lock().expect("channel");
@@ -469,6 +630,132 @@ impl Shared {
         b.last_rx = now;
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// An L3 session's DATA: its IP packet, cryptokey-routed, to the node's TUN. As the
+    /// machine does (`_deliver`, `_to_upstream`): a refused packet was the client's (its
+    /// counter is spent, the binding heard from) and is dropped and counted by reason.
+    fn forward_l3(
+        &self,
+        b: &mut Binding,
+        route: &Route,
+        h: &wire::DataHeader,
+        pkt: &[u8],
+        now: f64,
+        l3: &mut L3Out,
+    ) -> Result<(), Option<DropReason>> {
+        if l3.tun < 0 {
+            return Err(None); // the machine writes it (no TUN handed to the engine)
+        }
+        let mut ch = b.channel.lock().expect("channel");
+        let len = ch.open_into(h, pkt, &mut l3.buf[..]).map_err(Some)?;
+        if l3.buf[0] != INNER_PAYLOAD {
+            return Err(None); // keepalives, REKEY, CLOSE, FLOW_PAYLOAD (refused there): the machine
+        }
+        if !ch.accept(h.counter, pkt.len()) {
+            return Err(Some(DropReason::Replayed)); // unreachable: the lock is held since the check
+        }
+        drop(ch);
+        b.rx_packets += 1;
+        b.rx_bytes += pkt.len() as u64;
+        b.last_rx = now;
+        let c = &self.counters;
+        let packet = &l3.buf[1..len];
+        if let Some(why) = route.check_uplink(packet) {
+            c.tunnel_drop(why);
+            return Ok(());
+        }
+        // SAFETY: packet is a valid slice; tun is the engine's open TUN descriptor (its lock
+        // is held by the caller).
+        let n = unsafe { libc::write(l3.tun, packet.as_ptr().cast(), packet.len()) };
+        if n < 0 {
+            c.tun_write_errors.fetch_add(1, Ordering::Relaxed);
+        } else {
+            c.tun_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        c.forwarded.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// IP packets the kernel routed into the node's TUN: each to the session bound here that
+    /// owns its destination, sealed, in batches; what no fast binding here owns goes up
+    /// unchanged (the machine relays it to the owning node or drops it).
+    fn read_tun(&self, rx: &mut TunBatch, out: &mut SendBatch, pending: &mut Vec<HandUp>) {
+        let c = &self.counters;
+        for _ in 0..ROUNDS_PER_WAKE {
+            let tun = self.tun.lock().expect("tun");
+            if *tun < 0 {
+                return;
+            }
+            let n = rx.read(*tun, c);
+            drop(tun);
+            if n == 0 {
+                return;
+            }
+            let now = monotonic();
+            let mut t = self.table.lock().expect("table");
+            for i in 0..n {
+                let packet = rx.get(i);
+                let (sid, src) = match t.owners.owner(packet) {
+                    Downlink::Session(sid, src) => (sid, src),
+                    Downlink::Malformed => {
+                        c.tunnel_drop(TunnelDrop::Malformed);
+                        continue;
+                    }
+                    Downlink::NoOwner => {
+                        self.hand_up(HandUp::Tun { data: packet.to_vec() }, pending);
+                        continue;
+                    }
+                };
+                let Some(b) = t.bindings.get_mut(&sid) else {
+                    self.hand_up(HandUp::Tun { data: packet.to_vec() }, pending);
+                    continue;
+                };
+                let Some(route) = b.route.as_ref() else {
+                    self.hand_up(HandUp::Tun { data: packet.to_vec() }, pending);
+                    continue;
+                };
+                if !b.fast {
+                    self.hand_up(HandUp::Tun { data: packet.to_vec() }, pending);
+                    continue;
+                }
+                if !route.allows(&src) {
+                    c.tunnel_drop(TunnelDrop::SourceDenied);
+                    continue;
+                }
+                if packet.len() > MAX_PAYLOAD_SIZE {
+                    c.drop(DropReason::NotValidated); // as the machine counts an oversized reply
+                    continue;
+                }
+                if now >= b.lease_until {
+                    c.drop(DropReason::LeaseExpired);
+                    continue;
+                }
+                let slot = out.slot();
+                slot[DATA_PREFIX_LEN] = INNER_PAYLOAD;
+                slot[DATA_PREFIX_LEN + 1..DATA_PREFIX_LEN + 1 + packet.len()].copy_from_slice(packet);
+                let sealed = b.channel.lock().expect("channel").seal_in_place(&mut slot[..], packet.len() + 1);
+                match sealed {
+                    Ok(len) => {
+                        out.push(len, Some(&b.peer));
+                        b.tx_packets += 1;
+                        b.tx_bytes += len as u64;
+                        c.returned.fetch_add(1, Ordering::Relaxed);
+                        c.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    // counter exhausted: the machine must rekey; it sees the packet
+                    Err(_) => self.hand_up(HandUp::Tun { data: packet.to_vec() }, pending),
+                }
+                if out.is_full() {
+                    self.flush_to_peers(out);
+                }
+            }
+            drop(t);
+            self.flush_to_peers(out);
+            if n < rx.capacity() {
+                return; // the TUN is drained
+            }
+        }
     }
 
     /// Replies from a binding's upstream: seal and send them in one batch, or hand up.

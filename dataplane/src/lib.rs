@@ -11,6 +11,7 @@ pub mod channel;
 pub mod engine;
 pub mod reasons;
 pub mod replay;
+pub mod route;
 pub mod wire;
 
 #[cfg(feature = "python")]

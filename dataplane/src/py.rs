@@ -13,6 +13,7 @@ use pyo3::types::PyBytes;
 use crate::channel::{Channel, SealError, REJECT_AFTER_MESSAGES};
 use crate::reasons::{DropReason, ErrorKind};
 use crate::replay;
+use crate::route::{Downlink, Owners, Prefix, Route, TunnelDrop};
 use crate::wire::{self, AEAD_TAG_LEN, DATA_PREFIX_LEN, MAX_INNER_LEN, MAX_MESSAGE_SIZE};
 
 struct Errors {
@@ -208,6 +209,106 @@ impl PyReplayWindow {
     }
 }
 
+fn packed_ip(raw: &[u8]) -> PyResult<std::net::IpAddr> {
+    match raw.len() {
+        4 => Ok(std::net::IpAddr::from(<[u8; 4]>::try_from(raw).expect("4 bytes"))),
+        16 => Ok(std::net::IpAddr::from(<[u8; 16]>::try_from(raw).expect("16 bytes"))),
+        n => Err(PyValueError::new_err(format!("a packed address is 4 or 16 bytes, not {n}"))),
+    }
+}
+
+/// One L3 session's inner addresses and allowed prefixes, as the engine checks them
+/// (``session.tunnel.SessionRoute``): ``CryptokeyRoute(v4, v6, [(network, length), ...])``,
+/// addresses packed.
+#[pyclass(module = "jvpn_dataplane", frozen)]
+pub struct CryptokeyRoute {
+    inner: Arc<Route>,
+}
+
+#[pymethods]
+impl CryptokeyRoute {
+    #[new]
+    fn new(v4: &[u8], v6: &[u8], prefixes: Vec<(Vec<u8>, u8)>) -> PyResult<Self> {
+        let own = [packed_ip(v4)?, packed_ip(v6)?];
+        let mut out = Vec::with_capacity(prefixes.len());
+        for (net, len) in prefixes {
+            let net = packed_ip(&net)?;
+            out.push(Prefix::new(net, len).ok_or_else(|| PyValueError::new_err(format!("prefix length {len}")))?);
+        }
+        Ok(CryptokeyRoute { inner: Arc::new(Route { own, prefixes: out }) })
+    }
+
+    fn owns(&self, packed: &[u8]) -> PyResult<bool> {
+        Ok(self.inner.owns(&packed_ip(packed)?))
+    }
+
+    fn allows(&self, packed: &[u8]) -> PyResult<bool> {
+        Ok(self.inner.allows(&packed_ip(packed)?))
+    }
+
+    /// None if the session may send ``packet`` on, else the ``TunnelDrop`` value.
+    fn check_uplink(&self, packet: &[u8]) -> Option<u8> {
+        self.inner.check_uplink(packet).map(TunnelDrop::code)
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.downcast::<CryptokeyRoute>().is_ok_and(|o| *o.get().inner == *self.inner)
+    }
+
+    fn __hash__(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.inner.own.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The engine's map from inner address to session (``session.tunnel.TunnelRouter``), for
+/// the differential tests of the downlink routing.
+#[pyclass(module = "jvpn_dataplane")]
+#[derive(Default)]
+pub struct TunnelRouter {
+    owners: Owners,
+}
+
+#[pymethods]
+impl TunnelRouter {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn add(&mut self, session_id_: &[u8], route: &CryptokeyRoute) -> PyResult<()> {
+        self.owners.add(session_id(session_id_)?, &route.inner);
+        Ok(())
+    }
+
+    fn remove(&mut self, session_id_: &[u8], route: &CryptokeyRoute) -> PyResult<()> {
+        self.owners.remove(&session_id(session_id_)?, &route.inner);
+        Ok(())
+    }
+
+    /// (session id, packed source) of the session owning ``packet``'s destination, or
+    /// (None, TunnelDrop value): NO_ROUTE when no session owns it, MALFORMED.
+    fn owner<'py>(&self, py: Python<'py>, packet: &[u8]) -> (Option<Bound<'py, PyBytes>>, PyObject) {
+        match self.owners.owner(packet) {
+            Downlink::Session(sid, src) => {
+                let packed: Vec<u8> = match src {
+                    std::net::IpAddr::V4(a) => a.octets().to_vec(),
+                    std::net::IpAddr::V6(a) => a.octets().to_vec(),
+                };
+                (Some(PyBytes::new(py, &sid)), PyBytes::new(py, &packed).into_any().unbind())
+            }
+            Downlink::NoOwner => (None, TunnelDrop::NoRoute.code().into_pyobject(py).expect("int").into_any().unbind()),
+            Downlink::Malformed => (None, TunnelDrop::Malformed.code().into_pyobject(py).expect("int").into_any().unbind()),
+        }
+    }
+
+    fn __len__(&self) -> usize {
+        self.owners.len()
+    }
+}
+
 /// Parse a DATA packet's cleartext prefix: (session_id, epoch, counter), or the core's
 /// DecodeError with the codec's reason.
 #[pyfunction]
@@ -222,6 +323,8 @@ fn jvpn_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyReplayWindow>()?;
     m.add_class::<GatewayEngine>()?;
     m.add_class::<AgentEngine>()?;
+    m.add_class::<CryptokeyRoute>()?;
+    m.add_class::<TunnelRouter>()?;
     m.add_function(wrap_pyfunction!(parse_data, m)?)?;
     m.add("REPLAY_WINDOW", replay::REPLAY_WINDOW)?;
     m.add("MAX_INNER_LEN", MAX_INNER_LEN)?;
@@ -280,12 +383,36 @@ impl GatewayEngine {
     /// Install or update a binding: its channel (a compiled DataChannel: the engine and the
     /// machine share its replay window and send counter), epoch, peer, whether the engine
     /// may forward for it alone, and until when (monotonic seconds) its lease holds.
-    fn install(&self, session_id_: &[u8], channel: &DataChannel, peer: &Bound<'_, PyAny>, fast: bool, lease_until: f64) -> PyResult<()> {
+    ///
+    /// ``route`` (L3 sessions): a ``CryptokeyRoute``, the session's inner addresses and
+    /// allowed prefixes; the engine then writes its checked uplink packets to the TUN
+    /// (``set_tun``) and routes downlink packets for its addresses to it.
+    #[pyo3(signature = (session_id_, channel, peer, fast, lease_until, route = None))]
+    fn install(
+        &self,
+        session_id_: &[u8],
+        channel: &DataChannel,
+        peer: &Bound<'_, PyAny>,
+        fast: bool,
+        lease_until: f64,
+        route: Option<&CryptokeyRoute>,
+    ) -> PyResult<()> {
         let sid = session_id(session_id_)?;
         let peer = peer_addr(peer)?;
+        let route = route.map(|r| r.inner.clone());
         self.with(|e| {
-            e.install(sid, channel.inner.clone(), channel.epoch, peer, fast, lease_until);
+            e.install(sid, channel.inner.clone(), channel.epoch, peer, fast, lease_until, route);
             Ok(())
+        })
+    }
+
+    /// Read and write the node's TUN (descriptor ``fd``; the engine uses a duplicate) from
+    /// now on; ``None``: stop and close the duplicate.
+    #[pyo3(signature = (fd))]
+    fn set_tun(&self, py: Python<'_>, fd: Option<i32>) -> PyResult<()> {
+        // the engine's thread may hold the descriptor for a batch: wait without the GIL
+        py.allow_threads(|| {
+            self.with(|e| e.set_tun(fd).map_err(|err| pyo3::exceptions::PyOSError::new_err(err.to_string())))
         })
     }
 
@@ -325,7 +452,8 @@ impl GatewayEngine {
     }
 
     /// Up to ``max`` handed-up items: ``(0, data, (host, port))`` a datagram from the
-    /// listener, ``(1, session_id, data)`` a reply from that binding's upstream.
+    /// listener, ``(1, session_id, data)`` a reply from that binding's upstream, ``(2,
+    /// packet, None)`` an IP packet from the TUN that no fast binding here owns.
     #[pyo3(signature = (max = 256))]
     fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<(u8, PyObject, PyObject)>> {
         let items = self.with(|e| Ok(e.drain(max)))?;
@@ -340,6 +468,7 @@ impl GatewayEngine {
                     PyBytes::new(py, &session_id).into_any().unbind(),
                     PyBytes::new(py, &data).into_any().unbind(),
                 ),
+                crate::engine::HandUp::Tun { data } => (2u8, PyBytes::new(py, &data).into_any().unbind(), py.None()),
             });
         }
         Ok(out)
@@ -366,11 +495,17 @@ impl GatewayEngine {
                 ("recv_calls", &c.recv_calls),
                 ("send_calls", &c.send_calls),
                 ("poll_calls", &c.poll_calls),
+                ("tun_reads", &c.tun_reads),
+                ("tun_writes", &c.tun_writes),
+                ("tun_write_errors", &c.tun_write_errors),
             ] {
                 m.insert(k.to_string(), v.load(Relaxed));
             }
             for r in DropReason::ALL {
                 m.insert(format!("drop_{}", r.code()), c.drops[r.code() as usize].load(Relaxed));
+            }
+            for r in TunnelDrop::ALL {
+                m.insert(format!("tunnel_drop_{}", r.code()), c.tunnel_drops[r.code() as usize].load(Relaxed));
             }
             Ok(m)
         })
@@ -404,12 +539,12 @@ impl AgentEngine {
 
 #[pymethods]
 impl AgentEngine {
-    /// Start reading the application's bound UDP socket ``fd`` (a duplicate; the caller
-    /// keeps sending on its own).
+    /// Start reading the application's bound UDP socket ``fd``, or with ``tun`` the agent's
+    /// TUN (L3) (a duplicate; the caller keeps sending on its own).
     #[new]
-    #[pyo3(signature = (fd, queue_max = 8192))]
-    fn new(fd: i32, queue_max: usize) -> PyResult<Self> {
-        let e = crate::agent_engine::ClientEngine::new(fd, queue_max.max(1))
+    #[pyo3(signature = (fd, queue_max = 8192, tun = false))]
+    fn new(fd: i32, queue_max: usize, tun: bool) -> PyResult<Self> {
+        let e = crate::agent_engine::ClientEngine::new(fd, queue_max.max(1), tun)
             .map_err(|e| PyRuntimeError::new_err(format!("data plane engine: {e}")))?;
         let notify = e.notify_fd();
         Ok(AgentEngine { engine: Mutex::new(Some(e)), notify })
@@ -431,12 +566,12 @@ impl AgentEngine {
         })
     }
 
-    /// The machine's current path and channel and whether the engine may forward alone;
-    /// ``None`` for no current path.
-    #[pyo3(signature = (path_id = None, channel = None, fast = false))]
-    fn set_current(&self, path_id: Option<u64>, channel: Option<&DataChannel>, fast: bool) -> PyResult<()> {
+    /// The machine's current path and channel, whether the engine may forward alone, and
+    /// until when (monotonic seconds) its secret may seal; ``None`` for no current path.
+    #[pyo3(signature = (path_id = None, channel = None, fast = false, keys_until = f64::INFINITY))]
+    fn set_current(&self, path_id: Option<u64>, channel: Option<&DataChannel>, fast: bool, keys_until: f64) -> PyResult<()> {
         let cur = match (path_id, channel) {
-            (Some(p), Some(ch)) => Some((p, ch.inner.clone(), fast)),
+            (Some(p), Some(ch)) => Some((p, ch.inner.clone(), fast, keys_until)),
             _ => None,
         };
         self.with(|e| {
@@ -445,8 +580,14 @@ impl AgentEngine {
         })
     }
 
+    /// The AEAD tags of the latest packets the engine sealed, oldest first (a gateway's
+    /// NOT_BOUND_HERE hint must echo one of the client's packets).
+    fn recent_tags<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        self.with(|e| Ok(e.recent_tags().iter().map(|t| PyBytes::new(py, t)).collect()))
+    }
+
     /// Up to ``max`` items: ``(0, data, (host, port))`` from the application, ``(1, path_id,
-    /// data)`` from a path.
+    /// data)`` from a path, ``(2, packet, None)`` from the TUN.
     #[pyo3(signature = (max = 256))]
     fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<(u8, PyObject, PyObject)>> {
         let items = self.with(|e| Ok(e.drain(max)))?;
@@ -461,6 +602,9 @@ impl AgentEngine {
                     path_id.into_pyobject(py)?.into_any().unbind(),
                     PyBytes::new(py, &data).into_any().unbind(),
                 ),
+                crate::agent_engine::ClientHandUp::Tun { data } => {
+                    (2u8, PyBytes::new(py, &data).into_any().unbind(), py.None())
+                }
             });
         }
         Ok(out)
@@ -480,6 +624,10 @@ impl AgentEngine {
                 ("recv_calls", &c.recv_calls),
                 ("send_calls", &c.send_calls),
                 ("poll_calls", &c.poll_calls),
+                ("tun_reads", &c.tun_reads),
+                ("tun_writes", &c.tun_writes),
+                ("tun_write_errors", &c.tun_write_errors),
+                ("upstream_tx_drops", &c.upstream_tx_drops),
             ] {
                 m.insert(k.to_string(), v.load(Relaxed));
             }

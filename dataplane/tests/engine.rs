@@ -77,11 +77,11 @@ fn forwards_refuses_and_hands_up() {
     client.send(&first).unwrap();
     match &drained(&engine, 1)[0] {
         HandUp::Datagram { data, from } => assert!(data == &first && *from == peer),
-        HandUp::Upstream { .. } => panic!("expected a datagram"),
+        HandUp::Upstream { .. } | HandUp::Tun { .. } => panic!("expected a datagram"),
     }
 
     // installed and fast: the machine opens the upstream, then the engine forwards alone
-    engine.install(SID, gw.clone(), EPOCH, peer, true, monotonic() + 60.0);
+    engine.install(SID, gw.clone(), EPOCH, peer, true, monotonic() + 60.0, None);
     engine.to_upstream(&SID, up, b"hello").unwrap();
     let (_, from_engine) = {
         let mut buf = [0u8; 64];
@@ -115,13 +115,13 @@ fn forwards_refuses_and_hands_up() {
     client.send(&ka).unwrap();
     match &drained(&engine, 1)[0] {
         HandUp::Datagram { data, .. } => assert_eq!(data, &ka),
-        HandUp::Upstream { .. } => panic!("expected a datagram"),
+        HandUp::Upstream { .. } | HandUp::Tun { .. } => panic!("expected a datagram"),
     }
     let mut ka2 = ka.clone();
     assert!(gw.lock().unwrap().open_in_place(&mut ka2, true).is_ok());
 
     // not fast: payloads and replies go to the machine
-    engine.install(SID, gw.clone(), EPOCH, peer, false, monotonic() + 60.0);
+    engine.install(SID, gw.clone(), EPOCH, peer, false, monotonic() + 60.0, None);
     let slow = seal(&mut cli, b"\x01slow");
     client.send(&slow).unwrap();
     assert!(matches!(&drained(&engine, 1)[0], HandUp::Datagram { data, .. } if data == &slow));
@@ -129,7 +129,7 @@ fn forwards_refuses_and_hands_up() {
     assert!(matches!(&drained(&engine, 1)[0], HandUp::Upstream { session_id, data } if *session_id == SID && data == b"slow reply"));
 
     // a lapsed lease: dropped, counted, nothing forwarded
-    engine.install(SID, gw.clone(), EPOCH, peer, true, monotonic() - 1.0);
+    engine.install(SID, gw.clone(), EPOCH, peer, true, monotonic() - 1.0, None);
     client.send(&seal(&mut cli, b"\x01late")).unwrap();
     until("LEASE_EXPIRED", || counters.drops[DropReason::LeaseExpired.code() as usize].load(Ordering::Relaxed) == 1);
     assert!(recv(&upstream).is_none());
