@@ -462,6 +462,7 @@ class GatewayNode:
     def _close_upstream(self, session_id: bytes) -> None:
         if self._mirror is not None:
             self.engine.close_upstream(session_id)
+            self._mirror.sync(session_id)  # the machine dropped the binding: out of the engine
         for flow in self._flows.pop(session_id, ()):
             sid = (session_id, flow)
             self._opening.pop(sid, None)
@@ -515,7 +516,7 @@ class GatewayNode:
     def engine_stats(self) -> None:
         """Bring what the compiled engine forwarded into the bindings (before reading them)."""
         if self._mirror is not None:
-            self._mirror.pull_all()
+            self._mirror.pull_active()
 
     def _mirror_sync_soon(self) -> None:
         """Refresh every binding once the answers of this loop iteration are in, not once
@@ -531,14 +532,15 @@ class GatewayNode:
         self._mirror_sync()
 
     def _mirror_sync(self, sid: bytes | None = None) -> None:
-        """Refresh the engine's bindings: one session's, or all (and the engine's counters)."""
+        """Refresh the engine: one session's binding and the node's lease; without a session
+        (the timer) the lease and the engine's counters. Never a walk of every binding."""
         mirror = self._mirror
         if mirror is None:
             return
+        mirror.refresh_lease()
         if sid is not None:
             mirror.sync(sid)
             return
-        mirror.sync_all()
         delta = mirror.counters_delta()
         m = self.metrics
         m.rx_packets += delta["rx_packets"] - delta["handed_up_datagrams"]  # those: on_message
@@ -563,7 +565,7 @@ class GatewayNode:
             if now < self.machine.get_timer():
                 continue
             if self._mirror is not None:
-                self._mirror.pull_all()  # what the engine forwarded: the silence timers see it
+                self._mirror.pull_active()  # what the engine forwarded: the silence timers see it
             try:  # the health check, the lease and the sweeper live here: never die
                 self.machine.handle_timer(now)
             except Exception:

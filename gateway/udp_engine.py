@@ -13,12 +13,19 @@ This module decides nothing: it mirrors the machine's bindings into the engine. 
 is *fast* while the machine would forward its payloads without a decision: validated,
 no new address under validation, no REKEY in flight, a live state, a plain UDP peer (not through a
 balancer), a compiled channel (which the engine and the machine then share: one replay
-window, one send counter). Its lease deadline is the machine's own (``_leased``): the
-store's last answer plus ``lease_s`` when the binding was confirmed since the node last
-trusted the store, else already past, so the engine stops forwarding on its own when the
-store goes silent (fail closed). The mirror is refreshed for the session of every item
-handed up, after every store answer, move notice and timer, and a binding the machine
-dropped is removed from the engine at the next refresh.
+window, one send counter). The lease is the machine's own (``_leased``), held by the
+engine as one value for the node (``set_lease``: the store's last answer plus
+``lease_s``, and since when the node trusts the store) and, per binding, when the store
+last confirmed it: a binding carries data while the lease holds and it was confirmed
+since the node last trusted the store, so the engine stops forwarding on its own when
+the store goes silent (fail closed).
+
+Nothing here walks all bindings: the engine is told of one session whenever the machine
+may have changed its binding (an item handed up for it, a store answer or a move notice
+about it, the machine dropping it: ``CloseUpstream``), and of the node's lease at every
+timer tick and store answer (one call, and only when it moved). What the engine
+forwarded comes back for the bindings that had traffic only (``take_active``), before
+each timer tick, for the machine's silence timers.
 
 L3 sessions are installed with their route (inner addresses and allowed prefixes, in the
 engine's form ``CryptokeyRoute``), and the node's L3 plane hands the engine its TUN: the
@@ -67,6 +74,7 @@ class EngineMirror:
         # what the engine was last told, by session (and the compiled form of its route)
         self.installed: dict[bytes, tuple[Any, ...]] = {}
         self._counters: dict[str, int] = {}
+        self._lease: tuple[float, float] | None = None  # what the engine was last told
 
     def fast(self, b: Binding) -> bool:
         """Whether the engine may forward ``b``'s payloads without asking the machine."""
@@ -77,12 +85,17 @@ class EngineMirror:
                 and p.kind is wire.TransportKind.UDP and p.via is None
                 and type(b.channel) is self.channel_class)
 
-    def lease_until(self, b: Binding) -> float:
-        """The machine's lease for ``b`` as a deadline (GatewayMachine._leased)."""
+    def lease(self) -> tuple[float, float]:
+        """The node's lease (GatewayMachine._leased): (deadline, trusting the store since)."""
         h = self.machine.health
-        if b.confirmed_at < h.trust_since:
-            return float("-inf")
-        return h.ok_at + self.machine.settings.lease_s
+        return (h.ok_at + self.machine.settings.lease_s, h.trust_since)
+
+    def refresh_lease(self) -> None:
+        """Tell the engine the node's lease, if it moved (one call for every binding)."""
+        lease = self.lease()
+        if lease != self._lease:
+            self.engine.set_lease(*lease)
+            self._lease = lease
 
     def sync(self, sid: bytes) -> None:
         """Tell the engine what the machine now holds for one session."""
@@ -95,7 +108,7 @@ class EngineMirror:
         if type(b.channel) is not self.channel_class:
             return  # a channel made before the engine: the machine keeps the whole binding
         route = b.secrets.route
-        state = (b.channel, b.peer.addr, self.fast(b), self.lease_until(b), route)
+        state = (b.channel, b.peer.addr, self.fast(b), b.confirmed_at, route)
         old = self.installed.get(sid)
         if old != state:
             compiled = None
@@ -103,14 +116,6 @@ class EngineMirror:
                 compiled = old[5] if old is not None and old[4] is route else compiled_route(route)
             self.engine.install(sid, b.channel, b.peer.send_addr, state[2], state[3], compiled)
             self.installed[sid] = (*state, compiled)
-
-    def sync_all(self) -> None:
-        """Refresh every binding, and remove the ones the machine no longer holds."""
-        bindings = self.machine.bindings
-        for sid in [s for s in self.installed if s not in bindings]:
-            self.sync(sid)
-        for sid in bindings:
-            self.sync(sid)
 
     def pull(self, sid: bytes) -> None:
         """What the engine forwarded for ``sid``, into the machine's binding."""
@@ -128,9 +133,21 @@ class EngineMirror:
         b.tx_packets += tx
         b.tx_bytes += tx_bytes
 
-    def pull_all(self) -> None:
-        for sid in list(self.installed):
-            self.pull(sid)
+    def pull_active(self) -> None:
+        """What the engine forwarded, for the bindings that had traffic since the last call."""
+        bindings = self.machine.bindings
+        for sid, rx, tx, last_rx, rx_bytes, tx_bytes in self.engine.take_active():
+            b = bindings.get(sid)
+            if b is None:
+                continue
+            if rx:
+                b.rx_packets += rx
+                b.rx_bytes += rx_bytes
+                b.lost = False
+                if last_rx > b.last_rx:
+                    b.last_rx = last_rx
+            b.tx_packets += tx
+            b.tx_bytes += tx_bytes
 
     @property
     def totals(self) -> dict[str, int]:

@@ -62,7 +62,11 @@ pub struct Binding {
     pub epoch: u32,
     pub peer: SocketAddr,
     pub fast: bool,
-    pub lease_until: f64,
+    /// When the store last confirmed the binding (monotonic seconds): it carries data only
+    /// while the node's lease holds and it was confirmed since the node last trusted the
+    /// store (the machine's `_leased`).
+    pub confirmed_at: f64,
+    active: bool, // in the table's list of bindings with traffic since the machine asked
     /// L3: the session's inner addresses and allowed prefixes (cryptokey routing).
     pub route: Option<Arc<Route>>,
     upstream: Option<RawFd>,
@@ -117,6 +121,7 @@ impl Counters {
 
 struct Table {
     bindings: HashMap<SessionId, Binding>,
+    active: Vec<SessionId>, // bindings with traffic since `take_active`
     upstreams: HashMap<RawFd, SessionId>,
     owners: Owners,
 }
@@ -131,7 +136,32 @@ pub struct Shared {
     notify: RawFd, // eventfd: the adapter's readiness for the queue
     wake: RawFd,   // eventfd: stop
     tun: Mutex<RawFd>, // the node's TUN (L3), a duplicate; -1 without
+    // The node's lease, one value for every binding (f64 bits): until when the node may
+    // forward, and since when it trusts the store again. Fail closed until first set.
+    lease_until: AtomicU64,
+    trust_since: AtomicU64,
     stop: AtomicBool,
+}
+
+/// The node's lease as read once per batch.
+#[derive(Clone, Copy)]
+struct Lease {
+    until: f64,
+    trust_since: f64,
+}
+
+impl Lease {
+    fn holds(&self, b: &Binding, now: f64) -> bool {
+        now < self.until && b.confirmed_at >= self.trust_since
+    }
+}
+
+/// Note that `b` carried traffic, once per `take_active`.
+fn touch(active: &mut Vec<SessionId>, b: &mut Binding, sid: SessionId) {
+    if !b.active {
+        b.active = true;
+        active.push(sid);
+    }
 }
 
 pub fn monotonic() -> f64 {
@@ -251,7 +281,14 @@ impl Engine {
         epoll_add(epoll, listen, LISTEN_TOKEN)?;
         epoll_add(epoll, wake, WAKE_TOKEN)?;
         let shared = Arc::new(Shared {
-            table: Mutex::new(Table { bindings: HashMap::new(), upstreams: HashMap::new(), owners: Owners::default() }),
+            table: Mutex::new(Table {
+                bindings: HashMap::new(),
+                active: Vec::new(),
+                upstreams: HashMap::new(),
+                owners: Owners::default(),
+            }),
+            lease_until: AtomicU64::new(f64::NEG_INFINITY.to_bits()),
+            trust_since: AtomicU64::new(f64::INFINITY.to_bits()),
             queue: Mutex::new(VecDeque::new()),
             queue_max,
             counters: Counters::default(),
@@ -282,7 +319,7 @@ impl Engine {
         epoch: u32,
         peer: SocketAddr,
         fast: bool,
-        lease_until: f64,
+        confirmed_at: f64,
         route: Option<Arc<Route>>,
     ) {
         let mut guard = self.shared.table.lock().expect("table");
@@ -293,7 +330,7 @@ impl Engine {
                 b.epoch = epoch;
                 b.peer = peer;
                 b.fast = fast;
-                b.lease_until = lease_until;
+                b.confirmed_at = confirmed_at;
                 if b.route != route {
                     if let Some(old) = &b.route {
                         t.owners.remove(&sid, old);
@@ -315,7 +352,8 @@ impl Engine {
                         epoch,
                         peer,
                         fast,
-                        lease_until,
+                        confirmed_at,
+                        active: false,
                         route,
                         upstream: None,
                         rx_packets: 0,
@@ -345,6 +383,38 @@ impl Engine {
             }
             None => false,
         }
+    }
+
+    /// The node's lease: until when (monotonic seconds) it may forward, and since when it
+    /// trusts the store (a binding confirmed before that waits for its next confirmation).
+    pub fn set_lease(&self, until: f64, trust_since: f64) {
+        self.shared.lease_until.store(until.to_bits(), Ordering::Relaxed);
+        self.shared.trust_since.store(trust_since.to_bits(), Ordering::Relaxed);
+    }
+
+    /// What the engine forwarded since the last call, for the bindings that had traffic
+    /// meanwhile only (their counts restart): the machine's silence timers read it.
+    pub fn take_active(&self) -> Vec<(SessionId, BindingStats)> {
+        let mut guard = self.shared.table.lock().expect("table");
+        let t = &mut *guard;
+        let mut out = Vec::with_capacity(t.active.len());
+        for sid in t.active.drain(..) {
+            if let Some(b) = t.bindings.get_mut(&sid) {
+                out.push((
+                    sid,
+                    BindingStats {
+                        rx_packets: b.rx_packets,
+                        tx_packets: b.tx_packets,
+                        rx_bytes: b.rx_bytes,
+                        tx_bytes: b.tx_bytes,
+                        last_rx: b.last_rx,
+                    },
+                ));
+                (b.rx_packets, b.tx_packets, b.rx_bytes, b.tx_bytes) = (0, 0, 0, 0);
+                b.active = false;
+            }
+        }
+        out
     }
 
     /// What the engine forwarded for a binding since the last call (the counts restart).
@@ -486,6 +556,13 @@ fn open_upstream(addr: &SocketAddr) -> io::Result<RawFd> {
 }
 
 impl Shared {
+    fn lease(&self) -> Lease {
+        Lease {
+            until: f64::from_bits(self.lease_until.load(Ordering::Relaxed)),
+            trust_since: f64::from_bits(self.trust_since.load(Ordering::Relaxed)),
+        }
+    }
+
     fn signal(&self) {
         crate::batch::poke(self.notify);
     }
@@ -562,6 +639,7 @@ impl Shared {
             let tun = self.tun.lock().expect("tun"); // held: the descriptor stays open meanwhile
             let mut t = self.table.lock().expect("table");
             let mut l3 = L3Out { tun: *tun, buf: [0u8; SLOT] };
+            let lease = self.lease();
             for i in 0..n {
                 let (pkt, from, truncated) = rx.get(i);
                 let pkt: &[u8] = pkt;
@@ -572,7 +650,7 @@ impl Shared {
                     c.drop(DropReason::Oversized);
                     continue;
                 }
-                match self.forward(&mut t, pkt, &from, now, up, &mut l3) {
+                match self.forward(&mut t, pkt, &from, now, lease, up, &mut l3) {
                     Ok(()) => {}
                     Err(Some(reason)) => c.drop(reason),
                     Err(None) => self.hand_up(HandUp::Datagram { data: pkt.to_vec(), from }, pending),
@@ -583,12 +661,14 @@ impl Shared {
     }
 
     /// The plain case, or why not: Err(None) = the machine must see it.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         t: &mut Table,
         pkt: &[u8],
         from: &SocketAddr,
         now: f64,
+        lease: Lease,
         out: &mut Upstreams,
         l3: &mut L3Out,
     ) -> Result<(), Option<DropReason>> {
@@ -596,15 +676,20 @@ impl Shared {
             return Err(None);
         }
         let h = wire::parse_data(pkt).map_err(|_| None)?; // the machine counts malformed input
-        let b = t.bindings.get_mut(&h.session_id).ok_or(None)?;
+        let Table { bindings, active, .. } = t;
+        let b = bindings.get_mut(&h.session_id).ok_or(None)?;
         if !b.fast || h.epoch != b.epoch || from.ip() != b.peer.ip() || from.port() != b.peer.port() {
             return Err(None);
         }
-        if now >= b.lease_until {
+        if !lease.holds(b, now) {
             return Err(Some(DropReason::LeaseExpired));
         }
         if let Some(route) = b.route.clone() {
-            return self.forward_l3(b, &route, &h, pkt, now, l3);
+            let done = self.forward_l3(b, &route, &h, pkt, now, l3);
+            if done.is_ok() {
+                touch(active, b, h.session_id);
+            }
+            return done;
         }
         let Some(up) = b.upstream else { return Err(None) }; // the machine opens it
         let mut ch = b.channel.lock().expect("channel");
@@ -628,6 +713,7 @@ impl Shared {
         b.rx_packets += 1;
         b.rx_bytes += pkt.len() as u64;
         b.last_rx = now;
+        touch(active, b, h.session_id);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -693,7 +779,9 @@ impl Shared {
                 return;
             }
             let now = monotonic();
-            let mut t = self.table.lock().expect("table");
+            let lease = self.lease();
+            let mut guard = self.table.lock().expect("table");
+            let t = &mut *guard;
             for i in 0..n {
                 let packet = rx.get(i);
                 let (sid, src) = match t.owners.owner(packet) {
@@ -727,7 +815,7 @@ impl Shared {
                     c.drop(DropReason::NotValidated); // as the machine counts an oversized reply
                     continue;
                 }
-                if now >= b.lease_until {
+                if !lease.holds(b, now) {
                     c.drop(DropReason::LeaseExpired);
                     continue;
                 }
@@ -740,6 +828,7 @@ impl Shared {
                         out.push(len, Some(&b.peer));
                         b.tx_packets += 1;
                         b.tx_bytes += len as u64;
+                        touch(&mut t.active, b, sid);
                         c.returned.fetch_add(1, Ordering::Relaxed);
                         c.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
                     }
@@ -750,7 +839,7 @@ impl Shared {
                     self.flush_to_peers(out);
                 }
             }
-            drop(t);
+            drop(guard);
             self.flush_to_peers(out);
             if n < rx.capacity() {
                 return; // the TUN is drained
@@ -771,7 +860,9 @@ impl Shared {
                 return;
             }
             let now = monotonic();
-            let mut t = self.table.lock().expect("table");
+            let lease = self.lease();
+            let mut guard = self.table.lock().expect("table");
+            let t = &mut *guard;
             let Some(sid) = t.upstreams.get(&fd).copied() else { return };
             let Some(b) = t.bindings.get_mut(&sid) else { return };
             for i in 0..n {
@@ -784,7 +875,7 @@ impl Shared {
                     self.hand_up(HandUp::Upstream { session_id: sid, data: data.to_vec() }, pending);
                     continue;
                 }
-                if now >= b.lease_until {
+                if !lease.holds(b, now) {
                     c.drop(DropReason::LeaseExpired);
                     continue;
                 }
@@ -798,6 +889,7 @@ impl Shared {
                         out.push(len, Some(&b.peer));
                         b.tx_packets += 1;
                         b.tx_bytes += len as u64;
+                        touch(&mut t.active, b, sid);
                         c.returned.fetch_add(1, Ordering::Relaxed);
                         c.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
                     }
@@ -810,7 +902,7 @@ impl Shared {
                     self.flush_to_peers(out);
                 }
             }
-            drop(t);
+            drop(guard);
             self.flush_to_peers(out);
         }
     }

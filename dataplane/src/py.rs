@@ -382,28 +382,51 @@ impl GatewayEngine {
 
     /// Install or update a binding: its channel (a compiled DataChannel: the engine and the
     /// machine share its replay window and send counter), epoch, peer, whether the engine
-    /// may forward for it alone, and until when (monotonic seconds) its lease holds.
+    /// may forward for it alone, and when (monotonic seconds) the store last confirmed it
+    /// (it carries data while the node's lease holds, ``set_lease``, and it was confirmed
+    /// since the node last trusted the store).
     ///
     /// ``route`` (L3 sessions): a ``CryptokeyRoute``, the session's inner addresses and
     /// allowed prefixes; the engine then writes its checked uplink packets to the TUN
     /// (``set_tun``) and routes downlink packets for its addresses to it.
-    #[pyo3(signature = (session_id_, channel, peer, fast, lease_until, route = None))]
+    #[pyo3(signature = (session_id_, channel, peer, fast, confirmed_at, route = None))]
     fn install(
         &self,
         session_id_: &[u8],
         channel: &DataChannel,
         peer: &Bound<'_, PyAny>,
         fast: bool,
-        lease_until: f64,
+        confirmed_at: f64,
         route: Option<&CryptokeyRoute>,
     ) -> PyResult<()> {
         let sid = session_id(session_id_)?;
         let peer = peer_addr(peer)?;
         let route = route.map(|r| r.inner.clone());
         self.with(|e| {
-            e.install(sid, channel.inner.clone(), channel.epoch, peer, fast, lease_until, route);
+            e.install(sid, channel.inner.clone(), channel.epoch, peer, fast, confirmed_at, route);
             Ok(())
         })
+    }
+
+    /// The node's lease, one value for every binding: until when (monotonic seconds) it may
+    /// forward, and since when it trusts the store. Until first set nothing is forwarded.
+    fn set_lease(&self, until: f64, trust_since: f64) -> PyResult<()> {
+        self.with(|e| {
+            e.set_lease(until, trust_since);
+            Ok(())
+        })
+    }
+
+    /// ``(session_id, packets received, packets sent, last receive time, bytes received,
+    /// bytes sent)`` for each binding that had traffic since the last call (its counts
+    /// restart): proportional to the active bindings, not to all.
+    #[allow(clippy::type_complexity)]
+    fn take_active<'py>(&self, py: Python<'py>) -> PyResult<Vec<(Bound<'py, PyBytes>, u64, u64, f64, u64, u64)>> {
+        let items = self.with(|e| Ok(e.take_active()))?;
+        Ok(items
+            .into_iter()
+            .map(|(sid, s)| (PyBytes::new(py, &sid), s.rx_packets, s.tx_packets, s.last_rx, s.rx_bytes, s.tx_bytes))
+            .collect())
     }
 
     /// Read and write the node's TUN (descriptor ``fd``; the engine uses a duplicate) from

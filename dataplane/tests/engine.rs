@@ -81,7 +81,9 @@ fn forwards_refuses_and_hands_up() {
     }
 
     // installed and fast: the machine opens the upstream, then the engine forwards alone
-    engine.install(SID, gw.clone(), EPOCH, peer, true, monotonic() + 60.0, None);
+    let t0 = monotonic();
+    engine.set_lease(t0 + 60.0, t0);
+    engine.install(SID, gw.clone(), EPOCH, peer, true, t0, None);
     engine.to_upstream(&SID, up, b"hello").unwrap();
     let (_, from_engine) = {
         let mut buf = [0u8; 64];
@@ -97,6 +99,11 @@ fn forwards_refuses_and_hands_up() {
     let r = cli.open_in_place(&mut back, true).unwrap();
     assert_eq!(&back[r], b"\x01reply");
     assert_eq!(gw.lock().unwrap().highest_received(), Some(1));
+    // what it forwarded, for the bindings with traffic only, once
+    let active = engine.take_active();
+    assert_eq!(active.len(), 1);
+    assert_eq!((active[0].0, active[0].1.rx_packets, active[0].1.tx_packets), (SID, 1, 1));
+    assert!(engine.take_active().is_empty());
 
     // a replay and a forgery are dropped with the machine's reasons
     client.send(&pkt).unwrap();
@@ -121,17 +128,24 @@ fn forwards_refuses_and_hands_up() {
     assert!(gw.lock().unwrap().open_in_place(&mut ka2, true).is_ok());
 
     // not fast: payloads and replies go to the machine
-    engine.install(SID, gw.clone(), EPOCH, peer, false, monotonic() + 60.0, None);
+    engine.install(SID, gw.clone(), EPOCH, peer, false, t0, None);
     let slow = seal(&mut cli, b"\x01slow");
     client.send(&slow).unwrap();
     assert!(matches!(&drained(&engine, 1)[0], HandUp::Datagram { data, .. } if data == &slow));
     upstream.send_to(b"slow reply", from_engine).unwrap();
     assert!(matches!(&drained(&engine, 1)[0], HandUp::Upstream { session_id, data } if *session_id == SID && data == b"slow reply"));
 
-    // a lapsed lease: dropped, counted, nothing forwarded
-    engine.install(SID, gw.clone(), EPOCH, peer, true, monotonic() - 1.0, None);
+    // the node's lease lapsed: dropped, counted, nothing forwarded
+    engine.install(SID, gw.clone(), EPOCH, peer, true, t0, None);
+    engine.set_lease(t0 - 1.0, t0);
     client.send(&seal(&mut cli, b"\x01late")).unwrap();
     until("LEASE_EXPIRED", || counters.drops[DropReason::LeaseExpired.code() as usize].load(Ordering::Relaxed) == 1);
+    assert!(recv(&upstream).is_none());
+    // the lease holds again, but the binding was confirmed before the node trusted the store
+    // again: dropped until its next confirmation
+    engine.set_lease(monotonic() + 60.0, t0 + 1.0);
+    client.send(&seal(&mut cli, b"\x01unconfirmed")).unwrap();
+    until("LEASE_EXPIRED again", || counters.drops[DropReason::LeaseExpired.code() as usize].load(Ordering::Relaxed) == 2);
     assert!(recv(&upstream).is_none());
 
     // removed: the machine's again

@@ -77,7 +77,9 @@ def test_the_gateway_engine_routes_between_the_tunnel_and_the_tun(compiled: Modu
         route = compiled.CryptokeyRoute(ME_V4.packed, ME_V6.packed,
                                         [(ipaddress.ip_address("10.99.0.0").packed, 24)])
         peer = client.getsockname()
-        engine.install(SID, gw, peer, True, time.monotonic() + 60, route)
+        t0 = time.monotonic()
+        engine.set_lease(t0 + 60, t0)  # the node's lease; the binding confirmed at t0
+        engine.install(SID, gw, peer, True, t0, route)
 
         # uplink: checked, written to the TUN
         good = ipv4(ME_V4, SERVER)
@@ -109,16 +111,26 @@ def test_the_gateway_engine_routes_between_the_tunnel_and_the_tun(compiled: Modu
         assert c[f"tunnel_drop_{TunnelDrop.MALFORMED.value}"] == 1, c
 
         # not fast: the machine decides, so it sees the packet
-        engine.install(SID, gw, peer, False, time.monotonic() + 60, route)
+        engine.install(SID, gw, peer, False, t0, route)
         kernel.send(reply)
         assert drain(engine, 1) == [(2, reply, None)]
-        # the lease expired: dropped by the engine, counted as the machine counts it
-        engine.install(SID, gw, peer, True, time.monotonic() - 1, route)
+        # the node's lease lapsed: dropped by the engine, counted as the machine counts it;
+        # then a binding confirmed before the node trusted the store again: the same
+        engine.install(SID, gw, peer, True, t0, route)
+        engine.set_lease(t0 - 1, t0)
         kernel.send(reply)
         c = wait_counter(engine, f"drop_{DropReason.LEASE_EXPIRED.value}", 1)
         assert c[f"drop_{DropReason.LEASE_EXPIRED.value}"] == 1, c
+        engine.set_lease(time.monotonic() + 60, t0 + 1)
+        kernel.send(reply)
+        c = wait_counter(engine, f"drop_{DropReason.LEASE_EXPIRED.value}", 2)
+        assert c[f"drop_{DropReason.LEASE_EXPIRED.value}"] == 2, c
+        assert recv(client, 0.1) is None
+        engine.set_lease(time.monotonic() + 60, t0)
         # removed: its addresses route nowhere here any more
-        engine.install(SID, gw, peer, True, time.monotonic() + 60, route)
+        engine.install(SID, gw, peer, True, t0, route)
+        assert engine.take_active()[0][:3] == (SID, 3, 1)  # the stream's counts, once
+        assert engine.take_active() == []
         assert engine.remove(SID)
         kernel.send(reply)
         assert drain(engine, 1) == [(2, reply, None)]
