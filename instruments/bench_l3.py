@@ -5,18 +5,25 @@ measured in the same run, on the same path:
 
 - **bare**: the client routed to the server through the gateway's namespace, no
   tunnel (the kernel forwards; the ceiling of the topology);
-- **jvpn**: the client's TUN, the Python data plane, NAT egress on the node;
+- **jvpn compiled**: the client's TUN through the gateway node, NAT egress, on the
+  compiled data plane (the engines read and write both TUNs and the UDP sockets);
+- **jvpn python**: the same on the Python data plane (asyncio and ``cryptography``);
 - **wireguard-go**: Debian's userspace WireGuard between the same two namespaces.
 
 For each: iperf3 TCP (bits/s received) and the highest paced 1400-byte UDP rate,
-from a fixed ladder, with < 0.5% loss. Root only; iperf3, wireguard-go and
-wireguard-tools must be installed (the Makefile's deps).
+from a fixed ladder, with < 0.5% loss. For both jvpn planes also, over one paced
+1400-byte UDP run at a rate both carry (``PER_PACKET_MBIT``): the gateway process's CPU
+time per packet (user + system, all threads, from /proc) and, on the compiled plane,
+the engines' system calls per packet (their own counters). Root only; iperf3,
+wireguard-go and wireguard-tools must be installed (the Makefile's deps).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -26,6 +33,9 @@ from typing import Any
 from instruments.netlab import GW_PORT, OUT_NET, SERVER, VIP, Lab, missing_prerequisites
 
 UDP_LADDER_MBIT = (25, 50, 100, 200, 400, 800, 1600)
+PER_PACKET_MBIT = 50  # the per-packet figures' paced UDP rate: both planes carry it
+PLANES = ("compiled", "python")
+ENGINE_CALLS = ("recv_calls", "send_calls", "poll_calls", "tun_reads", "tun_writes")
 MAX_LOSS_PCT = 0.5
 WG_PORT = 51900
 
@@ -97,13 +107,24 @@ def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
     lab.wait_tcp(lab.server, SERVER, 5201)
     report: dict[str, Any] = {"seconds": seconds}
 
-    # jvpn: the client's TUN through the gateway node (UDP transport)
+    # jvpn: the client's TUN through the gateway node (UDP transport), on each data plane
     priv, _ = lab.add_client("10.99.0.0/24")
-    agent = lab.agent(priv, transports=("udp",))
-    st = lab.wait_agent(agent)
-    say(f"l3: jvpn through {st['transport']} (mtu {st['mtu']})")
-    report["jvpn"] = _measure(lab, seconds)
-    agent.stop()
+    for plane in PLANES:
+        lab.env["JVPN_GATEWAY_DATA_PLANE"] = lab.env["JVPN_AGENT_DATA_PLANE"] = plane
+        if plane != PLANES[0]:
+            gw_proc = lab.gw_procs[1]
+            os.kill(gw_proc.pid, signal.SIGTERM)
+            gw_proc.p.wait(15)
+            lab.start_gateway(1)
+            lab.wait_gateways_ready([1])
+        agent = lab.agent(priv, transports=("udp",))
+        st = lab.wait_agent(agent)
+        say(f"l3: jvpn ({plane} data plane) through {st['transport']} (mtu {st['mtu']})")
+        r = _measure(lab, seconds)
+        r["per_packet"] = _per_packet(lab, agent, seconds)
+        report[f"jvpn_{plane}"] = r
+        agent.stop()
+    report["jvpn"] = report["jvpn_compiled"]
 
     # bare: the same two namespaces, routed through the node, no tunnel
     lab.run(lab.client, "ip", "route", "replace", "10.99.0.0/24", "via", f"{OUT_NET}.1")
@@ -135,14 +156,55 @@ def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
     lab.run(lab.server, "ip", "route", "replace", "10.66.0.0/24", "via", "10.99.0.1")
     say("l3: wireguard-go")
     report["wireguard_go"] = _measure(lab, seconds)
+    c, py, wg = report["jvpn_compiled"], report["jvpn_python"], report["wireguard_go"]
     report["ratios"] = {
-        "tcp_jvpn_vs_wireguard_go": _ratio(report["jvpn"]["tcp_mbit"],
-                                           report["wireguard_go"]["tcp_mbit"]),
-        "udp_jvpn_vs_wireguard_go": _ratio(report["jvpn"]["udp_mbit_under_0_5pct_loss"],
-                                           report["wireguard_go"]["udp_mbit_under_0_5pct_loss"]),
+        "tcp_jvpn_vs_wireguard_go": _ratio(c["tcp_mbit"], wg["tcp_mbit"]),
+        "udp_jvpn_vs_wireguard_go": _ratio(c["udp_mbit_under_0_5pct_loss"],
+                                           wg["udp_mbit_under_0_5pct_loss"]),
+        "tcp_compiled_vs_python": _ratio(c["tcp_mbit"], py["tcp_mbit"]),
+        "udp_compiled_vs_python": _ratio(c["udp_mbit_under_0_5pct_loss"],
+                                         py["udp_mbit_under_0_5pct_loss"]),
+        "gateway_cpu_per_packet_compiled_vs_python": _ratio(
+            c["per_packet"]["gateway_cpu_us"], py["per_packet"]["gateway_cpu_us"]),
     }
     report["gateway_port"] = GW_PORT
     return report
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _engine_calls(lab: Lab) -> float:
+    """System calls of the gateway's engine so far (its /metrics)."""
+    return sum(lab.metric(1, "jvpn_engine_syscalls_total", call=c) for c in (
+        "recvmmsg", "sendmmsg", "epoll_wait", "tun_read", "tun_write"))
+
+
+def _per_packet(lab: Lab, agent: Any, seconds: float) -> dict[str, Any]:
+    """One paced 1400-byte UDP run through the tunnel: the gateway's CPU time per packet and
+    the engines' system calls per packet (compiled plane; None on the Python one)."""
+    pid = lab.gw_procs[1].pid
+    gw_calls, ag = _engine_calls(lab), agent.ask("status").get("engine") or {}
+    cpu = _cpu_s(pid)
+    r = _iperf(lab, seconds, PER_PACKET_MBIT)
+    cpu = _cpu_s(pid) - cpu
+    ag2 = agent.ask("status").get("engine") or {}
+    gw_calls = _engine_calls(lab) - gw_calls
+    s = r.get("end", {}).get("sum", {})
+    packets = int(s.get("packets", 0)) - int(s.get("lost_packets", 0))
+    out: dict[str, Any] = {"offered_mbit": PER_PACKET_MBIT, "packets": packets,
+                           "loss_pct": round(float(s.get("lost_percent", 100.0)), 3),
+                           "gateway_cpu_us": round(cpu / packets * 1e6, 2) if packets else None,
+                           "gateway_syscalls": None, "agent_syscalls": None}
+    if packets and ag2:
+        agent_calls = sum(ag2.get(k, 0) - ag.get(k, 0) for k in ENGINE_CALLS)
+        out["gateway_syscalls"] = round(gw_calls / packets, 3)
+        out["agent_syscalls"] = round(agent_calls / packets, 3)
+    return out
 
 
 def _ratio(a: float, b: float) -> float:
@@ -163,12 +225,24 @@ def format_l3(report: dict[str, Any]) -> str:
     lines = [f"L3 tunnel, iperf3 {report['seconds']:g} s each, one node (NAT egress):",
              f"  {'path':14s} {'TCP Mbit/s':>11s} {'UDP 1400 B Mbit/s <0.5% loss':>30s}"]
     for key, name in (("bare", "bare (routed)"), ("wireguard_go", "wireguard-go"),
-                      ("jvpn", "jvpn (Python)")):
+                      ("jvpn_compiled", "jvpn compiled"), ("jvpn_python", "jvpn python")):
         r = report[key]
         lines.append(f"  {name:14s} {r['tcp_mbit']:>11.1f} {r['udp_mbit_under_0_5pct_loss']:>30d}")
     rt = report["ratios"]
-    lines.append(f"  jvpn / wireguard-go: TCP {rt['tcp_jvpn_vs_wireguard_go']:.2f}x, "
-                 f"UDP {rt['udp_jvpn_vs_wireguard_go']:.2f}x (target 0.5x)")
+    lines.append(f"  jvpn compiled / wireguard-go: TCP {rt['tcp_jvpn_vs_wireguard_go']:.2f}x, "
+                 f"UDP {rt['udp_jvpn_vs_wireguard_go']:.2f}x (target 2x)")
+    lines.append(f"  compiled / python: TCP {rt['tcp_compiled_vs_python']:.2f}x, "
+                 f"UDP {rt['udp_compiled_vs_python']:.2f}x")
+    for plane in PLANES:
+        pp = report[f"jvpn_{plane}"]["per_packet"]
+        calls = ("" if pp["gateway_syscalls"] is None else
+                 f", system calls per packet: gateway {pp['gateway_syscalls']:.2f}, "
+                 f"agent {pp['agent_syscalls']:.2f}")
+        cpu = "?" if pp["gateway_cpu_us"] is None else f"{pp['gateway_cpu_us']:.1f}"
+        lines.append(f"  {plane} at {pp['offered_mbit']} Mbit/s: gateway CPU {cpu} us/packet"
+                     f"{calls} ({pp['packets']} packets, {pp['loss_pct']}% loss)")
+    lines.append(f"  gateway CPU per packet, compiled / python: "
+                 f"{rt['gateway_cpu_per_packet_compiled_vs_python']:.2f} (target <= 0.33)")
     return "\n".join(lines)
 
 
@@ -327,4 +401,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["stalls"]:
         print(format_stalls(run_stall_bench()))
     else:
-        print(format_l3(run_l3_bench()))
+        report = run_l3_bench()
+        print(format_l3(report))
+        if "--json" in sys.argv:
+            print(json.dumps(report))

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::batch::{RecvBatch, SendBatch};
+use crate::batch::{RecvBatch, SendBatch, BATCH};
 use crate::channel::Channel;
 use crate::engine::{close, cvt, epoll_add, monotonic, Counters, TunBatch, MAX_PAYLOAD_SIZE};
 use crate::reasons::DropReason;
@@ -392,6 +392,9 @@ impl ClientShared {
             }
             drop(guard);
             self.flush(out, fd);
+            if n < BATCH {
+                return; // drained: a short batch saves the empty call (epoll wakes us for more)
+            }
         }
     }
 
@@ -456,6 +459,9 @@ impl ClientShared {
             }
             drop(s);
             self.flush(out, self.local);
+            if n < BATCH {
+                return;
+            }
         }
     }
 }

@@ -657,6 +657,9 @@ impl Shared {
                 }
             }
             up.flush(c); // before the table lock goes: a removed binding's socket stays open till then
+            if n < BATCH {
+                return; // drained: a short batch saves the empty call (epoll wakes us for more)
+            }
         }
     }
 
@@ -904,6 +907,9 @@ impl Shared {
             }
             drop(guard);
             self.flush_to_peers(out);
+            if n < BATCH {
+                return;
+            }
         }
     }
 
