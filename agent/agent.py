@@ -135,6 +135,7 @@ class Agent:
         self.engine: Any = None
         self._channel_class: Any = None
         self._engine_state: tuple[Any, ...] | None = None  # what the engine was last told
+        self._engine_poller: asyncio.TimerHandle | None = None  # see _engine_poll
         self._route = 0  # the route hint of the next reattach (wire.ROUTE_MAX)
         self._watch: AddressWatch | None = None
         self._records: Any = None  # the open records file, if any (line-buffered)
@@ -184,6 +185,9 @@ class Agent:
         for p in list(self.paths.values()):
             p.close()
         self.paths.clear()
+        if self._engine_poller is not None:
+            self._engine_poller.cancel()
+            self._engine_poller = None
         if self.engine is not None:
             assert self._loop is not None
             self._loop.remove_reader(self.engine.fileno())
@@ -556,6 +560,7 @@ class Agent:
         if tun is not None:
             self.engine = jvpn_dataplane.AgentEngine(tun, udp_engine.QUEUE_MAX, tun=True)
             loop.add_reader(self.engine.fileno(), self._engine_ready)
+            self._engine_poller = loop.call_later(self._engine_poll_s(), self._engine_poll)
             self._log("L3 data path: compiled engine (the TUN and the UDP paths on its own "
                       "thread)")
             return
@@ -588,6 +593,26 @@ class Agent:
                 if udp_engine.is_notice(b):  # a hint may echo a packet the engine sealed
                     self.machine.sealed_elsewhere(self.engine.recent_tags())
                 self._on_receive(a, b)
+
+    def _engine_poll_s(self) -> float:
+        """How often the machine hears what the engine carried: a few times per silence-probe
+        period (the probe's grace), else twice per keepalive interval. Not per packet."""
+        p = self.settings.params
+        return max(0.01, p.probe_silence / 4) if p.probe_silence > 0 else p.keepalive_interval / 2
+
+    def _engine_poll(self) -> None:
+        """What the engine sent and heard by itself, to the machine's silence probe."""
+        self._engine_poller = None
+        if self._stopped or self.engine is None or self._loop is None:
+            return
+        try:
+            sent, heard = self.engine.take_activity()
+        except RuntimeError:
+            return  # stopped meanwhile
+        if sent is not None or heard is not None:
+            self.machine.engine_activity(sent, heard)
+            self._pump()
+        self._engine_poller = self._loop.call_later(self._engine_poll_s(), self._engine_poll)
 
     def _engine_sync(self) -> None:
         """Tell the engine the machine's current path and channel, and whether it is fast."""

@@ -348,6 +348,17 @@ class ClientSession:
         """Until when the current secret may seal payloads (then: held, and a REKEY)."""
         return self._keys_made + self.params.reject_after
 
+    def engine_activity(self, sent: float | None, heard: float | None) -> None:
+        """What a compiled engine carried on the current path by itself: when it first sealed
+        DATA since it was last asked (``sent``; arms the silence probe as the DATA this
+        machine seals does), and when it last accepted the gateway's DATA (``heard``; as
+        any authenticated packet, it answers what was sent before it)."""
+        if heard is not None and heard > self._last_rx:
+            self._last_rx = heard
+            self._unanswered = self._probed = None
+        if sent is not None and sent > self._last_rx and self._unanswered is None and self.attached:
+            self._unanswered = sent
+
     def sealed_elsewhere(self, tags: Iterable[bytes]) -> None:
         """AEAD tags of DATA packets sealed on the current binding outside the machine (the
         compiled data path): a NOT_BOUND_HERE hint echoing one of them is about our packet."""

@@ -59,6 +59,10 @@ struct State {
     /// hint echoes one, and the machine believes only hints about its own packets.
     tags: Vec<[u8; AEAD_TAG_LEN]>,
     next_tag: usize,
+    /// When the engine first sealed DATA since the machine last asked, and when it last
+    /// accepted the gateway's DATA: the machine's silence probe reads both.
+    sent: Option<f64>,
+    heard: Option<f64>,
 }
 
 /// Tags the ring keeps: the machine's own ring is as long (session/client.py SENT_TAGS).
@@ -119,6 +123,8 @@ impl ClientEngine {
                 app: None,
                 tags: Vec::with_capacity(SENT_TAGS),
                 next_tag: 0,
+                sent: None,
+                heard: None,
             }),
             queue: Mutex::new(VecDeque::new()),
             queue_max,
@@ -173,6 +179,13 @@ impl ClientEngine {
         s.current = current.and_then(|(path_id, channel, fast, keys_until)| {
             s.by_id.get(&path_id).map(|&fd| Current { path_id, fd, channel, fast, keys_until })
         });
+    }
+
+    /// (first DATA sealed since the last call, last DATA accepted), monotonic seconds; the
+    /// first restarts.
+    pub fn take_activity(&self) -> (Option<f64>, Option<f64>) {
+        let mut s = self.shared.state.lock().expect("state");
+        (s.sent.take(), s.heard)
     }
 
     /// The AEAD tags of the latest packets the engine sealed, oldest first.
@@ -327,6 +340,7 @@ impl ClientShared {
                     Ok(len) => {
                         let tag: [u8; AEAD_TAG_LEN] = slot[len - AEAD_TAG_LEN..len].try_into().expect("tag length");
                         push_tag(&mut s.tags, &mut s.next_tag, tag);
+                        s.sent.get_or_insert(now);
                         out.push(len, None);
                         c.forwarded.fetch_add(1, Ordering::Relaxed);
                     }
@@ -381,6 +395,7 @@ impl ClientShared {
                     Ok(len) => {
                         let tag: [u8; AEAD_TAG_LEN] = slot[len - AEAD_TAG_LEN..len].try_into().expect("tag length");
                         push_tag(&mut s.tags, &mut s.next_tag, tag);
+                        s.sent.get_or_insert(now);
                         out.push(len, None);
                         c.forwarded.fetch_add(1, Ordering::Relaxed);
                     }
@@ -410,9 +425,12 @@ impl ClientShared {
             if n == 0 {
                 return;
             }
-            let s = self.state.lock().expect("state");
+            let now = monotonic();
+            let mut guard = self.state.lock().expect("state");
+            let s = &mut *guard;
             let Some(&path_id) = s.paths.get(&fd) else { return };
             let cur = s.current.as_ref().filter(|c| c.fast && c.path_id == path_id);
+            let mut heard = None;
             for i in 0..n {
                 let (pkt, _, truncated) = rx.get(i);
                 let pkt: &[u8] = pkt;
@@ -439,6 +457,7 @@ impl ClientShared {
                     Ok(len) if slot[0] == INNER_PAYLOAD && len - 1 <= MAX_PAYLOAD_SIZE => {
                         if ch.accept(h.counter, pkt.len()) {
                             drop(ch);
+                            heard = Some(now);
                             if self.tun {
                                 self.write_tun(&slot[1..len]);
                             } else if let Some(app) = s.app {
@@ -457,7 +476,10 @@ impl ClientShared {
                     self.flush(out, self.local);
                 }
             }
-            drop(s);
+            if heard.is_some() {
+                s.heard = heard;
+            }
+            drop(guard);
             self.flush(out, self.local);
             if n < BATCH {
                 return;

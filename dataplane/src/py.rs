@@ -603,6 +603,13 @@ impl AgentEngine {
         })
     }
 
+    /// ``(sent, heard)``: when the engine first sealed DATA since the last call, and when
+    /// it last accepted the gateway's DATA (monotonic seconds, or None): the client
+    /// machine's silence probe reads both (``ClientSession.engine_activity``).
+    fn take_activity(&self) -> PyResult<(Option<f64>, Option<f64>)> {
+        self.with(|e| Ok(e.take_activity()))
+    }
+
     /// The AEAD tags of the latest packets the engine sealed, oldest first (a gateway's
     /// NOT_BOUND_HERE hint must echo one of the client's packets).
     fn recent_tags<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {

@@ -160,9 +160,13 @@ def test_the_agent_engine_carries_the_tun(compiled: ModuleType) -> None:
         raw, addr = gateway.recvfrom(4096)
         assert wire.decode_inner(gw.open_raw(raw)).payload == up
         assert engine.recent_tags() == [raw[-wire.AEAD_TAG_LEN:]]
+        sent, heard = engine.take_activity()  # for the machine's silence probe
+        assert sent is not None and heard is None and engine.take_activity() == (None, None)
         down = ipv4(SERVER, ME_V4, b"down")
         gateway.sendto(gw.seal(wire.inner_payload(down)), addr)
         assert recv(kernel) == down
+        sent, heard = engine.take_activity()
+        assert sent is None and heard is not None and heard <= time.monotonic()
         # the keys reached their reject-after age: the machine holds and rekeys
         engine.set_current(1, cl, True, time.monotonic() - 1)
         kernel.send(up)
