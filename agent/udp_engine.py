@@ -49,7 +49,8 @@ def available() -> bool:
         import jvpn_dataplane
     except ImportError:
         return False
-    return hasattr(jvpn_dataplane, "AgentEngine")
+    # an older build lacks the TUN and the probe's activity: rebuild it (make dataplane)
+    return hasattr(getattr(jvpn_dataplane, "AgentEngine", None), "take_activity")
 
 
 

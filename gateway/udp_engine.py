@@ -59,7 +59,8 @@ def available() -> bool:
         import jvpn_dataplane
     except ImportError:
         return False
-    return hasattr(jvpn_dataplane, "GatewayEngine")
+    # an older build lacks the node-wide lease and L3: rebuild it (make dataplane)
+    return hasattr(getattr(jvpn_dataplane, "GatewayEngine", None), "set_lease")
 
 
 
