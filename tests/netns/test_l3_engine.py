@@ -12,6 +12,7 @@ Python, so its engine does not run there.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,8 @@ def plane(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     choice: str = request.param
     if choice == "compiled" and dataplane.compiled_module() is None:
         pytest.skip("the compiled data plane is not built")
+    if choice == "compiled" and os.environ.get("JVPN_DATA_PLANE") == "python":
+        pytest.skip("this run is on the Python data plane")
     monkeypatch.setenv("JVPN_GATEWAY_DATA_PLANE", choice)
     monkeypatch.setenv("JVPN_AGENT_DATA_PLANE", choice)
     return choice
