@@ -191,7 +191,7 @@ class GatewayNode:
         self.want_engine = engine
         self.engine: Any = None
         self._mirror: udp_engine.EngineMirror | None = None
-        self._mirror_all_due = False  # a refresh of every binding is scheduled (_mirror_sync_soon)
+        self._mirror_all_due = False  # a refresh of the lease is scheduled (_mirror_sync_soon)
         self._udp_proto: _UdpProtocol | None = None
         metrics.sessions_callback = self.machine.sessions_by_state
 
@@ -519,10 +519,11 @@ class GatewayNode:
             self._mirror.pull_active()
 
     def _mirror_sync_soon(self) -> None:
-        """Refresh every binding once the answers of this loop iteration are in, not once
-        per answer about no session (the health check, the registry, the sweeper): when a
-        client's registry entry goes stale, each of its reattaches in flight reads it, and a
-        walk of every binding per answer made that herd cost seconds of CPU."""
+        """Refresh the node's lease and the engine's counters once the answers of this loop
+        iteration are in, not once per answer about no session (the health check, the
+        registry, the sweeper): when a client's registry entry goes stale, each of its
+        reattaches in flight reads it. (A binding the machine changed is refreshed on its
+        own: no answer walks every binding.)"""
         if not self._mirror_all_due:
             self._mirror_all_due = True
             asyncio.get_running_loop().call_soon(self._mirror_sync_due)
