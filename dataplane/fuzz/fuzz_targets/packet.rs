@@ -1,11 +1,13 @@
 //! Everything the data plane parses from the network, fed arbitrary bytes: the header,
-//! the DATA prefix, a channel's open (replay window and AEAD, committing and not), and
-//! the replay window driven by the input's counters. No input may panic; every refusal
+//! the DATA prefix, a channel's open (replay window and AEAD, committing and not), the
+//! replay window driven by the input's counters, and an IP packet's addresses as
+//! cryptokey routing reads them (uplink check, downlink owner). No input may panic; every refusal
 //! is a DropReason; a refused packet never moves the window.
 #![no_main]
 
 use jvpn_dataplane::channel::Channel;
 use jvpn_dataplane::replay::ReplayWindow;
+use jvpn_dataplane::route::{self, Downlink, Owners, Prefix, Route, TunnelDrop};
 use jvpn_dataplane::wire;
 use libfuzzer_sys::fuzz_target;
 
@@ -28,6 +30,20 @@ fuzz_target!(|data: &[u8]| {
     let opened = ch.open_in_place(&mut buf, true);
     if opened.is_err() {
         assert_eq!(ch.highest_received(), before, "a refused packet never moves the window");
+    }
+
+    // The input as an IP packet (what a TUN or a tunnel hands the engine).
+    let own = ["10.77.0.5".parse().expect("v4"), "fd77::5".parse().expect("v6")];
+    let r = Route { own, prefixes: vec![Prefix::new("10.0.0.0".parse().expect("v4"), 8).expect("len")] };
+    let verdict = r.check_uplink(data);
+    match route::addresses(data) {
+        None => assert_eq!(verdict, Some(TunnelDrop::Malformed)),
+        Some((src, dst)) => assert_eq!(verdict.is_none(), r.owns(&src) && r.allows(&dst)),
+    }
+    let mut owners = Owners::default();
+    owners.add([7; 16], &r);
+    if let Downlink::Session(sid, _) = owners.owner(data) {
+        assert_eq!(sid, [7; 16]);
     }
 
     // The input as counters: the window's answers stay consistent with each other.
