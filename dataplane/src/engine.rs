@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use crate::balancer::{self, Trusted};
 use crate::batch::{to_sockaddr, RecvBatch, SendBatch, BATCH, SLOT};
 use crate::channel::Channel;
 use crate::reasons::DropReason;
@@ -60,8 +61,16 @@ pub enum HandUp {
 pub struct Binding {
     pub channel: Arc<Mutex<Channel>>,
     pub epoch: u32,
+    /// The client's address (behind a balancer: the one its prefix names).
     pub peer: SocketAddr,
+    /// Behind a balancer: the balancer's socket the client's datagrams come from and its
+    /// replies go to; None: the client speaks directly.
+    pub via: Option<SocketAddr>,
     pub fast: bool,
+    /// When (store milliseconds) the secret of the binding's keys was made: past the
+    /// node's reject-after age nothing is forwarded or sealed here (the machine refuses it
+    /// with KEYS_EXPIRED). None: no age is enforced.
+    pub keys_made_ms: Option<f64>,
     /// When the store last confirmed the binding (monotonic seconds): it carries data only
     /// while the node's lease holds and it was confirmed since the node last trusted the
     /// store (the machine's `_leased`).
@@ -75,6 +84,25 @@ pub struct Binding {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub last_rx: f64,
+}
+
+impl Binding {
+    /// Where datagrams to the peer go: the balancer's socket, else the peer's address.
+    pub fn send_addr(&self) -> &SocketAddr {
+        self.via.as_ref().unwrap_or(&self.peer)
+    }
+
+    /// Whether a datagram from `client` (through `via`) comes from this binding's peer.
+    fn is_peer(&self, client: &SocketAddr, via: Option<&SocketAddr>) -> bool {
+        client.ip() == self.peer.ip() && client.port() == self.peer.port() && via == self.via.as_ref()
+    }
+}
+
+/// What `install` leaves at its defaults: a direct peer, keys of unenforced age.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeerKeys {
+    pub via: Option<SocketAddr>,
+    pub keys_made_ms: Option<f64>,
 }
 
 /// What the engine forwarded for one binding since the machine last asked.
@@ -140,6 +168,12 @@ pub struct Shared {
     // forward, and since when it trusts the store again. Fail closed until first set.
     lease_until: AtomicU64,
     trust_since: AtomicU64,
+    // The store's clock (f64 bits): the node's estimate of store minus monotonic
+    // milliseconds, and the secrets' reject-after age in ms (infinite until set).
+    store_offset_ms: AtomicU64,
+    reject_after_ms: AtomicU64,
+    /// The balancers whose datagrams carry the client's address (`balancer`).
+    trusted: Mutex<Arc<Trusted>>,
     stop: AtomicBool,
 }
 
@@ -148,11 +182,23 @@ pub struct Shared {
 struct Lease {
     until: f64,
     trust_since: f64,
+    store_offset_ms: f64,
+    reject_after_ms: f64,
 }
 
 impl Lease {
     fn holds(&self, b: &Binding, now: f64) -> bool {
         now < self.until && b.confirmed_at >= self.trust_since
+    }
+
+    /// Whether the binding's keys are still within reject-after, as the machine decides
+    /// (`store_ms(now) - made_ms > reject_after_ms`: expired). Past it the engine carries
+    /// nothing for the binding and hands up instead: the machine refuses with its reason.
+    fn keys_live(&self, b: &Binding, now: f64) -> bool {
+        match b.keys_made_ms {
+            None => true,
+            Some(made) => (now * 1000.0 + self.store_offset_ms).trunc() - made <= self.reject_after_ms,
+        }
     }
 }
 
@@ -289,6 +335,9 @@ impl Engine {
             }),
             lease_until: AtomicU64::new(f64::NEG_INFINITY.to_bits()),
             trust_since: AtomicU64::new(f64::INFINITY.to_bits()),
+            store_offset_ms: AtomicU64::new(0f64.to_bits()),
+            reject_after_ms: AtomicU64::new(f64::INFINITY.to_bits()),
+            trusted: Mutex::new(Arc::new(Trusted::default())),
             queue: Mutex::new(VecDeque::new()),
             queue_max,
             counters: Counters::default(),
@@ -310,7 +359,7 @@ impl Engine {
         self.shared.notify
     }
 
-    /// Install or replace a binding (its upstream socket, if any, is kept).
+    /// Install or replace a binding of a direct peer (its upstream socket, if any, is kept).
     #[allow(clippy::too_many_arguments)]
     pub fn install(
         &self,
@@ -322,6 +371,22 @@ impl Engine {
         confirmed_at: f64,
         route: Option<Arc<Route>>,
     ) {
+        self.install_with(sid, channel, epoch, peer, fast, confirmed_at, route, PeerKeys::default())
+    }
+
+    /// Install or replace a binding: also its balancer (`via`) and its keys' age.
+    #[allow(clippy::too_many_arguments)]
+    pub fn install_with(
+        &self,
+        sid: SessionId,
+        channel: Arc<Mutex<Channel>>,
+        epoch: u32,
+        peer: SocketAddr,
+        fast: bool,
+        confirmed_at: f64,
+        route: Option<Arc<Route>>,
+        extra: PeerKeys,
+    ) {
         let mut guard = self.shared.table.lock().expect("table");
         let t = &mut *guard;
         match t.bindings.get_mut(&sid) {
@@ -329,6 +394,8 @@ impl Engine {
                 b.channel = channel;
                 b.epoch = epoch;
                 b.peer = peer;
+                b.via = extra.via;
+                b.keys_made_ms = extra.keys_made_ms;
                 b.fast = fast;
                 b.confirmed_at = confirmed_at;
                 if b.route != route {
@@ -351,7 +418,9 @@ impl Engine {
                         channel,
                         epoch,
                         peer,
+                        via: extra.via,
                         fast,
+                        keys_made_ms: extra.keys_made_ms,
                         confirmed_at,
                         active: false,
                         route,
@@ -390,6 +459,20 @@ impl Engine {
     pub fn set_lease(&self, until: f64, trust_since: f64) {
         self.shared.lease_until.store(until.to_bits(), Ordering::Relaxed);
         self.shared.trust_since.store(trust_since.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The store's clock as the node estimates it (store ms = monotonic ms + `offset_ms`),
+    /// and the age (ms) past which a secret's keys carry nothing (the machine's
+    /// `keys_reject_after_s`). Until set no age is enforced.
+    pub fn set_keys_clock(&self, offset_ms: f64, reject_after_ms: f64) {
+        self.shared.store_offset_ms.store(offset_ms.to_bits(), Ordering::Relaxed);
+        self.shared.reject_after_ms.store(reject_after_ms.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The networks whose datagrams carry the client's address in a prefix (the node's
+    /// `trusted_balancers`); empty: none.
+    pub fn set_trusted(&self, trusted: Trusted) {
+        *self.shared.trusted.lock().expect("trusted") = Arc::new(trusted);
     }
 
     /// What the engine forwarded since the last call, for the bindings that had traffic
@@ -560,6 +643,8 @@ impl Shared {
         Lease {
             until: f64::from_bits(self.lease_until.load(Ordering::Relaxed)),
             trust_since: f64::from_bits(self.trust_since.load(Ordering::Relaxed)),
+            store_offset_ms: f64::from_bits(self.store_offset_ms.load(Ordering::Relaxed)),
+            reject_after_ms: f64::from_bits(self.reject_after_ms.load(Ordering::Relaxed)),
         }
     }
 
@@ -640,6 +725,7 @@ impl Shared {
             let mut t = self.table.lock().expect("table");
             let mut l3 = L3Out { tun: *tun, buf: [0u8; SLOT] };
             let lease = self.lease();
+            let trusted = self.trusted.lock().expect("trusted").clone();
             for i in 0..n {
                 let (pkt, from, truncated) = rx.get(i);
                 let pkt: &[u8] = pkt;
@@ -650,7 +736,16 @@ impl Shared {
                     c.drop(DropReason::Oversized);
                     continue;
                 }
-                match self.forward(&mut t, pkt, &from, now, lease, up, &mut l3) {
+                // Behind a balancer the client's address is in the prefix; what goes up is
+                // the datagram as it came, for the adapter to read the same way.
+                let s = match balancer::sender(&trusted, pkt, from) {
+                    Ok(s) => s,
+                    Err(reason) => {
+                        c.drop(reason);
+                        continue;
+                    }
+                };
+                match self.forward(&mut t, s.msg, &s.client, s.via.as_ref(), now, lease, up, &mut l3) {
                     Ok(()) => {}
                     Err(Some(reason)) => c.drop(reason),
                     Err(None) => self.hand_up(HandUp::Datagram { data: pkt.to_vec(), from }, pending),
@@ -670,6 +765,7 @@ impl Shared {
         t: &mut Table,
         pkt: &[u8],
         from: &SocketAddr,
+        via: Option<&SocketAddr>,
         now: f64,
         lease: Lease,
         out: &mut Upstreams,
@@ -681,11 +777,14 @@ impl Shared {
         let h = wire::parse_data(pkt).map_err(|_| None)?; // the machine counts malformed input
         let Table { bindings, active, .. } = t;
         let b = bindings.get_mut(&h.session_id).ok_or(None)?;
-        if !b.fast || h.epoch != b.epoch || from.ip() != b.peer.ip() || from.port() != b.peer.port() {
+        if !b.fast || h.epoch != b.epoch || !b.is_peer(from, via) {
             return Err(None);
         }
         if !lease.holds(b, now) {
             return Err(Some(DropReason::LeaseExpired));
+        }
+        if !lease.keys_live(b, now) {
+            return Err(None); // the machine opens it and refuses a payload with KEYS_EXPIRED
         }
         if let Some(route) = b.route.clone() {
             let done = self.forward_l3(b, &route, &h, pkt, now, l3);
@@ -806,7 +905,8 @@ impl Shared {
                     self.hand_up(HandUp::Tun { data: packet.to_vec() }, pending);
                     continue;
                 };
-                if !b.fast {
+                if !b.fast || !lease.keys_live(b, now) {
+                    // past reject-after: the machine refuses it (KEYS_EXPIRED)
                     self.hand_up(HandUp::Tun { data: packet.to_vec() }, pending);
                     continue;
                 }
@@ -828,7 +928,7 @@ impl Shared {
                 let sealed = b.channel.lock().expect("channel").seal_in_place(&mut slot[..], packet.len() + 1);
                 match sealed {
                     Ok(len) => {
-                        out.push(len, Some(&b.peer));
+                        out.push(len, Some(b.send_addr()));
                         b.tx_packets += 1;
                         b.tx_bytes += len as u64;
                         touch(&mut t.active, b, sid);
@@ -874,7 +974,8 @@ impl Shared {
                     c.drop(DropReason::NotValidated); // as the machine counts an oversized reply
                     continue;
                 }
-                if !b.fast {
+                if !b.fast || !lease.keys_live(b, now) {
+                    // past reject-after: the machine refuses it (KEYS_EXPIRED)
                     self.hand_up(HandUp::Upstream { session_id: sid, data: data.to_vec() }, pending);
                     continue;
                 }
@@ -889,7 +990,7 @@ impl Shared {
                 match sealed {
                     Ok(len) => {
                         debug_assert_eq!(len, DATA_PREFIX_LEN + data.len() + 1 + AEAD_TAG_LEN);
-                        out.push(len, Some(&b.peer));
+                        out.push(len, Some(b.send_addr()));
                         b.tx_packets += 1;
                         b.tx_bytes += len as u64;
                         touch(&mut t.active, b, sid);

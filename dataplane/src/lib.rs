@@ -6,6 +6,7 @@
 //! `cargo test` and the fuzz targets need no Python.
 
 pub mod agent_engine;
+pub mod balancer;
 pub mod batch;
 pub mod channel;
 pub mod engine;

@@ -317,6 +317,40 @@ fn parse_data<'py>(py: Python<'py>, raw: &[u8]) -> PyResult<(Bound<'py, PyBytes>
     Ok((PyBytes::new(py, &h.session_id), h.epoch, h.counter))
 }
 
+fn trusted_networks(networks: Vec<(Vec<u8>, u8)>) -> PyResult<crate::balancer::Trusted> {
+    let mut nets = Vec::with_capacity(networks.len());
+    for (net, len) in networks {
+        nets.push((packed_ip(&net)?, len));
+    }
+    crate::balancer::Trusted::new(nets).ok_or_else(|| PyValueError::new_err("prefix length beyond the address family"))
+}
+
+/// Who sent ``data`` from ``from_`` as the engine reads it, given the trusted balancer
+/// networks (``(packed address, prefix length)``): ``(None, (host, port) of the client,
+/// (host, port) of the balancer or None, the message's offset)``, or ``(DropReason value,
+/// None, None, 0)`` when it is dropped (``MISSING_PREFIX``, ``UNTRUSTED_PREFIX``).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn balancer_sender(
+    py: Python<'_>,
+    data: &[u8],
+    from_: &Bound<'_, PyAny>,
+    networks: Vec<(Vec<u8>, u8)>,
+) -> PyResult<(Option<u8>, PyObject, PyObject, usize)> {
+    let trusted = trusted_networks(networks)?;
+    let from = peer_addr(from_)?;
+    Ok(match crate::balancer::sender(&trusted, data, from) {
+        Ok(s) => {
+            let via = match s.via {
+                Some(v) => py_addr(py, &v)?,
+                None => py.None(),
+            };
+            (None, py_addr(py, &s.client)?, via, data.len() - s.msg.len())
+        }
+        Err(r) => (Some(r.code()), py.None(), py.None(), 0),
+    })
+}
+
 #[pymodule]
 fn jvpn_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataChannel>()?;
@@ -326,6 +360,7 @@ fn jvpn_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CryptokeyRoute>()?;
     m.add_class::<TunnelRouter>()?;
     m.add_function(wrap_pyfunction!(parse_data, m)?)?;
+    m.add_function(wrap_pyfunction!(balancer_sender, m)?)?;
     m.add("REPLAY_WINDOW", replay::REPLAY_WINDOW)?;
     m.add("MAX_INNER_LEN", MAX_INNER_LEN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -389,7 +424,13 @@ impl GatewayEngine {
     /// ``route`` (L3 sessions): a ``CryptokeyRoute``, the session's inner addresses and
     /// allowed prefixes; the engine then writes its checked uplink packets to the TUN
     /// (``set_tun``) and routes downlink packets for its addresses to it.
-    #[pyo3(signature = (session_id_, channel, peer, fast, confirmed_at, route = None))]
+    ///
+    /// ``via`` (behind a balancer): the balancer's socket the peer's datagrams come from,
+    /// prefixed with ``peer`` (the client's address), and its replies go to. ``keys_made_ms``:
+    /// when (store ms) the binding's secret was made; past ``set_keys_clock``'s reject-after
+    /// the engine carries nothing for it and hands up instead (None: no age enforced).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (session_id_, channel, peer, fast, confirmed_at, route = None, via = None, keys_made_ms = None))]
     fn install(
         &self,
         session_id_: &[u8],
@@ -398,12 +439,38 @@ impl GatewayEngine {
         fast: bool,
         confirmed_at: f64,
         route: Option<&CryptokeyRoute>,
+        via: Option<&Bound<'_, PyAny>>,
+        keys_made_ms: Option<f64>,
     ) -> PyResult<()> {
         let sid = session_id(session_id_)?;
         let peer = peer_addr(peer)?;
+        let via = via.map(peer_addr).transpose()?;
         let route = route.map(|r| r.inner.clone());
+        let extra = crate::engine::PeerKeys { via, keys_made_ms };
         self.with(|e| {
-            e.install(sid, channel.inner.clone(), channel.epoch, peer, fast, confirmed_at, route);
+            e.install_with(sid, channel.inner.clone(), channel.epoch, peer, fast, confirmed_at, route, extra);
+            Ok(())
+        })
+    }
+
+    /// The store's clock as the node estimates it (store ms = monotonic ms + ``offset_ms``)
+    /// and the secrets' reject-after age in ms: a binding whose keys are older carries
+    /// nothing here (its packets go to the machine, which refuses them: KEYS_EXPIRED).
+    fn set_keys_clock(&self, offset_ms: f64, reject_after_ms: f64) -> PyResult<()> {
+        self.with(|e| {
+            e.set_keys_clock(offset_ms, reject_after_ms);
+            Ok(())
+        })
+    }
+
+    /// The node's trusted balancers, ``[(packed network address, prefix length)]``: a
+    /// datagram from one must carry the client's address in its prefix (else dropped,
+    /// MISSING_PREFIX); from anyone else a datagram with the prefix magic is dropped
+    /// (UNTRUSTED_PREFIX). Handed-up datagrams keep their prefix.
+    fn set_trusted_balancers(&self, networks: Vec<(Vec<u8>, u8)>) -> PyResult<()> {
+        let trusted = trusted_networks(networks)?;
+        self.with(|e| {
+            e.set_trusted(trusted);
             Ok(())
         })
     }

@@ -16,10 +16,12 @@ pub enum DropReason {
     Unexpected = 14,
     QueueFull = 16,
     LeaseExpired = 17,
+    UntrustedPrefix = 19,
+    MissingPrefix = 20,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Truncated,
         DropReason::Oversized,
         DropReason::BadVersion,
@@ -33,6 +35,8 @@ impl DropReason {
         DropReason::Unexpected,
         DropReason::QueueFull,
         DropReason::LeaseExpired,
+        DropReason::UntrustedPrefix,
+        DropReason::MissingPrefix,
     ];
 
     pub fn code(self) -> u8 {
