@@ -126,9 +126,7 @@ class GatewayApp:
         if dataplane.active() is not dataplane.DataPlane.COMPILED:
             why = "the data plane is not the compiled one"
         elif not udp_engine.available():
-            why = "the compiled module has no engine"
-        elif cfg.trusted_balancers:
-            why = "behind trusted_balancers (client-address prefixes are read in Python)"
+            why = "the compiled module has no engine (or is an older build: make dataplane)"
         if why and cfg.udp_engine == "on":
             raise LookupError(f"udp_engine = on, but {why}")
         if why:

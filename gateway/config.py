@@ -212,8 +212,9 @@ class GatewayConfig:
     udp_engine: str = setting(
         "auto", choices=("auto", "on", "off"), fold_case=True,
         help="the compiled UDP data path: a Rust thread reads the UDP socket and the upstreams "
-        "in batches and forwards plain DATA itself (needs the compiled data plane; not behind "
-        "trusted_balancers); auto = on when possible; said at start",
+        "in batches and forwards plain DATA itself (needs the compiled data plane; behind "
+        "trusted_balancers it reads their client-address prefixes too); auto = on when "
+        "possible; said at start",
     )
     gc_gen0_threshold: int = setting(
         20_000, min=0, max=10_000_000,

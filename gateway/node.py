@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway import udp_engine
 from gateway.balancer import (
+    PREFIX_LEN,
     PROXY_V1_SIGNATURE,
     TrustedBalancers,
     has_prefix_magic,
@@ -483,6 +484,9 @@ class GatewayNode:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
             self.engine = jvpn_dataplane.GatewayEngine(sock.fileno(), udp_engine.QUEUE_MAX)
+            # behind these the engine reads the client's address from each datagram's prefix
+            self.engine.set_trusted_balancers(
+                [(n.network_address.packed, n.prefixlen) for n in self.trusted.networks])
         except BaseException:
             sock.close()
             raise
@@ -502,8 +506,11 @@ class GatewayNode:
         for kind, a, b in self.engine.drain(udp_engine.DRAIN_MAX):
             if kind == 0:
                 self._udp_proto.datagram_received(a, b)
-                if len(a) >= wire.HEADER_LEN:
-                    touched.add(a[4:wire.HEADER_LEN])
+                # a datagram with the magic came from a trusted balancer (the engine drops
+                # it from anyone else): the message starts after the prefix
+                at = PREFIX_LEN if has_prefix_magic(a) else 0
+                if len(a) >= at + wire.HEADER_LEN:
+                    touched.add(a[at + 4:at + wire.HEADER_LEN])
             elif kind == 2:  # from the TUN, for no binding the engine carries
                 if self.l3 is not None:
                     self.l3._from_tun(a)
@@ -550,6 +557,8 @@ class GatewayNode:
         m.tx_bytes += delta["tx_bytes"]
         for reason, n in udp_engine.drop_reasons(delta):
             m.count_drop(reason, wire.TransportKind.UDP, n)
+            if reason in (DropReason.MISSING_PREFIX, DropReason.UNTRUSTED_PREFIX):
+                self._log_prefix_drop(reason, wire.TransportKind.UDP, "(the udp engine's count)")
         for why, n in udp_engine.tunnel_drops(delta):
             self.machine.tunnel_dropped(why, wire.TransportKind.UDP, n)
         if self.l3 is not None and delta.get("tun_write_errors"):
@@ -645,6 +654,9 @@ class GatewayNode:
     def prefix_dropped(self, reason: DropReason, kind: wire.TransportKind, source: str) -> None:
         """A message dropped for its client-address prefix: counted; logged at most every 5 s."""
         self.metrics.count_drop(reason, kind)
+        self._log_prefix_drop(reason, kind, source)
+
+    def _log_prefix_drop(self, reason: DropReason, kind: wire.TransportKind, source: str) -> None:
         now = time.monotonic()
         if now - self._prefix_logged >= LIMIT_LOG_INTERVAL_S:
             self._prefix_logged = now

@@ -11,9 +11,20 @@ the same socket.
 
 This module decides nothing: it mirrors the machine's bindings into the engine. A binding
 is *fast* while the machine would forward its payloads without a decision: validated,
-no new address under validation, no REKEY in flight, a live state, a plain UDP peer (not through a
-balancer), a compiled channel (which the engine and the machine then share: one replay
-window, one send counter). The lease is the machine's own (``_leased``), held by the
+no new address under validation, no REKEY in flight, a live state, a UDP peer, a compiled
+channel (which the engine and the machine then share: one replay window, one send
+counter).
+
+Behind a balancer the engine reads the client's address from each datagram's prefix as
+``gateway.balancer`` does (the node tells it its ``trusted_balancers``): a binding's
+peer is the client's address and its ``via`` the balancer's socket, which must both
+match, and replies go to the ``via``. What it hands up is the datagram as it came, prefix
+and balancer address included, so the adapter reads it exactly as one from the socket.
+
+Keys age: a binding is installed with when its secret was made (store ms) and the engine
+is told the node's estimate of the store's clock and the reject-after age. Past it the
+engine carries nothing for the binding, in either direction, and hands its packets up:
+the machine refuses them (KEYS_EXPIRED) as it would on its own path. The lease is the machine's own (``_leased``), held by the
 engine as one value for the node (``set_lease``: the store's last answer plus
 ``lease_s``, and since when the node trusts the store) and, per binding, when the store
 last confirmed it: a binding carries data while the lease holds and it was confirmed
@@ -59,8 +70,8 @@ def available() -> bool:
         import jvpn_dataplane
     except ImportError:
         return False
-    # an older build lacks the node-wide lease and L3: rebuild it (make dataplane)
-    return hasattr(getattr(jvpn_dataplane, "GatewayEngine", None), "set_lease")
+    # an older build lacks the balancer prefix and the keys' age: rebuild it (make dataplane)
+    return hasattr(getattr(jvpn_dataplane, "GatewayEngine", None), "set_keys_clock")
 
 
 
@@ -75,7 +86,7 @@ class EngineMirror:
         # what the engine was last told, by session (and the compiled form of its route)
         self.installed: dict[bytes, tuple[Any, ...]] = {}
         self._counters: dict[str, int] = {}
-        self._lease: tuple[float, float] | None = None  # what the engine was last told
+        self._lease: tuple[float, ...] | None = None  # what the engine was last told
 
     def fast(self, b: Binding) -> bool:
         """Whether the engine may forward ``b``'s payloads without asking the machine."""
@@ -83,7 +94,7 @@ class EngineMirror:
         # prev_channel: a REKEY in flight, the downlink still under the previous keys
         return (b.validated and not b.probes and b.prev_channel is None
                 and b.state in LIVE_STATES
-                and p.kind is wire.TransportKind.UDP and p.via is None
+                and p.kind is wire.TransportKind.UDP
                 and type(b.channel) is self.channel_class)
 
     def lease(self) -> tuple[float, float]:
@@ -92,10 +103,16 @@ class EngineMirror:
         return (h.ok_at + self.machine.settings.lease_s, h.trust_since)
 
     def refresh_lease(self) -> None:
-        """Tell the engine the node's lease, if it moved (one call for every binding)."""
-        lease = self.lease()
-        if lease != self._lease:
-            self.engine.set_lease(*lease)
+        """Tell the engine the node's lease and the store's clock (for the keys' age), if
+        they moved (one call each for every binding)."""
+        m = self.machine
+        lease = (*self.lease(), m.health.offset_ms, m.settings.keys_reject_after_s * 1000)
+        old = self._lease
+        if lease != old:
+            if old is None or lease[:2] != old[:2]:
+                self.engine.set_lease(*lease[:2])
+            if old is None or lease[2:] != old[2:]:
+                self.engine.set_keys_clock(*lease[2:])
             self._lease = lease
 
     def sync(self, sid: bytes) -> None:
@@ -109,13 +126,16 @@ class EngineMirror:
         if type(b.channel) is not self.channel_class:
             return  # a channel made before the engine: the machine keeps the whole binding
         route = b.secrets.route
-        state = (b.channel, b.peer.addr, self.fast(b), b.confirmed_at, route)
+        p = b.peer
+        state = (b.channel, p.addr, self.fast(b), b.confirmed_at, route, p.via,
+                 b.secrets.made_ms)
         old = self.installed.get(sid)
         if old != state:
             compiled = None
             if route is not None:
-                compiled = old[5] if old is not None and old[4] is route else compiled_route(route)
-            self.engine.install(sid, b.channel, b.peer.send_addr, state[2], state[3], compiled)
+                compiled = old[7] if old is not None and old[4] is route else compiled_route(route)
+            self.engine.install(sid, b.channel, p.addr, state[2], state[3], compiled,
+                                via=p.via, keys_made_ms=float(b.secrets.made_ms))
             self.installed[sid] = (*state, compiled)
 
     def pull(self, sid: bytes) -> None:
