@@ -5,9 +5,9 @@ the agent's engine reads and writes the client's TUN: an inner TCP stream crosse
 without Python per packet (the engines' own counters say so), and the cryptokey routing
 done in the gateway's engine drops and counts a spoofed inner source and a disallowed
 prefix as the machine would. With the Python data plane the same stream crosses asyncio
-(no engine). One gateway, NAT egress, the client on the node's own segment: behind the
-nginx balancer (``trusted_balancers``) the gateway reads the client-address prefix in
-Python, so its engine does not run there.
+(no engine). One gateway, NAT egress; the client behind the nginx balancer (the
+production topology: the gateway's engine reads the client-address prefix nginx puts
+before each datagram and answers to nginx's socket) or on the node's own segment.
 """
 
 from __future__ import annotations
@@ -56,16 +56,24 @@ def plane(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
 
 
 @pytest.fixture
-def lab(tmp_path: Path, plane: str) -> Iterator[Lab]:
-    lab = Lab(tmp_path, gateways=1, egress="nat", balancer=False).up()  # after the env is set
+def balancer(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+def lab(tmp_path: Path, plane: str, balancer: bool) -> Iterator[Lab]:
+    lab = Lab(tmp_path, gateways=1, egress="nat", balancer=balancer).up()  # after the env is set
     try:
         yield lab
     finally:
         lab.close()
 
 
-@pytest.mark.parametrize("plane", ["compiled", "python"], indirect=True)
-def test_an_l3_stream_crosses_the_data_plane_in_use(lab: Lab, plane: str) -> None:
+@pytest.mark.parametrize(("plane", "balancer"),
+                         [("compiled", True), ("compiled", False), ("python", False)],
+                         ids=["compiled-behind-nginx", "compiled-direct", "python-direct"],
+                         indirect=True)
+def test_an_l3_stream_crosses_the_data_plane_in_use(lab: Lab, plane: str, balancer: bool) -> None:
     lab.start_gateway(1)
     lab.wait_gateways_ready([1])
     priv, _ = lab.add_client(f"{SERVER}/32,fd99::/64")
@@ -93,6 +101,8 @@ def test_an_l3_stream_crosses_the_data_plane_in_use(lab: Lab, plane: str) -> Non
               "the gateway's engine counters")
         assert lab.metric(1, "jvpn_engine_syscalls_total", call="tun_write") > 50
         assert lab.metric(1, "jvpn_engine_packets_total", path="returned") > 50
+        if balancer:  # every datagram came through nginx, with the client's address
+            assert lab.metric(1, "jvpn_dropped_total", reason="MISSING_PREFIX") == 0
     else:
         assert engine == {} and forwarded == 0 and returned == 0
 
