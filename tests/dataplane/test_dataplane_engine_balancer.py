@@ -11,12 +11,27 @@ for the session either way: the machine refuses it (KEYS_EXPIRED).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
+import time
 from types import ModuleType
 
 from gateway.balancer import encode_prefix
 from session import wire
+from session.framing import DataChannel as PyChannel
 from session.reasons import DropReason
+from tests.dataplane.test_dataplane_engine_tun import (
+    C2G,
+    EPOCH,
+    G2C,
+    ME_V4,
+    ME_V6,
+    SERVER,
+    SID,
+    drain,
+    ipv4,
+    recv,
+)
 from tests.support.harness import Gateway, echo_upstream, start_gateway, wait_for
 from tests.support.rawclient import Endpoint, RawSession, _UdpProto
 
@@ -196,3 +211,51 @@ async def test_the_engine_carries_nothing_past_reject_after(redis_url: str,
     finally:
         transport.close()
         await gw.app.stop()
+
+
+def test_the_l3_engine_behind_a_balancer_and_past_reject_after(compiled: ModuleType) -> None:
+    """The engine alone (a datagram socket pair stands in for the TUN): an L3 session
+    behind a balancer, its keys young then past reject-after."""
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.bind(("127.0.0.1", 0))
+    nginx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    nginx.bind(("127.0.0.1", 0))
+    nginx.connect(listen.getsockname())
+    tun, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    engine = compiled.GatewayEngine(listen.fileno())
+    try:
+        engine.set_tun(tun.fileno())
+        engine.set_trusted_balancers([(ipaddress.ip_address("127.0.0.0").packed, 8)])
+        gw = compiled.DataChannel(G2C, C2G, SID, EPOCH)
+        cl = PyChannel(C2G, G2C, SID, EPOCH)
+        route = compiled.CryptokeyRoute(ME_V4.packed, ME_V6.packed,
+                                        [(ipaddress.ip_address("10.99.0.0").packed, 24)])
+        t0 = time.monotonic()
+        engine.set_lease(t0 + 60, t0)
+        engine.set_keys_clock(0.0, 180_000.0)
+        made_ms = t0 * 1000 - 170_000  # ten seconds before reject-after
+        engine.install(SID, gw, CLIENT, True, t0, route, via=nginx.getsockname(),
+                       keys_made_ms=made_ms)
+        prefix = encode_prefix(*CLIENT)
+        up, down = ipv4(ME_V4, SERVER), ipv4(SERVER, ME_V4, b"reply")
+        nginx.send(prefix + cl.seal(wire.inner_payload(up)))
+        assert recv(kernel) == up
+        kernel.send(down)
+        raw = recv(nginx)  # to the balancer's socket, without a prefix
+        assert raw is not None and wire.decode_inner(cl.open_raw(raw)).payload == down
+
+        # the store's clock 20 s later: past reject-after, nothing is carried either way
+        engine.set_keys_clock(20_000.0, 180_000.0)
+        late = prefix + cl.seal(wire.inner_payload(up))
+        nginx.send(late)
+        assert drain(engine, 1) == [(0, late, nginx.getsockname())]  # as it came
+        kernel.send(down)
+        assert drain(engine, 1) == [(2, down, None)]
+        assert recv(kernel, 0.1) is None and recv(nginx, 0.1) is None
+        c = engine.counters()
+        assert (c["forwarded"], c["returned"], c["tun_writes"]) == (1, 1, 1), c
+        engine.set_tun(None)
+    finally:
+        engine.stop()
+        for s in (listen, nginx, tun, kernel):
+            s.close()
