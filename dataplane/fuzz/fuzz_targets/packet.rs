@@ -1,17 +1,32 @@
 //! Everything the data plane parses from the network, fed arbitrary bytes: the header,
 //! the DATA prefix, a channel's open (replay window and AEAD, committing and not), the
 //! replay window driven by the input's counters, and an IP packet's addresses as
-//! cryptokey routing reads them (uplink check, downlink owner). No input may panic; every refusal
+//! cryptokey routing reads them (uplink check, downlink owner), the balancer's
+//! client-address prefix from a trusted and an untrusted source. No input may panic; every refusal
 //! is a DropReason; a refused packet never moves the window.
 #![no_main]
 
+use jvpn_dataplane::balancer::{self, Trusted, PREFIX_LEN};
 use jvpn_dataplane::channel::Channel;
+use jvpn_dataplane::reasons::DropReason;
 use jvpn_dataplane::replay::ReplayWindow;
 use jvpn_dataplane::route::{self, Downlink, Owners, Prefix, Route, TunnelDrop};
 use jvpn_dataplane::wire;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // The input as a datagram from a balancer, trusted and not: the message after a valid
+    // prefix is the rest of the input; a refusal is one of the two prefix reasons.
+    let trusted = Trusted::new([("10.0.0.0".parse().expect("v4"), 8)]).expect("len");
+    for from in ["10.1.2.3:4000", "192.0.2.1:4000"] {
+        match balancer::sender(&trusted, data, from.parse().expect("addr")) {
+            Ok(s) => {
+                assert!(s.msg.len() == data.len() || s.msg.len() + PREFIX_LEN == data.len());
+                assert!(s.client.port() != 0 || s.via.is_none());
+            }
+            Err(r) => assert!(matches!(r, DropReason::MissingPrefix | DropReason::UntrustedPrefix)),
+        }
+    }
     let _ = wire::peek_header(data);
     let parsed = wire::parse_data(data);
     // A channel of the packet's own session and epoch, so the input reaches the replay
