@@ -558,7 +558,8 @@ class GatewayNode:
         for reason, n in udp_engine.drop_reasons(delta):
             m.count_drop(reason, wire.TransportKind.UDP, n)
             if reason in (DropReason.MISSING_PREFIX, DropReason.UNTRUSTED_PREFIX):
-                self._log_prefix_drop(reason, wire.TransportKind.UDP, "(the udp engine's count)")
+                # the engine counts them; which address sent them is not kept per packet
+                self._log_prefix_drop(reason, wire.TransportKind.UDP, f"({n} seen by the engine)")
         for why, n in udp_engine.tunnel_drops(delta):
             self.machine.tunnel_dropped(why, wire.TransportKind.UDP, n)
         if self.l3 is not None and delta.get("tun_write_errors"):
