@@ -128,6 +128,7 @@ PATH_CHALLENGE_INTERVAL_S = 0.1  # a challenge is repeated at most this often pe
 MAX_HELD = 16  # a PENDING binding's packets held until it is ACTIVE
 REKEY_MIN_INTERVAL_S = 1.0  # REKEYs a binding may ask at most this often (each one is a write)
 REREAD_INTERVAL_S = 1.0  # a cached secret a proof failed under is re-read at most this often
+REREAD_WAITERS = 8  # requests of one session that wait for its re-read in flight
 # A reattach request made this much earlier than one already seen for its session was
 # superseded (the client moved on): it must not win. Below it, two requests cannot be
 # ordered by their timestamps (the client's estimate of the store's clock moves a little).
@@ -399,6 +400,8 @@ class GatewayMachine:
         self._sources = Buckets(settings.source_rate, settings.source_burst)
         self._unknown = Recent(UNKNOWN_SESSION_TTL_S)  # session ids the store does not know
         self._reread = Recent(REREAD_INTERVAL_S)  # sessions whose cached secret was re-read
+        # Requests waiting for their session's re-read in flight (bounded by the unauth calls).
+        self._rereading: dict[bytes, list[_Reattach]] = {}
         self._used_tokens = Recent(2 * RETRY_TOKEN_LIFETIME_S)
         self._alerts = Throttle(ALERT_INTERVAL_S)
         self._reject_after_ms = settings.keys_reject_after_s * 1000
@@ -1392,8 +1395,11 @@ class GatewayMachine:
         cached = self._secrets.get(sid)
         if cached is not None and not fresh and cached.generation >= rec.key_generation:
             return cached
-        if cached is not None and cached.generation == rec.key_generation and fresh:
-            return cached  # the record says what we hold: nothing to unwrap again
+        if (cached is not None and fresh and cached.generation == rec.key_generation
+                and (cached.generation == 0 or cached.made_ms == rec.keys_ms)):
+            # The record says what we hold: nothing to unwrap again. (A generation alone
+            # does not name a secret: a REKEY undone, then made again, reuses its number.)
+            return cached
         secrets = self._unwrap(sid, rec, rec.wrapped_secret, rec.key_generation, rec.keys_ms)
         if secrets is not None:
             self._cache(sid, secrets)
@@ -1491,14 +1497,22 @@ class GatewayMachine:
         assert r.secrets is not None
         keys = r.secrets.keys
         if not control.verify(raw, keys.proof_key):
-            if r.cached and not self._reread.seen(req.session_id, now):
+            sid = req.session_id
+            waiting = self._rereading.get(sid)
+            if r.cached and waiting is not None and len(waiting) < REREAD_WAITERS:
+                # The record is being read again for an earlier request: this one (the
+                # client's next try, under the same new secret) is checked on its answer.
+                r.cached = False
+                waiting.append(r)
+                return
+            if r.cached and not self._reread.seen(sid, now):
                 # Our cached secret may predate a REKEY made on another node: read the
                 # record again (at most once a second per session) and check again.
-                self._reread.add(req.session_id, now)
+                self._reread.add(sid, now)
                 r.cached = False
-                self._call(GetRecordOp(req.session_id),
-                           lambda rec, t: self._reattach_loaded(r, rec, t, fresh=True), r.span,
-                           control=True, unauth=True)
+                self._rereading[sid] = [r]
+                self._call(GetRecordOp(sid), lambda rec, t: self._reread_answered(sid, rec, t),
+                           r.span, control=True, unauth=True)
                 return
             if r.previous is None or not control.verify(raw, r.previous.keys.proof_key):
                 self._alert("bad_proof", "BAD_PROOF", now, peer.addr[0],
@@ -1546,6 +1560,11 @@ class GatewayMachine:
         if not self._registered.get(client, (False, 0.0))[0]:
             return self._revoked(r, now)
         self._reattach_cas(r, now)
+
+    def _reread_answered(self, sid: bytes, rec: Any, now: float) -> None:
+        """The record read again: every request that waited for it is checked on it."""
+        for r in self._rereading.pop(sid, []):
+            self._reattach_loaded(r, rec, now, fresh=True)
 
     def _superseded(self, req: wire.ReattachRequest) -> bool:
         """Whether a newer request of the session was seen here (then ``req`` must not win);

@@ -993,6 +993,85 @@ def test_a_reattach_of_an_attached_session_is_a_switch_not_a_state_change() -> N
     assert any(a[2] == "reattach" for a, _ in gw.metrics.named("transport_switch"))
 
 
+def _rekeyed_elsewhere(net: Net) -> tuple[Cl, Gw, Gw]:
+    """A session that visited gw-b (which caches its secret) and then rekeyed on gw-a:
+    gw-b's cached secret is one generation behind the store's."""
+    gwa = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
+    gwb = net.gateway("gw-b", GW_PRIV, KEK, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, replace(REKEY_PARAMS, rekey_after=1.5))
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.3)
+    sid = c.machine.session_id
+    for path, addr, gw in ((2, OTHER, "gw-b"), (3, ("198.51.100.3", 40002), "gw-a")):
+        net.add_path(c, path, addr, gw)
+        c.machine.reattach(net.now, path, wire.TransportKind.UDP)
+        while len(c.of(Reattached)) < path - 1 and net.now < 3.0:
+            net.run(net.now + 0.01)
+    assert gwb.machine._secrets[sid].generation == 0  # noqa: SLF001
+    while not c.of(Rekeyed) and net.now < 4.0:
+        net.run(net.now + 0.01)
+    net.run(net.now + 0.1)
+    assert net.store.records[sid].kg == 1 and not net.store.records[sid].wsp
+    return c, gwa, gwb
+
+
+def test_requests_during_a_reread_of_a_rekeyed_secret_wait_for_it() -> None:
+    """A session rekeyed on another node: the cached secret is a generation behind, so the
+    first request read the record again; the client's next tries, arriving while that read
+    is in flight, are checked on its answer too: no BAD_PROOF for an honest client."""
+    net = Net(seed=151)
+    c, _, gwb = _rekeyed_elsewhere(net)
+    net.store.delay = lambda op: 0.3 if isinstance(op, GetRecordOp) else 0.0
+    for i, path in enumerate((4, 5, 6)):  # a try, then two more before the read answers
+        net.add_path(c, path, ("198.51.100.4", 40010 + i), "gw-b")
+        c.machine.reattach(net.now, path, wire.TransportKind.UDP)
+        net.run(net.now + 0.05)
+    while len(c.of(Reattached)) < 3 and net.now < 6.0:
+        net.run(net.now + 0.01)
+    alerts = gwb.events.named("security_event")
+    assert not alerts, alerts
+    assert not [a for a, _ in gwb.metrics.named("security") if a[0] == "bad_proof"]
+    assert c.of(Reattached)[-1].node_id == gwb.machine.instance_id.encode()
+    assert gwb.machine._secrets[c.machine.session_id].generation == 1  # noqa: SLF001
+
+
+
+def test_a_rekey_undone_then_made_again_is_not_taken_for_the_one_cached() -> None:
+    """A generation number alone does not name a secret: a REKEY undone (its answer was
+    lost) and made again on another node reuses it. The node that made the undone one still
+    caches it; the client's reattach there is checked on the secret the store holds now."""
+    net = Net(seed=89)
+    gwa = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
+    gwb = net.gateway("gw-b", GW_PRIV, KEK, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, replace(REKEY_PARAMS, dead_after=10))
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    c.paths[1].downlink = False  # gw-a commits a REKEY whose answer is lost
+    net.run(1.4)
+    undone = gwa.machine._secrets[sid]  # noqa: SLF001
+    assert rec.kg == 1 and undone.generation == 1 and not c.of(Rekeyed)
+    net.add_path(c, 2, OTHER, "gw-b")  # undone on gw-b, then made again there
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    while not c.of(Rekeyed) and net.now < 4.0:
+        net.run(net.now + 0.01)
+    net.run(net.now + 0.1)
+    assert rec.kg == 1 and not rec.wsp and c.of(Rekeyed)
+    assert gwa.machine._secrets[sid] is undone  # noqa: SLF001  (same number, another secret)
+    net.add_path(c, 3, ("198.51.100.3", 40002), "gw-a")
+    c.machine.reattach(net.now, 3, wire.TransportKind.UDP)
+    while len(c.of(Reattached)) < 2 and net.now < 6.0:
+        net.run(net.now + 0.01)
+    assert not [a for a, _ in gwa.metrics.named("security") if a[0] == "bad_proof"]
+    assert c.of(Reattached)[-1].node_id == gwa.machine.instance_id.encode()
+    assert gwa.machine._secrets[sid].secret == gwb.machine._secrets[sid].secret  # noqa: SLF001
+
+
 def test_a_client_cannot_make_the_gateway_rekey_more_than_once_a_second() -> None:
     """Each REKEY is a store write: REKEYs from an authenticated client beyond one per
     REKEY_MIN_INTERVAL_S are dropped and counted, with no store call."""
