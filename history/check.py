@@ -32,7 +32,8 @@ gap is a fact rather than a fault: a process killed with SIGKILL loses the
 records still queued for its sinks (a few milliseconds' worth), so a grant by
 an incarnation known to have ended (a newer one of its node started) that
 only later records show is counted as ``lost_with_crash``, and the epochs it
-superseded count as ended no later than its own end. The check is pure (records in, a ``Report`` out); reading files and the audit
+superseded count as ended no later than its own end; a holder's release of one of them
+as ``moved`` then needs no end on record (the lost activation wrote it). The check is pure (records in, a ``Report`` out); reading files and the audit
 stream is ``jvpn.audit``'s.
 """
 
@@ -282,7 +283,7 @@ def _check_store_order(bindings: dict[tuple[str, int], _Binding], ended: set[str
             per_session[sid].append((b.begin.store_ms, 2 * epoch, 1, b.begin.holder))
         if b.end is not None:
             if b.begin is None:
-                if b.end.holder in ended:  # granted by a process killed before it wrote
+                if _lost_activation(b, ended):  # granted by a process killed before it wrote
                     rep.counts["lost_with_crash"] += 1
                     per_session[sid].append((b.end.store_ms, 2 * epoch + 1, -2, ""))
                     continue
@@ -354,6 +355,10 @@ def _check_releases(bindings: dict[tuple[str, int], _Binding], releases: list[Bi
         if wanted is None:
             continue  # node stopped, lease lapsed: the store may still hold it
         if b.end is None:
+            if rel.reason is RecordReason.MOVED and _moved_by_a_lost_activation(
+                    bindings, ended, rel):
+                rep.counts["lost_with_crash"] += 1  # its end died with the activation's node
+                continue
             if rel.reason is not RecordReason.REVOKED:  # a record collected by the store
                 rep.add(Violation.RELEASE_WITHOUT_STORE_END,
                         f"{where}: released ({rel.reason.value}) but the store's end was "
@@ -381,6 +386,24 @@ def _check_releases(bindings: dict[tuple[str, int], _Binding], releases: list[Bi
         rep.add(Violation.NOT_RELEASED,
                 f"session {_short(sid)} epoch {epoch}: {holder} never let go of it after the "
                 f"store ended it ({b.end.reason.value} at {b.end.store_ms})")
+
+
+def _lost_activation(b: _Binding, ended: set[str]) -> bool:
+    """Whether ``b`` became ACTIVE by a write whose records died with a killed process
+    (its end is on record, its ACTIVE begin is not, and its holder's process ended)."""
+    return b.begin is None and b.end is not None and b.end.holder in ended
+
+
+def _moved_by_a_lost_activation(bindings: dict[tuple[str, int], _Binding], ended: set[str],
+                                rel: BindingRecord) -> bool:
+    """A release ``moved`` with no store end on record: the activation that ended it (a
+    later epoch of the session, granted before the release) is one lost with a crash."""
+    for (sid, epoch), b in bindings.items():
+        if sid != rel.session_id or epoch <= rel.epoch or not _lost_activation(b, ended):
+            continue
+        if b.pending is None or not rel.store_ms or b.pending.store_ms <= rel.store_ms:
+            return True
+    return False
 
 
 def _check_agents(agents: dict[tuple[str, str], list[AgentRecord]],

@@ -265,3 +265,32 @@ def test_an_activation_answered_late_is_recorded() -> None:
     assert binding(b, "begin", 2, "ACTIVE")["event"]["reason"] == "validated"
     report = run(a, b)
     assert report.ok, report.summary()
+
+
+def test_an_activation_lost_with_a_killed_process_excuses_the_end_it_wrote() -> None:
+    """gw-b's activation of epoch 2 ended epoch 1 (moved), then gw-b was killed before
+    those records reached its sink; gw-a, which let epoch 1 go as moved, and gw-a's later
+    activation of epoch 3 (which ended epoch 2) are on record. Once a newer gw-b process
+    started, epoch 1's missing end is the lost activation's: counted, not a violation."""
+    net = Net(seed=71)
+    c, gws = setup(net, ("gw-a", "gw-b"))
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    net.run(net.now + 0.2)
+    net.add_path(c, 3, ("198.51.100.3", 40002), "gw-a")
+    c.machine.reattach(net.now, 3, wire.TransportKind.UDP)
+    net.run(net.now + 0.2)
+    a, b = node_docs(gws[0]), node_docs(gws[1])
+    b[:] = [d for d in b if d["event"]["action"] != "binding" or d["jvpn"]["phase"]
+            in ("node_started", "begin") and d["jvpn"].get("binding_status") == "PENDING"
+            or d["jvpn"]["phase"] == "node_started"]
+    assert [d["jvpn"]["phase"] for d in b if d["event"]["action"] == "binding"] == [
+        "node_started", "begin"]
+    binding(a, "release", 1)["event"]["reason"] = "moved"  # it learned by its own next write
+    assert run(a, b).violations[Violation.RELEASE_WITHOUT_STORE_END] == 1  # gw-b still running
+    restarted = copy.deepcopy(binding(b, "node_started"))
+    restarted["jvpn"]["incarnation"] = "gw-b#ffffffff"
+    restarted["@timestamp"] = "2030-01-01T00:00:00.000Z"
+    report = run(a, b + [restarted])
+    assert report.ok, report.summary()
+    assert report.counts["lost_with_crash"] == 2  # epoch 2's activation, epoch 1's end
