@@ -1001,19 +1001,26 @@ class GatewayMachine:
             return
         if res.state is None:
             return
+        # The session's ACTIVE binding is another one (ours moved and its notice was missed;
+        # not a REKEY of ours still in flight): the session's state is not ours to copy, or
+        # a later report from here would be written at its current version.
+        moved = (current and res.epoch != b.epoch
+                 and not (b.rekey is not None and not b.rekey.answer))
         if res.ok:
             # The store changed: its event is emitted even if the binding here changed
             # meanwhile (then only the binding's copy of the state is left alone).
             old = b.state if current else (res.prev_state or b.state)
-            if current:
+            if current and not moved:
                 if TRANSITIONS[old].get(res.event) is res.state and res.version > b.version:
                     b.sm.adopt(res.version, res.event)  # the store applied the table's edge
                 elif res.version > b.version:
                     b.sm.resync(res.state, res.version)  # our copy had fallen behind
             self._state_changed(sid, old, res.state, res.version, res.epoch, why,
                                 b.peer.addr[0])
-        elif current and res.version > b.version:
+        elif current and not moved and res.version > b.version:
             b.sm.resync(res.state, res.version)
+        if moved:  # one read, and it is let go (_still_held checks the node too)
+            self._call(GetRecordOp(sid), partial(self._still_held, b))
 
     def _state_changed(self, sid: bytes, old: SessionState, new: SessionState, version: int,
                        epoch: int, reason: str, source_ip: str | None = None) -> None:

@@ -97,6 +97,7 @@ class ChaosRun:
         self.retired: list[tuple[Agent, Echoes]] = []
         self.crashes = 0
         self.lifetimes: dict[int, tuple[float, float]] = {}  # id(echoes) -> its agent's life
+        self.t0 = time.monotonic()
 
     async def start(self, n: int) -> None:
         self.agents = await start_agents(self.cluster, self.upstream, n,
@@ -164,9 +165,10 @@ class ChaosRun:
             for _ in range(3):  # and forced jumps in the calm too (binding decisions)
                 await self._jumps()
 
-    def waits_for_a_healthy_node(self) -> list[float]:
+    def waits_for_a_healthy_node(self) -> list[tuple[float, str, str]]:
         """Recovery latencies (loss noticed -> ACK) that began while one gateway was killed
-        or paused and the store was up: a healthy node existed the whole time."""
+        or paused and the store was up: a healthy node existed the whole time. Each with
+        its agent and what it was (for the ones over the target)."""
         node_faults = [f for f in self.faults if f.kind in ("kill9", "sigstop")]
         store_down = [f for f in self.faults if f.kind == "redis_pause"]
         out = []
@@ -175,11 +177,16 @@ class ChaosRun:
                 if j.reason != "recover":
                     continue
                 began = j.at - j.latency
-                if not any(f.start <= began <= f.end + 0.5 for f in node_faults):
+                during = [f for f in node_faults if f.start <= began <= f.end + 0.5]
+                if not during:
                     continue
                 if any(f.start - 3.0 <= began <= f.end + 3.0 for f in store_down):
                     continue
-                out.append(j.latency)
+                f = during[0]
+                out.append((j.latency, a.settings.name,
+                            f"{f.kind} {f.node} at +{f.start - self.t0:.1f} s, loss noticed "
+                            f"+{began - f.start:.2f} s into it, carried by {j.node} "
+                            f"{j.to_transport} v{j.version} epoch {j.epoch}"))
         return out
 
 
@@ -236,7 +243,10 @@ async def _run(chaos_cluster: Callable[..., LocalCluster], echo: tuple[UdpEcho, 
     for _, got in run.agents + run.retired:
         born, died = run.lifetimes.get(id(got), (t0, t1))
         gaps += _gaps(got, max(t0, born), min(t1, died))
-    waits = run.waits_for_a_healthy_node()
+    detailed = sorted(run.waits_for_a_healthy_node(), reverse=True)
+    waits = [w for w, _, _ in detailed]
+    for w, agent, what in detailed[:5]:  # the longest, to say what limits them
+        print(f"wait for a healthy node {w:.3f} s: {agent}: {what}")
     kinds: dict[str, int] = {}
     for f in run.faults:
         kinds[f.kind] = kinds.get(f.kind, 0) + 1
@@ -248,7 +258,7 @@ async def _run(chaos_cluster: Callable[..., LocalCluster], echo: tuple[UdpEcho, 
            security_alerts=sum(report.security.values()))
     figure(f"{label}_interruptions_p99", _pct(gaps, 0.99), "s", n=len(gaps),
            p50=f"{_pct(gaps, 0.5):.3f}", p90=f"{_pct(gaps, 0.9):.3f}",
-           max=f"{max(gaps, default=0):.3f}")
+           max=f"{max(gaps, default=0):.3f}", histogram=_histogram(gaps))
     figure(f"{label}_wait_for_a_healthy_node_max", max(waits, default=0.0), "s",
            target=HEALTHY_NODE_TARGET_S, n=len(waits), p50=f"{_pct(waits, 0.5):.3f}",
            p90=f"{_pct(waits, 0.9):.3f}",
@@ -256,6 +266,16 @@ async def _run(chaos_cluster: Callable[..., LocalCluster], echo: tuple[UdpEcho, 
     assert report.ok, report.summary()
     assert report.decisions >= min_decisions, report.summary()
     assert not report.security, f"security alerts in an honest run: {dict(report.security)}"
+
+
+GAP_EDGES = (0.1, 0.25, 0.5, 1.0, 2.0)  # s: the interruption histogram's intervals
+
+
+def _histogram(gaps: list[float]) -> str:
+    """How many interruptions fell in each interval: "0.1-0.25 s: n, ..., > 2 s: n"."""
+    pairs = list(zip(GAP_EDGES, GAP_EDGES[1:], strict=False))
+    parts = [f"{lo:g}-{hi:g} s: {sum(lo < g <= hi for g in gaps)}" for lo, hi in pairs]
+    return ", ".join([*parts, f"> {GAP_EDGES[-1]:g} s: {sum(g > GAP_EDGES[-1] for g in gaps)}"])
 
 
 def _gaps(got: Echoes, start: float, end: float, floor: float = 0.1) -> list[float]:

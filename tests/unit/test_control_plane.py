@@ -207,3 +207,30 @@ def test_every_attack_still_raises_an_alert() -> None:
     assert len(alerts(gw, "replayed_nonce")) == 1
     _, other_pub = generate_keypair()
     assert other_pub != CL_PUB
+
+
+def test_a_holder_that_missed_the_move_lets_go_on_its_next_report() -> None:
+    """The session moved to gw-b and gw-a missed the notice: its binding falls silent and
+    gw-a reports it lost. The store's answer names another binding: gw-a copies none of
+    the session's state from it (a report at the current version would be written, marking
+    RECOVERING a session gw-b carries) and lets its binding go at once, not a check period
+    (a quarter of the TTL) later."""
+    net = Net(seed=97)
+    c, (gwa, gwb) = setup(net, ("gw-a", "gw-b"))
+    sid = c.machine.session_id
+    net.store._PublishMoveOp = lambda op: 0  # type: ignore[method-assign]  # notice lost
+    net.add_path(c, 2, OTHER, "gw-b")
+    c.machine.reattach(net.now, 2, UDP)
+    net.run(net.now + 0.2)
+    assert c.of(Reattached) and sid in gwa.machine.bindings
+    moved_at = net.now
+    while sid in gwa.machine.bindings and net.now < moved_at + 5.0:
+        net.run(net.now + 0.05)
+    assert sid not in gwa.machine.bindings, "gw-a kept a binding the store moved"
+    assert net.now - moved_at < 2.0
+    rec = net.store.records[sid]
+    assert rec.node == gwb.machine.instance_id and rec.state is not SessionState.RECOVERING
+    assert rec.lost is None, "gw-a's report of its own silence was written"
+    releases = [k for a, k in gwa.events.named("emit")
+                if a == ("binding",) and k["phase"] == "release" and k["session_id"] == sid]
+    assert [k["reason"] for k in releases] == ["revoked"]
