@@ -293,6 +293,11 @@ class ClientSession:
         self._generation = 0  # REKEYs so far: the session secret's key generation
         self._keys_made = 0.0  # when the session secret was made (handshake or REKEY)
         self._rekey: _Rekey | None = None
+        # The ephemeral key of this generation's REKEY, kept until the next generation is
+        # installed (a reattach stops the REKEY, not its key): a gateway may have committed
+        # a REKEY made with it whose answer is still on its way, and an answer is taken
+        # only with the key it answers.
+        self._rekey_key: tuple[bytes, int, bytes] | None = None  # (session, generation, priv)
         self._prev_channel: DataChannel | None = None  # until the gateway uses the new keys
         self._sent_tags: deque[bytes] = deque(maxlen=SENT_TAGS)  # for NOT_BOUND_HERE hints
         self.stats = {
@@ -544,7 +549,12 @@ class ClientSession:
         assert self._channel is not None and self.path is not None
         rk = self._rekey
         if rk is None:
-            priv = self._random(32)
+            kept = self._rekey_key
+            if kept is not None and kept[:2] == (self.session_id, self._generation):
+                priv = kept[2]  # the same key as this generation's earlier REKEY
+            else:
+                priv = self._random(32)
+                self._rekey_key = (self.session_id, self._generation, priv)
             rk = self._rekey = _Rekey(priv, public_key(priv), now)
         elif rk.tries >= REKEY_RETRIES:
             # The node may hold a REKEY it committed whose answer we dropped (it came while
@@ -566,6 +576,7 @@ class ClientSession:
         shared = dh(rk.private, inner.payload)
         secret = rekey_secret(self._secret, shared, rk.public, inner.payload, inner.generation)
         self._rekey = None
+        self._rekey_key = None
         prev = self._channel
         self._secret = secret
         self._keys = SessionKeys(secret)
@@ -903,6 +914,7 @@ class ClientSession:
         self._channel = None
         self._prev_channel = None
         self._rekey = None
+        self._rekey_key = None
         self._req = None
         self._hs = None
         self._next_keepalive = None

@@ -1072,6 +1072,36 @@ def test_a_rekey_undone_then_made_again_is_not_taken_for_the_one_cached() -> Non
     assert gwa.machine._secrets[sid].secret == gwb.machine._secrets[sid].secret  # noqa: SLF001
 
 
+def test_a_rekey_answer_that_outlives_a_refused_reattach_is_taken_with_its_own_key() -> None:
+    """The client sends a REKEY, then jumps at once (the jump stops the REKEY). The node
+    commits the REKEY; the jump, made before that commit, is refused (KEY_MOVED); the
+    client asks to REKEY again, and only then the first answer arrives. It answers the
+    first key: the client must derive the secret the store holds (the same ephemeral key
+    for both REKEYs of a generation), or none of its proofs and packets would pass."""
+    net = Net(seed=163)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, REKEY_PARAMS)
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    sid = c.machine.session_id
+    net.store.delay = lambda op: 0.05 if isinstance(op, RekeyOp) else 0.0  # a slow answer
+    while c.machine._rekey is None and net.now < 2.0:  # noqa: SLF001
+        net.run(net.now + 0.001)
+    assert c.machine._rekey is not None  # noqa: SLF001  the REKEY is on its way
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)  # the jump, at once
+    while not c.of(Rekeyed) and net.now < 3.0:
+        net.run(net.now + 0.001)
+    assert any(r.reason is RejectReason.STORE_UNAVAILABLE for r in c.of(ReattachRejected))
+    assert c.of(Rekeyed)
+    assert c.machine._secret == gw.machine.bindings[sid].secrets.secret  # noqa: SLF001
+    sent = pump(net, c, net.now + 0.3)
+    net.run(net.now + 0.1)
+    assert set(sent) <= set(c.received), "the traffic under the new keys does not pass"
+
+
 def test_a_client_cannot_make_the_gateway_rekey_more_than_once_a_second() -> None:
     """Each REKEY is a store write: REKEYs from an authenticated client beyond one per
     REKEY_MIN_INTERVAL_S are dropped and counted, with no store call."""
