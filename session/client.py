@@ -297,7 +297,8 @@ class ClientSession:
         # installed (a reattach stops the REKEY, not its key): a gateway may have committed
         # a REKEY made with it whose answer is still on its way, and an answer is taken
         # only with the key it answers.
-        self._rekey_key: tuple[bytes, int, bytes] | None = None  # (session, generation, priv)
+        # (session, generation, priv, when first sent: the new secret is no older than that)
+        self._rekey_key: tuple[bytes, int, bytes, float] | None = None
         self._prev_channel: DataChannel | None = None  # until the gateway uses the new keys
         self._sent_tags: deque[bytes] = deque(maxlen=SENT_TAGS)  # for NOT_BOUND_HERE hints
         self.stats = {
@@ -551,11 +552,11 @@ class ClientSession:
         if rk is None:
             kept = self._rekey_key
             if kept is not None and kept[:2] == (self.session_id, self._generation):
-                priv = kept[2]  # the same key as this generation's earlier REKEY
+                priv, first = kept[2], kept[3]  # the same key as this generation's last REKEY
             else:
-                priv = self._random(32)
-                self._rekey_key = (self.session_id, self._generation, priv)
-            rk = self._rekey = _Rekey(priv, public_key(priv), now)
+                priv, first = self._random(32), now
+                self._rekey_key = (self.session_id, self._generation, priv, now)
+            rk = self._rekey = _Rekey(priv, public_key(priv), first)
         elif rk.tries >= REKEY_RETRIES:
             # The node may hold a REKEY it committed whose answer we dropped (it came while
             # we were reattaching): it repeats only that answer and ignores our new key. A
@@ -581,7 +582,8 @@ class ClientSession:
         self._secret = secret
         self._keys = SessionKeys(secret)
         self._generation = inner.generation
-        self._keys_made = now
+        # An answer to a REKEY first sent at rk.started may have been committed since then.
+        self._keys_made = rk.started
         old_epoch = self.epoch
         self._bind(inner.epoch, inner.binding_id, self.node_id, path, now)
         self._prev_channel = prev  # the gateway's downlink stays on it until it sees ours
