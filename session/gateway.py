@@ -390,6 +390,10 @@ class GatewayMachine:
         self.pending: dict[bytes, Binding] = {}  # PENDING ones, granted by a reattach
         self.health = Health()
         self._secrets: OrderedDict[bytes, SessionSecrets] = OrderedDict()
+        # The previous secret a re-read found (a REKEY's, kept by the store until the client
+        # proves the new one), and when: for the session's next requests while a re-read is
+        # not due again (a client that never got the REKEY's answer proves under it).
+        self._previous: dict[bytes, tuple[SessionSecrets, float]] = {}
         self._out: list[Effect] = []
         self._calls: dict[int, tuple[Continuation, bool, bool]] = {}
         self._control_calls = 0
@@ -762,6 +766,7 @@ class GatewayMachine:
                 return
             b.prev_channel = None
             b.rekey = None
+            self._previous.pop(b.session_id, None)
 
         self._call(ConfirmKeyOp(b.session_id, b.secrets.generation), done)
 
@@ -1393,7 +1398,7 @@ class GatewayMachine:
         self._secrets[sid] = secrets
         self._secrets.move_to_end(sid)
         while len(self._secrets) > KEY_CACHE_SIZE:
-            self._secrets.popitem(last=False)
+            self._previous.pop(self._secrets.popitem(last=False)[0], None)
 
     def _secrets_from(self, sid: bytes, rec: SessionRecord,
                       fresh: bool = False) -> SessionSecrets | None:
@@ -1496,6 +1501,10 @@ class GatewayMachine:
         r.cached = False
         r.previous = self._unwrap(sid, rec, rec.previous_wrapped, rec.key_generation - 1,
                                   rec.previous_keys_ms)
+        if r.previous is not None and sid in self._secrets:
+            self._previous[sid] = (r.previous, now)
+        else:
+            self._previous.pop(sid, None)  # the client proved the new one: the store let go
         self._reattach_check(r, now)
 
     def _reattach_check(self, r: _Reattach, now: float) -> None:
@@ -1521,6 +1530,12 @@ class GatewayMachine:
                 self._call(GetRecordOp(sid), lambda rec, t: self._reread_answered(sid, rec, t),
                            r.span, control=True, unauth=True)
                 return
+            if r.cached and r.previous is None and sid in self._previous:
+                previous, read_at = self._previous[sid]
+                if now - read_at >= REREAD_INTERVAL_S:
+                    del self._previous[sid]  # a re-read is due again instead
+                elif previous.generation == r.secrets.generation - 1:
+                    r.previous = previous  # read again a moment ago: the record kept it
             if r.previous is None or not control.verify(raw, r.previous.keys.proof_key):
                 self._alert("bad_proof", "BAD_PROOF", now, peer.addr[0],
                             session_id=req.session_id, proof=fingerprint(raw[-wire.MAC_LEN:]),
@@ -1672,6 +1687,7 @@ class GatewayMachine:
             reason = res.reason or RejectReason.STORE_UNAVAILABLE
             if res.status is StoreStatus.KEY_MOVED:  # rekeyed since we cached it: forget it
                 self._secrets.pop(sid, None)
+                self._previous.pop(sid, None)
             if res.expired_now:
                 self._release(r.secrets.client_id, sid)
                 self._state_changed(sid, res.prev_state or SessionState.ATTACHED,

@@ -42,6 +42,7 @@ from session.storeops import (
     ReattachOp,
     RefreshOp,
     RekeyOp,
+    StoreStatus,
     TransitionOp,
 )
 from tests.support.memnet import WALL_MS, Cl, Gw, Net
@@ -1100,6 +1101,34 @@ def test_a_rekey_answer_that_outlives_a_refused_reattach_is_taken_with_its_own_k
     sent = pump(net, c, net.now + 0.3)
     net.run(net.now + 0.1)
     assert set(sent) <= set(c.received), "the traffic under the new keys does not pass"
+
+
+def test_a_proof_under_the_previous_secret_soon_after_a_reread_still_passes() -> None:
+    """The node committed a REKEY whose answer the client never got; the client's reattach
+    to it (proven under the previous secret) made the node read the record again, and was
+    refused by the store. The client asks again at once: within the re-read interval the
+    node checks it under the previous secret that read found, not BAD_PROOF."""
+    net = Net(seed=167)
+    gw = net.gateway("gw-a", GW_PRIV, KEK, **GW_SETTINGS)
+    net.store.clients[CL_PUB.hex()] = ClientPolicy(CL_PUB, upstreams=(UPSTREAM,))
+    c = net.client(CL_PRIV, GW_PUB, replace(REKEY_PARAMS, dead_after=10))
+    net.add_path(c, 1, HOME, "gw-a")
+    c.machine.connect(net.now, WALL_MS, 1, wire.TransportKind.UDP)
+    net.run(0.5)
+    sid = c.machine.session_id
+    rec = net.store.records[sid]
+    c.paths[1].downlink = False  # the REKEY_ACK is lost
+    net.run(1.4)
+    assert rec.kg == 1 and rec.wsp and not c.of(Rekeyed)
+    c.paths[1].downlink = True
+    net.store.force = (StoreStatus.CLOCK_SKEW, RejectReason.CLOCK_SKEW)  # the first is refused
+    net.add_path(c, 2, OTHER, "gw-a")
+    c.machine.reattach(net.now, 2, wire.TransportKind.UDP)
+    while not c.of(Reattached) and net.now < 3.0:
+        net.run(net.now + 0.001)
+    assert any(r.reason is RejectReason.CLOCK_SKEW for r in c.of(ReattachRejected))
+    assert not [a for a, _ in gw.metrics.named("security") if a[0] == "bad_proof"]
+    assert c.of(Reattached) and rec.kg == 0  # the REKEY undone by the proof, as it should
 
 
 def test_a_client_cannot_make_the_gateway_rekey_more_than_once_a_second() -> None:
