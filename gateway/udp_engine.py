@@ -144,31 +144,15 @@ class EngineMirror:
         b = self.machine.bindings.get(sid)
         if stats is None or b is None:
             return
-        rx, tx, last_rx, rx_bytes, tx_bytes = stats
-        if rx:
-            b.rx_packets += rx
-            b.rx_bytes += rx_bytes
-            b.lost = False
-            if last_rx > b.last_rx:
-                b.last_rx = last_rx
-        b.tx_packets += tx
-        b.tx_bytes += tx_bytes
+        _fold(b, *stats)
 
     def pull_active(self) -> None:
         """What the engine forwarded, for the bindings that had traffic since the last call."""
         bindings = self.machine.bindings
         for sid, rx, tx, last_rx, rx_bytes, tx_bytes in self.engine.take_active():
             b = bindings.get(sid)
-            if b is None:
-                continue
-            if rx:
-                b.rx_packets += rx
-                b.rx_bytes += rx_bytes
-                b.lost = False
-                if last_rx > b.last_rx:
-                    b.last_rx = last_rx
-            b.tx_packets += tx
-            b.tx_bytes += tx_bytes
+            if b is not None:
+                _fold(b, rx, tx, last_rx, rx_bytes, tx_bytes)
 
     @property
     def totals(self) -> dict[str, int]:
@@ -209,3 +193,15 @@ def tunnel_drops(delta: dict[str, int]) -> list[tuple[TunnelDrop, int]]:
         if key.startswith("tunnel_drop_") and n:
             out.append((TunnelDrop(int(key[12:])), n))
     return out
+
+
+def _fold(b: Binding, rx: int, tx: int, last_rx: float, rx_bytes: int, tx_bytes: int) -> None:
+    """What the engine forwarded for one binding, added to the machine's copy."""
+    if rx:
+        b.rx_packets += rx
+        b.rx_bytes += rx_bytes
+        b.lost = False
+        if last_rx > b.last_rx:
+            b.last_rx = last_rx
+    b.tx_packets += tx
+    b.tx_bytes += tx_bytes
