@@ -619,12 +619,10 @@ class Agent:
         m = self.machine
         ch = m.channel
         path = self.paths.get(m.path) if m.path is not None else None
-        # UDP-forward mode is never fast for now: the application's datagrams travel as
-        # flows (one per local source, FLOW_PAYLOAD), which the engine does not carry yet; it
-        # reads the sockets in batches and the machine does the rest. L3 packets travel as
-        # plain PAYLOADs.
-        fast = ((self.l3 is not None or udp_engine.CARRIES_FLOWS) and m.attached
-                and isinstance(path, udp_engine.EngineUdpPath) and type(ch) is self._channel_class)
+        # L3 packets travel as plain PAYLOADs, UDP-forward mode's datagrams as flows (one per
+        # local source, FLOW_PAYLOAD, the ids the agent gave: local_received): both carried
+        fast = (m.attached and isinstance(path, udp_engine.EngineUdpPath)
+                and type(ch) is self._channel_class)
         state = (m.path, ch, fast, m.keys_until)
         if state != self._engine_state:
             self._engine_state = state
@@ -641,13 +639,25 @@ class Agent:
             if len(self._flow_of) < wire.MAX_FLOWS:
                 flow = len(self._flow_of) + 1
             else:  # every id taken: the least recently heard source gives its id up
+                if self.engine is not None:  # the engine heard the sources it carried
+                    self._order_flows(self.engine.flow_times())
                 old, flow = self._flow_of.popitem(last=False)
             self._flow_of[addr] = flow
             self._addr_of[flow] = addr
+            if self.engine is not None:
+                self.engine.set_flow(flow, addr)  # it carries this source from now on
         else:
             self._flow_of.move_to_end(addr)
         self.machine.send(data, self._now(), flow)
         self._pump()
+
+    def _order_flows(self, times: list[tuple[int, float]]) -> None:
+        """The flows least recently heard first, by when the engine last read each source
+        (every local datagram passes through it, carried or handed up)."""
+        for flow, _ in sorted(times, key=lambda t: t[1]):
+            addr = self._addr_of.get(flow)
+            if addr is not None and self._flow_of.get(addr) == flow:
+                self._flow_of.move_to_end(addr)
 
 
 _PATHS: dict[str, type[UdpPath] | type[TcpPath] | type[QuicPath]] = {

@@ -67,9 +67,7 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
 
 def _engine_wanted(cfg: AgentConfig) -> bool:
     """Whether the agent's UDP data path runs in the compiled engine (``udp_engine``)."""
-    if cfg.udp_engine == "off" or (cfg.udp_engine == "auto" and cfg.mode != "l3"):
-        # auto, UDP-forward mode: off while the engine does not carry flows
-        # (agent/udp_engine.py); L3 packets are plain payloads, which it carries
+    if cfg.udp_engine == "off":
         return False
     why = ""
     if dataplane.active() is not dataplane.DataPlane.COMPILED:

@@ -106,8 +106,8 @@ class AgentConfig:
         "auto", choices=("auto", "on", "off"), fold_case=True,
         help="the compiled data path: a Rust thread reads the local port (L3: the TUN) and "
         "the UDP paths in batches and forwards plain payloads itself (needs the compiled "
-        "data plane); auto = on in L3 mode when possible, off in UDP-forward mode (its "
-        "flows are not carried yet); said at start",
+        "data plane); auto = on when possible, in both modes (UDP-forward mode's flows, "
+        "one per local source, included); said at start",
     )
 
     def check_config(self) -> Iterator[tuple[str, str]]:

@@ -6,7 +6,10 @@ the gateway's payloads to the application, by itself only while the client machi
 current path is *fast*: attached (a live state), a UDP path the engine reads, a compiled
 channel (shared by the engine and the machine: one replay window, one send counter).
 Everything else comes back through ``drain`` exactly as from the sockets: the
-application's datagrams while not fast (the machine holds or drops them), and every
+application's datagrams while not fast (the machine holds or drops them) and those of a
+local source without a flow yet (the agent assigns it one, ``Agent.local_received``, and
+installs it, ``set_flow``: the engine then seals that source's datagrams as FLOW_PAYLOADs
+of its flow and sends the gateway's FLOW_PAYLOADs of the flow to it), and every
 packet on a path that is not a payload of the current binding (handshake and reattach
 answers, notices, keepalive answers, challenges, other paths). This module decides
 nothing: after every input the agent tells the engine what the machine now holds.
@@ -31,9 +34,6 @@ from session import wire
 
 log = logging.getLogger("jvpn.agent")
 
-# The engine seals the application's datagrams as plain PAYLOADs; UDP-forward mode sends
-# each local source as its own flow (FLOW_PAYLOAD), which it does not carry yet.
-CARRIES_FLOWS = False
 DRAIN_MAX = 512
 QUEUE_MAX = 16384
 
@@ -49,8 +49,8 @@ def available() -> bool:
         import jvpn_dataplane
     except ImportError:
         return False
-    # an older build lacks the TUN and the probe's activity: rebuild it (make dataplane)
-    return hasattr(getattr(jvpn_dataplane, "AgentEngine", None), "take_activity")
+    # an older build lacks the TUN, the probe's activity or the flows: rebuild it (make dataplane)
+    return hasattr(getattr(jvpn_dataplane, "AgentEngine", None), "flow_times")
 
 
 

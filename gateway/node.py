@@ -402,12 +402,12 @@ class GatewayNode:
         fut.add_done_callback(partial(self._answered, call.call_id, span, sid))
 
     def _to_upstream(self, e: ToUpstream) -> None:
-        if self._mirror is not None and e.flow == 0:
-            # the engine opens and reads installed bindings' upstreams (plain PAYLOADs: it does
-            # not carry flows, whose FLOW_PAYLOADs it hands to the machine)
+        if self._mirror is not None:
+            # the engine opens and reads installed bindings' upstreams, one socket per flow
+            # (0: plain PAYLOADs), and from then on carries that flow both ways by itself
             self._mirror.sync(e.session_id)
             try:
-                self.engine.to_upstream(e.session_id, e.upstream, e.data)
+                self.engine.to_upstream(e.session_id, e.upstream, e.data, e.flow)
                 return
             except (OSError, ValueError) as exc:
                 if e.session_id in self._mirror.installed:  # else TCP/QUIC: the asyncio path below
@@ -514,6 +514,10 @@ class GatewayNode:
             elif kind == 2:  # from the TUN, for no binding the engine carries
                 if self.l3 is not None:
                     self.l3._from_tun(a)
+            elif kind == 3:  # a reply from one flow's upstream (UDP-forward mode)
+                flow, data = b
+                self.from_upstream(a, data, flow)
+                touched.add(a)
             else:
                 self.from_upstream(a, b)
                 touched.add(a)

@@ -4,7 +4,12 @@ Theory of operation. With the engine on, a Rust thread owns the reading of the g
 UDP socket and of every session's upstream socket (batched system calls) and forwards the
 plain case itself: DATA carrying a payload, on a binding the machine marked fast, from
 its peer, within its lease, passing the replay window and the AEAD; and upstream replies
-back, sealed. Everything else arrives here through ``drain`` and goes to the machine
+back, sealed. In UDP-forward mode a payload is a FLOW_PAYLOAD of one of the agent's local
+sources, and each flow has its own upstream socket: the machine's first ``ToUpstream`` of a
+(session, flow) opens it in the engine (``to_upstream(..., flow)``), which from then on
+sends that flow's datagrams to it and seals its replies as FLOW_PAYLOADs of the flow; a
+flow without a socket yet goes to the machine, and replies that are not carried come back
+with their flow. Everything else arrives here through ``drain`` and goes to the machine
 exactly as a datagram from the socket would (``_UdpProtocol.datagram_received``) or as
 an upstream reply (``GatewayNode.from_upstream``). Python keeps sending its own answers on
 the same socket.
@@ -70,8 +75,10 @@ def available() -> bool:
         import jvpn_dataplane
     except ImportError:
         return False
-    # an older build lacks the balancer prefix and the keys' age: rebuild it (make dataplane)
-    return hasattr(getattr(jvpn_dataplane, "GatewayEngine", None), "set_keys_clock")
+    # an older build lacks the balancer prefix, the keys' age or the flows: rebuild it
+    # (make dataplane)
+    return (hasattr(getattr(jvpn_dataplane, "GatewayEngine", None), "set_keys_clock")
+            and hasattr(jvpn_dataplane, "MAX_FLOWS"))
 
 
 

@@ -3,13 +3,22 @@
 //!
 //! Theory of operation. As the gateway's engine (`engine.rs`), it forwards only the plain
 //! case and hands everything else to the client machine unchanged: a datagram from the
-//! local application is sealed as a PAYLOAD and sent on the current path when the machine
+//! local application is sealed (a FLOW_PAYLOAD of its flow) and sent on the current path when the machine
 //! marked that path fast (attached, a live state, a compiled channel); a DATA packet on
 //! the current path that opens under the current channel and carries a PAYLOAD goes to the
-//! application (the last address it sent from). Everything else (handshake answers,
+//! application. Everything else (handshake answers,
 //! reattach answers, notices, keepalive answers, challenges, packets on other paths, local
 //! datagrams while not fast) goes up, and a DATA packet that goes up is verified only, never
 //! marked: the machine opens it through the same channel.
+//!
+//! In UDP-forward mode each local source address is its own flow (FLOW_PAYLOAD, `flow u16 |
+//! datagram`): the agent assigns the ids, never the engine. A datagram from a source the
+//! engine has no flow for goes up; the agent assigns it one and installs it (`set_flow`),
+//! and from then on the engine seals that source's datagrams as FLOW_PAYLOADs of its flow and
+//! sends the gateway's FLOW_PAYLOADs of a flow to its source. A FLOW_PAYLOAD of a flow the
+//! engine does not know goes up (the machine opens it; the agent drops it as it would). The
+//! engine stamps every source's latest datagram, carried or not, so the agent gives the
+//! least recently heard source's id up when every id is taken (`flow_times`).
 //!
 //! In L3 mode the local side is the agent's TUN instead of a socket: IP packets read from
 //! it are sealed and sent on the current path, and payloads of the current path are
@@ -29,7 +38,7 @@ use crate::batch::{RecvBatch, SendBatch, BATCH};
 use crate::channel::Channel;
 use crate::engine::{close, cvt, epoll_add, monotonic, Counters, TunBatch, MAX_PAYLOAD_SIZE};
 use crate::reasons::DropReason;
-use crate::wire::{self, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, TYPE_DATA};
+use crate::wire::{self, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, MAX_FLOWS, TYPE_DATA};
 
 const LOCAL_TOKEN: u64 = u64::MAX;
 const WAKE_TOKEN: u64 = u64::MAX - 1;
@@ -54,7 +63,10 @@ struct State {
     paths: HashMap<RawFd, u64>,
     by_id: HashMap<u64, RawFd>,
     current: Option<Current>,
-    app: Option<SocketAddr>,
+    /// UDP-forward mode: the agent's flow of each local source, and when the source last sent.
+    flows: HashMap<SocketAddr, (u16, f64)>,
+    /// The source of each flow (the reverse of `flows`).
+    sources: HashMap<u16, SocketAddr>,
     /// AEAD tags of the latest packets the engine sealed (a ring): a gateway's NOT_BOUND_HERE
     /// hint echoes one, and the machine believes only hints about its own packets.
     tags: Vec<[u8; AEAD_TAG_LEN]>,
@@ -120,7 +132,8 @@ impl ClientEngine {
                 paths: HashMap::new(),
                 by_id: HashMap::new(),
                 current: None,
-                app: None,
+                flows: HashMap::new(),
+                sources: HashMap::new(),
                 tags: Vec::with_capacity(SENT_TAGS),
                 next_tag: 0,
                 sent: None,
@@ -179,6 +192,31 @@ impl ClientEngine {
         s.current = current.and_then(|(path_id, channel, fast, keys_until)| {
             s.by_id.get(&path_id).map(|&fd| Current { path_id, fd, channel, fast, keys_until })
         });
+    }
+
+    /// The agent gave `flow` (1..=MAX_FLOWS) to the local source `addr`: the flow's previous
+    /// source, and the source's previous flow, lose theirs.
+    pub fn set_flow(&self, flow: u16, addr: SocketAddr) -> io::Result<()> {
+        if flow == 0 || flow > MAX_FLOWS {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "flow outside 1..=MAX_FLOWS"));
+        }
+        let mut guard = self.shared.state.lock().expect("state");
+        let s = &mut *guard;
+        if let Some(old) = s.sources.insert(flow, addr) {
+            s.flows.remove(&old);
+        }
+        if let Some((old, _)) = s.flows.insert(addr, (flow, monotonic())) {
+            if old != flow {
+                s.sources.remove(&old);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every flow the engine knows and when its source last sent (monotonic seconds).
+    pub fn flow_times(&self) -> Vec<(u16, f64)> {
+        let s = self.shared.state.lock().expect("state");
+        s.flows.values().copied().collect()
     }
 
     /// (first DATA sealed since the last call, last DATA accepted), monotonic seconds; the
@@ -382,16 +420,24 @@ impl ClientShared {
                     c.drop(DropReason::Oversized);
                     continue;
                 }
-                s.app = Some(from);
-                let Some(cur) = s.current.as_ref().filter(|c| c.fast && now < c.keys_until) else {
+                let flow = match s.flows.get_mut(&from) {
+                    Some((flow, last)) => {
+                        *last = now;
+                        Some(*flow)
+                    }
+                    None => None, // a new source: the agent assigns its flow
+                };
+                let cur = s.current.as_ref().filter(|c| c.fast && now < c.keys_until);
+                let (Some(cur), Some(flow)) = (cur, flow) else {
                     pending.push(ClientHandUp::Local { data: data.to_vec(), from });
                     continue;
                 };
                 fd = cur.fd;
                 let slot = out.slot();
-                slot[DATA_PREFIX_LEN] = INNER_PAYLOAD;
-                slot[DATA_PREFIX_LEN + 1..DATA_PREFIX_LEN + 1 + data.len()].copy_from_slice(data);
-                match cur.channel.lock().expect("channel").seal_in_place(&mut slot[..], data.len() + 1) {
+                let at = DATA_PREFIX_LEN + wire::write_inner_prefix(&mut slot[DATA_PREFIX_LEN..], flow);
+                slot[at..at + data.len()].copy_from_slice(data);
+                let inner = at - DATA_PREFIX_LEN + data.len();
+                match cur.channel.lock().expect("channel").seal_in_place(&mut slot[..], inner) {
                     Ok(len) => {
                         let tag: [u8; AEAD_TAG_LEN] = slot[len - AEAD_TAG_LEN..len].try_into().expect("tag length");
                         push_tag(&mut s.tags, &mut s.next_tag, tag);
@@ -439,7 +485,7 @@ impl ClientShared {
                     c.drop(DropReason::Oversized);
                     continue;
                 }
-                let Some(cur) = cur.filter(|_| self.tun || s.app.is_some()) else {
+                let Some(cur) = cur else {
                     pending.push(ClientHandUp::Path { path_id, data: pkt.to_vec() });
                     continue;
                 };
@@ -453,16 +499,25 @@ impl ClientShared {
                 };
                 let mut ch = cur.channel.lock().expect("channel");
                 let slot = out.slot();
-                match ch.open_into(&h, pkt, &mut slot[..]) {
-                    Ok(len) if slot[0] == INNER_PAYLOAD && len - 1 <= MAX_PAYLOAD_SIZE => {
+                let opened = ch.open_into(&h, pkt, &mut slot[..]);
+                // L3: a PAYLOAD, to the TUN; UDP-forward: a FLOW_PAYLOAD, to its flow's source
+                let to = opened.as_ref().ok().and_then(|&len| match wire::inner_datagram(&slot[..len]) {
+                    Some((0, at)) if self.tun => Some((at, None)),
+                    Some((flow, at)) if !self.tun && flow != 0 => s.sources.get(&flow).map(|a| (at, Some(*a))),
+                    _ => None,
+                });
+                match opened {
+                    Ok(len) if to.is_some() => {
                         if ch.accept(h.counter, pkt.len()) {
                             drop(ch);
                             heard = Some(now);
-                            if self.tun {
-                                self.write_tun(&slot[1..len]);
-                            } else if let Some(app) = s.app {
-                                slot.copy_within(1..len, 0);
-                                out.push(len - 1, Some(&app));
+                            match to {
+                                Some((at, Some(source))) => {
+                                    slot.copy_within(at..len, 0);
+                                    out.push(len - at, Some(&source));
+                                }
+                                Some((at, None)) => self.write_tun(&slot[at..len]),
+                                None => unreachable!("checked by the guard"),
                             }
                             c.returned.fetch_add(1, Ordering::Relaxed);
                         }

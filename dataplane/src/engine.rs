@@ -42,9 +42,9 @@ use crate::batch::{to_sockaddr, RecvBatch, SendBatch, BATCH, SLOT};
 use crate::channel::Channel;
 use crate::reasons::DropReason;
 use crate::route::{Downlink, Owners, Route, TunnelDrop};
-use crate::wire::{self, SessionId, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, TYPE_DATA};
+use crate::wire::{self, SessionId, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, MAX_FLOWS, TYPE_DATA};
 
-pub const MAX_PAYLOAD_SIZE: usize = 1500;
+pub use crate::wire::MAX_PAYLOAD_SIZE;
 const LISTEN_TOKEN: u64 = u64::MAX;
 const WAKE_TOKEN: u64 = u64::MAX - 1;
 const TUN_TOKEN: u64 = u64::MAX - 2;
@@ -53,7 +53,8 @@ const ROUNDS_PER_WAKE: usize = 8; // batches per ready socket before the others 
 /// What the machine must see: a datagram from the listener, or an upstream's reply.
 pub enum HandUp {
     Datagram { data: Vec<u8>, from: SocketAddr },
-    Upstream { session_id: SessionId, data: Vec<u8> },
+    /// A reply from the upstream socket of one flow of a binding (0: the plain PAYLOAD one).
+    Upstream { session_id: SessionId, flow: u16, data: Vec<u8> },
     /// An IP packet read from the node's TUN that the engine does not route itself.
     Tun { data: Vec<u8> },
 }
@@ -78,7 +79,9 @@ pub struct Binding {
     active: bool, // in the table's list of bindings with traffic since the machine asked
     /// L3: the session's inner addresses and allowed prefixes (cryptokey routing).
     pub route: Option<Arc<Route>>,
-    upstream: Option<RawFd>,
+    /// The connected upstream socket of each flow (0: plain PAYLOADs; UDP-forward mode's
+    /// FLOW_PAYLOADs have one per flow, as the node's asyncio path keeps them).
+    upstreams: HashMap<u16, RawFd>,
     pub rx_packets: u64,
     pub tx_packets: u64,
     pub rx_bytes: u64,
@@ -150,7 +153,7 @@ impl Counters {
 struct Table {
     bindings: HashMap<SessionId, Binding>,
     active: Vec<SessionId>, // bindings with traffic since `take_active`
-    upstreams: HashMap<RawFd, SessionId>,
+    upstreams: HashMap<RawFd, (SessionId, u16)>,
     owners: Owners,
 }
 
@@ -424,7 +427,7 @@ impl Engine {
                         confirmed_at,
                         active: false,
                         route,
-                        upstream: None,
+                        upstreams: HashMap::new(),
                         rx_packets: 0,
                         tx_packets: 0,
                         rx_bytes: 0,
@@ -444,9 +447,9 @@ impl Engine {
                 if let Some(r) = &b.route {
                     t.owners.remove(sid, r);
                 }
-                if let Some(fd) = b.upstream {
-                    t.upstreams.remove(&fd);
-                    close(fd); // closing also removes it from the epoll set
+                for fd in b.upstreams.values() {
+                    t.upstreams.remove(fd);
+                    close(*fd); // closing also removes it from the epoll set
                 }
                 true
             }
@@ -520,22 +523,25 @@ impl Engine {
         self.shared.table.lock().expect("table").bindings.keys().copied().collect()
     }
 
-    /// Send a payload to a binding's upstream, opening its connected socket on first use.
-    pub fn to_upstream(&self, sid: &SessionId, upstream: SocketAddr, data: &[u8]) -> io::Result<()> {
+    /// Send a payload of `flow` (0: a plain PAYLOAD) to a binding's upstream, opening that
+    /// flow's connected socket on first use: from then on the engine forwards the flow's
+    /// datagrams and seals its replies by itself. A binding has at most `MAX_FLOWS + 1`.
+    pub fn to_upstream(&self, sid: &SessionId, flow: u16, upstream: SocketAddr, data: &[u8]) -> io::Result<()> {
+        if flow > MAX_FLOWS {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "flow outside 0..=MAX_FLOWS"));
+        }
         let mut t = self.shared.table.lock().expect("table");
-        let fd = match t.bindings.get(sid).and_then(|b| b.upstream) {
-            Some(fd) => fd,
-            None => {
-                if !t.bindings.contains_key(sid) {
-                    return Err(io::Error::new(io::ErrorKind::NotFound, "no such binding"));
-                }
+        let fd = match t.bindings.get(sid).map(|b| b.upstreams.get(&flow).copied()) {
+            None => return Err(io::Error::new(io::ErrorKind::NotFound, "no such binding")),
+            Some(Some(fd)) => fd,
+            Some(None) => {
                 let fd = open_upstream(&upstream)?;
                 if let Err(e) = epoll_add(self.shared.epoll, fd, fd as u64) {
                     close(fd);
                     return Err(e);
                 }
-                t.upstreams.insert(fd, *sid);
-                t.bindings.get_mut(sid).expect("checked above").upstream = Some(fd);
+                t.upstreams.insert(fd, (*sid, flow));
+                t.bindings.get_mut(sid).expect("checked above").upstreams.insert(flow, fd);
                 fd
             }
         };
@@ -547,12 +553,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Close a binding's upstream socket (the binding stays).
+    /// Close a binding's upstream sockets, every flow's (the binding stays).
     pub fn close_upstream(&self, sid: &SessionId) {
-        let mut t = self.shared.table.lock().expect("table");
-        if let Some(fd) = t.bindings.get_mut(sid).and_then(|b| b.upstream.take()) {
-            t.upstreams.remove(&fd);
-            close(fd);
+        let mut guard = self.shared.table.lock().expect("table");
+        let t = &mut *guard;
+        if let Some(b) = t.bindings.get_mut(sid) {
+            for (_, fd) in b.upstreams.drain() {
+                t.upstreams.remove(&fd);
+                close(fd);
+            }
         }
     }
 
@@ -793,25 +802,36 @@ impl Shared {
             }
             return done;
         }
-        let Some(up) = b.upstream else { return Err(None) }; // the machine opens it
+        if b.upstreams.is_empty() {
+            return Err(None); // the machine opens the first
+        }
         let mut ch = b.channel.lock().expect("channel");
         // Decrypt into the upstream batch's next slot, changing nothing yet: only a PAYLOAD
-        // forwarded here is marked; anything else goes up intact for the machine to open.
-        if up != out.fd || out.batch.is_full() {
+        // or FLOW_PAYLOAD forwarded here is marked; anything else goes up intact for the
+        // machine to open (an unknown flow too: the machine opens its socket).
+        if out.batch.is_full() {
             out.flush(&self.counters);
-            out.fd = up;
         }
+        let queued = out.batch.count;
         let slot = out.batch.slot();
         let len = ch.open_into(&h, pkt, &mut slot[..]).map_err(Some)?;
-        if slot[0] != INNER_PAYLOAD || len - 1 > MAX_PAYLOAD_SIZE {
-            return Err(None);
-        }
+        let (flow, at) = wire::inner_datagram(&slot[..len]).ok_or(None)?;
+        let up = *b.upstreams.get(&flow).ok_or(None)?;
         if !ch.accept(h.counter, pkt.len()) {
             return Err(Some(DropReason::Replayed)); // unreachable: the lock is held since the check
         }
         drop(ch);
-        slot.copy_within(1..len, 0);
-        out.batch.push(len - 1, None);
+        let n = len - at;
+        if up != out.fd && queued > 0 {
+            // another flow's socket: the batch so far goes first, this datagram after it
+            l3.buf[..n].copy_from_slice(&slot[at..len]);
+            out.flush(&self.counters);
+            out.batch.slot()[..n].copy_from_slice(&l3.buf[..n]);
+        } else {
+            slot.copy_within(at..len, 0);
+        }
+        out.fd = up;
+        out.batch.push(n, None);
         b.rx_packets += 1;
         b.rx_bytes += pkt.len() as u64;
         b.last_rx = now;
@@ -966,7 +986,7 @@ impl Shared {
             let lease = self.lease();
             let mut guard = self.table.lock().expect("table");
             let t = &mut *guard;
-            let Some(sid) = t.upstreams.get(&fd).copied() else { return };
+            let Some((sid, flow)) = t.upstreams.get(&fd).copied() else { return };
             let Some(b) = t.bindings.get_mut(&sid) else { return };
             for i in 0..n {
                 let (data, _, truncated) = rx.get(i);
@@ -976,7 +996,7 @@ impl Shared {
                 }
                 if !b.fast || !lease.keys_live(b, now) {
                     // past reject-after: the machine refuses it (KEYS_EXPIRED)
-                    self.hand_up(HandUp::Upstream { session_id: sid, data: data.to_vec() }, pending);
+                    self.hand_up(HandUp::Upstream { session_id: sid, flow, data: data.to_vec() }, pending);
                     continue;
                 }
                 if !lease.holds(b, now) {
@@ -984,12 +1004,13 @@ impl Shared {
                     continue;
                 }
                 let slot = out.slot();
-                slot[DATA_PREFIX_LEN] = INNER_PAYLOAD;
-                slot[DATA_PREFIX_LEN + 1..DATA_PREFIX_LEN + 1 + data.len()].copy_from_slice(data);
-                let sealed = b.channel.lock().expect("channel").seal_in_place(&mut slot[..], data.len() + 1);
+                let at = DATA_PREFIX_LEN + wire::write_inner_prefix(&mut slot[DATA_PREFIX_LEN..], flow);
+                slot[at..at + data.len()].copy_from_slice(data);
+                let inner = at - DATA_PREFIX_LEN + data.len();
+                let sealed = b.channel.lock().expect("channel").seal_in_place(&mut slot[..], inner);
                 match sealed {
                     Ok(len) => {
-                        debug_assert_eq!(len, DATA_PREFIX_LEN + data.len() + 1 + AEAD_TAG_LEN);
+                        debug_assert_eq!(len, DATA_PREFIX_LEN + inner + AEAD_TAG_LEN);
                         out.push(len, Some(b.send_addr()));
                         b.tx_packets += 1;
                         b.tx_bytes += len as u64;
@@ -999,7 +1020,7 @@ impl Shared {
                     }
                     Err(_) => {
                         // counter exhausted: the machine must rekey; it sees the reply
-                        self.hand_up(HandUp::Upstream { session_id: sid, data: data.to_vec() }, pending);
+                        self.hand_up(HandUp::Upstream { session_id: sid, flow, data: data.to_vec() }, pending);
                     }
                 }
                 if out.is_full() {

@@ -363,6 +363,8 @@ fn jvpn_dataplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(balancer_sender, m)?)?;
     m.add("REPLAY_WINDOW", replay::REPLAY_WINDOW)?;
     m.add("MAX_INNER_LEN", MAX_INNER_LEN)?;
+    // the engines carry UDP-forward mode's flows (FLOW_PAYLOAD), ids 1..=MAX_FLOWS
+    m.add("MAX_FLOWS", wire::MAX_FLOWS)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
@@ -517,11 +519,19 @@ impl GatewayEngine {
         self.with(|e| Ok(e.installed().iter().map(|s| PyBytes::new(py, s)).collect()))
     }
 
-    /// Send a payload to an installed binding's upstream (its socket opened on first use).
-    fn to_upstream(&self, session_id_: &[u8], upstream: &Bound<'_, PyAny>, data: &[u8]) -> PyResult<()> {
+    /// Send a payload of ``flow`` (0: a plain PAYLOAD; UDP-forward mode's flows 1..=256)
+    /// to an installed binding's upstream (that flow's socket opened on first use; from
+    /// then on the engine carries the flow both ways by itself).
+    #[pyo3(signature = (session_id_, upstream, data, flow = 0))]
+    fn to_upstream(&self, session_id_: &[u8], upstream: &Bound<'_, PyAny>, data: &[u8], flow: u16) -> PyResult<()> {
         let sid = session_id(session_id_)?;
         let addr = peer_addr(upstream)?;
-        self.with(|e| e.to_upstream(&sid, addr, data).map_err(|err| pyo3::exceptions::PyOSError::new_err(err.to_string())))
+        self.with(|e| {
+            e.to_upstream(&sid, flow, addr, data).map_err(|err| match err.kind() {
+                std::io::ErrorKind::InvalidInput => pyo3::exceptions::PyValueError::new_err(err.to_string()),
+                _ => pyo3::exceptions::PyOSError::new_err(err.to_string()),
+            })
+        })
     }
 
     fn close_upstream(&self, session_id_: &[u8]) -> PyResult<()> {
@@ -543,7 +553,8 @@ impl GatewayEngine {
 
     /// Up to ``max`` handed-up items: ``(0, data, (host, port))`` a datagram from the
     /// listener, ``(1, session_id, data)`` a reply from that binding's upstream, ``(2,
-    /// packet, None)`` an IP packet from the TUN that no fast binding here owns.
+    /// packet, None)`` an IP packet from the TUN that no fast binding here owns, ``(3,
+    /// session_id, (flow, data))`` a reply from the upstream of one of its flows.
     #[pyo3(signature = (max = 256))]
     fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<(u8, PyObject, PyObject)>> {
         let items = self.with(|e| Ok(e.drain(max)))?;
@@ -553,10 +564,15 @@ impl GatewayEngine {
                 crate::engine::HandUp::Datagram { data, from } => {
                     (0u8, PyBytes::new(py, &data).into_any().unbind(), py_addr(py, &from)?)
                 }
-                crate::engine::HandUp::Upstream { session_id, data } => (
+                crate::engine::HandUp::Upstream { session_id, flow: 0, data } => (
                     1u8,
                     PyBytes::new(py, &session_id).into_any().unbind(),
                     PyBytes::new(py, &data).into_any().unbind(),
+                ),
+                crate::engine::HandUp::Upstream { session_id, flow, data } => (
+                    3u8,
+                    PyBytes::new(py, &session_id).into_any().unbind(),
+                    (flow, PyBytes::new(py, &data)).into_pyobject(py)?.into_any().unbind(),
                 ),
                 crate::engine::HandUp::Tun { data } => (2u8, PyBytes::new(py, &data).into_any().unbind(), py.None()),
             });
@@ -668,6 +684,19 @@ impl AgentEngine {
             e.set_current(cur);
             Ok(())
         })
+    }
+
+    /// UDP-forward mode: the agent gave ``flow`` (1..=MAX_FLOWS) to the local source
+    /// ``addr`` ``(host, port)``; the engine carries that source's datagrams from now on.
+    fn set_flow(&self, flow: u16, addr: &Bound<'_, PyAny>) -> PyResult<()> {
+        let addr = peer_addr(addr)?;
+        self.with(|e| e.set_flow(flow, addr).map_err(|err| pyo3::exceptions::PyValueError::new_err(err.to_string())))
+    }
+
+    /// ``[(flow, last)]``: every flow the engine knows and when its source last sent
+    /// (monotonic seconds), carried or handed up.
+    fn flow_times(&self) -> PyResult<Vec<(u16, f64)>> {
+        self.with(|e| Ok(e.flow_times()))
     }
 
     /// ``(sent, heard)``: when the engine first sealed DATA since the last call, and when

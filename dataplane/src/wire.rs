@@ -28,6 +28,44 @@ const MAX_TYPE: u8 = 8;
 
 /// Inner message types (first plaintext byte, `session.wire.InnerType`).
 pub const INNER_PAYLOAD: u8 = 1;
+/// `flow u16 | datagram`: UDP-forward mode, one flow per local source of the agent.
+pub const INNER_FLOW_PAYLOAD: u8 = 9;
+/// Flow ids are 1..=MAX_FLOWS (`session.wire.MAX_FLOWS`).
+pub const MAX_FLOWS: u16 = 256;
+/// Bytes before a FLOW_PAYLOAD's datagram: the inner type and the flow id.
+pub const FLOW_PREFIX_LEN: usize = 3;
+/// The largest datagram a PAYLOAD or a FLOW_PAYLOAD carries (`session.wire.MAX_PAYLOAD_SIZE`).
+pub const MAX_PAYLOAD_SIZE: usize = 1500;
+
+/// A decrypted inner message that carries a datagram: `(flow, offset of the datagram)`,
+/// flow 0 for a plain PAYLOAD; `None` for any other inner message, and for a PAYLOAD or
+/// FLOW_PAYLOAD that `wire.decode_inner` refuses (truncated, oversized, a flow outside
+/// 1..=MAX_FLOWS): the machine sees those and counts them.
+pub fn inner_datagram(plain: &[u8]) -> Option<(u16, usize)> {
+    match plain.first() {
+        Some(&INNER_PAYLOAD) if plain.len() - 1 <= MAX_PAYLOAD_SIZE => Some((0, 1)),
+        Some(&INNER_FLOW_PAYLOAD) if plain.len() >= FLOW_PREFIX_LEN
+            && plain.len() - FLOW_PREFIX_LEN <= MAX_PAYLOAD_SIZE =>
+        {
+            let flow = u16::from_be_bytes([plain[1], plain[2]]);
+            (1..=MAX_FLOWS).contains(&flow).then_some((flow, FLOW_PREFIX_LEN))
+        }
+        _ => None,
+    }
+}
+
+/// Write the inner prefix of a datagram of `flow` (0: a plain PAYLOAD) at `out[0..]`;
+/// returns its length.
+pub fn write_inner_prefix(out: &mut [u8], flow: u16) -> usize {
+    if flow == 0 {
+        out[0] = INNER_PAYLOAD;
+        1
+    } else {
+        out[0] = INNER_FLOW_PAYLOAD;
+        out[1..FLOW_PREFIX_LEN].copy_from_slice(&flow.to_be_bytes());
+        FLOW_PREFIX_LEN
+    }
+}
 
 /// The fixed header of any message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,5 +159,28 @@ mod tests {
         v[1] = 5;
         assert_eq!(parse_data(&v), Err(DropReason::Unexpected));
         assert_eq!(parse_data(&data(DATA_MIN_LEN - 1)), Err(DropReason::Truncated));
+    }
+
+    #[test]
+    fn inner_datagrams_as_decode_inner() {
+        assert_eq!(inner_datagram(&[INNER_PAYLOAD]), Some((0, 1)));
+        assert_eq!(inner_datagram(&[INNER_PAYLOAD; 1 + MAX_PAYLOAD_SIZE]), Some((0, 1)));
+        assert_eq!(inner_datagram(&[INNER_PAYLOAD; 2 + MAX_PAYLOAD_SIZE]), None);
+        assert_eq!(inner_datagram(&[INNER_FLOW_PAYLOAD, 0, 7, 42]), Some((7, 3)));
+        assert_eq!(inner_datagram(&[INNER_FLOW_PAYLOAD, 1, 0]), Some((256, 3)));
+        assert_eq!(inner_datagram(&[INNER_FLOW_PAYLOAD, 1, 1]), None); // flow 257
+        assert_eq!(inner_datagram(&[INNER_FLOW_PAYLOAD, 0, 0, 1]), None); // flow 0
+        assert_eq!(inner_datagram(&[INNER_FLOW_PAYLOAD, 0]), None); // truncated
+        let mut big = vec![0u8; FLOW_PREFIX_LEN + MAX_PAYLOAD_SIZE + 1];
+        write_inner_prefix(&mut big, 3);
+        assert_eq!(inner_datagram(&big), None);
+        assert_eq!(inner_datagram(&big[..big.len() - 1]), Some((3, 3)));
+        assert_eq!(inner_datagram(&[2, 0, 0]), None);
+        assert_eq!(inner_datagram(&[]), None);
+        let mut out = [0u8; 3];
+        assert_eq!(write_inner_prefix(&mut out, 0), 1);
+        assert_eq!(out[0], INNER_PAYLOAD);
+        assert_eq!(write_inner_prefix(&mut out, 300), 3);
+        assert_eq!(out, [INNER_FLOW_PAYLOAD, 1, 44]);
     }
 }

@@ -96,7 +96,7 @@ fn setup() -> Setup {
 
 /// Open the binding's upstream socket (the machine's first payload) and learn its address.
 fn open_upstream(s: &Setup) -> SocketAddr {
-    s.engine.to_upstream(&SID, s.upstream.local_addr().unwrap(), b"first").unwrap();
+    s.engine.to_upstream(&SID, 0, s.upstream.local_addr().unwrap(), b"first").unwrap();
     let (data, from) = recv_within(&s.upstream, "the machine's first payload");
     assert_eq!(data, b"first");
     from
@@ -192,7 +192,7 @@ fn past_reject_after_nothing_is_carried_either_way() {
     assert!(matches!(&drained(&s.engine, 1)[0], HandUp::Datagram { data, .. } if data == &late));
     s.upstream.send_to(b"late reply", from_engine).unwrap();
     assert!(matches!(&drained(&s.engine, 1)[0],
-                     HandUp::Upstream { session_id, data } if *session_id == SID && data == b"late reply"));
+                     HandUp::Upstream { session_id, flow: 0, data } if *session_id == SID && data == b"late reply"));
     assert!(recv(&s.upstream).is_none());
     assert!(recv(&client).is_none());
     assert_eq!(s.engine.shared.counters.forwarded.load(Ordering::Relaxed), 1);

@@ -1,7 +1,8 @@
 """The agent's compiled UDP data path: an application's datagrams through the local port,
 the session and back, the engine reading the agent's sockets; it keeps working across a
 jump to a new path (the machine decides, the engine follows) and a silent path death.
-The application's datagrams travel as flows, which the engine hands to the machine."""
+The application's datagrams travel as flows (one per local source): the agent assigns a new
+source its flow, then both engines carry it, each reply to its own source."""
 
 from __future__ import annotations
 
@@ -77,8 +78,22 @@ async def test_agent_engine_end_to_end_and_across_jumps(redis_url: str, compiled
         app = App(agent.local_address)
         await _round(app, agent, "a", 200)
         c = agent.engine.counters()
-        assert c["rx_packets"] >= 360 and c["handed_up"] >= 360, c  # read by the engine
-        assert c["forwarded"] == 0  # flows are the machine's
+        assert c["rx_packets"] >= 360, c  # read by the engine
+        # the first datagram of the source went up (the agent gave it flow 1); the rest of
+        # its flow is the engines' both ways
+        assert c["forwarded"] >= 150 and c["returned"] >= 150, c
+        assert gw.node.engine.counters()["forwarded"] >= 150
+        assert agent.engine.flow_times()[0][0] == 1
+
+        # a second local source: its own flow, its own upstream socket, replies kept apart
+        other = App(agent.local_address)
+        try:
+            await _round(other, agent, "o", 100)
+            assert not any(d.startswith(b"o-") for d in app.got)
+            assert not any(d.startswith(b"a-") for d in other.got)
+            assert sorted(f for f, _ in agent.engine.flow_times()) == [1, 2]
+        finally:
+            other.close()
 
         await agent.jump("udp", reason="test")  # a new source port: the machine reattaches
         await wait_for(lambda: len(agent.jumps) >= 1, 5, "the jump")
