@@ -1,8 +1,9 @@
 //! Everything the data plane parses from the network, fed arbitrary bytes: the header,
-//! the DATA prefix, a channel's open (replay window and AEAD, committing and not), the
-//! replay window driven by the input's counters, and an IP packet's addresses as
-//! cryptokey routing reads them (uplink check, downlink owner), the balancer's
-//! client-address prefix from a trusted and an untrusted source. No input may panic; every refusal
+//! the DATA prefix, a decrypted inner message's datagram (PAYLOAD, FLOW_PAYLOAD), a
+//! channel's open (replay window and AEAD, committing and not), the replay window driven
+//! by the input's counters, an IP packet's addresses as cryptokey routing reads them
+//! (uplink check, downlink owner), the balancer's client-address prefix from a trusted
+//! and an untrusted source. No input may panic; every refusal
 //! is a DropReason; a refused packet never moves the window.
 #![no_main]
 
@@ -45,6 +46,14 @@ fuzz_target!(|data: &[u8]| {
     let opened = ch.open_in_place(&mut buf, true);
     if opened.is_err() {
         assert_eq!(ch.highest_received(), before, "a refused packet never moves the window");
+    }
+
+    // The input as a decrypted inner message: a PAYLOAD's or a FLOW_PAYLOAD's datagram lies
+    // inside it, after its prefix, with a flow id in 1..=MAX_FLOWS (0 for a PAYLOAD).
+    if let Some((flow, at)) = wire::inner_datagram(data) {
+        assert!(at <= data.len() && data.len() - at <= wire::MAX_PAYLOAD_SIZE);
+        assert_eq!(flow == 0, data[0] == wire::INNER_PAYLOAD);
+        assert!(flow <= wire::MAX_FLOWS);
     }
 
     // The input as an IP packet (what a TUN or a tunnel hands the engine).
