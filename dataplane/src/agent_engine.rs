@@ -328,7 +328,8 @@ impl ClientShared {
         if out.count == 0 {
             return;
         }
-        let (sent, dropped, calls) = out.flush(fd);
+        // the tunnel's path sockets send runs as GSO messages; the application's socket not
+        let (sent, dropped, calls) = if fd == self.local { out.flush(fd) } else { out.flush_gso(fd) };
         let c = &self.counters;
         c.tx_packets.fetch_add(sent as u64, Ordering::Relaxed);
         c.send_calls.fetch_add(calls as u64, Ordering::Relaxed);

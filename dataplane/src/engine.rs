@@ -1039,7 +1039,7 @@ impl Shared {
         if out.count == 0 {
             return;
         }
-        let (sent, dropped, calls) = out.flush(self.listen);
+        let (sent, dropped, calls) = out.flush_gso(self.listen); // runs to one peer: GSO
         let c = &self.counters;
         c.tx_packets.fetch_add(sent as u64, Ordering::Relaxed);
         c.send_calls.fetch_add(calls as u64, Ordering::Relaxed);
