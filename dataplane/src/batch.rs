@@ -385,6 +385,33 @@ mod tests {
         }
     }
 
+    /// A socket the kernel refuses GSO on (no UDP checksum: SO_NO_CHECK) still sends every
+    /// datagram, one message each, and the batch stops asking.
+    #[test]
+    fn a_refused_gso_falls_back_to_one_message_per_datagram() {
+        let rx = receiver();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let one: libc::c_int = 1;
+        // SAFETY: an int socket option from a live int, on a socket we own.
+        let r = unsafe {
+            libc::setsockopt(tx.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, (&one as *const libc::c_int).cast(), 4)
+        };
+        assert_eq!(r, 0);
+        let to = rx.local_addr().unwrap();
+        let mut batch = SendBatch::new();
+        for i in 0..8u8 {
+            batch.slot()[..300].fill(i);
+            batch.push(300, Some(&to));
+        }
+        assert_eq!(batch.flush_gso(tx.as_raw_fd()).0, 8);
+        assert!(batch.gso_refused);
+        for i in 0..8u8 {
+            let mut buf = [0u8; 2048];
+            assert_eq!(rx.recv(&mut buf).unwrap(), 300);
+            assert!(buf[..300].iter().all(|&b| b == i));
+        }
+    }
+
     #[test]
     fn runs_split_where_the_destination_or_size_changes() {
         let mut batch = SendBatch::new();
