@@ -214,6 +214,11 @@ impl SendBatch {
         self.count += 1;
     }
 
+    /// Forget everything queued (nothing sent); returns how many datagrams that was.
+    pub fn discard(&mut self) -> usize {
+        std::mem::replace(&mut self.count, 0)
+    }
+
     /// Send everything queued with as few `sendmmsg` calls as the kernel takes; returns
     /// (sent, dropped, system calls). A full socket buffer drops the rest (UDP semantics).
     pub fn flush(&mut self, fd: RawFd) -> (usize, usize, usize) {

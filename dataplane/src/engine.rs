@@ -1039,8 +1039,15 @@ impl Shared {
         if out.count == 0 {
             return;
         }
-        let (sent, dropped, calls) = out.flush_gso(self.listen); // runs to one peer: GSO
         let c = &self.counters;
+        // The lease again, on the clock of now: a node stopped (SIGSTOP, a VM paused) after
+        // a batch was sealed must not send it when it resumes past its lease.
+        if monotonic() >= self.lease().until {
+            let n = out.discard() as u64;
+            c.drops[DropReason::LeaseExpired.code() as usize].fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        let (sent, dropped, calls) = out.flush_gso(self.listen); // runs to one peer: GSO
         c.tx_packets.fetch_add(sent as u64, Ordering::Relaxed);
         c.send_calls.fetch_add(calls as u64, Ordering::Relaxed);
         if dropped > 0 {

@@ -106,7 +106,9 @@ async def test_a_forged_prefix_sent_straight_to_a_node_is_dropped_and_moves_noth
         b = gw.node.bindings[st.session_id]
         assert (b.peer, b.epoch, dict(b.probes or {})) == before  # no move, no challenge
         assert b.peer.addr == victim.local and b.peer.via is None
-        assert len(gw.events) == events
+        # No event of the forgery (the victim's own silence past 0.3 s may be reported).
+        assert [e.doc for e in gw.events[events:]
+                if "binding silent" not in str(e.doc.get("message"))] == []
         await st.keepalive(victim)  # the session still works from its own address
         # The same over TCP: a PROXY header from a non-balancer closes the connection.
         conn = await tcp_from(gw.tcp, "127.0.0.2",
