@@ -126,6 +126,8 @@ def nginx_values(
         "JVPN_NGINX_ERROR_LOG": error_log, "JVPN_NGINX_ACCESS_LOG": access_log,
         "JVPN_NGINX_JS_DIR": js_dir, "JVPN_NGINX_RESOLVER": resolver, "JVPN_LISTEN": listen,
         "JVPN_UDP_SERVERS": servers(udp_servers), "JVPN_TCP_SERVERS": servers(tcp_servers),
+        # the same lists for jvpn.js's route hints ($jvpn_nodes): same names, same order
+        "JVPN_UDP_NODES": " ".join(udp_servers), "JVPN_TCP_NODES": " ".join(tcp_servers),
         "JVPN_UDP_IDLE_TIMEOUT": udp_idle, "JVPN_TCP_IDLE_TIMEOUT": tcp_idle,
         "JVPN_NGINX_PROXY_BIND": f"proxy_bind {proxy_bind};" if proxy_bind else "",
         "JVPN_QUIC_LISTEN": quic_listen, "JVPN_QUIC_SERVERS": servers(quic_servers),

@@ -31,16 +31,20 @@ addresses() {
 
 render() {
     servers=""
+    nodes=""
     quic=""
     for a in $1; do
         servers="$servers server $a:$port;"
+        nodes="$nodes $a:$port"
         quic="$quic server $a:$quic_port;"
     done
     # No replica resolves (yet): a placeholder marked down keeps the file valid.
     [ -n "$servers" ] || servers="server 127.0.0.1:$port down;"
     [ -n "$quic" ] || quic="server 127.0.0.1:$quic_port down;"
     JVPN_UDP_SERVERS=$servers JVPN_TCP_SERVERS=$servers JVPN_QUIC_SERVERS=$quic
-    export JVPN_UDP_SERVERS JVPN_TCP_SERVERS JVPN_QUIC_SERVERS
+    # The same addresses for jvpn.js's route hints (its copy of the ring; none: no hints).
+    JVPN_UDP_NODES=$nodes JVPN_TCP_NODES=$nodes
+    export JVPN_UDP_SERVERS JVPN_TCP_SERVERS JVPN_QUIC_SERVERS JVPN_UDP_NODES JVPN_TCP_NODES
     # Only ${JVPN_*} is replaced; nginx's own $variables stay.
     envsubst "$(env | sed -n 's/^\(JVPN_[A-Za-z0-9_]*\)=.*/${\1}/p')" <"$template" >"$conf.new"
     nginx -t -q -c "$conf.new" && mv "$conf.new" "$conf"

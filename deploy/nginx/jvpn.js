@@ -14,10 +14,12 @@
 //     session (new source port, NAT rebinding, UDP -> TCP) lands on the same
 //     node while the node set is stable.
 //   - a REATTACH_REQUEST (type 5) with a route hint k > 0 in its flags (their
-//     low byte; the client sets it when its usual node did not answer): the
-//     session key + "/" + k, another point on the ring, so the client reaches
-//     another node (paused, overloaded or dead ones are not waited for). The
-//     flow it opens stays there.
+//     low byte; the client sets it when its usual node did not answer): not the
+//     group but the k-th OTHER node, a fixed address in $jvpn_target (below,
+//     "Route hints"), so the client reaches another node (paused, overloaded or
+//     dead ones are not waited for), and hints 1, 2, ... cycle through the
+//     others. The key is then the session key + "/" + k (the access log shows
+//     it). The flow it opens stays there.
 //   - too short to hold a header: the source address, like a handshake; the
 //     node drops and counts it (jvpn_dropped_total), which keeps it visible.
 // A consequence of flows: a datagram from an address:port whose flow is still
@@ -44,23 +46,177 @@ function routeKey(s, buf, off) {
         return sourceKey(s);
     }
     var key = 's' + buf.slice(off + 4, off + HEADER_LEN).toString('hex');
-    var route = buf[off + 3];  // the flags' low byte (big-endian u16 at offset 2)
-    if (buf[off + 1] === REATTACH_REQUEST && buf[off + 2] === 0 && route > 0) {
-        key += '/' + route;
+    var hint = routeHint(buf, off);  // the flags' low byte (big-endian u16 at offset 2)
+    return hint > 0 ? key + '/' + hint : key;
+}
+
+// The route hint k of message `buf` (0: none, or not a REATTACH_REQUEST).
+function routeHint(buf, off) {
+    if (buf.length < off + HEADER_LEN || buf[off + 1] !== REATTACH_REQUEST || buf[off + 2] !== 0) {
+        return 0;
     }
-    return key;
+    return buf[off + 3];
+}
+
+// ---- Route hints: the k-th other node -------------------------------------------------------
+//
+// nginx's `hash ... consistent` places every server of a group on a ring of
+// 32-bit points and sends a key to the server of the first point at or after
+// crc32(key), walking on past the points of servers it cannot use (down,
+// failed). A hint must reach a node that is NOT the usual one, and successive
+// hints each of the others in turn, which no other point of that ring
+// guarantees (each is the usual node again with probability 1/N). So for k > 0
+// `preread` computes the same ring from the group's server list ($jvpn_nodes,
+// rendered from the same list as the upstream block) and walks it from the
+// session key's point: the distinct servers in the order met are
+// [usual, other 1, other 2, ...], nginx's own failover order, and hint k goes
+// to other 1 + (k - 1) mod (N - 1). A hint sent because the usual node is
+// paused thus reaches the node nginx itself would fail over to; hint 0 keeps
+// the group, with nginx's passive health (a node it got errors from is skipped).
+//
+// nginx's ring (src/stream/ngx_stream_upstream_hash_module.c, init_chash): for
+// a server written "host:port" (weight w, here always 1), base = crc32 state
+// over host, one zero byte, port (a name ending in ":digits" splits there;
+// "unix:path" has no port); its 160 * w points are p_j = crc32 final of base
+// updated with the 4 bytes of p_(j-1) (little-endian, as on the x86 and arm
+// machines nginx runs on here; p_(-1) = 0); points sorted by value, of equal
+// values only the first kept. CRC-32 is the IEEE one (zlib's); njs has none.
+
+var POINTS_PER_SERVER = 160;
+var CRC_TABLE = (function () {
+    var t = [];
+    for (var n = 0; n < 256; n++) {
+        var c = n;
+        for (var b = 0; b < 8; b++) {
+            c = (c & 1) ? (0xedb88320 ^ (c >>> 1)) : (c >>> 1);
+        }
+        t.push(c >>> 0);
+    }
+    return t;
+})();
+
+// The CRC-32 state `crc` (not final: start from 0xffffffff) after the bytes
+// of `bytes` (an array of numbers, or a string of 8-bit characters).
+function crcUpdate(crc, bytes) {
+    var str = typeof bytes === 'string';
+    for (var i = 0; i < bytes.length; i++) {
+        var b = str ? bytes.charCodeAt(i) : bytes[i];
+        crc = CRC_TABLE[(crc ^ b) & 0xff] ^ (crc >>> 8);
+    }
+    return crc >>> 0;
+}
+
+function crc32(text) {
+    return (crcUpdate(0xffffffff, text) ^ 0xffffffff) >>> 0;
+}
+
+// [host, port] of a server name as nginx splits it for the ring.
+function splitServer(name) {
+    if (name.length >= 5 && name.slice(0, 5).toLowerCase() === 'unix:') {
+        return [name.slice(5), ''];
+    }
+    var m = /^(.*):([0-9]*)$/.exec(name);
+    return m ? [m[1], m[2]] : [name, ''];
+}
+
+// nginx's ring of `servers` (names as in the upstream block): sorted [point, name] pairs.
+function ring(servers) {
+    var points = [];
+    for (var i = 0; i < servers.length; i++) {
+        var hp = splitServer(servers[i]);
+        var base = crcUpdate(crcUpdate(crcUpdate(0xffffffff, hp[0]), [0]), hp[1]);
+        var prev = 0;
+        for (var j = 0; j < POINTS_PER_SERVER; j++) {
+            var p = (crcUpdate(base, [prev & 0xff, (prev >>> 8) & 0xff, (prev >>> 16) & 0xff,
+                                      prev >>> 24]) ^ 0xffffffff) >>> 0;
+            points.push([p, servers[i]]);
+            prev = p;
+        }
+    }
+    // Stable for equal points, so which one is kept may differ from nginx's qsort:
+    // two servers on one 32-bit point is a ~1e-5 event, and routing is an optimisation.
+    points.sort(function (a, b) { return a[0] - b[0]; });
+    var kept = [];
+    for (var k = 0; k < points.length; k++) {
+        if (k === 0 || points[k][0] !== points[k - 1][0]) {
+            kept.push(points[k]);
+        }
+    }
+    return kept;
+}
+
+// The distinct servers in the order nginx's ring meets them from `key`'s point:
+// [usual node, the one nginx fails over to, ...].
+function nodeOrder(servers, key) {
+    var points = ring(servers);
+    var h = crc32(key);
+    var lo = 0;
+    var hi = points.length;
+    while (lo < hi) {  // the first point >= h (points.length: wraps to 0)
+        var mid = (lo + hi) >> 1;
+        if (points[mid][0] < h) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    var order = [];
+    var seen = {};
+    for (var i = 0; i < points.length && order.length < servers.length; i++) {
+        var name = points[(lo + i) % points.length][1];
+        if (!seen[name]) {
+            seen[name] = true;
+            order.push(name);
+        }
+    }
+    return order;
+}
+
+// The servers of a $jvpn_nodes value ("host:port host:port ...", commas also separate).
+function nodeList(text) {
+    var out = [];
+    var seen = {};
+    var parts = (text || '').split(/[\s,]+/);
+    for (var i = 0; i < parts.length; i++) {
+        if (parts[i] && !seen[parts[i]]) {
+            seen[parts[i]] = true;
+            out.push(parts[i]);
+        }
+    }
+    return out;
+}
+
+// The node for route hint k > 0 of `key` among `servers`, or null (fewer than two).
+function hintNode(servers, key, k) {
+    if (servers.length < 2 || k < 1) {
+        return null;
+    }
+    var order = nodeOrder(servers, key);
+    return order[1 + (k - 1) % (order.length - 1)];
+}
+
+// [proxy_pass target, hash key] for message `buf` of a flow on group `group`
+// whose servers are `nodes` (the $jvpn_nodes text).
+function route(s, buf, off, group, nodes) {
+    var key = routeKey(s, buf, off);
+    var k = routeHint(buf, off);
+    var node = k > 0 ? hintNode(nodeList(nodes), key.slice(0, key.indexOf('/')), k) : null;
+    return [node === null ? group : node, key];
 }
 
 function preread(s) {
     var tcp = s.variables.protocol === 'TCP';
     var off = tcp ? TCP_LENGTH_PREFIX : 0;
+    var group = tcp ? 'jvpn_gateways_tcp' : 'jvpn_gateways_udp';
     // 'upstream' hands the data as a Buffer; in the preread phase it is called
     // with everything received so far until the handler says done.
     s.on('upstream', function (data, flags) {
         if (tcp && data.length < off + HEADER_LEN && !flags.last) {
             return;  // wait for the rest of the first frame (bounded by preread_timeout)
         }
-        s.variables.jvpn_route = routeKey(s, data, off);
+        var r = route(s, data, off, group, s.variables.jvpn_nodes);
+        s.variables.jvpn_target = r[0];
+        s.variables.jvpn_route = r[1];
         s.off('upstream');
         s.done();
     });
@@ -254,4 +410,4 @@ function quicPreread(s) {
     });
 }
 
-export default { preread, routeKey, filter, addressPrefix, quicPreread, quicRoute };
+export default { preread, routeKey, route, nodeOrder, filter, addressPrefix, quicPreread, quicRoute };

@@ -13,6 +13,7 @@ front of three stand-in upstreams.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ import struct
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,7 +165,8 @@ def test_nginx_service_renders_the_same_template(compose: dict[str, Any]) -> Non
     assert env["JVPN_UPSTREAM_PORT"] == str(gw_port)
     template = (DEPLOY / "nginx" / "nginx.conf.template").read_text()
     names = launcher.template_placeholders(template)
-    filled = {"JVPN_UDP_SERVERS", "JVPN_TCP_SERVERS", "JVPN_QUIC_SERVERS"}
+    filled = {"JVPN_UDP_SERVERS", "JVPN_TCP_SERVERS", "JVPN_QUIC_SERVERS", "JVPN_UDP_NODES",
+              "JVPN_TCP_NODES"}
     assert filled <= names and all(f"{n}=" in entrypoint for n in filled)
     assert names - filled <= set(env), f"compose leaves {names - filled - set(env)} unset"
     quic_port = parse_address(cfg.listen_quic)[1]
@@ -172,7 +175,8 @@ def test_nginx_service_renders_the_same_template(compose: dict[str, Any]) -> Non
     quic_servers = " ".join(f"server 172.31.251.{n}:{quic_port};" for n in (2, 3))
     conf = launcher.render_template(template, {**env, "JVPN_UDP_SERVERS": servers,
                                                "JVPN_TCP_SERVERS": servers,
-                                               "JVPN_QUIC_SERVERS": quic_servers})
+                                               "JVPN_QUIC_SERVERS": quic_servers,
+                                               "JVPN_UDP_NODES": "", "JVPN_TCP_NODES": ""})
     # Neither Docker's resolver address nor `server ... resolve` (nginx >= 1.27.3).
     assert "resolve" not in conf and "127.0.0.11" not in json.dumps(compose)
     assert "hash $jvpn_route consistent;" in conf and "js_preread jvpn.preread;" in conf
@@ -340,18 +344,19 @@ def test_local_nginx_render_passes_nginx_t(tmp_path: Path) -> None:
 
 
 class StandIn:
-    """Three upstreams on UDP and TCP that answer with their own port (UDP: three replies).
+    """``count`` upstreams on UDP and TCP that answer with their own port (UDP: three replies).
 
     One upstream's UDP side can go away and come back on the same port (a restart).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, count: int = 3) -> None:
         self.ports: list[int] = []
         self.socks: list[socket.socket] = []
         self.udp: dict[int, tuple[socket.socket, threading.Thread, threading.Event]] = {}
         self.stopped = False
         self.nginx: subprocess.Popen[bytes] | None = None  # set by the balancer fixture
-        for _ in range(3):
+        self.tcp_threads: list[threading.Thread] = []
+        for _ in range(count):
             port = launcher.free_port("127.0.0.1", udp_too=True)
             self.start_udp(port)
             t = socket.socket()
@@ -360,7 +365,9 @@ class StandIn:
             t.listen()
             self.ports.append(port)
             self.socks.append(t)
-            threading.Thread(target=self._tcp, args=(t, port), daemon=True).start()
+            self.tcp_threads.append(threading.Thread(target=self._tcp, args=(t, port),
+                                                     daemon=True))
+            self.tcp_threads[-1].start()
 
     def start_udp(self, port: int) -> None:
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -407,13 +414,22 @@ class StandIn:
         self.stopped = True
         for port in list(self.udp):
             self.stop_udp(port)
+        # shutdown wakes a thread blocked in accept(); only then is the descriptor closed.
+        # Closed under a blocked accept(), its number could go to the next test's
+        # listener, and this thread would answer that one's connections with its port.
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for thread in self.tcp_threads:
+            thread.join(5)
         for s in self.socks:
             s.close()
 
 
-@pytest.fixture
-def balancer(tmp_path: Path) -> Iterator[tuple[tuple[str, int], StandIn]]:
-    ups = StandIn()
+@pytest.fixture(params=[3])
+def balancer(tmp_path: Path, request: pytest.FixtureRequest
+             ) -> Iterator[tuple[tuple[str, int], StandIn]]:
+    ups = StandIn(request.param)
     port = launcher.free_port("127.0.0.1", udp_too=True)
     servers = [f"127.0.0.1:{p}" for p in ups.ports]
     conf = _render_local_nginx(tmp_path, servers, servers, f"127.0.0.1:{port}")
@@ -436,8 +452,8 @@ def balancer(tmp_path: Path) -> Iterator[tuple[tuple[str, int], StandIn]]:
         ups.close()
 
 
-def _message(kind: int, ident: bytes) -> bytes:
-    return struct.pack("!BBH16s", 1, kind, 0, ident) + b"\x00" * 48
+def _message(kind: int, ident: bytes, route: int = 0) -> bytes:
+    return struct.pack("!BBH16s", 1, kind, route, ident) + b"\x00" * 48
 
 
 def _udp_ask(addr: tuple[str, int], data: bytes, stack: contextlib.ExitStack,
@@ -457,13 +473,13 @@ def _udp_ask(addr: tuple[str, int], data: bytes, stack: contextlib.ExitStack,
     return [s.recv(100) for _ in range(3)]
 
 
-def _tcp_ask(addr: tuple[str, int], data: bytes) -> bytes:
+def _tcp_ask(addr: tuple[str, int], data: bytes, dribble: bool = True) -> bytes:
     frame = struct.pack("!H", len(data)) + data
     with socket.create_connection(addr, timeout=2) as s:
-        for b in frame[:8]:  # dribble the header: preread waits for the whole of it
+        for b in frame[:8] if dribble else b"":  # preread waits for the whole header
             s.sendall(bytes([b]))
             time.sleep(0.005)
-        s.sendall(frame[8:])
+        s.sendall(frame[8:] if dribble else frame)
         return s.recv(100)
 
 
@@ -534,6 +550,75 @@ def test_reload_clears_a_restarted_upstreams_failure_mark(
             break
         time.sleep(0.1)
     assert answers[-1] == home, f"after the reload still routed to {answers}, not {home}"
+
+
+def _ring_order(servers: list[str], key: str) -> list[str]:
+    """nginx's consistent-hash ring, modelled independently of jvpn.js (zlib's CRC-32):
+    the distinct servers met walking it from ``key``'s point. A server "host:port" has
+    160 points, crc32(host NUL port prev), prev the previous point's 4 bytes
+    little-endian (0 at first); a key goes to the first point >= crc32(key), wrapping."""
+    points: dict[int, str] = {}
+    for name in servers:
+        host, _, port = name.rpartition(":")
+        base = zlib.crc32(host.encode() + b"\0" + port.encode())
+        prev = 0
+        for _ in range(160):
+            prev = zlib.crc32(struct.pack("<I", prev), base)
+            points.setdefault(prev, name)
+    ring = sorted(points.items())
+    start = bisect.bisect_left([p for p, _ in ring], zlib.crc32(key.encode()))
+    order: list[str] = []
+    for i in range(len(ring)):
+        name = ring[(start + i) % len(ring)][1]
+        if name not in order:
+            order.append(name)
+    return order
+
+
+@pytest.mark.parametrize("balancer", [3, 4], indirect=True)
+def test_route_hints_reach_each_other_node_in_turn(
+        balancer: tuple[tuple[str, int], StandIn], stack: contextlib.ExitStack) -> None:
+    """A REATTACH_REQUEST with route hint k > 0 goes to the k-th other node of its session.
+
+    For many session ids: hint 0 reaches the node nginx's group picks, which is the
+    one the ring model above computes (so the model is nginx's ring); hints 1..N-1
+    each reach one of the OTHER nodes, each exactly once, in the model's ring order,
+    and hint N + 1 (and 255) continue the cycle. jvpn.js computes its own copy of
+    the ring: had it taken another node for the usual one, a hint would land on
+    nginx's usual node. Over TCP too (its own group, the same servers).
+    """
+    addr, ups = balancer
+    n = len(ups.ports)
+    servers = [f"127.0.0.1:{p}" for p in ups.ports]
+    REATTACH = 5
+
+    def udp(sid: bytes, route: int) -> str:
+        replies = _udp_ask(addr, _message(REATTACH, sid, route), stack)
+        return "127.0.0.1:" + replies[0].split(b":")[0].decode()
+
+    def tcp(sid: bytes, route: int) -> str:
+        return "127.0.0.1:" + _tcp_ask(addr, _message(REATTACH, sid, route),
+                                       dribble=False).decode()
+
+    usual_nodes = set()
+    for i in range(30):
+        sid = os.urandom(16)
+        order = _ring_order(servers, "s" + sid.hex())
+        for ask in (udp, tcp) if i < 10 else (udp,):
+            usual = ask(sid, 0)
+            assert usual == order[0], f"{ask.__name__} {sid.hex()}: nginx chose {usual}"
+            hinted = [ask(sid, k) for k in range(1, n)]
+            assert usual not in hinted, f"{ask.__name__} {sid.hex()}: hints {hinted}"
+            assert sorted(hinted) == sorted(set(servers) - {usual})
+            assert hinted == order[1:], f"{ask.__name__} {sid.hex()}: not the ring's order"
+            assert ask(sid, n) == hinted[0]
+            assert ask(sid, 255) == hinted[(255 - 1) % (n - 1)]
+            usual_nodes.add(usual)
+    assert len(usual_nodes) >= 2, "30 sessions all on one node: the key is not the session id"
+    # A hint only in a REATTACH_REQUEST: a DATA message's flags are not a route.
+    sid = os.urandom(16)
+    assert {udp(sid, 0)} == {"127.0.0.1:" + _udp_ask(addr, _message(4, sid, 1), stack)[0]
+                             .split(b":")[0].decode()}
 
 
 # ---- dashboard ------------------------------------------------------------------------------
