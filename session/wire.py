@@ -59,9 +59,10 @@ HEADER = struct.Struct("!BBH16s")
 HEADER_LEN = HEADER.size  # 20
 
 
-# A REATTACH_REQUEST's flags carry a route hint: the balancer routes a request with hint
-# k > 0 by (session id, k) instead of the session id alone, so a client whose usual node
-# does not answer (paused, overloaded) reaches another one by asking again with k + 1.
+# A REATTACH_REQUEST's flags carry a route hint: the balancer sends a request with hint
+# k > 0 to the k-th other node of the session instead of its usual node, so a client whose
+# usual node does not answer (paused, overloaded) reaches another one by asking again
+# with k + 1, and the next one with k + 2 (deploy/nginx/jvpn.js).
 # Routing only: any node accepts any reattach, and the hint is under the request's MAC.
 ROUTE_MAX = 0xFF
 

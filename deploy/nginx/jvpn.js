@@ -18,7 +18,7 @@
 //     group but the k-th OTHER node, a fixed address in $jvpn_target (below,
 //     "Route hints"), so the client reaches another node (paused, overloaded or
 //     dead ones are not waited for), and hints 1, 2, ... cycle through the
-//     others. The key is then the session key + "/" + k (the access log shows
+//     others, then the usual node again. The key is then the session key + "/" + k (the access log shows
 //     it). The flow it opens stays there.
 //   - too short to hold a header: the source address, like a handshake; the
 //     node drops and counts it (jvpn_dropped_total), which keeps it visible.
@@ -70,9 +70,12 @@ function routeHint(buf, off) {
 // rendered from the same list as the upstream block) and walks it from the
 // session key's point: the distinct servers in the order met are
 // [usual, other 1, other 2, ...], nginx's own failover order, and hint k goes
-// to other 1 + (k - 1) mod (N - 1). A hint sent because the usual node is
-// paused thus reaches the node nginx itself would fail over to; hint 0 keeps
-// the group, with nginx's passive health (a node it got errors from is skipped).
+// to entry k mod N: hints 1..N-1 are the others, each once, hint N the usual
+// node by address (so that two unanswering others do not keep a client from a
+// usual node that answers again), then round again. A hint sent because the
+// usual node is paused thus first reaches the node nginx itself would fail
+// over to; hint 0 keeps the group, with nginx's passive health (a node it got
+// errors from is skipped).
 //
 // nginx's ring (src/stream/ngx_stream_upstream_hash_module.c, init_chash): for
 // a server written "host:port" (weight w, here always 1), base = crc32 state
@@ -192,7 +195,7 @@ function hintNode(servers, key, k) {
         return null;
     }
     var order = nodeOrder(servers, key);
-    return order[1 + (k - 1) % (order.length - 1)];
+    return order[k % order.length];
 }
 
 // [proxy_pass target, hash key] for message `buf` of a flow on group `group`

@@ -582,8 +582,8 @@ def test_route_hints_reach_each_other_node_in_turn(
 
     For many session ids: hint 0 reaches the node nginx's group picks, which is the
     one the ring model above computes (so the model is nginx's ring); hints 1..N-1
-    each reach one of the OTHER nodes, each exactly once, in the model's ring order,
-    and hint N + 1 (and 255) continue the cycle. jvpn.js computes its own copy of
+    each reach one of the OTHER nodes, each exactly once, in the model's ring order;
+    hint N is the usual node and N + 1 (and 255) continue the cycle. jvpn.js computes its own copy of
     the ring: had it taken another node for the usual one, a hint would land on
     nginx's usual node. Over TCP too (its own group, the same servers).
     """
@@ -611,8 +611,10 @@ def test_route_hints_reach_each_other_node_in_turn(
             assert usual not in hinted, f"{ask.__name__} {sid.hex()}: hints {hinted}"
             assert sorted(hinted) == sorted(set(servers) - {usual})
             assert hinted == order[1:], f"{ask.__name__} {sid.hex()}: not the ring's order"
-            assert ask(sid, n) == hinted[0]
-            assert ask(sid, 255) == hinted[(255 - 1) % (n - 1)]
+            # Hint N: the usual node again, by address (two others not answering must not
+            # keep a client from it), then the others again; 255 wraps to 1 in the agent.
+            assert [ask(sid, k) for k in (n, n + 1)] == [usual, hinted[0]]
+            assert ask(sid, 255) == order[255 % n]
             usual_nodes.add(usual)
     assert len(usual_nodes) >= 2, "30 sessions all on one node: the key is not the session id"
     # A hint only in a REATTACH_REQUEST: a DATA message's flags are not a route.
