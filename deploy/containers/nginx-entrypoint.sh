@@ -2,7 +2,8 @@
 # Balancer container entrypoint: render deploy/nginx/nginx.conf.template with the
 # gateways' addresses, run nginx, and follow the replicas.
 #
-# The upstream blocks list one `server <address>:<port>;` per address that the
+# The upstream blocks list one `server <address>:<port>;` per address (and
+# JVPN_UDP_NODES / JVPN_TCP_NODES the same addresses, for jvpn.js's route hints) that the
 # name $JVPN_UPSTREAM_HOST (the compose service, "gateway") resolves to, through
 # the container's own resolver (whatever /etc/resolv.conf names: Docker's
 # embedded DNS, Podman's aardvark-dns, a cluster DNS). Every
@@ -35,7 +36,7 @@ render() {
     quic=""
     for a in $1; do
         servers="$servers server $a:$port;"
-        nodes="$nodes $a:$port"
+        nodes="${nodes:+$nodes }$a:$port"
         quic="$quic server $a:$quic_port;"
     done
     # No replica resolves (yet): a placeholder marked down keeps the file valid.
