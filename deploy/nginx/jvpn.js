@@ -81,9 +81,9 @@ function routeHint(buf, off) {
 // a server written "host:port" (weight w, here always 1), base = crc32 state
 // over host, one zero byte, port (a name ending in ":digits" splits there;
 // "unix:path" has no port); its 160 * w points are p_j = crc32 final of base
-// updated with the 4 bytes of p_(j-1) (little-endian, as on the x86 and arm
-// machines nginx runs on here; p_(-1) = 0); points sorted by value, of equal
-// values only the first kept. CRC-32 is the IEEE one (zlib's); njs has none.
+// updated with the 4 bytes of p_(j-1) (little-endian: nginx writes them so on
+// every machine; p_(-1) = 0); points sorted by value, of equal values only one
+// kept. CRC-32 is the IEEE one (zlib's); njs has none.
 
 var POINTS_PER_SERVER = 160;
 var CRC_TABLE = (function () {
