@@ -36,6 +36,7 @@ per-source TCP cap counts the client's address once its header arrived.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import resource
@@ -109,6 +110,8 @@ log = logging.getLogger("jvpn.gateway")
 UDP_SOCKET_BUFFER = 4 << 20  # bytes asked for the listener's receive and send buffers
 PEER_CACHE_MAX = 100_000
 UPSTREAM_BACKLOG = 64  # payloads held per session while its upstream socket opens
+RESOLVED_TTL_S = 30.0  # how long an upstream name's address is used for new engine flows
+RESOLVED_MAX = 1024  # upstream names remembered at most
 TIMER_MAX_SLEEP_S = 0.5
 NodeSettings = GatewaySettings  # the name the app and the tests use
 FD_RESERVE = 64  # descriptors kept back from TCP: listeners, store, admin, logs, children
@@ -178,6 +181,8 @@ class GatewayNode:
         # one upstream socket per (session, flow): a flow is one local source at the agent
         self._upstreams: dict[tuple[bytes, int], asyncio.DatagramTransport] = {}
         self._opening: dict[tuple[bytes, int], list[bytes]] = {}
+        self._resolved: dict[str, tuple[str, float]] = {}  # name -> (address, until)
+        self._resolving: set[str] = set()
         self._flows: dict[bytes, set[int]] = {}  # session -> its flows with a socket
         self._opening_tasks: set[asyncio.Future[Any]] = set()
         self._store_was_ok: bool | None = None
@@ -402,19 +407,23 @@ class GatewayNode:
         fut.add_done_callback(partial(self._answered, call.call_id, span, sid))
 
     def _to_upstream(self, e: ToUpstream) -> None:
-        if self._mirror is not None:
+        sid = (e.session_id, e.flow)
+        target = None
+        if self._mirror is not None and sid not in self._upstreams and sid not in self._opening:
+            target = self._engine_target(e.upstream)
+        if target is not None:
             # the engine opens and reads installed bindings' upstreams, one socket per flow
             # (0: plain PAYLOADs), and from then on carries that flow both ways by itself
+            assert self._mirror is not None
             self._mirror.sync(e.session_id)
             try:
-                self.engine.to_upstream(e.session_id, e.upstream, e.data, e.flow)
+                self.engine.to_upstream(e.session_id, target, e.data, e.flow)
                 return
             except (OSError, ValueError) as exc:
                 if e.session_id in self._mirror.installed:  # else TCP/QUIC: the asyncio path below
                     log.warning("upstream %s:%s unreachable: %s", e.upstream[0], e.upstream[1], exc)
                     self.metrics.count_drop(DropReason.POLICY, wire.TransportKind.UDP)
                     return
-        sid = (e.session_id, e.flow)
         transport = self._upstreams.get(sid)
         if transport is not None:
             transport.sendto(e.data)
@@ -435,6 +444,40 @@ class GatewayNode:
         task = asyncio.ensure_future(self._open_upstream(sid, e.upstream))
         self._opening_tasks.add(task)
         task.add_done_callback(self._opened)
+
+    def _engine_target(self, upstream: tuple[str, int]) -> tuple[str, int] | None:
+        """The upstream as an address the compiled engine can open (it resolves no names):
+        an address as it is; a name from what it resolved to within ``RESOLVED_TTL_S``,
+        else None (this flow takes the asyncio path, which resolves it, and the name is
+        looked up for the flows after it)."""
+        host, port = upstream
+        try:
+            ipaddress.ip_address(host)
+            return upstream
+        except ValueError:
+            pass
+        now = time.monotonic()
+        known = self._resolved.get(host)
+        if known is not None and known[1] > now:
+            return (known[0], port)
+        if host not in self._resolving and (known is not None or len(self._resolved) < RESOLVED_MAX):
+            self._resolving.add(host)
+            task = asyncio.ensure_future(self._resolve(host, port))
+            self._opening_tasks.add(task)
+            task.add_done_callback(self._opened)
+        return None
+
+    async def _resolve(self, host: str, port: int) -> None:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("upstream %s: not resolved: %s", host, exc)
+            return
+        finally:
+            self._resolving.discard(host)
+        if infos:
+            self._resolved[host] = (str(infos[0][4][0]), time.monotonic() + RESOLVED_TTL_S)
 
     def _opened(self, task: asyncio.Future[Any]) -> None:
         self._opening_tasks.discard(task)

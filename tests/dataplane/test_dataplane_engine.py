@@ -132,3 +132,40 @@ async def test_engine_stops_forwarding_when_the_lease_lapses(redis_server, compi
     finally:
         echo.close()
         await gw.app.stop()
+
+
+async def test_an_upstream_named_by_host_name_is_carried(redis_url: str, compiled: ModuleType) -> None:
+    """The engine opens upstream sockets by address only: a policy's upstream given by name
+    (compose's "echo:9000") takes the asyncio path for the flows opened before the node
+    resolved it, and the engine for the flows after; both get their replies."""
+    gw = await start_gateway(redis_url, data_plane="compiled", udp_engine="on")
+    echo, upstream = await echo_upstream()
+    named = "localhost:" + upstream.rsplit(":", 1)[1]
+    try:
+        engine = gw.node.engine
+        assert engine is not None
+        priv, _ = await gw.add_client(named)
+        st = RawSession(priv, gw.app.keys.public, named)
+        ep = await Endpoint.udp(gw.udp)
+        await st.connect(ep)
+        assert st.session_id
+        await st.keepalive(ep)
+
+        async def flow_echo(flow: int, data: bytes) -> None:
+            ep.send(st.seal(wire.inner_flow_payload(flow, data)))
+            inner = await st.next_inner(
+                ep, lambda i: i.kind is wire.InnerType.FLOW_PAYLOAD and i.payload == data)
+            assert inner.flow == flow
+
+        await flow_echo(1, b"before the name is known")  # the asyncio path
+        await wait_for(lambda: "localhost" in gw.node._resolved, 5, "the name resolved")
+        forwarded = engine.counters()["forwarded"]
+        await flow_echo(2, b"opened by the machine")  # the engine opens flow 2's socket
+        await flow_echo(2, b"carried by the engine")
+        assert engine.counters()["forwarded"] > forwarded
+        await flow_echo(1, b"flow 1 stays where it opened")
+        ep.close()
+    finally:
+        echo.close()
+        await gw.app.stop()
+        await asyncio.sleep(0)
