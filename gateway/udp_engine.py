@@ -54,6 +54,7 @@ the machine's ``tunnel_drops`` and the drop metrics by the node.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from session import wire
@@ -94,6 +95,7 @@ class EngineMirror:
         self.installed: dict[bytes, tuple[Any, ...]] = {}
         self._counters: dict[str, int] = {}
         self._lease: tuple[float, ...] | None = None  # what the engine was last told
+        self._epochs: dict[bytes, int] = {}  # the epoch whose keys the engine holds, by session
 
     def fast(self, b: Binding) -> bool:
         """Whether the engine may forward ``b``'s payloads without asking the machine."""
@@ -129,6 +131,7 @@ class EngineMirror:
             if self.installed.pop(sid, None) is not None:
                 self.pull(sid)
                 self.engine.remove(sid)
+                self._held(sid, None)
             return
         if type(b.channel) is not self.channel_class:
             return  # a channel made before the engine: the machine keeps the whole binding
@@ -144,6 +147,21 @@ class EngineMirror:
             self.engine.install(sid, b.channel, p.addr, state[2], state[3], compiled,
                                 via=p.via, keys_made_ms=float(b.secrets.made_ms))
             self.installed[sid] = (*state, compiled)
+            self._held(sid, b.epoch)
+
+    def _held(self, sid: bytes, epoch: int | None) -> None:
+        """Record what the engine holds for ``sid`` now (``None``: nothing), if it changed."""
+        old = self._epochs.get(sid)
+        if old == epoch:
+            return
+        now = time.monotonic()
+        if old is not None:
+            self.machine.engine_record(False, sid, old, now)
+        if epoch is None:
+            del self._epochs[sid]
+        else:
+            self._epochs[sid] = epoch
+            self.machine.engine_record(True, sid, epoch, now)
 
     def pull(self, sid: bytes) -> None:
         """What the engine forwarded for ``sid``, into the machine's binding."""

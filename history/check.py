@@ -85,6 +85,8 @@ class Violation(StrEnum):
     STORE_MISMATCH = "store_mismatch"  # the history's last word is not the store's
     AGENT_BACKWARDS = "agent_backwards"
     AGENT_UNKNOWN_BINDING = "agent_unknown_binding"  # an agent installed an epoch never granted
+    ENGINE_WITHOUT_BINDING = "engine_without_binding"  # the data plane got keys its node never held
+    ENGINE_NOT_REMOVED = "engine_not_removed"  # the data plane kept keys its node released
     BAD_RECORD = "bad_record"
 
 
@@ -136,7 +138,8 @@ class Report:
             f"{c['release']} releases, {c['lease_lapsed']} lease lapses / "
             f"{c['lease_confirmed']} confirmations",
             f"agents: {c['agent_installs']} epoch installs, {c['stale_epoch_drops']} "
-            f"stale-epoch drops; security alerts: {sum(self.security.values())}"
+            f"stale-epoch drops; compiled engines: {c['engine_install']} installs / "
+            f"{c['engine_remove']} removals; security alerts: {sum(self.security.values())}"
             + (f" ({dict(self.security)})" if self.security else ""),
         ]
         if c["lost_with_crash"]:
@@ -190,10 +193,15 @@ def check(records: Iterable[Record], store: Mapping[str, StoreView | None] | Non
         rep.violations[Violation.BAD_RECORD] += bad_records
     bindings: dict[tuple[str, int], _Binding] = defaultdict(_Binding)
     releases: list[BindingRecord] = []
+    engine: list[BindingRecord] = []
     incarnations: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
     agents: dict[tuple[str, str], list[AgentRecord]] = defaultdict(list)
     for rec in records:
         if isinstance(rec, BindingRecord):
+            if rec.phase in (RecordPhase.ENGINE_INSTALL, RecordPhase.ENGINE_REMOVE):
+                engine.append(rec)
+                rep.counts[rec.phase.value] += 1
+                continue
             _collect(rec, bindings, releases, incarnations, rep)
         elif isinstance(rec, AgentRecord):
             if rec.action == EPOCH_INSTALL_ACTION:
@@ -213,6 +221,7 @@ def check(records: Iterable[Record], store: Mapping[str, StoreView | None] | Non
     _check_versions(bindings, rep)
     _check_releases(bindings, releases, ended, rep, max_release_lag_ms)
     _check_agents(agents, bindings, ended, rep)
+    _check_engine(engine, bindings, releases, ended, rep)
     if store is not None:
         _check_against_store(bindings, store, rep)
     return rep
@@ -386,6 +395,33 @@ def _check_releases(bindings: dict[tuple[str, int], _Binding], releases: list[Bi
         rep.add(Violation.NOT_RELEASED,
                 f"session {_short(sid)} epoch {epoch}: {holder} never let go of it after the "
                 f"store ended it ({b.end.reason.value} at {b.end.store_ms})")
+
+
+def _check_engine(engine: list[BindingRecord], bindings: dict[tuple[str, int], _Binding],
+                  releases: list[BindingRecord], ended: set[str], rep: Report) -> None:
+    """The compiled data plane held a binding's keys only while its node held the binding:
+    each install is of an epoch granted to that process, and each one its node released
+    (but for a stop, which takes the engine with it) is followed by its removal, in that
+    node's own record stream."""
+    held: dict[tuple[str, str, int], list[BindingRecord]] = defaultdict(list)
+    for rec in sorted(engine, key=lambda r: (r.source, r.seq)):
+        key = (rec.incarnation, rec.session_id, rec.epoch)
+        if rec.phase is RecordPhase.ENGINE_INSTALL:
+            b = bindings.get((rec.session_id, rec.epoch))
+            if b is None or b.granted is None or b.granted.holder != rec.incarnation:
+                rep.add(Violation.ENGINE_WITHOUT_BINDING,
+                        f"session {_short(rec.session_id)} epoch {rec.epoch}: the engine of "
+                        f"{rec.incarnation} was given keys its node was never granted")
+        held[key].append(rec)
+    for rel in releases:
+        if rel.reason is RecordReason.NODE_STOPPED or rel.incarnation in ended:
+            continue
+        recs = held.get((rel.incarnation, rel.session_id, rel.epoch))
+        if not recs or recs[-1].phase is RecordPhase.ENGINE_REMOVE:
+            continue  # never in the engine, or taken out again
+        rep.add(Violation.ENGINE_NOT_REMOVED,
+                f"session {_short(rel.session_id)} epoch {rel.epoch}: released by "
+                f"{rel.incarnation} ({rel.reason.value}) but its engine kept the keys")
 
 
 def _lost_activation(b: _Binding, ended: set[str]) -> bool:

@@ -473,6 +473,12 @@ class GatewayMachine:
                          binding_id=binding_id.hex() if binding_id is not None else None,
                          binding_status=status.value if status is not None else None)
 
+    def engine_record(self, installed: bool, sid: bytes, epoch: int, now: float) -> None:
+        """The compiled engine was given (or lost) a binding's keys: a record like the
+        machine's own, so the history shows the data plane held only what the node held."""
+        self._record(RecordPhase.ENGINE_INSTALL if installed else RecordPhase.ENGINE_REMOVE,
+                     sid, epoch, RecordReason.ENGINE, self.store_ms(now), status=None)
+
     def sessions_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {s.name: 0 for s in SessionState}
         for b in self.bindings.values():

@@ -23,6 +23,9 @@ record through its event sink (``GatewayMachine._record``, the one place):
   binding when its lease lapsed, and the store confirmed it again.
 - ``node_started``: a new process incarnation (its earlier incarnation, if any,
   is gone, with whatever it held).
+- ``engine_install`` / ``engine_remove``: the compiled data plane was given a
+  binding's keys (epoch) to carry by itself, and had them taken away: it may
+  hold only what its node holds, and must give up what its node released.
 
 Agents write their own records (``epoch_install``, ``agent_summary``) in the
 same document shape: the epochs they installed, from which node, and the
@@ -47,6 +50,8 @@ class RecordPhase(StrEnum):
     LEASE_LAPSED = "lease_lapsed"
     LEASE_CONFIRMED = "lease_confirmed"
     NODE_STARTED = "node_started"
+    ENGINE_INSTALL = "engine_install"
+    ENGINE_REMOVE = "engine_remove"
 
 
 class RecordReason(StrEnum):
@@ -66,6 +71,7 @@ class RecordReason(StrEnum):
     SUPERSEDED = "superseded"  # a PENDING binding a newer grant replaced before it was ACTIVE
     NOT_VALIDATED = "not_validated"  # a PENDING binding whose path never validated
     STARTED = "started"
+    ENGINE = "engine"  # the node's compiled engine followed its table
 
 
 class BindingStatus(StrEnum):

@@ -51,6 +51,11 @@ async def test_engine_forwards_refuses_and_hands_up(redis_url: str, compiled: Mo
         assert sorted(got) == sorted(b"p%03d" % i for i in range(100))
         c = engine.counters()
         assert c["forwarded"] == 100 and c["returned"] >= 100, c  # and the first reply
+        # the engine's holding of the binding's keys is on record, as the node's decisions are
+        held = [e.doc["jvpn"] for e in gw.events if e.doc.get("event", {}).get("action")
+                == "binding" and e.doc["jvpn"].get("phase", "").startswith("engine_")]
+        assert [(j["phase"], j["session_id"], j["epoch"]) for j in held] == [
+            ("engine_install", st.session_id.hex(), 1)], held
         # the engine's work reaches the node's metrics (copied in at the next timer)
         await wait_for(lambda: gw.app.metrics.engine.get("forwarded", 0) >= 100, 5, "metrics")
         text = gw.app.metrics.exposition().decode()

@@ -294,3 +294,35 @@ def test_an_activation_lost_with_a_killed_process_excuses_the_end_it_wrote() -> 
     report = run(a, b + [restarted])
     assert report.ok, report.summary()
     assert report.counts["lost_with_crash"] == 2  # epoch 2's activation, epoch 1's end
+
+
+def _engine_doc(like: dict[str, Any], phase: str) -> dict[str, Any]:
+    """An engine record of ``like``'s binding, as the node's engine mirror writes it."""
+    doc = copy.deepcopy(like)
+    doc["jvpn"]["phase"] = phase
+    doc["event"]["reason"] = "engine"
+    doc["jvpn"].pop("binding_status", None)
+    return doc
+
+
+def test_the_engine_holds_only_what_its_node_holds() -> None:
+    """The compiled data plane's installs and removals are records too: an install of an
+    epoch its node was never granted, and keys kept after the node released the binding,
+    are each caught; the engine that follows its node passes."""
+    a, b, agents, *_ = history_of_a_move()
+    begin1, release1 = binding(a, "begin", 1), binding(a, "release")
+    followed = list(a)
+    followed.insert(followed.index(begin1) + 1, _engine_doc(begin1, "engine_install"))
+    followed.insert(followed.index(release1) + 1, _engine_doc(begin1, "engine_remove"))
+    report = run(followed, b, agents)
+    assert report.ok, report.summary()
+    assert (report.counts["engine_install"], report.counts["engine_remove"]) == (1, 1)
+
+    kept = [d for d in followed if d["jvpn"].get("phase") != "engine_remove"]
+    report = run(kept, b, agents)
+    assert report.violations[Violation.ENGINE_NOT_REMOVED] == 1, report.summary()
+
+    stranger = _engine_doc(begin1, "engine_install")  # gw-b's engine, gw-a's epoch
+    stranger["jvpn"]["incarnation"] = binding(b, "begin", 2, "PENDING")["jvpn"]["incarnation"]
+    report = run(followed, b + [stranger], agents)
+    assert report.violations[Violation.ENGINE_WITHOUT_BINDING] == 1, report.summary()
