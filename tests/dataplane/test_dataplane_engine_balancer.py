@@ -32,8 +32,9 @@ from tests.dataplane.test_dataplane_engine_tun import (
     ipv4,
     recv,
 )
+from tests.integration.test_balancer_address import udp_from
 from tests.support.harness import Gateway, echo_upstream, start_gateway, wait_for
-from tests.support.rawclient import Endpoint, RawSession, _UdpProto
+from tests.support.rawclient import Endpoint, RawSession
 
 UDP = wire.TransportKind.UDP
 CLIENT = ("203.0.113.7", 40000)  # the address the balancer says the client has
@@ -41,28 +42,6 @@ CLIENT = ("203.0.113.7", 40000)  # the address the balancer says the client has
 
 def drops(gw: Gateway, reason: DropReason) -> int:
     return int(gw.app.metrics.drops.get((reason, UDP), 0))
-
-
-class Relayed(Endpoint):
-    """A UDP endpoint that puts ``prefix`` before every datagram (what nginx's filter does)."""
-
-    prefix = b""
-
-    def write(self, data: bytes) -> None:
-        super().write(self.prefix + data)
-
-
-async def udp_from(remote: tuple[str, int], source: str, prefix: bytes = b"") -> Relayed:
-    ep = Relayed(UDP, remote)
-    ep.prefix = prefix
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind((source, 0))
-    sock.connect(remote)
-    ep._sock = sock
-    ep.local = sock.getsockname()
-    await asyncio.get_running_loop().create_datagram_endpoint(lambda: _UdpProto(ep), sock=sock)
-    return ep
 
 
 async def _payloads(st: RawSession, ep: Endpoint, n: int, timeout: float = 5.0) -> list[bytes]:
