@@ -32,7 +32,7 @@ from gateway.config import (
 from gateway.events import EventBus, sinks_from_config
 from gateway.l3 import L3Config, L3Plane
 from gateway.metrics import Metrics
-from gateway.node import GatewayNode, NodeSettings, TcpLimits
+from gateway.node import GatewayNode, NodeSettings
 from gateway.quic import (
     QuicLimits,
     QuicListener,
@@ -40,6 +40,7 @@ from gateway.quic import (
     self_signed,
     server_configuration,
 )
+from gateway.tcp import TcpLimits
 from gateway.tracing import Tracing
 from session import dataplane
 from session.inner import InnerPool

@@ -327,11 +327,11 @@ class L3Plane:
         engine = self.node.engine
         if engine is not None:
             # the compiled engine reads and writes the TUN for the bindings it carries and
-            # hands every other packet read from it to _from_tun (gateway/udp_engine.py)
+            # hands every other packet read from it to from_tun (gateway/udp_engine.py)
             engine.set_tun(self.tun.fd)
             self._engine_tun = True
         else:
-            self.tun.attach(loop, self._from_tun)
+            self.tun.attach(loop, self.from_tun)
         log.info("L3: %s mtu %d, gateway %s, egress %s, TUN read by %s", self.tun.name, cfg.mtu,
                  cfg.pool.gateway.text(), cfg.egress,
                  "the compiled engine" if engine is not None else "asyncio")
@@ -400,7 +400,7 @@ class L3Plane:
 
     # ---- packets ---------------------------------------------------------------------------
 
-    def _from_tun(self, packet: bytes) -> None:
+    def from_tun(self, packet: bytes) -> None:
         """A packet the kernel routed into the TUN (read by asyncio, or handed up by the
         compiled engine: one no binding it carries owns)."""
         node = self.node

@@ -53,16 +53,25 @@ the machine's ``tunnel_drops`` and the drop metrics by the node.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from gateway.balancer import PREFIX_LEN, has_prefix_magic
+from gateway.udp import UDP_SOCKET_BUFFER, UdpProtocol
+from netdev.sender import SocketSender
 from session import wire
 from session.binding import Binding
 from session.gateway import GatewayMachine
 from session.reasons import DropReason
 from session.states import LIVE_STATES
 from session.tunnel import SessionRoute, TunnelDrop
+
+if TYPE_CHECKING:
+    from gateway.node import GatewayNode
+    from session.gateway import ToUpstream
 
 log = logging.getLogger("jvpn.gateway")
 
@@ -82,6 +91,157 @@ def available() -> bool:
             and hasattr(jvpn_dataplane, "MAX_FLOWS"))
 
 
+class EnginePath:
+    """The compiled engine on the node's UDP socket: started and stopped, what it hands up
+    taken to the node, and the mirror kept current."""
+
+    def __init__(self, node: GatewayNode) -> None:
+        self.node = node
+        self.engine: Any = None
+        self.mirror: EngineMirror | None = None
+        self._udp_proto: UdpProtocol | None = None
+        self._sync_all_due = False  # a refresh of the lease is scheduled (sync_soon)
+
+    def start(self, loop: asyncio.AbstractEventLoop, udp: tuple[str, int]
+              ) -> tuple[asyncio.DatagramTransport, tuple[str, int]]:
+        """Bind the UDP socket and hand it to the engine; what the node sends its answers
+        with (on the same socket) and the bound address."""
+        import jvpn_dataplane
+
+        node = self.node
+        family = socket.AF_INET6 if ":" in udp[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(udp)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
+            self.engine = jvpn_dataplane.GatewayEngine(sock.fileno(), QUEUE_MAX)
+            # behind these the engine reads the client's address from each datagram's prefix
+            self.engine.set_trusted_balancers(
+                [(n.network_address.packed, n.prefixlen) for n in node.trusted.networks])
+        except BaseException:
+            sock.close()
+            raise
+        sender = cast(asyncio.DatagramTransport, SocketSender(
+            sock, lambda: node.metrics.count_drop(DropReason.QUEUE_FULL, wire.TransportKind.UDP)))
+        self._udp_proto = UdpProtocol(node)
+        self.mirror = EngineMirror(self.engine, node.machine, jvpn_dataplane.DataChannel)
+        loop.add_reader(self.engine.fileno(), self._ready)
+        log.info("udp data path: compiled engine (batched system calls on its own thread)")
+        return sender, sock.getsockname()[:2]
+
+    def stop(self) -> None:
+        if self.engine is None:
+            return
+        asyncio.get_running_loop().remove_reader(self.engine.fileno())
+        self.mirror = None  # nothing reaches the stopped engine any more
+        self.engine.stop()
+
+    def _ready(self) -> None:
+        """Items the engine handed up: to the machine, as from the socket or an upstream."""
+        if self.mirror is None or self._udp_proto is None:
+            return
+        node = self.node
+        touched: set[bytes] = set()
+        for kind, a, b in self.engine.drain(DRAIN_MAX):
+            if kind == 0:
+                self._udp_proto.datagram_received(a, b)
+                # a datagram with the magic came from a trusted balancer (the engine drops
+                # it from anyone else): the message starts after the prefix
+                at = PREFIX_LEN if has_prefix_magic(a) else 0
+                if len(a) >= at + wire.HEADER_LEN:
+                    touched.add(a[at + 4:at + wire.HEADER_LEN])
+            elif kind == 2:  # from the TUN, for no binding the engine carries
+                if node.l3 is not None:
+                    node.l3.from_tun(a)
+            elif kind == 3:  # a reply from one flow's upstream (UDP-forward mode)
+                flow, data = b
+                node.from_upstream(a, data, flow)
+                touched.add(a)
+            else:
+                node.from_upstream(a, b)
+                touched.add(a)
+        for sid in touched:
+            self.sync(sid)
+
+    def to_upstream(self, e: ToUpstream, target: tuple[str, int]) -> bool:
+        """Open the flow's upstream in the engine, which from then on carries the flow both
+        ways by itself (one socket per flow; 0: plain PAYLOADs). False: not an installed
+        binding (TCP, QUIC), the node's own sockets carry it."""
+        if self.mirror is None:
+            return False
+        self.mirror.sync(e.session_id)
+        try:
+            self.engine.to_upstream(e.session_id, target, e.data, e.flow)
+            return True
+        except (OSError, ValueError) as exc:
+            if e.session_id not in self.mirror.installed:
+                return False
+            log.warning("upstream %s:%s unreachable: %s", e.upstream[0], e.upstream[1], exc)
+            self.node.metrics.count_drop(DropReason.POLICY, wire.TransportKind.UDP)
+            return True
+
+    def close_upstream(self, session_id: bytes) -> None:
+        if self.mirror is not None:
+            self.engine.close_upstream(session_id)
+            self.mirror.sync(session_id)  # the machine dropped the binding: out of the engine
+
+    def pull_active(self) -> None:
+        """Bring what the engine forwarded into the bindings (before reading them)."""
+        if self.mirror is not None:
+            self.mirror.pull_active()
+
+    def answered(self, sid: bytes | None) -> None:
+        """A store answer about ``sid`` (None: about no session) went to the machine."""
+        if self.mirror is None:
+            return
+        if sid is not None:
+            self.mirror.sync(sid)
+        else:
+            self.sync_soon()
+
+    def sync_soon(self) -> None:
+        """Refresh the node's lease and the engine's counters once the answers of this loop
+        iteration are in, not once per answer about no session (the health check, the
+        registry, the sweeper): when a client's registry entry goes stale, each of its
+        reattaches in flight reads it. (A binding the machine changed is refreshed on its
+        own: no answer walks every binding.)"""
+        if not self._sync_all_due:
+            self._sync_all_due = True
+            asyncio.get_running_loop().call_soon(self._sync_due)
+
+    def _sync_due(self) -> None:
+        self._sync_all_due = False
+        self.sync()
+
+    def sync(self, sid: bytes | None = None) -> None:
+        """Refresh the engine: one session's binding and the node's lease; without a session
+        (the timer) the lease and the engine's counters. Never a walk of every binding."""
+        mirror = self.mirror
+        if mirror is None:
+            return
+        mirror.refresh_lease()
+        if sid is not None:
+            mirror.sync(sid)
+            return
+        delta = mirror.counters_delta()
+        node = self.node
+        m = node.metrics
+        m.rx_packets += delta["rx_packets"] - delta["handed_up_datagrams"]  # those: on_message
+        m.rx_bytes += delta["rx_bytes"] - delta["handed_up_bytes"]
+        m.tx_packets += delta["tx_packets"]
+        m.tx_bytes += delta["tx_bytes"]
+        for reason, n in drop_reasons(delta):
+            m.count_drop(reason, wire.TransportKind.UDP, n)
+            if reason in (DropReason.MISSING_PREFIX, DropReason.UNTRUSTED_PREFIX):
+                # the engine counts them; which address sent them is not kept per packet
+                node.log_prefix_drop(reason, wire.TransportKind.UDP, f"({n} seen by the engine)")
+        for why, n in tunnel_drops(delta):
+            node.machine.tunnel_dropped(why, wire.TransportKind.UDP, n)
+        if node.l3 is not None and delta.get("tun_write_errors"):
+            node.l3.counts["tun_write_errors"] += delta["tun_write_errors"]
+        m.engine = mirror.totals
 
 
 class EngineMirror:

@@ -89,7 +89,7 @@ async def test_engine_forwards_refuses_and_hands_up(redis_url: str, compiled: Mo
         other.send(st.payload_packet(b"from elsewhere"))
         await wait_for(lambda: bool(gw.node.bindings[st.session_id].probes), 5, "a path probe")
         inner = await st.next_inner(other, lambda i: i.kind is wire.InnerType.PATH_CHALLENGE)
-        assert gw.node._mirror is not None and not gw.node._mirror.fast(b)
+        assert gw.node.engine_path.mirror is not None and not gw.node.engine_path.mirror.fast(b)
         other.send(st.seal(wire.inner_path_response(inner.payload)))
         await wait_for(lambda: gw.node.bindings[st.session_id].peer.addr == other.local, 5,
                        "the move to the validated address")
@@ -163,7 +163,7 @@ async def test_an_upstream_named_by_host_name_is_carried(redis_url: str, compile
             assert inner.flow == flow
 
         await flow_echo(1, b"before the name is known")  # the asyncio path
-        await wait_for(lambda: "localhost" in gw.node._resolved, 5, "the name resolved")
+        await wait_for(lambda: "localhost" in gw.node.upstreams.resolved, 5, "the name resolved")
         forwarded = engine.counters()["forwarded"]
         await flow_echo(2, b"opened by the machine")  # the engine opens flow 2's socket
         await flow_echo(2, b"carried by the engine")

@@ -68,7 +68,7 @@ async def test_the_engine_carries_a_session_behind_a_balancer(redis_url: str,
         await st.keepalive(relay)
         b = gw.node.bindings[st.session_id]
         assert b.peer.addr == CLIENT and b.peer.via == relay.local
-        assert gw.node._mirror is not None and gw.node._mirror.fast(b)
+        assert gw.node.engine_path.mirror is not None and gw.node.engine_path.mirror.fast(b)
 
         relay.send(st.payload_packet(b"first"))  # opens the upstream socket (the machine)
         assert await _payloads(st, relay, 1) == [b"first"]
@@ -170,8 +170,8 @@ async def test_the_engine_carries_nothing_past_reject_after(redis_url: str,
             await asyncio.sleep(0.2)
         else:
             raise AssertionError("the keys never aged past reject-after")
-        assert gw.node._mirror is not None
-        assert gw.node._mirror.fast(gw.node.bindings[st.session_id])
+        assert gw.node.engine_path.mirror is not None
+        assert gw.node.engine_path.mirror.fast(gw.node.bindings[st.session_id])
         expired = drops(gw, DropReason.KEYS_EXPIRED)
         for i in range(5):
             ep.send(st.payload_packet(b"late %d" % i))

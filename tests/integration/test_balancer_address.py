@@ -146,8 +146,8 @@ async def test_a_trusted_balancer_carries_the_client_address(redis_url: str) -> 
         await st2.connect(conn)
         assert st2.session_id
         assert gw.node.bindings[st2.session_id].peer.addr == ("198.51.100.9", 41000)
-        assert gw.node._per_source.get("198.51.100.9") == 1
-        assert "127.0.0.1" not in gw.node._per_source
+        assert gw.node.tcp.per_source.get("198.51.100.9") == 1
+        assert "127.0.0.1" not in gw.node.tcp.per_source
         # A balancer connection without the header is dropped and closed.
         junk = await tcp_from(gw.tcp, "127.0.0.1", wire.frame(st.keepalive_packet(seq=51)))
         await asyncio.wait_for(junk.eof.wait(), 3.0)

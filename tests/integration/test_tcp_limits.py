@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from gateway.config import load_gateway_config
-from gateway.node import FD_RESERVE, FDS_PER_TCP, TcpLimits, fd_bounded_cap
+from gateway.tcp import FD_RESERVE, FDS_PER_TCP, TcpLimits, fd_bounded_cap
 from session import wire
 from session.reasons import DropReason
 from settings import ConfigError
@@ -132,7 +132,7 @@ async def test_connections_over_the_cap_are_closed_at_once_and_the_node_stays_us
                            "the connections over the cap to be closed")
             assert not any(c.closed for c in held), "a connection within the cap was closed"
             assert drops(gw, DropReason.TCP_LIMIT) == extra
-            assert len(gw.node._conns) == cap
+            assert len(gw.node.tcp.conns) == cap
 
             # The node is still alive and usable while its TCP cap is full.
             assert await healthz(gw.app.admin_port) == 200
@@ -175,11 +175,11 @@ async def test_connections_over_the_per_source_cap_are_closed_and_other_sources_
 
             # A slot given back is usable again by its source.
             held[0].close()
-            await wait_for(lambda: gw.node._per_source.get("127.0.0.1") == per_source - 1, 3.0,
+            await wait_for(lambda: gw.node.tcp.per_source.get("127.0.0.1") == per_source - 1, 3.0,
                            "the closed connection to be forgotten")
             again = await Idle.open(gw.tcp, "127.0.0.1")
             flood.append(again)
-            await wait_for(lambda: gw.node._per_source.get("127.0.0.1") == per_source, 3.0,
+            await wait_for(lambda: gw.node.tcp.per_source.get("127.0.0.1") == per_source, 3.0,
                            "the new connection to be admitted")
             assert not again.closed
             assert drops(gw, DropReason.TCP_LIMIT) == extra
@@ -217,7 +217,7 @@ async def test_first_frame_and_idle_timeouts_close_silent_connections(redis_url:
         # ... and once it falls silent, it is closed after the idle timeout.
         await asyncio.wait_for(ep.eof.wait(), idle + 3.0)
         assert time.monotonic() - last >= idle * 0.95
-        await wait_for(lambda: not gw.node._conns, 3.0, "the node to forget the connections")
+        await wait_for(lambda: not gw.node.tcp.conns, 3.0, "the node to forget the connections")
         assert drops(gw, DropReason.TCP_LIMIT) == 2
     finally:
         echo.close()
@@ -245,7 +245,7 @@ async def test_a_peer_that_never_reads_gets_a_bounded_queue_then_is_aborted(
         st = RawSession(priv, gw.app.keys.public, upstream)
         ep = await tcp_endpoint(gw.tcp, rcvbuf=4096)
         await st.connect(ep)
-        (cid, conn), = gw.node._conns.items()
+        (cid, conn), = gw.node.tcp.conns.items()
         tx = cast(asyncio.Transport, conn.transport)  # the gateway's side of this connection
         assert ep._transport is not None
         ep._transport.pause_reading()  # type: ignore[attr-defined]  # never read again
@@ -256,17 +256,17 @@ async def test_a_peer_that_never_reads_gets_a_bounded_queue_then_is_aborted(
         peak = 0
         deadline = time.monotonic() + 20.0
         sent = 0
-        while cid in gw.node._conns and sent < 40_000:
+        while cid in gw.node.tcp.conns and sent < 40_000:
             assert time.monotonic() < deadline, (
                 f"not aborted after {sent} payloads; write buffer {tx.get_write_buffer_size()}")
             for _ in range(16):
                 ep.send(st.payload_packet(payload))
             sent += 16
             await asyncio.sleep(0.002)
-            if cid in gw.node._conns:
+            if cid in gw.node.tcp.conns:
                 peak = max(peak, tx.get_write_buffer_size())
                 assert peak <= limit, f"write buffer {peak} over {limit}"
-        assert cid not in gw.node._conns, "the connection was not aborted"
+        assert cid not in gw.node.tcp.conns, "the connection was not aborted"
         assert peak >= high * 0.9, f"the test never filled the buffer (peak {peak})"
         assert drops(gw, DropReason.QUEUE_FULL) > 0
         assert drops(gw, DropReason.TCP_LIMIT) == 1
