@@ -29,7 +29,7 @@ from gateway.config import (
     load_private_key,
     load_status_token,
 )
-from gateway.events import EventBus, sinks_from_config
+from gateway.events import EventBus
 from gateway.l3 import L3Config, L3Plane
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings
@@ -40,6 +40,7 @@ from gateway.quic import (
     self_signed,
     server_configuration,
 )
+from gateway.sinks import sinks_from_config
 from gateway.tcp import TcpLimits
 from gateway.tracing import Tracing
 from session import dataplane

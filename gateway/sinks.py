@@ -20,12 +20,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 import aiohttp
 
-from settings import redact_url
+from gateway.config import EventsConfig
+from settings import parse_address, redact_url
 
 log = logging.getLogger("jvpn.events")
 
 if TYPE_CHECKING:
-    from gateway.events import Event
+    from gateway.ecs import Event
 
 
 class SinkBusy(Exception):
@@ -290,3 +291,21 @@ def _syslog_token(text: str, limit: int) -> str:
     """PRINTUSASCII without spaces, as RFC 5424 header fields require; "-" if empty."""
     token = "".join(c if 33 <= ord(c) <= 126 else "_" for c in text)[:limit]
     return token or "-"
+
+
+def sinks_from_config(
+    cfg: EventsConfig, redis_client: Any | None = None, stdout: IO[str] | None = None
+) -> list[Sink]:
+    """Build the sinks an ``EventsConfig`` asks for (redis stream only if a client is given)."""
+    sinks: list[Sink] = []
+    if cfg.stdout:
+        sinks.append(StdoutSink(stdout))
+    if cfg.file:
+        sinks.append(FileSink(cfg.file))
+    if cfg.redis_stream and redis_client is not None:
+        sinks.append(RedisStreamSink(redis_client, cfg.redis_stream_name, cfg.redis_stream_maxlen))
+    if cfg.siem_syslog:
+        sinks.append(SyslogSink(*parse_address(cfg.siem_syslog, peer=True)))
+    if cfg.siem_http:
+        sinks.append(HttpSink(cfg.siem_http, cfg.http_timeout_s))
+    return sinks

@@ -19,7 +19,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.events import EventBus, RedisStreamSink
+from gateway.events import EventBus
+from gateway.sinks import RedisStreamSink
 from jvpn.audit import PAGE, TailOptions, decode_entry, format_line, parse_since, tail
 from jvpn.cli import main
 from store import AUDIT_STREAM

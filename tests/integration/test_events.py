@@ -17,10 +17,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.config import EventsConfig
-from gateway.events import (
-    ECS_VERSION,
-    Event,
-    EventBus,
+from gateway.ecs import ECS_VERSION, Event, to_document
+from gateway.events import EventBus
+from gateway.sinks import (
     FileSink,
     HttpSink,
     MemorySink,
@@ -28,10 +27,9 @@ from gateway.events import (
     Sink,
     StdoutSink,
     SyslogSink,
-    fingerprint,
     sinks_from_config,
-    to_document,
 )
+from session.keys import fingerprint
 from session.reasons import RejectReason
 from session.states import SessionState
 
@@ -149,7 +147,7 @@ async def test_terminated_state_change_is_an_end(memory_bus: tuple[EventBus, Mem
 
 
 def test_json_lines_match_the_stdlib_encoder_and_fall_back_for_what_orjson_refuses() -> None:
-    from gateway.events import encode_json
+    from gateway.ecs import encode_json
 
     doc = {"@timestamp": "2026-12-01T00:00:00.000Z", "event": {"category": ["session"],
            "reason": "caf\u00e9 \"quoted\" \n tab\t"}, "jvpn": {"epoch": 5, "rtt": 0.25,
@@ -466,7 +464,7 @@ def test_history_records_are_the_documents_the_general_path_builds(monkeypatch) 
 
     made_as_lines: list[list[bool]] = []
     short = lines()
-    monkeypatch.setattr(events_module, "_RECORD_ORDER", ())  # the general path only
+    monkeypatch.setattr(events_module, "RECORD_ORDER", ())  # the general path only
     assert short == lines()
     assert made_as_lines == [[True, True, False, False], [False] * 4]
     doc = json.loads(short[0])
@@ -479,9 +477,9 @@ def test_every_event_type_is_one_ecs_expects_for_its_categories() -> None:
     """The ECS reference lists, per event.category, the event.type values expected with it;
     every action's pair (and the start/end a state change may carry) is one of them. Every
     event carries log.level and message; durations are event.duration in nanoseconds."""
-    from gateway.events import _ACTIONS, _DEFAULT_ACTION, ECS_EXPECTED_TYPES
+    from gateway.ecs import ACTIONS, DEFAULT_ACTION, ECS_EXPECTED_TYPES
 
-    for action, (_, categories, types, _) in [*_ACTIONS.items(), ("other", _DEFAULT_ACTION)]:
+    for action, (_, categories, types, _) in [*ACTIONS.items(), ("other", DEFAULT_ACTION)]:
         for category in categories:
             assert set(types) <= ECS_EXPECTED_TYPES[category], (action, category, types)
     bus = EventBus("gw-1", queue_size=100)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from agent.agent import Agent, AgentSettings
 from gateway.app import GatewayApp, Keys
 from gateway.config import load_gateway_config
-from gateway.events import Event
+from gateway.ecs import Event
 from instruments.netsim import UdpEcho
 from session.client import ClientParams
 from session.noise import generate_keypair, public_key
