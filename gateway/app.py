@@ -30,7 +30,8 @@ from gateway.config import (
     load_status_token,
 )
 from gateway.events import EventBus
-from gateway.l3 import L3Config, L3Plane
+from gateway.l3 import L3Plane
+from gateway.l3_net import L3Config
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings
 from gateway.quic import (

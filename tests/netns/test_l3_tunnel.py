@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 
-from gateway.l3 import RelayCodec
 from instruments.netlab import IN_NET, RELAY_PORT, SERVER, SERVER6, VIP, Lab, Proc
 from session.keys import relay_key
+from session.relay import RelayCodec
 
 MAX_GAP_S = 5.0
 RATE = 200_000  # bytes/s of the checked stream
@@ -105,8 +105,9 @@ def replayed_relay_is_dropped(lab: Lab, node: int, inner_v4: str) -> None:
         " except OSError:\n  pass\nprint('{\"received\": %d}' % n)\n")], "relay-rx")
     rx.line()  # bound
     before = lab.metric(node, "jvpn_dropped_total", reason="REPLAYED")
-    codec = RelayCodec(relay_key(lab.kek), lambda: time.time_ns() // 1_000_000)
-    datagram = codec.seal(ipv4_udp(SERVER, inner_v4, 5555, 9999, b"relayed once"))
+    now_ms = time.time_ns() // 1_000_000
+    codec = RelayCodec(relay_key(lab.kek), b"tester-1", now_ms)
+    datagram = codec.seal(ipv4_udp(SERVER, inner_v4, 5555, 9999, b"relayed once"), now_ms)
     code = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
             "d=bytes.fromhex(sys.argv[1])\n"
             f"[s.sendto(d,('{IN_NET}.{node}',{RELAY_PORT})) for _ in range(2)]\n")

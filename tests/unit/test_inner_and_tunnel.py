@@ -188,7 +188,8 @@ def test_an_exhausted_pool_is_an_explicit_refusal() -> None:
 
 
 def test_relayed_packets_are_macd_and_the_nat_ruleset_is_one_atomic_table() -> None:
-    from gateway.l3 import L3Config, nat_ruleset, relay_tag
+    from gateway.l3_net import L3Config, nat_ruleset
+    from session.relay import relay_tag
 
     key = bytes(32)
     pkt = ipv4("192.0.2.9", "10.77.0.2")
@@ -215,12 +216,19 @@ def test_the_inner_mtu_keeps_a_packet_in_one_quic_datagram_frame() -> None:
 
 
 def test_a_replayed_or_stale_relayed_packet_is_dropped_and_counted() -> None:
-    from gateway.l3 import RELAY_MAX_AGE_MS, L3Config, L3Plane, RelayCodec
+    from gateway.l3 import L3Plane
+    from gateway.l3_net import L3Config
     from gateway.metrics import Metrics
+    from session.relay import RELAY_MAX_AGE_MS, RelayCodec
 
     clock = [1_000_000]
     key = bytes(range(32))
-    sender = RelayCodec(key, lambda: clock[0])
+
+    class Sender(RelayCodec):  # another node, whose wall clock is ours
+        def seal(self, packet: bytes, now_ms: int | None = None) -> bytes:
+            return super().seal(packet, clock[0] if now_ms is None else now_ms)
+
+    sender = Sender(key, b"sender-1", clock[0])
     delivered: list[bytes] = []
 
     class Machine:  # the node's machine: what the plane hands a relayed packet to
@@ -262,13 +270,13 @@ def test_a_replayed_or_stale_relayed_packet_is_dropped_and_counted() -> None:
     # a receiver that restarted refuses what was sent before it started
     early = sender.seal(pkt)
     clock[0] += 1
-    fresh = RelayCodec(key, lambda: clock[0])
-    assert fresh.open(early) == (None, "too_old")
-    assert fresh.open(sender.seal(pkt)) == (pkt, "")
+    fresh = RelayCodec(key, b"receiver", clock[0])
+    assert fresh.open(early, clock[0]) == (None, "too_old")
+    assert fresh.open(sender.seal(pkt), clock[0]) == (pkt, None)
 
 
 def test_the_return_address_neighbour_advertisement_is_rfc_4861_shaped() -> None:
-    from gateway.l3 import neighbor_advertisement
+    from gateway.l3_net import neighbor_advertisement
 
     target = ipaddress.IPv6Address("fd99::254").packed
     mac = bytes.fromhex("0200000000aa")
