@@ -34,13 +34,8 @@ from gateway.l3 import L3Plane
 from gateway.l3_net import L3Config
 from gateway.metrics import Metrics
 from gateway.node import GatewayNode, NodeSettings
-from gateway.quic import (
-    QuicLimits,
-    QuicListener,
-    default_server_id,
-    self_signed,
-    server_configuration,
-)
+from gateway.quic import QuicListener
+from gateway.quic_config import QuicLimits, default_server_id, self_signed, server_configuration
 from gateway.sinks import sinks_from_config
 from gateway.tcp import TcpLimits
 from gateway.tracing import Tracing

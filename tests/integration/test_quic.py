@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from gateway.quic import server_id_of
+from gateway.quic_config import server_id_of
 from instruments.netsim import QuicShape, RelayStats, UdpRelay
 from session import wire
 from tests.support.harness import LIVE_STATES, echo_upstream, start_gateway, wait_for

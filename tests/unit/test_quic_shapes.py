@@ -6,7 +6,7 @@ from __future__ import annotations
 from qh3.quic.connection import QuicConnection
 
 from agent.quic import client_configuration
-from gateway.quic import CID_LEN, default_server_id, node_cid, server_id_of
+from gateway.quic_config import CID_LEN, default_server_id, node_cid, server_id_of
 from instruments.netsim import QuicShape
 from session import PROTOCOL_VERSION
 
