@@ -15,10 +15,11 @@ an upstream reply (``GatewayNode.from_upstream``). Python keeps sending its own 
 the same socket.
 
 This module decides nothing: it mirrors the machine's bindings into the engine. A binding
-is *fast* while the machine would forward its payloads without a decision: validated,
-no new address under validation, no REKEY in flight, a live state, a UDP peer, a compiled
-channel (which the engine and the machine then share: one replay window, one send
-counter).
+is *fast* while the machine forwards its payloads without a decision
+(``GatewayMachine.forwards_plainly``: validated, no new address under validation, no
+REKEY in flight, a live state, a UDP peer) and its channel is a compiled one (which the
+engine and the machine then share: one replay window, one send counter). What the engine
+forwarded goes back to the machine as counts (``GatewayMachine.engine_forwarded``).
 
 Behind a balancer the engine reads the client's address from each datagram's prefix as
 ``gateway.balancer`` does (the node tells it its ``trusted_balancers``): a binding's
@@ -29,9 +30,10 @@ and balancer address included, so the adapter reads it exactly as one from the s
 Keys age: a binding is installed with when its secret was made (store ms) and the engine
 is told the node's estimate of the store's clock and the reject-after age. Past it the
 engine carries nothing for the binding, in either direction, and hands its packets up:
-the machine refuses them (KEYS_EXPIRED) as it would on its own path. The lease is the machine's own (``_leased``), held by the
-engine as one value for the node (``set_lease``: the store's last answer plus
-``lease_s``, and since when the node trusts the store) and, per binding, when the store
+the machine refuses them (KEYS_EXPIRED) as it would on its own path. The lease is the
+machine's own (``GatewayMachine.lease``), held by the engine as one value for the node
+(``set_lease``: the store's last answer plus ``lease_s``, and since when the node trusts
+the store) and, per binding, when the store
 last confirmed it: a binding carries data while the lease holds and it was confirmed
 since the node last trusted the store, so the engine stops forwarding on its own when
 the store goes silent (fail closed).
@@ -66,7 +68,6 @@ from session import wire
 from session.binding import Binding
 from session.gateway import GatewayMachine
 from session.reasons import DropReason
-from session.states import LIVE_STATES
 from session.tunnel import SessionRoute, TunnelDrop
 
 if TYPE_CHECKING:
@@ -258,24 +259,15 @@ class EngineMirror:
         self._epochs: dict[bytes, int] = {}  # the epoch whose keys the engine holds, by session
 
     def fast(self, b: Binding) -> bool:
-        """Whether the engine may forward ``b``'s payloads without asking the machine."""
-        p = b.peer
-        # prev_channel: a REKEY in flight, the downlink still under the previous keys
-        return (b.validated and not b.probes and b.prev_channel is None
-                and b.state in LIVE_STATES
-                and p.kind is wire.TransportKind.UDP
-                and type(b.channel) is self.channel_class)
-
-    def lease(self) -> tuple[float, float]:
-        """The node's lease (GatewayMachine._leased): (deadline, trusting the store since)."""
-        h = self.machine.health
-        return (h.ok_at + self.machine.settings.lease_s, h.trust_since)
+        """Whether the engine may forward ``b``'s payloads without asking the machine: the
+        machine says it forwards them plainly, and the engine shares its compiled channel."""
+        return self.machine.forwards_plainly(b) and type(b.channel) is self.channel_class
 
     def refresh_lease(self) -> None:
         """Tell the engine the node's lease and the store's clock (for the keys' age), if
         they moved (one call each for every binding)."""
         m = self.machine
-        lease = (*self.lease(), m.health.offset_ms, m.settings.keys_reject_after_s * 1000)
+        lease = (*m.lease(), m.health.offset_ms, m.settings.keys_reject_after_s * 1000)
         old = self._lease
         if lease != old:
             if old is None or lease[:2] != old[:2]:
@@ -326,18 +318,14 @@ class EngineMirror:
     def pull(self, sid: bytes) -> None:
         """What the engine forwarded for ``sid``, into the machine's binding."""
         stats = self.engine.take_stats(sid)
-        b = self.machine.bindings.get(sid)
-        if stats is None or b is None:
-            return
-        _fold(b, *stats)
+        if stats is not None:
+            self.machine.engine_forwarded(sid, *stats)
 
     def pull_active(self) -> None:
         """What the engine forwarded, for the bindings that had traffic since the last call."""
-        bindings = self.machine.bindings
+        forwarded = self.machine.engine_forwarded
         for sid, rx, tx, last_rx, rx_bytes, tx_bytes in self.engine.take_active():
-            b = bindings.get(sid)
-            if b is not None:
-                _fold(b, rx, tx, last_rx, rx_bytes, tx_bytes)
+            forwarded(sid, rx, tx, last_rx, rx_bytes, tx_bytes)
 
     @property
     def totals(self) -> dict[str, int]:
@@ -378,15 +366,3 @@ def tunnel_drops(delta: dict[str, int]) -> list[tuple[TunnelDrop, int]]:
         if key.startswith("tunnel_drop_") and n:
             out.append((TunnelDrop(int(key[12:])), n))
     return out
-
-
-def _fold(b: Binding, rx: int, tx: int, last_rx: float, rx_bytes: int, tx_bytes: int) -> None:
-    """What the engine forwarded for one binding, added to the machine's copy."""
-    if rx:
-        b.rx_packets += rx
-        b.rx_bytes += rx_bytes
-        b.lost = False
-        if last_rx > b.last_rx:
-            b.last_rx = last_rx
-    b.tx_packets += tx
-    b.tx_bytes += tx_bytes

@@ -66,6 +66,7 @@ from session.noise import dh, public_key
 from session.reasons import DropReason, NoticeKind, RejectReason, TerminateReason
 from session.records import BINDING_ACTION, BindingStatus, RecordPhase, RecordReason
 from session.states import (
+    LIVE_STATES,
     QUALITY_EVENTS,
     TRANSITIONS,
     SessionEvent,
@@ -478,6 +479,35 @@ class GatewayMachine:
         machine's own, so the history shows the data plane held only what the node held."""
         self._record(RecordPhase.ENGINE_INSTALL if installed else RecordPhase.ENGINE_REMOVE,
                      sid, epoch, RecordReason.ENGINE, self.store_ms(now), status=None)
+
+    def forwards_plainly(self, b: Binding) -> bool:
+        """Whether ``b``'s payloads are forwarded without a decision, so that the compiled
+        engine may carry them alone: validated, no new address under validation, no REKEY
+        in flight (the downlink still under the previous keys), a live state, a UDP peer."""
+        return (b.validated and not b.probes and b.prev_channel is None
+                and b.state in LIVE_STATES and b.peer.kind is wire.TransportKind.UDP)
+
+    def lease(self) -> tuple[float, float]:
+        """The node's lease (``_leased``): until when it may forward (our clock), and since
+        when it trusts the store (a binding confirmed before that carries nothing)."""
+        h = self.health
+        return (h.ok_at + self.settings.lease_s, h.trust_since)
+
+    def engine_forwarded(self, sid: bytes, rx: int, tx: int, last_rx: float, rx_bytes: int,
+                         tx_bytes: int) -> None:
+        """What the compiled engine forwarded for one binding since it last said: counted,
+        and a binding it received on was heard (not lost; silence counts from ``last_rx``)."""
+        b = self.bindings.get(sid)
+        if b is None:
+            return
+        if rx:
+            b.rx_packets += rx
+            b.rx_bytes += rx_bytes
+            b.lost = False
+            if last_rx > b.last_rx:
+                b.last_rx = last_rx
+        b.tx_packets += tx
+        b.tx_bytes += tx_bytes
 
     def sessions_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {s.name: 0 for s in SessionState}

@@ -35,7 +35,7 @@ from session.gateway import (
 from session.handshake import ClientHello, Initiator
 from session.noise import generate_keypair
 from session.reasons import DropReason, RejectReason, TerminateReason
-from session.states import LIVE_STATES, SessionState
+from session.states import LIVE_STATES, SessionEvent, SessionState
 from session.storeops import (
     ClientPolicy,
     GetRecordOp,
@@ -1148,3 +1148,80 @@ def test_a_client_cannot_make_the_gateway_rekey_more_than_once_a_second() -> Non
     assert not any(isinstance(op, RekeyOp) for op in net.store.calls[calls:])
     limited = [a for a, _ in gw.metrics.named("count_drop") if a[0] is DropReason.RATE_LIMITED]
     assert len(limited) == 50 and b.rekey is None
+
+
+def test_the_machine_says_which_bindings_forward_plainly() -> None:
+    """The compiled engine carries a binding alone only while the machine would forward
+    its payloads without a decision (GatewayMachine.forwards_plainly)."""
+    net = Net(seed=41)
+    c, [gw] = setup(net)
+    pump(net, c, 0.5)
+    b = gw.machine.bindings[c.machine.session_id]
+    assert b.validated and gw.machine.forwards_plainly(b)
+    peer = b.peer
+    b.peer = Peer(wire.TransportKind.TCP, peer.addr, 1)
+    assert not gw.machine.forwards_plainly(b), "only a UDP peer"
+    b.peer = peer
+    # a new address under validation: the machine decides where the downlink goes
+    b.probes = {Peer(wire.TransportKind.UDP, OTHER): None}  # type: ignore[dict-item]
+    assert not gw.machine.forwards_plainly(b)
+    b.probes = None
+    b.validated = False
+    assert not gw.machine.forwards_plainly(b)
+    b.validated = True
+    assert gw.machine.forwards_plainly(b)
+    b.sm.apply(SessionEvent.TRANSPORT_LOST)
+    assert b.state not in LIVE_STATES and not gw.machine.forwards_plainly(b), "a live state"
+
+
+def test_the_lease_the_engine_holds_is_the_one_the_machine_forwards_under() -> None:
+    """GatewayMachine.lease(): until when the node may forward and since when it trusts
+    the store; the machine's own forwarding check (_leased) agrees with it at every step,
+    through a store outage and back."""
+    net = Net(seed=43)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    pump(net, c, 1.0)
+    for t, up in ((1.5, True), (4.0, False), (5.0, False), (6.5, True), (7.5, True)):
+        net.store.up = up
+        net.run(t)
+        b = gw.machine.bindings.get(sid)
+        if b is None:
+            continue
+        until, since = gw.machine.lease()
+        assert until == gw.machine.health.ok_at + gw.machine.settings.lease_s
+        for now in (net.now, until - 1e-6, until):
+            expect = now < until and b.confirmed_at >= since
+            assert gw.machine._leased(b, now) == expect, (t, now)
+        if t == 5.0:  # the store away for longer than lease_s: the lease lapsed
+            assert until <= net.now and not gw.machine._leased(b, net.now)
+        if t == 7.5:
+            assert gw.machine._leased(b, net.now), "confirmed again once the store is back"
+
+
+def test_traffic_the_engine_forwarded_keeps_a_binding_from_being_reported_lost() -> None:
+    """The engine forwards a binding's packets without the machine: what it reports
+    (GatewayMachine.engine_forwarded) counts, and a binding it received on is heard, so
+    the silence timer reports no TRANSPORT_LOST; once it reports nothing, it does."""
+    net = Net(seed=47)
+    c, [gw] = setup(net)
+    sid = c.machine.session_id
+    net.run(1.0)
+    c.paths[1].up = False  # the machine hears nothing more itself
+    b = gw.machine.bindings[sid]
+    rx0, tx0 = b.rx_packets, b.tx_packets
+    t = net.now
+    while t < 2.5:
+        t += 0.1
+        net.run(t)
+        gw.machine.engine_forwarded(sid, 5, 4, net.now, 500, 400)
+    assert b.rx_packets == rx0 + 5 * 15 and b.tx_packets == tx0 + 4 * 15
+    assert not b.lost and b.last_rx == net.now
+    assert not [op for op in net.store.calls if isinstance(op, TransitionOp)]
+    gw.machine.engine_forwarded(sid, 0, 1, 0.0, 0, 100)  # sent only: nothing heard
+    gw.machine.engine_forwarded(sid, 1, 0, 0.5, 10, 0)  # an older time never moves it back
+    assert b.last_rx == net.now
+    gw.machine.engine_forwarded(b"\x00" * 16, 1, 1, net.now, 1, 1)  # no such binding: ignored
+    net.run(4.0)
+    losts = [op for op in net.store.calls if isinstance(op, TransitionOp)]
+    assert [op.event.name for op in losts] == ["TRANSPORT_LOST"]
