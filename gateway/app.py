@@ -172,6 +172,7 @@ class GatewayApp:
             keys_reject_after_s=cfg.keys_reject_after_s,
             inner_pool=(InnerPool.parse(cfg.inner_pool_v4, cfg.inner_pool_v6)
                         if cfg.inner_pool_v4 else None),
+            relay_not_local=cfg.egress == "routed" and bool(cfg.relay_listen),
         )
         if self.tracing is None:
             self.tracing = Tracing.from_env(cfg.node_id)

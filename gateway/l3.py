@@ -11,7 +11,8 @@ Egress, per node (docs/L3.md says what each guarantees):
 
 - ``nat``: an nftables masquerade for the pools out of every interface but the TUN,
   loaded as one ruleset (``nft -f``, atomic) and removed at stop. Return traffic comes
-  back to the node that sent it; a packet for a session bound elsewhere is dropped.
+  back to the node that sent it; a packet for a session bound elsewhere is dropped (by
+  the machine: the node relays nothing, ``GatewaySettings.relay_not_local`` is off).
 - ``routed``: the pools are routed, once, to the cluster's return addresses (``vip``,
   and ``vip6`` for the IPv6 pool). One node at a time holds them, by a lease in the
   store (``store/lua/lead.lua``): the holder puts them on its TUN (so they vanish if
@@ -53,7 +54,6 @@ from gateway.l3_net import (
 from netdev.netconf import NetConfig
 from netdev.tun import TunDevice
 from session.gateway import NotLocal, ToTun
-from session.reasons import DropReason
 from session.relay import OwnerCache, RelayCodec, relay_address, relay_holder
 from session.wire import TransportKind
 
@@ -215,10 +215,10 @@ class L3Plane:
             self.counts["tun_write_errors"] += 1
 
     def not_local(self, e: NotLocal) -> None:
-        """A packet for a session bound on another node: relay it there (routed), or drop."""
-        if self._relay is None:
+        """A packet for a session bound on another node: relay it there (the machine asks
+        only when this node relays, ``GatewaySettings.relay_not_local``)."""
+        if self._relay is None:  # closed at stop
             self.counts["not_local_dropped"] += 1
-            self.node.metrics.count_drop(DropReason.POLICY, TransportKind.UDP)
             return
         known, addr = self.owners.lookup(e.pool_index, self.clock())
         if known:

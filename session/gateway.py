@@ -166,6 +166,9 @@ class GatewaySettings:
     lease_s: float = 3.0  # forward only while the store answered within this
     keys_reject_after_s: float = 180.0  # no data under a session secret older than this
     inner_pool: InnerPool | None = None  # L3 sessions: the cluster's inner-address pools
+    # L3: a packet for a session bound on another node is relayed there (NotLocal: routed
+    # egress with a relay socket) or, when the node relays nothing (NAT egress), dropped
+    relay_not_local: bool = True
 
 
 
@@ -218,7 +221,8 @@ class ToTun:
 @dataclass(slots=True)
 class NotLocal:
     """A packet from the TUN for inner address ``pool_index`` whose session is not bound
-    here: routed mode relays it to the node that holds the binding now, NAT mode drops it."""
+    here, to relay to the node that holds the binding now (only when the node relays:
+    ``GatewaySettings.relay_not_local``; else the machine drops it, NO_ROUTE)."""
 
     pool_index: int
     data: bytes
@@ -937,7 +941,7 @@ class GatewayMachine:
         b = self.bindings.get(sid) if sid is not None else None
         if b is None or b.secrets.route is None or dst is None or not b.secrets.route.owns(dst):
             index = tunnel.pool_index(dst) if dst is not None else None
-            if index is not None and not relayed:
+            if index is not None and not relayed and self.settings.relay_not_local:
                 self._out.append(NotLocal(index, packet))
                 return
             return self._tunnel_drop(why or TunnelDrop.NO_ROUTE, wire.TransportKind.UDP)

@@ -171,6 +171,27 @@ def test_an_l3_session_carries_checked_ip_packets_both_ways() -> None:
     assert net.store.addresses == {sid: 0}
 
 
+def test_a_node_that_relays_nothing_drops_packets_for_sessions_bound_elsewhere() -> None:
+    """NAT egress (relay_not_local off): a packet from the TUN for another node's session
+    is the machine's drop (NO_ROUTE, counted POLICY), not a NotLocal for the adapter."""
+    from dataclasses import replace
+
+    net = Net(seed=4)
+    net.echo = False
+    c, gw, _ = _l3_session(net)
+    elsewhere = ipv4("192.0.2.9", "10.77.0.7")  # pool index 5: no session of this node's
+    gw.machine.tun_received(elsewhere, net.now)
+    gw.flush()
+    assert gw.not_local == [(5, elsewhere)]  # a node that relays: the adapter relays it
+    gw.machine.settings = replace(gw.machine.settings, relay_not_local=False)
+    gw.machine.tun_received(elsewhere, net.now)
+    gw.flush()
+    assert gw.not_local == [(5, elsewhere)], "a node that relays nothing asked to relay"
+    assert gw.machine.tunnel_drops[TunnelDrop.NO_ROUTE] == 1
+    assert (DropReason.POLICY, wire.TransportKind.UDP) in [
+        a[:2] for a, _ in gw.metrics.named("count_drop")]
+
+
 def test_an_exhausted_pool_is_an_explicit_refusal() -> None:
     net = Net(seed=4)
     net.store.addresses = {i.to_bytes(16, "big"): i for i in range(POOL.size)}
