@@ -48,6 +48,7 @@ FD_RESERVE = 64  # descriptors kept back from TCP: listeners, store, admin, logs
 FDS_PER_TCP = 2  # a TCP session's connection and its upstream socket
 LIMIT_LOG_INTERVAL_S = 5.0  # TCP limit reports at most this often (with the counts)
 
+
 @dataclass(frozen=True, slots=True)
 class TcpLimits:
     """What one TCP peer may hold (gateway config ``tcp_*``)."""
