@@ -148,7 +148,10 @@ class Agent:
         """Open the local port (if any) and start the handshake."""
         self._loop = asyncio.get_running_loop()
         if self.l3 is not None:
-            await asyncio.to_thread(self.l3.open)  # netlink: pyroute2 runs its own loop
+            # netlink: pyroute2 runs its own loop; offloads only for the engine
+            offload = self.settings.engine and self.l3.settings.offload
+            await asyncio.to_thread(self.l3.open, offload)
+            self._log(f"L3: TUN offloads {self.l3.offloads_said(self.settings.engine)}")
             if self.settings.engine:
                 assert self.l3.tun is not None
                 self._start_engine(self._loop, tun=self.l3.tun.fd)  # it reads the TUN

@@ -59,7 +59,8 @@ def settings_from_config(cfg: AgentConfig, name: str = "agent") -> AgentSettings
         transports=list(cfg.transports), params=params, name=name,
         l3=L3Settings(cfg.tun_name, cfg.path_mtu,
                       FullTunnel(cfg.full_tunnel_table, cfg.full_tunnel_table,
-                                 cfg.full_tunnel_priority)) if cfg.mode == "l3" else None,
+                                 cfg.full_tunnel_priority), cfg.tun_offload)
+        if cfg.mode == "l3" else None,
         engine=_engine_wanted(cfg),
         records_file=cfg.records_file or None,
     )

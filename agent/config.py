@@ -81,6 +81,10 @@ class AgentConfig:
         "session's inner addresses and routes (needs CAP_NET_ADMIN)",
     )
     tun_name: str = setting("jvpn0", help="L3: the TUN interface's name")
+    tun_offload: bool = setting(
+        True, help="L3 with the compiled engine: the TUN hands over and takes TCP "
+        "super-packets (IFF_VNET_HDR, TSO/GRO; the engine cuts and merges them); said at start",
+    )
     path_mtu: int = setting(
         1500, min=1400, max=9000,
         help="L3: the outer path's MTU; the TUN's MTU is derived from it and the transports",

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from netdev.netconf import FullTunnel, NetConfig, clean_stale
-from netdev.tun import TunDevice
+from netdev.tun import TunDevice, describe_offloads
 from session.inner import InnerAddresses, inner_mtu, parse_prefixes
 from session.wire import TransportKind
 
@@ -37,6 +37,7 @@ class L3Settings:
     tun_name: str = "jvpn0"
     path_mtu: int = 1500  # the outer path's MTU the inner MTU is derived from
     full_tunnel: FullTunnel = field(default_factory=FullTunnel)
+    offload: bool = True  # TUN offloads, when the compiled engine reads the TUN
 
 
 class L3Interface:
@@ -56,15 +57,23 @@ class L3Interface:
         """The firewall mark the transports' sockets carry (full tunnel: outside it)."""
         return self.settings.full_tunnel.mark
 
-    def open(self) -> None:
+    def open(self, offload: bool = False) -> None:
         """Remove stale state, create the interface (up, fixed MTU). Blocking (netlink): run
         it in a thread."""
         self._net = NetConfig()
         stale = clean_stale(self._net.ipr, self.settings.full_tunnel, self.settings.tun_name)
         for item in stale:
             log.warning("removed stale %s left by an earlier run", item)
-        self.tun = TunDevice(self.settings.tun_name)
+        self.tun = TunDevice(self.settings.tun_name, offload=offload)
         self._net.link_up(self.tun.name, self.mtu)
+
+    def offloads_said(self, engine: bool) -> str:
+        """What the start log line says about the TUN's offloads."""
+        if self.tun is not None and self.tun.offloads:
+            return f"on ({describe_offloads(self.tun.offloads)})"
+        if not engine:
+            return "off (the Python data plane reads plain packets)"
+        return "off (tun_offload = false)" if not self.settings.offload else "off (the kernel took none)"
 
     def attach(self, loop: asyncio.AbstractEventLoop, on_packet: Callable[[bytes], object]) -> None:
         """Start handing each packet applications send into the interface to ``on_packet``."""

@@ -196,7 +196,8 @@ class GatewayApp:
         await self.node.start(udp, tcp, quic)
         if settings.inner_pool is not None and cfg.tun_name:
             l3 = L3Config(
-                tun_name=cfg.tun_name, mtu=cfg.tun_mtu, pool=settings.inner_pool,
+                tun_name=cfg.tun_name, mtu=cfg.tun_mtu, offload=cfg.tun_offload,
+                pool=settings.inner_pool,
                 egress=cfg.egress, egress_interface=cfg.egress_interface,
                 relay_listen=parse_address(cfg.relay_listen) if cfg.relay_listen else None,
                 relay_advertise=cfg.relay_advertise, vip=cfg.routed_vip, vip6=cfg.routed_vip6,

@@ -169,6 +169,10 @@ class GatewayConfig:
         "(sessions get their addresses, their packets are dropped and counted)",
     )
     tun_mtu: int = setting(1420, min=1280, max=9000, help="L3: the node TUN's MTU")
+    tun_offload: bool = setting(
+        True, help="L3 with the compiled engine: the TUN hands over and takes TCP "
+        "super-packets (IFF_VNET_HDR, TSO/GRO; the engine cuts and merges them); said at start",
+    )
     egress: str = setting(
         "nat", choices=("nat", "routed"),
         help="L3 egress: nat (nftables masquerade out of this node) or routed (the pools are "

@@ -52,7 +52,7 @@ from gateway.l3_net import (
     sysctl,
 )
 from netdev.netconf import NetConfig
-from netdev.tun import TunDevice
+from netdev.tun import TunDevice, describe_offloads
 from session.gateway import NotLocal, ToTun
 from session.relay import OwnerCache, RelayCodec, relay_address, relay_holder
 from session.wire import TransportKind
@@ -65,6 +65,15 @@ log = logging.getLogger("jvpn.gateway.l3")
 PENDING_PER_INDEX = 32  # packets held while the owner is looked up
 PENDING_INDEXES = 1024
 GARP_REPEAT = 3
+
+
+def _offloads(tun: TunDevice, engine: bool, wanted: bool) -> str:
+    """What the start log line says about the TUN's offloads."""
+    if tun.offloads:
+        return f"on ({describe_offloads(tun.offloads)})"
+    if not engine:
+        return "off (the Python data plane reads plain packets)"
+    return "off (tun_offload = false)" if not wanted else "off (the kernel took none)"
 
 
 class _RelayProtocol(asyncio.DatagramProtocol):
@@ -133,13 +142,14 @@ class L3Plane:
             self._engine_tun = True
         else:
             self.tun.attach(loop, self.from_tun)
-        log.info("L3: %s mtu %d, gateway %s, egress %s, TUN read by %s", self.tun.name, cfg.mtu,
-                 cfg.pool.gateway.text(), cfg.egress,
-                 "the compiled engine" if engine is not None else "asyncio")
+        log.info("L3: %s mtu %d, gateway %s, egress %s, TUN read by %s, TUN offloads %s",
+                 self.tun.name, cfg.mtu, cfg.pool.gateway.text(), cfg.egress,
+                 "the compiled engine" if engine is not None else "asyncio", _offloads(
+                     self.tun, engine is not None, cfg.offload))
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.tun = TunDevice(cfg.tun_name)
+        self.tun = TunDevice(cfg.tun_name, offload=cfg.offload and self.node.engine is not None)
         self._net = NetConfig()
         idx = self._net.link_up(self.tun.name, cfg.mtu)
         gw = cfg.pool.gateway

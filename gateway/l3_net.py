@@ -34,6 +34,7 @@ class L3Config:
     tun_name: str
     mtu: int
     pool: InnerPool
+    offload: bool = True  # TUN offloads when the compiled engine drives the TUN
     egress: str = "nat"  # "nat" | "routed"
     egress_interface: str = ""
     relay_listen: tuple[str, int] | None = None

@@ -232,6 +232,7 @@ class _HotPathCollector(Collector):
             CounterMetricFamily("jvpn_events_dropped", ""),
             CounterMetricFamily("jvpn_engine_packets", "", labels=["path"]),
             CounterMetricFamily("jvpn_engine_syscalls", "", labels=["call"]),
+            CounterMetricFamily("jvpn_engine_tun_offload", "", labels=["what"]),
             GaugeMetricFamily("jvpn_sessions", "", labels=["state"]),
             CounterMetricFamily("jvpn_transport_switch", "", labels=["from", "to", "reason"]),
             CounterMetricFamily("jvpn_state_change", "", labels=["from", "to"]),
@@ -278,6 +279,15 @@ class _HotPathCollector(Collector):
                               ("tun_write", "tun_writes")):
                 calls.add_metric([call], e.get(key, 0))
             yield calls
+            tun = CounterMetricFamily(
+                "jvpn_engine_tun_offload", "The compiled engine's TUN: packets written (in "
+                "tun_write calls), TCP super-packets read and the segments cut from them, "
+                "super-packets written, reads refused (an offloading TUN)", labels=["what"])
+            for what, key in (("packets_out", "tun_packets_out"), ("gso_reads", "tun_gso_reads"),
+                              ("segments", "tun_segments"), ("gso_writes", "tun_gso_writes"),
+                              ("malformed_reads", "tun_offload_drops")):
+                tun.add_metric([what], e.get(key, 0))
+            yield tun
         sessions = GaugeMetricFamily(
             "jvpn_sessions", "Sessions bound here, by state", labels=["state"]
         )

@@ -2,7 +2,8 @@
 
 Arguments: one JSON object (AgentSettings fields; keys hex). The data plane is
 ``data_plane`` in it, else ``JVPN_AGENT_DATA_PLANE`` / ``JVPN_DATA_PLANE``, else auto; on the
-compiled one the compiled engine carries the TUN (``engine``: false turns it off). Commands on stdin, one per
+compiled one the compiled engine carries the TUN (``engine``: false turns it off), with TUN
+offloads unless ``tun_offload`` (or ``JVPN_AGENT_TUN_OFFLOAD``) is false. Commands on stdin, one per
 line, each answered by one JSON line: ``status``, ``jump udp|tcp [host:port]``, ``stop``.
 """
 
@@ -39,7 +40,9 @@ def _settings(raw: dict) -> AgentSettings:  # type: ignore[type-arg]
         tcp_gateways=[addr(a) for a in raw["gateways"]], upstream="", local_udp=None,
         quic_gateways=[addr(a) for a in raw.get("quic_gateways", [])],
         transports=raw.get("transports", ["udp", "tcp"]), params=params, name="l3agent",
-        l3=L3Settings(tun_name=raw.get("tun", "jvpn0")),
+        l3=L3Settings(tun_name=raw.get("tun", "jvpn0"), offload=raw.get(
+            "tun_offload", os.environ.get("JVPN_AGENT_TUN_OFFLOAD", "true").lower()
+            not in ("0", "false", "no", "off"))),
         engine=raw.get("engine", True) and dataplane.active() is dataplane.DataPlane.COMPILED
         and udp_engine.available())
 

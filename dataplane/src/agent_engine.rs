@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 
 use crate::batch::{RecvBatch, SendBatch, BATCH};
 use crate::channel::Channel;
-use crate::engine::{close, cvt, epoll_add, monotonic, Counters, TunBatch, MAX_PAYLOAD_SIZE};
+use crate::engine::{close, cvt, epoll_add, monotonic, tun_has_vnet_hdr, Counters, TunBatch, TunWriter, MAX_PAYLOAD_SIZE};
 use crate::reasons::DropReason;
 use crate::wire::{self, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, MAX_FLOWS, TYPE_DATA};
 
@@ -96,6 +96,7 @@ pub struct ClientShared {
     pub counters: Counters,
     local: RawFd,
     tun: bool, // local is the agent's TUN (L3), not a UDP socket
+    vnet: bool, // the TUN carries a virtio-net header (offloads)
     epoll: RawFd,
     notify: RawFd,
     wake: RawFd,
@@ -144,6 +145,7 @@ impl ClientEngine {
             counters: Counters::default(),
             local,
             tun,
+            vnet: tun && tun_has_vnet_hdr(local),
             epoll,
             notify,
             wake,
@@ -305,6 +307,7 @@ impl ClientShared {
         let mut out = SendBatch::new();
         let mut pending = Vec::with_capacity(64);
         let mut tun_rx = TunBatch::new();
+        let mut tun_tx = TunWriter::new();
         while !self.stop.load(Ordering::SeqCst) {
             // SAFETY: events has room for its length; epoll is ours; 200 ms bound.
             let n = unsafe { libc::epoll_wait(self.epoll, events.as_mut_ptr(), events.len() as libc::c_int, 200) };
@@ -317,7 +320,7 @@ impl ClientShared {
                     WAKE_TOKEN => {}
                     LOCAL_TOKEN if self.tun => self.read_tun(&mut tun_rx, &mut out, &mut pending),
                     LOCAL_TOKEN => self.read_local(&mut rx, &mut out, &mut pending),
-                    fd => self.read_path(fd as RawFd, &mut rx, &mut out, &mut pending),
+                    fd => self.read_path(fd as RawFd, &mut rx, &mut out, &mut tun_tx, &mut pending),
                 }
                 self.publish(&mut pending);
             }
@@ -336,22 +339,11 @@ impl ClientShared {
         c.upstream_tx_drops.fetch_add(dropped as u64, Ordering::Relaxed);
     }
 
-    fn write_tun(&self, packet: &[u8]) {
-        let c = &self.counters;
-        // SAFETY: packet is a valid slice; local is the engine's open TUN descriptor.
-        let n = unsafe { libc::write(self.local, packet.as_ptr().cast(), packet.len()) };
-        if n < 0 {
-            c.tun_write_errors.fetch_add(1, Ordering::Relaxed);
-        } else {
-            c.tun_writes.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// From the TUN (L3): each IP packet sealed and sent on the current path, or handed up.
     fn read_tun(&self, rx: &mut TunBatch, out: &mut SendBatch, pending: &mut Vec<ClientHandUp>) {
         let c = &self.counters;
         for _ in 0..ROUNDS_PER_WAKE {
-            let n = rx.read(self.local, c);
+            let n = rx.read(self.local, self.vnet, c);
             if n == 0 {
                 return;
             }
@@ -391,7 +383,7 @@ impl ClientShared {
             }
             drop(guard);
             self.flush(out, fd);
-            if n < rx.capacity() {
+            if rx.drained() {
                 return;
             }
         }
@@ -461,7 +453,14 @@ impl ClientShared {
     }
 
     /// From a gateway: the current path's payloads to the application, the rest up.
-    fn read_path(&self, fd: RawFd, rx: &mut RecvBatch, out: &mut SendBatch, pending: &mut Vec<ClientHandUp>) {
+    fn read_path(
+        &self,
+        fd: RawFd,
+        rx: &mut RecvBatch,
+        out: &mut SendBatch,
+        tw: &mut TunWriter,
+        pending: &mut Vec<ClientHandUp>,
+    ) {
         let c = &self.counters;
         for _ in 0..ROUNDS_PER_WAKE {
             let n = match rx.recv(fd) {
@@ -517,7 +516,7 @@ impl ClientShared {
                                     slot.copy_within(at..len, 0);
                                     out.push(len - at, Some(&source));
                                 }
-                                Some((at, None)) => self.write_tun(&slot[at..len]),
+                                Some((at, None)) => tw.push(&slot[at..len]),
                                 None => unreachable!("checked by the guard"),
                             }
                             c.returned.fetch_add(1, Ordering::Relaxed);
@@ -536,6 +535,9 @@ impl ClientShared {
                 s.heard = heard;
             }
             drop(guard);
+            if self.tun {
+                tw.flush(self.local, self.vnet, c); // a batch's segments of one flow: merged
+            }
             self.flush(out, self.local);
             if n < BATCH {
                 return;

@@ -40,6 +40,7 @@ use std::thread::JoinHandle;
 use crate::balancer::{self, Trusted};
 use crate::batch::{to_sockaddr, RecvBatch, SendBatch, BATCH, SLOT};
 use crate::channel::Channel;
+use crate::offload::{self, Packets, VNET_HDR_LEN};
 use crate::reasons::DropReason;
 use crate::route::{Downlink, Owners, Route, TunnelDrop};
 use crate::wire::{self, SessionId, AEAD_TAG_LEN, DATA_PREFIX_LEN, INNER_PAYLOAD, MAX_FLOWS, TYPE_DATA};
@@ -135,6 +136,13 @@ pub struct Counters {
     pub tun_reads: AtomicU64,
     pub tun_writes: AtomicU64,
     pub tun_write_errors: AtomicU64,
+    /// Offloading TUN: packets written (`tun_writes` counts the write calls), super-packets
+    /// read and the segments cut from them, super-packets written, reads refused.
+    pub tun_packets_out: AtomicU64,
+    pub tun_gso_reads: AtomicU64,
+    pub tun_segments: AtomicU64,
+    pub tun_gso_writes: AtomicU64,
+    pub tun_offload_drops: AtomicU64,
     pub drops: [AtomicU64; 32],
     /// L3 refusals, by `TunnelDrop` value.
     pub tunnel_drops: [AtomicU64; 8],
@@ -167,6 +175,7 @@ pub struct Shared {
     notify: RawFd, // eventfd: the adapter's readiness for the queue
     wake: RawFd,   // eventfd: stop
     tun: Mutex<RawFd>, // the node's TUN (L3), a duplicate; -1 without
+    tun_vnet: AtomicBool, // it carries a virtio-net header (offloads); set under `tun`'s lock
     // The node's lease, one value for every binding (f64 bits): until when the node may
     // forward, and since when it trusts the store again. Fail closed until first set.
     lease_until: AtomicU64,
@@ -265,51 +274,160 @@ impl Upstreams {
     }
 }
 
-/// Where an L3 uplink packet goes: the TUN, through a scratch buffer for the plaintext.
-struct L3Out {
+/// Where an L3 uplink packet goes: the TUN (written when the batch is done), through a
+/// scratch buffer for the plaintext.
+struct L3Out<'a> {
     tun: RawFd,
     buf: [u8; SLOT],
+    w: &'a mut TunWriter,
 }
 
-/// Packets read from a TUN, one `read` each (a TUN without offloads gives one per call).
+/// `TUNGETIFF`, and the flag of a TUN opened with a virtio-net header before each packet.
+const TUNGETIFF: libc::c_ulong = 0x800454d2;
+const IFF_VNET_HDR: u16 = 0x4000;
+
+/// Whether the TUN `fd` was opened with `IFF_VNET_HDR` (its reads and writes then carry a
+/// virtio-net header: `offload`). Asked of the descriptor, so the engine never guesses.
+pub(crate) fn tun_has_vnet_hdr(fd: RawFd) -> bool {
+    let mut ifr = [0u8; 40]; // struct ifreq: the name, then the flags (a short)
+    // SAFETY: TUNGETIFF writes a struct ifreq (40 bytes) into the buffer we own.
+    let r = unsafe { libc::ioctl(fd, TUNGETIFF, ifr.as_mut_ptr()) };
+    r == 0 && u16::from_ne_bytes([ifr[16], ifr[17]]) & IFF_VNET_HDR != 0
+}
+
+/// Packets read from a TUN, one `read` each: a plain TUN gives one IP packet per call; an
+/// offloading one (`IFF_VNET_HDR`) a header and up to 64 KiB, cut into packets here
+/// (`offload::split`). A read the header does not describe is dropped and counted
+/// (MALFORMED, and `tun_offload_drops`).
 pub(crate) struct TunBatch {
-    bufs: Vec<[u8; SLOT]>,
-    lens: Vec<usize>,
+    pkts: Packets,
+    raw: Vec<u8>,
+    drained: bool,
 }
 
 impl TunBatch {
     pub(crate) fn new() -> Self {
-        TunBatch { bufs: vec![[0u8; SLOT]; BATCH], lens: vec![0; BATCH] }
+        TunBatch { pkts: Packets::new(), raw: vec![0u8; VNET_HDR_LEN + 65_536 + 64], drained: false }
     }
 
-    pub(crate) fn capacity(&self) -> usize {
-        BATCH
+    /// Whether the last `read` emptied the TUN.
+    pub(crate) fn drained(&self) -> bool {
+        self.drained
     }
 
     /// Read up to a batch of packets without blocking; how many arrived. A packet larger
     /// than a slot is truncated by the kernel and dropped as OVERSIZED.
-    pub(crate) fn read(&mut self, fd: RawFd, c: &Counters) -> usize {
-        let mut n = 0;
-        while n < BATCH {
-            // SAFETY: the buffer is ours and SLOT bytes long; fd is an open TUN descriptor.
-            let r = unsafe { libc::read(fd, self.bufs[n].as_mut_ptr().cast(), SLOT) };
+    pub(crate) fn read(&mut self, fd: RawFd, vnet: bool, c: &Counters) -> usize {
+        self.pkts.clear();
+        self.drained = false;
+        for _ in 0..BATCH {
+            if self.pkts.len() >= BATCH {
+                break;
+            }
+            if vnet {
+                // SAFETY: the buffer is ours and as long as said; fd is an open TUN descriptor.
+                let r = unsafe { libc::read(fd, self.raw.as_mut_ptr().cast(), self.raw.len()) };
+                c.tun_reads.fetch_add(1, Ordering::Relaxed);
+                if r < 0 {
+                    self.drained = true; // EAGAIN (or an error: the next wake-up tries again)
+                    break;
+                }
+                match offload::split(&self.raw[..r as usize], &mut self.pkts) {
+                    Ok(1) => {}
+                    Ok(k) => {
+                        c.tun_gso_reads.fetch_add(1, Ordering::Relaxed);
+                        c.tun_segments.fetch_add(k as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        c.tun_offload_drops.fetch_add(1, Ordering::Relaxed);
+                        c.drop(DropReason::Malformed);
+                    }
+                }
+                continue;
+            }
+            let at = self.pkts.begin(SLOT);
+            // SAFETY: the span from `at` is ours and SLOT bytes long; fd is an open TUN.
+            let r = unsafe { libc::read(fd, self.pkts.buf[at..].as_mut_ptr().cast(), SLOT) };
             c.tun_reads.fetch_add(1, Ordering::Relaxed);
             if r < 0 {
-                break; // EAGAIN: drained (or an error: the next wake-up tries again)
+                self.pkts.abandon(at);
+                self.drained = true;
+                break;
             }
             let r = r as usize;
             if r >= SLOT {
+                self.pkts.abandon(at);
                 c.drop(DropReason::Oversized);
                 continue;
             }
-            self.lens[n] = r;
-            n += 1;
+            self.pkts.commit(at, r);
         }
-        n
+        self.pkts.len()
     }
 
     pub(crate) fn get(&self, i: usize) -> &[u8] {
-        &self.bufs[i][..self.lens[i]]
+        self.pkts.get(i)
+    }
+}
+
+/// IP packets opened from one received batch, written to the TUN when the batch is done:
+/// on an offloading TUN, runs of one TCP flow merged into super-packets (`offload::plan`),
+/// the rest one write each behind an all-zero header; on a plain TUN one write each.
+/// `tun_writes` counts write calls, `tun_packets_out` the packets they carried.
+pub(crate) struct TunWriter {
+    pkts: Packets,
+    plan: Vec<offload::Write>,
+    merged: Vec<u8>,
+}
+
+impl TunWriter {
+    pub(crate) fn new() -> Self {
+        TunWriter { pkts: Packets::new(), plan: Vec::with_capacity(BATCH), merged: Vec::with_capacity(1 << 17) }
+    }
+
+    pub(crate) fn push(&mut self, packet: &[u8]) {
+        self.pkts.push(packet);
+    }
+
+    fn write_one(fd: RawFd, b: &[u8], packets: u64, c: &Counters) {
+        // SAFETY: b is a valid slice; fd is an open TUN descriptor the caller keeps open.
+        let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+        if n < 0 {
+            c.tun_write_errors.fetch_add(packets, Ordering::Relaxed);
+        } else {
+            c.tun_writes.fetch_add(1, Ordering::Relaxed);
+            c.tun_packets_out.fetch_add(packets, Ordering::Relaxed);
+        }
+    }
+
+    /// Write everything pushed to `fd` (none if `fd` < 0: then they are forgotten).
+    pub(crate) fn flush(&mut self, fd: RawFd, vnet: bool, c: &Counters) {
+        if self.pkts.is_empty() || fd < 0 {
+            self.pkts.clear();
+            return;
+        }
+        if !vnet {
+            for i in 0..self.pkts.len() {
+                Self::write_one(fd, self.pkts.get(i), 1, c);
+            }
+        } else {
+            offload::plan(&self.pkts, &mut self.plan);
+            for w in &self.plan {
+                match *w {
+                    offload::Write::Alone(i) => {
+                        let b = self.pkts.with_room(i);
+                        b[..VNET_HDR_LEN].fill(0);
+                        Self::write_one(fd, b, 1, c);
+                    }
+                    offload::Write::Merged(i, k) => {
+                        offload::merge(&self.pkts, i, k, &mut self.merged);
+                        Self::write_one(fd, &self.merged, k as u64, c);
+                        c.tun_gso_writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        self.pkts.clear();
     }
 }
 
@@ -349,6 +467,7 @@ impl Engine {
             notify,
             wake,
             tun: Mutex::new(-1),
+            tun_vnet: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
         let worker = shared.clone();
@@ -586,11 +705,13 @@ impl Engine {
             }
         }
         // the worker reads the descriptor under this lock: it is never closed under it
+        let vnet = new >= 0 && tun_has_vnet_hdr(new);
         let mut tun = self.shared.tun.lock().expect("tun");
         if *tun >= 0 {
             close(*tun); // also leaves the epoll set
         }
         *tun = new;
+        self.shared.tun_vnet.store(vnet, Ordering::SeqCst);
         Ok(())
     }
 
@@ -697,6 +818,7 @@ impl Shared {
         let mut to_upstream = Upstreams { batch: SendBatch::new(), fd: -1 };
         let mut pending: Vec<HandUp> = Vec::with_capacity(64);
         let mut tun_rx = TunBatch::new();
+        let mut tun_tx = TunWriter::new();
         while !self.stop.load(Ordering::SeqCst) {
             // SAFETY: events has room for its length; epoll is ours. 200 ms bound: stop is
             // also seen without the wake descriptor.
@@ -708,7 +830,7 @@ impl Shared {
             for ev in &events[..n as usize] {
                 match ev.u64 {
                     WAKE_TOKEN => {}
-                    LISTEN_TOKEN => self.read_peers(&mut rx, &mut to_upstream, &mut pending),
+                    LISTEN_TOKEN => self.read_peers(&mut rx, &mut to_upstream, &mut tun_tx, &mut pending),
                     TUN_TOKEN => self.read_tun(&mut tun_rx, &mut to_peer, &mut pending),
                     fd => self.read_upstream(fd as RawFd, &mut rx, &mut to_peer, &mut pending),
                 }
@@ -718,7 +840,7 @@ impl Shared {
     }
 
     /// Datagrams from clients: forward the plain case, hand up the rest.
-    fn read_peers(&self, rx: &mut RecvBatch, up: &mut Upstreams, pending: &mut Vec<HandUp>) {
+    fn read_peers(&self, rx: &mut RecvBatch, up: &mut Upstreams, tw: &mut TunWriter, pending: &mut Vec<HandUp>) {
         let c = &self.counters;
         for _ in 0..ROUNDS_PER_WAKE {
             let n = match rx.recv(self.listen) {
@@ -732,7 +854,7 @@ impl Shared {
             let now = monotonic();
             let tun = self.tun.lock().expect("tun"); // held: the descriptor stays open meanwhile
             let mut t = self.table.lock().expect("table");
-            let mut l3 = L3Out { tun: *tun, buf: [0u8; SLOT] };
+            let mut l3 = L3Out { tun: *tun, buf: [0u8; SLOT], w: tw };
             let lease = self.lease();
             let trusted = self.trusted.lock().expect("trusted").clone();
             for i in 0..n {
@@ -760,6 +882,7 @@ impl Shared {
                     Err(None) => self.hand_up(HandUp::Datagram { data: pkt.to_vec(), from }, pending),
                 }
             }
+            l3.w.flush(l3.tun, self.tun_vnet.load(Ordering::Relaxed), c);
             up.flush(c); // before the table lock goes: a removed binding's socket stays open till then
             if n < BATCH {
                 return; // drained: a short batch saves the empty call (epoll wakes us for more)
@@ -778,7 +901,7 @@ impl Shared {
         now: f64,
         lease: Lease,
         out: &mut Upstreams,
-        l3: &mut L3Out,
+        l3: &mut L3Out<'_>,
     ) -> Result<(), Option<DropReason>> {
         if pkt.len() < wire::HEADER_LEN || pkt[1] != TYPE_DATA {
             return Err(None);
@@ -850,7 +973,7 @@ impl Shared {
         h: &wire::DataHeader,
         pkt: &[u8],
         now: f64,
-        l3: &mut L3Out,
+        l3: &mut L3Out<'_>,
     ) -> Result<(), Option<DropReason>> {
         if l3.tun < 0 {
             return Err(None); // the machine writes it (no TUN handed to the engine)
@@ -873,14 +996,7 @@ impl Shared {
             c.tunnel_drop(why);
             return Ok(());
         }
-        // SAFETY: packet is a valid slice; tun is the engine's open TUN descriptor (its lock
-        // is held by the caller).
-        let n = unsafe { libc::write(l3.tun, packet.as_ptr().cast(), packet.len()) };
-        if n < 0 {
-            c.tun_write_errors.fetch_add(1, Ordering::Relaxed);
-        } else {
-            c.tun_writes.fetch_add(1, Ordering::Relaxed);
-        }
+        l3.w.push(packet); // written with the batch (read_peers), the TUN's lock held till then
         c.forwarded.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -895,7 +1011,7 @@ impl Shared {
             if *tun < 0 {
                 return;
             }
-            let n = rx.read(*tun, c);
+            let n = rx.read(*tun, self.tun_vnet.load(Ordering::Relaxed), c);
             drop(tun);
             if n == 0 {
                 return;
@@ -964,7 +1080,7 @@ impl Shared {
             }
             drop(guard);
             self.flush_to_peers(out);
-            if n < rx.capacity() {
+            if rx.drained() {
                 return; // the TUN is drained
             }
         }

@@ -604,6 +604,11 @@ impl GatewayEngine {
                 ("tun_reads", &c.tun_reads),
                 ("tun_writes", &c.tun_writes),
                 ("tun_write_errors", &c.tun_write_errors),
+                ("tun_packets_out", &c.tun_packets_out),
+                ("tun_gso_reads", &c.tun_gso_reads),
+                ("tun_segments", &c.tun_segments),
+                ("tun_gso_writes", &c.tun_gso_writes),
+                ("tun_offload_drops", &c.tun_offload_drops),
             ] {
                 m.insert(k.to_string(), v.load(Relaxed));
             }
@@ -753,6 +758,11 @@ impl AgentEngine {
                 ("tun_reads", &c.tun_reads),
                 ("tun_writes", &c.tun_writes),
                 ("tun_write_errors", &c.tun_write_errors),
+                ("tun_packets_out", &c.tun_packets_out),
+                ("tun_gso_reads", &c.tun_gso_reads),
+                ("tun_segments", &c.tun_segments),
+                ("tun_gso_writes", &c.tun_gso_writes),
+                ("tun_offload_drops", &c.tun_offload_drops),
                 ("upstream_tx_drops", &c.upstream_tx_drops),
             ] {
                 m.insert(k.to_string(), v.load(Relaxed));

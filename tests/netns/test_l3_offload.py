@@ -1,0 +1,121 @@
+"""TUN offloads on the compiled engines, on and off: a bulk TCP stream through the tunnel.
+
+With offloads on, the client's kernel hands the agent's engine TCP super-packets (TSO),
+which it cuts into segments, each sealed as one tunnel datagram; the gateway's engine
+merges each batch's in-order segments of the stream into super-packets for its TUN
+(fewer write calls than packets), and the stream arrives whole and in order. Off, every
+read and write is one packet. Both ways, what the kernel delivers is checked byte by
+byte (instruments/seqcheck.py), and a reverse stream (iperf3 -R: the server sends,
+the gateway's engine reads the TUN and the agent's writes it) completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from instruments.netlab import SERVER, Lab
+from session import dataplane
+
+BULK = 30_000_000  # bytes of the checked stream, sent as fast as it goes
+
+
+def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def offload(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    if dataplane.compiled_module() is None:
+        pytest.skip("the compiled data plane is not built")
+    if os.environ.get("JVPN_DATA_PLANE") == "python":
+        pytest.skip("this run is on the Python data plane")
+    on = bool(request.param)
+    monkeypatch.setenv("JVPN_GATEWAY_DATA_PLANE", "compiled")
+    monkeypatch.setenv("JVPN_AGENT_DATA_PLANE", "compiled")
+    monkeypatch.setenv("JVPN_GATEWAY_TUN_OFFLOAD", "true" if on else "false")
+    monkeypatch.setenv("JVPN_AGENT_TUN_OFFLOAD", "true" if on else "false")
+    return on
+
+
+@pytest.fixture
+def lab(tmp_path: Path, offload: bool) -> Iterator[Lab]:
+    lab = Lab(tmp_path, gateways=1, egress="nat", balancer=False).up()  # after the env is set
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload-on", "offload-off"],
+                         indirect=True)
+def test_a_bulk_tcp_stream_crosses_with_offloads_on_and_off(lab: Lab, offload: bool) -> None:
+    gw = lab.start_gateway(1)
+    lab.wait_gateways_ready([1])
+    said = until(lambda: [ln for ln in gw.tail(200).splitlines() if "TUN offloads" in ln], 5,
+                 "the gateway's offload line")
+    assert ("TUN offloads on (csum,tso4,tso6" in said[0]) == offload, said
+    priv, _ = lab.add_client(f"{SERVER}/32,fd99::/64")
+    srv = lab.python(lab.server, "instruments.seqcheck", "serve", "::", "7000", name="srv")
+    srv.line()
+    agent = lab.agent(priv)
+    lab.wait_agent(agent)
+    snd = lab.python(lab.client, "instruments.seqcheck", "send", SERVER, "7000", "0", name="snd")
+    snd.line()
+
+    def received() -> dict[str, Any]:
+        c = srv.ask("report")["connections"]
+        return c[0] if c else {"bytes": 0, "errors": 0}
+
+    until(lambda: received()["bytes"] >= BULK, 60, f"{BULK} bytes through the tunnel")
+    snd.stop()
+    got = received()
+    assert got["errors"] == 0, got  # every byte in order, as sent
+    engine = agent.ask("status")["engine"]
+
+    def counters() -> tuple[float, float, float]:
+        return (lab.metric(1, "jvpn_engine_tun_offload_total", what="packets_out"),
+                lab.metric(1, "jvpn_engine_syscalls_total", call="tun_write"),
+                lab.metric(1, "jvpn_engine_tun_offload_total", what="gso_writes"))
+
+    seen: list[tuple[float, float, float]] = []
+
+    def settled() -> bool:  # the node publishes its engine's counters periodically
+        seen.append(counters())
+        return len(seen) > 1 and seen[-1] == seen[-2] and seen[-1][0] > BULK // 1500
+    until(settled, 10, "the gateway's engine counters to settle")
+    packets_out, writes, merged = seen[-1]
+    assert lab.metric(1, "jvpn_engine_tun_offload_total", what="malformed_reads") == 0
+    assert engine["tun_offload_drops"] == 0, engine
+    if offload:
+        # the agent's engine cut super-packets; the gateway's merged segments again
+        assert engine["tun_gso_reads"] > 0 and engine["tun_segments"] > engine["tun_gso_reads"]
+        assert merged > 0 and writes < packets_out, (merged, writes, packets_out)
+    else:
+        assert engine["tun_gso_reads"] == 0 and engine["tun_segments"] == 0, engine
+        assert merged == 0 and writes == packets_out, (merged, writes, packets_out)
+
+    # the other way: the server sends, the gateway's engine reads the TUN, the agent's writes
+    lab.spawn(lab.server, ["iperf3", "-s", "-B", SERVER], "iperf3-server")
+    until(lambda: ":5201 " in lab.run(lab.server, "ss", "-Htln", check=False), 10,
+          "iperf3 listening")
+    out = lab.run(lab.client, "iperf3", "-c", SERVER, "-R", "-t", "2", "-J",
+                  "--connect-timeout", "5000", timeout=40, check=False)
+    result = json.loads(out)
+    assert result["end"]["sum_received"]["bytes"] > 1_000_000, out[-400:]
+    engine = agent.ask("status")["engine"]
+    assert engine["tun_offload_drops"] == 0, engine
+    if offload:
+        assert engine["tun_packets_out"] > engine["tun_writes"], engine  # merged on the agent
