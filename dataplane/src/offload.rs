@@ -345,8 +345,10 @@ fn tcp_seg(pkt: &[u8]) -> Option<Seg> {
     if proto != PROTO_TCP || pkt.len() < ihl + 20 {
         return None;
     }
-    if version == 4 && (ihl != 20 || u16::from_be_bytes([pkt[2], pkt[3]]) as usize != pkt.len()) {
-        return None; // IPv4 options: the kernel's GRO does not merge them either
+    if version == 4
+        && (ihl != 20 || u16::from_be_bytes([pkt[2], pkt[3]]) as usize != pkt.len() || fold(sum(&pkt[..20], 0)) != 0xffff)
+    {
+        return None; // IPv4 options, a bad header checksum: the kernel's GRO does not merge them
     }
     if version == 6 && 40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize != pkt.len() {
         return None;
@@ -377,13 +379,13 @@ fn joins(a: &[u8], sa: &Seg, b: &[u8], sb: &Seg, prev_end: u32, k: usize) -> boo
     } else {
         let id_a = u16::from_be_bytes([a[4], a[5]]);
         let id_b = u16::from_be_bytes([b[4], b[5]]);
-        let df = a[6] & 0x40 != 0;
-        // version/IHL, TOS; flags; TTL, protocol; addresses (not length, ID, checksum)
+        // version/IHL, TOS; flags; TTL, protocol; addresses; IDs counting up as the
+        // kernel's segmentation of the merged packet makes them again
         a[..2] == b[..2]
             && a[6..7] == b[6..7]
             && a[8..10] == b[8..10]
             && a[12..20] == b[12..20]
-            && (id_b == id_a.wrapping_add(k as u16) || (df && id_b == id_a))
+            && id_b == id_a.wrapping_add(k as u16)
     };
     // ports; ACK number; data offset (flags apart); window; urgent pointer; options
     ip_same
@@ -779,6 +781,11 @@ mod tests {
             set_ipv4_checksum(p, 20);
         }
         plan(&packets(&[x, y]), &mut w);
+        assert_eq!(w, vec![Write::Alone(0), Write::Alone(1)]);
+        // an IPv4 header checksum that does not hold
+        let mut y = a(1000, TCP_ACK, 2);
+        y[10] ^= 1;
+        plan(&packets(&[a(0, TCP_ACK, 1), y]), &mut w);
         assert_eq!(w, vec![Write::Alone(0), Write::Alone(1)]);
         // non-TCP and garbage
         plan(&packets(&[vec![0x45], vec![], base]), &mut w);

@@ -3,12 +3,14 @@
 //! channel's open (replay window and AEAD, committing and not), the replay window driven
 //! by the input's counters, an IP packet's addresses as cryptokey routing reads them
 //! (uplink check, downlink owner), the balancer's client-address prefix from a trusted
-//! and an untrusted source. No input may panic; every refusal
+//! and an untrusted source, a read from an offloading TUN (virtio-net header, TCP/UDP
+//! super-packet) and the coalescing of a batch of packets. No input may panic; every refusal
 //! is a DropReason; a refused packet never moves the window.
 #![no_main]
 
 use jvpn_dataplane::balancer::{self, Trusted, PREFIX_LEN};
 use jvpn_dataplane::channel::Channel;
+use jvpn_dataplane::offload;
 use jvpn_dataplane::reasons::DropReason;
 use jvpn_dataplane::replay::ReplayWindow;
 use jvpn_dataplane::route::{self, Downlink, Owners, Prefix, Route, TunnelDrop};
@@ -69,6 +71,55 @@ fuzz_target!(|data: &[u8]| {
     if let Downlink::Session(sid, _) = owners.owner(data) {
         assert_eq!(sid, [7; 16]);
     }
+
+    // The input as a read from an offloading TUN (virtio-net header and packet, from the
+    // kernel: what local applications sent): refused, or cut into whole IP packets, each
+    // no longer than the input, and nothing left behind by a refusal.
+    let mut segs = offload::Packets::new();
+    match offload::split(data, &mut segs) {
+        Ok(n) => {
+            assert_eq!(n, segs.len());
+            assert!(n >= 1 && n <= offload::MAX_SEGMENTS);
+            for i in 0..n {
+                assert!(segs.get(i).len() + offload::VNET_HDR_LEN <= data.len());
+            }
+        }
+        Err(_) => assert!(segs.is_empty() && segs.buf.is_empty()),
+    }
+    // The input (and its segments) as a batch opened from the tunnel: whatever runs the
+    // plan merges, each merged packet is a whole super-packet of the run's bytes.
+    let mut batch = offload::Packets::new();
+    batch.push(data);
+    for i in 0..segs.len() {
+        batch.push(segs.get(i));
+    }
+    batch.push(data);
+    let mut plan = Vec::new();
+    offload::plan(&batch, &mut plan);
+    let mut covered = 0;
+    let mut merged = Vec::new();
+    for w in &plan {
+        match *w {
+            offload::Write::Alone(i) => {
+                assert_eq!(i, covered);
+                covered += 1;
+            }
+            offload::Write::Merged(i, k) => {
+                assert_eq!(i, covered);
+                assert!(k >= 2 && k <= offload::MAX_COALESCE_SEGMENTS);
+                let len = offload::merge(&batch, i, k, &mut merged);
+                assert!(len - offload::VNET_HDR_LEN <= offload::MAX_COALESCED);
+                // cut again as the kernel would: the run's packets come back
+                let mut again = offload::Packets::new();
+                assert_eq!(offload::split(&merged, &mut again), Ok(k));
+                for j in 0..k {
+                    assert_eq!(again.get(j), batch.get(i + j));
+                }
+                covered += k;
+            }
+        }
+    }
+    assert_eq!(covered, batch.len());
 
     // The input as counters: the window's answers stay consistent with each other.
     let mut w = ReplayWindow::new();
