@@ -90,7 +90,8 @@ class TunDevice:
                 except OSError:
                     return
                 if self._hdr:
-                    if len(pkt) < self._hdr or pkt[1] != 0:  # a super-packet: not this reader's
+                    # a super-packet, or a checksum left to the reader: not this reader's
+                    if len(pkt) < self._hdr or pkt[0] or pkt[1]:
                         self.read_errors += 1
                         continue
                     pkt = pkt[self._hdr:]
