@@ -22,8 +22,9 @@
 //!
 //! In L3 mode the local side is the agent's TUN instead of a socket: IP packets read from
 //! it are sealed and sent on the current path, and payloads of the current path are
-//! written to it, by the same rules; what the engine does not carry goes up as a TUN
-//! packet. The engine stops forwarding alone when the current secret reaches its
+//! written to it, by the same rules (with offloads, read super-packets cut and each
+//! batch's runs of one TCP flow merged, as in `engine.rs`); what the engine does not carry
+//! goes up as a TUN packet. The engine stops forwarding alone when the current secret reaches its
 //! reject-after age (`keys_until`): the machine then holds the packets and rekeys.
 
 use std::collections::{HashMap, VecDeque};

@@ -28,6 +28,13 @@
 //! if its source lies in that session's prefixes, sealed and sent in a batch; one that
 //! no installed binding owns, or whose binding is not fast, goes up unchanged (the
 //! machine relays it to the node holding the session, or drops it).
+//!
+//! A TUN opened with offloads (`IFF_VNET_HDR`, asked of the descriptor with `TUNGETIFF`)
+//! is read as a header and a packet of up to 64 KiB, cut into IP packets before anything
+//! else looks at them (`TunBatch`, `offload::split`); the packets opened from one batch of
+//! datagrams are written when the batch is done, runs of one TCP flow merged into one
+//! super-packet (`TunWriter`, `offload::plan`). A plain TUN reads and writes one packet
+//! per call.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
