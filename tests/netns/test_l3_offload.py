@@ -72,6 +72,8 @@ def test_a_bulk_tcp_stream_crosses_with_offloads_on_and_off(lab: Lab, offload: b
     srv.line()
     agent = lab.agent(priv)
     lab.wait_agent(agent)
+    want = "TUN offloads on (csum,tso4,tso6" if offload else "TUN offloads off (tun_offload = false)"
+    until(lambda: want in agent.tail(200), 5, f"the agent's line {want!r}")
     snd = lab.python(lab.client, "instruments.seqcheck", "send", SERVER, "7000", "0", name="snd")
     snd.line()
 
