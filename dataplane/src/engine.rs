@@ -210,6 +210,13 @@ impl Lease {
         now < self.until && b.confirmed_at >= self.trust_since
     }
 
+    /// Whether a batch whose bindings were checked under `checked` may still leave at
+    /// `now` under this (the current) lease: before its deadline, and with no lapse
+    /// renewed since (a new `trust_since` holds none of the bindings confirmed before it).
+    fn still_covers(&self, checked: &Lease, now: f64) -> bool {
+        now < self.until && self.trust_since == checked.trust_since
+    }
+
     /// Whether the binding's keys are still within reject-after, as the machine decides
     /// (`store_ms(now) - made_ms > reject_after_ms`: expired). Past it the engine carries
     /// nothing for the binding and hands up instead: the machine refuses with its reason.
@@ -586,8 +593,10 @@ impl Engine {
     /// The node's lease: until when (monotonic seconds) it may forward, and since when it
     /// trusts the store (a binding confirmed before that waits for its next confirmation).
     pub fn set_lease(&self, until: f64, trust_since: f64) {
-        self.shared.lease_until.store(until.to_bits(), Ordering::Relaxed);
-        self.shared.trust_since.store(trust_since.to_bits(), Ordering::Relaxed);
+        // trust_since first: a reader that sees the new deadline sees the trust that came
+        // with it (a lapse renewed, and bindings confirmed before it still carry nothing)
+        self.shared.trust_since.store(trust_since.to_bits(), Ordering::Release);
+        self.shared.lease_until.store(until.to_bits(), Ordering::Release);
     }
 
     /// The store's clock as the node estimates it (store ms = monotonic ms + `offset_ms`),
@@ -778,8 +787,8 @@ fn open_upstream(addr: &SocketAddr) -> io::Result<RawFd> {
 impl Shared {
     fn lease(&self) -> Lease {
         Lease {
-            until: f64::from_bits(self.lease_until.load(Ordering::Relaxed)),
-            trust_since: f64::from_bits(self.trust_since.load(Ordering::Relaxed)),
+            until: f64::from_bits(self.lease_until.load(Ordering::Acquire)),
+            trust_since: f64::from_bits(self.trust_since.load(Ordering::Acquire)),
             store_offset_ms: f64::from_bits(self.store_offset_ms.load(Ordering::Relaxed)),
             reject_after_ms: f64::from_bits(self.reject_after_ms.load(Ordering::Relaxed)),
         }
@@ -1082,11 +1091,11 @@ impl Shared {
                     Err(_) => self.hand_up(HandUp::Tun { data: packet.to_vec() }, pending),
                 }
                 if out.is_full() {
-                    self.flush_to_peers(out);
+                    self.flush_to_peers(out, &lease);
                 }
             }
             drop(guard);
-            self.flush_to_peers(out);
+            self.flush_to_peers(out, &lease);
             if rx.drained() {
                 return; // the TUN is drained
             }
@@ -1147,25 +1156,28 @@ impl Shared {
                     }
                 }
                 if out.is_full() {
-                    self.flush_to_peers(out);
+                    self.flush_to_peers(out, &lease);
                 }
             }
             drop(guard);
-            self.flush_to_peers(out);
+            self.flush_to_peers(out, &lease);
             if n < BATCH {
                 return;
             }
         }
     }
 
-    fn flush_to_peers(&self, out: &mut SendBatch) {
+    /// Send a batch sealed under `checked` (the lease as read when its packets were).
+    fn flush_to_peers(&self, out: &mut SendBatch, checked: &Lease) {
         if out.count == 0 {
             return;
         }
         let c = &self.counters;
         // The lease again, on the clock of now: a node stopped (SIGSTOP, a VM paused) after
-        // a batch was sealed must not send it when it resumes past its lease.
-        if monotonic() >= self.lease().until {
+        // a batch was sealed must not send it when it resumes past its lease, nor once the
+        // machine renewed a lapsed lease meanwhile (this thread may run again only after the
+        // node's first store answer: the new trust holds none of the batch's bindings).
+        if !self.lease().still_covers(checked, monotonic()) {
             let n = out.discard() as u64;
             c.drops[DropReason::LeaseExpired.code() as usize].fetch_add(n, Ordering::Relaxed);
             return;
@@ -1176,5 +1188,28 @@ impl Shared {
         if dropped > 0 {
             c.drops[DropReason::QueueFull.code() as usize].fetch_add(dropped as u64, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lease;
+
+    fn lease(until: f64, trust_since: f64) -> Lease {
+        Lease { until, trust_since, store_offset_ms: 0.0, reject_after_ms: f64::INFINITY }
+    }
+
+    #[test]
+    fn a_sealed_batch_leaves_only_under_the_lease_it_was_checked_under() {
+        let checked = lease(10.0, 1.0);
+        // unchanged, before the deadline: it leaves
+        assert!(lease(10.0, 1.0).still_covers(&checked, 5.0));
+        // renewed without a lapse (the deadline moved, the trust did not): it leaves
+        assert!(lease(12.0, 1.0).still_covers(&checked, 11.0));
+        // past the deadline (the node was paused after sealing): discarded
+        assert!(!lease(10.0, 1.0).still_covers(&checked, 10.0));
+        // the lease lapsed and was renewed while the batch waited: a fresh deadline, but the
+        // new trust holds none of the bindings checked before it: discarded
+        assert!(!lease(20.0, 15.0).still_covers(&checked, 16.0));
     }
 }
