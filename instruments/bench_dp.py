@@ -37,6 +37,7 @@ SEARCH_STEPS = 10
 SEARCH_BUDGET_S = 45.0
 START_RATE = {"bare": 20_000.0, "uvloop_echo": 20_000.0, "compiled": 20_000.0, "python": 5_000.0}
 MAX_RATE = 1_000_000.0
+WINDOW_SECONDS = 3.0  # the longest window (CPU per packet is read in 10 ms ticks)
 WINDOW_SHARE = 0.5  # the latency and per-packet windows run at this share of the highest rate
 
 
@@ -93,23 +94,32 @@ async def run_once(targets: dict[str, tuple[str, int]], bare: tuple[str, int],
                    say: Callable[[str], None]) -> dict[str, Any]:
     """One repeat: the four searches, then the windows. ``targets``: name -> address
     (``bare``, ``uvloop_echo`` and the planes); ``pids``: plane -> its gateway and agent."""
-    run: dict[str, Any] = {"search": {}, "half": {}, "bare_at_half": {}}
+    run: dict[str, Any] = {"search": {}, "half": {}, "bare_at_half": {}, "ports": {
+        name: addr[1] for name, addr in targets.items()}}
+    seconds = min(opts.seconds, WINDOW_SECONDS)
+    # which process owns a port that dropped datagrams (socket_drops of each step): the
+    # sockets of each plane's processes, read after its search (a flow's upstream socket
+    # is opened by its first datagram)
+    owners: dict[str, set[int]] = {}
     for name, addr in targets.items():
         s = await search(addr, START_RATE.get(name, 10_000.0), opts.payload,
                          min(STEP_SECONDS, opts.seconds), opts.search_steps)
         run["search"][name] = {k: v for k, v in s.items() if k != "best"}
+        for role, pid in pids.get(name, {}).items():
+            owners.setdefault(f"{name} {role}", set()).update(loadgen.udp_ports(pid))
         say(f"    {name:12s} {s['rate']:>9,.0f} /s at < 0.5% loss ({len(s['steps'])} steps, "
             f"ended by {s['ended_by']})")
+    run["ports_by_process"] = {k: sorted(v) for k, v in owners.items()}
     for plane in pids:
         half = WINDOW_SHARE * run["search"][plane]["target_rate"]
         if half <= 0:
             continue
-        run["half"][plane] = await window(targets[plane], half, opts.seconds, opts.payload,
+        run["half"][plane] = await window(targets[plane], half, seconds, opts.payload,
                                           pids[plane])
-        run["bare_at_half"][plane] = await window(bare, half, opts.seconds, opts.payload)
+        run["bare_at_half"][plane] = await window(bare, half, seconds, opts.payload)
     if "compiled" in pids and "python" in run["half"]:
         common = run["half"]["python"]["target_rate"]
-        run["compiled_at_python_rate"] = await window(targets["compiled"], common, opts.seconds,
+        run["compiled_at_python_rate"] = await window(targets["compiled"], common, seconds,
                                                       opts.payload, pids["compiled"])
     return run
 

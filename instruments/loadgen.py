@@ -141,14 +141,64 @@ def run_gen(target: tuple[str, int], *, rate: float, seconds: float, warmup: flo
             "--seconds", f"{seconds:g}", "--warmup", f"{warmup:g}", "--window", str(window),
             "--size", str(size), "--loss-timeout", f"{loss_timeout:g}"]
     limit = warmup + seconds + loss_timeout + 15.0
-    drops = udp_kernel_drops()
+    drops, sockets = udp_kernel_drops(), socket_drops()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=limit, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"jvpn-loadgen gen failed ({done.returncode}): {done.stderr.strip()}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if not prefix:  # this network namespace's counters: where the generator ran
         result["kernel_udp_drops"] = udp_kernel_drops() - drops
+        after = socket_drops()
+        # which sockets overflowed: local port -> datagrams dropped (the generator's own
+        # socket is gone by now; its drops are in the total only)
+        result["socket_drops"] = {str(port): n - sockets.get(port, 0)
+                                  for port, n in after.items() if n > sockets.get(port, 0)}
     return result
+
+
+def udp_ports(pid: int) -> list[int]:
+    """The local ports of a process's UDP sockets (its fds' socket inodes in /proc/net/udp*),
+    to name the sockets ``socket_drops`` reports."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        return []
+    ports = []
+    for name in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(name, encoding="ascii") as fp:
+                next(fp, None)
+                for line in fp:
+                    cells = line.split()
+                    if len(cells) > 9 and cells[9] in inodes:
+                        ports.append(int(cells[1].rsplit(":", 1)[1], 16))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(ports)
+
+
+def socket_drops() -> dict[int, int]:
+    """Datagrams dropped so far per bound UDP socket of this network namespace, by local
+    port (/proc/net/udp and udp6, the ``drops`` column)."""
+    out: dict[int, int] = {}
+    for name in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(name, encoding="ascii") as fp:
+                next(fp, None)
+                for line in fp:
+                    cells = line.split()
+                    port = int(cells[1].rsplit(":", 1)[1], 16)
+                    out[port] = out.get(port, 0) + int(cells[-1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def udp_kernel_drops() -> int:
@@ -192,7 +242,8 @@ def highest_rate(measure: Callable[[float], dict[str, Any]], *, start: float,
         ok = passes(r, target_loss)
         steps.append({"rate": round(rate), "ok": ok, "delivered": r["rate"], "loss": r["loss"],
                       "offered": r["offered_rate"], "rtt_p99_us": r.get("rtt_p99_us"),
-                      "kernel_udp_drops": r.get("kernel_udp_drops")})
+                      "kernel_udp_drops": r.get("kernel_udp_drops"),
+                      "socket_drops": r.get("socket_drops")})
         if ok and (lo is None or rate > lo):
             lo, best = rate, r
         if not ok and (hi is None or rate < hi):
