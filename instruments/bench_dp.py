@@ -51,32 +51,53 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-async def search(addr: tuple[str, int], start: float, payload: int,
-                 seconds: float = STEP_SECONDS, steps: int = SEARCH_STEPS) -> dict[str, Any]:
+async def search(
+    addr: tuple[str, int],
+    start: float,
+    payload: int,
+    seconds: float = STEP_SECONDS,
+    steps: int = SEARCH_STEPS,
+) -> dict[str, Any]:
     """The highest paced rate the path at ``addr`` echoes at < 0.5% loss."""
 
     def measure(rate: float) -> dict[str, Any]:
         return loadgen.run_gen(addr, rate=rate, seconds=seconds, warmup=STEP_WARMUP, size=payload)
 
-    return await asyncio.to_thread(loadgen.highest_rate, measure, start=start, max_rate=MAX_RATE,
-                                   max_steps=steps, budget_s=SEARCH_BUDGET_S)
+    return await asyncio.to_thread(
+        loadgen.highest_rate,
+        measure,
+        start=start,
+        max_rate=MAX_RATE,
+        max_steps=steps,
+        budget_s=SEARCH_BUDGET_S,
+    )
 
 
-async def window(addr: tuple[str, int], rate: float, seconds: float, payload: int,
-                 pids: dict[str, int] | None = None) -> dict[str, Any]:
+async def window(
+    addr: tuple[str, int],
+    rate: float,
+    seconds: float,
+    payload: int,
+    pids: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """One paced run at ``rate``: rate, loss, RTT percentiles; with ``pids``, each process's
     CPU and system calls per packet over the run (module docstring)."""
     pids = pids or {}
     calls = await asyncio.to_thread(loadgen.SyscallCount(pids).start) if pids else None
     cpu0 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-    r = await asyncio.to_thread(loadgen.run_gen, addr, rate=rate, seconds=seconds,
-                                warmup=STEP_WARMUP, size=payload)
+    r = await asyncio.to_thread(
+        loadgen.run_gen, addr, rate=rate, seconds=seconds, warmup=STEP_WARMUP, size=payload
+    )
     cpu = {name: _cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     counts = await asyncio.to_thread(calls.stop) if calls is not None else {}
     packets = int(r["total_sent"]) + int(r["total_answered"])
     out: dict[str, Any] = {
-        "rate": r["rate"], "target_rate": r["target_rate"], "loss": r["loss"],
-        "rtt_p50_us": r["rtt_p50_us"], "rtt_p99_us": r["rtt_p99_us"], "packets": packets,
+        "rate": r["rate"],
+        "target_rate": r["target_rate"],
+        "loss": r["loss"],
+        "rtt_p50_us": r["rtt_p50_us"],
+        "rtt_p99_us": r["rtt_p99_us"],
+        "packets": packets,
         "loadgen_calls_per_packet": (r["send_calls"] + r["recv_calls"] + r["poll_calls"])
         / max(1, packets),
     }
@@ -89,38 +110,53 @@ async def window(addr: tuple[str, int], rate: float, seconds: float, payload: in
     return out
 
 
-async def run_once(targets: dict[str, tuple[str, int]], bare: tuple[str, int],
-                   pids: dict[str, dict[str, int]], opts: Any,
-                   say: Callable[[str], None]) -> dict[str, Any]:
+async def run_once(
+    targets: dict[str, tuple[str, int]],
+    bare: tuple[str, int],
+    pids: dict[str, dict[str, int]],
+    opts: Any,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     """One repeat: the four searches, then the windows. ``targets``: name -> address
     (``bare``, ``uvloop_echo`` and the planes); ``pids``: plane -> its gateway and agent."""
-    run: dict[str, Any] = {"search": {}, "half": {}, "bare_at_half": {}, "ports": {
-        name: addr[1] for name, addr in targets.items()}}
+    run: dict[str, Any] = {
+        "search": {},
+        "half": {},
+        "bare_at_half": {},
+        "ports": {name: addr[1] for name, addr in targets.items()},
+    }
     seconds = min(opts.seconds, WINDOW_SECONDS)
     # which process owns a port that dropped datagrams (socket_drops of each step): the
     # sockets of each plane's processes, read after its search (a flow's upstream socket
     # is opened by its first datagram)
     owners: dict[str, set[int]] = {}
     for name, addr in targets.items():
-        s = await search(addr, START_RATE.get(name, 10_000.0), opts.payload,
-                         min(STEP_SECONDS, opts.seconds), opts.search_steps)
+        s = await search(
+            addr,
+            START_RATE.get(name, 10_000.0),
+            opts.payload,
+            min(STEP_SECONDS, opts.seconds),
+            opts.search_steps,
+        )
         run["search"][name] = {k: v for k, v in s.items() if k != "best"}
         for role, pid in pids.get(name, {}).items():
             owners.setdefault(f"{name} {role}", set()).update(loadgen.udp_ports(pid))
-        say(f"    {name:12s} {s['rate']:>9,.0f} /s at < 0.5% loss ({len(s['steps'])} steps, "
-            f"ended by {s['ended_by']})")
+        say(
+            f"    {name:12s} {s['rate']:>9,.0f} /s at < 0.5% loss ({len(s['steps'])} steps, "
+            f"ended by {s['ended_by']})"
+        )
     run["ports_by_process"] = {k: sorted(v) for k, v in owners.items()}
     for plane in pids:
         half = WINDOW_SHARE * run["search"][plane]["target_rate"]
         if half <= 0:
             continue
-        run["half"][plane] = await window(targets[plane], half, seconds, opts.payload,
-                                          pids[plane])
+        run["half"][plane] = await window(targets[plane], half, seconds, opts.payload, pids[plane])
         run["bare_at_half"][plane] = await window(bare, half, seconds, opts.payload)
     if "compiled" in pids and "python" in run["half"]:
         common = run["half"]["python"]["target_rate"]
-        run["compiled_at_python_rate"] = await window(targets["compiled"], common, seconds,
-                                                      opts.payload, pids["compiled"])
+        run["compiled_at_python_rate"] = await window(
+            targets["compiled"], common, seconds, opts.payload, pids["compiled"]
+        )
     return run
 
 
@@ -149,11 +185,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     out["rate"] = {n: _stat([rate(r, n) for r in runs]) for n in names}
     ratios: dict[str, Any] = {}
-    for a, b in (("compiled", "python"), ("compiled", "bare"), ("python", "bare"),
-                 ("compiled", "uvloop_echo"), ("uvloop_echo", "bare")):
+    for a, b in (
+        ("compiled", "python"),
+        ("compiled", "bare"),
+        ("python", "bare"),
+        ("compiled", "uvloop_echo"),
+        ("uvloop_echo", "bare"),
+    ):
         if a in names and b in names:
-            ratios[f"{a}_vs_{b}"] = _stat([rate(r, a) / rate(r, b) if rate(r, b) else None
-                                           for r in runs])
+            ratios[f"{a}_vs_{b}"] = _stat(
+                [rate(r, a) / rate(r, b) if rate(r, b) else None for r in runs]
+            )
     out["ratio"] = ratios
     planes = [p for p in ("compiled", "python") if p in names]
     half: dict[str, Any] = {}
@@ -161,24 +203,49 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ws = [r["half"].get(p) for r in runs]
         bs = [r["bare_at_half"].get(p) for r in runs]
         half[p] = {
-            key: _stat([w[key] if w else None for w in ws]) for key in (
-                "target_rate", "loss", "rtt_p50_us", "rtt_p99_us", "gateway_cpu_us",
-                "agent_cpu_us", "gateway_syscalls_per_packet", "agent_syscalls_per_packet",
-                "loadgen_calls_per_packet")}
+            key: _stat([w[key] if w else None for w in ws])
+            for key in (
+                "target_rate",
+                "loss",
+                "rtt_p50_us",
+                "rtt_p99_us",
+                "gateway_cpu_us",
+                "agent_cpu_us",
+                "gateway_syscalls_per_packet",
+                "agent_syscalls_per_packet",
+                "loadgen_calls_per_packet",
+            )
+        }
         half[p]["bare_rtt_p99_us"] = _stat([b["rtt_p99_us"] if b else None for b in bs])
-        half[p]["added_p99_us"] = _stat([w["rtt_p99_us"] - b["rtt_p99_us"] if w and b else None
-                                         for w, b in zip(ws, bs, strict=True)])
+        half[p]["added_p99_us"] = _stat(
+            [
+                w["rtt_p99_us"] - b["rtt_p99_us"] if w and b else None
+                for w, b in zip(ws, bs, strict=True)
+            ]
+        )
     out["half"] = half
     if all("compiled_at_python_rate" in r for r in runs):
         cs = [r["compiled_at_python_rate"] for r in runs]
         ps = [r["half"]["python"] for r in runs]
-        same: dict[str, Any] = {key: _stat([c[key] for c in cs]) for key in (
-            "target_rate", "loss", "gateway_cpu_us", "agent_cpu_us",
-            "gateway_syscalls_per_packet", "agent_syscalls_per_packet")}
-        same["gateway_cpu_vs_python"] = _stat([
-            c["gateway_cpu_us"] / p["gateway_cpu_us"]
-            if c["gateway_cpu_us"] is not None and p["gateway_cpu_us"] else None
-            for c, p in zip(cs, ps, strict=True)])
+        same: dict[str, Any] = {
+            key: _stat([c[key] for c in cs])
+            for key in (
+                "target_rate",
+                "loss",
+                "gateway_cpu_us",
+                "agent_cpu_us",
+                "gateway_syscalls_per_packet",
+                "agent_syscalls_per_packet",
+            )
+        }
+        same["gateway_cpu_vs_python"] = _stat(
+            [
+                c["gateway_cpu_us"] / p["gateway_cpu_us"]
+                if c["gateway_cpu_us"] is not None and p["gateway_cpu_us"]
+                else None
+                for c, p in zip(cs, ps, strict=True)
+            ]
+        )
         out["compiled_at_python_rate"] = same
     methods = {w.get("syscall_method") for r in runs for w in r["half"].values()}
     out["syscall_method"] = next(iter(methods)) if len(methods) == 1 else sorted(map(str, methods))
@@ -195,31 +262,38 @@ def _spread(s: dict[str, Any], spec: str, unit: str = "") -> str:
         return "?"
     if len(s["runs"]) < 2:
         return f"{format(s['median'], spec)}{unit}"
-    return (f"{format(s['median'], spec)}{unit} ({format(s['min'], spec)}-"
-            f"{format(s['max'], spec)})")
+    return f"{format(s['median'], spec)}{unit} ({format(s['min'], spec)}-{format(s['max'], spec)})"
 
 
-LABELS = {"bare": "bare loopback echo (compiled gen -> compiled echo)",
-          "uvloop_echo": "uvloop echo (compiled gen -> Python echo)",
-          "compiled": "compiled plane (gen -> agent -> gateway -> echo)",
-          "python": "Python plane (the same, asyncio paths)"}
+LABELS = {
+    "bare": "bare loopback echo (compiled gen -> compiled echo)",
+    "uvloop_echo": "uvloop echo (compiled gen -> Python echo)",
+    "compiled": "compiled plane (gen -> agent -> gateway -> echo)",
+    "python": "Python plane (the same, asyncio paths)",
+}
 
 
 def format_planes(pl: dict[str, Any], payload: int) -> list[str]:
     """The report's lines for the comparison (medians, the runs' range in brackets)."""
     if "skipped" in pl:
         return [f"  data planes, compiled load generator: skipped ({pl['skipped']})"]
-    lines = [f"  data planes, compiled load generator and echo ({payload} B, highest paced rate "
-             f"at < 0.5% loss; median of {pl['repeat']}, range):"]
+    lines = [
+        f"  data planes, compiled load generator and echo ({payload} B, highest paced rate "
+        f"at < 0.5% loss; median of {pl['repeat']}, range):"
+    ]
     for n in pl["targets"]:
         lines.append(f"    {LABELS.get(n, n):52s} {_spread(pl['rate'][n], ',.0f', ' /s')}")
     rt = pl["ratio"]
     if "compiled_vs_python" in rt:
-        lines.append(f"    compiled / Python plane {_spread(rt['compiled_vs_python'], '.2f', 'x')} "
-                     "(target >= 3x)")
-    for key, text in (("compiled_vs_bare", "compiled / bare echo"),
-                      ("python_vs_bare", "Python plane / bare echo"),
-                      ("compiled_vs_uvloop_echo", "compiled / uvloop echo")):
+        lines.append(
+            f"    compiled / Python plane {_spread(rt['compiled_vs_python'], '.2f', 'x')} "
+            "(target >= 3x)"
+        )
+    for key, text in (
+        ("compiled_vs_bare", "compiled / bare echo"),
+        ("python_vs_bare", "Python plane / bare echo"),
+        ("compiled_vs_uvloop_echo", "compiled / uvloop echo"),
+    ):
         if key in rt:
             lines.append(f"    {text} {_spread(rt[key], '.2f', 'x')}")
     for p, h in pl["half"].items():
@@ -227,13 +301,15 @@ def format_planes(pl: dict[str, Any], payload: int) -> list[str]:
             f"    {p} at 50% ({_spread(h['target_rate'], ',.0f', ' /s')}): rtt p50 "
             f"{_spread(h['rtt_p50_us'], '.0f', ' us')}, p99 {_spread(h['rtt_p99_us'], '.0f', ' us')}"
             f" beside the bare echo's p99 {_spread(h['bare_rtt_p99_us'], '.0f', ' us')}: added p99 "
-            f"{_spread(h['added_p99_us'], '.0f', ' us')}")
+            f"{_spread(h['added_p99_us'], '.0f', ' us')}"
+        )
         lines.append(
             f"      per packet: gateway CPU {_spread(h['gateway_cpu_us'], '.2f', ' us')}, agent CPU "
             f"{_spread(h['agent_cpu_us'], '.2f', ' us')}; syscalls/packet gateway "
             f"{_spread(h['gateway_syscalls_per_packet'], '.3f')}, agent "
             f"{_spread(h['agent_syscalls_per_packet'], '.3f')} (load generator "
-            f"{_spread(h['loadgen_calls_per_packet'], '.3f')})")
+            f"{_spread(h['loadgen_calls_per_packet'], '.3f')})"
+        )
     same = pl.get("compiled_at_python_rate")
     if same:
         lines.append(
@@ -243,7 +319,10 @@ def format_planes(pl: dict[str, Any], payload: int) -> list[str]:
             f"{_spread(same['gateway_cpu_vs_python'], '.2f', 'x')} the Python plane's "
             f"(target <= 0.33x); syscalls/packet gateway "
             f"{_spread(same['gateway_syscalls_per_packet'], '.3f')}, agent "
-            f"{_spread(same['agent_syscalls_per_packet'], '.3f')}")
-    lines.append(f"    (a packet: one datagram crossing the tunnel once; system calls counted with "
-                 f"{pl['syscall_method'] or 'nothing: neither perf nor strace is installed'})")
+            f"{_spread(same['agent_syscalls_per_packet'], '.3f')}"
+        )
+    lines.append(
+        f"    (a packet: one datagram crossing the tunnel once; system calls counted with "
+        f"{pl['syscall_method'] or 'nothing: neither perf nor strace is installed'})"
+    )
     return lines

@@ -62,13 +62,17 @@ def binary(build: bool = True) -> Path:
         return BINARY
     cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
     if not build or not os.path.exists(cargo):
-        raise LoadgenUnavailable("the compiled load generator (instruments/loadgen) is not built "
-                                 "and there is no Rust toolchain (cargo) to build it")
+        raise LoadgenUnavailable(
+            "the compiled load generator (instruments/loadgen) is not built "
+            "and there is no Rust toolchain (cargo) to build it"
+        )
     done = subprocess.run([cargo, "build", "--release", "-q", "--manifest-path",
                            str(CRATE / "Cargo.toml")], capture_output=True, text=True,
                           timeout=900, check=False)  # fmt: skip
     if done.returncode != 0 or not BINARY.exists():
-        raise LoadgenUnavailable(f"cargo build of instruments/loadgen failed:\n{done.stderr[-2000:]}")
+        raise LoadgenUnavailable(
+            f"cargo build of instruments/loadgen failed:\n{done.stderr[-2000:]}"
+        )
     BINARY.touch()  # cargo leaves an up-to-date binary's time alone
     return BINARY
 
@@ -77,10 +81,18 @@ class Echo:
     """A ``jvpn-loadgen echo`` process (``prefix``: e.g. ``ip netns exec NS``), ended by
     closing its stdin; ``stop()`` returns its counters."""
 
-    def __init__(self, bind: str = "127.0.0.1:0", prefix: Sequence[str] = (),
-                 max_seconds: float = 3600.0) -> None:
-        self.argv = [*prefix, str(binary()), "echo", "--bind", bind,
-                     "--max-seconds", f"{max_seconds:g}"]
+    def __init__(
+        self, bind: str = "127.0.0.1:0", prefix: Sequence[str] = (), max_seconds: float = 3600.0
+    ) -> None:
+        self.argv = [
+            *prefix,
+            str(binary()),
+            "echo",
+            "--bind",
+            bind,
+            "--max-seconds",
+            f"{max_seconds:g}",
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self._err = tempfile.TemporaryFile()
@@ -130,16 +142,40 @@ class Echo:
         return stats
 
 
-def run_gen(target: tuple[str, int], *, rate: float, seconds: float, warmup: float = 0.3,
-            window: int = 4096, size: int = 1400, loss_timeout: float = 0.5,
-            prefix: Sequence[str] = ()) -> dict[str, Any]:
+def run_gen(
+    target: tuple[str, int],
+    *,
+    rate: float,
+    seconds: float,
+    warmup: float = 0.3,
+    window: int = 4096,
+    size: int = 1400,
+    loss_timeout: float = 0.5,
+    prefix: Sequence[str] = (),
+) -> dict[str, Any]:
     """One ``jvpn-loadgen gen`` run at ``rate`` datagrams/s (0: as fast as the window
     allows): its JSON result."""
     host, port = target
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    argv = [*prefix, str(binary()), "gen", "--target", addr, "--rate", f"{rate:.0f}",
-            "--seconds", f"{seconds:g}", "--warmup", f"{warmup:g}", "--window", str(window),
-            "--size", str(size), "--loss-timeout", f"{loss_timeout:g}"]
+    argv = [
+        *prefix,
+        str(binary()),
+        "gen",
+        "--target",
+        addr,
+        "--rate",
+        f"{rate:.0f}",
+        "--seconds",
+        f"{seconds:g}",
+        "--warmup",
+        f"{warmup:g}",
+        "--window",
+        str(window),
+        "--size",
+        str(size),
+        "--loss-timeout",
+        f"{loss_timeout:g}",
+    ]
     limit = warmup + seconds + loss_timeout + 15.0
     drops, sockets = udp_kernel_drops(), socket_drops()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=limit, check=False)
@@ -151,8 +187,11 @@ def run_gen(target: tuple[str, int], *, rate: float, seconds: float, warmup: flo
         after = socket_drops()
         # which sockets overflowed: local port -> datagrams dropped (the generator's own
         # socket is gone by now; its drops are in the total only)
-        result["socket_drops"] = {str(port): n - sockets.get(port, 0)
-                                  for port, n in after.items() if n > sockets.get(port, 0)}
+        result["socket_drops"] = {
+            str(port): n - sockets.get(port, 0)
+            for port, n in after.items()
+            if n > sockets.get(port, 0)
+        }
     return result
 
 
@@ -218,10 +257,17 @@ def passes(result: dict[str, Any], target_loss: float = TARGET_LOSS) -> bool:
     return bool(result["sent"] > 0 and result["loss"] < target_loss and kept)
 
 
-def highest_rate(measure: Callable[[float], dict[str, Any]], *, start: float,
-                 max_rate: float = 1e6, max_steps: int = 10, budget_s: float = 60.0,
-                 resolution: float = 0.08, target_loss: float = TARGET_LOSS,
-                 clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+def highest_rate(
+    measure: Callable[[float], dict[str, Any]],
+    *,
+    start: float,
+    max_rate: float = 1e6,
+    max_steps: int = 10,
+    budget_s: float = 60.0,
+    resolution: float = 0.08,
+    target_loss: float = TARGET_LOSS,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
     """The highest paced rate ``measure`` carries at < ``target_loss``: at most ``max_steps``
     runs and ``budget_s`` seconds. Returns the best passing run (``best``; None if none
     passed), its delivered ``rate``, every step, and what ended the search."""
@@ -240,10 +286,18 @@ def highest_rate(measure: Callable[[float], dict[str, Any]], *, start: float,
             break
         r = measure(rate)
         ok = passes(r, target_loss)
-        steps.append({"rate": round(rate), "ok": ok, "delivered": r["rate"], "loss": r["loss"],
-                      "offered": r["offered_rate"], "rtt_p99_us": r.get("rtt_p99_us"),
-                      "kernel_udp_drops": r.get("kernel_udp_drops"),
-                      "socket_drops": r.get("socket_drops")})
+        steps.append(
+            {
+                "rate": round(rate),
+                "ok": ok,
+                "delivered": r["rate"],
+                "loss": r["loss"],
+                "offered": r["offered_rate"],
+                "rtt_p99_us": r.get("rtt_p99_us"),
+                "kernel_udp_drops": r.get("kernel_udp_drops"),
+                "socket_drops": r.get("socket_drops"),
+            }
+        )
         if ok and (lo is None or rate > lo):
             lo, best = rate, r
         if not ok and (hi is None or rate < hi):
@@ -263,8 +317,14 @@ def highest_rate(measure: Callable[[float], dict[str, Any]], *, start: float,
                 ended = "resolved"
                 break
             rate = math.sqrt(lo * hi)
-    return {"rate": best["rate"] if best else 0.0, "target_rate": lo or 0.0, "best": best,
-            "steps": steps, "ended_by": ended, "failed_at": hi}
+    return {
+        "rate": best["rate"] if best else 0.0,
+        "target_rate": lo or 0.0,
+        "best": best,
+        "steps": steps,
+        "ended_by": ended,
+        "failed_at": hi,
+    }
 
 
 # ---- system calls --------------------------------------------------------------------------
@@ -296,14 +356,26 @@ class SyscallCount:
         for name, pid in self.pids.items():
             out = Path(self._tmp.name) / f"{name}.txt"
             if self.method == "perf":
-                argv = ["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", str(pid),
-                        "-o", str(out)]
+                argv = [
+                    "perf",
+                    "stat",
+                    "-x",
+                    ",",
+                    "-e",
+                    "raw_syscalls:sys_enter",
+                    "-p",
+                    str(pid),
+                    "-o",
+                    str(out),
+                ]
             elif self.method == "strace":
                 argv = ["strace", "-c", "-f", "-q", "-p", str(pid), "-o", str(out)]
             else:
                 continue
-            self._procs[name] = (subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                                  stderr=subprocess.DEVNULL), out)
+            self._procs[name] = (
+                subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                out,
+            )
         time.sleep(0.2 if self._procs else 0)  # attached before the measured run starts
         return self
 

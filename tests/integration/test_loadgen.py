@@ -37,8 +37,20 @@ def echo(binary: str) -> Any:
 
 def test_gen_and_echo_answer_every_datagram_and_report_json(echo: loadgen.Echo) -> None:
     r = loadgen.run_gen(echo.address, rate=2000, seconds=0.5, warmup=0.1, size=1400)
-    for key in ("sent", "received", "lost", "loss", "rate", "offered_rate", "rtt_p50_us",
-                "rtt_p99_us", "send_calls", "recv_calls", "total_sent", "total_answered"):
+    for key in (
+        "sent",
+        "received",
+        "lost",
+        "loss",
+        "rate",
+        "offered_rate",
+        "rtt_p50_us",
+        "rtt_p99_us",
+        "send_calls",
+        "recv_calls",
+        "total_sent",
+        "total_answered",
+    ):
         assert key in r, key
     assert r["sent"] > 0 and r["received"] == r["sent"] and r["lost"] == 0 and r["loss"] == 0.0
     assert r["bad"] == 0 and r["duplicates"] == 0 and r["late"] == 0
@@ -59,8 +71,9 @@ def test_gen_counts_loss_when_nothing_answers(binary: str) -> None:
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
         sink.bind(("127.0.0.1", 0))
-        r = loadgen.run_gen(sink.getsockname(), rate=1000, seconds=0.3, warmup=0.0, window=16,
-                            loss_timeout=0.05)
+        r = loadgen.run_gen(
+            sink.getsockname(), rate=1000, seconds=0.3, warmup=0.0, window=16, loss_timeout=0.05
+        )
     assert r["sent"] > 16  # the window was freed by timeouts, not stalled
     assert r["received"] == 0 and r["loss"] == 1.0 and r["total_expired"] == r["total_sent"]
     assert not loadgen.passes(r)
@@ -82,16 +95,22 @@ def _fake(limit: float, calls: list[float]) -> Any:
     def measure(rate: float) -> dict[str, Any]:
         calls.append(rate)
         ok = rate <= limit
-        return {"target_rate": rate, "offered_rate": rate, "sent": int(rate),
-                "rate": rate if ok else rate * 0.95, "loss": 0.0 if ok else 0.05}
+        return {
+            "target_rate": rate,
+            "offered_rate": rate,
+            "sent": int(rate),
+            "rate": rate if ok else rate * 0.95,
+            "loss": 0.0 if ok else 0.05,
+        }
 
     return measure
 
 
 def test_search_finds_the_highest_rate_within_its_bounds() -> None:
     calls: list[float] = []
-    s = loadgen.highest_rate(_fake(37_000, calls), start=10_000, max_steps=12, budget_s=60,
-                             resolution=0.05)
+    s = loadgen.highest_rate(
+        _fake(37_000, calls), start=10_000, max_steps=12, budget_s=60, resolution=0.05
+    )
     assert s["ended_by"] == "resolved" and len(calls) == len(s["steps"]) <= 12
     assert 37_000 / 1.05 <= s["rate"] <= 37_000 and s["best"]["loss"] == 0.0
     assert s["failed_at"] > 37_000
@@ -119,8 +138,7 @@ def test_search_is_bounded_in_steps_and_time() -> None:
         now[0] += 2.0
         return _fake(37_000, calls)(rate)
 
-    s = loadgen.highest_rate(slow, start=10_000, max_steps=100, budget_s=5.0,
-                             clock=lambda: now[0])
+    s = loadgen.highest_rate(slow, start=10_000, max_steps=100, budget_s=5.0, clock=lambda: now[0])
     assert len(calls) == 3 and s["ended_by"] == "time budget"
     with pytest.raises(ValueError):
         loadgen.highest_rate(slow, start=0, max_steps=3)
@@ -144,25 +162,44 @@ async def test_window_counts_cpu_and_system_calls_per_packet(echo: loadgen.Echo)
 
 def test_summary_and_report_of_synthetic_runs() -> None:
     def run(c: float, p: float) -> dict[str, Any]:
-        search = {n: {"rate": v, "target_rate": v, "steps": [], "ended_by": "resolved"}
-                  for n, v in (("bare", 100_000.0), ("uvloop_echo", 30_000.0), ("compiled", c),
-                               ("python", p))}
-        w = {"target_rate": 0.0, "loss": 0.0, "rtt_p50_us": 100, "rtt_p99_us": 900,
-             "gateway_cpu_us": 5.0, "agent_cpu_us": 6.0, "gateway_syscalls_per_packet": 0.2,
-             "agent_syscalls_per_packet": 0.3, "loadgen_calls_per_packet": 0.1,
-             "syscall_method": "perf"}
-        return {"search": search, "half": {"compiled": w, "python": dict(w, gateway_cpu_us=20.0)},
-                "bare_at_half": {"compiled": {"rtt_p99_us": 400}, "python": {"rtt_p99_us": 300}},
-                "compiled_at_python_rate": w}
+        search = {
+            n: {"rate": v, "target_rate": v, "steps": [], "ended_by": "resolved"}
+            for n, v in (
+                ("bare", 100_000.0),
+                ("uvloop_echo", 30_000.0),
+                ("compiled", c),
+                ("python", p),
+            )
+        }
+        w = {
+            "target_rate": 0.0,
+            "loss": 0.0,
+            "rtt_p50_us": 100,
+            "rtt_p99_us": 900,
+            "gateway_cpu_us": 5.0,
+            "agent_cpu_us": 6.0,
+            "gateway_syscalls_per_packet": 0.2,
+            "agent_syscalls_per_packet": 0.3,
+            "loadgen_calls_per_packet": 0.1,
+            "syscall_method": "perf",
+        }
+        return {
+            "search": search,
+            "half": {"compiled": w, "python": dict(w, gateway_cpu_us=20.0)},
+            "bare_at_half": {"compiled": {"rtt_p99_us": 400}, "python": {"rtt_p99_us": 300}},
+            "compiled_at_python_rate": w,
+        }
 
     s = bench_dp.summarize([run(60_000, 15_000), run(40_000, 20_000), run(50_000, 10_000)])
     assert s["rate"]["compiled"]["median"] == 50_000 and s["rate"]["python"]["median"] == 15_000
     assert s["ratio"]["compiled_vs_python"]["median"] == 4.0
-    assert (s["ratio"]["compiled_vs_python"]["min"], s["ratio"]["compiled_vs_python"]["max"]) == (2.0, 5.0)
+    assert (s["ratio"]["compiled_vs_python"]["min"], s["ratio"]["compiled_vs_python"]["max"]) == (
+        2.0,
+        5.0,
+    )
     assert s["half"]["compiled"]["added_p99_us"]["median"] == 500
     assert s["compiled_at_python_rate"]["gateway_cpu_vs_python"]["median"] == 0.25
     text = "\n".join(bench_dp.format_planes(s, 1400))
     assert "4.00x (2.00-5.00)" in text and "perf" in text
     json.dumps(s)
     assert bench_dp.format_planes({"skipped": "no cargo"}, 1400)[0].endswith("(no cargo)")
-

@@ -48,7 +48,15 @@ fn main() -> ExitCode {
         Some("echo") => parse(&args[1..], &["bind", "max-seconds"]).and_then(|o| echo(&o)),
         Some("gen") => parse(
             &args[1..],
-            &["target", "rate", "window", "seconds", "warmup", "size", "loss-timeout"],
+            &[
+                "target",
+                "rate",
+                "window",
+                "seconds",
+                "warmup",
+                "size",
+                "loss-timeout",
+            ],
         )
         .and_then(|o| generate(&o)),
         Some("--version") => {
@@ -96,7 +104,9 @@ fn num<T: std::str::FromStr + PartialOrd + Copy + std::fmt::Display>(
 ) -> Result<T, String> {
     let v = match o.get(name) {
         None => default,
-        Some(s) => s.parse::<T>().map_err(|_| format!("--{name} {s:?}: not a number"))?,
+        Some(s) => s
+            .parse::<T>()
+            .map_err(|_| format!("--{name} {s:?}: not a number"))?,
     };
     if v < lo || v > hi {
         return Err(format!("--{name} {v}: out of range {lo}..{hi}"));
@@ -114,7 +124,10 @@ fn errno() -> i32 {
 
 fn set_buffers(fd: libc::c_int) {
     // The FORCE variants pass rmem_max/wmem_max as root; otherwise the plain ones, capped.
-    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
         let v = SOCKET_BUFFER;
         let p = &v as *const libc::c_int as *const libc::c_void;
         let n = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -152,7 +165,12 @@ impl Batch {
 
     /// Headers for `n` messages of `lens[i]` bytes each (SLOT to receive); with `named`,
     /// each message's address is its slot of `names` (to receive into, or to send back to).
-    fn headers(&mut self, n: usize, len: impl Fn(usize) -> usize, named: bool) -> *mut libc::mmsghdr {
+    fn headers(
+        &mut self,
+        n: usize,
+        len: impl Fn(usize) -> usize,
+        named: bool,
+    ) -> *mut libc::mmsghdr {
         let base = self.bufs.as_mut_ptr();
         for i in 0..n {
             // SAFETY: i < BATCH, so the slot lies inside bufs.
@@ -167,7 +185,8 @@ impl Batch {
             if named {
                 h.msg_name = &mut self.names[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
                 if h.msg_namelen == 0 {
-                    h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                    h.msg_namelen =
+                        std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
                 }
             } else {
                 h.msg_name = std::ptr::null_mut();
@@ -205,7 +224,8 @@ fn echo(o: &HashMap<String, String>) -> Result<(), String> {
         .map_err(|_| "--bind: expected HOST:PORT".to_string())?;
     let max_seconds = num(o, "max-seconds", 3600.0f64, 0.1, 86_400.0)?;
     let sock = UdpSocket::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
-    sock.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
     let fd = sock.as_raw_fd();
     set_buffers(fd);
     let local = sock.local_addr().map_err(|e| e.to_string())?;
@@ -232,7 +252,13 @@ fn echo(o: &HashMap<String, String>) -> Result<(), String> {
         let hdrs = b.headers(BATCH, |_| SLOT, true);
         // SAFETY: hdrs points at BATCH headers whose buffers and names live in b.
         let n = unsafe {
-            libc::recvmmsg(fd, hdrs, BATCH as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut())
+            libc::recvmmsg(
+                fd,
+                hdrs,
+                BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
         };
         recv_calls += 1;
         if n < 0 {
@@ -247,7 +273,9 @@ fn echo(o: &HashMap<String, String>) -> Result<(), String> {
         for (i, len) in lens.iter_mut().enumerate().take(n) {
             *len = b.hdrs[i].msg_len as usize;
         }
-        truncated += (0..n).filter(|&i| b.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0).count() as u64;
+        truncated += (0..n)
+            .filter(|&i| b.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0)
+            .count() as u64;
         let hdrs = b.headers(n, |i| lens[i], true); // the received names: back to each source
         let mut off = 0usize;
         let mut tries = 0;
@@ -313,9 +341,16 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
     let size = num(o, "size", 1400usize, HEADER, SLOT)?;
     let loss_timeout = num(o, "loss-timeout", 0.5f64, 0.01, 10.0)?;
 
-    let local: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let local: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
     let sock = UdpSocket::bind(local).map_err(|e| format!("bind: {e}"))?;
-    sock.connect(target).map_err(|e| format!("connect {target}: {e}"))?;
+    sock.connect(target)
+        .map_err(|e| format!("connect {target}: {e}"))?;
     let fd = sock.as_raw_fd();
     set_buffers(fd);
 
@@ -326,11 +361,14 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
     let end = send_end + loss_ns + s_ns(0.05);
     let backlog = (rate * MAX_BACKLOG_S) as u64 + BATCH as u64;
 
-    let mut send_times: Vec<u64> = Vec::with_capacity(((rate * (warmup + seconds)) as usize + BATCH).min(MAX_PACKETS));
+    let mut send_times: Vec<u64> =
+        Vec::with_capacity(((rate * (warmup + seconds)) as usize + BATCH).min(MAX_PACKETS));
     let mut state: Vec<u8> = Vec::with_capacity(send_times.capacity());
     let mut rtts_us: Vec<u32> = Vec::with_capacity(((rate * seconds) as usize).min(MAX_PACKETS));
-    let (mut answered, mut expired, mut late, mut duplicates, mut bad) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let (mut send_calls, mut recv_calls, mut poll_calls, mut send_errors) = (0u64, 0u64, 0u64, 0u64);
+    let (mut answered, mut expired, mut late, mut duplicates, mut bad) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut send_calls, mut recv_calls, mut poll_calls, mut send_errors) =
+        (0u64, 0u64, 0u64, 0u64);
     let (mut skipped, mut window_full, mut capped) = (0u64, 0u64, false);
     let (mut seq_lo, mut seq_hi): (Option<usize>, Option<usize>) = (None, None);
     let mut taken = 0u64; // pacing slots used (sent or skipped)
@@ -354,7 +392,9 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
         if now >= end {
             break;
         }
-        while oldest < state.len() && (state[oldest] != SENT || now.saturating_sub(send_times[oldest]) > loss_ns) {
+        while oldest < state.len()
+            && (state[oldest] != SENT || now.saturating_sub(send_times[oldest]) > loss_ns)
+        {
             if state[oldest] == SENT {
                 state[oldest] = EXPIRED;
                 expired += 1;
@@ -373,7 +413,11 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
 
         let mut did = false;
         if now < send_end && !capped {
-            let due = if rate > 0.0 { (now as f64 * rate / 1e9) as u64 } else { u64::MAX };
+            let due = if rate > 0.0 {
+                (now as f64 * rate / 1e9) as u64
+            } else {
+                u64::MAX
+            };
             if rate > 0.0 && due > taken + backlog {
                 skipped += due - taken - backlog; // fell behind: those slots are not caught up
                 taken = due - backlog;
@@ -383,7 +427,10 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
             if room == 0 {
                 window_full += 1;
             }
-            let k = due.saturating_sub(taken).min(room).min(BATCH as u64)
+            let k = due
+                .saturating_sub(taken)
+                .min(room)
+                .min(BATCH as u64)
                 .min((MAX_PACKETS - state.len()) as u64) as usize;
             if state.len() >= MAX_PACKETS {
                 capped = true;
@@ -424,7 +471,13 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
             let hdrs = inb.headers(BATCH, |_| SLOT, false);
             // SAFETY: BATCH headers prepared above, their buffers in inb.
             let n = unsafe {
-                libc::recvmmsg(fd, hdrs, BATCH as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
+                libc::recvmmsg(
+                    fd,
+                    hdrs,
+                    BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
             };
             recv_calls += 1;
             readable = n == BATCH as libc::c_int;
@@ -440,7 +493,11 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
                 let slot = inb.slot(i);
                 let word = |at: usize| u64::from_le_bytes(slot[at..at + 8].try_into().unwrap());
                 let seq = word(0) as usize;
-                if len != size || word(16) != run || seq >= state.len() || word(8) != send_times[seq] {
+                if len != size
+                    || word(16) != run
+                    || seq >= state.len()
+                    || word(8) != send_times[seq]
+                {
                     bad += 1;
                     continue;
                 }
@@ -449,7 +506,8 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
                         state[seq] = ANSWERED;
                         answered += 1;
                         if send_times[seq] >= warm_end && send_times[seq] < send_end {
-                            rtts_us.push(((now - send_times[seq]) / 1000).min(u32::MAX as u64) as u32);
+                            rtts_us
+                                .push(((now - send_times[seq]) / 1000).min(u32::MAX as u64) as u32);
                         }
                     }
                     ANSWERED => duplicates += 1,
@@ -468,11 +526,21 @@ fn generate(o: &HashMap<String, String>) -> Result<(), String> {
                 let next = ((taken + 1) as f64 * 1e9 / rate) as u64;
                 wait = wait.min(next.saturating_sub(now).max(PACING_QUANTUM_NS));
             }
-            if rate == 0.0 && now < send_end && state.len() as u64 - answered - expired < window as u64 {
+            if rate == 0.0
+                && now < send_end
+                && state.len() as u64 - answered - expired < window as u64
+            {
                 wait = 0;
             }
-            let ts = libc::timespec { tv_sec: (wait / 1_000_000_000) as libc::time_t, tv_nsec: (wait % 1_000_000_000) as libc::c_long };
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            let ts = libc::timespec {
+                tv_sec: (wait / 1_000_000_000) as libc::time_t,
+                tv_nsec: (wait % 1_000_000_000) as libc::c_long,
+            };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             if wait > 0 {
                 // SAFETY: one pollfd, a valid timespec, no signal mask.
                 let r = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
