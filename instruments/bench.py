@@ -145,7 +145,7 @@ class BenchOptions:
     @classmethod
     def quick(cls, **kw: Any) -> BenchOptions:
         base: dict[str, Any] = dict(sessions=200, seconds=1.5, warmup=0.5, repeat=3,
-                                    memory_sessions=10_000)
+                                    memory_sessions=10_000, search_steps=5)
         base.update(kw)
         return cls(**base)
 
@@ -2071,7 +2071,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat runs.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="short run (~40 s): 200 sessions, 1.5 s x 3, 10k sessions for memory")
+                   help="short run (~3 min): 200 sessions, 1.5 s x 3, 10k sessions for memory, "
+                   "5 runs per data-plane search")
     p.add_argument("--sessions", type=int, help="concurrent reattach sessions (default 500)")
     p.add_argument("--seconds", type=float, help="measured seconds per run (default 5)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 1)")
