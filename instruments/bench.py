@@ -1999,7 +1999,7 @@ def format_report(report: dict[str, Any]) -> str:
             + ", ".join(f"{x:.1%}" for x in dg["ratio_runs"]),
             f"  cpu tunnel                      {_cpu_text(dg['cpu'])}",
             f"  cpu plain                       {_cpu_text(dg['plain_cpu'])}",
-            f"  cpu per datagram (all procs)    tunnel {dg['cpu_us']:.1f} us (gateway "
+            f"  cpu per echoed datagram (all)   tunnel {dg['cpu_us']:.1f} us (gateway "
             f"{dg['gateway_cpu_us']:.1f}, agent {dg['agent_cpu_us']:.1f}), plain "
             f"{dg['plain_cpu_us']:.1f} us, relay hop {dg['relay_cpu_us']:.1f} us, AEAD hop "
             f"{dg['aead_hop_cpu_us']:.1f} us -> "

@@ -102,7 +102,7 @@ async def window(
         / max(1, packets),
     }
     for name in pids:
-        out[f"{name}_cpu_us"] = cpu[name] * 1e6 / packets if packets else None
+        out[f"{name}_cpu_us_per_packet"] = cpu[name] * 1e6 / packets if packets else None
         n = counts.get(name)
         out[f"{name}_syscalls_per_packet"] = n / packets if n is not None and packets else None
     if calls is not None:
@@ -209,8 +209,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "loss",
                 "rtt_p50_us",
                 "rtt_p99_us",
-                "gateway_cpu_us",
-                "agent_cpu_us",
+                "gateway_cpu_us_per_packet",
+                "agent_cpu_us_per_packet",
                 "gateway_syscalls_per_packet",
                 "agent_syscalls_per_packet",
                 "loadgen_calls_per_packet",
@@ -232,16 +232,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for key in (
                 "target_rate",
                 "loss",
-                "gateway_cpu_us",
-                "agent_cpu_us",
+                "gateway_cpu_us_per_packet",
+                "agent_cpu_us_per_packet",
                 "gateway_syscalls_per_packet",
                 "agent_syscalls_per_packet",
             )
         }
         same["gateway_cpu_vs_python"] = _stat(
             [
-                c["gateway_cpu_us"] / p["gateway_cpu_us"]
-                if c["gateway_cpu_us"] is not None and p["gateway_cpu_us"]
+                c["gateway_cpu_us_per_packet"] / p["gateway_cpu_us_per_packet"]
+                if c["gateway_cpu_us_per_packet"] is not None and p["gateway_cpu_us_per_packet"]
                 else None
                 for c, p in zip(cs, ps, strict=True)
             ]
@@ -304,8 +304,8 @@ def format_planes(pl: dict[str, Any], payload: int) -> list[str]:
             f"{_spread(h['added_p99_us'], '.0f', ' us')}"
         )
         lines.append(
-            f"      per packet: gateway CPU {_spread(h['gateway_cpu_us'], '.2f', ' us')}, agent CPU "
-            f"{_spread(h['agent_cpu_us'], '.2f', ' us')}; syscalls/packet gateway "
+            f"      per packet: gateway CPU {_spread(h['gateway_cpu_us_per_packet'], '.2f', ' us')}, agent CPU "
+            f"{_spread(h['agent_cpu_us_per_packet'], '.2f', ' us')}; syscalls/packet gateway "
             f"{_spread(h['gateway_syscalls_per_packet'], '.3f')}, agent "
             f"{_spread(h['agent_syscalls_per_packet'], '.3f')} (load generator "
             f"{_spread(h['loadgen_calls_per_packet'], '.3f')})"
@@ -315,7 +315,7 @@ def format_planes(pl: dict[str, Any], payload: int) -> list[str]:
         lines.append(
             f"    compiled at the Python plane's window rate "
             f"({_spread(same['target_rate'], ',.0f', ' /s')}): gateway CPU "
-            f"{_spread(same['gateway_cpu_us'], '.2f', ' us')}/packet = "
+            f"{_spread(same['gateway_cpu_us_per_packet'], '.2f', ' us')}/packet = "
             f"{_spread(same['gateway_cpu_vs_python'], '.2f', 'x')} the Python plane's "
             f"(target <= 0.33x); syscalls/packet gateway "
             f"{_spread(same['gateway_syscalls_per_packet'], '.3f')}, agent "

@@ -72,7 +72,7 @@ async def test_bench_smoke_runs_every_part() -> None:
             assert len(run["search"][name]["steps"]) == 1  # search_steps bounds each search
         if run["search"]["python"]["target_rate"] > 0:
             h = pl["half"]["python"]
-            assert h["gateway_cpu_us"]["median"] > 0 and h["rtt_p99_us"]["median"] > 0
+            assert h["gateway_cpu_us_per_packet"]["median"] > 0 and h["rtt_p99_us"]["median"] > 0
 
     tr = report["transports"]
     for kind in ("udp", "tcp", "quic"):

@@ -157,7 +157,7 @@ async def test_window_counts_cpu_and_system_calls_per_packet(echo: loadgen.Echo)
     # the echo makes at least one receive and one send call per batch, and batches are
     # never more than 64 datagrams
     assert 1 / 64 <= w["echo_syscalls_per_packet"] < 10
-    assert w["echo_cpu_us"] is not None and w["echo_cpu_us"] >= 0
+    assert w["echo_cpu_us_per_packet"] is not None and w["echo_cpu_us_per_packet"] >= 0
 
 
 def test_summary_and_report_of_synthetic_runs() -> None:
@@ -176,8 +176,8 @@ def test_summary_and_report_of_synthetic_runs() -> None:
             "loss": 0.0,
             "rtt_p50_us": 100,
             "rtt_p99_us": 900,
-            "gateway_cpu_us": 5.0,
-            "agent_cpu_us": 6.0,
+            "gateway_cpu_us_per_packet": 5.0,
+            "agent_cpu_us_per_packet": 6.0,
             "gateway_syscalls_per_packet": 0.2,
             "agent_syscalls_per_packet": 0.3,
             "loadgen_calls_per_packet": 0.1,
@@ -185,7 +185,7 @@ def test_summary_and_report_of_synthetic_runs() -> None:
         }
         return {
             "search": search,
-            "half": {"compiled": w, "python": dict(w, gateway_cpu_us=20.0)},
+            "half": {"compiled": w, "python": dict(w, gateway_cpu_us_per_packet=20.0)},
             "bare_at_half": {"compiled": {"rtt_p99_us": 400}, "python": {"rtt_p99_us": 300}},
             "compiled_at_python_rate": w,
         }
