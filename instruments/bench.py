@@ -136,7 +136,7 @@ class BenchOptions:
     warmup: float = 1.0
     repeat: int = 5
     window: int = 64
-    search_steps: int = 10  # runs per highest-rate search of the data-plane comparison
+    search_steps: int = 12  # runs per highest-rate search of the data-plane comparison
     payload: int = PAYLOAD_SIZE
     memory_sessions: int = 100_000
     only: tuple[str, ...] = ("reattach", "datagram", "transports", "memory")  # the CLI adds "l3"
@@ -148,7 +148,7 @@ class BenchOptions:
     @classmethod
     def quick(cls, **kw: Any) -> BenchOptions:
         base: dict[str, Any] = dict(sessions=200, seconds=1.5, warmup=0.5, repeat=3,
-                                    memory_sessions=10_000, search_steps=5)
+                                    memory_sessions=10_000, search_steps=6)
         base.update(kw)
         return cls(**base)
 
@@ -2075,7 +2075,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true",
                    help="short run (~3 min): 200 sessions, 1.5 s x 3, 10k sessions for memory, "
-                   "5 runs per data-plane search")
+                   "6 runs per data-plane search")
     p.add_argument("--sessions", type=int, help="concurrent reattach sessions (default 500)")
     p.add_argument("--seconds", type=float, help="measured seconds per run (default 5)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 1)")
@@ -2083,7 +2083,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="datagrams in flight (default 64)")
     p.add_argument("--payload", type=int, help=f"datagram payload bytes (default {PAYLOAD_SIZE})")
     p.add_argument("--search-steps", type=int,
-                   help="runs per highest-rate search of the data planes (default 10)")
+                   help="runs per highest-rate search of the data planes (default 12)")
     p.add_argument("--memory-sessions", type=int, help="sessions for the memory figure (100000)")
     p.add_argument("--only", action="append",
                    choices=("reattach", "datagram", "transports", "memory", "l3"),

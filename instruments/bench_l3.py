@@ -50,8 +50,8 @@ ECHO_PORT = 7100
 LATENCY_SHARE = 0.5  # the latency run's rate, a share of the highest paced UDP rate
 PAYLOAD = 1400
 ECHO_STEP_S = 1.5  # one step of the echo-rate search
-ECHO_SEARCH_STEPS = 8
-ECHO_SEARCH_BUDGET_S = 40.0
+ECHO_SEARCH_STEPS = 10
+ECHO_SEARCH_BUDGET_S = 45.0
 LATENCY_RUNS = 3
 LATENCY_RUN_S = 2.0
 

@@ -266,11 +266,14 @@ def highest_rate(
     budget_s: float = 60.0,
     resolution: float = 0.08,
     target_loss: float = TARGET_LOSS,
+    confirm: bool = True,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """The highest paced rate ``measure`` carries at < ``target_loss``: at most ``max_steps``
-    runs and ``budget_s`` seconds. Returns the best passing run (``best``; None if none
-    passed), its delivered ``rate``, every step, and what ended the search."""
+    runs and ``budget_s`` seconds. With ``confirm``, a rate fails only if a second run at
+    it fails too (a miss can be a neighbour's burst on a shared machine; each run counts
+    as a step). Returns the best passing run (``best``; None if none passed), its delivered
+    ``rate``, every step, and what ended the search."""
     if start <= 0 or max_rate < start or max_steps < 1 or resolution <= 0:
         raise ValueError("highest_rate: start > 0, max_rate >= start, max_steps >= 1")
     deadline = clock() + budget_s
@@ -280,6 +283,7 @@ def highest_rate(
     best: dict[str, Any] | None = None
     rate = start
     ended = "step limit"
+    missed: float | None = None  # a rate that failed once, not yet confirmed
     for _ in range(max_steps):
         if clock() >= deadline:
             ended = "time budget"
@@ -290,6 +294,7 @@ def highest_rate(
             {
                 "rate": round(rate),
                 "ok": ok,
+                "retry": missed == rate,
                 "delivered": r["rate"],
                 "loss": r["loss"],
                 "offered": r["offered_rate"],
@@ -298,6 +303,10 @@ def highest_rate(
                 "socket_drops": r.get("socket_drops"),
             }
         )
+        if not ok and confirm and missed != rate:
+            missed = rate  # once more at the same rate
+            continue
+        missed = None
         if ok and (lo is None or rate > lo):
             lo, best = rate, r
         if not ok and (hi is None or rate < hi):

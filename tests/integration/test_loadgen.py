@@ -109,13 +109,16 @@ def _fake(limit: float, calls: list[float]) -> Any:
 def test_search_finds_the_highest_rate_within_its_bounds() -> None:
     calls: list[float] = []
     s = loadgen.highest_rate(
-        _fake(37_000, calls), start=10_000, max_steps=12, budget_s=60, resolution=0.05
+        _fake(37_000, calls), start=10_000, max_steps=20, budget_s=60, resolution=0.05
     )
-    assert s["ended_by"] == "resolved" and len(calls) == len(s["steps"]) <= 12
+    assert s["ended_by"] == "resolved" and len(calls) == len(s["steps"]) <= 20
+    # every failure was run twice before it counted
+    failed = [st["rate"] for st in s["steps"] if not st["ok"]]
+    assert all(failed.count(rate) == 2 for rate in failed)
     assert 37_000 / 1.05 <= s["rate"] <= 37_000 and s["best"]["loss"] == 0.0
     assert s["failed_at"] > 37_000
     # down from a start nothing carries, and up to a ceiling
-    s = loadgen.highest_rate(_fake(3_000, []), start=10_000, max_steps=12)
+    s = loadgen.highest_rate(_fake(3_000, []), start=10_000, max_steps=20)
     assert 3_000 / 1.08 <= s["rate"] <= 3_000
     s = loadgen.highest_rate(_fake(1e9, []), start=10_000, max_rate=50_000)
     assert s["ended_by"] == "max rate" and s["rate"] == 50_000
@@ -129,7 +132,7 @@ def test_search_is_bounded_in_steps_and_time() -> None:
     calls = []
     s = loadgen.highest_rate(_fake(0, calls), start=10_000, max_steps=100)
     assert s["rate"] == 0.0 and s["best"] is None and s["ended_by"] == "nothing passed"
-    assert len(calls) <= 7
+    assert len(calls) <= 14
     # the time budget, on a clock each run advances by 2 s
     now = [0.0]
     calls = []
@@ -140,8 +143,30 @@ def test_search_is_bounded_in_steps_and_time() -> None:
 
     s = loadgen.highest_rate(slow, start=10_000, max_steps=100, budget_s=5.0, clock=lambda: now[0])
     assert len(calls) == 3 and s["ended_by"] == "time budget"
+
+
+def test_search_runs_a_miss_again_before_it_counts() -> None:
+    """One burst of a neighbour's load (a single lossy run) does not end the search low."""
+    calls: list[float] = []
+    carried = _fake(37_000, calls)
+    burst = [True]
+
+    def flaky(rate: float) -> dict[str, Any]:
+        r = carried(rate)
+        if burst[0]:  # the first run meets a burst: 10% lost
+            burst[0] = False
+            return dict(r, loss=0.1)
+        return r
+
+    s = loadgen.highest_rate(flaky, start=10_000, max_steps=20, resolution=0.05)
+    assert calls[:2] == [10_000, 10_000] and s["steps"][1]["retry"] and s["steps"][1]["ok"]
+    assert 37_000 / 1.05 <= s["rate"] <= 37_000
+    # without confirmation the burst would have sent it down
+    burst[0] = True
+    s = loadgen.highest_rate(flaky, start=10_000, max_steps=20, resolution=0.05, confirm=False)
+    assert not s["steps"][0]["ok"] and s["steps"][1]["rate"] == 5_000
     with pytest.raises(ValueError):
-        loadgen.highest_rate(slow, start=0, max_steps=3)
+        loadgen.highest_rate(flaky, start=0, max_steps=3)
 
 
 def test_a_run_that_fell_behind_its_pace_does_not_pass() -> None:
