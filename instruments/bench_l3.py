@@ -337,7 +337,7 @@ def format_l3(report: dict[str, Any]) -> str:
             return "?" if x is None else format(x, spec)
 
         engine = ("" if pp.get("gateway_engine_syscalls") is None else
-                  f"; of which the engines' own: gateway {pp['gateway_engine_syscalls']:.3f}, "
+                  f"; the engines' own counters (their threads, read over a slightly wider window): gateway {pp['gateway_engine_syscalls']:.3f}, "
                   f"agent {pp['agent_engine_syscalls']:.3f}")
         lines.append(f"  {plane} at {pp['offered_mbit']} Mbit/s: CPU per packet gateway "
                      f"{f(pp.get('gateway_cpu_us'), '.1f')} us, agent "
