@@ -7,6 +7,7 @@
 #   make test-containers   only the container test (tests/containers: build, compose up, kill)
 #   make test   lint, then the test suite  make lint    ruff, import contracts, mypy
 #   make dataplane   build the compiled data plane into .venv (needs cargo; else Python runs)
+#   make loadgen   the datagram bench's compiled load generator and echo (instruments/loadgen)
 #   make fuzz   the data plane's fuzz target for FUZZ_SECONDS (default 600; make test runs 10)
 #   make dataplane-wheel   the data plane's wheel for the container image (dataplane/wheels/)
 #   make test-long   the long runs (-m long: the randomized fault run of >= 10^4 decisions)
@@ -27,7 +28,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.jvpn-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Debian packages as command:package (or /absolute/file:package for what has no
-# command, e.g. an nginx module); `deps` installs what is missing. nginx + njs,
+# command, e.g. an nginx module); `deps` installs what is missing. perf counts the
+# benches' system calls per packet (the raw_syscalls tracepoint). nginx + njs,
 # Prometheus and docker-compose are for the cluster tests (tests/cluster); Podman
 # with runc, its network stack (netavark, aardvark-dns: the service names) and
 # debootstrap (the base image) for the container test (tests/containers). The
@@ -40,7 +42,8 @@ DEB_DEPS := redis-server:redis-server nginx:nginx \
   prometheus:prometheus promtool:prometheus docker-compose:docker-compose \
   podman:podman runc:runc $(PODMAN_LIBEXEC)/netavark:netavark \
   $(PODMAN_LIBEXEC)/aardvark-dns:aardvark-dns debootstrap:debootstrap \
-  nft:nftables iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ping:iputils-ping
+  nft:nftables iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ping:iputils-ping \
+  perf:linux-perf
 
 PYTHON ?=
 ARGS ?=
@@ -51,14 +54,19 @@ FUZZ_SECONDS ?= 600
 DATAPLANE_STAMP := $(VENV)/.jvpn-dataplane
 DATAPLANE_SRC := dataplane/Cargo.toml dataplane/Cargo.lock dataplane/pyproject.toml $(wildcard dataplane/src/*.rs)
 HAVE_CARGO := $(shell command -v cargo 2>/dev/null)
+# The benches' load generator and echo: a lab instrument in its own crate, never in the
+# data plane's module or the image.
+LOADGEN := instruments/loadgen/target/release/jvpn-loadgen
+LOADGEN_SRC := instruments/loadgen/Cargo.toml instruments/loadgen/Cargo.lock \
+  $(wildcard instruments/loadgen/src/*.rs)
 
 .PHONY: help venv deps demo test test-long lint bench bench-cluster base-image test-containers clean \
-  distclean dataplane dataplane-test dataplane-wheel fuzz
+  distclean dataplane dataplane-test dataplane-wheel fuzz loadgen
 
 help:
 	@sed -n '2,15p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
-venv: $(STAMP) dataplane
+venv: $(STAMP) dataplane loadgen
 
 dataplane: $(STAMP)
 ifeq ($(HAVE_CARGO),)
@@ -72,12 +80,26 @@ $(DATAPLANE_STAMP): $(DATAPLANE_SRC) $(STAMP)
 	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q -m dataplane/Cargo.toml
 	@touch $@
 
+loadgen:
+ifeq ($(HAVE_CARGO),)
+	@echo "note: no Rust toolchain (cargo): the benches' compiled load generator is not built"
+else
+	@$(MAKE) $(LOADGEN)
+endif
+
+$(LOADGEN): $(LOADGEN_SRC)
+	@echo "building the benches' load generator and echo (instruments/loadgen, cargo --release)"
+	@cargo build --release -q --manifest-path instruments/loadgen/Cargo.toml
+	@touch $@
+
 # The crate's own tests (unit, property, the shared vectors) and a bounded fuzz run.
 dataplane-test:
 ifeq ($(HAVE_CARGO),)
 	@echo "note: no Rust toolchain (cargo): the crate's tests and the fuzz run are skipped"
 else
 	@echo "cargo test (dataplane)"; cd dataplane && cargo test --release -q
+	@echo "cargo clippy (instruments/loadgen)"; \
+	  cargo clippy --release -q --manifest-path instruments/loadgen/Cargo.toml -- -D warnings
 	@$(MAKE) fuzz FUZZ_SECONDS=10
 endif
 
@@ -202,7 +224,7 @@ test-long: deps venv
 clean:
 	@# .jvpn holds `jvpn-lab cluster` state: stop a running local cluster before deleting it.
 	@if [ -f .jvpn/cluster/cluster.json ] && [ -x $(BIN)/jvpn-lab ]; then $(BIN)/jvpn-lab cluster down || true; fi
-	@rm -rf dataplane/target dataplane/fuzz/target build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .jvpn
+	@rm -rf dataplane/target dataplane/fuzz/target instruments/loadgen/target build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .jvpn
 	@find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 
 distclean: clean

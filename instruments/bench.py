@@ -24,7 +24,10 @@ same run, on the same machine, with the same client code, as a ratio:
   relay process (``instruments.netsim.UdpRelay``: the same process layout as the
   tunnel with no protocol at all), and through ``AeadHop`` with the sender
   sealing and opening (the relay plus one ChaCha20-Poly1305 open and seal per
-  direction: a ceiling for any Python AEAD tunnel, before any protocol).
+  direction: a ceiling for any Python AEAD tunnel, before any protocol). Then the data
+  planes side by side, driven by the compiled load generator and echo
+  (``instruments.bench_dp``: the highest paced rate at < 0.5% loss, the p99 added at
+  half of it, CPU and system calls per packet).
 - Memory: sessions born through the store API in pipelined batches, one
   reattach each (so nonce hashes exist), INFO used_memory delta per session
   and MEMORY USAGE of one record and its nonce hash.
@@ -63,6 +66,7 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from instruments import bench_dp, loadgen
 from session import wire
 from session.client import (
     ClientParams,
@@ -132,6 +136,7 @@ class BenchOptions:
     warmup: float = 1.0
     repeat: int = 5
     window: int = 64
+    search_steps: int = 12  # runs per highest-rate search of the data-plane comparison
     payload: int = PAYLOAD_SIZE
     memory_sessions: int = 100_000
     only: tuple[str, ...] = ("reattach", "datagram", "transports", "memory")  # the CLI adds "l3"
@@ -143,7 +148,7 @@ class BenchOptions:
     @classmethod
     def quick(cls, **kw: Any) -> BenchOptions:
         base: dict[str, Any] = dict(sessions=200, seconds=1.5, warmup=0.5, repeat=3,
-                                    memory_sessions=10_000)
+                                    memory_sessions=10_000, search_steps=6)
         base.update(kw)
         return cls(**base)
 
@@ -1354,65 +1359,104 @@ async def _direct_flow(opts: BenchOptions, addr: tuple[str, int], pids: dict[str
 
 
 async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
-    """Datagrams/s and loss through one tunnelled session beside a plain UDP echo."""
-    from agent.agent import Agent, AgentSettings
-
+    """Datagrams/s and loss through one tunnelled session beside a plain UDP echo (the
+    Python load generator), and the data planes side by side with the compiled one."""
     gw = await env.gateway()
     echo = await env.echo()
     relay = await env.relay(echo)
     hop, hop_client = await env.aead_hop(echo)
     echo_default = await env.echo_asyncio()
     upstream = f"{echo[0]}:{echo[1]}"
+    # The data planes side by side (instruments/bench_dp.py): a gateway and an agent process
+    # each, driven by the compiled load generator at the agent's local port (as an
+    # application is), compiled (both engines) and Python, with the compiled echo upstream.
+    dp_echo: loadgen.Echo | None = None
+    dp_skipped: str | None = None
+    if not loadgen.MIN_SIZE <= opts.payload <= loadgen.MAX_SIZE:
+        dp_skipped = f"the load generator sends {loadgen.MIN_SIZE}..{loadgen.MAX_SIZE} B datagrams"
+    else:
+        try:
+            dp_echo = await asyncio.to_thread(loadgen.Echo().start)
+        except loadgen.LoadgenUnavailable as exc:
+            dp_skipped = str(exc)
+    if dp_skipped is not None:
+        opts.say(f"  data planes: skipped ({dp_skipped})")
+    dp_upstream = f"{dp_echo.address[0]}:{dp_echo.address[1]}" if dp_echo else upstream
     client_priv, client_pub = generate_keypair()
     await env.store.add_client(ClientPolicy(client_pub, name="bench-datagram", ttl_s=BENCH_TTL_S,
-                                            upstreams=(upstream,)))  # fmt: skip
+                                            upstreams=tuple(dict.fromkeys((upstream, dp_upstream)))))  # fmt: skip
     runs: list[dict[str, Any]] = []
+    dp_runs: list[dict[str, Any]] = []
     pids = {"gateway": env.gateway_pid, "echo": env.echo_pid, "loadgen": os.getpid()}
-    # The data planes side by side: a gateway and an agent process each, the load generator
-    # at the agent's local port (as an application is), compiled (both engines) and Python.
     planes: dict[str, tuple[tuple[str, int], dict[str, int]]] = {}
-    for plane in ("compiled", "python"):
-        if plane == "compiled" and not _compiled_available():
-            continue
-        planes[plane] = await env.data_plane_pair(plane, upstream, client_priv)
-    for rep in range(opts.repeat):
-        run: dict[str, Any] = {}
-        flow = Flow(opts.payload, opts.window)
-        agent = Agent(AgentSettings(
-            private_key=client_priv, gateway_public_key=env.gateway_pub, gateways=[gw],
-            tcp_gateways=[], upstream=upstream, local_udp=None, transports=["udp"],
-            params=ClientParams(upstream=upstream), name="bench"), on_payload=flow.on_echo)
-        try:
-            await agent.start()
-            await agent.wait_connected(10)
-            drops0 = _udp_kernel_drops()
-            cpu = CpuMeter(pids)
-            prof = env.profile(opts, "datagram", rep, opts.warmup + opts.seconds)
-            run["tunnel"] = await flow.run(agent.send, opts.warmup, opts.seconds)
-            run["tunnel"]["cpu"] = cpu.read()
-            await env.finish_profile(prof)
-            run["tunnel"]["kernel_udp_drops"] = _udp_kernel_drops() - drops0
-        finally:
-            await agent.stop()
+    if dp_echo is not None:
+        for plane in ("compiled", "python"):
+            if plane == "compiled" and not _compiled_available():
+                continue
+            planes[plane] = await env.data_plane_pair(plane, dp_upstream, client_priv)
+    try:
+        for rep in range(opts.repeat):
+            await _datagram_run(opts, env, rep, runs, pids, client_priv, gw, upstream, echo,
+                                relay, hop, hop_client, echo_default)
+            if dp_echo is not None:
+                opts.say(f"  data planes {rep + 1}/{opts.repeat}:")
+                targets = {"bare": dp_echo.address, "uvloop_echo": echo,
+                           **{plane: local for plane, (local, _) in planes.items()}}
+                dp_runs.append(await bench_dp.run_once(
+                    targets, dp_echo.address, {p: pp for p, (_, pp) in planes.items()}, opts,
+                    opts.say))
+    finally:
+        if dp_echo is not None:
+            await asyncio.to_thread(dp_echo.stop)
+    return _datagram_summary(opts, runs, dp_runs, dp_skipped)
 
-        for plane, (local, plane_pids) in planes.items():
-            run[f"plane_{plane}"] = await _direct_flow(
-                opts, local, {**plane_pids, "echo": env.echo_pid, "loadgen": os.getpid()})
-        run["plain"] = await _direct_flow(opts, echo, pids, kernel_drops=True)
-        run["relay"] = await _direct_flow(
-            opts, relay, {"relay": env.relay_pid, "echo": env.echo_pid, "loadgen": os.getpid()})
-        run["aead_hop"] = await _direct_flow(
-            opts, hop, {"hop": env.aead_hop_pid, "echo": env.echo_pid, "loadgen": os.getpid()},
-            aead=hop_client)
-        run["plain_asyncio"] = await _direct_flow(opts, echo_default, None)
-        run["ratio"] = _ratio(run["tunnel"]["rate"], run["plain"]["rate"])
-        runs.append(run)
-        t, p = run["tunnel"], run["plain"]
-        opts.say(f"  datagram {rep + 1}/{opts.repeat}: tunnel {t['rate']:,.0f}/s loss "
-                 f"{t['loss']:.2%}, plain echo {p['rate']:,.0f}/s loss {p['loss']:.2%} -> "
-                 f"{run['ratio']:.0%} (relay hop {run['relay']['rate']:,.0f}/s, AEAD hop "
-                 f"{run['aead_hop']['rate']:,.0f}/s); cpu {t['cpu']}")
 
+async def _datagram_run(opts: BenchOptions, env: BenchEnv, rep: int, runs: list[dict[str, Any]],
+                        pids: dict[str, int], client_priv: bytes, gw: tuple[str, int],
+                        upstream: str, echo: tuple[str, int], relay: tuple[str, int],
+                        hop: tuple[str, int], hop_client: AeadClient,
+                        echo_default: tuple[str, int]) -> None:
+    """One repeat of the Python-driven figures: the in-process agent's tunnel beside the
+    echo, relay and AEAD hop (the Python load generator)."""
+    from agent.agent import Agent, AgentSettings
+
+    run: dict[str, Any] = {}
+    flow = Flow(opts.payload, opts.window)
+    agent = Agent(AgentSettings(
+        private_key=client_priv, gateway_public_key=env.gateway_pub, gateways=[gw],
+        tcp_gateways=[], upstream=upstream, local_udp=None, transports=["udp"],
+        params=ClientParams(upstream=upstream), name="bench"), on_payload=flow.on_echo)
+    try:
+        await agent.start()
+        await agent.wait_connected(10)
+        drops0 = _udp_kernel_drops()
+        cpu = CpuMeter(pids)
+        prof = env.profile(opts, "datagram", rep, opts.warmup + opts.seconds)
+        run["tunnel"] = await flow.run(agent.send, opts.warmup, opts.seconds)
+        run["tunnel"]["cpu"] = cpu.read()
+        await env.finish_profile(prof)
+        run["tunnel"]["kernel_udp_drops"] = _udp_kernel_drops() - drops0
+    finally:
+        await agent.stop()
+
+    run["plain"] = await _direct_flow(opts, echo, pids, kernel_drops=True)
+    run["relay"] = await _direct_flow(
+        opts, relay, {"relay": env.relay_pid, "echo": env.echo_pid, "loadgen": os.getpid()})
+    run["aead_hop"] = await _direct_flow(
+        opts, hop, {"hop": env.aead_hop_pid, "echo": env.echo_pid, "loadgen": os.getpid()},
+        aead=hop_client)
+    run["plain_asyncio"] = await _direct_flow(opts, echo_default, None)
+    run["ratio"] = _ratio(run["tunnel"]["rate"], run["plain"]["rate"])
+    runs.append(run)
+    t, p = run["tunnel"], run["plain"]
+    opts.say(f"  datagram {rep + 1}/{opts.repeat}: tunnel {t['rate']:,.0f}/s loss "
+             f"{t['loss']:.2%}, plain echo {p['rate']:,.0f}/s loss {p['loss']:.2%} -> "
+             f"{run['ratio']:.0%} (relay hop {run['relay']['rate']:,.0f}/s, AEAD hop "
+             f"{run['aead_hop']['rate']:,.0f}/s); cpu {t['cpu']}")
+
+
+def _datagram_summary(opts: BenchOptions, runs: list[dict[str, Any]],
+                      dp_runs: list[dict[str, Any]], dp_skipped: str | None) -> dict[str, Any]:
     def med(path: str, key: str) -> float:
         return median([r[path][key] for r in runs])
 
@@ -1468,19 +1512,8 @@ async def bench_datagram(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
         "target_loss": TARGET_LOSS,
         "bottleneck": _bottleneck(shares),
     }
-    summary["planes"] = {
-        plane: {
-            "rate": med(f"plane_{plane}", "rate"),
-            "loss": med(f"plane_{plane}", "loss"),
-            "rtt_p50_ms": med(f"plane_{plane}", "rtt_p50_ms"),
-            "ratio": _ratio(med(f"plane_{plane}", "rate"), plain),
-            "gateway_cpu_us": median([_per_op_us(r[f"plane_{plane}"]["cpu"]["gateway"],
-                                                 r[f"plane_{plane}"]["rate"]) for r in runs]),
-            "agent_cpu_us": median([_per_op_us(r[f"plane_{plane}"]["cpu"]["agent"],
-                                               r[f"plane_{plane}"]["rate"]) for r in runs]),
-        }
-        for plane in planes
-    }
+    summary["planes"] = ({"skipped": dp_skipped} if dp_skipped is not None or not dp_runs
+                         else bench_dp.summarize(dp_runs))
     summary["met"] = summary["ratio"] >= TARGET_DATAGRAM_RATIO and loss < TARGET_LOSS
     summary["runs"] = runs
     return summary
@@ -1969,19 +2002,15 @@ def format_report(report: dict[str, Any]) -> str:
             + ", ".join(f"{x:.1%}" for x in dg["ratio_runs"]),
             f"  cpu tunnel                      {_cpu_text(dg['cpu'])}",
             f"  cpu plain                       {_cpu_text(dg['plain_cpu'])}",
-            f"  cpu per datagram (all procs)    tunnel {dg['cpu_us']:.1f} us (gateway "
+            f"  cpu per echoed datagram (all)   tunnel {dg['cpu_us']:.1f} us (gateway "
             f"{dg['gateway_cpu_us']:.1f}, agent {dg['agent_cpu_us']:.1f}), plain "
             f"{dg['plain_cpu_us']:.1f} us, relay hop {dg['relay_cpu_us']:.1f} us, AEAD hop "
             f"{dg['aead_hop_cpu_us']:.1f} us -> "
             f"{_ratio(dg['plain_cpu_us'], dg['cpu_us']):.1%}",
             f"  bottleneck                      {dg['bottleneck']}",
         ]
-        for plane, pl in dg.get("planes", {}).items():
-            lines.append(
-                f"  app port->agent->gw->echo, {plane:8} {pl['rate']:>9,.0f} /s  loss "
-                f"{pl['loss']:.2%}  rtt p50 {pl['rtt_p50_ms']:.2f} ms  {pl['ratio']:.0%} of the "
-                f"echo; cpu per datagram gateway {pl['gateway_cpu_us']:.1f} us, agent "
-                f"{pl['agent_cpu_us']:.1f} us")
+        if "planes" in dg:
+            lines += bench_dp.format_planes(dg["planes"], dg["payload"])
     tr = report.get("transports")
     if tr:
         lines += [
@@ -2045,13 +2074,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat runs.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="short run (~40 s): 200 sessions, 1.5 s x 3, 10k sessions for memory")
+                   help="short run (~3 min): 200 sessions, 1.5 s x 3, 10k sessions for memory, "
+                   "6 runs per data-plane search")
     p.add_argument("--sessions", type=int, help="concurrent reattach sessions (default 500)")
     p.add_argument("--seconds", type=float, help="measured seconds per run (default 5)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 1)")
     p.add_argument("--repeat", type=int, help="runs per figure; medians are reported (default 5)")
     p.add_argument("--window", type=int, help="datagrams in flight (default 64)")
     p.add_argument("--payload", type=int, help=f"datagram payload bytes (default {PAYLOAD_SIZE})")
+    p.add_argument("--search-steps", type=int,
+                   help="runs per highest-rate search of the data planes (default 12)")
     p.add_argument("--memory-sessions", type=int, help="sessions for the memory figure (100000)")
     p.add_argument("--only", action="append",
                    choices=("reattach", "datagram", "transports", "memory", "l3"),
@@ -2072,7 +2104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     opts = BenchOptions.quick() if args.quick else BenchOptions()
     for name in ("sessions", "seconds", "warmup", "repeat", "window", "payload",
-                 "memory_sessions"):  # fmt: skip
+                 "memory_sessions", "search_steps"):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             setattr(opts, name, value)
@@ -2087,7 +2119,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
             raise SystemExit(f"--gateway-set {item!r}: expected KEY=VALUE")
         opts.gateway_set[key.strip()] = value
     opts.profile_dir = args.profile
-    if min(opts.sessions, opts.repeat, opts.window, opts.memory_sessions) < 1 or opts.seconds <= 0:
+    if min(opts.sessions, opts.repeat, opts.window, opts.memory_sessions,
+           opts.search_steps) < 1 or opts.seconds <= 0:
         raise SystemExit("sizes must be positive")
     if not 9 <= opts.payload <= wire.MAX_PAYLOAD_SIZE:
         raise SystemExit(f"--payload must be 9..{wire.MAX_PAYLOAD_SIZE}")

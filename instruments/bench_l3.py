@@ -10,12 +10,18 @@ measured in the same run, on the same path:
 - **jvpn python**: the same on the Python data plane (asyncio and ``cryptography``);
 - **wireguard-go**: Debian's userspace WireGuard between the same two namespaces.
 
-For each: iperf3 TCP (bits/s received) and the highest paced 1400-byte UDP rate,
-from a fixed ladder, with < 0.5% loss. For both jvpn planes also, over one paced
-1400-byte UDP run at a rate both carry (``PER_PACKET_MBIT``): the gateway process's CPU
-time per packet (user + system, all threads, from /proc) and, on the compiled plane,
-the engines' system calls per packet (their own counters). Root only; iperf3,
-wireguard-go and wireguard-tools must be installed (the Makefile's deps).
+For each: iperf3 TCP (bits/s received), the highest paced 1400-byte UDP rate, from a
+fixed ladder, with < 0.5% loss, and the RTT percentiles of 1400-byte datagrams echoed
+from the server's namespace at 50% of that rate (the compiled load generator and echo,
+``instruments.loadgen``; each datagram crosses the path twice, so the path carries the
+rate each way): the p99 added by a tunnel is its p99 minus the bare path's at its own
+rate. For both jvpn planes also, over one paced 1400-byte UDP run at a rate both carry
+(``PER_PACKET_MBIT``): the gateway's and the agent's CPU time per packet (user + system,
+all threads, from /proc) and their system calls per packet (every call of every thread,
+``loadgen.SyscallCount``), a packet being one datagram through the tunnel, as in the
+datagram bench (``instruments.bench_dp``); on the compiled plane also the engines' own
+count of their calls. Root only; iperf3, wireguard-go and wireguard-tools must be
+installed (the Makefile's deps), and cargo or a built load generator for the latencies.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from instruments import loadgen
 from instruments.netlab import GW_PORT, OUT_NET, SERVER, VIP, Lab, missing_prerequisites
 
 UDP_LADDER_MBIT = (25, 50, 100, 200, 400, 800, 1600)
@@ -38,6 +46,14 @@ PLANES = ("compiled", "python")
 ENGINE_CALLS = ("recv_calls", "send_calls", "poll_calls", "tun_reads", "tun_writes")
 MAX_LOSS_PCT = 0.5
 WG_PORT = 51900
+ECHO_PORT = 7100
+LATENCY_SHARE = 0.5  # the latency run's rate, a share of the highest paced UDP rate
+PAYLOAD = 1400
+ECHO_STEP_S = 1.5  # one step of the echo-rate search
+ECHO_SEARCH_STEPS = 10
+ECHO_SEARCH_BUDGET_S = 45.0
+LATENCY_RUNS = 3
+LATENCY_RUN_S = 2.0
 
 
 def _iperf(lab: Lab, seconds: float, udp_mbit: int | None = None) -> dict[str, Any]:
@@ -55,7 +71,46 @@ def _iperf(lab: Lab, seconds: float, udp_mbit: int | None = None) -> dict[str, A
     return result
 
 
-def _measure(lab: Lab, seconds: float) -> dict[str, Any]:
+def _measure(lab: Lab, seconds: float, no_echo: str | None) -> dict[str, Any]:
+    """Throughput, then latency (``no_echo``: why there is no echo to measure it with)."""
+    out = _throughput(lab, seconds)
+    out["latency"] = ({"skipped": no_echo} if no_echo is not None else
+                      _latency(lab, out["udp_mbit_under_0_5pct_loss"], seconds))
+    return out
+
+
+def _gen(lab: Lab, rate: float, seconds: float) -> dict[str, Any]:
+    return loadgen.run_gen((SERVER, ECHO_PORT), rate=rate, seconds=seconds, size=PAYLOAD,
+                           prefix=["ip", "netns", "exec", lab.client])
+
+
+def _latency(lab: Lab, udp_mbit: float, seconds: float) -> dict[str, Any]:
+    """The highest paced rate of 1400-byte echoes (client to the server's namespace and
+    back) at < 0.5% loss, found as the datagram bench finds it, and the RTT percentiles at
+    LATENCY_SHARE of it: the same definition as the loopback datagram bench's."""
+    step = min(seconds, ECHO_STEP_S)
+    start = max(1000.0, udp_mbit * 1e6 / (PAYLOAD * 8) / 2)  # iperf3's rate, split both ways
+    found = loadgen.highest_rate(lambda rate: _gen(lab, rate, step), start=start,
+                                 max_steps=ECHO_SEARCH_STEPS, budget_s=ECHO_SEARCH_BUDGET_S)
+    if found["target_rate"] <= 0:
+        return {"skipped": "no echo rate passed", "search": found["steps"]}
+    rate = LATENCY_SHARE * found["target_rate"]
+    return {"highest_echo_rate": found["rate"], **_rtt_at(lab, rate, seconds),
+            "search": found["steps"]}
+
+
+def _rtt_at(lab: Lab, rate: float, seconds: float) -> dict[str, Any]:
+    """RTT percentiles of paced echoes at ``rate``: the median of LATENCY_RUNS short runs
+    (one neighbour's burst on a shared machine moves a single run's p99 by milliseconds)."""
+    runs = [_gen(lab, rate, min(seconds, LATENCY_RUN_S)) for _ in range(LATENCY_RUNS)]
+    p99 = sorted(r["rtt_p99_us"] for r in runs)
+    return {"rate": round(rate), "delivered": statistics.median(r["rate"] for r in runs),
+            "loss": statistics.median(r["loss"] for r in runs),
+            "rtt_p50_us": int(statistics.median(r["rtt_p50_us"] for r in runs)),
+            "rtt_p99_us": int(statistics.median(p99)), "rtt_p99_runs_us": p99}
+
+
+def _throughput(lab: Lab, seconds: float) -> dict[str, Any]:
     tcp = _iperf(lab, seconds)
     tcp_bps = tcp.get("end", {}).get("sum_received", {}).get("bits_per_second", 0.0)
     best, ladder, misses = 0, [], 0
@@ -105,6 +160,14 @@ def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
     lab.wait_gateways_ready([1])
     lab.spawn(lab.server, ["iperf3", "-s", "-B", SERVER], "iperf3-server")
     lab.wait_tcp(lab.server, SERVER, 5201)
+    no_echo: str | None = None
+    try:
+        echo = lab.spawn(lab.server, [str(loadgen.binary()), "echo", "--bind",
+                                      f"{SERVER}:{ECHO_PORT}"], "loadgen-echo")
+        echo.line()  # it listens
+    except loadgen.LoadgenUnavailable as exc:
+        no_echo = str(exc)
+        say(f"l3: no latencies ({exc})")
     report: dict[str, Any] = {"seconds": seconds}
 
     # jvpn: the client's TUN through the gateway node (UDP transport), on each data plane
@@ -120,7 +183,7 @@ def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
         agent = lab.agent(priv, transports=("udp",))
         st = lab.wait_agent(agent)
         say(f"l3: jvpn ({plane} data plane) through {st['transport']} (mtu {st['mtu']})")
-        r = _measure(lab, seconds)
+        r = _measure(lab, seconds, no_echo)
         r["per_packet"] = _per_packet(lab, agent, seconds)
         report[f"jvpn_{plane}"] = r
         agent.stop()
@@ -130,7 +193,7 @@ def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
     lab.run(lab.client, "ip", "route", "replace", "10.99.0.0/24", "via", f"{OUT_NET}.1")
     lab.run(lab.server, "ip", "route", "replace", f"{OUT_NET}.0/24", "via", "10.99.0.1")
     say("l3: bare path")
-    report["bare"] = _measure(lab, seconds)
+    report["bare"] = _measure(lab, seconds, no_echo)
     lab.run(lab.client, "ip", "route", "del", "10.99.0.0/24")
 
     # wireguard-go between the same namespaces
@@ -155,7 +218,7 @@ def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
     lab.run(lab.client, "ip", "route", "replace", "10.99.0.0/24", "dev", wg[lab.client])
     lab.run(lab.server, "ip", "route", "replace", "10.66.0.0/24", "via", "10.99.0.1")
     say("l3: wireguard-go")
-    report["wireguard_go"] = _measure(lab, seconds)
+    report["wireguard_go"] = _measure(lab, seconds, no_echo)
     c, py, wg = report["jvpn_compiled"], report["jvpn_python"], report["wireguard_go"]
     report["ratios"] = {
         "tcp_jvpn_vs_wireguard_go": _ratio(c["tcp_mbit"], wg["tcp_mbit"]),
@@ -167,6 +230,18 @@ def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
         "gateway_cpu_per_packet_compiled_vs_python": _ratio(
             c["per_packet"]["gateway_cpu_us"], py["per_packet"]["gateway_cpu_us"]),
     }
+    # the bare path again, at each tunnel's latency rate: what each tunnel adds to the p99
+    lab.run(lab.client, "ip", "route", "replace", "10.99.0.0/24", "via", f"{OUT_NET}.1")
+    report["added_p99_us"], report["bare_at_rate"] = {}, {}
+    for key in ("jvpn_compiled", "jvpn_python", "wireguard_go"):
+        lat = report[key]["latency"]
+        if "rtt_p99_us" not in lat:
+            report["added_p99_us"][key] = None
+            continue
+        say(f"l3: bare path at {key}'s echo rate, {lat['rate']:,d}/s")
+        b = _rtt_at(lab, lat["rate"], seconds)
+        report["bare_at_rate"][key] = b
+        report["added_p99_us"][key] = lat["rtt_p99_us"] - b["rtt_p99_us"]
     report["gateway_port"] = GW_PORT
     return report
 
@@ -185,25 +260,32 @@ def _engine_calls(lab: Lab) -> float:
 
 
 def _per_packet(lab: Lab, agent: Any, seconds: float) -> dict[str, Any]:
-    """One paced 1400-byte UDP run through the tunnel: the gateway's CPU time per packet and
-    the engines' system calls per packet (compiled plane; None on the Python one)."""
-    pid = lab.gw_procs[1].pid
+    """One paced 1400-byte UDP run through the tunnel: the gateway's and the agent's CPU
+    time and system calls per packet (all their threads), and on the compiled plane the
+    engines' own count of their calls (None on the Python one)."""
+    pids = {"gateway": lab.gw_procs[1].pid, "agent": agent.pid}
     gw_calls, ag = _engine_calls(lab), agent.ask("status").get("engine") or {}
-    cpu = _cpu_s(pid)
+    calls = loadgen.SyscallCount(pids).start()
+    cpu0 = {k: _cpu_s(pid) for k, pid in pids.items()}
     r = _iperf(lab, seconds, PER_PACKET_MBIT)
-    cpu = _cpu_s(pid) - cpu
+    cpu = {k: _cpu_s(pid) - cpu0[k] for k, pid in pids.items()}
+    counts = calls.stop()
     ag2 = agent.ask("status").get("engine") or {}
     gw_calls = _engine_calls(lab) - gw_calls
     s = r.get("end", {}).get("sum", {})
     packets = int(s.get("packets", 0)) - int(s.get("lost_packets", 0))
     out: dict[str, Any] = {"offered_mbit": PER_PACKET_MBIT, "packets": packets,
                            "loss_pct": round(float(s.get("lost_percent", 100.0)), 3),
-                           "gateway_cpu_us": round(cpu / packets * 1e6, 2) if packets else None,
-                           "gateway_syscalls": None, "agent_syscalls": None}
+                           "syscall_method": calls.method,
+                           "gateway_engine_syscalls": None, "agent_engine_syscalls": None}
+    for k in pids:
+        n = counts.get(k)
+        out[f"{k}_cpu_us"] = round(cpu[k] / packets * 1e6, 2) if packets else None
+        out[f"{k}_syscalls"] = round(n / packets, 3) if packets and n is not None else None
     if packets and ag2:
         agent_calls = sum(ag2.get(k, 0) - ag.get(k, 0) for k in ENGINE_CALLS)
-        out["gateway_syscalls"] = round(gw_calls / packets, 3)
-        out["agent_syscalls"] = round(agent_calls / packets, 3)
+        out["gateway_engine_syscalls"] = round(gw_calls / packets, 3)
+        out["agent_engine_syscalls"] = round(agent_calls / packets, 3)
     return out
 
 
@@ -222,12 +304,27 @@ def _wait_link(lab: Lab, ns: str, name: str, timeout: float = 10.0) -> None:
 def format_l3(report: dict[str, Any]) -> str:
     if "skipped" in report:
         return f"L3: skipped ({report['skipped']})"
-    lines = [f"L3 tunnel, iperf3 {report['seconds']:g} s each, one node (NAT egress):",
-             f"  {'path':14s} {'TCP Mbit/s':>11s} {'UDP 1400 B Mbit/s <0.5% loss':>30s}"]
+    lines = [f"L3 tunnel, iperf3 {report['seconds']:g} s each, one node (NAT egress); 1400 B "
+             f"echoes: the highest rate at < 0.5% loss and the RTT at {LATENCY_SHARE:.0%} of it "
+             "(added p99: minus the bare path's p99 at the same rate):",
+             f"  {'path':14s} {'TCP Mbit/s':>11s} {'UDP 1400 B Mbit/s <0.5% loss':>30s}"
+             f"  {'echo max':>10s} {'at 50%':>10s} {'RTT p50 us':>10s} {'p99 us':>8s} "
+             f"{'added p99':>10s}"]
+    added = report.get("added_p99_us", {})
     for key, name in (("bare", "bare (routed)"), ("wireguard_go", "wireguard-go"),
                       ("jvpn_compiled", "jvpn compiled"), ("jvpn_python", "jvpn python")):
         r = report[key]
-        lines.append(f"  {name:14s} {r['tcp_mbit']:>11.1f} {r['udp_mbit_under_0_5pct_loss']:>30d}")
+        lat = r.get("latency", {})
+        more = (f"  {lat['highest_echo_rate']:>8,.0f}/s {lat['rate']:>8,.0f}/s "
+                f"{lat['rtt_p50_us']:>10.0f} {lat['rtt_p99_us']:>8.0f} "
+                f"{'' if added.get(key) is None else format(added[key], '+.0f'):>10s}"
+                if "rtt_p99_us" in lat else f"  (latency: {lat.get('skipped', '?')})")
+        lines.append(f"  {name:14s} {r['tcp_mbit']:>11.1f} {r['udp_mbit_under_0_5pct_loss']:>30d}"
+                     + more)
+    if report.get("bare_at_rate"):
+        lines.append("  bare path at each tunnel's echo rate: " + ", ".join(
+            f"{key.replace('jvpn_', 'jvpn ').replace('_', '-')} {b['rate']:,.0f}/s p99 "
+            f"{b['rtt_p99_us']} us" for key, b in report["bare_at_rate"].items()))
     rt = report["ratios"]
     lines.append(f"  jvpn compiled / wireguard-go: TCP {rt['tcp_jvpn_vs_wireguard_go']:.2f}x, "
                  f"UDP {rt['udp_jvpn_vs_wireguard_go']:.2f}x (target 2x)")
@@ -235,12 +332,19 @@ def format_l3(report: dict[str, Any]) -> str:
                  f"UDP {rt['udp_compiled_vs_python']:.2f}x")
     for plane in PLANES:
         pp = report[f"jvpn_{plane}"]["per_packet"]
-        calls = ("" if pp["gateway_syscalls"] is None else
-                 f", system calls per packet: gateway {pp['gateway_syscalls']:.2f}, "
-                 f"agent {pp['agent_syscalls']:.2f}")
-        cpu = "?" if pp["gateway_cpu_us"] is None else f"{pp['gateway_cpu_us']:.1f}"
-        lines.append(f"  {plane} at {pp['offered_mbit']} Mbit/s: gateway CPU {cpu} us/packet"
-                     f"{calls} ({pp['packets']} packets, {pp['loss_pct']}% loss)")
+
+        def f(x: float | None, spec: str) -> str:
+            return "?" if x is None else format(x, spec)
+
+        engine = ("" if pp.get("gateway_engine_syscalls") is None else
+                  f"; the engines' own counters (their threads, read over a slightly wider window): gateway {pp['gateway_engine_syscalls']:.3f}, "
+                  f"agent {pp['agent_engine_syscalls']:.3f}")
+        lines.append(f"  {plane} at {pp['offered_mbit']} Mbit/s: CPU per packet gateway "
+                     f"{f(pp.get('gateway_cpu_us'), '.1f')} us, agent "
+                     f"{f(pp.get('agent_cpu_us'), '.1f')} us; syscalls/packet gateway "
+                     f"{f(pp.get('gateway_syscalls'), '.3f')}, agent "
+                     f"{f(pp.get('agent_syscalls'), '.3f')}{engine} ({pp['packets']} packets, "
+                     f"{pp['loss_pct']}% loss; system calls by {pp.get('syscall_method')})")
     lines.append(f"  gateway CPU per packet, compiled / python: "
                  f"{rt['gateway_cpu_per_packet_compiled_vs_python']:.2f} (target <= 0.33)")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from instruments.netsim import UdpEcho
 
 async def test_bench_smoke_runs_every_part() -> None:
     opts = BenchOptions(sessions=8, seconds=0.5, warmup=0.2, repeat=1, window=8,
-                        memory_sessions=300, progress=None)  # fmt: skip
+                        memory_sessions=300, search_steps=1, progress=None)  # fmt: skip
     report = await run_bench(opts)
 
     m = report["machine"]
@@ -64,6 +64,15 @@ async def test_bench_smoke_runs_every_part() -> None:
     assert 0 <= dg["loss"] <= 1 and 0 <= dg["plain_loss"] <= 1
     assert dg["ratio"] == pytest.approx(dg["rate"] / dg["plain_rate"])
     assert dg["runs"][0]["tunnel"]["sent"] > 0
+    pl = dg["planes"]  # the compiled load generator's comparison (skipped without cargo)
+    if "skipped" not in pl:
+        assert {"bare", "uvloop_echo", "python"} <= set(pl["targets"])
+        run = pl["runs"][0]
+        for name in pl["targets"]:
+            assert len(run["search"][name]["steps"]) == 1  # search_steps bounds each search
+        if run["search"]["python"]["target_rate"] > 0:
+            h = pl["half"]["python"]
+            assert h["gateway_cpu_us_per_packet"]["median"] > 0 and h["rtt_p99_us"]["median"] > 0
 
     tr = report["transports"]
     for kind in ("udp", "tcp", "quic"):
