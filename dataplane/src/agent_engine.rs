@@ -123,6 +123,9 @@ impl ClientEngine {
             close(local);
             return Err(e);
         }
+        if !tun {
+            crate::batch::grow_buffers(local); // the application's port: its bursts wait here
+        }
         // SAFETY: plain system calls creating descriptors this engine owns.
         let epoll = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let notify = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
@@ -164,6 +167,7 @@ impl ClientEngine {
     /// Read a path's connected UDP socket from now on (a duplicate of `fd`).
     pub fn add_path(&self, path_id: u64, fd: RawFd) -> io::Result<()> {
         let fd = dup(fd)?;
+        crate::batch::grow_buffers(fd);
         if let Err(e) = epoll_add(self.shared.epoll, fd, fd as u64) {
             close(fd);
             return Err(e);

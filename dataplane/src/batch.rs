@@ -23,6 +23,23 @@ pub fn poke(fd: RawFd) {
     unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
+/// Bytes asked for each UDP socket's receive and send buffers (the kernel caps them at
+/// net.core.[rw]mem_max). The 208 KiB default holds ~150 full-size datagrams: a burst the
+/// engine's thread meets late (another process on its core) overflows it, and loss, not
+/// CPU, then bounds the engine's rate. The gateway's listener asks the same.
+pub const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+/// Ask for `SOCKET_BUFFER` both ways on a UDP socket the engine reads or writes. Best
+/// effort: a refusal leaves the default, as for the listener.
+pub fn grow_buffers(fd: RawFd) {
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt with a live c_int of the size passed; fd is a socket the caller owns.
+        unsafe {
+            libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&SOCKET_BUFFER as *const libc::c_int).cast(), 4)
+        };
+    }
+}
+
 /// Datagrams per system call.
 pub const BATCH: usize = 64;
 /// `linux/udp.h`: the segment size of a GSO send (a control message of `SOL_UDP`).

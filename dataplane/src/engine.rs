@@ -775,6 +775,7 @@ fn open_upstream(addr: &SocketAddr) -> io::Result<RawFd> {
     let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: creating a socket; the descriptor is ours.
     let fd = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+    crate::batch::grow_buffers(fd);
     let (ss, len) = to_sockaddr(addr);
     // SAFETY: ss holds a valid sockaddr of length len for fd's family.
     if let Err(e) = cvt(unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }) {

@@ -109,3 +109,28 @@ async def test_agent_engine_end_to_end_and_across_jumps(redis_url: str, compiled
         await agent.stop()
         echo.close()
         await gw.app.stop()
+
+
+def test_engine_sockets_get_large_buffers(compiled: ModuleType) -> None:
+    """The sockets the engine reads (the application's port, each path) ask for 4 MiB both
+    ways: with the 208 KiB default a burst the engine's thread meets late overflows them
+    (the loss that bounded the loopback bench's rate)."""
+    want = 4 << 20
+    with open("/proc/sys/net/core/rmem_max") as f:
+        cap = int(f.read())
+    local = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    path = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        local.bind(("127.0.0.1", 0))
+        path.connect(("127.0.0.1", 9))
+        before = local.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        engine = compiled.AgentEngine(local.fileno(), 256)
+        engine.add_path(1, path.fileno())
+        for sock in (local, path):  # the engine holds duplicates of the same sockets
+            got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            assert got >= 2 * min(want, cap) > 0, (got, cap)  # the kernel reports double
+        assert local.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) > before
+        engine.stop()
+    finally:
+        local.close()
+        path.close()
