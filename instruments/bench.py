@@ -67,7 +67,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from instruments import bench_dp, loadgen
-from session import wire
+from session import dataplane, wire
 from session.client import (
     ClientParams,
     ClientSession,
@@ -97,6 +97,9 @@ PAYLOAD_SIZE = 1400
 UDP = wire.TransportKind.UDP
 HANDSHAKE_CONCURRENCY = 64
 RETRANSMIT_S = 1.0  # a reattach or handshake unanswered this long is sent again (same bytes)
+# How often the load generator runs its machines' due timers (retransmissions, the complete
+# mode's activation timeout): a walk of every session, so not too often beside RETRANSMIT_S.
+WATCH_INTERVAL_S = 0.25
 HANDSHAKE_WAIT_S = 10.0  # the machine's retries (1 + 2 + 3 s) and then some
 PATH = 0  # each bench session has one socket: one path
 DATA = int(wire.MessageType.DATA)
@@ -616,7 +619,10 @@ class _ClientAdapter(asyncio.DatagramProtocol):
 
     def __init__(self, load: ReattachLoad) -> None:
         self.load = load
-        self.machine = ClientSession(load.client_priv, load.gateway_pub, load.params)
+        # os.urandom, as the gateway's node gives its machine (secrets.token_bytes, the
+        # machine's default, is os.urandom behind two Python frames per call)
+        self.machine = ClientSession(load.client_priv, load.gateway_pub, load.params,
+                                     random=os.urandom)
         self.transport: asyncio.DatagramTransport | None = None
         self.connected: asyncio.Future[bool] = load.loop.create_future()
         self.waiting = False  # a reattach request of ours is unanswered (or not complete)
@@ -737,6 +743,9 @@ class ReattachLoad:
     def __init__(self, gateway: tuple[str, int], gateway_pub: bytes, client_priv: bytes,
                  upstream: str, complete: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
+        # The agent's default data plane (data_plane = auto): the compiled channels when the
+        # module is installed, as every agent and gateway of the bench runs them.
+        dataplane.select(dataplane.DataPlane.AUTO)
         self.complete = complete  # each reattach completed: its binding made ACTIVE
         self.gateway = gateway
         self.gateway_pub = gateway_pub
@@ -765,7 +774,7 @@ class ReattachLoad:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(WATCH_INTERVAL_S)
             now = _now()
             for c in self.clients:
                 c.check_timer(now)
