@@ -418,6 +418,7 @@ class SessionStore:
         # "resumed" (queued, then finished by the coroutine: an error, a moved generation).
         self.reattach_paths = {"queued": 0, "task": 0, "resumed": 0}
         self._gen_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # reattach_soon's, looked up once
         self.generation_changes = 0  # the store's generation changed under us (wipe, rollback)
 
     @classmethod
@@ -709,37 +710,73 @@ class SessionStore:
         """``reattach`` as a future: the gateway's one way to run the CAS.
 
         In the usual case (a single Redis, coalescing on, the generation fresh) the CAS is
-        queued on the batcher with no task and no await frame per call, and the future is
-        completed from the batch's callback; anything unusual on the way (an error, an
-        unknown outcome, a moved generation, Redis Cluster) continues as ``reattach`` does,
-        in a task. The future raises what ``reattach`` raises.
+        queued on the batcher with no task and no await frame per call, and the batch hands
+        the reply straight to this future's decoding (``ScriptCall.settle``: no second
+        future, no callback hop); anything unusual on the way (an error, an unknown
+        outcome, a moved generation, Redis Cluster) continues as ``reattach`` does, in a
+        task. The future raises what ``reattach`` raises.
         """
         kw: dict[str, Any] = dict(
             expected_version=op.expected_version, nonce=op.nonce, timestamp_ms=op.timestamp_ms,
             kind=op.kind, node=op.node, addr_tag=op.addr_tag, binding_id=op.binding_id,
             window_ms=op.window_ms, dual_active_window_ms=op.dual_active_window_ms,
             proof_generation=op.proof_generation)
-        pending = self.reattach_nowait(op.session_id, **kw)
-        if pending is None:
+        gen = self._generation
+        if gen is None or not self._queue_ready():
             self.reattach_paths["task"] += 1
             return asyncio.ensure_future(self.reattach(op.session_id, **kw))
+        keys, args = self._reattach_call(op.session_id, op.expected_version, op.nonce,
+                                         op.timestamp_ms, op.kind, op.node, op.addr_tag,
+                                         op.binding_id, op.window_ms, op.dual_active_window_ms,
+                                         gen, op.proof_generation)  # fmt: skip
         self.reattach_paths["queued"] += 1
-        out: asyncio.Future[ReattachResult] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            # one look-up per store, not per call (each costs a getpid system call)
+            loop = self._loop = asyncio.get_running_loop()
+        out: asyncio.Future[ReattachResult] = loop.create_future()
 
-        def landed(_f: asyncio.Future[Any]) -> None:
-            if out.done():
+        def settle(reply: Any, error: StoreError | None) -> None:
+            if out.done():  # cancelled: the reply is ignored
                 return
-            res = self.reattach_done(pending)
+            res = self._reattach_reply(reply) if error is None else None
             if res is not None:
                 out.set_result(res)
                 return
             self.reattach_paths["resumed"] += 1
-            rest = asyncio.ensure_future(self.finish_reattach(pending))
+            rest = asyncio.ensure_future(self._reattach_rest(keys, args, reply, error))
             rest.add_done_callback(lambda t: _settle(out, t))
             out.add_done_callback(lambda f: f.cancelled() and rest.cancel())
 
-        pending.future.add_done_callback(landed)  # a cancelled ``out`` ignores the reply
+        self._batcher.enqueue(ScriptCall(self._scripts["reattach"], keys, args, future=out,
+                                         settle=settle))
         return out
+
+    def _queue_ready(self) -> bool:
+        """Whether a reattach may be queued on the batcher with no coroutine (see
+        ``reattach_nowait``)."""
+        return (isinstance(self._batcher, ScriptBatcher) and self.config.coalesce
+                and self._generation is not None and time.monotonic() < self._gen_expires)
+
+    def _reattach_reply(self, reply: Any) -> ReattachResult | None:
+        """The typed result of a queued reattach's reply, or None if it needs the rest of
+        ``reattach`` (unreadable, or a moved generation)."""
+        try:
+            res: ReattachResult = REATTACH_REPLY.decode(_unpack("reattach", reply))
+        except StoreError:
+            return None
+        if res.status is StoreStatus.GENERATION_MOVED:  # reattach re-checks ours
+            return None
+        self._saw_server_time(res.server_ms)
+        return res
+
+    async def _reattach_rest(self, keys: tuple[str, ...], args: list[Arg], reply: Any,
+                             error: StoreError | None) -> ReattachResult:
+        """The rest of ``reattach`` after its queued first call gave ``reply`` or ``error``."""
+        if error is not None and not isinstance(error, StoreUnavailable):
+            raise error
+        r = _unpack("reattach", reply) if error is None else None
+        return await self._reattach_after(keys, args, r, error)
 
     def reattach_nowait(
         self,
@@ -766,15 +803,14 @@ class SessionStore:
         path now (Redis Cluster routing, coalescing off, the generation due for a re-read):
         call ``reattach``.
         """
-        gen, batcher = self._generation, self._batcher
-        if (not isinstance(batcher, ScriptBatcher) or not self.config.coalesce or gen is None
-                or time.monotonic() >= self._gen_expires):
+        gen = self._generation
+        if gen is None or not self._queue_ready():
             return None
         keys, args = self._reattach_call(session_id, expected_version, nonce, timestamp_ms, kind,
                                          node, addr_tag, binding_id, window_ms,
                                          dual_active_window_ms, gen, proof_generation)  # fmt: skip
         call = ScriptCall(self._scripts["reattach"], keys, args)
-        batcher.enqueue(call)
+        self._batcher.enqueue(call)
         return PendingReattach(keys, args, call.future)
 
     def reattach_done(self, pending: PendingReattach) -> ReattachResult | None:
@@ -782,14 +818,7 @@ class SessionStore:
         fut = pending.future
         if fut.cancelled() or fut.exception() is not None:
             return None
-        try:
-            res: ReattachResult = REATTACH_REPLY.decode(_unpack("reattach", fut.result()))
-        except StoreError:
-            return None
-        if res.status is StoreStatus.GENERATION_MOVED:  # reattach re-checks ours
-            return None
-        self._saw_server_time(res.server_ms)
-        return res
+        return self._reattach_reply(fut.result())
 
     async def finish_reattach(self, pending: PendingReattach) -> ReattachResult:
         """The rest of ``reattach`` after a ``reattach_nowait`` that ``reattach_done`` refused

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis import exceptions as rexc
@@ -77,9 +77,13 @@ def translate(exc: BaseException) -> StoreError:
 
 
 class ScriptCall:
-    """One enqueued script invocation and the future its caller awaits."""
+    """One enqueued script invocation and the future its caller awaits.
 
-    __slots__ = ("script", "keys", "args", "extras", "mutates", "future")
+    ``settle``: called with ``(reply, None)`` or ``(None, error)`` in place of completing
+    ``future`` (which is then the caller's own, and only tells whether it still waits), so
+    a caller that decodes the reply itself needs no second future and no callback hop."""
+
+    __slots__ = ("script", "keys", "args", "extras", "mutates", "future", "settle")
 
     def __init__(
         self,
@@ -88,13 +92,32 @@ class ScriptCall:
         args: Sequence[Arg],
         extras: Sequence[Sequence[Arg]] = (),  # companion commands (hints), replies ignored
         mutates: bool = True,
+        *,
+        future: asyncio.Future[Any] | None = None,
+        settle: Callable[[Any, StoreError | None], None] | None = None,
     ) -> None:
         self.script = script
         self.keys = keys
         self.args = args
         self.extras = extras
         self.mutates = mutates
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[Any] = (
+            future if future is not None else asyncio.get_running_loop().create_future())
+        self.settle = settle
+
+    def resolve(self, reply: Any) -> None:
+        """The call's reply (it is not done yet)."""
+        if self.settle is not None:
+            self.settle(reply, None)
+        else:
+            self.future.set_result(reply)
+
+    def fail(self, error: StoreError) -> None:
+        """The call's error (it is not done yet)."""
+        if self.settle is not None:
+            self.settle(None, error)
+        else:
+            self.future.set_exception(error)
 
 
 class PipelineQueue:
@@ -282,11 +305,11 @@ class ScriptBatcher(PipelineQueue):
             if isinstance(reply, rexc.NoScriptError) and not reloaded:
                 missing.append(c)
             elif isinstance(reply, Exception):
-                c.future.set_exception(translate(reply))
+                c.fail(translate(reply))
             elif acked_error is not None and c.mutates:
-                c.future.set_exception(acked_error)
+                c.fail(acked_error)
             else:
-                c.future.set_result(reply)
+                c.resolve(reply)
         if missing:
             await self._reload(missing)
 
@@ -360,4 +383,4 @@ def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
 def _fail(batch: list[ScriptCall], error: StoreError) -> None:
     for c in batch:
         if not c.future.done():
-            c.future.set_exception(error)
+            c.fail(error)

@@ -597,17 +597,17 @@ def test_every_reject_reason_is_reached() -> None:
 @pytest.mark.parametrize("path", ["queued", "task", "resumed"])
 async def test_queued_task_and_resumed_paths_give_the_same_answers(
         make_env: Factory, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    """The gateway answers a reattach of a cached session from the batch's done callback
-    (no task: "queued"); a store that cannot queue sends it down the coroutine path
-    ("task"); a queued call whose reply needs more (an error, an unknown outcome, a moved
-    generation) is finished by the coroutine path ("resumed"). All three must give the
-    same answers: forced here one at a time through the same validations."""
+    """The gateway answers a reattach of a cached session with the reply decoded in the
+    batch that read it (no task: "queued"); a store that cannot queue sends it down the
+    coroutine path ("task"); a queued call whose reply needs more (an error, an unknown
+    outcome, a moved generation) is finished by the coroutine path ("resumed"). All three
+    must give the same answers: forced here one at a time through the same validations."""
     env = await make_env(dual_active_window_s=0.2)
     store = env.gw.node.store
     if path == "task":
-        monkeypatch.setattr(store, "reattach_nowait", lambda *a, **k: None)
+        monkeypatch.setattr(store, "_queue_ready", lambda: False)
     elif path == "resumed":
-        monkeypatch.setattr(store, "reattach_done", lambda pending: None)
+        monkeypatch.setattr(store, "_reattach_reply", lambda reply: None)
     s = await env.session()
     before = dict(env.gw.store.reattach_paths)
 

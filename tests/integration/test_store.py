@@ -9,6 +9,7 @@ import pytest
 
 from session.reasons import RejectReason, TerminateReason
 from session.states import TRANSITIONS, SessionEvent, SessionState, is_allowed
+from session.storeops import ReattachOp
 from session.wire import TransportKind
 from store import keys as K
 from store.api import ReattachResult, SessionStore, StoreConfig
@@ -183,6 +184,33 @@ async def test_reattach_nowait_queues_the_same_cas(session_store: SessionStore,
         assert direct.reattach_nowait(sid, **call) is None  # type: ignore[arg-type]
     finally:
         await direct.close()
+
+
+async def test_reattach_soon_decodes_the_reply_in_the_batch(session_store: SessionStore) -> None:
+    """The gateway's way to run the CAS: queued with no task, its future completed with the
+    decoded result from the batch; what needs the rest of reattach (here a store generation
+    that moved under the node) continues in a task and reaches the same kind of answer."""
+    store = session_store
+    sid = await born(store)
+    ts = store.estimated_server_ms() or await store.server_time_ms()
+    op = ReattachOp(sid, 1, os.urandom(16), ts, TCP, "n2", os.urandom(16), "tcp:198.51.100.7:1",
+                    30_000, 2_000)
+    paths = dict(store.reattach_paths)
+    res = await asyncio.wait_for(store.reattach_soon(op), 5)
+    assert res.ok and (res.version, res.node, res.prev_node) == (2, "n2", "n1")
+    assert store.reattach_paths["queued"] == paths["queued"] + 1
+    assert store.reattach_paths["resumed"] == paths["resumed"]
+    again = await asyncio.wait_for(store.reattach_soon(op), 5)  # the same request again
+    assert again.retry and (again.version, again.binding_id) == (2, op.binding_id)
+    # The node's view of the generation is wrong: the script refuses (GENERATION_MOVED), the
+    # reattach re-reads it and runs again.
+    assert store._generation is not None
+    store._generation += 1
+    later = ReattachOp(sid, 2, os.urandom(16), ts, TCP, "n3", os.urandom(16),
+                       "tcp:198.51.100.8:1", 30_000, 2_000)
+    moved = await asyncio.wait_for(store.reattach_soon(later), 5)
+    assert store.reattach_paths["resumed"] == paths["resumed"] + 1
+    assert moved.ok and (moved.version, moved.node) == (3, "n3")
 
 
 async def test_reattach_unknown_session(session_store: SessionStore) -> None:
