@@ -104,6 +104,8 @@ class EventBus:
                       "reason": ""}})
         assert head.endswith('"reason":""}}')
         self._record_head = "," + head[1:-4]
+        # (phase, reason, holder, incarnation) -> the parts of its records' lines they make
+        self._record_parts: dict[tuple[str, str, str, str], tuple[str, str, str, str]] = {}
 
     # ---- producer side (synchronous, O(1), never blocks) ---------------------------------
 
@@ -172,14 +174,21 @@ class EventBus:
                 and type(epoch) is int and type(holder) is str and type(inc) is str
                 and type(store_ms) is int):
             return ""
-        why = json_text(reason)
+        parts = self._record_parts.get((phase, reason, holder, inc))
+        if parts is None:
+            # What a node's records share: a few phases and reasons, its own holder name.
+            why = json_text(reason)
+            parts = (f'"binding unknown: {why[1:-1]}', f'{self._record_head}{why}}},"jvpn":{{',
+                     f'{json_text(phase)},"epoch":',
+                     f',"holder":{json_text(holder)},"incarnation":{json_text(inc)},"store_ms":')
+            if len(self._record_parts) < 4096:
+                self._record_parts[(phase, reason, holder, inc)] = parts
+        message, after, phase_text, holders = parts
         if type(sid) is bytes:
             hexed = sid.hex()
-            head = f'"binding unknown: {why[1:-1]} session {hexed[:12]}"'
-            jvpn = f'"session_id":"{hexed}","phase":'
+            head = f'{message} session {hexed[:12]}"{after}"session_id":"{hexed}","phase":'
         elif sid is None:
-            head = f'"binding unknown: {why[1:-1]}"'
-            jvpn = '"phase":'
+            head = f'{message}"{after}"phase":'
         else:
             return ""
         tail = []
@@ -196,9 +205,7 @@ class EventBus:
                 return ""
             tail.append(f',"binding_status":{json_text(status)}')
         return (f'{{"@timestamp":"{timestamp(self._clock())}","log":{{"level":"info"}},'
-                f'"message":{head}{self._record_head}{why}}},"jvpn":{{{jvpn}'
-                f'{json_text(phase)},"epoch":{epoch},"holder":{json_text(holder)},'
-                f'"incarnation":{json_text(inc)},"store_ms":{store_ms}{"".join(tail)}}}}}')
+                f'"message":{head}{phase_text}{epoch}{holders}{store_ms}{"".join(tail)}}}}}')
 
     def _enqueue(self, ev: Event) -> bool:
         """Hand ``ev`` to the subscribers and queue it for the sinks (or drop and count it)."""

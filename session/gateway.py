@@ -472,11 +472,14 @@ class GatewayMachine:
         """One control-plane history record (session.records): every binding begin and end,
         every release from this node's table, lease lapses and re-confirmations. The one
         place they are written, so the history checker sees all of them alike."""
-        self.events.emit(BINDING_ACTION, session_id=sid, phase=phase.value, reason=reason.value,
-                         epoch=epoch, holder=holder if holder is not None else self.instance_id,
+        # ``_value_``: the member's value as a plain attribute (``.value`` is a descriptor
+        # call, three per record, each costing more than the rest of the field)
+        self.events.emit(BINDING_ACTION, session_id=sid, phase=phase._value_,
+                         reason=reason._value_, epoch=epoch,
+                         holder=holder if holder is not None else self.instance_id,
                          incarnation=self.instance_id, store_ms=store_ms, state_version=version,
                          binding_id=binding_id.hex() if binding_id is not None else None,
-                         binding_status=status.value if status is not None else None)
+                         binding_status=status._value_ if status is not None else None)
 
     def engine_record(self, installed: bool, sid: bytes, epoch: int, now: float) -> None:
         """The compiled engine was given (or lost) a binding's keys: a record like the
