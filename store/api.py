@@ -716,15 +716,15 @@ class SessionStore:
         outcome, a moved generation, Redis Cluster) continues as ``reattach`` does, in a
         task. The future raises what ``reattach`` raises.
         """
-        kw: dict[str, Any] = dict(
-            expected_version=op.expected_version, nonce=op.nonce, timestamp_ms=op.timestamp_ms,
-            kind=op.kind, node=op.node, addr_tag=op.addr_tag, binding_id=op.binding_id,
-            window_ms=op.window_ms, dual_active_window_ms=op.dual_active_window_ms,
-            proof_generation=op.proof_generation)
         gen = self._generation
         if gen is None or not self._queue_ready():
             self.reattach_paths["task"] += 1
-            return asyncio.ensure_future(self.reattach(op.session_id, **kw))
+            return asyncio.ensure_future(self.reattach(
+                op.session_id, expected_version=op.expected_version, nonce=op.nonce,
+                timestamp_ms=op.timestamp_ms, kind=op.kind, node=op.node, addr_tag=op.addr_tag,
+                binding_id=op.binding_id, window_ms=op.window_ms,
+                dual_active_window_ms=op.dual_active_window_ms,
+                proof_generation=op.proof_generation))
         keys, args = self._reattach_call(op.session_id, op.expected_version, op.nonce,
                                          op.timestamp_ms, op.kind, op.node, op.addr_tag,
                                          op.binding_id, op.window_ms, op.dual_active_window_ms,
