@@ -9,8 +9,9 @@ answer fed back with ``store_answered``), a payload to a session's upstream
 (``gateway.upstream``, or the compiled engine), an upstream to close, a packet
 to the L3 plane. One timer task calls ``handle_timer`` when the machine asks;
 one task follows the store's move notices. A store call is a future: a
-reattach's CAS is queued on the store's batcher without a task
-(``SessionStore.reattach_soon``), every other call is a task; either way its
+reattach's CAS and an activation are queued on the store's batcher without a
+task (``SessionStore.reattach_soon``, ``activate_soon``), every other call is a
+task; either way its
 answer re-enters the machine from the future's callback, the same path with
 tracing on or off.
 

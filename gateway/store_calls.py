@@ -62,7 +62,7 @@ def store_ops(store: SessionStore) -> dict[type, Callable[[Any], Awaitable[Any]]
         ConfirmKeyOp: lambda op: store.confirm_key(op.session_id, op.generation),
         TransitionOp: lambda op: store.transition(op.session_id, op.expected_version, op.event),
         RefreshOp: lambda op: store.refresh(op.session_id, op.epoch, op.node),
-        ActivateOp: lambda op: store.activate(op.session_id, op.epoch, op.binding_id, op.node),
+        ActivateOp: store.activate_soon,
         TerminateOp: lambda op: store.terminate(op.session_id, op.reason),
         PublishMoveOp: lambda op: store.publish_binding_change(op.session_id, op.node, op.epoch),
         ServerTimeOp: lambda op: store.server_time_ms(),

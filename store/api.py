@@ -58,6 +58,7 @@ from redis.asyncio.cluster import RedisCluster
 from session.reasons import RejectReason, TerminateReason
 from session.states import TRANSITIONS, SessionEvent, SessionState
 from session.storeops import (
+    ActivateOp,
     ActivateResult,
     AddressResult,
     BirthResult,
@@ -417,6 +418,7 @@ class SessionStore:
         # How reattach_soon ran each CAS: "queued" (no task), "task" (the coroutine), and
         # "resumed" (queued, then finished by the coroutine: an error, a moved generation).
         self.reattach_paths = {"queued": 0, "task": 0, "resumed": 0}
+        self.activate_paths = {"queued": 0, "task": 0, "resumed": 0}  # activate_soon's, alike
         self._gen_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # reattach_soon's, looked up once
         self.generation_changes = 0  # the store's generation changed under us (wipe, rollback)
@@ -730,26 +732,39 @@ class SessionStore:
                                          op.binding_id, op.window_ms, op.dual_active_window_ms,
                                          gen, op.proof_generation)  # fmt: skip
         self.reattach_paths["queued"] += 1
+        return self._queued("reattach", keys, args, self._reattach_reply, self._reattach_rest,
+                            self.reattach_paths)
+
+    def _queued(self, name: str, keys: tuple[str, ...], args: list[Arg],
+                decode: Callable[[Any], T | None],
+                rest: Callable[[tuple[str, ...], list[Arg], Any, StoreError | None],
+                               Awaitable[T]],
+                paths: dict[str, int]) -> asyncio.Future[T]:
+        """Queue script ``name`` on the batcher with no task: the batch hands its reply to
+        ``decode`` (``ScriptCall.settle``), whose result completes the future; a reply it
+        refuses (None), or an error, continues in a task as ``rest`` (the coroutine's own
+        code after its first call)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             # one look-up per store, not per call (each costs a getpid system call)
             loop = self._loop = asyncio.get_running_loop()
-        out: asyncio.Future[ReattachResult] = loop.create_future()
+        out: asyncio.Future[T] = loop.create_future()
 
         def settle(reply: Any, error: StoreError | None) -> None:
             if out.done():  # cancelled: the reply is ignored
                 return
-            res = self._reattach_reply(reply) if error is None else None
+            res = decode(reply) if error is None else None
             if res is not None:
                 out.set_result(res)
                 return
-            self.reattach_paths["resumed"] += 1
-            rest = asyncio.ensure_future(self._reattach_rest(keys, args, reply, error))
-            rest.add_done_callback(lambda t: _settle(out, t))
-            out.add_done_callback(lambda f: f.cancelled() and rest.cancel())
+            paths["resumed"] += 1
+            task = asyncio.ensure_future(rest(keys, args, reply, error))
+            task.add_done_callback(lambda t: _settle(out, t))
+            out.add_done_callback(lambda f: f.cancelled() and task.cancel())
 
-        self._batcher.enqueue(ScriptCall(self._scripts["reattach"], keys, args, future=out,
-                                         settle=settle))
+        batcher = self._batcher
+        assert isinstance(batcher, ScriptBatcher)  # _queue_ready
+        batcher.enqueue(ScriptCall(self._scripts[name], keys, args, future=out, settle=settle))
         return out
 
     def _queue_ready(self) -> bool:
@@ -810,6 +825,7 @@ class SessionStore:
                                          node, addr_tag, binding_id, window_ms,
                                          dual_active_window_ms, gen, proof_generation)  # fmt: skip
         call = ScriptCall(self._scripts["reattach"], keys, args)
+        assert isinstance(self._batcher, ScriptBatcher)  # _queue_ready
         self._batcher.enqueue(call)
         return PendingReattach(keys, args, call.future)
 
@@ -946,19 +962,66 @@ class SessionStore:
         """A PENDING binding's path validated: make it the session's ACTIVE binding, ending
         the previous one (store/lua/activate.lua). Idempotent: run again on an unknown
         outcome."""
-        _check_node(node)
-        _check_len("binding_id", binding_id, BINDING_ID_LEN)
         gen = self._generation
         if gen is None or time.monotonic() >= self._gen_expires:
             gen = await self.generation()
-        args: list[Arg] = [int(epoch), binding_id, node, self._tomb_ms, gen]
-        keys = K.session_keys(session_id)
+        keys, args = self._activate_call(session_id, epoch, binding_id, node, gen)
         try:
-            r = await self._script("activate", keys, args)
+            r: list[Any] | None = await self._script("activate", keys, args)
+            error: StoreUnavailable | None = None
         except StoreUnavailable as exc:
-            if not _outcome_unknown(exc):
-                raise
-            r = await self._script("activate", keys, args)
+            r, error = None, exc
+        return await self._activate_after(keys, args, r, error)
+
+    def activate_soon(self, op: ActivateOp) -> asyncio.Future[ActivateResult]:
+        """``activate`` as a future, queued with no task as ``reattach_soon`` is (the
+        gateway's way to run it)."""
+        gen = self._generation
+        if gen is None or not self._queue_ready():
+            self.activate_paths["task"] += 1
+            return asyncio.ensure_future(self.activate(op.session_id, op.epoch, op.binding_id,
+                                                       op.node))
+        keys, args = self._activate_call(op.session_id, op.epoch, op.binding_id, op.node, gen)
+        self.activate_paths["queued"] += 1
+        return self._queued("activate", keys, args, self._activate_reply, self._activate_rest,
+                            self.activate_paths)
+
+    def _activate_call(self, session_id: bytes, epoch: int, binding_id: bytes, node: str,
+                       gen: int) -> tuple[tuple[str, ...], list[Arg]]:
+        """The checked KEYS and ARGV of one activate.lua call."""
+        _check_node(node)
+        _check_len("binding_id", binding_id, BINDING_ID_LEN)
+        return K.session_keys(session_id), [int(epoch), binding_id, node, self._tomb_ms, gen]
+
+    def _activate_reply(self, reply: Any) -> ActivateResult | None:
+        """The typed result of a queued activation's reply, or None (as ``_reattach_reply``)."""
+        try:
+            res: ActivateResult = ACTIVATE_REPLY.decode(_unpack("activate", reply))
+        except StoreError:
+            return None
+        if res.status is StoreStatus.GENERATION_MOVED:
+            return None
+        self._saw_server_time(res.server_ms)
+        return res
+
+    async def _activate_rest(self, keys: tuple[str, ...], args: list[Arg], reply: Any,
+                             error: StoreError | None) -> ActivateResult:
+        """The rest of ``activate`` after its queued first call gave ``reply`` or ``error``."""
+        if error is not None and not isinstance(error, StoreUnavailable):
+            raise error
+        r = _unpack("activate", reply) if error is None else None
+        return await self._activate_after(keys, args, r, error)
+
+    async def _activate_after(self, keys: tuple[str, ...], args: list[Arg],
+                              r: list[Any] | None,
+                              error: StoreUnavailable | None) -> ActivateResult:
+        """Everything ``activate`` does after its first script call (reply ``r`` or ``error``)."""
+        if error is not None:
+            if not _outcome_unknown(error):
+                raise error
+            r = await self._script("activate", keys, args)  # idempotent: run it again
+        assert r is not None
+        gen = int(args[-1])
         res: ActivateResult = ACTIVATE_REPLY.decode(r)
         if (res.status is StoreStatus.GENERATION_MOVED
                 and await self._generation_moved_from(gen)):

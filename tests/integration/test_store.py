@@ -9,7 +9,7 @@ import pytest
 
 from session.reasons import RejectReason, TerminateReason
 from session.states import TRANSITIONS, SessionEvent, SessionState, is_allowed
-from session.storeops import ReattachOp
+from session.storeops import ActivateOp, ReattachOp
 from session.wire import TransportKind
 from store import keys as K
 from store.api import ReattachResult, SessionStore, StoreConfig
@@ -211,6 +211,30 @@ async def test_reattach_soon_decodes_the_reply_in_the_batch(session_store: Sessi
     moved = await asyncio.wait_for(store.reattach_soon(later), 5)
     assert store.reattach_paths["resumed"] == paths["resumed"] + 1
     assert moved.ok and (moved.version, moved.node) == (3, "n3")
+
+
+async def test_activate_soon_queues_the_activation(session_store: SessionStore) -> None:
+    """activate_soon as reattach_soon: queued, decoded in the batch; idempotent when run
+    again; a moved generation continues in the task and still activates."""
+    store = session_store
+    sid = await born(store)
+    ts = store.estimated_server_ms() or await store.server_time_ms()
+    bid = os.urandom(16)
+    grant = await asyncio.wait_for(store.reattach_soon(ReattachOp(
+        sid, 1, os.urandom(16), ts, TCP, "n2", bid, "tcp:198.51.100.7:1", 30_000, 2_000)), 5)
+    assert grant.ok and grant.binding_pending
+    paths = dict(store.activate_paths)
+    act = await asyncio.wait_for(store.activate_soon(ActivateOp(sid, grant.epoch, bid, "n2")), 5)
+    assert act.ok and (act.epoch, act.node, act.prev_epoch, act.prev_node) == (2, "n2", 1, "n1")
+    assert store.activate_paths["queued"] == paths["queued"] + 1
+    again = await asyncio.wait_for(store.activate_soon(ActivateOp(sid, 2, bid, "n2")), 5)
+    assert again.ok and again.activated_ms == act.activated_ms
+    assert store._generation is not None
+    store._generation += 1  # the node's view of the generation is wrong: resumed, then run
+    moved = await asyncio.wait_for(store.activate_soon(ActivateOp(sid, 2, bid, "n2")), 5)
+    assert moved.ok and store.activate_paths["resumed"] == paths["resumed"] + 1
+    wrong = await asyncio.wait_for(store.activate_soon(ActivateOp(sid, 3, bid, "n2")), 5)
+    assert wrong.status is StoreStatus.NOT_OWNER
 
 
 async def test_reattach_unknown_session(session_store: SessionStore) -> None:
