@@ -79,6 +79,7 @@ from session.client import (
     ReattachTimedOut,
     SecurityNotice,
     SessionTerminated,
+    StateChanged,
 )
 from session.keys import control_policy, policy_binding, registry_key, wrap_secret
 from session.noise import generate_keypair, public_key
@@ -652,9 +653,10 @@ class _ClientAdapter(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = _now()
-        dropped = self.machine.stats["dropped_input"]
+        activating = self.activating_since is not None
+        dropped = self.machine.stats["dropped_input"] if activating else 0
         self.machine.receive(data, PATH, now)
-        if (self.activating_since is not None and len(data) > 1 and data[1] == DATA
+        if (activating and len(data) > 1 and data[1] == DATA
                 and self.machine.stats["dropped_input"] == dropped):
             # authenticated DATA on the new binding: the answer to its keepalive
             self.activating_since = None
@@ -699,6 +701,8 @@ class _ClientAdapter(asyncio.DatagramProtocol):
     def _handle_events(self, now: float) -> None:
         load = self.load
         while (ev := self.machine.next_event()) is not None:
+            if type(ev) is StateChanged:  # one per reattach, ahead of its Reattached
+                continue
             if isinstance(ev, Reattached):
                 if load.complete:  # its keepalive goes out now; complete when answered
                     self.activating_since = now

@@ -137,6 +137,10 @@ SUPERSEDED_MARGIN_MS = 250
 REQUEST_TABLE_MAX = 100_000  # sessions whose newest request time a node remembers
 
 
+# A transport kind as metrics and events name it ("udp"): Enum.name is a descriptor call.
+KIND_LABELS: dict[wire.TransportKind, str] = {k: k.name.lower() for k in wire.TransportKind}
+
+
 class Outcome(StrEnum):
     """How a handshake or reattach ended (the metrics' and spans' ``outcome`` label)."""
 
@@ -972,7 +976,7 @@ class GatewayMachine:
                              source_ip=peer.addr[0])
             return
         reason = "nat_rebind" if old.kind == peer.kind else "path_change"
-        self.metrics.transport_switch(old.kind.name.lower(), peer.kind.name.lower(), reason)
+        self.metrics.transport_switch(KIND_LABELS[old.kind], KIND_LABELS[peer.kind], reason)
         self.events.transport_switch(b.session_id, old.describe(), peer.describe(), reason,
                                      b.version, b.epoch, source_ip=peer.addr[0])
 
@@ -1370,7 +1374,7 @@ class GatewayMachine:
             # The old owner is fenced by its refresh (NOT_OWNER) or its lease anyway.
             self._call(PublishMoveOp(b.session_id, self.instance_id, b.epoch), _ignore)
         old_desc, old_kind = b.origin
-        self.metrics.transport_switch(old_kind, b.peer.kind.name.lower(), "reattach")
+        self.metrics.transport_switch(old_kind, KIND_LABELS[b.peer.kind], "reattach")
         self.events.transport_switch(b.session_id, old_desc, b.peer.describe(), "reattach",
                                      b.version, b.epoch, source_ip=b.peer.addr[0],
                                      previous_node=prev_node or None)
@@ -1765,7 +1769,7 @@ class GatewayMachine:
                 b = self._grant(sid, res, peer, r.secrets, len(raw), now, write_ms)
                 b.origin = (f"node:{res.prev_node or '-'}", "unknown")
                 if not res.binding_pending:
-                    self.metrics.transport_switch("unknown", peer.kind.name.lower(), "reattach")
+                    self.metrics.transport_switch("unknown", KIND_LABELS[peer.kind], "reattach")
                     self.events.transport_switch(sid, b.origin[0], peer.describe(),
                                                  "reattach_late_applied", res.version, res.epoch,
                                                  source_ip=peer.addr[0])
@@ -1776,8 +1780,8 @@ class GatewayMachine:
             return
         old = self.bindings.get(sid)
         old_desc = old.peer.describe() if old is not None else f"node:{res.prev_node or '-'}"
-        old_kind = (old.peer.kind.name.lower() if old is not None
-                    else res.prev_kind.name.lower() if res.prev_kind is not None else "none")
+        old_kind = (KIND_LABELS[old.peer.kind] if old is not None
+                    else KIND_LABELS[res.prev_kind] if res.prev_kind is not None else "none")
         answer = control.seal(ack, keys.control_key)  # sealed once: the binding counts its size
         if res.node == self.instance_id:
             if self._held_epoch(sid) >= res.epoch:
