@@ -451,8 +451,10 @@ class ClientSession:
             self._recovery_start = now
         self._retry_at = None
         if self._claim_version != self.version:  # one claim id per version claimed
-            self._claim, self._claim_version = self._random(CLAIM_ID_LEN), self.version
-        nonce = self._claim + self._random(wire.NONCE_LEN - CLAIM_ID_LEN)
+            nonce = self._random(wire.NONCE_LEN)  # the claim id and the rest: one draw
+            self._claim, self._claim_version = nonce[:CLAIM_ID_LEN], self.version
+        else:
+            nonce = self._claim + self._random(wire.NONCE_LEN - CLAIM_ID_LEN)
         req = wire.ReattachRequest(
             self.session_id, self.version, nonce, self._server_ms(now), kind, route=route,
         )
