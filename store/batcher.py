@@ -107,17 +107,27 @@ class ScriptCall:
 
     def resolve(self, reply: Any) -> None:
         """The call's reply (it is not done yet)."""
-        if self.settle is not None:
-            self.settle(reply, None)
-        else:
+        if self.settle is None:
             self.future.set_result(reply)
+            return
+        try:
+            self.settle(reply, None)
+        except Exception as exc:  # the caller's own code must not stop the batch's others
+            self._settle_failed(exc)
 
     def fail(self, error: StoreError) -> None:
         """The call's error (it is not done yet)."""
-        if self.settle is not None:
-            self.settle(None, error)
-        else:
+        if self.settle is None:
             self.future.set_exception(error)
+            return
+        try:
+            self.settle(None, error)
+        except Exception as exc:
+            self._settle_failed(exc)
+
+    def _settle_failed(self, exc: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
 class PipelineQueue:

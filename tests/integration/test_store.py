@@ -213,6 +213,32 @@ async def test_reattach_soon_decodes_the_reply_in_the_batch(session_store: Sessi
     assert moved.ok and (moved.version, moved.node) == (3, "n3")
 
 
+async def test_a_settle_that_raises_fails_its_own_call_only(session_store: SessionStore) -> None:
+    """A batch hands each reply to its call's settle: one that raises fails that call's
+    future and the batch's other calls still get their answers."""
+    store = session_store
+    sid = await born(store)
+    ts = store.estimated_server_ms() or await store.server_time_ms()
+    ops = [ReattachOp(sid, 1, os.urandom(16), ts, TCP, "n2", os.urandom(16), f"tcp:198.51.100.{i}:1",
+                      30_000, 2_000) for i in range(3)]
+    calls = 0
+
+    def broken(reply: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a decoder bug")
+        return real(reply)
+
+    real = store._reattach_reply
+    store._reattach_reply = broken  # type: ignore[method-assign]
+    futs = [store.reattach_soon(op) for op in ops]  # one batch
+    done = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
+    assert isinstance(done[0], RuntimeError)
+    assert all(isinstance(r, ReattachResult) for r in done[1:])  # a decision each
+    assert sum(1 for r in done[1:] if isinstance(r, ReattachResult) and r.ok) <= 1
+
+
 async def test_activate_soon_queues_the_activation(session_store: SessionStore) -> None:
     """activate_soon as reattach_soon: queued, decoded in the batch; idempotent when run
     again; a moved generation continues in the task and still activates."""
