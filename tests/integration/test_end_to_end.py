@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import aiohttp
 
 from tests.support.harness import echo_upstream, start_gateway, wait_for
+
+
+async def poll(check: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``check`` holds within ``timeout`` (polled; never raises)."""
+    try:
+        await wait_for(check, timeout, "")
+    except AssertionError:
+        return False
+    return True
 
 
 async def test_datagrams_flow_then_survive_a_killed_transport(redis_url: str) -> None:
@@ -25,13 +35,20 @@ async def test_datagrams_flow_then_survive_a_killed_transport(redis_url: str) ->
 
         agent.kill_transport()  # silent death: the agent must notice by keepalive silence
         await wait_for(lambda: len(agent.jumps) >= 1, 5, "a reattach")
+        # The new path carries data once the grant is active: probe until one echo is back
+        # (a datagram sent while the grant is still PENDING may be lost, as on any jump).
+        for n in range(50):  # bounded: 50 probes of 0.2 s
+            agent.send(f"probe-{n}".encode())
+            if await poll(lambda: any(g.startswith(b"probe-") for g in got), 0.2):
+                break
+        assert any(g.startswith(b"probe-") for g in got), "no echo on the new path"
         for i in range(20):
             agent.send(f"after-{i}".encode())
         await wait_for(lambda: sum(g.startswith(b"after-") for g in got) >= 20, 5, "echoes after")
 
         m = agent.machine
         assert m.version > v0 and m.epoch > e0
-        assert gw.actions("transport_switch"), "TRANSPORT_SWITCH event"
+        await wait_for(lambda: bool(gw.actions("transport_switch")), 5, "TRANSPORT_SWITCH event")
         assert any(d["jvpn.to_state"] == "ATTACHED" for d in gw.actions("state_change"))
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{gw.app.admin_port}/metrics") as r:
