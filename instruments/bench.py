@@ -231,16 +231,6 @@ def _redis_benchmark_binary() -> str | None:
     return str(sibling) if sibling.exists() else None
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (0.0 if it cannot be read)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fp:
-            fields = fp.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def _udp_kernel_drops() -> int:
     """RcvbufErrors of the host's UDP stack (datagrams the kernel dropped: buffer full)."""
     try:
@@ -286,12 +276,12 @@ class CpuMeter:
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self._t0 = time.perf_counter()
-        self._c0 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        self._c0 = {name: loadgen.cpu_seconds(pid) for name, pid in pids.items()}
         self._m0 = _machine_busy_seconds()
 
     def read(self) -> dict[str, float]:
         dt = max(1e-9, time.perf_counter() - self._t0)
-        out = {name: round((_cpu_seconds(pid) - self._c0[name]) / dt, 3)
+        out = {name: round((loadgen.cpu_seconds(pid) - self._c0[name]) / dt, 3)
                for name, pid in self.pids.items()}  # fmt: skip
         machine = (_machine_busy_seconds() - self._m0) / dt
         out["other"] = round(max(0.0, machine - sum(out.values())), 3)

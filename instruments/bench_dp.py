@@ -25,7 +25,6 @@ strace) divided by the same packets.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -39,16 +38,6 @@ START_RATE = {"bare": 20_000.0, "uvloop_echo": 20_000.0, "compiled": 20_000.0, "
 MAX_RATE = 1_000_000.0
 WINDOW_SECONDS = 3.0  # the longest window (CPU per packet is read in 10 ms ticks)
 WINDOW_SHARE = 0.5  # the latency and per-packet windows run at this share of the highest rate
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (0.0 if unreadable)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fp:
-            fields = fp.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 async def search(
@@ -84,11 +73,11 @@ async def window(
     CPU and system calls per packet over the run (module docstring)."""
     pids = pids or {}
     calls = await asyncio.to_thread(loadgen.SyscallCount(pids).start) if pids else None
-    cpu0 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    cpu0 = {name: loadgen.cpu_seconds(pid) for name, pid in pids.items()}
     r = await asyncio.to_thread(
         loadgen.run_gen, addr, rate=rate, seconds=seconds, warmup=STEP_WARMUP, size=payload
     )
-    cpu = {name: _cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    cpu = {name: loadgen.cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     counts = await asyncio.to_thread(calls.stop) if calls is not None else {}
     packets = int(r["total_sent"]) + int(r["total_answered"])
     out: dict[str, Any] = {

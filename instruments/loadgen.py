@@ -223,6 +223,16 @@ def udp_ports(pid: int) -> list[int]:
     return sorted(ports)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (0.0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fp:
+            fields = fp.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def socket_drops() -> dict[int, int]:
     """Datagrams dropped so far per bound UDP socket of this network namespace, by local
     port (/proc/net/udp and udp6, the ``drops`` column)."""
