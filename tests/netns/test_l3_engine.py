@@ -14,27 +14,18 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from instruments.netlab import SERVER, Lab
 from session import dataplane
+from tests.netns.polling import until
 
 RATE = 400_000  # bytes/s of the checked stream
 
 
-def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)
 
 
 def send_from(lab: Lab, source: str, dest: str, port: int = 9999) -> None:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,11 @@ import pytest
 
 from instruments.netlab import SERVER, Lab
 from session import dataplane
+from tests.netns.polling import until
 
 BULK = 30_000_000  # bytes of the checked stream, sent as fast as it goes
 
 
-def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -34,19 +34,12 @@ import pytest
 from instruments.netlab import IN_NET, RELAY_PORT, SERVER, SERVER6, VIP, Lab, Proc
 from session.keys import relay_key
 from session.relay import RelayCodec
+from tests.netns.polling import until
 
 MAX_GAP_S = 5.0
 RATE = 200_000  # bytes/s of the checked stream
 
 
-def until(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(every)
 
 
 def conns(srv: Proc, phase: bool = False) -> list[dict[str, Any]]:
