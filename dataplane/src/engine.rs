@@ -392,11 +392,19 @@ pub(crate) struct TunWriter {
     pkts: Packets,
     plan: Vec<offload::Write>,
     merged: Vec<u8>,
+    /// Whether UDP runs go as one `GSO_UDP_L4` super-packet: until the kernel refuses one
+    /// (a kernel before 6.2 does not take them from a TUN), then the runs go alone.
+    udp_gso: bool,
 }
 
 impl TunWriter {
     pub(crate) fn new() -> Self {
-        TunWriter { pkts: Packets::new(), plan: Vec::with_capacity(BATCH), merged: Vec::with_capacity(1 << 17) }
+        TunWriter {
+            pkts: Packets::new(),
+            plan: Vec::with_capacity(BATCH),
+            merged: Vec::with_capacity(1 << 17),
+            udp_gso: true,
+        }
     }
 
     pub(crate) fn push(&mut self, packet: &[u8]) {
@@ -414,6 +422,12 @@ impl TunWriter {
         }
     }
 
+    fn write_alone(&mut self, fd: RawFd, i: usize, c: &Counters) {
+        let b = self.pkts.with_room(i);
+        b[..VNET_HDR_LEN].fill(0);
+        Self::write_one(fd, b, 1, c);
+    }
+
     /// Write everything pushed to `fd` (none if `fd` < 0: then they are forgotten).
     pub(crate) fn flush(&mut self, fd: RawFd, vnet: bool, c: &Counters) {
         if self.pkts.is_empty() || fd < 0 {
@@ -425,21 +439,37 @@ impl TunWriter {
                 Self::write_one(fd, self.pkts.get(i), 1, c);
             }
         } else {
-            offload::plan(&self.pkts, &mut self.plan);
-            for w in &self.plan {
+            offload::plan(&self.pkts, self.udp_gso, &mut self.plan);
+            let plan = std::mem::take(&mut self.plan);
+            for w in &plan {
                 match *w {
-                    offload::Write::Alone(i) => {
-                        let b = self.pkts.with_room(i);
-                        b[..VNET_HDR_LEN].fill(0);
-                        Self::write_one(fd, b, 1, c);
-                    }
+                    offload::Write::Alone(i) => self.write_alone(fd, i, c),
                     offload::Write::Merged(i, k) => {
                         offload::merge(&self.pkts, i, k, &mut self.merged);
                         Self::write_one(fd, &self.merged, k as u64, c);
                         c.tun_gso_writes.fetch_add(1, Ordering::Relaxed);
                     }
+                    offload::Write::MergedUdp(i, k) => {
+                        offload::merge(&self.pkts, i, k, &mut self.merged);
+                        // SAFETY: as in write_one; the error is read right after the call.
+                        let n = unsafe { libc::write(fd, self.merged.as_ptr().cast(), self.merged.len()) };
+                        if n >= 0 {
+                            c.tun_writes.fetch_add(1, Ordering::Relaxed);
+                            c.tun_packets_out.fetch_add(k as u64, Ordering::Relaxed);
+                            c.tun_gso_writes.fetch_add(1, Ordering::Relaxed);
+                        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                            // the kernel does not take UDP super-packets: from now on alone
+                            self.udp_gso = false;
+                            for j in i..i + k {
+                                self.write_alone(fd, j, c);
+                            }
+                        } else {
+                            c.tun_write_errors.fetch_add(k as u64, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
+            self.plan = plan;
         }
         self.pkts.clear();
     }

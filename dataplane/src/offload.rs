@@ -17,8 +17,12 @@
 //! kernel's GRO would merge (same addresses, ports, IP fields and TCP options, contiguous
 //! sequence numbers, equal ACK and window, only ACK and PSH set and PSH only on the last,
 //! a valid checksum, the same payload size except a shorter last one) is written as one
-//! super-packet with a GSO header; every other packet is written alone behind an all-zero
-//! header. The kernel then walks its stack once per run instead of once per segment.
+//! super-packet with a GSO header; so is a run of UDP datagrams of one flow (same
+//! addresses, ports and IP fields, IPv4 IDs counting up unless DF is set, a valid non-zero
+//! checksum, the same payload size except a shorter last one) as one `GSO_UDP_L4`
+//! super-packet, which the kernel cuts again before a socket without UDP GRO sees it;
+//! every other packet is written alone behind an all-zero header. The kernel then walks
+//! its stack once per run instead of once per packet.
 //!
 //! Everything here parses bytes that come from the kernel (what local applications sent)
 //! or from the tunnel (what the peer sealed): a packet that does not parse is refused
@@ -396,26 +400,88 @@ fn joins(a: &[u8], sa: &Seg, b: &[u8], sb: &Seg, prev_end: u32, k: usize) -> boo
         && transport_checksum_ok(b, ihl, PROTO_TCP)
 }
 
+/// What `coalesce` needs of a UDP datagram to decide whether it joins a run.
+struct Dgram {
+    v6: bool,
+    ihl: usize,
+    payload: usize,
+}
+
+fn udp_dgram(pkt: &[u8]) -> Option<Dgram> {
+    let (version, ihl, proto) = ip_layout(pkt)?;
+    if proto != PROTO_UDP || pkt.len() < ihl + 8 || pkt.len() - ihl > u16::MAX as usize {
+        return None;
+    }
+    if version == 4
+        && (ihl != 20 || u16::from_be_bytes([pkt[2], pkt[3]]) as usize != pkt.len() || fold(sum(&pkt[..20], 0)) != 0xffff)
+    {
+        return None; // IPv4 options, a bad header checksum: the kernel's GRO does not merge them
+    }
+    if version == 6 && 40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize != pkt.len() {
+        return None;
+    }
+    let payload = pkt.len() - ihl - 8;
+    // the UDP length must be the packet's; no checksum (IPv4's zero) would come back as one
+    if u16::from_be_bytes([pkt[ihl + 4], pkt[ihl + 5]]) as usize != pkt.len() - ihl
+        || payload == 0
+        || pkt[ihl + 6..ihl + 8] == [0, 0]
+        || !transport_checksum_ok(pkt, ihl, PROTO_UDP)
+    {
+        return None;
+    }
+    Some(Dgram { v6: version == 6, ihl, payload })
+}
+
+/// Whether the UDP datagram `b` continues the run whose first datagram is `a` (`k`: how
+/// many the run has): the kernel's UDP GRO rules. Same addresses, ports and IP fields, a
+/// payload no larger than the first's; IPv4 IDs counting up, as the kernel's segmentation
+/// of the merged packet makes them again, unless both have DF set (an atomic datagram's
+/// ID means nothing: the kernel's GRO ignores it, and its segmentation counts up from
+/// the first's).
+fn udp_joins(a: &[u8], sa: &Dgram, b: &[u8], sb: &Dgram, k: usize) -> bool {
+    if sa.v6 != sb.v6 || sb.payload > sa.payload {
+        return false;
+    }
+    let ihl = sa.ihl;
+    let ip_same = if sa.v6 {
+        a[..4] == b[..4] && a[6..40] == b[6..40]
+    } else {
+        let id_a = u16::from_be_bytes([a[4], a[5]]);
+        let id_b = u16::from_be_bytes([b[4], b[5]]);
+        let atomic = a[6] & 0x40 != 0;
+        a[..2] == b[..2]
+            && a[6..7] == b[6..7]
+            && a[8..10] == b[8..10]
+            && a[12..20] == b[12..20]
+            && (atomic || id_b == id_a.wrapping_add(k as u16))
+    };
+    ip_same && a[ihl..ihl + 4] == b[ihl..ihl + 4]
+}
+
 /// What to write for packets `[first, first + count)` of a batch.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Write {
     /// One packet alone, behind an all-zero header.
     Alone(usize),
-    /// A run merged into one super-packet: the first packet and how many.
+    /// A run of TCP segments merged into one super-packet: the first packet and how many.
     Merged(usize, usize),
+    /// A run of UDP datagrams merged into one super-packet (`GSO_UDP_L4`).
+    MergedUdp(usize, usize),
 }
 
 /// Plan the writes of `pkts` in order: runs the kernel's GRO would merge, and the rest
-/// alone. Order within a flow is kept (a run is consecutive packets).
-pub fn plan(pkts: &Packets, writes: &mut Vec<Write>) {
+/// alone. Order within a flow is kept (a run is consecutive packets). UDP runs only with
+/// `udp` (a kernel that takes `GSO_UDP_L4` from a TUN).
+pub fn plan(pkts: &Packets, udp: bool, writes: &mut Vec<Write>) {
     writes.clear();
     let n = pkts.len();
     let mut i = 0;
     while i < n {
         let a = pkts.get(i);
         let Some(sa) = tcp_seg(a) else {
-            writes.push(Write::Alone(i));
-            i += 1;
+            let k = if udp { udp_run(pkts, i) } else { 1 };
+            writes.push(if k > 1 { Write::MergedUdp(i, k) } else { Write::Alone(i) });
+            i += k;
             continue;
         };
         if sa.flags & TCP_PSH != 0 || !transport_checksum_ok(a, sa.ihl, PROTO_TCP) {
@@ -444,42 +510,94 @@ pub fn plan(pkts: &Packets, writes: &mut Vec<Write>) {
     }
 }
 
+/// How many UDP datagrams from `i` on make one run (1: the packet goes alone).
+fn udp_run(pkts: &Packets, i: usize) -> usize {
+    let a = pkts.get(i);
+    let Some(sa) = udp_dgram(a) else { return 1 };
+    let mut j = i + 1;
+    let mut total = a.len();
+    while j < pkts.len() && j - i < MAX_COALESCE_SEGMENTS {
+        let b = pkts.get(j);
+        let Some(sb) = udp_dgram(b) else { break };
+        if total + sb.payload > MAX_COALESCED || !udp_joins(a, &sa, b, &sb, j - i) {
+            break;
+        }
+        total += sb.payload;
+        j += 1;
+        if sb.payload < sa.payload {
+            break; // a shorter datagram ends a run
+        }
+    }
+    j - i
+}
+
 /// Build the super-packet of `count` packets from `first` into `out` (header included):
-/// its length. The packets are a run `plan` found.
+/// its length. The packets are a run `plan` found (`Merged` or `MergedUdp`).
 pub fn merge(pkts: &Packets, first: usize, count: usize, out: &mut Vec<u8>) -> usize {
     let a = pkts.get(first);
-    let sa = tcp_seg(a).expect("plan checked it");
+    let (v6, ihl, hdr, proto, gso_size) = match tcp_seg(a) {
+        Some(s) => (s.v6, s.ihl, s.hdr, PROTO_TCP, s.payload),
+        None => {
+            let d = udp_dgram(a).expect("plan checked it");
+            (d.v6, d.ihl, d.ihl + 8, PROTO_UDP, d.payload)
+        }
+    };
     out.clear();
     out.resize(VNET_HDR_LEN, 0);
     out.extend_from_slice(a);
-    let mut flags = sa.flags;
+    let mut flags = if proto == PROTO_TCP { a[ihl + 13] } else { 0 };
     for k in 1..count {
         let b = pkts.get(first + k);
-        out.extend_from_slice(&b[sa.hdr..]);
-        flags |= b[sa.ihl + 13] & TCP_PSH;
+        out.extend_from_slice(&b[hdr..]);
+        if proto == PROTO_TCP {
+            flags |= b[ihl + 13] & TCP_PSH;
+        }
     }
     let len = out.len() - VNET_HDR_LEN;
-    let (ihl, p) = (sa.ihl, &mut out[VNET_HDR_LEN..]);
-    if sa.v6 {
+    let p = &mut out[VNET_HDR_LEN..];
+    if v6 {
         p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
     } else {
         p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
         set_ipv4_checksum(p, ihl);
     }
-    p[ihl + 13] = flags;
+    let (gso_type, csum_offset) = if proto == PROTO_TCP {
+        p[ihl + 13] = flags;
+        (if v6 { GSO_TCPV6 } else { GSO_TCPV4 }, 16)
+    } else {
+        // the whole run's UDP length: the kernel's segmentation sets each datagram's own
+        p[ihl + 4..ihl + 6].copy_from_slice(&((len - ihl) as u16).to_be_bytes());
+        (GSO_UDP_L4, 6)
+    };
     // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel adds the rest
-    let seed = fold(pseudo(p, PROTO_TCP, len - ihl));
-    p[ihl + 16..ihl + 18].copy_from_slice(&seed.to_be_bytes());
+    let seed = fold(pseudo(p, proto, len - ihl));
+    p[ihl + csum_offset..ihl + csum_offset + 2].copy_from_slice(&seed.to_be_bytes());
     let h = VnetHdr {
         flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
-        gso_type: if sa.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
-        hdr_len: sa.hdr as u16,
-        gso_size: sa.payload as u16,
+        gso_type,
+        hdr_len: hdr as u16,
+        gso_size: gso_size as u16,
         csum_start: ihl as u16,
-        csum_offset: 16,
+        csum_offset: csum_offset as u16,
     };
     h.write(&mut out[..VNET_HDR_LEN]);
     out.len()
+}
+
+/// Whether `b` is `a` as the kernel's segmentation of a merged run gives it back: the
+/// same bytes, but for an atomic (DF) IPv4 UDP datagram's ID and so its header checksum.
+pub fn same_after_resegmentation(a: &[u8], b: &[u8]) -> bool {
+    if a == b {
+        return true;
+    }
+    let atomic_udp = |p: &[u8]| p.len() >= 20 && p[0] >> 4 == 4 && p[9] == PROTO_UDP && p[6] & 0x40 != 0;
+    a.len() == b.len()
+        && atomic_udp(a)
+        && atomic_udp(b)
+        && a[..4] == b[..4]
+        && a[6..10] == b[6..10]
+        && a[12..] == b[12..]
+        && fold(sum(&b[..20], 0)) == 0xffff
 }
 
 #[cfg(test)]
@@ -720,12 +838,12 @@ mod tests {
             .collect();
         let p = packets(&segs);
         let mut w = Vec::new();
-        plan(&p, &mut w);
+        plan(&p, true, &mut w);
         assert_eq!(w, vec![Write::Merged(0, 5)]);
         roundtrip(&p, 0, 5);
         let v6: Vec<Vec<u8>> = (0..3).map(|k| ipv6_tcp(&body(1000), 1 + k * 1000, TCP_ACK)).collect();
         let p = packets(&v6);
-        plan(&p, &mut w);
+        plan(&p, true, &mut w);
         assert_eq!(w, vec![Write::Merged(0, 3)]);
         roundtrip(&p, 0, 3);
     }
@@ -747,31 +865,31 @@ mod tests {
             (vec![ipv4_tcp(&body(500), 0, TCP_ACK, 1, &[]), a(500, TCP_ACK, 2)], vec![Write::Alone(0), Write::Alone(1)]),
         ];
         for (segs, want) in cases {
-            plan(&packets(&segs), &mut w);
+            plan(&packets(&segs), true, &mut w);
             assert_eq!(w, want);
         }
         // different options (timestamps moved on), a different window, ack, port, a bad checksum
         let base = a(0, TCP_ACK, 1);
         let ts = |v: u8| ipv4_tcp(&body(1000), 1000, TCP_ACK, 2, &[1, 1, 8, 10, 0, 0, 0, v, 0, 0, 0, 0]);
         let ts0 = ipv4_tcp(&body(1000), 0, TCP_ACK, 1, &[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0]);
-        plan(&packets(&[ts0.clone(), ts(2)]), &mut w);
+        plan(&packets(&[ts0.clone(), ts(2)]), true, &mut w);
         assert_eq!(w, vec![Write::Alone(0), Write::Alone(1)]);
-        plan(&packets(&[ts0, ts(1)]), &mut w);
+        plan(&packets(&[ts0, ts(1)]), true, &mut w);
         assert_eq!(w, vec![Write::Merged(0, 2)]);
         for (at, v) in [(20 + 14, 9u8), (20 + 8, 9), (20 + 1, 9)] {
             let mut b = a(1000, TCP_ACK, 2);
             b[at] = v;
             set_transport_checksum(&mut b, 20, 16, PROTO_TCP);
-            plan(&packets(&[base.clone(), b]), &mut w);
+            plan(&packets(&[base.clone(), b]), true, &mut w);
             assert_eq!(w, vec![Write::Alone(0), Write::Alone(1)], "byte {at}");
         }
         let mut b = a(1000, TCP_ACK, 2);
         b[100] ^= 1; // corrupted in flight: the kernel must see it alone (and drop it)
-        plan(&packets(&[base.clone(), b]), &mut w);
+        plan(&packets(&[base.clone(), b]), true, &mut w);
         assert_eq!(w, vec![Write::Alone(0), Write::Alone(1)]);
         // another flow in between: three runs of one
         let other = ipv6_tcp(&body(1000), 0, TCP_ACK);
-        plan(&packets(&[base.clone(), other, a(1000, TCP_ACK, 2)]), &mut w);
+        plan(&packets(&[base.clone(), other, a(1000, TCP_ACK, 2)]), true, &mut w);
         assert_eq!(w, vec![Write::Alone(0), Write::Alone(1), Write::Alone(2)]);
         // IPv4 IDs that do not count up without DF
         let mut x = a(0, TCP_ACK, 1);
@@ -780,15 +898,15 @@ mod tests {
             p[6] = 0;
             set_ipv4_checksum(p, 20);
         }
-        plan(&packets(&[x, y]), &mut w);
+        plan(&packets(&[x, y]), true, &mut w);
         assert_eq!(w, vec![Write::Alone(0), Write::Alone(1)]);
         // an IPv4 header checksum that does not hold
         let mut y = a(1000, TCP_ACK, 2);
         y[10] ^= 1;
-        plan(&packets(&[a(0, TCP_ACK, 1), y]), &mut w);
+        plan(&packets(&[a(0, TCP_ACK, 1), y]), true, &mut w);
         assert_eq!(w, vec![Write::Alone(0), Write::Alone(1)]);
         // non-TCP and garbage
-        plan(&packets(&[vec![0x45], vec![], base]), &mut w);
+        plan(&packets(&[vec![0x45], vec![], base]), true, &mut w);
         assert_eq!(w, vec![Write::Alone(0), Write::Alone(1), Write::Alone(2)]);
     }
 
@@ -796,14 +914,214 @@ mod tests {
     fn a_run_stops_at_64_segments_and_64_kib() {
         let segs: Vec<Vec<u8>> = (0..70).map(|k| ipv4_tcp(&body(100), k * 100, TCP_ACK, k as u16, &[])).collect();
         let mut w = Vec::new();
-        plan(&packets(&segs), &mut w);
+        plan(&packets(&segs), true, &mut w);
         assert_eq!(w, vec![Write::Merged(0, 64), Write::Merged(64, 6)]);
         let segs: Vec<Vec<u8>> = (0..50).map(|k| ipv4_tcp(&body(1400), k * 1400, TCP_ACK, k as u16, &[])).collect();
         let p = packets(&segs);
-        plan(&p, &mut w);
+        plan(&p, true, &mut w);
         assert_eq!(w, vec![Write::Merged(0, 46), Write::Merged(46, 4)]);
         let mut sp = Vec::new();
         assert!(merge(&p, 0, 46, &mut sp) - VNET_HDR_LEN <= MAX_COALESCED);
+    }
+
+    fn ipv4_udp(payload: &[u8], id: u16, df: bool, sport: u16) -> Vec<u8> {
+        let len = 28 + payload.len();
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        p[6] = if df { 0x40 } else { 0 };
+        p[8] = 64;
+        p[9] = PROTO_UDP;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        set_ipv4_checksum(&mut p, 20);
+        udp_fill(&mut p, 20, sport, payload);
+        p
+    }
+
+    fn ipv6_udp(payload: &[u8], sport: u16) -> Vec<u8> {
+        let len = 48 + payload.len();
+        let mut p = vec![0u8; len];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+        p[6] = PROTO_UDP;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        p[24..40].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        udp_fill(&mut p, 40, sport, payload);
+        p
+    }
+
+    fn udp_fill(p: &mut [u8], l4: usize, sport: u16, payload: &[u8]) {
+        let ulen = (p.len() - l4) as u16;
+        p[l4..l4 + 2].copy_from_slice(&sport.to_be_bytes());
+        p[l4 + 2..l4 + 4].copy_from_slice(&9000u16.to_be_bytes());
+        p[l4 + 4..l4 + 6].copy_from_slice(&ulen.to_be_bytes());
+        p[l4 + 8..].copy_from_slice(payload);
+        set_transport_checksum(p, l4, 6, PROTO_UDP);
+    }
+
+    /// Merge a UDP run, then cut it again the way the kernel would: the datagrams come
+    /// back, each with valid checksums (exactly, but for an atomic datagram's IPv4 ID).
+    fn udp_roundtrip(pkts: &Packets, first: usize, count: usize) {
+        let mut sp = Vec::new();
+        merge(pkts, first, count, &mut sp);
+        let h = VnetHdr::parse(&sp).unwrap();
+        assert_eq!(h.gso_type, GSO_UDP_L4);
+        assert_eq!(h.flags, VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        let (_, ihl, _) = ip_layout(pkts.get(first)).unwrap();
+        assert_eq!((h.csum_start as usize, h.csum_offset, h.hdr_len as usize), (ihl, 6, ihl + 8));
+        assert_eq!(h.gso_size as usize, pkts.get(first).len() - ihl - 8);
+        let p = &sp[VNET_HDR_LEN..];
+        assert_eq!(u16::from_be_bytes([p[ihl + 4], p[ihl + 5]]) as usize, p.len() - ihl, "the run's UDP length");
+        let mut out = Packets::new();
+        assert_eq!(split(&sp, &mut out), Ok(count));
+        for k in 0..count {
+            let (a, b) = (pkts.get(first + k), out.get(k));
+            assert!(same_after_resegmentation(a, b), "datagram {k} of the merged run");
+            assert!(udp_dgram(b).is_some(), "datagram {k}: lengths and checksums hold");
+        }
+    }
+
+    #[test]
+    fn consecutive_datagrams_of_a_udp_flow_are_merged() {
+        // a connected socket's datagrams: IDs counting up, DF or not; a shorter last one
+        for df in [false, true] {
+            let segs: Vec<Vec<u8>> =
+                (0..5).map(|k| ipv4_udp(&body(if k == 4 { 300 } else { 1372 }), 500 + k, df, 4000)).collect();
+            let p = packets(&segs);
+            let mut w = Vec::new();
+            plan(&p, true, &mut w);
+            assert_eq!(w, vec![Write::MergedUdp(0, 5)]);
+            udp_roundtrip(&p, 0, 5);
+            let mut sp = Vec::new();
+            merge(&p, 0, 5, &mut sp);
+            let mut out = Packets::new();
+            split(&sp, &mut out).unwrap();
+            for (k, seg) in segs.iter().enumerate() {
+                assert_eq!(out.get(k), &seg[..], "counting IDs come back exactly");
+            }
+            plan(&p, false, &mut w);
+            assert_eq!(w.len(), 5, "without UDP GSO every datagram goes alone");
+        }
+        // an unconnected socket's: DF and ID 0 on every one (atomic: the ID means nothing)
+        let segs: Vec<Vec<u8>> = (0..3).map(|_| ipv4_udp(&body(1000), 0, true, 4000)).collect();
+        let p = packets(&segs);
+        let mut w = Vec::new();
+        plan(&p, true, &mut w);
+        assert_eq!(w, vec![Write::MergedUdp(0, 3)]);
+        udp_roundtrip(&p, 0, 3);
+        let v6: Vec<Vec<u8>> = (0..4).map(|_| ipv6_udp(&body(1200), 4000)).collect();
+        let p = packets(&v6);
+        plan(&p, true, &mut w);
+        assert_eq!(w, vec![Write::MergedUdp(0, 4)]);
+        udp_roundtrip(&p, 0, 4);
+    }
+
+    #[test]
+    fn datagrams_the_kernel_would_not_merge_are_written_alone() {
+        let d = |id: u16| ipv4_udp(&body(1000), id, true, 4000);
+        let alone2 = vec![Write::Alone(0), Write::Alone(1)];
+        let mut w = Vec::new();
+        let check = |list: &[Vec<u8>], want: &[Write], what: &str| {
+            let mut w = Vec::new();
+            plan(&packets(list), true, &mut w);
+            assert_eq!(w, want, "{what}");
+        };
+        check(&[d(1), ipv4_udp(&body(1000), 2, true, 4001)], &alone2, "another source port");
+        check(&[ipv4_udp(&body(500), 1, true, 4000), d(2)], &alone2, "a larger after a smaller");
+        check(&[ipv4_udp(&body(1000), 1, false, 4000), ipv4_udp(&body(1000), 1, false, 4000)], &alone2, "no DF, same ID");
+        check(&[ipv4_udp(&body(1000), 1, false, 4000), ipv4_udp(&body(1000), 1, true, 4000)], &alone2, "DF on one");
+        check(&[d(1), ipv6_udp(&body(1000), 4000)], &alone2, "another IP version");
+        for (at, what) in [(8, "TTL"), (1, "TOS"), (19, "address")] {
+            let mut b = d(2);
+            b[at] ^= 1;
+            set_ipv4_checksum(&mut b, 20);
+            set_transport_checksum(&mut b, 20, 6, PROTO_UDP);
+            check(&[d(1), b], &alone2, what);
+        }
+        let mut b = d(2);
+        b[100] ^= 1; // corrupted: the kernel must see it alone (and drop it)
+        check(&[d(1), b.clone()], &alone2, "a bad UDP checksum");
+        check(&[b, d(1)], &alone2, "a bad UDP checksum first");
+        let mut b = d(2);
+        b[26..28].fill(0); // no checksum: merged it would get one
+        check(&[d(1), b], &alone2, "a zero UDP checksum");
+        let mut b = d(2);
+        b[10] ^= 1;
+        check(&[d(1), b], &alone2, "a bad IPv4 header checksum");
+        let mut b = d(2);
+        b[24..26].copy_from_slice(&900u16.to_be_bytes());
+        set_transport_checksum(&mut b, 20, 6, PROTO_UDP);
+        check(&[d(1), b], &alone2, "a UDP length that is not the packet's");
+        let mut b = ipv4_udp(&body(1000), 2, true, 4000);
+        b.truncate(28);
+        b[2..4].copy_from_slice(&28u16.to_be_bytes());
+        b[24..26].copy_from_slice(&8u16.to_be_bytes());
+        set_ipv4_checksum(&mut b, 20);
+        set_transport_checksum(&mut b, 20, 6, PROTO_UDP);
+        check(&[d(1), b], &alone2, "an empty datagram");
+        // a shorter one ends the run; the next run starts after it
+        let segs = [d(1), d(2), ipv4_udp(&body(10), 3, true, 4000), d(4), d(5)];
+        check(&segs, &[Write::MergedUdp(0, 3), Write::MergedUdp(3, 2)], "a shorter datagram ends a run");
+        // TCP between UDP of one flow: order kept, three writes
+        let t = ipv4_tcp(&body(1000), 0, TCP_ACK, 1, &[]);
+        check(&[d(1), t, d(2)], &[Write::Alone(0), Write::Alone(1), Write::Alone(2)], "a TCP segment between");
+        // a run stops at 64 datagrams and at 64 KiB
+        let many: Vec<Vec<u8>> = (0..70).map(|k| ipv4_udp(&body(100), k, true, 4000)).collect();
+        plan(&packets(&many), true, &mut w);
+        assert_eq!(w, vec![Write::MergedUdp(0, 64), Write::MergedUdp(64, 6)]);
+        let big: Vec<Vec<u8>> = (0..50).map(|k| ipv4_udp(&body(1400), k, true, 4000)).collect();
+        let p = packets(&big);
+        plan(&p, true, &mut w);
+        assert_eq!(w, vec![Write::MergedUdp(0, 46), Write::MergedUdp(46, 4)]);
+        let mut sp = Vec::new();
+        assert!(merge(&p, 0, 46, &mut sp) - VNET_HDR_LEN <= MAX_COALESCED);
+        udp_roundtrip(&p, 0, 46);
+    }
+
+    proptest! {
+        /// Any UDP super-packet cut by `split` at any size is merged back by `plan` and
+        /// `merge`: cut again, the same datagrams, every checksum recomputed and holding.
+        #[test]
+        fn udp_split_then_merge_gives_the_datagrams_back(
+            len in 1usize..20_000, size in 64u16..2000, v6: bool, df: bool, id: u16, sport: u16,
+        ) {
+            let data = body(len);
+            let sp = if v6 { ipv6_udp(&data, sport) } else { ipv4_udp(&data, id, df, sport) };
+            let mut segs = Packets::new();
+            let n = split(&as_read(&sp, GSO_UDP_L4, size), &mut segs).unwrap();
+            prop_assert_eq!(n, len.div_ceil(size as usize));
+            let mut w = Vec::new();
+            plan(&segs, true, &mut w);
+            let mut got = Vec::new();
+            let mut covered = 0;
+            for x in &w {
+                match *x {
+                    Write::Alone(i) => {
+                        prop_assert_eq!(i, covered);
+                        prop_assert!(udp_dgram(segs.get(i)).is_some());
+                        covered += 1;
+                    }
+                    Write::MergedUdp(i, c) => {
+                        prop_assert_eq!(i, covered);
+                        udp_roundtrip(&segs, i, c);
+                        covered += c;
+                    }
+                    Write::Merged(..) => prop_assert!(false, "UDP planned as TCP"),
+                }
+            }
+            prop_assert_eq!(covered, n);
+            for i in 0..n {
+                let ihl = if v6 { 40 } else { 20 };
+                got.extend_from_slice(&segs.get(i)[ihl + 8..]);
+            }
+            prop_assert_eq!(got, data);
+            if n > 1 {
+                prop_assert!(w.len() < n, "a cut super-packet is merged again");
+            }
+        }
     }
 
     proptest! {
@@ -820,7 +1138,7 @@ mod tests {
                 check_segment(segs.get(k));
             }
             let mut w = Vec::new();
-            plan(&segs, &mut w);
+            plan(&segs, true, &mut w);
             let mut got = Vec::new();
             for x in &w {
                 match *x {
@@ -833,6 +1151,7 @@ mod tests {
                         let hdr = check_segment(segs.get(i)).hdr;
                         got.extend_from_slice(&m[VNET_HDR_LEN + hdr..]);
                     }
+                    Write::MergedUdp(..) => prop_assert!(false, "TCP planned as UDP"),
                 }
             }
             prop_assert_eq!(got, data);
@@ -850,7 +1169,13 @@ mod tests {
             p.push(&read);
             p.push(&read);
             let mut w = Vec::new();
-            plan(&p, &mut w);
+            plan(&p, true, &mut w);
+            let mut sp = Vec::new();
+            for x in &w {
+                if let Write::Merged(i, c) | Write::MergedUdp(i, c) = *x {
+                    merge(&p, i, c, &mut sp);
+                }
+            }
         }
     }
 }
