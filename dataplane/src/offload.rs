@@ -1,7 +1,7 @@
 //! TUN offloads: the virtio-net header a TUN opened with `IFF_VNET_HDR` puts before every
 //! packet, segmentation of the TCP (and UDP) super-packets the kernel hands over once
-//! `TUNSETOFFLOAD` allows it, and the coalescing of in-order TCP segments into one
-//! super-packet for the kernel on the way back.
+//! `TUNSETOFFLOAD` allows it, and the coalescing of in-order TCP segments (and of runs of
+//! one UDP flow's datagrams) into one super-packet for the kernel on the way back.
 //!
 //! Theory of operation. With offloads on, a read from the TUN is a 10-byte header and an
 //! IP packet of up to 64 KiB: the kernel skipped segmentation and, where the header says
