@@ -500,12 +500,22 @@ def format_stalls(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    if sys.argv[1:] == ["stalls"]:
+    parser = argparse.ArgumentParser(
+        prog="python -m instruments.bench_l3",
+        description="The L3 tunnel beside wireguard-go, the Python plane and the bare path "
+        "(root; iperf3, wireguard-go and wireguard-tools installed), or with 'stalls' the "
+        "longest gap of a TCP connection per kind of jump.")
+    parser.add_argument("part", nargs="?", choices=["throughput", "stalls"],
+                        default="throughput", help="what to measure (default: throughput)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the whole report as JSON after the table")
+    args = parser.parse_args()
+    if args.part == "stalls":
         print(format_stalls(run_stall_bench()))
     else:
         report = run_l3_bench()
         print(format_l3(report))
-        if "--json" in sys.argv:
+        if args.json:
             print(json.dumps(report))
