@@ -209,18 +209,25 @@ def udp_ports(pid: int) -> list[int]:
                 inodes.add(link[8:-1])
     except OSError:
         return []
-    ports = []
+    return sorted(port for port, cells in _udp_sockets() if len(cells) > 9 and cells[9] in inodes)
+
+
+def _udp_sockets() -> list[tuple[int, list[str]]]:
+    """Each bound UDP socket of this network namespace (/proc/net/udp and udp6): its local
+    port and the table's cells (a row that does not parse is left out)."""
+    out = []
     for name in ("/proc/net/udp", "/proc/net/udp6"):
         try:
             with open(name, encoding="ascii") as fp:
-                next(fp, None)
-                for line in fp:
-                    cells = line.split()
-                    if len(cells) > 9 and cells[9] in inodes:
-                        ports.append(int(cells[1].rsplit(":", 1)[1], 16))
-        except (OSError, ValueError, IndexError):
+                rows = [line.split() for line in fp][1:]
+        except OSError:
             continue
-    return sorted(ports)
+        for cells in rows:
+            try:
+                out.append((int(cells[1].rsplit(":", 1)[1], 16), cells))
+            except (ValueError, IndexError):
+                continue
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -237,15 +244,10 @@ def socket_drops() -> dict[int, int]:
     """Datagrams dropped so far per bound UDP socket of this network namespace, by local
     port (/proc/net/udp and udp6, the ``drops`` column)."""
     out: dict[int, int] = {}
-    for name in ("/proc/net/udp", "/proc/net/udp6"):
+    for port, cells in _udp_sockets():
         try:
-            with open(name, encoding="ascii") as fp:
-                next(fp, None)
-                for line in fp:
-                    cells = line.split()
-                    port = int(cells[1].rsplit(":", 1)[1], 16)
-                    out[port] = out.get(port, 0) + int(cells[-1])
-        except (OSError, ValueError, IndexError):
+            out[port] = out.get(port, 0) + int(cells[-1])
+        except ValueError:
             continue
     return out
 
