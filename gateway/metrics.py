@@ -282,10 +282,12 @@ class _HotPathCollector(Collector):
             tun = CounterMetricFamily(
                 "jvpn_engine_tun_offload", "The compiled engine's TUN: packets written (in "
                 "tun_write calls), TCP super-packets read and the segments cut from them, "
-                "super-packets written, reads refused (an offloading TUN)", labels=["what"])
+                "super-packets written, reads refused (an offloading TUN), datagrams written whole "
+                "that arrived as fragments", labels=["what"])
             for what, key in (("packets_out", "tun_packets_out"), ("gso_reads", "tun_gso_reads"),
                               ("segments", "tun_segments"), ("gso_writes", "tun_gso_writes"),
-                              ("malformed_reads", "tun_offload_drops")):
+                              ("malformed_reads", "tun_offload_drops"),
+                              ("rejoined", "tun_rejoined")):
                 tun.add_metric([what], e.get(key, 0))
             yield tun
         sessions = GaugeMetricFamily(

@@ -47,6 +47,7 @@ use std::thread::JoinHandle;
 use crate::balancer::{self, Trusted};
 use crate::batch::{to_sockaddr, RecvBatch, SendBatch, BATCH, SLOT};
 use crate::channel::Channel;
+use crate::frag;
 use crate::offload::{self, Packets, VNET_HDR_LEN};
 use crate::reasons::DropReason;
 use crate::route::{Downlink, Owners, Route, TunnelDrop};
@@ -150,6 +151,8 @@ pub struct Counters {
     pub tun_segments: AtomicU64,
     pub tun_gso_writes: AtomicU64,
     pub tun_offload_drops: AtomicU64,
+    /// Datagrams written whole that arrived as IPv4 fragments (`frag`).
+    pub tun_rejoined: AtomicU64,
     pub drops: [AtomicU64; 32],
     /// L3 refusals, by `TunnelDrop` value.
     pub tunnel_drops: [AtomicU64; 8],
@@ -390,6 +393,8 @@ impl TunBatch {
 /// `tun_writes` counts write calls, `tun_packets_out` the packets they carried.
 pub(crate) struct TunWriter {
     pkts: Packets,
+    /// The batch again, fragments rejoined (`frag::rejoin`); swapped with `pkts`.
+    joined: Packets,
     plan: Vec<offload::Write>,
     merged: Vec<u8>,
     /// Whether UDP runs go as one `GSO_UDP_L4` super-packet: until the kernel refuses one
@@ -401,6 +406,7 @@ impl TunWriter {
     pub(crate) fn new() -> Self {
         TunWriter {
             pkts: Packets::new(),
+            joined: Packets::new(),
             plan: Vec::with_capacity(BATCH),
             merged: Vec::with_capacity(1 << 17),
             udp_gso: true,
@@ -433,6 +439,13 @@ impl TunWriter {
         if self.pkts.is_empty() || fd < 0 {
             self.pkts.clear();
             return;
+        }
+        if frag::has_fragments(&self.pkts) {
+            let n = frag::rejoin(&self.pkts, &mut self.joined);
+            if n > 0 {
+                std::mem::swap(&mut self.pkts, &mut self.joined);
+                c.tun_rejoined.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         if !vnet {
             for i in 0..self.pkts.len() {

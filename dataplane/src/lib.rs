@@ -10,6 +10,7 @@ pub mod balancer;
 pub mod batch;
 pub mod channel;
 pub mod engine;
+pub mod frag;
 pub mod offload;
 pub mod reasons;
 pub mod replay;

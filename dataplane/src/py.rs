@@ -609,6 +609,7 @@ impl GatewayEngine {
                 ("tun_segments", &c.tun_segments),
                 ("tun_gso_writes", &c.tun_gso_writes),
                 ("tun_offload_drops", &c.tun_offload_drops),
+                ("tun_rejoined", &c.tun_rejoined),
             ] {
                 m.insert(k.to_string(), v.load(Relaxed));
             }
@@ -763,6 +764,7 @@ impl AgentEngine {
                 ("tun_segments", &c.tun_segments),
                 ("tun_gso_writes", &c.tun_gso_writes),
                 ("tun_offload_drops", &c.tun_offload_drops),
+                ("tun_rejoined", &c.tun_rejoined),
                 ("upstream_tx_drops", &c.upstream_tx_drops),
             ] {
                 m.insert(k.to_string(), v.load(Relaxed));
