@@ -10,8 +10,8 @@ measured in the same run, on the same path:
 - **jvpn python**: the same on the Python data plane (asyncio and ``cryptography``);
 - **wireguard-go**: Debian's userspace WireGuard between the same two namespaces.
 
-For each: iperf3 TCP (bits/s received), the highest paced 1400-byte UDP rate, from a
-fixed ladder, with < 0.5% loss, and the RTT percentiles of 1400-byte datagrams echoed
+For each: iperf3 TCP (bits/s received), the highest paced 1400-byte UDP rate with < 0.5%
+loss (a doubling ladder, then three halvings of the interval where it failed), and the RTT percentiles of 1400-byte datagrams echoed
 from the server's namespace at 50% of that rate (the compiled load generator and echo,
 ``instruments.loadgen``; each datagram crosses the path twice, so the path carries the
 rate each way): the p99 added by a tunnel is its p99 minus the bare path's at its own
@@ -41,6 +41,7 @@ from instruments import loadgen
 from instruments.netlab import GW_PORT, OUT_NET, SERVER, VIP, Lab, missing_prerequisites
 
 UDP_LADDER_MBIT = (25, 50, 100, 200, 400, 800, 1600)
+UDP_BISECT_STEPS = 3  # halvings between the ladder's last pass and first miss
 PER_PACKET_MBIT = 50  # the per-packet figures' paced UDP rate: both planes carry it
 PLANES = ("compiled", "python")
 ENGINE_CALLS = ("recv_calls", "send_calls", "poll_calls", "tun_reads", "tun_writes")
@@ -110,23 +111,42 @@ def _rtt_at(lab: Lab, rate: float, seconds: float) -> dict[str, Any]:
             "rtt_p99_us": int(statistics.median(p99)), "rtt_p99_runs_us": p99}
 
 
+def _udp_step(lab: Lab, seconds: float, mbit: int, ladder: list[dict[str, Any]]) -> bool:
+    """One paced iperf3 UDP run at ``mbit``, appended to ``ladder``: whether loss < 0.5%."""
+    r = _iperf(lab, seconds, mbit)
+    s = r.get("end", {}).get("sum", {})
+    loss = float(s.get("lost_percent", 100.0))
+    ladder.append({"offered_mbit": mbit, "loss_pct": round(loss, 3),
+                   "received_mbit": round(float(s.get("bits_per_second", 0.0)) / 1e6, 1)})
+    return loss < MAX_LOSS_PCT
+
+
 def _throughput(lab: Lab, seconds: float) -> dict[str, Any]:
+    """TCP, then the highest paced UDP rate at < 0.5% loss: doubling steps to the first
+    rate that fails twice in a row (a single miss can be the busy machine's), then
+    UDP_BISECT_STEPS halvings of the interval between the last pass and that rate, each
+    rate given a second run if the first misses."""
     tcp = _iperf(lab, seconds)
     tcp_bps = tcp.get("end", {}).get("sum_received", {}).get("bits_per_second", 0.0)
-    best, ladder, misses = 0, [], 0
-    for mbit in UDP_LADDER_MBIT:  # a miss can be the busy machine's: stop after two in a row
-        r = _iperf(lab, seconds, mbit)
-        s = r.get("end", {}).get("sum", {})
-        loss = float(s.get("lost_percent", 100.0))
-        ladder.append({"offered_mbit": mbit, "loss_pct": round(loss, 3),
-                       "received_mbit": round(float(s.get("bits_per_second", 0.0)) / 1e6, 1)})
-        if loss >= MAX_LOSS_PCT:
-            misses += 1
-            if misses == 2:
-                break
+    ladder: list[dict[str, Any]] = []
+    best, misses, failed = 0, 0, None
+    for mbit in UDP_LADDER_MBIT:
+        if _udp_step(lab, seconds, mbit, ladder):
+            misses, best, failed = 0, mbit, None
             continue
-        misses = 0
-        best = mbit
+        misses += 1
+        failed = failed or mbit  # the first miss after the last pass
+        if misses == 2:
+            break
+    if best and failed and failed > best:
+        lo, hi = best, failed
+        for _ in range(UDP_BISECT_STEPS):
+            mid = (lo + hi) // 2
+            if _udp_step(lab, seconds, mid, ladder) or _udp_step(lab, seconds, mid, ladder):
+                lo = mid
+            else:
+                hi = mid
+        best = lo
     return {"tcp_mbit": round(tcp_bps / 1e6, 1), "udp_mbit_under_0_5pct_loss": best,
             "udp_ladder": ladder}
 
