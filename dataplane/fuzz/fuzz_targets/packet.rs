@@ -4,12 +4,14 @@
 //! by the input's counters, an IP packet's addresses as cryptokey routing reads them
 //! (uplink check, downlink owner), the balancer's client-address prefix from a trusted
 //! and an untrusted source, a read from an offloading TUN (virtio-net header, TCP/UDP
-//! super-packet) and the coalescing of a batch of packets (TCP and UDP runs). No input may
-//! panic; every refusal is a DropReason; a refused packet never moves the window.
+//! super-packet), the coalescing of a batch of packets (TCP and UDP runs) and the rejoining
+//! of a batch's IPv4 fragments. No input may panic; every refusal is a DropReason; a
+//! refused packet never moves the window.
 #![no_main]
 
 use jvpn_dataplane::balancer::{self, Trusted, PREFIX_LEN};
 use jvpn_dataplane::channel::Channel;
+use jvpn_dataplane::frag;
 use jvpn_dataplane::offload;
 use jvpn_dataplane::reasons::DropReason;
 use jvpn_dataplane::replay::ReplayWindow;
@@ -120,6 +122,37 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     assert_eq!(covered, batch.len());
+
+    // The input as IPv4 fragments opened from the tunnel: two pieces cut where its first
+    // byte says, and itself, each piece's header checksum made valid so that the rest of
+    // the rejoining's checks are reached. Whatever is rejoined, no byte is lost but the
+    // headers of the pieces after a chain's first, and a rejoined datagram is one valid
+    // IPv4 packet; with nothing rejoined the batch comes back as it went.
+    let cut = data.first().map_or(0, |&b| b as usize).min(data.len());
+    let mut pieces = offload::Packets::new();
+    for piece in [&data[..cut], &data[cut..], data] {
+        let mut p = piece.to_vec();
+        if p.len() >= 20 {
+            p[10..12].fill(0);
+            let c = !offload::fold(offload::sum(&p[..20], 0));
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        pieces.push(&p);
+    }
+    let mut whole = offload::Packets::new();
+    let rejoined = frag::rejoin(&pieces, &mut whole);
+    let bytes = |p: &offload::Packets| (0..p.len()).map(|i| p.get(i).len()).sum::<usize>();
+    assert_eq!(bytes(&pieces) - bytes(&whole), 20 * (pieces.len() - whole.len()));
+    assert!(rejoined <= (pieces.len() - whole.len()));
+    if rejoined == 0 {
+        assert!((0..3).all(|i| pieces.get(i) == whole.get(i)));
+    }
+    for i in 0..whole.len() {
+        let p = whole.get(i);
+        if p.len() >= 20 && p[0] == 0x45 && p[6..8] == [0, 0] && rejoined > 0 {
+            assert_eq!(offload::fold(offload::sum(&p[..20], 0)), 0xffff);
+        }
+    }
 
     // The input as counters: the window's answers stay consistent with each other.
     let mut w = ReplayWindow::new();
