@@ -334,6 +334,22 @@ fn split_gso(h: &VnetHdr, pkt: &[u8], out: &mut Packets) -> Result<usize, SplitE
     Ok(count)
 }
 
+/// (version, IP header length) of a packet of `proto` whose IP header the kernel's GRO
+/// would merge: a transport header of at least `l4_min` bytes, the IP length the
+/// packet's, for IPv4 no options and a valid header checksum. None otherwise.
+fn mergeable_ip(pkt: &[u8], proto: u8, l4_min: usize) -> Option<(u8, usize)> {
+    let (version, ihl, p) = ip_layout(pkt)?;
+    if p != proto || pkt.len() < ihl + l4_min {
+        return None;
+    }
+    let whole = if version == 4 {
+        ihl == 20 && u16::from_be_bytes([pkt[2], pkt[3]]) as usize == pkt.len() && fold(sum(&pkt[..20], 0)) == 0xffff
+    } else {
+        40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize == pkt.len()
+    };
+    whole.then_some((version, ihl))
+}
+
 /// What `coalesce` needs of a TCP segment to decide whether it joins a run.
 struct Seg {
     v6: bool,
@@ -345,18 +361,7 @@ struct Seg {
 }
 
 fn tcp_seg(pkt: &[u8]) -> Option<Seg> {
-    let (version, ihl, proto) = ip_layout(pkt)?;
-    if proto != PROTO_TCP || pkt.len() < ihl + 20 {
-        return None;
-    }
-    if version == 4
-        && (ihl != 20 || u16::from_be_bytes([pkt[2], pkt[3]]) as usize != pkt.len() || fold(sum(&pkt[..20], 0)) != 0xffff)
-    {
-        return None; // IPv4 options, a bad header checksum: the kernel's GRO does not merge them
-    }
-    if version == 6 && 40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize != pkt.len() {
-        return None;
-    }
+    let (version, ihl) = mergeable_ip(pkt, PROTO_TCP, 20)?;
     let doff = ((pkt[ihl + 12] >> 4) as usize) * 4;
     if doff < 20 || pkt.len() < ihl + doff {
         return None;
@@ -408,16 +413,8 @@ struct Dgram {
 }
 
 fn udp_dgram(pkt: &[u8]) -> Option<Dgram> {
-    let (version, ihl, proto) = ip_layout(pkt)?;
-    if proto != PROTO_UDP || pkt.len() < ihl + 8 || pkt.len() - ihl > u16::MAX as usize {
-        return None;
-    }
-    if version == 4
-        && (ihl != 20 || u16::from_be_bytes([pkt[2], pkt[3]]) as usize != pkt.len() || fold(sum(&pkt[..20], 0)) != 0xffff)
-    {
-        return None; // IPv4 options, a bad header checksum: the kernel's GRO does not merge them
-    }
-    if version == 6 && 40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize != pkt.len() {
+    let (version, ihl) = mergeable_ip(pkt, PROTO_UDP, 8)?;
+    if pkt.len() - ihl > u16::MAX as usize {
         return None;
     }
     let payload = pkt.len() - ihl - 8;
