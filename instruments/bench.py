@@ -231,17 +231,6 @@ def _redis_benchmark_binary() -> str | None:
     return str(sibling) if sibling.exists() else None
 
 
-def _udp_kernel_drops() -> int:
-    """RcvbufErrors of the host's UDP stack (datagrams the kernel dropped: buffer full)."""
-    try:
-        with open("/proc/net/snmp", encoding="ascii") as fp:
-            rows = [ln.split() for ln in fp if ln.startswith("Udp:")]
-        head, values = rows[0], rows[1]
-        return int(values[head.index("RcvbufErrors")])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _rss_bytes(pid: int) -> int:
     """A process's resident set size (VmRSS in /proc), 0 if unreadable."""
     try:
@@ -1039,7 +1028,7 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
             rss0 = _rss_bytes(env.gateway_pid)
             try:
                 hs_rate = await load.open(opts.sessions)
-                drops0 = _udp_kernel_drops()
+                drops0 = loadgen.udp_kernel_drops()
                 cpu = CpuMeter({"gateway": env.gateway_pid, "redis": env.redis_pid,
                                 "loadgen": os.getpid()})  # fmt: skip
                 prof = env.profile(opts, "reattach", rep, opts.warmup + opts.seconds)
@@ -1048,7 +1037,7 @@ async def bench_reattach(opts: BenchOptions, env: BenchEnv) -> dict[str, Any]:
                 if rep == 0:  # a fresh gateway process: its growth is its bindings (and buffers)
                     run["gateway_rss_growth"] = _rss_bytes(env.gateway_pid) - rss0
                 await env.finish_profile(prof)
-                run["kernel_udp_drops"] = _udp_kernel_drops() - drops0
+                run["kernel_udp_drops"] = loadgen.udp_kernel_drops() - drops0
                 run["handshake_rate"] = hs_rate
                 run["retransmits"] = load.retransmits
                 run["errors"] = load.error_counts()
@@ -1347,13 +1336,13 @@ async def _direct_flow(opts: BenchOptions, addr: tuple[str, int], pids: dict[str
             transport.sendto(aead.seal(data))
 
     try:
-        drops0 = _udp_kernel_drops()
+        drops0 = loadgen.udp_kernel_drops()
         cpu = CpuMeter(pids) if pids is not None else None
         out = await flow.run(send, opts.warmup, opts.seconds)
         if cpu is not None:
             out["cpu"] = cpu.read()
         if kernel_drops:
-            out["kernel_udp_drops"] = _udp_kernel_drops() - drops0
+            out["kernel_udp_drops"] = loadgen.udp_kernel_drops() - drops0
         if aead is not None:
             out["bad_answers"] = bad
         return out
@@ -1432,13 +1421,13 @@ async def _datagram_run(opts: BenchOptions, env: BenchEnv, rep: int, runs: list[
     try:
         await agent.start()
         await agent.wait_connected(10)
-        drops0 = _udp_kernel_drops()
+        drops0 = loadgen.udp_kernel_drops()
         cpu = CpuMeter(pids)
         prof = env.profile(opts, "datagram", rep, opts.warmup + opts.seconds)
         run["tunnel"] = await flow.run(agent.send, opts.warmup, opts.seconds)
         run["tunnel"]["cpu"] = cpu.read()
         await env.finish_profile(prof)
-        run["tunnel"]["kernel_udp_drops"] = _udp_kernel_drops() - drops0
+        run["tunnel"]["kernel_udp_drops"] = loadgen.udp_kernel_drops() - drops0
     finally:
         await agent.stop()
 

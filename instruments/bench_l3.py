@@ -265,13 +265,6 @@ def _run(lab: Lab, seconds: float, say: Any) -> dict[str, Any]:
     return report
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (/proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _engine_calls(lab: Lab) -> float:
     """System calls of the gateway's engine so far (its /metrics)."""
     return sum(lab.metric(1, "jvpn_engine_syscalls_total", call=c) for c in (
@@ -285,9 +278,9 @@ def _per_packet(lab: Lab, agent: Any, seconds: float) -> dict[str, Any]:
     pids = {"gateway": lab.gw_procs[1].pid, "agent": agent.pid}
     gw_calls, ag = _engine_calls(lab), agent.ask("status").get("engine") or {}
     calls = loadgen.SyscallCount(pids).start()
-    cpu0 = {k: _cpu_s(pid) for k, pid in pids.items()}
+    cpu0 = {k: loadgen.cpu_seconds(pid) for k, pid in pids.items()}
     r = _iperf(lab, seconds, PER_PACKET_MBIT)
-    cpu = {k: _cpu_s(pid) - cpu0[k] for k, pid in pids.items()}
+    cpu = {k: loadgen.cpu_seconds(pid) - cpu0[k] for k, pid in pids.items()}
     counts = calls.stop()
     ag2 = agent.ask("status").get("engine") or {}
     gw_calls = _engine_calls(lab) - gw_calls

@@ -26,17 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from instruments import loadgen
 from instruments.netlab import SERVER, Lab, missing_prerequisites
 
 ENGINE_CALLS = ("recv_calls", "send_calls", "poll_calls", "tun_reads", "tun_writes")
 GW_CALLS = ("recvmmsg", "sendmmsg", "epoll_wait", "tun_read", "tun_write")
 STRACE_S = 3.0
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _engine_tid(pid: int) -> int | None:
@@ -93,7 +88,7 @@ def _direction(lab: Lab, agent: Any, seconds: float, reverse: bool,
                strace: bool) -> dict[str, Any]:
     gw_pid, ag_pid = lab.gw_procs[1].pid, agent.pid
     g0, a0 = _settled_gw(lab), agent.ask("status")["engine"]
-    c0 = (_cpu_s(gw_pid), _cpu_s(ag_pid))
+    c0 = (loadgen.cpu_seconds(gw_pid), loadgen.cpu_seconds(ag_pid))
     argv = ["iperf3", "-c", SERVER, "-t", f"{seconds:g}", "-J", "--connect-timeout", "5000"]
     if reverse:
         argv.append("-R")
@@ -107,7 +102,7 @@ def _direction(lab: Lab, agent: Any, seconds: float, reverse: bool,
         out, _ = p.communicate(timeout=seconds + 30)
     else:
         out = lab.run(lab.client, *argv, timeout=seconds + 30, check=False)
-    c1 = (_cpu_s(gw_pid), _cpu_s(ag_pid))
+    c1 = (loadgen.cpu_seconds(gw_pid), loadgen.cpu_seconds(ag_pid))
     g1, a1 = _settled_gw(lab), agent.ask("status")["engine"]
     try:
         end = json.loads(out)["end"]

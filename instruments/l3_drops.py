@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from instruments.bench_l3 import _cpu_s, _iperf
+from instruments import loadgen
+from instruments.bench_l3 import _iperf
 from instruments.netlab import SERVER, Lab, missing_prerequisites
 
 SHOWN = re.compile(r"^(Ip\.(Reasm|Frag|ForwDatagrams|InDiscards|OutDiscards)|"
@@ -74,11 +75,11 @@ def probe(rates: list[int], plane: str, seconds: float, say: Any = print) -> Non
             for rate in rates:
                 before = {k: counters(lab, ns) for k, ns in spaces.items()}
                 node0 = node_counters(lab)
-                cpu0, engine0 = {k: _cpu_s(p) for k, p in pids.items()}, agent.ask("status")
+                cpu0, engine0 = {k: loadgen.cpu_seconds(p) for k, p in pids.items()}, agent.ask("status")
                 t0 = time.monotonic()
                 end = _iperf(lab, seconds, rate).get("end", {}).get("sum", {})
                 dt = time.monotonic() - t0
-                cores = {k: (_cpu_s(p) - cpu0[k]) / dt for k, p in pids.items()}
+                cores = {k: (loadgen.cpu_seconds(p) - cpu0[k]) / dt for k, p in pids.items()}
                 engine1 = agent.ask("status")
                 say(f"{rate} Mbit/s: loss {end.get('lost_percent', 100.0):.3f}% "
                     f"({end.get('lost_packets')} of {end.get('packets')} datagrams); CPU "
