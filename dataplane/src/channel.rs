@@ -6,8 +6,7 @@
 //! any crypto), decrypt, and only then mark the counter, so a forgery never moves the
 //! window. No I/O and no allocation: the caller owns every buffer.
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 
 use crate::reasons::DropReason;
 use crate::replay::ReplayWindow;
@@ -34,15 +33,23 @@ pub enum KeyError {
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
-    Nonce::from(n)
+    Nonce::assume_unique_for_key(n)
+}
+
+fn key(bytes: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("a 32-byte key"))
+}
+
+fn tag(bytes: &[u8]) -> Tag {
+    Tag::try_from(bytes).expect("an AEAD_TAG_LEN-byte tag")
 }
 
 /// One side of one binding: seal with the send key, open with the receive key.
 pub struct Channel {
     pub session_id: SessionId,
     pub epoch: u32,
-    send: ChaCha20Poly1305,
-    recv: ChaCha20Poly1305,
+    send: LessSafeKey,
+    recv: LessSafeKey,
     send_counter: u64,
     window: ReplayWindow,
     pub packets_sent: u64,
@@ -59,8 +66,8 @@ impl Channel {
         Ok(Channel {
             session_id,
             epoch,
-            send: ChaCha20Poly1305::new(Key::from_slice(send_key)),
-            recv: ChaCha20Poly1305::new(Key::from_slice(recv_key)),
+            send: key(send_key),
+            recv: key(recv_key),
             send_counter: 0,
             window: ReplayWindow::new(),
             packets_sent: 0,
@@ -110,9 +117,9 @@ impl Channel {
         wire::write_data_prefix(prefix, &self.session_id, self.epoch, n);
         let tag = self
             .send
-            .encrypt_in_place_detached(&nonce(n), prefix, &mut rest[..len])
+            .seal_in_place_separate_tag(nonce(n), Aad::from(&*prefix), &mut rest[..len])
             .expect("a DATA packet is far below ChaCha20-Poly1305's length limit");
-        rest[len..len + AEAD_TAG_LEN].copy_from_slice(&tag);
+        rest[len..len + AEAD_TAG_LEN].copy_from_slice(tag.as_ref());
         self.packets_sent += 1;
         self.bytes_sent += total as u64;
         Ok(total)
@@ -146,10 +153,11 @@ impl Channel {
         let total = buf.len();
         let end = total - AEAD_TAG_LEN;
         if commit {
-            let tag = *Tag::from_slice(&buf[end..]);
+            // a refused packet's ciphertext may be left overwritten: it is dropped anyway
+            let t = tag(&buf[end..]);
             let (prefix, rest) = buf.split_at_mut(DATA_PREFIX_LEN);
             self.recv
-                .decrypt_in_place_detached(&nonce(n), prefix, &mut rest[..end - DATA_PREFIX_LEN], &tag)
+                .open_in_place_separate_tag(nonce(n), Aad::from(&*prefix), t, &mut rest[..end - DATA_PREFIX_LEN], 0..)
                 .map_err(|_| DropReason::BadAead)?;
             if !self.accept(n, total) {
                 return Err(DropReason::Replayed); // unreachable: check() passed just above
@@ -180,10 +188,9 @@ impl Channel {
         if out.len() < len {
             return Err(DropReason::Oversized);
         }
-        let tag = Tag::from_slice(&pkt[end..]);
         out[..len].copy_from_slice(&pkt[DATA_PREFIX_LEN..end]);
         self.recv
-            .decrypt_in_place_detached(&nonce(h.counter), &pkt[..DATA_PREFIX_LEN], &mut out[..len], tag)
+            .open_in_place_separate_tag(nonce(h.counter), Aad::from(&pkt[..DATA_PREFIX_LEN]), tag(&pkt[end..]), &mut out[..len], 0..)
             .map_err(|_| DropReason::BadAead)?;
         Ok(len)
     }
