@@ -245,7 +245,7 @@ class GatewayNode:
 
     def _flush(self) -> None:
         """Execute the machine's effects, in order."""
-        for e in self.machine.effects():
+        for e in self.machine.effects(self.clock()):
             if type(e) is Send:
                 self._send(e.peer, e.data)
             elif type(e) is StoreCall:

@@ -181,10 +181,14 @@ class GatewaySettings:
 
 @dataclass(slots=True)
 class Send:
-    """Send ``data`` to ``peer`` (a datagram, or one frame on its connection)."""
+    """Send ``data`` to ``peer`` (a datagram, or one frame on its connection). ``leased``: a
+    binding's traffic, decided under the node's lease; it may leave only while the lease
+    still holds (a node stopped between the decision and the send must not send it when
+    it resumes past its lease: ``effects(now)`` checks the lease again)."""
 
     peer: Peer
     data: bytes
+    leased: bool = False
 
 
 @dataclass(slots=True)
@@ -446,9 +450,21 @@ class GatewayMachine:
 
     # ---- outputs ---------------------------------------------------------------------------
 
-    def effects(self) -> list[Effect]:
-        """What to do now, in order (the list is handed over: the machine starts a new one)."""
+    def effects(self, now: float | None = None) -> list[Effect]:
+        """What to do now, in order (the list is handed over: the machine starts a new one).
+        ``now``: the adapter's clock as it is about to execute them. A binding's traffic
+        (``Send.leased``) decided under the lease is dropped and counted (LEASE_EXPIRED) if
+        the lease ran out since: the process was stopped between the decision and the send
+        (SIGSTOP, a paused VM), and a fenced node sends nothing of a binding's."""
         out, self._out = self._out, []
+        if now is not None and now - self.health.ok_at >= self.settings.lease_s:
+            kept: list[Effect] = []
+            for e in out:
+                if type(e) is Send and e.leased:
+                    self.metrics.count_drop(DropReason.LEASE_EXPIRED, e.peer.kind)
+                else:
+                    kept.append(e)
+            out = kept
         return out
 
     def get_timer(self) -> float:
@@ -588,7 +604,7 @@ class GatewayMachine:
         if not b.may_send(len(data)):
             self.metrics.count_drop(DropReason.NOT_VALIDATED, b.peer.kind)
             return
-        self._out.append(Send(b.peer, data))
+        self._out.append(Send(b.peer, data, leased=True))
         b.tx_packets += 1
         b.tx_bytes += len(data)
         if b.probes:
@@ -597,7 +613,7 @@ class GatewayMachine:
             for peer, p in b.probes.items():
                 if within_budget(p.rx, p.tx, len(data)):
                     p.tx += len(data)
-                    self._out.append(Send(peer, data))
+                    self._out.append(Send(peer, data, leased=True))
 
     # ---- data ------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from session.gateway import (
     REFRESHES_PER_TICK,
     GatewaySettings,
     Outcome,
+    Send,
 )
 from session.handshake import ClientHello, Initiator
 from session.noise import generate_keypair
@@ -270,6 +271,28 @@ def test_the_lease_stops_forwarding_when_the_store_is_away() -> None:
     before = len(gw.upstream)
     pump(net, c, 7.5)
     assert len(gw.upstream) > before
+
+
+def test_a_send_decided_under_the_lease_does_not_leave_once_it_lapsed() -> None:
+    """The node is stopped (SIGSTOP, a paused VM) between deciding a binding's send and
+    making it, and resumes past its lease: that send is dropped and counted, what is not a
+    binding's traffic still leaves, and within the lease the same send leaves."""
+    net = Net(seed=29)
+    c, [gw] = setup(net)
+    pump(net, c, 1.0)
+    m = gw.machine
+    b = m.bindings[c.machine.session_id]
+    m.effects(net.now)
+    m._send(b, b"a binding's datagram")
+    m._out.append(Send(b.peer, b"an answer of no binding"))
+    resumed = m.health.ok_at + m.settings.lease_s  # no store answer came meanwhile
+    out = m.effects(resumed)
+    assert [e.data for e in out if isinstance(e, Send)] == [b"an answer of no binding"]
+    dropped = [a for a, _ in gw.metrics.named("count_drop") if a[0] is DropReason.LEASE_EXPIRED]
+    assert len(dropped) == 1
+    m._send(b, b"a binding's datagram")
+    out = m.effects(resumed - 0.001)
+    assert [e.data for e in out if isinstance(e, Send)] == [b"a binding's datagram"]
 
 
 def test_an_unknown_session_costs_one_read_and_gets_no_authenticated_answer() -> None:
