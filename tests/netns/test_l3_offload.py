@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from instruments.netlab import SERVER, Lab
+from instruments.netlab import SERVER, Lab, Proc
 from session import dataplane
 from tests.netns.polling import until
 
@@ -122,6 +122,28 @@ def udp_checksum_errors(lab: Lab, ns: str) -> int:
     return int(dict(zip(lines[0], lines[1], strict=True))["InCsumErrors"])
 
 
+def udp_lab(lab: Lab) -> Proc:
+    """One gateway, an agent connected to it, an iperf3 server listening: the agent."""
+    lab.start_gateway(1)
+    lab.wait_gateways_ready([1])
+    priv, _ = lab.add_client(f"{SERVER}/32,fd99::/64")
+    agent = lab.agent(priv)
+    lab.wait_agent(agent)
+    lab.spawn(lab.server, ["iperf3", "-s", "-B", SERVER], "iperf3-server")
+    until(lambda: ":5201 " in lab.run(lab.server, "ss", "-Htln", check=False), 10,
+          "iperf3 listening")
+    return agent
+
+
+def iperf_udp(lab: Lab, rate: str, size: int, *extra: str) -> dict[str, Any]:
+    """A 2 s paced iperf3 UDP run from the client (``extra``: ``-R`` the other way): the
+    receiver's totals."""
+    out = lab.run(lab.client, "iperf3", "-c", SERVER, "-u", "-b", rate, "-l", str(size),
+                  "-t", "2", "-J", "--connect-timeout", "5000", *extra, timeout=40, check=False)
+    result: dict[str, Any] = json.loads(out)["end"]["sum"]
+    return result
+
+
 @pytest.mark.parametrize("offload", [True], ids=["offload-on"], indirect=True)
 def test_udp_bursts_are_merged_on_tun_write_and_arrive_intact(lab: Lab, offload: bool) -> None:
     """Bursts of one UDP flow (iperf3 sends 64 back to back; 1300 bytes: the datagrams fit
@@ -129,23 +151,12 @@ def test_udp_bursts_are_merged_on_tun_write_and_arrive_intact(lab: Lab, offload:
     batches; it writes each batch's run as one UDP super-packet, which the kernel cuts
     again: the server's kernel refuses none of them for a checksum, and the reverse
     direction (the agent's engine writing) does the same."""
-    lab.start_gateway(1)
-    lab.wait_gateways_ready([1])
-    priv, _ = lab.add_client(f"{SERVER}/32,fd99::/64")
-    agent = lab.agent(priv)
-    lab.wait_agent(agent)
+    agent = udp_lab(lab)
     until(lambda: "TUN offloads on (csum,tso4,tso6" in agent.tail(200), 5, "the agent's offloads")
-    lab.spawn(lab.server, ["iperf3", "-s", "-B", SERVER], "iperf3-server")
-    until(lambda: ":5201 " in lab.run(lab.server, "ss", "-Htln", check=False), 10,
-          "iperf3 listening")
     errors_before = (udp_checksum_errors(lab, lab.server), udp_checksum_errors(lab, lab.client))
 
     def udp(*extra: str) -> dict[str, Any]:
-        out = lab.run(lab.client, "iperf3", "-c", SERVER, "-u", "-b", "200M/64", "-l", "1300",
-                      "-t", "2", "-J", "--connect-timeout", "5000", *extra, timeout=40,
-                      check=False)
-        result: dict[str, Any] = json.loads(out)["end"]["sum"]
-        return result
+        return iperf_udp(lab, "200M/64", 1300, *extra)
 
     up = udp()
     assert up["packets"] - up["lost_packets"] > 1000, up
@@ -183,22 +194,11 @@ def test_fragmented_datagrams_are_rejoined_and_arrive_intact(lab: Lab, offload: 
     the fragments of a datagram that arrive in one batch as the datagram they make
     (dataplane/src/frag.rs), with offloads on or off: the server's kernel takes every
     datagram (no checksum refused, none lost to reassembly), both ways."""
-    lab.start_gateway(1)
-    lab.wait_gateways_ready([1])
-    priv, _ = lab.add_client(f"{SERVER}/32,fd99::/64")
-    agent = lab.agent(priv)
-    lab.wait_agent(agent)
-    lab.spawn(lab.server, ["iperf3", "-s", "-B", SERVER], "iperf3-server")
-    until(lambda: ":5201 " in lab.run(lab.server, "ss", "-Htln", check=False), 10,
-          "iperf3 listening")
+    agent = udp_lab(lab)
     errors_before = (udp_checksum_errors(lab, lab.server), udp_checksum_errors(lab, lab.client))
 
     def udp(*extra: str) -> dict[str, Any]:
-        out = lab.run(lab.client, "iperf3", "-c", SERVER, "-u", "-b", "40M", "-l", "3000",
-                      "-t", "2", "-J", "--connect-timeout", "5000", *extra, timeout=40,
-                      check=False)
-        result: dict[str, Any] = json.loads(out)["end"]["sum"]
-        return result
+        return iperf_udp(lab, "40M", 3000, *extra)
 
     up = udp()
     assert up["packets"] > 2000 and up["lost_packets"] <= up["packets"] // 100, up
